@@ -1,0 +1,37 @@
+//! Asset configuration: templates, assets, compliance settings (schema `dalp_assets`, role `dalp_assets_svc`).
+//!
+//! The SQL of schema `dalp_assets` lives in `migrations/` beside this crate and is embedded
+//! in the binary; [`ACCESS`] declares which roles may do what in it, and `dalp roles
+//! check` compares that declaration with the live database.
+
+use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
+
+/// The schema this crate owns.
+pub const SCHEMA: &str = "dalp_assets";
+
+/// Embedded migrations of [`SCHEMA`], in order.
+pub const MIGRATIONS: MigrationSet = MigrationSet {
+    schema: SCHEMA,
+    migrations: &[Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/0001_init.sql"),
+    }],
+};
+
+/// The asset service reads and writes; reporting reads (asset configuration holds no PII).
+pub const ACCESS: SchemaAccess = SchemaAccess {
+    schema: SCHEMA,
+    grants: &[
+        RoleGrant {
+            role: "dalp_assets_svc",
+            tables: Privs::READ_WRITE,
+            overrides: &[],
+        },
+        RoleGrant {
+            role: "dalp_readonly",
+            tables: Privs::READ,
+            overrides: &[],
+        },
+    ],
+};

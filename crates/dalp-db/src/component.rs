@@ -1,0 +1,81 @@
+//! The component roles: who connects to the database, under which name.
+
+use std::fmt;
+
+/// NOLOGIN role that owns every dalp schema and object. Migrations run as this role.
+pub const OWNER_ROLE: &str = "dalp_owner";
+
+/// LOGIN role used to run migrations: a member of [`OWNER_ROLE`] that does `SET ROLE`
+/// to it, so everything it creates is owned by the owner role.
+pub const MIGRATOR_ROLE: &str = "dalp_migrator";
+
+/// A dalp component that connects with its own login role and pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    /// Identity service: users, sessions, credentials (schema `dalp_identity`).
+    Identity,
+    /// Asset configuration service (schema `dalp_assets`).
+    Assets,
+    /// Chain indexer (schema `dalp_indexed`).
+    Indexer,
+    /// Workflow engine (schema `dalp_workflows`).
+    Workflows,
+    /// Read-only access to the audit trail.
+    Auditor,
+    /// Reporting: read-only on non-PII data.
+    Readonly,
+}
+
+impl Component {
+    pub const ALL: [Component; 6] = [
+        Component::Identity,
+        Component::Assets,
+        Component::Indexer,
+        Component::Workflows,
+        Component::Auditor,
+        Component::Readonly,
+    ];
+
+    /// The PostgreSQL login role of this component.
+    pub fn role(self) -> &'static str {
+        match self {
+            Component::Identity => "dalp_identity_svc",
+            Component::Assets => "dalp_assets_svc",
+            Component::Indexer => "dalp_indexer_svc",
+            Component::Workflows => "dalp_workflows_svc",
+            Component::Auditor => "dalp_auditor",
+            Component::Readonly => "dalp_readonly",
+        }
+    }
+
+    /// `application_name` the component's connections carry, so `pg_stat_activity` and
+    /// `pg_stat_statements` can attribute load to it.
+    pub fn application_name(self) -> &'static str {
+        match self {
+            Component::Identity => "dalp-identity",
+            Component::Assets => "dalp-assets",
+            Component::Indexer => "dalp-indexer",
+            Component::Workflows => "dalp-workflows",
+            Component::Auditor => "dalp-auditor",
+            Component::Readonly => "dalp-readonly",
+        }
+    }
+
+    pub fn from_role(role: &str) -> Option<Component> {
+        Component::ALL.into_iter().find(|c| c.role() == role)
+    }
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.role())
+    }
+}
+
+/// Every login role dalp creates: the component roles plus the migrator.
+pub fn login_roles() -> impl Iterator<Item = &'static str> {
+    Component::ALL
+        .into_iter()
+        .map(Component::role)
+        .chain(std::iter::once(MIGRATOR_ROLE))
+}

@@ -1,0 +1,305 @@
+//! Typed, layered configuration: a TOML file, then `DALP_<SECTION>__<KEY>` environment
+//! variables on top. Unknown keys are errors in both layers, so a typo never silently falls
+//! back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::connect::{parse_host_port, ConnectOptions};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// How to reach PostgreSQL.
+    pub database: DatabaseConfig,
+    /// The HTTP API listener.
+    pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `host:port` entries; several mean an HA deployment and writes go to whichever
+    /// accepts them. Default: `["127.0.0.1:5432"]`.
+    pub hosts: Vec<String>,
+    /// Database name. Default: `dalp`.
+    pub name: String,
+    /// CA bundle that server certificates must chain to (verify-full). Required for TCP hosts.
+    /// Default: none.
+    pub ca_file: Option<PathBuf>,
+    /// JSON file with role passwords (`{"roles": {"dalp_identity_svc": "…"}}`), mode 0600.
+    /// `DALP_PASSWORD_<ROLE>` variables override it. Default: none.
+    pub secrets_file: Option<PathBuf>,
+    /// Give up connecting to one host after this long. Default: 5000.
+    pub connect_timeout_ms: u64,
+    /// Server-side `statement_timeout` for component connections. Default: 30000.
+    pub statement_timeout_ms: u64,
+    /// Connections per component pool. Default: 8.
+    pub pool_max_size: usize,
+    /// How long a request waits for a free pooled connection. Default: 5000.
+    pub pool_wait_timeout_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            hosts: vec!["127.0.0.1:5432".into()],
+            name: "dalp".into(),
+            ca_file: None,
+            secrets_file: None,
+            connect_timeout_ms: 5_000,
+            statement_timeout_ms: 30_000,
+            pool_max_size: 8,
+            pool_wait_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address the HTTP API binds. Default: `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Largest accepted request body in bytes. Default: 1048576.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config value {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// Prefix of environment variables that override config keys: `DALP_DATABASE__HOSTS`.
+const ENV_PREFIX: &str = "DALP_";
+
+impl Config {
+    /// Loads the optional file, then overlays environment variables from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (mut table, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+                let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: p.display().to_string(),
+                    message: e.message().to_string(),
+                })?;
+                (table, p.display().to_string())
+            }
+            None => (toml::Table::new(), "(defaults)".to_string()),
+        };
+        // The file alone must be valid, so its errors name the file rather than a variable.
+        Config::deserialize(table.clone()).map_err(|e| ConfigError::Parse {
+            path: origin,
+            message: e.message().to_string(),
+        })?;
+        let mut env: Vec<(String, String)> = env.into_iter().collect();
+        env.sort();
+        for (var, raw) in env {
+            let Some(key) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            // Only `SECTION__KEY` variables are config; `DALP_PASSWORD_*` and CLI variables
+            // such as `DALP_DATA_DIR` are not.
+            let Some((section, field)) = key.split_once("__") else {
+                continue;
+            };
+            let (section, field) = (section.to_ascii_lowercase(), field.to_ascii_lowercase());
+            let value = parse_env_value(&raw);
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let Some(section_table) = entry.as_table_mut() else {
+                return Err(ConfigError::Env {
+                    var,
+                    message: format!("`{section}` is not a section"),
+                });
+            };
+            section_table.insert(field, value);
+            Config::deserialize(table.clone()).map_err(|e| ConfigError::Env {
+                var: var.clone(),
+                message: e.message().to_string(),
+            })?;
+        }
+        let config = Config::deserialize(table).map_err(|e| ConfigError::Parse {
+            path: "(merged)".into(),
+            message: e.message().to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: host syntax, non-zero sizes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let db = &self.database;
+        if db.hosts.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "database.hosts",
+                message: "at least one host:port is required".into(),
+            });
+        }
+        for h in &db.hosts {
+            parse_host_port(h).map_err(|message| ConfigError::Invalid {
+                field: "database.hosts",
+                message,
+            })?;
+        }
+        if db.name.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "database.name",
+                message: "must not be empty".into(),
+            });
+        }
+        if db.pool_max_size == 0 {
+            return Err(ConfigError::Invalid {
+                field: "database.pool_max_size",
+                message: "must be at least 1".into(),
+            });
+        }
+        if db.connect_timeout_ms == 0 {
+            return Err(ConfigError::Invalid {
+                field: "database.connect_timeout_ms",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Connection options for `user`, without a password.
+    pub fn connect_options(&self, user: &str, application_name: &str) -> ConnectOptions {
+        let db = &self.database;
+        ConnectOptions {
+            hosts: db
+                .hosts
+                .iter()
+                .map(|h| parse_host_port(h).expect("validated"))
+                .collect(),
+            dbname: db.name.clone(),
+            user: user.to_string(),
+            password: None,
+            ca_file: db.ca_file.clone(),
+            application_name: application_name.to_string(),
+            connect_timeout: Duration::from_millis(db.connect_timeout_ms),
+            statement_timeout: Some(Duration::from_millis(db.statement_timeout_ms)),
+            read_write: db.hosts.len() > 1,
+        }
+    }
+}
+
+/// Environment values are TOML when they parse as such (`8`, `["a:1","b:2"]`, `true`),
+/// and plain strings otherwise.
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_without_file() {
+        let c = Config::load(None, vec![]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.database.pool_max_size, 8);
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_an_error_naming_the_key() {
+        let f = write("[database]\nhost = \"x\"\n");
+        let err = Config::load(Some(f.path()), vec![]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("unknown field `host`"), "{msg}");
+        assert!(msg.contains(&f.path().display().to_string()), "{msg}");
+    }
+
+    #[test]
+    fn unknown_section_is_an_error() {
+        let f = write("[databse]\nname = \"x\"\n");
+        let msg = Config::load(Some(f.path()), vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("unknown field `databse`"), "{msg}");
+    }
+
+    #[test]
+    fn env_overrides_file_and_unknown_env_key_is_an_error() {
+        let f = write("[database]\nname = \"fromfile\"\npool_max_size = 3\n");
+        let c = Config::load(
+            Some(f.path()),
+            vec![
+                ("DALP_DATABASE__POOL_MAX_SIZE".into(), "12".into()),
+                ("DALP_DATABASE__HOSTS".into(), r#"["a:1","b:2"]"#.into()),
+                ("DALP_DATA_DIR".into(), "ignored".into()),
+                ("DALP_PASSWORD_DALP_READONLY".into(), "ignored".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.database.name, "fromfile");
+        assert_eq!(c.database.pool_max_size, 12);
+        assert_eq!(c.database.hosts, vec!["a:1", "b:2"]);
+
+        let err = Config::load(
+            Some(f.path()),
+            vec![("DALP_DATABASE__POOL_SIZE".into(), "12".into())],
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("DALP_DATABASE__POOL_SIZE"), "{msg}");
+        assert!(msg.contains("unknown field `pool_size`"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_and_invalid_values_are_errors() {
+        let f = write("[database]\npool_max_size = \"many\"\n");
+        assert!(Config::load(Some(f.path()), vec![]).is_err());
+        let f = write("[database]\npool_max_size = 0\n");
+        let msg = Config::load(Some(f.path()), vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("database.pool_max_size"), "{msg}");
+        let f = write("[database]\nhosts = [\"nohostport\"]\n");
+        let msg = Config::load(Some(f.path()), vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("database.hosts"), "{msg}");
+    }
+}

@@ -1,0 +1,391 @@
+//! Connecting to PostgreSQL: libpq-style URLs, TLS with full verification (rustls), and the
+//! options every dalp connection carries (application_name, timeouts, session attributes).
+
+use std::fmt;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
+use tokio_postgres::config::TargetSessionAttrs;
+use tokio_postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// Everything needed to open one connection as one role.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// `(host, port)`; a host starting with `/` is a Unix socket directory.
+    pub hosts: Vec<(String, u16)>,
+    pub dbname: String,
+    pub user: String,
+    pub password: Option<String>,
+    /// CA the server certificate must chain to; required for TCP hosts (verify-full).
+    pub ca_file: Option<PathBuf>,
+    pub application_name: String,
+    pub connect_timeout: Duration,
+    pub statement_timeout: Option<Duration>,
+    /// Only accept a server that takes writes (`target_session_attrs=read-write`).
+    pub read_write: bool,
+}
+
+impl fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("hosts", &self.hosts)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("ca_file", &self.ca_file)
+            .field("application_name", &self.application_name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid database URL: {0}")]
+    InvalidUrl(String),
+    #[error("TLS setup with CA file {path}: {message}")]
+    Tls { path: String, message: String },
+    #[error("TCP connections need a CA file to verify the server (sslrootcert=PATH in the URL, or database.ca_file)")]
+    MissingCa,
+    #[error("cannot connect to {target} as {user}: {source}")]
+    Connect {
+        target: String,
+        user: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl ConnectError {
+    /// The PostgreSQL SQLSTATE of a refused connection, when the server sent one.
+    pub fn sqlstate(&self) -> Option<&tokio_postgres::error::SqlState> {
+        match self {
+            ConnectError::Connect { source, .. } => source.code(),
+            _ => None,
+        }
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`).
+pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest
+            .split_once("]:")
+            .ok_or_else(|| format!("`{s}` is not [ipv6]:port"))?;
+        (h.to_string(), p)
+    } else {
+        let (h, p) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` is not host:port"))?;
+        (h.to_string(), p)
+    };
+    if host.is_empty() {
+        return Err(format!("`{s}` has an empty host"));
+    }
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| format!("`{s}` has an invalid port"))?;
+    Ok((host, port))
+}
+
+fn decode(s: &str) -> Result<String, ConnectError> {
+    percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| ConnectError::InvalidUrl("percent-encoded text is not UTF-8".into()))
+}
+
+fn encode(s: &str) -> String {
+    utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
+}
+
+impl ConnectOptions {
+    /// Parses a libpq URL: `postgres://user:pass@h1:p1,h2:p2/db?sslmode=verify-full&sslrootcert=/ca.crt`.
+    /// TCP hosts require `sslmode=verify-full` (the default here) and a CA.
+    pub fn from_url(url: &str) -> Result<ConnectOptions, ConnectError> {
+        let bad = |m: &str| ConnectError::InvalidUrl(m.to_string());
+        let rest = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"))
+            .ok_or_else(|| bad("must start with postgres:// or postgresql://"))?;
+        let (authority, path_query) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        let (path, query) = path_query.split_once('?').unwrap_or((path_query, ""));
+        let (userinfo, hostlist) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo {
+            Some(u) => match u.split_once(':') {
+                Some((u, p)) => (decode(u)?, Some(decode(p)?)),
+                None => (decode(u)?, None),
+            },
+            None => return Err(bad("a user name is required (postgres://USER@host/db)")),
+        };
+        let mut hosts = Vec::new();
+        for h in hostlist.split(',').filter(|h| !h.is_empty()) {
+            let h = decode(h)?;
+            if h.contains(':') && !h.starts_with('[') || h.starts_with('[') {
+                hosts.push(parse_host_port(&h).map_err(|m| ConnectError::InvalidUrl(m))?);
+            } else {
+                hosts.push((h, 5432));
+            }
+        }
+        let mut opts = ConnectOptions {
+            hosts,
+            dbname: if path.is_empty() {
+                user.clone()
+            } else {
+                decode(path)?
+            },
+            user,
+            password,
+            ca_file: None,
+            application_name: "dalp".into(),
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: None,
+            read_write: false,
+        };
+        let mut sslmode = "verify-full".to_string();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = decode(v)?;
+            match k {
+                "sslmode" => sslmode = v,
+                "sslrootcert" => opts.ca_file = Some(PathBuf::from(v)),
+                "application_name" => opts.application_name = v,
+                "host" => opts.hosts.push((v, 5432)),
+                "port" => {
+                    let port: u16 = v.parse().map_err(|_| bad("port is not a number"))?;
+                    for h in &mut opts.hosts {
+                        h.1 = port;
+                    }
+                }
+                "connect_timeout" => {
+                    let secs: u64 = v
+                        .parse()
+                        .map_err(|_| bad("connect_timeout is not a number of seconds"))?;
+                    opts.connect_timeout = Duration::from_secs(secs.max(1));
+                }
+                "target_session_attrs" => match v.as_str() {
+                    "read-write" => opts.read_write = true,
+                    "any" => opts.read_write = false,
+                    other => {
+                        return Err(ConnectError::InvalidUrl(format!(
+                            "target_session_attrs={other} is not supported (use read-write or any)"
+                        )))
+                    }
+                },
+                other => {
+                    return Err(ConnectError::InvalidUrl(format!(
+                        "unsupported parameter `{other}`"
+                    )))
+                }
+            }
+        }
+        if opts.hosts.is_empty() {
+            return Err(bad("at least one host is required"));
+        }
+        let has_tcp = opts.hosts.iter().any(|(h, _)| !h.starts_with('/'));
+        if has_tcp && sslmode != "verify-full" {
+            return Err(ConnectError::InvalidUrl(format!(
+                "sslmode={sslmode} is refused: dalp connects over TCP only with sslmode=verify-full"
+            )));
+        }
+        if has_tcp && opts.ca_file.is_none() {
+            return Err(ConnectError::MissingCa);
+        }
+        Ok(opts)
+    }
+
+    /// A libpq URL `psql` accepts as is (includes the password when set).
+    pub fn to_url(&self) -> String {
+        let mut s = format!("postgresql://{}", encode(&self.user));
+        if let Some(p) = &self.password {
+            s.push(':');
+            s.push_str(&encode(p));
+        }
+        s.push('@');
+        let hosts: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|(h, p)| {
+                if h.contains(':') {
+                    format!("[{h}]:{p}")
+                } else {
+                    format!("{h}:{p}")
+                }
+            })
+            .collect();
+        s.push_str(&hosts.join(","));
+        s.push('/');
+        s.push_str(&encode(&self.dbname));
+        s.push_str("?sslmode=verify-full");
+        if let Some(ca) = &self.ca_file {
+            s.push_str("&sslrootcert=");
+            s.push_str(&encode(&ca.display().to_string()));
+        }
+        s.push_str("&application_name=");
+        s.push_str(&encode(&self.application_name));
+        if self.read_write {
+            s.push_str("&target_session_attrs=read-write");
+        }
+        s
+    }
+
+    fn target(&self) -> String {
+        self.hosts
+            .iter()
+            .map(|(h, p)| format!("{h}:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The tokio-postgres configuration these options describe.
+    pub fn pg_config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        for (h, p) in &self.hosts {
+            if h.starts_with('/') {
+                c.host_path(h);
+            } else {
+                c.host(h);
+            }
+            c.port(*p);
+        }
+        c.dbname(&self.dbname)
+            .user(&self.user)
+            .application_name(&self.application_name)
+            .connect_timeout(self.connect_timeout)
+            .keepalives_idle(Duration::from_secs(30));
+        if let Some(p) = &self.password {
+            c.password(p);
+        }
+        if self.uses_tcp() {
+            c.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
+        if let Some(t) = self.statement_timeout {
+            c.options(format!("-c statement_timeout={}", t.as_millis()));
+        }
+        if self.read_write {
+            c.target_session_attrs(TargetSessionAttrs::ReadWrite);
+        }
+        c
+    }
+
+    fn uses_tcp(&self) -> bool {
+        self.hosts.iter().any(|(h, _)| !h.starts_with('/'))
+    }
+
+    /// The rustls connector for these options (verify-full against `ca_file`).
+    pub fn tls(&self) -> Result<MakeRustlsConnect, ConnectError> {
+        let ca = self.ca_file.as_deref().ok_or(ConnectError::MissingCa)?;
+        tls_connector(ca)
+    }
+
+    /// Opens one connection and drives it on the current runtime.
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
+        let wrap = |source| ConnectError::Connect {
+            target: self.target(),
+            user: self.user.clone(),
+            source,
+        };
+        let config = self.pg_config();
+        if self.uses_tcp() {
+            let (client, conn) = config.connect(self.tls()?).await.map_err(wrap)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection closed");
+                }
+            });
+            Ok(client)
+        } else {
+            let (client, conn) = config.connect(NoTls).await.map_err(wrap)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection closed");
+                }
+            });
+            Ok(client)
+        }
+    }
+}
+
+/// A rustls client config trusting only the certificates in `ca_file`, TLS 1.2 or newer,
+/// with hostname verification (rustls always verifies the name: verify-full).
+pub fn tls_connector(ca_file: &Path) -> Result<MakeRustlsConnect, ConnectError> {
+    let err = |message: String| ConnectError::Tls {
+        path: ca_file.display().to_string(),
+        message,
+    };
+    let file = std::fs::File::open(ca_file).map_err(|e| err(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
+        let cert = cert.map_err(|e| err(e.to_string()))?;
+        roots.add(cert).map_err(|e| err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no PEM certificate in the file".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| err(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_multi_host_url_with_tls() {
+        let o = ConnectOptions::from_url(
+            "postgres://dalp_migrator:p%40ss@127.0.0.1:5433,[::1]:5434/dalp?sslmode=verify-full&sslrootcert=/tmp/ca.crt&target_session_attrs=read-write",
+        )
+        .unwrap();
+        assert_eq!(o.user, "dalp_migrator");
+        assert_eq!(o.password.as_deref(), Some("p@ss"));
+        assert_eq!(
+            o.hosts,
+            vec![("127.0.0.1".into(), 5433), ("::1".into(), 5434)]
+        );
+        assert_eq!(o.dbname, "dalp");
+        assert!(o.read_write);
+        let again = ConnectOptions::from_url(&o.to_url()).unwrap();
+        assert_eq!(again.hosts, o.hosts);
+        assert_eq!(again.password, o.password);
+        assert_eq!(again.ca_file, o.ca_file);
+    }
+
+    #[test]
+    fn refuses_weak_sslmodes_and_missing_ca() {
+        for mode in ["disable", "prefer", "require", "verify-ca"] {
+            let e = ConnectOptions::from_url(&format!(
+                "postgres://u@127.0.0.1:5432/d?sslmode={mode}&sslrootcert=/x"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains("verify-full"), "{e}");
+        }
+        let e = ConnectOptions::from_url("postgres://u@127.0.0.1:5432/d").unwrap_err();
+        assert!(matches!(e, ConnectError::MissingCa));
+        let e = ConnectOptions::from_url("mysql://u@h/d").unwrap_err();
+        assert!(e.to_string().contains("postgres://"));
+        let e = ConnectOptions::from_url("postgres://u@h:99999/d?sslrootcert=/x").unwrap_err();
+        assert!(e.to_string().contains("invalid port"), "{e}");
+        let e = ConnectOptions::from_url("postgres://u@h/d?sslrootcert=/x&bogus=1").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let o = ConnectOptions::from_url("postgres://u:sekrit@h/d?sslrootcert=/x").unwrap();
+        assert!(!format!("{o:?}").contains("sekrit"));
+    }
+}

@@ -1,0 +1,77 @@
+//! One connection pool per component role.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+
+use crate::component::Component;
+use crate::connect::{ConnectError, ConnectOptions};
+use crate::secrets::{Secrets, SecretsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("building the pool for {role}: {message}")]
+    Build { role: String, message: String },
+}
+
+/// A pool per [`Component`], each logging in as that component's role with its own
+/// `application_name`. Components never borrow each other's pools.
+#[derive(Clone)]
+pub struct ComponentPools {
+    pools: BTreeMap<Component, Pool>,
+}
+
+impl ComponentPools {
+    /// Builds (lazily connecting) pools for every component. `base` supplies hosts,
+    /// database, CA and timeouts; user, password and application name are set per role.
+    pub fn build(
+        base: &ConnectOptions,
+        secrets: &Secrets,
+        max_size: usize,
+        wait_timeout: Duration,
+    ) -> Result<ComponentPools, PoolError> {
+        let mut pools = BTreeMap::new();
+        for component in Component::ALL {
+            let mut opts = base.clone();
+            opts.user = component.role().to_string();
+            opts.password = Some(secrets.password(component.role())?);
+            opts.application_name = component.application_name().to_string();
+            let manager = Manager::from_config(
+                opts.pg_config(),
+                opts.tls()?,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            let pool = Pool::builder(manager)
+                .max_size(max_size)
+                .wait_timeout(Some(wait_timeout))
+                .create_timeout(Some(opts.connect_timeout))
+                .runtime(Runtime::Tokio1)
+                .build()
+                .map_err(|e| PoolError::Build {
+                    role: component.role().to_string(),
+                    message: e.to_string(),
+                })?;
+            pools.insert(component, pool);
+        }
+        Ok(ComponentPools { pools })
+    }
+
+    /// The pool of `component`.
+    pub fn get(&self, component: Component) -> &Pool {
+        &self.pools[&component]
+    }
+
+    /// Closes every pool; in-flight connections are dropped when returned.
+    pub fn close(&self) {
+        for pool in self.pools.values() {
+            pool.close();
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Creating dalp's roles and preparing a database for them. This needs a role with
+//! CREATEROLE (the embedded cluster's superuser, or a managed service's admin user); after
+//! it, migrations run as the unprivileged owner.
+
+use tokio_postgres::Client;
+
+use crate::component::{login_roles, MIGRATOR_ROLE, OWNER_ROLE};
+use crate::secrets::{Secrets, SecretsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolesError {
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error("creating roles: {0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+async fn role_exists(client: &Client, role: &str) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+            &[&role],
+        )
+        .await?
+        .get(0))
+}
+
+/// Creates the owner and login roles if missing and (re)sets each login role's password
+/// from `secrets`. Passwords are sent as SCRAM verifiers computed here, so the plaintext
+/// never reaches the server or its logs. Idempotent.
+pub async fn ensure_roles(client: &Client, secrets: &Secrets) -> Result<(), RolesError> {
+    if !role_exists(client, OWNER_ROLE).await? {
+        client
+            .batch_execute(&format!("CREATE ROLE {} NOLOGIN", quote_ident(OWNER_ROLE)))
+            .await?;
+    }
+    for role in login_roles() {
+        let password = secrets.password(role)?;
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        let q = quote_ident(role);
+        if !role_exists(client, role).await? {
+            client
+                .batch_execute(&format!("CREATE ROLE {q} LOGIN"))
+                .await?;
+        }
+        client
+            .batch_execute(&format!(
+                "ALTER ROLE {q} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}",
+                quote_literal(&verifier)
+            ))
+            .await?;
+    }
+    client
+        .batch_execute(&format!(
+            "GRANT {} TO {}",
+            quote_ident(OWNER_ROLE),
+            quote_ident(MIGRATOR_ROLE)
+        ))
+        .await?;
+    Ok(())
+}
+
+/// Database-level grants: only dalp's roles may connect, only the owner may create schemas,
+/// and nobody may create objects in `public`. `client` must be connected to `dbname` as a
+/// role that owns the database (or a superuser).
+pub async fn prepare_database(client: &Client, dbname: &str) -> Result<(), RolesError> {
+    let db = quote_ident(dbname);
+    let mut sql = format!(
+        "REVOKE ALL ON DATABASE {db} FROM PUBLIC; GRANT CONNECT, CREATE ON DATABASE {db} TO {owner}; REVOKE CREATE ON SCHEMA public FROM PUBLIC;",
+        owner = quote_ident(OWNER_ROLE)
+    );
+    for role in login_roles() {
+        sql.push_str(&format!(
+            "GRANT CONNECT ON DATABASE {db} TO {};",
+            quote_ident(role)
+        ));
+    }
+    client.batch_execute(&sql).await?;
+    Ok(())
+}
+
+/// Generates a random password of `len` alphanumeric characters from the OS RNG.
+pub fn generate_password(len: usize) -> String {
+    use std::io::Read;
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+    let mut out = String::with_capacity(len);
+    let mut f = std::fs::File::open("/dev/urandom").expect("/dev/urandom is readable");
+    let mut buf = [0u8; 1];
+    while out.len() < len {
+        f.read_exact(&mut buf).expect("read /dev/urandom");
+        // Rejection sampling keeps the distribution uniform.
+        let limit = 256 - (256 % ALPHABET.len());
+        if (buf[0] as usize) < limit {
+            out.push(ALPHABET[buf[0] as usize % ALPHABET.len()] as char);
+        }
+    }
+    out
+}
+
+/// Fresh secrets with a generated password for every login role.
+pub fn generate_secrets() -> Secrets {
+    Secrets {
+        roles: login_roles()
+            .map(|r| (r.to_string(), generate_password(32)))
+            .collect(),
+    }
+}

@@ -1,0 +1,38 @@
+//! Identity and access: organisations, users, credentials, sessions (schema `dalp_identity`, role `dalp_identity_svc`).
+//!
+//! The SQL of schema `dalp_identity` lives in `migrations/` beside this crate and is embedded
+//! in the binary; [`ACCESS`] declares which roles may do what in it, and `dalp roles
+//! check` compares that declaration with the live database.
+
+use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
+
+/// The schema this crate owns.
+pub const SCHEMA: &str = "dalp_identity";
+
+/// Embedded migrations of [`SCHEMA`], in order.
+pub const MIGRATIONS: MigrationSet = MigrationSet {
+    schema: SCHEMA,
+    migrations: &[Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/0001_init.sql"),
+    }],
+};
+
+/// The identity service reads and writes everything here; reporting may read only the
+/// tables without personal data.
+pub const ACCESS: SchemaAccess = SchemaAccess {
+    schema: SCHEMA,
+    grants: &[
+        RoleGrant {
+            role: "dalp_identity_svc",
+            tables: Privs::READ_WRITE,
+            overrides: &[],
+        },
+        RoleGrant {
+            role: "dalp_readonly",
+            tables: Privs::NONE,
+            overrides: &[("organisations", Privs::READ)],
+        },
+    ],
+};

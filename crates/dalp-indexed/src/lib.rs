@@ -1,0 +1,37 @@
+//! Indexed chain state: chains, blocks, transfers, balances, checkpoints (schema `dalp_indexed`, role `dalp_indexer_svc`).
+//!
+//! The SQL of schema `dalp_indexed` lives in `migrations/` beside this crate and is embedded
+//! in the binary; [`ACCESS`] declares which roles may do what in it, and `dalp roles
+//! check` compares that declaration with the live database.
+
+use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
+
+/// The schema this crate owns.
+pub const SCHEMA: &str = "dalp_indexed";
+
+/// Embedded migrations of [`SCHEMA`], in order.
+pub const MIGRATIONS: MigrationSet = MigrationSet {
+    schema: SCHEMA,
+    migrations: &[Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/0001_init.sql"),
+    }],
+};
+
+/// The indexer reads and writes (DELETE for reorg rollback); reporting reads public chain data.
+pub const ACCESS: SchemaAccess = SchemaAccess {
+    schema: SCHEMA,
+    grants: &[
+        RoleGrant {
+            role: "dalp_indexer_svc",
+            tables: Privs::READ_WRITE,
+            overrides: &[],
+        },
+        RoleGrant {
+            role: "dalp_readonly",
+            tables: Privs::READ,
+            overrides: &[],
+        },
+    ],
+};

@@ -1,0 +1,696 @@
+//! The embedded cluster: one PostgreSQL 15 instance in a data directory, TLS-only on
+//! loopback, with dalp's roles and database, run as the `postgres` system user when dalp
+//! runs as root.
+//!
+//! Layout of the data directory:
+//! `pgdata/` (PostgreSQL), `tls/` (CA and server certificate), `run/` (Unix socket),
+//! `log/postgres.log`, `secrets.json` (role passwords, 0600), `instance.json` (port),
+//! `dalp.lock` (held by the running dalp).
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dalp_db::connect::ConnectOptions;
+use dalp_db::{roles, Secrets};
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+use crate::error::OpsError;
+use crate::pki;
+use crate::process::{self, ServerUser};
+
+/// The database dalp keeps its schemas in.
+pub const DATABASE: &str = "dalp";
+/// The bootstrap superuser, reachable only over the local socket.
+pub const SUPERUSER: &str = "postgres";
+/// Where Debian's PostgreSQL 15 binaries live; `DALP_PG_BIN` overrides.
+pub const DEFAULT_PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Paths inside a data directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// `root` is made absolute against the current directory (it need not exist yet).
+    pub fn new(root: &Path) -> Layout {
+        let root = if root.is_absolute() {
+            root.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map(|d| d.join(root))
+                .unwrap_or_else(|_| root.to_path_buf())
+        };
+        Layout { root }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn pgdata(&self) -> PathBuf {
+        self.root.join("pgdata")
+    }
+    pub fn tls_dir(&self) -> PathBuf {
+        self.root.join("tls")
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.tls_dir().join(pki::CA_CERT)
+    }
+    pub fn socket_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+    pub fn log_file(&self) -> PathBuf {
+        self.root.join("log").join("postgres.log")
+    }
+    pub fn secrets_file(&self) -> PathBuf {
+        self.root.join("secrets.json")
+    }
+    fn state_file(&self) -> PathBuf {
+        self.root.join("instance.json")
+    }
+    fn lock_file(&self) -> PathBuf {
+        self.root.join("dalp.lock")
+    }
+
+    fn read_state(&self) -> Option<State> {
+        let text = std::fs::read_to_string(self.state_file()).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The port the instance uses (recorded at its last start).
+    pub fn port(&self) -> Option<u16> {
+        self.read_state().map(|s| s.pg_port)
+    }
+
+    /// TCP + verify-full options for `role` on the instance's database, password from the
+    /// secrets file. Fails when the instance was never started.
+    pub fn connect_options(&self, role: &str) -> Result<ConnectOptions, OpsError> {
+        let port = self.port().ok_or_else(|| OpsError::Bootstrap {
+            context: format!("no instance in {}", self.root.display()),
+            message: "start it once with `dalp up`".into(),
+        })?;
+        let secrets = Secrets::load(&self.secrets_file()).map_err(|e| OpsError::Bootstrap {
+            context: "reading role passwords".into(),
+            message: e.to_string(),
+        })?;
+        let password = secrets.password(role).map_err(|e| OpsError::Bootstrap {
+            context: format!("role {role}"),
+            message: e.to_string(),
+        })?;
+        Ok(tcp_options(
+            port,
+            &self.ca_cert(),
+            role,
+            Some(password),
+            DATABASE,
+        ))
+    }
+}
+
+fn tcp_options(
+    port: u16,
+    ca: &Path,
+    user: &str,
+    password: Option<String>,
+    dbname: &str,
+) -> ConnectOptions {
+    ConnectOptions {
+        hosts: vec![("127.0.0.1".into(), port)],
+        dbname: dbname.into(),
+        user: user.into(),
+        password,
+        ca_file: Some(ca.to_path_buf()),
+        application_name: "dalp".into(),
+        connect_timeout: Duration::from_secs(5),
+        statement_timeout: None,
+        read_write: false,
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    pg_port: u16,
+}
+
+/// How to start the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Port to listen on; default: the port of the last start if free, else a free one.
+    pub pg_port: Option<u16>,
+    /// Directory of `initdb` and `postgres`; default `DALP_PG_BIN` or [`DEFAULT_PG_BIN`].
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// A data directory locked for our exclusive use.
+pub struct Instance {
+    layout: Layout,
+    user: ServerUser,
+    secrets: Secrets,
+    _lock: Flock<File>,
+}
+
+fn pg_bin(opts: &StartOptions) -> PathBuf {
+    opts.bin_dir
+        .clone()
+        .or_else(|| std::env::var_os("DALP_PG_BIN").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PG_BIN))
+}
+
+fn quote_conf(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The pid recorded in `pgdata/postmaster.pid` when that process is a live postgres.
+fn live_postmaster(pgdata: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    (process::alive(pid) && comm.trim() == "postgres").then_some(pid)
+}
+
+/// Whether `port` is free on both loopback addresses.
+pub fn port_is_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+        && match TcpListener::bind(("::1", port)) {
+            Ok(_) => true,
+            // No IPv6 loopback on this machine: only IPv4 matters.
+            Err(e) => e.kind() != std::io::ErrorKind::AddrInUse,
+        }
+}
+
+/// A port that is free right now on loopback.
+pub fn free_port() -> Result<u16, OpsError> {
+    for _ in 0..50 {
+        let l = TcpListener::bind(("127.0.0.1", 0)).map_err(OpsError::io("find a free port"))?;
+        let port = l
+            .local_addr()
+            .map_err(OpsError::io("find a free port"))?
+            .port();
+        drop(l);
+        if port_is_free(port) {
+            return Ok(port);
+        }
+    }
+    Err(OpsError::Io {
+        context: "find a free port".into(),
+        source: std::io::Error::other("no free port after 50 tries"),
+    })
+}
+
+impl Instance {
+    /// Creates (if needed) and locks `dir`. Fails clearly when another dalp holds it, when a
+    /// PostgreSQL server without a dalp still runs on it, or when the `postgres` user could
+    /// not reach it.
+    pub fn open(dir: &Path) -> Result<Instance, OpsError> {
+        let user = ServerUser::resolve()?;
+        std::fs::create_dir_all(dir).map_err(OpsError::io(format!("create {}", dir.display())))?;
+        let root = std::fs::canonicalize(dir)
+            .map_err(OpsError::io(format!("resolve {}", dir.display())))?;
+        let layout = Layout { root };
+        // Servers must be able to enter the directory, but not list it.
+        std::fs::set_permissions(layout.root(), std::fs::Permissions::from_mode(0o711))
+            .map_err(OpsError::io(format!("chmod {}", layout.root().display())))?;
+        user.check_traversable(layout.root())?;
+
+        let mut lock_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(layout.lock_file())
+            .map_err(OpsError::io("open lock file"))?;
+        let mut lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((mut f, _)) => {
+                let mut pid = String::new();
+                let _ = f.read_to_string(&mut pid);
+                lock_file = f;
+                drop(lock_file);
+                return Err(OpsError::InUse {
+                    dir: layout.root().to_path_buf(),
+                    pid: if pid.trim().is_empty() {
+                        "unknown".into()
+                    } else {
+                        pid.trim().to_string()
+                    },
+                });
+            }
+        };
+        lock.set_len(0).map_err(OpsError::io("write lock file"))?;
+        lock.rewind().map_err(OpsError::io("write lock file"))?;
+        write!(lock, "{}", std::process::id()).map_err(OpsError::io("write lock file"))?;
+
+        if let Some(pid) = live_postmaster(&layout.pgdata()) {
+            return Err(OpsError::OrphanServer {
+                pgdata: layout.pgdata(),
+                pid,
+            });
+        }
+
+        let secrets = if layout.secrets_file().exists() {
+            Secrets::load(&layout.secrets_file()).map_err(|e| OpsError::Bootstrap {
+                context: "reading role passwords".into(),
+                message: e.to_string(),
+            })?
+        } else {
+            let s = roles::generate_secrets();
+            let text = serde_json::to_string_pretty(&s).expect("secrets serialize");
+            pki::write_private(&layout.secrets_file(), &text)?;
+            s
+        };
+        Ok(Instance {
+            layout,
+            user,
+            secrets,
+            _lock: lock,
+        })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Initialises (first time), configures and starts the server, waits until it accepts
+    /// connections, and makes sure dalp's roles and database exist.
+    pub async fn start(self, opts: StartOptions) -> Result<RunningCluster, OpsError> {
+        let bin = pg_bin(&opts);
+        for b in ["initdb", "postgres"] {
+            if !bin.join(b).exists() {
+                return Err(OpsError::MissingBinary(bin.join(b)));
+            }
+        }
+        let tls = self.layout.tls_dir();
+        pki::ensure(&tls, &self.user)?;
+        std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o755))
+            .map_err(OpsError::io("chmod tls dir"))?;
+
+        if !self.layout.pgdata().join("PG_VERSION").exists() {
+            self.initdb(&bin)?;
+        }
+        let port = self.choose_port(opts.pg_port)?;
+        self.write_config(&bin, port)?;
+
+        let log_path = self.layout.log_file();
+        let log_dir = log_path.parent().expect("log file has a parent");
+        std::fs::create_dir_all(log_dir).map_err(OpsError::io("create log dir"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(OpsError::io(format!("open {}", log_path.display())))?;
+        let log_err = log.try_clone().map_err(OpsError::io("open log"))?;
+        let mut cmd = Command::new(bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(self.layout.pgdata())
+            .current_dir(self.layout.root())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        self.user.configure(&mut cmd);
+        let child = process::spawn(cmd).map_err(OpsError::io("start postgres"))?;
+        let state = serde_json::to_string(&State { pg_port: port }).expect("state serializes");
+        std::fs::write(self.layout.state_file(), state)
+            .map_err(OpsError::io("write instance.json"))?;
+
+        let running = RunningCluster {
+            instance: self,
+            port,
+            child: Mutex::new(Some(child)),
+        };
+        running.wait_ready(Duration::from_secs(60)).await?;
+        running.bootstrap().await?;
+        Ok(running)
+    }
+
+    fn initdb(&self, bin: &Path) -> Result<(), OpsError> {
+        let target = self.layout.pgdata();
+        let staging = self.layout.root().join("pgdata.init");
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)
+                .map_err(OpsError::io("remove half-made pgdata.init"))?;
+        }
+        std::fs::create_dir(&staging).map_err(OpsError::io("create pgdata.init"))?;
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o700))
+            .map_err(OpsError::io("chmod pgdata.init"))?;
+        self.user.chown(&staging)?;
+        let mut cmd = Command::new(bin.join("initdb"));
+        cmd.arg("-D")
+            .arg(&staging)
+            .args([
+                "--username",
+                SUPERUSER,
+                "--data-checksums",
+                "--auth-local=peer",
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+            ])
+            .current_dir(self.layout.root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        self.user.configure(&mut cmd);
+        let child = process::spawn(cmd).map_err(OpsError::io("run initdb"))?;
+        let out = child
+            .wait_with_output()
+            .map_err(OpsError::io("run initdb"))?;
+        if !out.status.success() {
+            return Err(OpsError::Initdb {
+                status: out.status.to_string(),
+                output: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            });
+        }
+        std::fs::rename(&staging, &target).map_err(OpsError::io("move pgdata into place"))?;
+        Ok(())
+    }
+
+    fn choose_port(&self, requested: Option<u16>) -> Result<u16, OpsError> {
+        if let Some(p) = requested {
+            if !port_is_free(p) {
+                return Err(OpsError::PortInUse {
+                    port: p,
+                    host: "127.0.0.1".into(),
+                    flag: "--pg-port",
+                });
+            }
+            return Ok(p);
+        }
+        match self.layout.port() {
+            Some(p) if port_is_free(p) => Ok(p),
+            _ => free_port(),
+        }
+    }
+
+    /// Rewrites dalp's configuration on every start: `dalp.conf` (included from
+    /// postgresql.conf), a TLS-only `pg_hba.conf` and the peer map for the superuser.
+    fn write_config(&self, bin: &Path, port: u16) -> Result<(), OpsError> {
+        let pgdata = self.layout.pgdata();
+        let socket_dir = self.layout.socket_dir();
+        std::fs::create_dir_all(&socket_dir).map_err(OpsError::io("create socket dir"))?;
+        std::fs::set_permissions(&socket_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(OpsError::io("chmod socket dir"))?;
+        self.user.chown(&socket_dir)?;
+        // The socket path must fit in sun_path (107 bytes).
+        let socket_len = socket_dir
+            .join(format!(".s.PGSQL.{port}.lock"))
+            .as_os_str()
+            .len();
+        if socket_len > 100 {
+            return Err(OpsError::Bootstrap {
+                context: format!("data directory {}", self.layout.root().display()),
+                message: "its path is too long for a Unix socket; choose a shorter --data-dir"
+                    .into(),
+            });
+        }
+
+        let lib_dir = bin.parent().map(|p| p.join("lib")).unwrap_or_default();
+        let preload: Vec<&str> = ["pgaudit"]
+            .into_iter()
+            .filter(|l| lib_dir.join(format!("{l}.so")).exists())
+            .collect();
+        let tls = self.layout.tls_dir();
+        let conf = format!(
+            "# Written by dalp at every start; local edits are overwritten.\n\
+             listen_addresses = '127.0.0.1,::1'\n\
+             port = {port}\n\
+             unix_socket_directories = {sock}\n\
+             unix_socket_permissions = 0700\n\
+             ssl = on\n\
+             ssl_cert_file = {cert}\n\
+             ssl_key_file = {key}\n\
+             ssl_min_protocol_version = 'TLSv1.2'\n\
+             password_encryption = 'scram-sha-256'\n\
+             shared_preload_libraries = {preload}\n\
+             max_connections = 200\n\
+             log_line_prefix = '%m [%p] %q%u@%d/%a '\n",
+            sock = quote_conf(&socket_dir.display().to_string()),
+            cert = quote_conf(&tls.join(pki::SERVER_CERT).display().to_string()),
+            key = quote_conf(&tls.join(pki::SERVER_KEY).display().to_string()),
+            preload = quote_conf(&preload.join(",")),
+        );
+        let os_user = nix::unistd::User::from_uid(nix::unistd::Uid::effective())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| "root".into());
+        let ident = format!(
+            "# Written by dalp: who may act as the superuser over the local socket.\n\
+             dalp_superuser {su} {su}\n\
+             dalp_superuser {os_user} {su}\n",
+            su = SUPERUSER
+        );
+        let hba = format!(
+            "# Written by dalp at every start; local edits are overwritten.\n\
+             # The superuser only over the local socket, by OS identity (peer).\n\
+             local     all  {su}  peer map=dalp_superuser\n\
+             local     all  all   reject\n\
+             # TCP: TLS only, SCRAM-SHA-256, never the superuser.\n\
+             hostnossl all  all   0.0.0.0/0     reject\n\
+             hostnossl all  all   ::/0          reject\n\
+             hostssl   all  {su}  127.0.0.1/32  reject\n\
+             hostssl   all  {su}  ::1/128       reject\n\
+             hostssl   all  all   127.0.0.1/32  scram-sha-256\n\
+             hostssl   all  all   ::1/128       scram-sha-256\n",
+            su = SUPERUSER
+        );
+        for (name, text) in [
+            ("dalp.conf", conf),
+            ("pg_hba.conf", hba),
+            ("pg_ident.conf", ident),
+        ] {
+            let p = pgdata.join(name);
+            std::fs::write(&p, text).map_err(OpsError::io(format!("write {}", p.display())))?;
+            self.user.chown(&p)?;
+        }
+        let main_conf = pgdata.join("postgresql.conf");
+        let current =
+            std::fs::read_to_string(&main_conf).map_err(OpsError::io("read postgresql.conf"))?;
+        if !current.contains("include 'dalp.conf'") {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&main_conf)
+                .map_err(OpsError::io("append to postgresql.conf"))?;
+            writeln!(f, "\ninclude 'dalp.conf'")
+                .map_err(OpsError::io("append to postgresql.conf"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A started cluster. Dropping it stops the server (fast shutdown).
+pub struct RunningCluster {
+    instance: Instance,
+    port: u16,
+    child: Mutex<Option<Child>>,
+}
+
+impl RunningCluster {
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.child_slot().as_ref().map(|c| c.id())
+    }
+
+    fn child_slot(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.instance.layout
+    }
+    pub fn secrets(&self) -> &Secrets {
+        &self.instance.secrets
+    }
+
+    /// The superuser over the local socket (peer authentication), on `dbname`.
+    pub fn superuser_options(&self, dbname: &str) -> ConnectOptions {
+        ConnectOptions {
+            hosts: vec![(self.layout().socket_dir().display().to_string(), self.port)],
+            dbname: dbname.into(),
+            user: SUPERUSER.into(),
+            password: None,
+            ca_file: None,
+            application_name: "dalp-bootstrap".into(),
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: None,
+            read_write: false,
+        }
+    }
+
+    /// TCP + TLS (verify-full) options for `role` on `dbname`, with its password.
+    pub fn role_options(&self, role: &str, dbname: &str) -> ConnectOptions {
+        tcp_options(
+            self.port,
+            &self.layout().ca_cert(),
+            role,
+            self.secrets().password(role).ok(),
+            dbname,
+        )
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.layout().log_file()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    async fn wait_ready(&self, timeout: Duration) -> Result<(), OpsError> {
+        let deadline = Instant::now() + timeout;
+        let opts = self.superuser_options("postgres");
+        loop {
+            let exited = {
+                let mut slot = self.child_slot();
+                let status = slot.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                if status.is_some() {
+                    *slot = None;
+                }
+                status
+            };
+            if let Some(status) = exited {
+                {
+                    return Err(OpsError::StartFailed {
+                        reason: format!("the server exited ({status})"),
+                        log: self.layout().log_file(),
+                        tail: self.log_tail(),
+                    });
+                }
+            }
+            match opts.connect().await {
+                Ok(_) => return Ok(()),
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => {
+                    return Err(OpsError::StartFailed {
+                        reason: format!("not accepting connections after {timeout:?}: {e}"),
+                        log: self.layout().log_file(),
+                        tail: self.log_tail(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Roles, the `dalp` database and its grants. Idempotent.
+    async fn bootstrap(&self) -> Result<(), OpsError> {
+        let err = |context: &str| {
+            let context = context.to_string();
+            move |e: &dyn std::fmt::Display| OpsError::Bootstrap {
+                context: context.clone(),
+                message: e.to_string(),
+            }
+        };
+        let su = self
+            .superuser_options("postgres")
+            .connect()
+            .await
+            .map_err(|e| err("connect as superuser")(&e))?;
+        roles::ensure_roles(&su, self.secrets())
+            .await
+            .map_err(|e| err("create roles")(&e))?;
+        self.create_database(&su, DATABASE).await?;
+        Ok(())
+    }
+
+    /// Creates `dbname` (if missing) with dalp's database-level grants, as the superuser.
+    pub async fn create_database(
+        &self,
+        su: &tokio_postgres::Client,
+        dbname: &str,
+    ) -> Result<(), OpsError> {
+        let to_err = |context: &str, e: &dyn std::fmt::Display| OpsError::Bootstrap {
+            context: context.into(),
+            message: e.to_string(),
+        };
+        let exists: bool = su
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+                &[&dbname],
+            )
+            .await
+            .map_err(|e| to_err("look up database", &e))?
+            .get(0);
+        if !exists {
+            su.batch_execute(&format!(
+                "CREATE DATABASE \"{}\"",
+                dbname.replace('"', "\"\"")
+            ))
+            .await
+            .map_err(|e| to_err("create database", &e))?;
+        }
+        let db = self
+            .superuser_options(dbname)
+            .connect()
+            .await
+            .map_err(|e| to_err("connect to new database", &e))?;
+        roles::prepare_database(&db, dbname)
+            .await
+            .map_err(|e| to_err("grant database privileges", &e))?;
+        Ok(())
+    }
+
+    /// Fast shutdown (SIGINT), waiting up to a minute before killing. Idempotent.
+    pub fn stop(&self) -> Result<(), OpsError> {
+        let child = self.child_slot().take();
+        if let Some(mut child) = child {
+            process::stop_child(&mut child, Signal::SIGINT, Duration::from_secs(60))
+                .map_err(OpsError::io("stop postgres"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RunningCluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::error!(error = %e, "stopping postgres");
+        }
+    }
+}
+
+/// What `dalp status` can tell without starting anything.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceInfo {
+    pub data_dir: PathBuf,
+    pub initialised: bool,
+    pub running: bool,
+    pub server_pid: Option<i32>,
+    pub dalp_pid: Option<i32>,
+    pub port: Option<u16>,
+    pub pg_major_version: Option<String>,
+    pub ca_file: PathBuf,
+}
+
+/// Reads the state of the instance in `dir` without locking or changing it.
+pub fn inspect(dir: &Path) -> InstanceInfo {
+    let layout = Layout::new(dir);
+    let pgdata = layout.pgdata();
+    let server_pid = live_postmaster(&pgdata);
+    let dalp_pid = std::fs::read_to_string(layout.lock_file())
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|p| process::alive(*p) && server_pid.is_some());
+    InstanceInfo {
+        initialised: pgdata.join("PG_VERSION").exists(),
+        running: server_pid.is_some(),
+        server_pid,
+        dalp_pid,
+        port: layout.port(),
+        pg_major_version: std::fs::read_to_string(pgdata.join("PG_VERSION"))
+            .ok()
+            .map(|s| s.trim().to_string()),
+        ca_file: layout.ca_cert(),
+        data_dir: layout.root().to_path_buf(),
+    }
+}

@@ -1,0 +1,11 @@
+//! Drives real server processes. For now: the embedded PostgreSQL cluster behind `dalp up`
+//! (initdb, its own CA and server certificate, TLS-only `pg_hba.conf`, start and stop as the
+//! `postgres` system user, role bootstrap). Later: Patroni + etcd, pgBackRest, PgBouncer.
+
+pub mod embedded;
+pub mod error;
+pub mod pki;
+pub mod process;
+
+pub use embedded::{Instance, InstanceInfo, Layout, RunningCluster, StartOptions};
+pub use error::OpsError;

@@ -1,0 +1,167 @@
+//! The shared test harness. Each test binary gets one ephemeral PostgreSQL cluster (the real
+//! embedded cluster of `dalp-ops`, in a temp dir, on a free port), started on first use and
+//! stopped by pid when the binary exits, also after a failed test. Each test then asks for
+//! its own database: [`fresh_database`] (roles and grants, no schemas) or
+//! [`migrated_database`] (a copy of a template with every migration applied).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use dalp_db::connect::ConnectOptions;
+use dalp_db::{migrate, roles, Component, ComponentPools, MIGRATOR_ROLE};
+use dalp_ops::{Instance, RunningCluster, StartOptions};
+use tokio_postgres::Client;
+
+struct Harness {
+    cluster: RunningCluster,
+    dir: tempfile::TempDir,
+}
+
+static HARNESS: OnceLock<Harness> = OnceLock::new();
+static TEMPLATE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+const TEMPLATE_DB: &str = "dalp_template";
+
+extern "C" fn stop_at_exit() {
+    if let Some(h) = HARNESS.get() {
+        let _ = h.cluster.stop();
+        let _ = std::fs::remove_dir_all(h.dir.path());
+    }
+}
+
+/// The cluster of this test binary, started on first call.
+pub fn cluster() -> &'static RunningCluster {
+    &HARNESS
+        .get_or_init(|| {
+            // Start on a thread of its own: the caller may be inside a runtime.
+            std::thread::spawn(start_harness)
+                .join()
+                .expect("test cluster thread panicked")
+        })
+        .cluster
+}
+
+fn start_harness() -> Harness {
+    let dir = tempfile::Builder::new()
+        .prefix("dalp-test-")
+        .tempdir_in("/tmp")
+        .expect("create temp dir");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cluster = rt
+        .block_on(async {
+            Instance::open(dir.path())?
+                .start(StartOptions::default())
+                .await
+        })
+        .unwrap_or_else(|e| panic!("starting the test cluster failed: {e}"));
+    // SAFETY: registering a plain extern "C" function with no captured state.
+    unsafe {
+        libc::atexit(stop_at_exit);
+    }
+    Harness { cluster, dir }
+}
+
+/// A database of its own for one test.
+#[derive(Debug, Clone)]
+pub struct TestDb {
+    pub name: String,
+}
+
+fn next_name(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// The superuser over the local socket, on `dbname`.
+pub async fn superuser(dbname: &str) -> Client {
+    cluster()
+        .superuser_options(dbname)
+        .connect()
+        .await
+        .expect("connect as superuser")
+}
+
+/// An empty database with dalp's database-level grants, no schemas yet.
+pub async fn fresh_database() -> TestDb {
+    let name = next_name("t");
+    let su = superuser("postgres").await;
+    cluster()
+        .create_database(&su, &name)
+        .await
+        .expect("create test database");
+    TestDb { name }
+}
+
+/// A database with every migration applied (cloned from a template migrated once).
+pub async fn migrated_database() -> TestDb {
+    TEMPLATE
+        .get_or_init(|| async {
+            let su = superuser("postgres").await;
+            cluster()
+                .create_database(&su, TEMPLATE_DB)
+                .await
+                .expect("create template database");
+            let db = TestDb {
+                name: TEMPLATE_DB.into(),
+            };
+            let mut migrator = db.connect(MIGRATOR_ROLE).await;
+            migrate::migrate(&mut migrator, &dalp_api::catalog::MIGRATIONS, false)
+                .await
+                .expect("migrate template");
+        })
+        .await;
+    let name = next_name("m");
+    let su = superuser("postgres").await;
+    let sql = format!("CREATE DATABASE \"{name}\" TEMPLATE {TEMPLATE_DB}");
+    let mut tries = 0;
+    // The template's last session may still be closing; CREATE DATABASE refuses until it has.
+    while let Err(e) = su.batch_execute(&sql).await {
+        tries += 1;
+        assert!(tries < 50, "cloning the template failed: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let db_su = superuser(&name).await;
+    roles::prepare_database(&db_su, &name)
+        .await
+        .expect("grant database privileges");
+    TestDb { name }
+}
+
+impl TestDb {
+    /// TCP + verify-full options for `role` on this database.
+    pub fn options(&self, role: &str) -> ConnectOptions {
+        cluster().role_options(role, &self.name)
+    }
+
+    /// A connection as `role` over TLS.
+    pub async fn connect(&self, role: &str) -> Client {
+        self.options(role)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect as {role}: {e}"))
+    }
+
+    /// A connection as `component`'s role.
+    pub async fn connect_as(&self, component: Component) -> Client {
+        self.connect(component.role()).await
+    }
+
+    /// The superuser on this database (local socket).
+    pub async fn superuser(&self) -> Client {
+        superuser(&self.name).await
+    }
+
+    /// One pool per component on this database.
+    pub fn pools(&self) -> ComponentPools {
+        let base = self.options(MIGRATOR_ROLE);
+        ComponentPools::build(&base, cluster().secrets(), 4, Duration::from_secs(5))
+            .expect("build pools")
+    }
+}

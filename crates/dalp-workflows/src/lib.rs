@@ -1,0 +1,37 @@
+//! Workflow engine state: runs, step journal, work queue (schema `dalp_workflows`, role `dalp_workflows_svc`).
+//!
+//! The SQL of schema `dalp_workflows` lives in `migrations/` beside this crate and is embedded
+//! in the binary; [`ACCESS`] declares which roles may do what in it, and `dalp roles
+//! check` compares that declaration with the live database.
+
+use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
+
+/// The schema this crate owns.
+pub const SCHEMA: &str = "dalp_workflows";
+
+/// Embedded migrations of [`SCHEMA`], in order.
+pub const MIGRATIONS: MigrationSet = MigrationSet {
+    schema: SCHEMA,
+    migrations: &[Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../migrations/0001_init.sql"),
+    }],
+};
+
+/// The workflow engine reads and writes; reporting reads run state.
+pub const ACCESS: SchemaAccess = SchemaAccess {
+    schema: SCHEMA,
+    grants: &[
+        RoleGrant {
+            role: "dalp_workflows_svc",
+            tables: Privs::READ_WRITE,
+            overrides: &[],
+        },
+        RoleGrant {
+            role: "dalp_readonly",
+            tables: Privs::READ,
+            overrides: &[],
+        },
+    ],
+};
