@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use percent_encoding::{percent_decode_str, utf8_percent_encode, NON_ALPHANUMERIC};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::{Client, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -98,8 +98,21 @@ fn decode(s: &str) -> Result<String, ConnectError> {
         .map_err(|_| ConnectError::InvalidUrl("percent-encoded text is not UTF-8".into()))
 }
 
+/// RFC 3986 unreserved characters stay readable; everything else is escaped.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+/// In query values `/` may stay too, so file paths read naturally.
+const QUERY_VALUE: &AsciiSet = &COMPONENT.remove(b'/');
+
 fn encode(s: &str) -> String {
-    utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
+    utf8_percent_encode(s, COMPONENT).to_string()
+}
+
+fn encode_query(s: &str) -> String {
+    utf8_percent_encode(s, QUERY_VALUE).to_string()
 }
 
 impl ConnectOptions {
@@ -228,10 +241,10 @@ impl ConnectOptions {
         s.push_str("?sslmode=verify-full");
         if let Some(ca) = &self.ca_file {
             s.push_str("&sslrootcert=");
-            s.push_str(&encode(&ca.display().to_string()));
+            s.push_str(&encode_query(&ca.display().to_string()));
         }
         s.push_str("&application_name=");
-        s.push_str(&encode(&self.application_name));
+        s.push_str(&encode_query(&self.application_name));
         if self.read_write {
             s.push_str("&target_session_attrs=read-write");
         }

@@ -1,0 +1,136 @@
+//! The command line. Every flag carries its help text and default.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// dalp: the PostgreSQL data layer of the Digital Asset Lifecycle Platform.
+///
+/// `dalp up` runs an embedded, TLS-only PostgreSQL with the five domain schemas and the HTTP
+/// API. The other verbs act on that instance (--data-dir) or on any reachable cluster
+/// (--database-url).
+#[derive(Debug, Parser)]
+#[command(name = "dalp", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Which instance a verb acts on.
+#[derive(Debug, Args, Clone)]
+pub struct TargetArgs {
+    /// Data directory of an embedded instance (created by `dalp up`).
+    #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+    pub data_dir: PathBuf,
+    /// Act on this cluster instead of the embedded one, e.g.
+    /// postgres://dalp_migrator:PW@db.example:5432/dalp?sslmode=verify-full&sslrootcert=/ca.pem
+    /// (only sslmode=verify-full is accepted). Takes precedence over --data-dir.
+    #[arg(long, env = "DALP_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the embedded cluster (initialising it on first use), apply migrations, create
+    /// roles and serve the HTTP API until Ctrl-C or SIGTERM.
+    Up(UpArgs),
+    /// Show whether the cluster runs, its version and port, schema versions and roles.
+    Status {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply pending migrations (as a member of dalp_owner; never a superuser).
+    Migrate {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Show what would be applied without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Database helpers.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+    /// Roles and least privilege.
+    Roles {
+        #[command(subcommand)]
+        command: RolesCommand,
+    },
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Serve the HTTP API against an external cluster described by a config file.
+    Serve {
+        /// TOML config file (see `dalp config check`); DALP_<SECTION>__<KEY> variables override it.
+        #[arg(long, env = "DALP_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Data directory: PostgreSQL data, TLS material, role passwords, logs.
+    #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+    pub data_dir: PathBuf,
+    /// PostgreSQL port on 127.0.0.1 and ::1 [default: the previous port if free, else any free port].
+    #[arg(long)]
+    pub pg_port: Option<u16>,
+    /// HTTP API port on 127.0.0.1.
+    #[arg(long, default_value_t = 8080)]
+    pub api_port: u16,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Print a libpq URL (sslmode=verify-full, sslrootcert set) for a role of the embedded
+    /// instance; it contains the role's password, and `psql` accepts it as is.
+    Url {
+        /// Data directory of the embedded instance.
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Login role, e.g. dalp_indexer_svc, dalp_auditor, dalp_readonly, dalp_migrator.
+        #[arg(long)]
+        role: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolesCommand {
+    /// Print the actual role × schema × privilege matrix; exit 1 if it differs from the
+    /// declared one.
+    Check {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create dalp's roles on an external cluster (needs CREATEROLE, e.g. the managed
+    /// service's admin user) and prepare the database. Passwords come from --secrets-file,
+    /// which is generated (mode 0600) when it does not exist.
+    Create {
+        /// Admin connection URL (sslmode=verify-full).
+        #[arg(long, env = "DALP_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// JSON file with the role passwords.
+        #[arg(long)]
+        secrets_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file (unknown keys, types, values) with the environment applied,
+    /// and print the effective configuration without secrets.
+    Check {
+        /// The TOML file.
+        #[arg(long, env = "DALP_CONFIG")]
+        config: PathBuf,
+    },
+}

@@ -1,0 +1,14 @@
+//! `dalp config check`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use dalp_db::Config;
+
+pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(Some(path), std::env::vars())?;
+    // The config holds paths to secrets, never secrets, so printing it is safe.
+    println!("{}: ok", path.display());
+    println!("{config:#?}");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,38 @@
+//! One module per verb; each returns the process exit code.
+
+mod config;
+mod db;
+mod migrate;
+mod roles;
+mod serve;
+mod status;
+mod up;
+
+use std::process::ExitCode;
+
+use crate::cli::{Cli, Command, ConfigCommand, DbCommand, RolesCommand};
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Up(args) => up::run(args).await,
+        Command::Status { target, json } => status::run(&target, json).await,
+        Command::Migrate { target, dry_run } => migrate::run(&target, dry_run).await,
+        Command::Db {
+            command: DbCommand::Url { data_dir, role },
+        } => db::url(&data_dir, &role),
+        Command::Roles {
+            command: RolesCommand::Check { target, json },
+        } => roles::check(&target, json).await,
+        Command::Roles {
+            command:
+                RolesCommand::Create {
+                    database_url,
+                    secrets_file,
+                },
+        } => roles::create(&database_url, &secrets_file).await,
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => config::check(&config),
+        Command::Serve { config } => serve::run(&config).await,
+    }
+}

@@ -1,0 +1,73 @@
+//! `dalp roles check` and `dalp roles create`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use dalp_api::catalog::ACCESS;
+use dalp_db::connect::ConnectOptions;
+use dalp_db::{access, roles, Secrets};
+
+use crate::cli::TargetArgs;
+use crate::target::connect_admin;
+
+pub async fn check(target: &TargetArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let client = connect_admin(target).await?;
+    let report = access::check(&client, &ACCESS)
+        .await
+        .context("read privileges")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+        if report.is_clean() {
+            println!("ok: the actual privileges match the declared matrix");
+        } else {
+            println!(
+                "DRIFT: {} difference(s) from the declared matrix:",
+                report.drift.len()
+            );
+            for d in &report.drift {
+                println!("  - {d}");
+            }
+        }
+    }
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub async fn create(database_url: &str, secrets_file: &Path) -> anyhow::Result<ExitCode> {
+    let opts = ConnectOptions::from_url(database_url)?;
+    let secrets = if secrets_file.exists() {
+        Secrets::load(secrets_file)?
+    } else {
+        let s = roles::generate_secrets();
+        write_private(secrets_file, &serde_json::to_string_pretty(&s)?)?;
+        println!(
+            "generated role passwords in {} (mode 0600)",
+            secrets_file.display()
+        );
+        s
+    };
+    let client = opts.connect().await?;
+    roles::ensure_roles(&client, &secrets).await?;
+    roles::prepare_database(&client, &opts.dbname).await?;
+    println!("roles created and database {} prepared", opts.dbname);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! `dalp serve`: the HTTP API against an external cluster.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use dalp_api::AppState;
+use dalp_db::{ComponentPools, Config, Secrets, MIGRATOR_ROLE};
+
+use super::up::shutdown_signal;
+
+pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(Some(path), std::env::vars())?;
+    let secrets = match &config.database.secrets_file {
+        Some(f) => Secrets::load(f)?,
+        None => Secrets::default(),
+    };
+    let base = config.connect_options(MIGRATOR_ROLE, "dalp");
+    let pools = ComponentPools::build(
+        &base,
+        &secrets,
+        config.database.pool_max_size,
+        Duration::from_millis(config.database.pool_wait_timeout_ms),
+    )?;
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| format!("bind the API to {}", config.api.listen))?;
+    let app = dalp_api::router(
+        AppState {
+            pools: Arc::new(pools),
+        },
+        config.api.max_body_bytes,
+    );
+    eprintln!("serving the API on http://{}", config.api.listen);
+    dalp_api::serve(listener, app, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}

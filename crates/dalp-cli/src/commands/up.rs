@@ -1,0 +1,173 @@
+//! `dalp up`: the main job. Embedded cluster, migrations, roles, HTTP API; Ctrl-C or
+//! SIGTERM stops the API first, then PostgreSQL.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use dalp_api::catalog::MIGRATIONS;
+use dalp_api::AppState;
+use dalp_db::{migrate, ComponentPools, MIGRATOR_ROLE};
+use dalp_ops::embedded::DATABASE;
+use dalp_ops::{Instance, OpsError, StartOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::cli::UpArgs;
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    // Claim the API port before anything else, so a busy port fails fast and clearly.
+    let api_addr = SocketAddr::from(([127, 0, 0, 1], args.api_port));
+    let listener = match tokio::net::TcpListener::bind(api_addr).await {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(OpsError::PortInUse {
+                port: args.api_port,
+                host: "127.0.0.1".into(),
+                flag: "--api-port",
+            }
+            .into())
+        }
+        Err(e) => return Err(e).with_context(|| format!("bind the API to {api_addr}")),
+    };
+    let api_addr = listener.local_addr()?;
+
+    let instance = Instance::open(&args.data_dir)?;
+    let fresh = !instance.layout().pgdata().join("PG_VERSION").exists();
+    eprintln!(
+        "{} PostgreSQL in {} …",
+        if fresh {
+            "initialising and starting"
+        } else {
+            "starting"
+        },
+        instance.layout().root().display()
+    );
+    let cluster = instance
+        .start(StartOptions {
+            pg_port: args.pg_port,
+            bin_dir: None,
+        })
+        .await?;
+    let migrator = cluster.role_options(MIGRATOR_ROLE, DATABASE);
+    let mut client = migrator
+        .connect()
+        .await
+        .context("connect as the migrator over TLS")?;
+    let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+    eprintln!(
+        "PostgreSQL {version} listening on 127.0.0.1:{} (TLS only)",
+        cluster.port()
+    );
+    let report = migrate::migrate(&mut client, &MIGRATIONS, false)
+        .await
+        .context("apply migrations")?;
+    drop(client);
+    eprintln!(
+        "migrations: {} applied now, {} already applied",
+        report.applied.len(),
+        report.already_applied
+    );
+
+    let pools = Arc::new(ComponentPools::build(
+        &migrator,
+        cluster.secrets(),
+        8,
+        Duration::from_secs(5),
+    )?);
+    let app = dalp_api::router(
+        AppState {
+            pools: pools.clone(),
+        },
+        1 << 20,
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(dalp_api::serve(listener, app, async move {
+        let _ = stop_rx.await;
+    }));
+
+    // "ready" only once the API really answers and the database is current.
+    let ready = wait_ready(api_addr, Duration::from_secs(30)).await;
+    if let Err(e) = ready {
+        let _ = stop_tx.send(());
+        let _ = server.await;
+        pools.close();
+        cluster.stop()?;
+        return Err(e);
+    }
+    let layout = cluster.layout();
+    println!(
+        "dalp ready: api http://{api_addr}  postgres 127.0.0.1:{}  data {}  ca {}",
+        cluster.port(),
+        layout.root().display(),
+        layout.ca_cert().display()
+    );
+    println!(
+        "  connect: psql \"$(dalp db url --data-dir {} --role dalp_readonly)\"   stop: Ctrl-C",
+        layout.root().display()
+    );
+
+    let crashed = tokio::select! {
+        _ = shutdown_signal() => None,
+        r = &mut server => Some(r),
+    };
+    eprintln!("stopping …");
+    let _ = stop_tx.send(());
+    match crashed {
+        Some(r) => eprintln!("the API server stopped unexpectedly: {r:?}"),
+        None => {
+            let _ = server.await;
+        }
+    }
+    pools.close();
+    tokio::task::spawn_blocking(move || cluster.stop())
+        .await
+        .context("stop PostgreSQL")??;
+    eprintln!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Polls `GET /readyz` until it answers 200.
+async fn wait_ready(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match http_get(addr, "/readyz").await {
+            Ok((200, _)) => return Ok(()),
+            Ok((status, body)) => last = format!("HTTP {status}: {body}"),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the API did not become ready within {timeout:?}: {last}")
+}
+
+/// A minimal HTTP/1.1 GET, enough for a self-check without an HTTP client dependency.
+async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Ok((status, body))
+}

@@ -1,0 +1,36 @@
+//! Resolving `--data-dir` / `--database-url` into connection options.
+
+use anyhow::Context;
+use dalp_db::connect::ConnectOptions;
+use dalp_db::MIGRATOR_ROLE;
+use dalp_ops::Layout;
+use tokio_postgres::Client;
+
+use crate::cli::TargetArgs;
+
+/// Options for the administrative (migrator) connection of the target.
+pub fn admin_options(target: &TargetArgs) -> anyhow::Result<ConnectOptions> {
+    match &target.database_url {
+        Some(url) => Ok(ConnectOptions::from_url(url)?),
+        None => Layout::new(&target.data_dir)
+            .connect_options(MIGRATOR_ROLE)
+            .with_context(|| format!("instance in {}", target.data_dir.display())),
+    }
+}
+
+/// Connects as the target's administrative role.
+pub async fn connect_admin(target: &TargetArgs) -> anyhow::Result<Client> {
+    let mut opts = admin_options(target)?;
+    opts.application_name = "dalp-cli".into();
+    let client = opts
+        .connect()
+        .await
+        .with_context(|| match &target.database_url {
+            Some(_) => "connect to the --database-url cluster".to_string(),
+            None => format!(
+                "connect to the instance in {} (is `dalp up` running?)",
+                target.data_dir.display()
+            ),
+        })?;
+    Ok(client)
+}
