@@ -640,7 +640,14 @@ impl RunningCluster {
         Ok(())
     }
 
-    /// Fast shutdown (SIGINT), waiting up to a minute before killing. Idempotent.
+    /// Stops the server and releases the data directory for another dalp.
+    pub fn shutdown(self) -> Result<(), OpsError> {
+        self.stop()
+        // Dropping `self` releases the directory lock.
+    }
+
+    /// Fast shutdown (SIGINT), waiting up to a minute before killing. Idempotent. The data
+    /// directory stays locked until the value is dropped (see [`RunningCluster::shutdown`]).
     pub fn stop(&self) -> Result<(), OpsError> {
         let child = self.child_slot().take();
         if let Some(mut child) = child {

@@ -104,7 +104,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_tx.send(());
         let _ = server.await;
         pools.close();
-        cluster.stop()?;
+        cluster.shutdown()?;
         return Err(e);
     }
     let layout = cluster.layout();
@@ -132,7 +132,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
     }
     pools.close();
-    tokio::task::spawn_blocking(move || cluster.stop())
+    tokio::task::spawn_blocking(move || cluster.shutdown())
         .await
         .context("stop PostgreSQL")??;
     eprintln!("stopped");

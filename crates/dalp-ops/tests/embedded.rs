@@ -1,0 +1,175 @@
+//! The embedded cluster's lifecycle, each test with a data directory of its own.
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+
+use dalp_db::MIGRATOR_ROLE;
+use dalp_ops::embedded::{inspect, DATABASE};
+use dalp_ops::{Instance, OpsError, StartOptions};
+
+fn data_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("dalp-ops-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+#[tokio::test]
+async fn restart_reuses_data_port_and_passwords() {
+    let dir = data_dir();
+    let cluster = Instance::open(dir.path())
+        .unwrap()
+        .start(StartOptions::default())
+        .await
+        .unwrap();
+    let port = cluster.port();
+    let pid = cluster.pid().unwrap() as i32;
+    let c = cluster
+        .role_options(MIGRATOR_ROLE, DATABASE)
+        .connect()
+        .await
+        .unwrap();
+    c.batch_execute("SET ROLE dalp_owner; CREATE TABLE public_keep (v text); INSERT INTO public_keep VALUES ('survives')")
+        .await
+        .unwrap_err(); // public is closed to everyone, even the owner
+    c.batch_execute("SET ROLE dalp_owner; CREATE SCHEMA keep; CREATE TABLE keep.t (v text); INSERT INTO keep.t VALUES ('survives')")
+        .await
+        .unwrap();
+    drop(c);
+    let info = inspect(dir.path());
+    assert!(info.running && info.initialised);
+    assert_eq!(info.port, Some(port));
+    let secrets_before = std::fs::read_to_string(dir.path().join("secrets.json")).unwrap();
+    let mode = std::fs::metadata(dir.path().join("secrets.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "secrets file must be private");
+    cluster.shutdown().unwrap();
+    assert!(
+        !dalp_ops::process::alive(pid),
+        "postgres still running after stop"
+    );
+    assert!(!inspect(dir.path()).running);
+
+    let again = Instance::open(dir.path())
+        .unwrap()
+        .start(StartOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(again.port(), port, "the previous port is reused when free");
+    let c = again
+        .role_options(MIGRATOR_ROLE, DATABASE)
+        .connect()
+        .await
+        .unwrap();
+    let v: String = c
+        .query_one("SELECT v FROM keep.t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "survives");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("secrets.json")).unwrap(),
+        secrets_before
+    );
+    // Checksums are on.
+    let checksums: String = c
+        .query_one("SHOW data_checksums", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(checksums, "on");
+    let ssl: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl);
+    drop(c);
+    again.shutdown().unwrap();
+}
+
+#[tokio::test]
+async fn a_data_dir_in_use_is_refused_clearly() {
+    let dir = data_dir();
+    let cluster = Instance::open(dir.path())
+        .unwrap()
+        .start(StartOptions::default())
+        .await
+        .unwrap();
+    let err = Instance::open(dir.path())
+        .err()
+        .expect("second open must fail");
+    assert!(matches!(err, OpsError::InUse { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&std::process::id().to_string()),
+        "names the holder's pid: {err}"
+    );
+    cluster.shutdown().unwrap();
+    // Once stopped, the directory can be opened again.
+    drop(Instance::open(dir.path()).unwrap());
+}
+
+#[tokio::test]
+async fn a_busy_port_is_refused_before_anything_starts() {
+    let dir = data_dir();
+    let busy = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let err = Instance::open(dir.path())
+        .unwrap()
+        .start(StartOptions {
+            pg_port: Some(port),
+            bin_dir: None,
+        })
+        .await
+        .err()
+        .expect("must fail");
+    assert!(
+        matches!(err, OpsError::PortInUse { port: p, .. } if p == port),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--pg-port"));
+    assert!(!inspect(dir.path()).running);
+}
+
+#[tokio::test]
+async fn a_missing_binary_dir_says_what_to_install() {
+    let dir = data_dir();
+    let err = Instance::open(dir.path())
+        .unwrap()
+        .start(StartOptions {
+            pg_port: None,
+            bin_dir: Some("/nonexistent/pg/bin".into()),
+        })
+        .await
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, OpsError::MissingBinary(_)), "{err}");
+    assert!(err.to_string().contains("DALP_PG_BIN"));
+}
+
+#[test]
+fn a_private_parent_directory_is_reported_up_front() {
+    if !nix::unistd::Uid::effective().is_root() {
+        return; // only root switches to the postgres user
+    }
+    let outer = data_dir();
+    let private = outer.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let err = Instance::open(&private.join("data"))
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, OpsError::NotTraversable { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("postgres") && msg.contains("chmod o+x"),
+        "{msg}"
+    );
+}
