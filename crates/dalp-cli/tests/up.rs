@@ -1,0 +1,413 @@
+//! End-to-end: the `dalp` binary as a user runs it, against the real embedded cluster.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const DALP: &str = env!("CARGO_BIN_EXE_dalp");
+
+/// A CA that did not sign our server certificate (public certificate only, no key).
+const FOREIGN_CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBjjCCATWgAwIBAgIUK17zeuBXliucPu4dQAVV2TpHhukwCgYIKoZIzj0EAwIw
+HDEaMBgGA1UEAwwRc29tZW9uZSBlbHNlJ3MgQ0EwIBcNMjYxMTIzMjE1NTQ3WhgP
+MjEyNjEwMzAyMTU1NDdaMBwxGjAYBgNVBAMMEXNvbWVvbmUgZWxzZSdzIENBMFkw
+EwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEAMecHpex369iChz5mRgkLTVsZNTyGQJD
+WyDSBIDGTTMpk2S+ZNj+lYOUbsgprzSJw/CbqgJavmy6ZXqFxfAslqNTMFEwHQYD
+VR0OBBYEFPi7BjScmdWqtEWlKJJO5dXtJx6wMB8GA1UdIwQYMBaAFPi7BjScmdWq
+tEWlKJJO5dXtJx6wMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDRwAwRAIg
+PWnf27vWxR+KqwVaBYR6l3so+9kzuew3vtZB7iKrAlwCIAVfvaMwCsEb4nwwC1qu
+zJ/9EjuRHJujgzPgIkmgdT/T
+-----END CERTIFICATE-----\n";
+
+fn data_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("dalp-cli-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn dalp(args: &[&str]) -> Output {
+    Command::new(DALP).args(args).output().expect("run dalp")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A running `dalp up`, stopped (SIGTERM, then SIGKILL) when dropped, also on test failure.
+struct Up {
+    child: Option<Child>,
+    stderr: mpsc::Receiver<String>,
+    ready_line: String,
+}
+
+impl Up {
+    fn start(dir: &Path, api_port: u16) -> Up {
+        let mut child = Command::new(DALP)
+            .args(["up", "--data-dir"])
+            .arg(dir)
+            .args(["--api-port", &api_port.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dalp up");
+        let (out_tx, out_rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = out_tx.send(line);
+            }
+        });
+        let (err_tx, err_rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = err_tx.send(line);
+            }
+        });
+        let mut up = Up {
+            child: Some(child),
+            stderr: err_rx,
+            ready_line: String::new(),
+        };
+        loop {
+            match out_rx.recv_timeout(Duration::from_secs(120)) {
+                Ok(line) if line.contains("ready") => {
+                    up.ready_line = line;
+                    return up;
+                }
+                Ok(_) => continue,
+                Err(_) => {
+                    let log: Vec<String> = up.stderr.try_iter().collect();
+                    panic!("dalp up did not print ready; stderr:\n{}", log.join("\n"));
+                }
+            }
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGTERM and wait; returns the exit status and everything it wrote to stderr.
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let status = child.wait().unwrap();
+        let log: Vec<String> = self.stderr.try_iter().collect();
+        (status, log.join("\n"))
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            for _ in 0..300 {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn db_url(dir: &Path, role: &str) -> String {
+    let o = dalp(&[
+        "db",
+        "url",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--role",
+        role,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8(o.stdout).unwrap().trim().to_string()
+}
+
+fn psql(url: &str, sql: &str) -> Output {
+    Command::new("psql")
+        .args([url, "-X", "-v", "ON_ERROR_STOP=1", "-At", "-c", sql])
+        .output()
+        .expect("run psql")
+}
+
+fn roles_check(dir: &Path) -> Output {
+    dalp(&["roles", "check", "--data-dir", dir.to_str().unwrap()])
+}
+
+#[test]
+fn up_serves_a_tls_only_least_privilege_cluster_and_restarts_with_its_data() {
+    let dir = data_dir();
+    let d = dir.path().to_str().unwrap();
+    let api_port = free_port();
+    let up = Up::start(dir.path(), api_port);
+    assert!(
+        up.ready_line
+            .contains(&format!("http://127.0.0.1:{api_port}")),
+        "{}",
+        up.ready_line
+    );
+    assert!(up.ready_line.contains("ca.crt"), "{}", up.ready_line);
+
+    // The API answers.
+    let health = reqwest::blocking_get(&format!("http://127.0.0.1:{api_port}/healthz"));
+    assert_eq!(health, 200);
+    let ready = reqwest::blocking_get(&format!("http://127.0.0.1:{api_port}/readyz"));
+    assert_eq!(ready, 200);
+
+    // The indexer's URL works with psql as is; without TLS it is refused.
+    let indexer = db_url(dir.path(), "dalp_indexer_svc");
+    assert!(indexer.contains("sslmode=verify-full") && indexer.contains("sslrootcert="));
+    let o = psql(&indexer, "select 1");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "1");
+    let o = psql(
+        &indexer.replace("sslmode=verify-full", "sslmode=disable"),
+        "select 1",
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no encryption"), "{}", text(&o));
+    // A client that does not trust our CA is refused too (verify-full).
+    let foreign_ca = dir.path().join("foreign-ca.crt");
+    std::fs::write(&foreign_ca, FOREIGN_CA).unwrap();
+    let untrusting: String = indexer
+        .split('&')
+        .map(|p| {
+            if p.starts_with("sslrootcert=") {
+                format!("sslrootcert={}", foreign_ca.display())
+            } else {
+                p.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    let o = psql(&untrusting, "select 1");
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("certificate verify failed"),
+        "{}",
+        text(&o)
+    );
+
+    // Least privilege: the indexer cannot read identity tables.
+    for table in ["users", "organisations"] {
+        let o = psql(&indexer, &format!("select * from dalp_identity.{table}"));
+        assert!(!o.status.success());
+        assert!(text(&o).contains("permission denied"), "{}", text(&o));
+    }
+    // The identity service appends an audit record; the auditor can read but not change it.
+    let identity = db_url(dir.path(), "dalp_identity_svc");
+    let o = psql(
+        &identity,
+        "insert into dalp_audit.events (actor, action, resource_type, outcome) values ('e2e', 'probe', 'test', 'success')",
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let auditor = db_url(dir.path(), "dalp_auditor");
+    for sql in [
+        "update dalp_audit.events set actor = 'x'",
+        "delete from dalp_audit.events",
+    ] {
+        let o = psql(&auditor, sql);
+        assert!(!o.status.success(), "{sql} was allowed");
+        assert!(text(&o).contains("permission denied"), "{}", text(&o));
+    }
+
+    // The matrix passes, then fails after a manual GRANT, then passes once it is revoked.
+    let o = roles_check(dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let migrator = db_url(dir.path(), "dalp_migrator");
+    let o = psql(
+        &migrator,
+        "set role dalp_owner; grant select on dalp_identity.users to dalp_indexer_svc",
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = roles_check(dir.path());
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("dalp_indexer_svc on dalp_identity.users: has r, declared -"),
+        "{}",
+        text(&o)
+    );
+    let o = psql(
+        &migrator,
+        "set role dalp_owner; revoke select on dalp_identity.users from dalp_indexer_svc",
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(roles_check(dir.path()).status.success());
+
+    // Status reports the running cluster, its version, schemas and roles.
+    let o = dalp(&["status", "--data-dir", d, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(status["instance"]["running"], true);
+    assert!(status["server_version"].as_str().unwrap().starts_with("15"));
+    assert_eq!(status["schemas"].as_array().unwrap().len(), 5);
+    assert!(status["schemas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["applied_version"] == s["latest_version"]));
+    assert!(status["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["name"] == "dalp_owner" && r["login"] == false));
+    let server_pid = status["instance"]["server_pid"].as_i64().unwrap() as i32;
+    // No secret in status output.
+    let secrets = std::fs::read_to_string(dir.path().join("secrets.json")).unwrap();
+    let secrets: serde_json::Value = serde_json::from_str(&secrets).unwrap();
+    let o = dalp(&["status", "--data-dir", d]);
+    for pw in secrets["roles"].as_object().unwrap().values() {
+        assert!(!text(&o).contains(pw.as_str().unwrap()));
+        assert!(!up.ready_line.contains(pw.as_str().unwrap()));
+    }
+
+    // A second instance on the same directory is refused with the holder's pid.
+    let o = dalp(&[
+        "up",
+        "--data-dir",
+        d,
+        "--api-port",
+        &free_port().to_string(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("in use by a running dalp") && text(&o).contains(&up.pid().to_string()),
+        "{}",
+        text(&o)
+    );
+
+    // SIGTERM stops the API and PostgreSQL cleanly.
+    let (status, log) = up.terminate();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("stopped"), "{log}");
+    assert!(
+        !Path::new(&format!("/proc/{server_pid}")).exists(),
+        "postgres survived"
+    );
+    let o = dalp(&["status", "--data-dir", d, "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(status["instance"]["running"], false);
+
+    // Running it again reuses the data: nothing to migrate, the audit record is still there.
+    let up = Up::start(dir.path(), api_port);
+    let o = psql(
+        &db_url(dir.path(), "dalp_auditor"),
+        "select count(*) from dalp_audit.events where actor = 'e2e'",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "1",
+        "{}",
+        text(&o)
+    );
+    let (status, log) = up.terminate();
+    assert!(status.success());
+    assert!(log.contains("0 applied now, 5 already applied"), "{log}");
+}
+
+#[test]
+fn a_busy_api_port_fails_fast_with_a_clear_error() {
+    let dir = data_dir();
+    let busy = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let o = dalp(&[
+        "up",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--api-port",
+        &port.to_string(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains(&format!("port {port}")) && text(&o).contains("--api-port"),
+        "{}",
+        text(&o)
+    );
+    // Nothing was initialised.
+    assert!(!dir.path().join("pgdata").exists());
+}
+
+#[test]
+fn verbs_on_a_missing_instance_say_what_to_do() {
+    let dir = data_dir();
+    let d = dir.path().join("never-started");
+    let o = dalp(&[
+        "db",
+        "url",
+        "--data-dir",
+        d.to_str().unwrap(),
+        "--role",
+        "dalp_readonly",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("dalp up"), "{}", text(&o));
+    let o = dalp(&["status", "--data-dir", d.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(text(&o).contains("not initialised"), "{}", text(&o));
+    let o = dalp(&[
+        "migrate",
+        "--database-url",
+        "postgres://dalp_migrator@127.0.0.1:1/dalp?sslmode=require&sslrootcert=/x",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("verify-full"), "{}", text(&o));
+}
+
+#[test]
+fn config_check_rejects_unknown_keys() {
+    let dir = data_dir();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[database]\nhosts = [\"127.0.0.1:5432\"]\npool_max_size = 4\n",
+    )
+    .unwrap();
+    let o = dalp(&["config", "check", "--config", good.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[database]\npool_size = 4\n").unwrap();
+    let o = dalp(&["config", "check", "--config", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("unknown field `pool_size`"),
+        "{}",
+        text(&o)
+    );
+}
+
+mod reqwest {
+    /// Status code of a GET, via a blocking client on a throwaway runtime.
+    pub fn blocking_get(url: &str) -> u16 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { ::reqwest::get(url).await.unwrap().status().as_u16() })
+    }
+}
