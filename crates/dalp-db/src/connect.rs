@@ -143,8 +143,8 @@ impl ConnectOptions {
         let mut hosts = Vec::new();
         for h in hostlist.split(',').filter(|h| !h.is_empty()) {
             let h = decode(h)?;
-            if h.contains(':') && !h.starts_with('[') || h.starts_with('[') {
-                hosts.push(parse_host_port(&h).map_err(|m| ConnectError::InvalidUrl(m))?);
+            if h.contains(':') {
+                hosts.push(parse_host_port(&h).map_err(ConnectError::InvalidUrl)?);
             } else {
                 hosts.push((h, 5432));
             }

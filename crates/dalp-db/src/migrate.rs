@@ -181,11 +181,14 @@ pub async fn status(
         .collect())
 }
 
+/// Migrations still to apply, `(schema, migration)` in order, and how many are applied.
+type Plan<'a> = (Vec<(&'a str, &'a Migration)>, usize);
+
 /// Checks recorded migrations against the embedded ones and returns those still to apply.
 fn plan<'a>(
     sets: &'a [MigrationSet],
     applied: &[AppliedMigration],
-) -> Result<(Vec<(&'a str, &'a Migration)>, usize), MigrateError> {
+) -> Result<Plan<'a>, MigrateError> {
     let mut by_key: BTreeMap<(&str, u32), &AppliedMigration> = BTreeMap::new();
     for a in applied {
         by_key.insert((a.schema.as_str(), a.version), a);

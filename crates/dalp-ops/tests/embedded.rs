@@ -75,6 +75,16 @@ async fn restart_reuses_data_port_and_passwords() {
         std::fs::read_to_string(dir.path().join("secrets.json")).unwrap(),
         secrets_before
     );
+    // pgAudit is preloaded whenever the package is installed.
+    let su = again.superuser_options("postgres").connect().await.unwrap();
+    let preload: String = su
+        .query_one("SHOW shared_preload_libraries", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if std::path::Path::new("/usr/lib/postgresql/15/lib/pgaudit.so").exists() {
+        assert!(preload.contains("pgaudit"), "{preload}");
+    }
     // Checksums are on.
     let checksums: String = c
         .query_one("SHOW data_checksums", &[])

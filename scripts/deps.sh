@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs the Debian packages dalp needs when they are missing. Sourced by up.sh and test.sh.
+#   PostgreSQL 15 server + client, pgAudit (preloaded by the embedded cluster when present).
+# Later issues add pgbackrest, pgbouncer, patroni and etcd-server here.
+set -euo pipefail
+
+DALP_DEB_PACKAGES=(postgresql-15 postgresql-client-15 postgresql-15-pgaudit)
+
+missing=()
+for p in "${DALP_DEB_PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+# The machine image may carry the binaries without the package records.
+if [ -x /usr/lib/postgresql/15/bin/postgres ]; then
+  filtered=()
+  for p in "${missing[@]}"; do [ "$p" = postgresql-15 ] || filtered+=("$p"); done
+  missing=("${filtered[@]+"${filtered[@]}"}")
+fi
+if command -v psql >/dev/null 2>&1; then
+  filtered=()
+  for p in "${missing[@]}"; do [ "$p" = postgresql-client-15 ] || filtered+=("$p"); done
+  missing=("${filtered[@]+"${filtered[@]}"}")
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}" >&2
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "error: need root (or sudo) to install ${missing[*]}" >&2; exit 1; }
+    SUDO=sudo
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  # Debian's postgresql-common would create and start a default cluster; dalp runs its own.
+  $SUDO mkdir -p /etc/postgresql-common/createcluster.d
+  echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.d/dalp.conf >/dev/null
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

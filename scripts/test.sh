@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The full test suite: install what is missing, check formatting and lints, run every test
+# (each test binary starts its own PostgreSQL; nothing depends on a running server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --no-fail-fast -- --test-threads 2 2>&1 | tee "$log" || status=$?
+# One closing line over all test binaries (cargo prints one per binary, doc-tests last).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
