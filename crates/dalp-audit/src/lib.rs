@@ -4,6 +4,10 @@
 //! in the binary; [`ACCESS`] declares which roles may do what in it, and `dalp roles
 //! check` compares that declaration with the live database.
 
+mod event;
+
+pub use event::{record, AuditEvent, Outcome};
+
 use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
 
 /// The schema this crate owns.
@@ -12,11 +16,18 @@ pub const SCHEMA: &str = "dalp_audit";
 /// Embedded migrations of [`SCHEMA`], in order.
 pub const MIGRATIONS: MigrationSet = MigrationSet {
     schema: SCHEMA,
-    migrations: &[Migration {
-        version: 1,
-        name: "init",
-        sql: include_str!("../migrations/0001_init.sql"),
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "init",
+            sql: include_str!("../migrations/0001_init.sql"),
+        },
+        Migration {
+            version: 2,
+            name: "request_context",
+            sql: include_str!("../migrations/0002_request_context.sql"),
+        },
+    ],
 };
 
 /// Every domain writer may append (INSERT only); the auditor may read. Reporting has no

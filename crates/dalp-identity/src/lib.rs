@@ -4,6 +4,10 @@
 //! in the binary; [`ACCESS`] declares which roles may do what in it, and `dalp roles
 //! check` compares that declaration with the live database.
 
+pub mod crypto;
+pub mod totp;
+pub mod types;
+
 use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
 
 /// The schema this crate owns.
@@ -12,11 +16,18 @@ pub const SCHEMA: &str = "dalp_identity";
 /// Embedded migrations of [`SCHEMA`], in order.
 pub const MIGRATIONS: MigrationSet = MigrationSet {
     schema: SCHEMA,
-    migrations: &[Migration {
-        version: 1,
-        name: "init",
-        sql: include_str!("../migrations/0001_init.sql"),
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "init",
+            sql: include_str!("../migrations/0001_init.sql"),
+        },
+        Migration {
+            version: 2,
+            name: "access",
+            sql: include_str!("../migrations/0002_access.sql"),
+        },
+    ],
 };
 
 /// The identity service reads and writes everything here; reporting may read only the

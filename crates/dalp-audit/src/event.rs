@@ -1,0 +1,104 @@
+//! Writing audit records. Every store calls [`record`] with its own open transaction, so the
+//! state change and the record describing it commit (or roll back) together.
+
+use std::net::IpAddr;
+
+use serde_json::Value;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+/// How the audited action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Denied,
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Denied => "denied",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// One audit record. `details` must already be free of secrets and PII: callers put
+/// identifiers and field names there, never values such as passwords, tokens or KYC data.
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    /// `user:<uuid>`, `api_key:<uuid>`, `service:<role>` or `anonymous`.
+    pub actor: String,
+    pub organisation_id: Option<Uuid>,
+    /// Dotted verb, e.g. `identity.user.create`.
+    pub action: &'static str,
+    pub resource_type: &'static str,
+    pub resource_id: Option<String>,
+    pub outcome: Outcome,
+    pub request_id: Option<String>,
+    pub source_ip: Option<IpAddr>,
+    pub details: Value,
+}
+
+impl AuditEvent {
+    pub fn new(
+        actor: impl Into<String>,
+        action: &'static str,
+        resource_type: &'static str,
+    ) -> Self {
+        AuditEvent {
+            actor: actor.into(),
+            organisation_id: None,
+            action,
+            resource_type,
+            resource_id: None,
+            outcome: Outcome::Success,
+            request_id: None,
+            source_ip: None,
+            details: Value::Object(Default::default()),
+        }
+    }
+
+    pub fn resource(mut self, id: impl ToString) -> Self {
+        self.resource_id = Some(id.to_string());
+        self
+    }
+
+    pub fn outcome(mut self, outcome: Outcome) -> Self {
+        self.outcome = outcome;
+        self
+    }
+
+    pub fn details(mut self, details: Value) -> Self {
+        self.details = details;
+        self
+    }
+}
+
+/// Inserts `event` through `client` — pass the caller's transaction.
+pub async fn record<C: GenericClient>(
+    client: &C,
+    event: &AuditEvent,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO dalp_audit.events
+                 (actor, organisation_id, action, resource_type, resource_id, outcome, request_id, source_ip, details)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                &event.actor,
+                &event.organisation_id,
+                &event.action,
+                &event.resource_type,
+                &event.resource_id,
+                &event.outcome.as_str(),
+                &event.request_id,
+                &event.source_ip,
+                &event.details,
+            ],
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! Domain values, constructed only through `parse`, so invalid input never reaches SQL.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha3::{Digest, Keccak256};
+
+/// A validation failure: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// A lower-cased e-mail address of plausible shape (no full RFC 5322; delivery proves the rest).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(s: &str) -> Result<Email, Invalid> {
+        let s = s.trim().to_lowercase();
+        if s.len() > 254 {
+            return Err(invalid("email", "longer than 254 characters"));
+        }
+        let (local, domain) = s
+            .split_once('@')
+            .ok_or_else(|| invalid("email", "must contain @"))?;
+        let ok_chars = |p: &str, extra: &str| {
+            p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+        };
+        if local.is_empty()
+            || local.len() > 64
+            || !ok_chars(local, ".!#$%&*+/=?^_`{|}~-")
+            || domain.len() < 3
+            || !domain.contains('.')
+            || domain.starts_with('.')
+            || domain.ends_with('.')
+            || domain.contains("..")
+            || !ok_chars(domain, ".-")
+        {
+            return Err(invalid("email", "is not a valid address"));
+        }
+        Ok(Email(s))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An EVM address; mixed case must carry a valid EIP-55 checksum. Stored lower-case.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EvmAddress([u8; 20]);
+
+impl EvmAddress {
+    pub fn parse(s: &str) -> Result<EvmAddress, Invalid> {
+        let hex_part = s
+            .strip_prefix("0x")
+            .ok_or_else(|| invalid("wallet_address", "must start with 0x"))?;
+        if hex_part.len() != 40 || !hex_part.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(invalid(
+                "wallet_address",
+                "must be 0x followed by 40 hex digits",
+            ));
+        }
+        let mut bytes = [0u8; 20];
+        hex::decode_to_slice(hex_part, &mut bytes)
+            .map_err(|_| invalid("wallet_address", "is not hex"))?;
+        let addr = EvmAddress(bytes);
+        let mixed = hex_part.chars().any(|c| c.is_ascii_uppercase())
+            && hex_part.chars().any(|c| c.is_ascii_lowercase());
+        if mixed && addr.checksummed()[2..] != *hex_part {
+            return Err(invalid("wallet_address", "has an invalid EIP-55 checksum"));
+        }
+        Ok(addr)
+    }
+
+    /// EIP-55 mixed-case form.
+    pub fn checksummed(&self) -> String {
+        let lower = hex::encode(self.0);
+        let hash = Keccak256::digest(lower.as_bytes());
+        let mut out = String::from("0x");
+        for (i, c) in lower.chars().enumerate() {
+            let nibble = (hash[i / 2] >> (if i % 2 == 0 { 4 } else { 0 })) & 0xf;
+            out.push(if c.is_ascii_alphabetic() && nibble >= 8 {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            });
+        }
+        out
+    }
+
+    /// Lower-case form, as stored.
+    pub fn lower(&self) -> String {
+        format!("0x{}", hex::encode(self.0))
+    }
+}
+
+impl fmt::Display for EvmAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.checksummed())
+    }
+}
+
+/// A password as typed: 12 to 256 characters.
+#[derive(Clone)]
+pub struct Password(String);
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+impl Password {
+    pub fn parse(s: &str) -> Result<Password, Invalid> {
+        let n = s.chars().count();
+        if n < 12 {
+            return Err(invalid("password", "must be at least 12 characters"));
+        }
+        if n > 256 {
+            return Err(invalid("password", "must be at most 256 characters"));
+        }
+        Ok(Password(s.to_string()))
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A display name: 1 to 200 characters, no control characters.
+pub fn parse_name(field: &'static str, s: &str) -> Result<String, Invalid> {
+    let s = s.trim();
+    if s.is_empty() || s.chars().count() > 200 {
+        return Err(invalid(field, "must be 1 to 200 characters"));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(s.to_string())
+}
+
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident, $field:literal, { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+            pub fn parse(s: &str) -> Result<$name, Invalid> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(invalid($field, format!(
+                        "must be one of: {}",
+                        [$($text),+].join(", ")
+                    ))),
+                }
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                $name::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Platform-wide roles.
+    PlatformRole, "role", {
+    Admin => "admin",
+    Auditor => "auditor",
+    SystemManager => "systemManager",
+    TokenManager => "tokenManager",
+    ComplianceManager => "complianceManager",
+    ClaimPolicyManager => "claimPolicyManager",
+    ClaimIssuer => "claimIssuer",
+    IdentityManager => "identityManager",
+});
+
+string_enum!(
+    /// Roles inside an organisation.
+    OrgRole, "role", {
+    Owner => "owner",
+    Admin => "admin",
+    Member => "member",
+});
+
+string_enum!(
+    /// What an API key may do.
+    Scope, "scope", {
+    Read => "read",
+    ReadWrite => "read-write",
+});
+
+string_enum!(
+    /// Tax residency of a KYC subject.
+    ResidencyStatus, "residency_status", {
+    Resident => "resident",
+    NonResident => "non_resident",
+    DualResident => "dual_resident",
+    Unknown => "unknown",
+});
+
+/// KYC data; stored only encrypted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KycProfile {
+    pub first_name: String,
+    pub last_name: String,
+    /// ISO 8601 date, e.g. 1980-02-29.
+    pub date_of_birth: String,
+    /// ISO 3166-1 alpha-2, upper case.
+    pub country: String,
+    pub residency_status: ResidencyStatus,
+    pub national_id: String,
+}
+
+impl KycProfile {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        parse_name("first_name", &self.first_name)?;
+        parse_name("last_name", &self.last_name)?;
+        let dob = chrono::NaiveDate::parse_from_str(&self.date_of_birth, "%Y-%m-%d")
+            .map_err(|_| invalid("date_of_birth", "must be a date YYYY-MM-DD"))?;
+        let today = chrono::Utc::now().date_naive();
+        if dob > today || dob < chrono::NaiveDate::from_ymd_opt(1900, 1, 1).expect("valid") {
+            return Err(invalid("date_of_birth", "is out of range"));
+        }
+        if self.country.len() != 2 || !self.country.chars().all(|c| c.is_ascii_uppercase()) {
+            return Err(invalid(
+                "country",
+                "must be an ISO 3166-1 alpha-2 code, e.g. DE",
+            ));
+        }
+        let id = self.national_id.trim();
+        if id.is_empty()
+            || id.len() > 64
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == ' ')
+        {
+            return Err(invalid(
+                "national_id",
+                "must be 1 to 64 letters, digits, spaces or dashes",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails() {
+        assert_eq!(
+            Email::parse(" Alice@Example.COM ").unwrap().as_str(),
+            "alice@example.com"
+        );
+        for bad in [
+            "",
+            "a",
+            "a@b",
+            "@x.io",
+            "a@.io",
+            "a@x..io",
+            "a b@x.io",
+            "x@x.io'; drop table users;--",
+        ] {
+            assert!(Email::parse(bad).is_err(), "{bad}");
+        }
+        assert!(Email::parse(&format!("{}@x.io", "a".repeat(65))).is_err());
+    }
+
+    #[test]
+    fn evm_addresses_follow_eip55() {
+        // EIP-55 reference vector.
+        let good = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed";
+        let a = EvmAddress::parse(good).unwrap();
+        assert_eq!(a.checksummed(), good);
+        assert_eq!(a.lower(), good.to_lowercase());
+        assert!(EvmAddress::parse(&good.to_lowercase()).is_ok());
+        assert!(EvmAddress::parse("0x5aaeb6053F3E94C9b9A09f33669435E7Ef1BeAed").is_err());
+        assert!(EvmAddress::parse("5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed").is_err());
+        assert!(EvmAddress::parse("0x123").is_err());
+        assert!(EvmAddress::parse("0xzzzeb6053f3e94c9b9a09f33669435e7ef1beaed").is_err());
+    }
+
+    #[test]
+    fn enums_parse_exactly() {
+        assert_eq!(
+            PlatformRole::parse("identityManager").unwrap(),
+            PlatformRole::IdentityManager
+        );
+        assert!(PlatformRole::parse("Admin").is_err());
+        assert_eq!(Scope::parse("read-write").unwrap(), Scope::ReadWrite);
+        let e = ResidencyStatus::parse("x").unwrap_err();
+        assert!(e.message.contains("dual_resident"));
+    }
+
+    #[test]
+    fn passwords_have_bounds_and_never_print() {
+        assert!(Password::parse("short").is_err());
+        assert!(Password::parse(&"x".repeat(257)).is_err());
+        let p = Password::parse("correct horse battery").unwrap();
+        assert!(!format!("{p:?}").contains("horse"));
+    }
+}
