@@ -5,8 +5,11 @@
 //! check` compares that declaration with the live database.
 
 pub mod crypto;
+pub mod store;
 pub mod totp;
 pub mod types;
+
+pub use store::{IdentityError, IdentityStore, Principal, RequestContext};
 
 use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
 
