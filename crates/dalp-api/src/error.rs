@@ -4,16 +4,35 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use dalp_identity::IdentityError;
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("request body is larger than the server accepts")]
+    TooLarge,
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("too many requests: {0}")]
+    TooManyRequests(String),
     #[error("not ready: {0}")]
     NotReady(String),
     #[error("internal error")]
     Internal(String),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 #[derive(Serialize)]
@@ -28,11 +47,36 @@ struct Detail<'a> {
 }
 
 impl ApiError {
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use IdentityError as I;
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::Unsupported(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Identity(e) => match e {
+                I::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+                I::InvalidCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
+                I::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+                I::InvalidCode => (StatusCode::UNAUTHORIZED, "invalid_code"),
+                I::Reauthenticate => (StatusCode::UNAUTHORIZED, "reauthentication_required"),
+                I::MfaRequired => (StatusCode::FORBIDDEN, "mfa_required"),
+                I::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+                I::Banned { .. } => (StatusCode::FORBIDDEN, "banned"),
+                I::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+                I::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+                I::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+                I::Crypto(_) | I::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
         }
     }
 }
@@ -40,17 +84,17 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if let ApiError::Internal(detail) = &self {
-            // Logged where handled; the client gets no internals.
-            tracing::error!(%detail, "internal error");
-        }
+        let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            // Logged here, where it is handled; the client learns nothing internal.
+            tracing::error!(error = %self, "request failed");
+            "internal error".to_string()
+        } else {
+            self.to_string()
+        };
         (
             status,
             Json(Body {
-                error: Detail {
-                    code,
-                    message: self.to_string(),
-                },
+                error: Detail { code, message },
             }),
         )
             .into_response()

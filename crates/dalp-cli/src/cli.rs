@@ -65,6 +65,16 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Platform users.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Key-encryption keys for PII.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Serve the HTTP API against an external cluster described by a config file.
     Serve {
         /// TOML config file (see `dalp config check`); DALP_<SECTION>__<KEY> variables override it.
@@ -132,5 +142,34 @@ pub enum ConfigCommand {
         /// The TOML file.
         #[arg(long, env = "DALP_CONFIG")]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create a platform administrator (role `admin`) so a fresh instance can be used at once.
+    /// The password is read from standard input when it is not a terminal, else prompted twice.
+    /// The admin must enrol TOTP at first login (POST /api/v1/mfa/totp).
+    CreateAdmin {
+        /// Data directory of the embedded instance (it must be running).
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// The administrator's email address.
+        #[arg(long)]
+        email: String,
+        /// Display name [default: the part of the email before @].
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a new key-encryption key, make it active and re-wrap every data key under it.
+    /// Records stay readable throughout; the old key stays in the key file.
+    Rotate {
+        /// Data directory of the embedded instance (it must be running).
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
     },
 }

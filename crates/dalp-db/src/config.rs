@@ -18,6 +18,16 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// The HTTP API listener.
     pub api: ApiConfig,
+    /// Key-encryption keys for PII.
+    pub keys: KeysConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// JSON file holding the key-encryption keys (created 0600 on first use).
+    /// Default: none; `dalp serve` then refuses to start.
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -64,15 +74,18 @@ impl Default for DatabaseConfig {
 pub struct ApiConfig {
     /// Address the HTTP API binds. Default: `127.0.0.1:8080`.
     pub listen: SocketAddr,
-    /// Largest accepted request body in bytes. Default: 1048576.
+    /// Largest accepted request body in bytes. Default: 65536.
     pub max_body_bytes: usize,
+    /// Login attempts allowed per client address and email per minute. Default: 10.
+    pub login_attempts_per_minute: u32,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_body_bytes: 1 << 20,
+            max_body_bytes: 64 << 10,
+            login_attempts_per_minute: 10,
         }
     }
 }

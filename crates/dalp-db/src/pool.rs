@@ -24,6 +24,7 @@ pub enum PoolError {
 #[derive(Clone)]
 pub struct ComponentPools {
     pools: BTreeMap<Component, Pool>,
+    options: BTreeMap<Component, ConnectOptions>,
 }
 
 impl ComponentPools {
@@ -36,6 +37,7 @@ impl ComponentPools {
         wait_timeout: Duration,
     ) -> Result<ComponentPools, PoolError> {
         let mut pools = BTreeMap::new();
+        let mut options = BTreeMap::new();
         for component in Component::ALL {
             let mut opts = base.clone();
             opts.user = component.role().to_string();
@@ -59,13 +61,19 @@ impl ComponentPools {
                     message: e.to_string(),
                 })?;
             pools.insert(component, pool);
+            options.insert(component, opts);
         }
-        Ok(ComponentPools { pools })
+        Ok(ComponentPools { pools, options })
     }
 
     /// The pool of `component`.
     pub fn get(&self, component: Component) -> &Pool {
         &self.pools[&component]
+    }
+
+    /// The options `component`'s connections use (e.g. for a dedicated LISTEN connection).
+    pub fn options(&self, component: Component) -> &ConnectOptions {
+        &self.options[&component]
     }
 
     /// Closes every pool; in-flight connections are dropped when returned.

@@ -69,6 +69,10 @@ impl Layout {
     pub fn log_file(&self) -> PathBuf {
         self.root.join("log").join("postgres.log")
     }
+    /// Key-encryption keys for PII (0600), created on first use.
+    pub fn key_file(&self) -> PathBuf {
+        self.root.join("keys").join("kek.json")
+    }
     pub fn secrets_file(&self) -> PathBuf {
         self.root.join("secrets.json")
     }

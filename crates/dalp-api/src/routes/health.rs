@@ -3,7 +3,7 @@
 
 use axum::extract::State;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
 use dalp_db::migrate::{self, SchemaStatus};
 use dalp_db::Component;
 use serde_json::{json, Value};
@@ -17,12 +17,12 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/readyz", get(readyz))
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+async fn healthz() -> axum::Json<Value> {
+    axum::Json(json!({ "status": "ok" }))
 }
 
 #[tracing::instrument(skip_all)]
-async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Value>, ApiError> {
     // The reporting role can read the migration bookkeeping and nothing sensitive.
     let client = state
         .pools
@@ -49,5 +49,5 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
             behind.join(", ")
         )));
     }
-    Ok(Json(json!({ "status": "ready", "schemas": schemas })))
+    Ok(axum::Json(json!({ "status": "ready", "schemas": schemas })))
 }

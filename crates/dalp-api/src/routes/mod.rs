@@ -1,11 +1,29 @@
 //! Route table. Handlers stay private to their endpoint-group module.
 
+mod api_keys;
+mod auth;
 mod health;
+mod mfa;
+mod openapi;
+mod users;
 
 use axum::Router;
+use uuid::Uuid;
 
-use crate::AppState;
+use crate::{ApiError, AppState};
 
 pub(crate) fn router() -> Router<AppState> {
-    Router::new().merge(health::router())
+    Router::new()
+        .merge(health::router())
+        .merge(auth::router())
+        .merge(mfa::router())
+        .merge(api_keys::router())
+        .merge(users::router())
+        .merge(openapi::router())
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+}
+
+/// Path ids: anything that is not a UUID cannot name an existing resource.
+pub(crate) fn parse_id(s: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(s).map_err(|_| ApiError::NotFound(format!("{what} not found")))
 }

@@ -2,6 +2,7 @@
 
 mod config;
 mod db;
+mod identity;
 mod migrate;
 mod roles;
 mod serve;
@@ -10,7 +11,7 @@ mod up;
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command, ConfigCommand, DbCommand, RolesCommand};
+use crate::cli::{Cli, Command, ConfigCommand, DbCommand, KeysCommand, RolesCommand, UsersCommand};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -34,5 +35,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check { config },
         } => config::check(&config),
         Command::Serve { config } => serve::run(&config).await,
+        Command::Users {
+            command:
+                UsersCommand::CreateAdmin {
+                    data_dir,
+                    email,
+                    name,
+                },
+        } => identity::create_admin(&data_dir, &email, name.as_deref()).await,
+        Command::Keys {
+            command: KeysCommand::Rotate { data_dir },
+        } => identity::rotate_keys(&data_dir).await,
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use dalp_api::AppState;
+use dalp_api::{ApiSettings, Services};
 use dalp_db::{ComponentPools, Config, Secrets, MIGRATOR_ROLE};
 
 use super::up::shutdown_signal;
@@ -27,12 +27,20 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .with_context(|| format!("bind the API to {}", config.api.listen))?;
-    let app = dalp_api::router(
-        AppState {
-            pools: Arc::new(pools),
+    let key_file = config
+        .keys
+        .file
+        .as_deref()
+        .context("keys.file is not set: dalp needs a key file for PII encryption")?;
+    let services = Services::start(
+        Arc::new(pools),
+        key_file,
+        ApiSettings {
+            max_body_bytes: config.api.max_body_bytes,
+            login_attempts_per_minute: config.api.login_attempts_per_minute,
         },
-        config.api.max_body_bytes,
-    );
+    )?;
+    let app = services.router();
     eprintln!("serving the API on http://{}", config.api.listen);
     dalp_api::serve(listener, app, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

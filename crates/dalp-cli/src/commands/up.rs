@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dalp_api::catalog::MIGRATIONS;
-use dalp_api::AppState;
+use dalp_api::{ApiSettings, Services};
 use dalp_db::{migrate, ComponentPools, MIGRATOR_ROLE};
 use dalp_ops::embedded::DATABASE;
 use dalp_ops::{Instance, OpsError, StartOptions};
@@ -87,12 +87,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         8,
         Duration::from_secs(5),
     )?);
-    let app = dalp_api::router(
-        AppState {
-            pools: pools.clone(),
-        },
-        1 << 20,
-    );
+    let services = Services::start(
+        pools.clone(),
+        &cluster.layout().key_file(),
+        ApiSettings::default(),
+    )?;
+    let app = services.router();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(dalp_api::serve(listener, app, async move {
         let _ = stop_rx.await;
@@ -131,6 +131,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             let _ = server.await;
         }
     }
+    drop(services);
     pools.close();
     tokio::task::spawn_blocking(move || cluster.shutdown())
         .await

@@ -1,0 +1,119 @@
+//! `GET /api/v1/openapi.json`: the OpenAPI 3.1 description of this API. A test checks that
+//! every route the router serves is described here.
+
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::AppState;
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new().route("/api/v1/openapi.json", get(|| async { Json(document()) }))
+}
+
+fn op(summary: &str, auth: bool, body: Option<&str>, ok: &str, errors: &[u16]) -> Value {
+    let mut responses = serde_json::Map::new();
+    responses.insert(
+        ok.split(':').next().unwrap_or("200").into(),
+        json!({ "description": ok.split(':').nth(1).unwrap_or("OK") }),
+    );
+    for code in errors {
+        responses.insert(
+            code.to_string(),
+            json!({ "$ref": "#/components/responses/Error" }),
+        );
+    }
+    let mut o = json!({ "summary": summary, "responses": responses });
+    if auth {
+        o["security"] = json!([{ "session": [] }, { "apiKey": [] }]);
+    } else {
+        o["security"] = json!([]);
+    }
+    if let Some(schema) = body {
+        o["requestBody"] = json!({
+            "required": true,
+            "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } }
+        });
+    }
+    o
+}
+
+/// The document. Paths use `{id}` placeholders as the router does.
+pub fn document() -> Value {
+    let e_auth: &[u16] = &[401, 403, 429];
+    json!({
+        "openapi": "3.1.0",
+        "info": { "title": "dalp", "version": env!("CARGO_PKG_VERSION"),
+                  "description": "Data layer of the Digital Asset Lifecycle Platform. Errors always have the shape {\"error\":{\"code\",\"message\"}}." },
+        "paths": {
+            "/healthz": { "get": op("Process is up", false, None, "200:up", &[]) },
+            "/readyz": { "get": op("Database reachable and migrations current", false, None, "200:ready", &[503]) },
+            "/api/v1/auth/login": { "post": op("Log in with email and password; may require a second factor", false, Some("Login"), "200:session token", &[400, 401, 403, 413, 415, 422, 429]) },
+            "/api/v1/auth/mfa/verify": { "post": op("Complete a pending login with a TOTP or backup code", true, Some("Code"), "200:authenticated", &[401, 409, 422]) },
+            "/api/v1/auth/logout": { "post": op("Revoke the current session", true, None, "204:logged out", &[401]) },
+            "/api/v1/auth/sessions": { "get": op("List the caller's sessions", true, None, "200:sessions", e_auth) },
+            "/api/v1/auth/sessions/{id}": { "delete": op("Revoke one of the caller's sessions", true, None, "204:revoked", &[401, 403, 404]) },
+            "/api/v1/mfa/totp": { "post": op("Start TOTP enrolment", true, None, "200:secret and otpauth URI", &[401, 409]) },
+            "/api/v1/mfa/totp/confirm": { "post": op("Confirm TOTP enrolment; returns one-time backup codes", true, Some("Code"), "200:backup codes", &[401, 404, 409]) },
+            "/api/v1/api-keys": {
+                "post": op("Create an API key (shown once; needs a login within 5 minutes)", true, Some("NewApiKey"), "201:key", &[401, 403, 422]),
+                "get": op("List the caller's API keys", true, None, "200:keys", e_auth)
+            },
+            "/api/v1/api-keys/{id}": { "delete": op("Revoke an API key", true, None, "204:revoked", &[401, 403, 404]) },
+            "/api/v1/me": { "get": op("The caller's own profile", true, None, "200:user", e_auth) },
+            "/api/v1/users": {
+                "post": op("Create a user (admin)", true, Some("NewUser"), "201:user", &[401, 403, 409, 413, 422]),
+                "get": op("List users (admin); ?limit=&offset=", true, None, "200:users", &[400, 401, 403])
+            },
+            "/api/v1/users/{id}": {
+                "get": op("Read a user (admin)", true, None, "200:user", &[401, 403, 404]),
+                "patch": op("Change name, wallet address, ban state (admin)", true, Some("UserPatch"), "200:user", &[401, 403, 404, 409, 422]),
+                "delete": op("Delete a user (admin, login within 5 minutes)", true, None, "204:deleted", &[401, 403, 404])
+            },
+            "/api/v1/users/{id}/roles": { "post": op("Grant a platform role (admin, login within 5 minutes)", true, Some("RoleGrant"), "200:user", &[401, 403, 404, 422]) },
+            "/api/v1/users/{id}/roles/{role}": { "delete": op("Revoke a platform role (admin, login within 5 minutes)", true, None, "200:user", &[401, 403, 404]) },
+            "/api/v1/users/{id}/kyc": {
+                "get": op("Read a KYC profile (identityManager; audited)", true, None, "200:profile", &[401, 403, 404]),
+                "put": op("Write a KYC profile (identityManager)", true, Some("KycProfile"), "204:stored", &[401, 403, 404, 422])
+            },
+            "/api/v1/openapi.json": { "get": op("This document", false, None, "200:OpenAPI document", &[]) }
+        },
+        "components": {
+            "securitySchemes": {
+                "session": { "type": "http", "scheme": "bearer", "description": "Session token from /api/v1/auth/login (prefix dalps_)" },
+                "apiKey": { "type": "apiKey", "in": "header", "name": "X-Api-Key", "description": "API key (prefix dalp_); scope read allows GET only" }
+            },
+            "responses": {
+                "Error": { "description": "Error", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } }
+            },
+            "schemas": {
+                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"],
+                    "properties": { "code": { "type": "string" }, "message": { "type": "string" } } } } },
+                "Login": { "type": "object", "additionalProperties": false, "required": ["email", "password"],
+                    "properties": { "email": { "type": "string", "maxLength": 254 }, "password": { "type": "string", "maxLength": 1024 } } },
+                "Code": { "type": "object", "additionalProperties": false, "required": ["code"], "properties": { "code": { "type": "string" } } },
+                "NewApiKey": { "type": "object", "additionalProperties": false, "required": ["name", "scope"],
+                    "properties": { "name": { "type": "string", "maxLength": 100 }, "scope": { "enum": ["read", "read-write"] },
+                                    "expires_in_days": { "type": "integer", "minimum": 1, "maximum": 3650 },
+                                    "rate_limit_per_minute": { "type": "integer", "minimum": 1, "maximum": 100000 } } },
+                "NewUser": { "type": "object", "additionalProperties": false, "required": ["email", "name"],
+                    "properties": { "email": { "type": "string" }, "name": { "type": "string", "maxLength": 200 },
+                                    "password": { "type": "string", "minLength": 12, "maxLength": 256 },
+                                    "wallet_address": { "type": "string", "pattern": "^0x[0-9a-fA-F]{40}$" },
+                                    "roles": { "type": "array", "items": { "$ref": "#/components/schemas/PlatformRole" } } } },
+                "UserPatch": { "type": "object", "additionalProperties": false,
+                    "properties": { "name": { "type": "string" }, "wallet_address": { "type": ["string", "null"] },
+                                    "ban": { "type": "object", "required": ["reason"], "properties": { "reason": { "type": "string", "maxLength": 500 }, "until": { "type": "string", "format": "date-time" } } },
+                                    "unban": { "type": "boolean" } } },
+                "RoleGrant": { "type": "object", "additionalProperties": false, "required": ["role"], "properties": { "role": { "$ref": "#/components/schemas/PlatformRole" } } },
+                "PlatformRole": { "enum": ["admin", "auditor", "systemManager", "tokenManager", "complianceManager", "claimPolicyManager", "claimIssuer", "identityManager"] },
+                "KycProfile": { "type": "object", "additionalProperties": false,
+                    "required": ["first_name", "last_name", "date_of_birth", "country", "residency_status", "national_id"],
+                    "properties": { "first_name": { "type": "string" }, "last_name": { "type": "string" },
+                                    "date_of_birth": { "type": "string", "format": "date" }, "country": { "type": "string", "pattern": "^[A-Z]{2}$" },
+                                    "residency_status": { "enum": ["resident", "non_resident", "dual_resident", "unknown"] },
+                                    "national_id": { "type": "string", "maxLength": 64 } } }
+            }
+        }
+    })
+}

@@ -1,0 +1,5 @@
+//! HTTP tests: each test spawns the real API on a free port over its own migrated database.
+
+mod cache;
+mod helpers;
+mod identity;

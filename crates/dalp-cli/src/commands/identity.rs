@@ -1,0 +1,114 @@
+//! `dalp users create-admin` and `dalp keys rotate`: the identity store, driven from the
+//! command line as the identity service role.
+
+use std::io::{IsTerminal, Read};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use dalp_db::{Component, ComponentPools, MIGRATOR_ROLE};
+use dalp_identity::crypto::FileKeyProvider;
+use dalp_identity::store::NewUser;
+use dalp_identity::types::{Email, Password, PlatformRole};
+use dalp_identity::{IdentityStore, RequestContext};
+use dalp_ops::Layout;
+
+/// The identity store of the embedded instance, without a cache (the CLI is short-lived).
+fn store(data_dir: &Path) -> anyhow::Result<IdentityStore> {
+    let layout = Layout::new(data_dir);
+    let base = layout
+        .connect_options(MIGRATOR_ROLE)
+        .with_context(|| format!("instance in {}", data_dir.display()))?;
+    let secrets = dalp_db::Secrets::load(&layout.secrets_file())?;
+    let pools = ComponentPools::build(&base, &secrets, 2, Duration::from_secs(5))?;
+    let keys = Arc::new(FileKeyProvider::open_or_create(&layout.key_file())?);
+    Ok(IdentityStore::new(
+        pools.get(Component::Identity).clone(),
+        keys,
+        dalp_db::cache::InvalidatingCache::new(1),
+    ))
+}
+
+fn cli_context() -> RequestContext {
+    RequestContext {
+        actor: "service:dalp-cli".into(),
+        ..Default::default()
+    }
+}
+
+fn read_password() -> anyhow::Result<Password> {
+    let raw = if std::io::stdin().is_terminal() {
+        let a = rpassword::prompt_password("password (12+ characters): ")?;
+        let b = rpassword::prompt_password("repeat password: ")?;
+        if a != b {
+            bail!("the passwords differ");
+        }
+        a
+    } else {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("read password from stdin")?;
+        s.trim_end_matches(['\n', '\r']).to_string()
+    };
+    Ok(Password::parse(&raw)?)
+}
+
+pub async fn create_admin(
+    data_dir: &Path,
+    email: &str,
+    name: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let email = Email::parse(email)?;
+    let password = read_password()?;
+    let name = name.map(str::to_string).unwrap_or_else(|| {
+        email
+            .as_str()
+            .split('@')
+            .next()
+            .unwrap_or("admin")
+            .to_string()
+    });
+    let store = store(data_dir)?;
+    let user = store
+        .create_user(
+            &cli_context(),
+            NewUser {
+                email,
+                name,
+                password: Some(password),
+                wallet_address: None,
+                roles: vec![PlatformRole::Admin],
+            },
+        )
+        .await
+        .context("create the administrator")?;
+    println!("created admin {} ({})", user.email, user.id);
+    println!("log in with POST /api/v1/auth/login, then enrol TOTP with POST /api/v1/mfa/totp");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn rotate_keys(data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let store = store(data_dir)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("re-wrapping data keys {bar:30} {pos}/{len}")
+            .expect("valid template"),
+    );
+    let mut progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let report = store
+        .rotate_keys(&cli_context(), &mut progress)
+        .await
+        .context("rotate keys")?;
+    bar.finish_and_clear();
+    println!(
+        "active key-encryption key is now {}; {} data key(s) re-wrapped",
+        report.active_kek, report.rewrapped
+    );
+    Ok(ExitCode::SUCCESS)
+}
