@@ -160,8 +160,13 @@ impl TestDb {
 
     /// One pool per component on this database.
     pub fn pools(&self) -> ComponentPools {
+        self.pools_sized(4)
+    }
+
+    /// Pools of `size` connections each.
+    pub fn pools_sized(&self, size: usize) -> ComponentPools {
         let base = self.options(MIGRATOR_ROLE);
-        ComponentPools::build(&base, cluster().secrets(), 4, Duration::from_secs(5))
+        ComponentPools::build(&base, cluster().secrets(), size, Duration::from_secs(5))
             .expect("build pools")
     }
 }

@@ -1,0 +1,132 @@
+//! `cargo bench -p dalp-api --bench identity`
+//!
+//! 1. Session validation latency: the cached path (LISTEN-invalidated cache) against the
+//!    uncached database lookup of the same token, in the same run; prints p50/p99 and ratio.
+//! 2. Authenticated `GET /api/v1/me` throughput with 64 concurrent clients, with the cache on
+//!    and (baseline) with a server whose cache is off.
+//!
+//! Runs against the test harness's ephemeral cluster (real PostgreSQL, TLS), bounded in time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dalp_api::{ApiSettings, AppState, Services};
+use dalp_db::cache::InvalidatingCache;
+use dalp_db::Component;
+use dalp_identity::crypto::FileKeyProvider;
+use dalp_identity::store::NewUser;
+use dalp_identity::types::{Email, Password};
+use dalp_identity::{IdentityStore, RequestContext};
+
+const SAMPLES: usize = 3000;
+const CLIENTS: usize = 64;
+const HTTP_SECONDS: u64 = 5;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn measure(store: &IdentityStore, token: &str) -> Vec<Duration> {
+    let mut v = Vec::with_capacity(SAMPLES);
+    for _ in 0..SAMPLES {
+        let t = Instant::now();
+        store.validate_session(token).await.expect("valid session");
+        v.push(t.elapsed());
+    }
+    v.sort();
+    v
+}
+
+async fn http_throughput(app: axum::Router, token: &str) -> (f64, u64) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        dalp_api::serve(listener, app, std::future::pending()).await.unwrap();
+    });
+    let client = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(HTTP_SECONDS);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let client = client.clone();
+        let url = format!("http://{addr}/api/v1/me");
+        let token = token.to_string();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                match client.get(&url).bearer_auth(&token).send().await {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for t in tasks {
+        let (o, f) = t.await.unwrap();
+        ok += o;
+        failed += f;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    server.abort();
+    (ok as f64 / secs, failed)
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let db = dalp_testkit::migrated_database().await;
+        let key_dir = tempfile::tempdir().unwrap();
+        let key_file = key_dir.path().join("kek.json");
+        let pools = Arc::new(db.pools_sized(CLIENTS));
+        let services = Services::start(pools.clone(), &key_file, ApiSettings::default()).unwrap();
+        while !services.state.identity.cache().is_listening() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let store = services.state.identity.clone();
+        let ctx = RequestContext { actor: "service:bench".into(), ..Default::default() };
+        store
+            .create_user(
+                &ctx,
+                NewUser {
+                    email: Email::parse("bench@bank.example").unwrap(),
+                    name: "Bench".into(),
+                    password: Some(Password::parse("correct horse battery staple").unwrap()),
+                    wallet_address: None,
+                    roles: vec![],
+                },
+            )
+            .await
+            .unwrap();
+        let token = store.login(&ctx, "bench@bank.example", "correct horse battery staple").await.unwrap().token;
+
+        // Baseline: the same store code with a cache that never listens, so never serves.
+        let uncached = IdentityStore::new(
+            pools.get(Component::Identity).clone(),
+            Arc::new(FileKeyProvider::open_or_create(&key_file).unwrap()),
+            InvalidatingCache::new(1),
+        );
+        let _ = measure(&uncached, &token).await; // warm-up
+        let db_lat = measure(&uncached, &token).await;
+        let cached_lat = measure(&store, &token).await;
+        let (c50, c99) = (percentile(&cached_lat, 0.5), percentile(&cached_lat, 0.99));
+        let (u50, u99) = (percentile(&db_lat, 0.5), percentile(&db_lat, 0.99));
+        println!("session validation, {SAMPLES} samples each:");
+        println!("  uncached (database lookup)  p50 {:>9.1} µs   p99 {:>9.1} µs", u50.as_secs_f64() * 1e6, u99.as_secs_f64() * 1e6);
+        println!("  cached                      p50 {:>9.1} µs   p99 {:>9.1} µs", c50.as_secs_f64() * 1e6, c99.as_secs_f64() * 1e6);
+        println!(
+            "  ratio uncached/cached       p50 {:>9.1}x    p99 {:>9.1}x   (goal: >= 20x)",
+            u50.as_secs_f64() / c50.as_secs_f64(),
+            u99.as_secs_f64() / c99.as_secs_f64()
+        );
+
+        let (rps_cached, f1) = http_throughput(services.router(), &token).await;
+        let uncached_state = AppState::new(pools.clone(), uncached, ApiSettings::default());
+        let (rps_uncached, f2) = http_throughput(dalp_api::router(uncached_state), &token).await;
+        println!("authenticated GET /api/v1/me, {CLIENTS} concurrent clients, {HTTP_SECONDS} s each:");
+        println!("  cache on   {rps_cached:>9.0} req/s  ({f1} failed)");
+        println!("  cache off  {rps_uncached:>9.0} req/s  ({f2} failed)");
+        println!("  ratio on/off {:.2}x", rps_cached / rps_uncached);
+    });
+}
