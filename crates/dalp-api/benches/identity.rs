@@ -41,9 +41,14 @@ async fn http_throughput(app: axum::Router, token: &str) -> (f64, u64) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
-        dalp_api::serve(listener, app, std::future::pending()).await.unwrap();
+        dalp_api::serve(listener, app, std::future::pending())
+            .await
+            .unwrap();
     });
-    let client = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CLIENTS)
+        .build()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(HTTP_SECONDS);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -74,7 +79,10 @@ async fn http_throughput(app: axum::Router, token: &str) -> (f64, u64) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let db = dalp_testkit::migrated_database().await;
         let key_dir = tempfile::tempdir().unwrap();
@@ -85,7 +93,10 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let store = services.state.identity.clone();
-        let ctx = RequestContext { actor: "service:bench".into(), ..Default::default() };
+        let ctx = RequestContext {
+            actor: "service:bench".into(),
+            ..Default::default()
+        };
         store
             .create_user(
                 &ctx,
@@ -99,7 +110,11 @@ fn main() {
             )
             .await
             .unwrap();
-        let token = store.login(&ctx, "bench@bank.example", "correct horse battery staple").await.unwrap().token;
+        let token = store
+            .login(&ctx, "bench@bank.example", "correct horse battery staple")
+            .await
+            .unwrap()
+            .token;
 
         // Baseline: the same store code with a cache that never listens, so never serves.
         let uncached = IdentityStore::new(
@@ -113,8 +128,16 @@ fn main() {
         let (c50, c99) = (percentile(&cached_lat, 0.5), percentile(&cached_lat, 0.99));
         let (u50, u99) = (percentile(&db_lat, 0.5), percentile(&db_lat, 0.99));
         println!("session validation, {SAMPLES} samples each:");
-        println!("  uncached (database lookup)  p50 {:>9.1} µs   p99 {:>9.1} µs", u50.as_secs_f64() * 1e6, u99.as_secs_f64() * 1e6);
-        println!("  cached                      p50 {:>9.1} µs   p99 {:>9.1} µs", c50.as_secs_f64() * 1e6, c99.as_secs_f64() * 1e6);
+        println!(
+            "  uncached (database lookup)  p50 {:>9.1} µs   p99 {:>9.1} µs",
+            u50.as_secs_f64() * 1e6,
+            u99.as_secs_f64() * 1e6
+        );
+        println!(
+            "  cached                      p50 {:>9.1} µs   p99 {:>9.1} µs",
+            c50.as_secs_f64() * 1e6,
+            c99.as_secs_f64() * 1e6
+        );
         println!(
             "  ratio uncached/cached       p50 {:>9.1}x    p99 {:>9.1}x   (goal: >= 20x)",
             u50.as_secs_f64() / c50.as_secs_f64(),
@@ -124,7 +147,9 @@ fn main() {
         let (rps_cached, f1) = http_throughput(services.router(), &token).await;
         let uncached_state = AppState::new(pools.clone(), uncached, ApiSettings::default());
         let (rps_uncached, f2) = http_throughput(dalp_api::router(uncached_state), &token).await;
-        println!("authenticated GET /api/v1/me, {CLIENTS} concurrent clients, {HTTP_SECONDS} s each:");
+        println!(
+            "authenticated GET /api/v1/me, {CLIENTS} concurrent clients, {HTTP_SECONDS} s each:"
+        );
         println!("  cache on   {rps_cached:>9.0} req/s  ({f1} failed)");
         println!("  cache off  {rps_uncached:>9.0} req/s  ({f2} failed)");
         println!("  ratio on/off {:.2}x", rps_cached / rps_uncached);

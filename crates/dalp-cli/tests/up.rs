@@ -328,7 +328,14 @@ fn up_serves_a_tls_only_least_privilege_cluster_and_restarts_with_its_data() {
     );
     let (status, log) = up.terminate();
     assert!(status.success());
-    assert!(log.contains("0 applied now, 5 already applied"), "{log}");
+    let total: usize = dalp_api::catalog::MIGRATIONS
+        .iter()
+        .map(|s| s.migrations.len())
+        .sum();
+    assert!(
+        log.contains(&format!("0 applied now, {total} already applied")),
+        "{log}"
+    );
 }
 
 #[test]
@@ -410,4 +417,115 @@ mod reqwest {
             .unwrap();
         rt.block_on(async { ::reqwest::get(url).await.unwrap().status().as_u16() })
     }
+}
+
+fn dalp_with_stdin(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(DALP)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn totp_now(secret_b32: &str, offset: i64) -> String {
+    let secret = data_encoding::BASE32_NOPAD
+        .decode(secret_b32.as_bytes())
+        .unwrap();
+    let step = dalp_identity::totp::step_at(chrono::Utc::now().timestamp() as u64) as i64 + offset;
+    format!("{:06}", dalp_identity::totp::hotp(&secret, step as u64, 6))
+}
+
+#[test]
+fn create_admin_then_rotate_keys_while_the_server_keeps_reading() {
+    let dir = data_dir();
+    let d = dir.path().to_str().unwrap();
+    let api_port = free_port();
+    let up = Up::start(dir.path(), api_port);
+    let args = [
+        "users",
+        "create-admin",
+        "--data-dir",
+        d,
+        "--email",
+        "Root@Bank.example",
+    ];
+    let o = dalp_with_stdin(&args, "correct horse battery staple\n");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("root@bank.example"), "{}", text(&o));
+    let o = dalp_with_stdin(&args, "correct horse battery staple\n");
+    assert!(!o.status.success(), "duplicate admin accepted");
+    assert!(text(&o).contains("already exists"), "{}", text(&o));
+    let o = dalp_with_stdin(
+        &[
+            "users",
+            "create-admin",
+            "--data-dir",
+            d,
+            "--email",
+            "x@bank.example",
+        ],
+        "short\n",
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("at least 12"), "{}", text(&o));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let http = ::reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{api_port}/api/v1");
+        let login: serde_json::Value = http
+            .post(format!("{base}/auth/login"))
+            .json(&serde_json::json!({"email": "root@bank.example", "password": "correct horse battery staple"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(login["mfa_required"], true, "{login}");
+        let token = login["token"].as_str().unwrap().to_string();
+        let enrol: serde_json::Value = http
+            .post(format!("{base}/mfa/totp"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let secret = enrol["secret"].as_str().unwrap().to_string();
+
+        // Rotate while the server runs: the TOTP secret's data key moves to the new KEK and
+        // the server, holding the old key file in memory, still decrypts it.
+        let o = dalp(&["keys", "rotate", "--data-dir", d]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("1 data key(s) re-wrapped"), "{}", text(&o));
+        let r = http
+            .post(format!("{base}/mfa/totp/confirm"))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"code": totp_now(&secret, 0)}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        let me = http.get(format!("{base}/me")).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(me.status(), 200);
+    });
+    let keyfile = std::fs::metadata(dir.path().join("keys/kek.json")).unwrap();
+    assert_eq!(keyfile.permissions().mode() & 0o777, 0o600);
+    let (status, _) = up.terminate();
+    assert!(status.success());
 }

@@ -5,6 +5,10 @@ use dalp_db::migrate::{self, MigrateError};
 use dalp_db::{Component, Migration, MigrationSet, MIGRATOR_ROLE};
 use dalp_testkit::{fresh_database, TestDb};
 
+fn total() -> usize {
+    MIGRATIONS.iter().map(|s| s.migrations.len()).sum()
+}
+
 const V1: Migration = Migration {
     version: 1,
     name: "init",
@@ -35,11 +39,11 @@ async fn applies_everything_once_and_then_nothing() {
     let db = fresh_database().await;
     let mut c = db.connect(MIGRATOR_ROLE).await;
     let first = migrate::migrate(&mut c, &MIGRATIONS, false).await.unwrap();
-    assert_eq!(first.applied.len(), 5);
+    assert_eq!(first.applied.len(), total());
     assert_eq!(first.already_applied, 0);
     let second = migrate::migrate(&mut c, &MIGRATIONS, false).await.unwrap();
     assert!(second.applied.is_empty());
-    assert_eq!(second.already_applied, 5);
+    assert_eq!(second.already_applied, total());
     // Objects belong to the owner role, not to the login role that ran the migration.
     let owner: String = c
         .query_one("SELECT pg_get_userbyid(nspowner)::text FROM pg_namespace WHERE nspname = 'dalp_identity'", &[])
@@ -54,7 +58,7 @@ async fn dry_run_changes_nothing() {
     let db = fresh_database().await;
     let mut c = db.connect(MIGRATOR_ROLE).await;
     let plan = migrate::migrate(&mut c, &MIGRATIONS, true).await.unwrap();
-    assert_eq!(plan.applied.len(), 5);
+    assert_eq!(plan.applied.len(), total());
     let exists: bool = c
         .query_one("SELECT to_regnamespace('dalp_identity') IS NOT NULL", &[])
         .await
@@ -118,12 +122,16 @@ async fn concurrent_runners_apply_each_migration_exactly_once() {
         migrate::migrate(&mut b, &MIGRATIONS, false)
     );
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
-    assert_eq!(ra.applied.len() + rb.applied.len(), 5, "{ra:?} {rb:?}");
+    assert_eq!(
+        ra.applied.len() + rb.applied.len(),
+        total(),
+        "{ra:?} {rb:?}"
+    );
     assert!(
         ra.applied.is_empty() || rb.applied.is_empty(),
         "runners interleaved: {ra:?} {rb:?}"
     );
-    assert_eq!(recorded(&db).await.len(), 5);
+    assert_eq!(recorded(&db).await.len(), total());
 }
 
 #[tokio::test]

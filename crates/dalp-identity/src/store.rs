@@ -334,8 +334,15 @@ impl IdentityStore {
         &self.cache
     }
 
-    async fn notify(tx: &Transaction<'_>, tags: Vec<String>) -> Result<()> {
-        cache::notify(&**tx, CACHE_CHANNEL, &tags).await?;
+    /// Commits `tx` with one queued NOTIFY for `tags` (delivered to other processes on
+    /// commit), then evicts the same tags here at once, so the writing process never serves
+    /// its own stale entry while the notification travels.
+    async fn commit_invalidating(&self, tx: Transaction<'_>, tags: Vec<String>) -> Result<()> {
+        cache::notify(&*tx, CACHE_CHANNEL, &tags).await?;
+        tx.commit().await?;
+        for tag in &tags {
+            self.cache.invalidate_local(tag);
+        }
         Ok(())
     }
 
@@ -496,9 +503,9 @@ impl IdentityStore {
                 .details(json!({ "fields": changed })),
         )
         .await?;
-        Self::notify(&tx, vec![format!("user:{id}")]).await?;
         let user = Self::user_in(&tx, id).await?;
-        tx.commit().await?;
+        self.commit_invalidating(tx, vec![format!("user:{id}")])
+            .await?;
         Ok(user)
     }
 
@@ -516,8 +523,8 @@ impl IdentityStore {
             &ctx.event("identity.user.delete", "user").resource(id),
         )
         .await?;
-        Self::notify(&tx, vec![format!("user:{id}")]).await?;
-        tx.commit().await?;
+        self.commit_invalidating(tx, vec![format!("user:{id}")])
+            .await?;
         Ok(())
     }
 
@@ -574,10 +581,10 @@ impl IdentityStore {
                     .details(json!({ "role": role.as_str() })),
             )
             .await?;
-            Self::notify(&tx, vec![format!("user:{id}")]).await?;
         }
         let user = Self::user_in(&tx, id).await?;
-        tx.commit().await?;
+        self.commit_invalidating(tx, vec![format!("user:{id}")])
+            .await?;
         Ok(user)
     }
 
@@ -605,9 +612,9 @@ impl IdentityStore {
                 .details(json!({ "role": role.as_str() })),
         )
         .await?;
-        Self::notify(&tx, vec![format!("user:{id}")]).await?;
         let user = Self::user_in(&tx, id).await?;
-        tx.commit().await?;
+        self.commit_invalidating(tx, vec![format!("user:{id}")])
+            .await?;
         Ok(user)
     }
 
@@ -934,10 +941,8 @@ impl IdentityStore {
                 .resource(session_id),
         )
         .await?;
-        Self::notify(&tx, vec![format!("session:{session_id}")]).await?;
-        tx.commit().await?;
-        self.cache
-            .invalidate_local(&format!("session:{session_id}"));
+        self.commit_invalidating(tx, vec![format!("session:{session_id}")])
+            .await?;
         Ok(())
     }
 
@@ -1044,9 +1049,7 @@ impl IdentityStore {
                 .resource(p.user_id),
         )
         .await?;
-        Self::notify(&tx, p.tags()).await?;
-        tx.commit().await?;
-        self.cache.invalidate_local(&format!("user:{}", p.user_id));
+        self.commit_invalidating(tx, p.tags()).await?;
         Ok(codes)
     }
 
@@ -1137,9 +1140,7 @@ impl IdentityStore {
                 .details(json!({ "method": method })),
         )
         .await?;
-        Self::notify(&tx, p.tags()).await?;
-        tx.commit().await?;
-        self.cache.invalidate_local(&format!("user:{}", p.user_id));
+        self.commit_invalidating(tx, p.tags()).await?;
         Ok(())
     }
 
@@ -1249,9 +1250,8 @@ impl IdentityStore {
             &ctx.event("identity.api_key.revoke", "api_key").resource(id),
         )
         .await?;
-        Self::notify(&tx, vec![format!("api_key:{id}")]).await?;
-        tx.commit().await?;
-        self.cache.invalidate_local(&format!("api_key:{id}"));
+        self.commit_invalidating(tx, vec![format!("api_key:{id}")])
+            .await?;
         Ok(())
     }
 
