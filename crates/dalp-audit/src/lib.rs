@@ -27,38 +27,56 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             name: "request_context",
             sql: include_str!("../migrations/0002_request_context.sql"),
         },
+        Migration {
+            version: 3,
+            name: "partitions_and_seals",
+            sql: include_str!("../migrations/0003_partitions_and_seals.sql"),
+        },
     ],
 };
 
-/// Every domain writer may append (INSERT only); the auditor may read. Reporting has no
-/// access: audit records carry actors and source addresses.
+/// What every domain writer may do here: append events, nothing else.
+const WRITER: &[(&str, Privs)] = &[("events", Privs::INSERT)];
+
+/// Every domain writer may append events (INSERT only); the sealer reads events and appends
+/// seal batches; the auditor reads everything. Reporting has no access: audit records carry
+/// actors and source addresses.
 pub const ACCESS: SchemaAccess = SchemaAccess {
     schema: SCHEMA,
     grants: &[
         RoleGrant {
             role: "dalp_identity_svc",
-            tables: Privs::INSERT,
-            overrides: &[],
+            tables: Privs::NONE,
+            overrides: WRITER,
         },
         RoleGrant {
             role: "dalp_assets_svc",
-            tables: Privs::INSERT,
-            overrides: &[],
+            tables: Privs::NONE,
+            overrides: WRITER,
         },
         RoleGrant {
             role: "dalp_indexer_svc",
-            tables: Privs::INSERT,
-            overrides: &[],
+            tables: Privs::NONE,
+            overrides: WRITER,
         },
         RoleGrant {
             role: "dalp_workflows_svc",
-            tables: Privs::INSERT,
-            overrides: &[],
+            tables: Privs::NONE,
+            overrides: WRITER,
         },
         RoleGrant {
             role: "dalp_auditor",
             tables: Privs::READ,
             overrides: &[],
+        },
+        RoleGrant {
+            role: "dalp_audit_sealer",
+            tables: Privs::NONE,
+            overrides: &[
+                ("events", Privs::READ),
+                ("retention_log", Privs::READ),
+                ("seal_batches", Privs::SELECT.union(Privs::INSERT)),
+            ],
         },
     ],
 };

@@ -145,6 +145,11 @@ pub const META_ACCESS: SchemaAccess = SchemaAccess {
             overrides: &[],
         },
         RoleGrant {
+            role: "dalp_audit_sealer",
+            tables: Privs::READ,
+            overrides: &[],
+        },
+        RoleGrant {
             role: MIGRATOR_ROLE,
             tables: Privs::READ,
             overrides: &[],

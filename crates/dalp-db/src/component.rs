@@ -24,16 +24,19 @@ pub enum Component {
     Auditor,
     /// Reporting: read-only on non-PII data.
     Readonly,
+    /// Seals committed audit events into the hash chain (reads events, appends batches).
+    AuditSealer,
 }
 
 impl Component {
-    pub const ALL: [Component; 6] = [
+    pub const ALL: [Component; 7] = [
         Component::Identity,
         Component::Assets,
         Component::Indexer,
         Component::Workflows,
         Component::Auditor,
         Component::Readonly,
+        Component::AuditSealer,
     ];
 
     /// The PostgreSQL login role of this component.
@@ -45,6 +48,7 @@ impl Component {
             Component::Workflows => "dalp_workflows_svc",
             Component::Auditor => "dalp_auditor",
             Component::Readonly => "dalp_readonly",
+            Component::AuditSealer => "dalp_audit_sealer",
         }
     }
 
@@ -58,6 +62,7 @@ impl Component {
             Component::Workflows => "dalp-workflows",
             Component::Auditor => "dalp-auditor",
             Component::Readonly => "dalp-readonly",
+            Component::AuditSealer => "dalp-audit-sealer",
         }
     }
 

@@ -259,10 +259,24 @@ impl Instance {
         }
 
         let secrets = if layout.secrets_file().exists() {
-            Secrets::load(&layout.secrets_file()).map_err(|e| OpsError::Bootstrap {
+            let mut s = Secrets::load(&layout.secrets_file()).map_err(|e| OpsError::Bootstrap {
                 context: "reading role passwords".into(),
                 message: e.to_string(),
-            })?
+            })?;
+            // Roles added by a newer dalp get their password now.
+            let mut added = false;
+            for role in dalp_db::component::login_roles() {
+                if !s.roles.contains_key(role) {
+                    s.roles
+                        .insert(role.to_string(), roles::generate_password(32));
+                    added = true;
+                }
+            }
+            if added {
+                let text = serde_json::to_string_pretty(&s).expect("secrets serialize");
+                pki::write_private(&layout.secrets_file(), &text)?;
+            }
+            s
         } else {
             let s = roles::generate_secrets();
             let text = serde_json::to_string_pretty(&s).expect("secrets serialize");
