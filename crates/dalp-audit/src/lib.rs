@@ -4,9 +4,15 @@
 //! in the binary; [`ACCESS`] declares which roles may do what in it, and `dalp roles
 //! check` compares that declaration with the live database.
 
+pub mod chain;
 mod event;
+pub mod seal;
+pub mod verify;
 
+pub use chain::{AuditKey, Checkpoint};
 pub use event::{record, AuditEvent, Outcome};
+pub use seal::Sealer;
+pub use verify::{verify, Problem, VerifyReport};
 
 use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
 
@@ -79,4 +85,13 @@ pub const ACCESS: SchemaAccess = SchemaAccess {
             ],
         },
     ],
+};
+
+/// Monthly partitions, three months ahead, kept seven years; drops are recorded.
+pub const PARTITIONS: dalp_db::partitions::PartitionPolicy = dalp_db::partitions::PartitionPolicy {
+    schema: SCHEMA,
+    table: "events",
+    ahead_months: 3,
+    retention_months: Some(7 * 12),
+    retention_log: Some("dalp_audit.retention_log"),
 };

@@ -12,6 +12,7 @@ pub mod component;
 pub mod config;
 pub mod connect;
 pub mod migrate;
+pub mod partitions;
 pub mod pool;
 pub mod roles;
 pub mod secrets;

@@ -1,0 +1,216 @@
+//! The sealer: gives committed events a gap-free sequence and chains them into signed
+//! batches, without any lock on the writers' path.
+//!
+//! Sequence values are allocated before commit, so ids do not tell commit order. The sealer
+//! instead takes `xmin` of a fresh snapshot: every transaction below it has ended, so all of
+//! its events are visible now and no more can appear. Each batch seals exactly the events of
+//! transactions in `[previous xmin_upper, xmin_upper)`; a transaction still running stays
+//! above the watermark until it ends, so a late commit is sealed later, never skipped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use tokio_postgres::Row;
+
+use crate::chain::{self, AuditKey, Checkpoint, EVENT_COLUMNS};
+
+/// Advisory lock key ("dalpseal") that keeps two sealers from racing each other (writers
+/// never take it).
+const SEAL_LOCK: i64 = 0x6461_6c70_7365_616c;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("unexpected value: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct SealReport {
+    pub batch_no: i64,
+    pub events: usize,
+    pub last_seq: i64,
+}
+
+/// Seals as the `dalp_audit_sealer` role.
+pub struct Sealer {
+    pool: Pool,
+    key: Arc<AuditKey>,
+    /// Most events per batch.
+    pub max_batch: usize,
+}
+
+fn parse_xid(s: &str) -> Result<u64, SealError> {
+    s.parse()
+        .map_err(|_| SealError::Corrupt(format!("xid8 `{s}`")))
+}
+
+impl Sealer {
+    pub fn new(pool: Pool, key: Arc<AuditKey>) -> Sealer {
+        Sealer {
+            pool,
+            key,
+            max_batch: 5_000,
+        }
+    }
+
+    /// Seals what is sealable now, as one batch (or nothing). Returns the batch written.
+    pub async fn seal_once(&self) -> Result<Option<SealReport>, SealError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SEAL_LOCK])
+            .await?;
+        // Read committed: each statement below sees everything committed before it started.
+        let xmin = parse_xid(
+            tx.query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
+                .await?
+                .get(0),
+        )?;
+        let last = tx
+            .query_opt(
+                "SELECT batch_no, last_seq, batch_hash, xmin_upper::text FROM dalp_audit.seal_batches
+                  ORDER BY batch_no DESC LIMIT 1",
+                &[],
+            )
+            .await?;
+        let (batch_no, first_seq, prev_hash, from) = match &last {
+            Some(r) => (
+                r.get::<_, i64>(0) + 1,
+                r.get::<_, i64>(1) + 1,
+                r.get::<_, Vec<u8>>(2),
+                parse_xid(r.get(3))?,
+            ),
+            None => (1, 1, vec![0u8; 32], 0),
+        };
+        if xmin <= from {
+            return Ok(None);
+        }
+        let limit = self.max_batch as i64;
+        let mut rows: Vec<Row> = tx
+            .query(
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM dalp_audit.events
+                      WHERE txid >= $1::text::xid8 AND txid < $2::text::xid8
+                      ORDER BY txid, id LIMIT $3"
+                ),
+                &[&from.to_string(), &xmin.to_string(), &limit],
+            )
+            .await?;
+        let mut upper = xmin;
+        if rows.len() == self.max_batch {
+            // Cut at a transaction boundary: the last transaction's events go whole.
+            let last_tx = parse_xid(rows[rows.len() - 1].get(2))?;
+            rows.retain(|r| r.get::<_, String>(2) != last_tx.to_string());
+            if rows.is_empty() {
+                rows = tx
+                    .query(
+                        &format!("SELECT {EVENT_COLUMNS} FROM dalp_audit.events WHERE txid = $1::text::xid8 ORDER BY id"),
+                        &[&last_tx.to_string()],
+                    )
+                    .await?;
+                upper = last_tx + 1;
+            } else {
+                upper = last_tx;
+            }
+        }
+        if rows.is_empty() {
+            // Nothing ended with events in it; the watermark can stay where it is.
+            return Ok(None);
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let times: Vec<DateTime<Utc>> = rows.iter().map(|r| r.get(1)).collect();
+        let hashes: Vec<[u8; 32]> = rows.iter().map(chain::event_hash).collect();
+        let root = chain::merkle_root(&hashes);
+        let last_seq = first_seq + ids.len() as i64 - 1;
+        let head = chain::batch_hash(&prev_hash, batch_no, first_seq, last_seq, &root, upper);
+        let signature = self.key.sign(&head);
+        let hash_vecs: Vec<Vec<u8>> = hashes.iter().map(|h| h.to_vec()).collect();
+        tx.execute(
+            "INSERT INTO dalp_audit.seal_batches (batch_no, first_seq, last_seq, event_ids, event_times, event_hashes,
+                 xmin_upper, merkle_root, prev_hash, batch_hash, key_id, signature)
+             VALUES ($1, $2, $3, $4, $5, $6, $7::text::xid8, $8, $9, $10, $11, $12)",
+            &[
+                &batch_no,
+                &first_seq,
+                &last_seq,
+                &ids,
+                &times,
+                &hash_vecs,
+                &upper.to_string(),
+                &root.to_vec(),
+                &prev_hash,
+                &head.to_vec(),
+                &self.key.key_id,
+                &signature,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(SealReport {
+            batch_no,
+            events: ids.len(),
+            last_seq,
+        }))
+    }
+
+    /// Seals until nothing is left (for tests, exports and shutdown).
+    pub async fn seal_all(&self) -> Result<u64, SealError> {
+        let mut n = 0;
+        while let Some(r) = self.seal_once().await? {
+            n += r.events as u64;
+        }
+        Ok(n)
+    }
+
+    /// Seals every `interval` until the task is aborted.
+    pub fn spawn(self, interval: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                match self.seal_all().await {
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "sealing failed; retrying"),
+                }
+                tokio::time::sleep(interval).await;
+            }
+        })
+    }
+
+    /// The latest signed batch head, if any.
+    pub async fn checkpoint(pool: &Pool) -> Result<Option<Checkpoint>, SealError> {
+        let client = pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT batch_no, last_seq, batch_hash, key_id, signature, sealed_at FROM dalp_audit.seal_batches
+                  ORDER BY batch_no DESC LIMIT 1",
+                &[],
+            )
+            .await?;
+        Ok(row.map(|r| Checkpoint {
+            batch_no: r.get(0),
+            last_seq: r.get(1),
+            batch_hash: hex::encode(r.get::<_, Vec<u8>>(2)),
+            key_id: r.get(3),
+            signature: hex::encode(r.get::<_, Vec<u8>>(4)),
+            sealed_at: r.get(5),
+        }))
+    }
+
+    /// Seconds since the oldest event that is committed but not yet sealed (0 when none).
+    pub async fn lag(pool: &Pool) -> Result<f64, SealError> {
+        let client = pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT coalesce(extract(epoch FROM now() - min(e.occurred_at))::float8, 0)
+                   FROM dalp_audit.events e
+                  WHERE e.txid >= coalesce((SELECT xmin_upper FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1), '0'::xid8)",
+                &[],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+}
