@@ -86,9 +86,10 @@ fn main() {
     rt.block_on(async {
         let db = dalp_testkit::migrated_database().await;
         let key_dir = tempfile::tempdir().unwrap();
-        let key_file = key_dir.path().join("kek.json");
+        let key_file = key_dir.path().join(dalp_api::KEK_FILE);
         let pools = Arc::new(db.pools_sized(CLIENTS));
-        let services = Services::start(pools.clone(), &key_file, ApiSettings::default()).unwrap();
+        let services =
+            Services::start(pools.clone(), key_dir.path(), ApiSettings::default()).unwrap();
         while !services.state.identity.cache().is_listening() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -43,6 +43,8 @@ pub struct AppState {
     pub identity: IdentityStore,
     pub limits: Arc<limit::RateLimiter>,
     pub settings: Arc<ApiSettings>,
+    /// Verifies the audit chain's signatures.
+    pub audit_public: Option<ed25519_dalek::VerifyingKey>,
 }
 
 impl AppState {
@@ -56,35 +58,57 @@ impl AppState {
             identity,
             limits: Arc::new(limit::RateLimiter::default()),
             settings: Arc::new(settings),
+            audit_public: None,
         }
     }
 }
 
-/// Everything a serving process runs: the shared state and the identity cache's LISTEN
-/// connection (stopped when this is dropped).
+/// Everything a serving process runs: the shared state, the identity cache's LISTEN
+/// connection and the audit sealer (both stopped when this is dropped).
 pub struct Services {
     pub state: AppState,
     _identity_listener: dalp_db::cache::ListenerHandle,
+    sealer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        self.sealer.abort();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Keys(#[from] dalp_identity::crypto::CryptoError),
+    #[error(transparent)]
+    AuditKey(#[from] dalp_audit::chain::KeyError),
 }
 
+/// File names inside the keys directory.
+pub const KEK_FILE: &str = "kek.json";
+pub const AUDIT_KEY_FILE: &str = "audit-ed25519.json";
+/// How often the sealer runs; keeps seal lag well under a second.
+pub const SEAL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
 impl Services {
-    /// Builds the stores over `pools`, with the PII key file at `key_file`, and starts the
-    /// identity cache listener on a direct connection as the identity role.
+    /// Builds the stores over `pools` with the key files in `keys_dir`, starts the identity
+    /// cache listener (a direct connection as the identity role) and the audit sealer.
     pub fn start(
         pools: Arc<ComponentPools>,
-        key_file: &std::path::Path,
+        keys_dir: &std::path::Path,
         settings: ApiSettings,
     ) -> Result<Services, StartError> {
         use dalp_db::Component;
         let keys = Arc::new(dalp_identity::crypto::FileKeyProvider::open_or_create(
-            key_file,
+            &keys_dir.join(KEK_FILE),
         )?);
+        let audit_key = Arc::new(dalp_audit::AuditKey::open_or_create(
+            &keys_dir.join(AUDIT_KEY_FILE),
+        )?);
+        let sealer =
+            dalp_audit::Sealer::new(pools.get(Component::AuditSealer).clone(), audit_key.clone())
+                .spawn(SEAL_INTERVAL);
         let cache = dalp_db::cache::InvalidatingCache::new(100_000);
         let mut listen = pools.options(Component::Identity).clone();
         listen.application_name = "dalp-identity-cache".into();
@@ -95,9 +119,12 @@ impl Services {
             cache.clone(),
         );
         let identity = IdentityStore::new(pools.get(Component::Identity).clone(), keys, cache);
+        let mut state = AppState::new(pools, identity, settings);
+        state.audit_public = Some(audit_key.public());
         Ok(Services {
-            state: AppState::new(pools, identity, settings),
+            state,
             _identity_listener: listener,
+            sealer,
         })
     }
 

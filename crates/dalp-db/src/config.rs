@@ -25,9 +25,10 @@ pub struct Config {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
-    /// JSON file holding the key-encryption keys (created 0600 on first use).
+    /// Directory of dalp's key files (created 0600 on first use): `kek.json`, the
+    /// key-encryption keys for PII, and `audit-ed25519.json`, the audit chain's signing key.
     /// Default: none; `dalp serve` then refuses to start.
-    pub file: Option<PathBuf>,
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

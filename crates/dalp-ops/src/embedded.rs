@@ -69,9 +69,9 @@ impl Layout {
     pub fn log_file(&self) -> PathBuf {
         self.root.join("log").join("postgres.log")
     }
-    /// Key-encryption keys for PII (0600), created on first use.
-    pub fn key_file(&self) -> PathBuf {
-        self.root.join("keys").join("kek.json")
+    /// Key files (PII key-encryption keys, audit signing key), 0600, created on first use.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.root.join("keys")
     }
     pub fn secrets_file(&self) -> PathBuf {
         self.root.join("secrets.json")

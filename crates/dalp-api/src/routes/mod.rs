@@ -1,6 +1,7 @@
 //! Route table. Handlers stay private to their endpoint-group module.
 
 mod api_keys;
+mod audit;
 mod auth;
 mod health;
 mod mfa;
@@ -19,6 +20,7 @@ pub(crate) fn router() -> Router<AppState> {
         .merge(mfa::router())
         .merge(api_keys::router())
         .merge(users::router())
+        .merge(audit::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
 }

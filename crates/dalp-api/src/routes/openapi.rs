@@ -76,6 +76,8 @@ pub fn document() -> Value {
                 "get": op("Read a KYC profile (identityManager; audited)", true, None, "200:profile", &[401, 403, 404]),
                 "put": op("Write a KYC profile (identityManager)", true, Some("KycProfile"), "204:stored", &[401, 403, 404, 422])
             },
+            "/api/v1/audit/events": { "get": op("Audit events (auditor): ?from=&to= (RFC 3339, default last 30 days), actor, action, resource_type, resource_id, outcome, limit (1-1000), before_id", true, None, "200:events, newest first, with next_before_id", &[400, 401, 403]) },
+            "/api/v1/audit/verify": { "get": op("Recompute the audit hash chain (auditor)", true, None, "200:report with ok and the first problem", &[401, 403]) },
             "/api/v1/openapi.json": { "get": op("This document", false, None, "200:OpenAPI document", &[]) }
         },
         "components": {

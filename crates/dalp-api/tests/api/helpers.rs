@@ -42,7 +42,7 @@ pub async fn spawn_app_on(
     settings: ApiSettings,
 ) -> TestApp {
     let pools = Arc::new(db.pools());
-    let services = Services::start(pools, &key_dir.path().join("kek.json"), settings).unwrap();
+    let services = Services::start(pools, key_dir.path(), settings).unwrap();
     // The cache serves nothing until its LISTEN connection is up; wait so tests see caching.
     for _ in 0..100 {
         if services.state.identity.cache().is_listening() {

@@ -23,7 +23,9 @@ fn store(data_dir: &Path) -> anyhow::Result<IdentityStore> {
         .with_context(|| format!("instance in {}", data_dir.display()))?;
     let secrets = dalp_db::Secrets::load(&layout.secrets_file())?;
     let pools = ComponentPools::build(&base, &secrets, 2, Duration::from_secs(5))?;
-    let keys = Arc::new(FileKeyProvider::open_or_create(&layout.key_file())?);
+    let keys = Arc::new(FileKeyProvider::open_or_create(
+        &layout.keys_dir().join(dalp_api::KEK_FILE),
+    )?);
     Ok(IdentityStore::new(
         pools.get(Component::Identity).clone(),
         keys,

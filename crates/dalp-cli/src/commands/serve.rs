@@ -27,14 +27,13 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .with_context(|| format!("bind the API to {}", config.api.listen))?;
-    let key_file = config
-        .keys
-        .file
-        .as_deref()
-        .context("keys.file is not set: dalp needs a key file for PII encryption")?;
+    let keys_dir =
+        config.keys.dir.as_deref().context(
+            "keys.dir is not set: dalp needs its key files (PII encryption, audit signing)",
+        )?;
     let services = Services::start(
         Arc::new(pools),
-        key_file,
+        keys_dir,
         ApiSettings {
             max_body_bytes: config.api.max_body_bytes,
             login_attempts_per_minute: config.api.login_attempts_per_minute,

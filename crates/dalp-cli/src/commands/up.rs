@@ -89,7 +89,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     )?);
     let services = Services::start(
         pools.clone(),
-        &cluster.layout().key_file(),
+        &cluster.layout().keys_dir(),
         ApiSettings::default(),
     )?;
     let app = services.router();

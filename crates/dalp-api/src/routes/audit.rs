@@ -1,0 +1,173 @@
+//! Audit trail for auditors: `GET /api/v1/audit/events` (filtered, paged, always bounded in
+//! time so only the partitions in range are scanned) and `GET /api/v1/audit/verify`.
+
+use std::collections::HashMap;
+
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::Router;
+use chrono::{DateTime, Duration, Utc};
+use dalp_db::Component;
+use dalp_identity::types::PlatformRole;
+use serde_json::{json, Value};
+
+use crate::auth::Auth;
+use crate::extract::Json;
+use crate::{ApiError, AppState};
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/audit/events", get(events))
+        .route("/api/v1/audit/verify", get(verify))
+}
+
+fn time_param(
+    q: &HashMap<String, String>,
+    k: &str,
+    default: DateTime<Utc>,
+) -> Result<DateTime<Utc>, ApiError> {
+    match q.get(k) {
+        None => Ok(default),
+        Some(v) => DateTime::parse_from_rfc3339(v)
+            .map(|d| d.with_timezone(&Utc))
+            .map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "{k} must be an RFC 3339 time, e.g. 2026-11-01T00:00:00Z"
+                ))
+            }),
+    }
+}
+
+fn text_param(q: &HashMap<String, String>, k: &str) -> Result<Option<String>, ApiError> {
+    match q.get(k) {
+        Some(v) if v.len() > 200 => Err(ApiError::BadRequest(format!("{k} is too long"))),
+        v => Ok(v.cloned()),
+    }
+}
+
+#[tracing::instrument(skip_all)]
+async fn events(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    auth.require_role(&state, PlatformRole::Auditor, "audit.events.read")
+        .await?;
+    const KNOWN: [&str; 9] = [
+        "from",
+        "to",
+        "actor",
+        "action",
+        "resource_type",
+        "resource_id",
+        "outcome",
+        "limit",
+        "before_id",
+    ];
+    if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::BadRequest(format!(
+            "unknown parameter `{k}`; known: {}",
+            KNOWN.join(", ")
+        )));
+    }
+    let now = Utc::now();
+    let to = time_param(&q, "to", now + Duration::minutes(1))?;
+    let from = time_param(&q, "from", to - Duration::days(30))?;
+    if from >= to {
+        return Err(ApiError::BadRequest("from must be before to".into()));
+    }
+    let limit: i64 = match q.get("limit") {
+        None => 100,
+        Some(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::BadRequest("limit must be 1 to 1000".into()))?,
+    };
+    let before_id: i64 = match q.get("before_id") {
+        None => i64::MAX,
+        Some(v) => v
+            .parse()
+            .map_err(|_| ApiError::BadRequest("before_id must be an event id".into()))?,
+    };
+    let outcome = text_param(&q, "outcome")?;
+    if let Some(o) = &outcome {
+        if !["success", "denied", "error"].contains(&o.as_str()) {
+            return Err(ApiError::BadRequest(
+                "outcome must be success, denied or error".into(),
+            ));
+        }
+    }
+    let client = state
+        .pools
+        .get(Component::Auditor)
+        .get()
+        .await
+        .map_err(|e| ApiError::NotReady(format!("database unreachable: {e}")))?;
+    let rows = client
+        .query(
+            "SELECT id, occurred_at, actor, organisation_id::text, action, resource_type, resource_id, outcome,
+                    request_id, host(source_ip), details
+               FROM dalp_audit.events
+              WHERE occurred_at >= $1 AND occurred_at < $2 AND id < $3
+                AND ($4::text IS NULL OR actor = $4) AND ($5::text IS NULL OR action = $5)
+                AND ($6::text IS NULL OR resource_type = $6) AND ($7::text IS NULL OR resource_id = $7)
+                AND ($8::text IS NULL OR outcome = $8)
+              ORDER BY id DESC LIMIT $9",
+            &[
+                &from,
+                &to,
+                &before_id,
+                &text_param(&q, "actor")?,
+                &text_param(&q, "action")?,
+                &text_param(&q, "resource_type")?,
+                &text_param(&q, "resource_id")?,
+                &outcome,
+                &limit,
+            ],
+        )
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let events: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.get::<_, i64>(0), "occurred_at": r.get::<_, DateTime<Utc>>(1), "actor": r.get::<_, String>(2),
+                "organisation_id": r.get::<_, Option<String>>(3), "action": r.get::<_, String>(4),
+                "resource_type": r.get::<_, String>(5), "resource_id": r.get::<_, Option<String>>(6),
+                "outcome": r.get::<_, String>(7), "request_id": r.get::<_, Option<String>>(8),
+                "source_ip": r.get::<_, Option<String>>(9), "details": r.get::<_, Value>(10),
+            })
+        })
+        .collect();
+    let next = (events.len() as i64 == limit)
+        .then(|| events.last().map(|e| e["id"].clone()))
+        .flatten();
+    Ok(Json(
+        json!({ "events": events, "from": from, "to": to, "next_before_id": next }),
+    ))
+}
+
+#[tracing::instrument(skip_all)]
+async fn verify(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+    auth.require_role(&state, PlatformRole::Auditor, "audit.verify")
+        .await?;
+    let public = state
+        .audit_public
+        .ok_or_else(|| ApiError::NotReady("no audit signing key configured".into()))?;
+    let client = state
+        .pools
+        .get(Component::Auditor)
+        .get()
+        .await
+        .map_err(|e| ApiError::NotReady(format!("database unreachable: {e}")))?;
+    let report = dalp_audit::verify(&client, &public, None)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(json!({
+        "ok": report.ok(),
+        "problem": report.problem.as_ref().map(|p| json!({ "detail": p, "message": p.to_string() })),
+        "batches": report.batches, "events_checked": report.events_checked,
+        "events_retained": report.events_retained, "last_seq": report.last_seq,
+    })))
+}
