@@ -19,3 +19,6 @@ pub const ACCESS: [SchemaAccess; 5] = [
     dalp_workflows::ACCESS,
     dalp_audit::ACCESS,
 ];
+
+/// Every time-partitioned table and how it is kept.
+pub const PARTITIONS: [dalp_db::partitions::PartitionPolicy; 1] = [dalp_audit::PARTITIONS];

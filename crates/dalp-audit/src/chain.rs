@@ -116,6 +116,17 @@ fn key_id(public: &VerifyingKey) -> String {
 }
 
 impl AuditKey {
+    /// Opens an existing key; never creates one (verifiers must not invent keys).
+    pub fn open(path: &Path) -> Result<AuditKey, KeyError> {
+        if !path.exists() {
+            return Err(KeyError::File {
+                path: path.display().to_string(),
+                message: "no such file: give the key with --audit-key".into(),
+            });
+        }
+        AuditKey::open_or_create(path)
+    }
+
     pub fn open_or_create(path: &Path) -> Result<AuditKey, KeyError> {
         let err = |message: String| KeyError::File {
             path: path.display().to_string(),

@@ -180,9 +180,10 @@ impl Sealer {
         })
     }
 
-    /// The latest signed batch head, if any.
-    pub async fn checkpoint(pool: &Pool) -> Result<Option<Checkpoint>, SealError> {
-        let client = pool.get().await?;
+    /// The latest signed batch head, if any. Any role that reads `seal_batches` may ask.
+    pub async fn checkpoint(
+        client: &tokio_postgres::Client,
+    ) -> Result<Option<Checkpoint>, SealError> {
         let row = client
             .query_opt(
                 "SELECT batch_no, last_seq, batch_hash, key_id, signature, sealed_at FROM dalp_audit.seal_batches

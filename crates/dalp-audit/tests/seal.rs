@@ -227,8 +227,8 @@ async fn every_kind_of_tampering_is_detected() {
     let s = sealed(3).await;
     s.write(3).await;
     s.sealer().seal_all().await.unwrap();
-    let pool = s.pools.get(Component::AuditSealer).clone();
-    let cp = Sealer::checkpoint(&pool).await.unwrap().unwrap();
+    let auditor = s.db.connect_as(Component::Auditor).await;
+    let cp = Sealer::checkpoint(&auditor).await.unwrap().unwrap();
     assert!(s.verify(Some(&cp)).await.ok());
     let mut forged = cp.clone();
     forged.batch_hash = hex::encode([7u8; 32]);

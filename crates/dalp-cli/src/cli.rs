@@ -75,6 +75,23 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The audit trail: verify the sealed chain, export signed checkpoints and events.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Show time partitions and how far ahead they reach; with --apply, create missing ones
+    /// and drop those past retention (recorded in the audit retention log).
+    Partitions {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Create and drop partitions instead of only showing them.
+        #[arg(long)]
+        apply: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the HTTP API against an external cluster described by a config file.
     Serve {
         /// TOML config file (see `dalp config check`); DALP_<SECTION>__<KEY> variables override it.
@@ -171,5 +188,40 @@ pub enum KeysCommand {
         /// Data directory of the embedded instance (it must be running).
         #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
         data_dir: PathBuf,
+    },
+}
+
+/// Where the audit signing key is.
+#[derive(Debug, Args, Clone)]
+pub struct AuditKeyArgs {
+    /// Audit signing key file [default: DATA_DIR/keys/audit-ed25519.json].
+    #[arg(long)]
+    pub audit_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute the whole hash chain: links, hashes, signatures, every sealed event, no event
+    /// inserted below the watermark, deletions only where retention recorded them. Exits 1
+    /// and names the first broken batch and event on any tampering.
+    Verify {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        key: AuditKeyArgs,
+        /// A checkpoint exported earlier (`dalp audit checkpoint`): the chain must still reach it.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print (or write) the latest signed batch head, to anchor the chain outside the database.
+    Checkpoint {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Write it to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }

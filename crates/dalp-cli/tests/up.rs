@@ -526,6 +526,78 @@ fn create_admin_then_rotate_keys_while_the_server_keeps_reading() {
     });
     let keyfile = std::fs::metadata(dir.path().join("keys/kek.json")).unwrap();
     assert_eq!(keyfile.permissions().mode() & 0o777, 0o600);
+
+    // The running instance sealed all of that; a checkpoint anchors it; verify passes.
+    let cp = dir.path().join("checkpoint.json");
+    let mut verified = false;
+    for _ in 0..50 {
+        let o = dalp(&[
+            "audit",
+            "checkpoint",
+            "--data-dir",
+            d,
+            "--out",
+            cp.to_str().unwrap(),
+        ]);
+        let v = dalp(&[
+            "audit",
+            "verify",
+            "--data-dir",
+            d,
+            "--checkpoint",
+            cp.to_str().unwrap(),
+            "--json",
+        ]);
+        let report: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap_or_default();
+        if o.status.success()
+            && v.status.success()
+            && report["events_checked"].as_u64().unwrap_or(0) >= 5
+        {
+            verified = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(verified, "verify never passed with the sealed events");
+    let o = dalp(&["partitions", "--data-dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("dalp_audit.events") && text(&o).contains("retention 84 months"),
+        "{}",
+        text(&o)
+    );
+
+    // The superuser (local socket, peer) edits a sealed event: verify fails and says where.
+    let socket = dir.path().join("run");
+    let port = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(dir.path().join("instance.json")).unwrap(),
+    )
+    .unwrap()["pg_port"]
+        .to_string();
+    let o = Command::new("psql")
+        .args(["-X", "-h", socket.to_str().unwrap(), "-p", &port, "-U", "postgres", "-d", "dalp", "-v", "ON_ERROR_STOP=1", "-c"])
+        .arg("SET session_replication_role = replica; UPDATE dalp_audit.events SET details = '{}' WHERE id = (SELECT min(id) FROM dalp_audit.events)")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = dalp(&["audit", "verify", "--data-dir", d]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("TAMPERED") && text(&o).contains("changed after sealing"),
+        "{}",
+        text(&o)
+    );
+    let o = dalp(&[
+        "audit",
+        "verify",
+        "--data-dir",
+        d,
+        "--audit-key",
+        "/nonexistent.json",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--audit-key"), "{}", text(&o));
+
     let (status, _) = up.terminate();
     assert!(status.success());
 }

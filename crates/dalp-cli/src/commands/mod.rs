@@ -1,5 +1,6 @@
 //! One module per verb; each returns the process exit code.
 
+mod audit;
 mod config;
 mod db;
 mod identity;
@@ -11,7 +12,9 @@ mod up;
 
 use std::process::ExitCode;
 
-use crate::cli::{Cli, Command, ConfigCommand, DbCommand, KeysCommand, RolesCommand, UsersCommand};
+use crate::cli::{
+    AuditCommand, Cli, Command, ConfigCommand, DbCommand, KeysCommand, RolesCommand, UsersCommand,
+};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -35,6 +38,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check { config },
         } => config::check(&config),
         Command::Serve { config } => serve::run(&config).await,
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    target,
+                    key,
+                    checkpoint,
+                    json,
+                },
+        } => audit::verify(&target, &key, checkpoint.as_deref(), json).await,
+        Command::Audit {
+            command: AuditCommand::Checkpoint { target, out },
+        } => audit::checkpoint(&target, out.as_deref()).await,
+        Command::Partitions {
+            target,
+            apply,
+            json,
+        } => audit::partitions(&target, apply, json).await,
         Command::Users {
             command:
                 UsersCommand::CreateAdmin {

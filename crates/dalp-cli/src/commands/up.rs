@@ -74,12 +74,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let report = migrate::migrate(&mut client, &MIGRATIONS, false)
         .await
         .context("apply migrations")?;
-    drop(client);
     eprintln!(
         "migrations: {} applied now, {} already applied",
         report.applied.len(),
         report.already_applied
     );
+    maintain_partitions(&mut client).await?;
+    drop(client);
+    let maintenance = tokio::spawn(partition_maintenance(migrator.clone()));
 
     let pools = Arc::new(ComponentPools::build(
         &migrator,
@@ -131,6 +133,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             let _ = server.await;
         }
     }
+    maintenance.abort();
     drop(services);
     pools.close();
     tokio::task::spawn_blocking(move || cluster.shutdown())
@@ -138,6 +141,39 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         .context("stop PostgreSQL")??;
     eprintln!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Creates partitions ahead and drops those past retention, for every partitioned table.
+async fn maintain_partitions(owner: &mut tokio_postgres::Client) -> anyhow::Result<()> {
+    for policy in &dalp_api::catalog::PARTITIONS {
+        let m = dalp_db::partitions::maintain(owner, policy, chrono::Utc::now())
+            .await
+            .with_context(|| {
+                format!("maintain partitions of {}.{}", policy.schema, policy.table)
+            })?;
+        if !m.created.is_empty() || !m.dropped.is_empty() {
+            eprintln!(
+                "partitions of {}: created {:?}, dropped {:?}",
+                m.table, m.created, m.dropped
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Hourly partition maintenance, as the migrator (owner) on a connection of its own.
+async fn partition_maintenance(migrator: dalp_db::ConnectOptions) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let result = async {
+            let mut c = migrator.connect().await?;
+            maintain_partitions(&mut c).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %format!("{e:#}"), "partition maintenance failed; retrying in an hour");
+        }
+    }
 }
 
 /// Polls `GET /readyz` until it answers 200.
