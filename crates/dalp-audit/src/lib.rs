@@ -6,6 +6,7 @@
 
 pub mod chain;
 mod event;
+pub mod export;
 pub mod seal;
 pub mod verify;
 
@@ -37,6 +38,11 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             version: 3,
             name: "partitions_and_seals",
             sql: include_str!("../migrations/0003_partitions_and_seals.sql"),
+        },
+        Migration {
+            version: 4,
+            name: "forwarding",
+            sql: include_str!("../migrations/0004_forwarding.sql"),
         },
     ],
 };
@@ -82,6 +88,10 @@ pub const ACCESS: SchemaAccess = SchemaAccess {
                 ("events", Privs::READ),
                 ("retention_log", Privs::READ),
                 ("seal_batches", Privs::SELECT.union(Privs::INSERT)),
+                (
+                    "forward_cursors",
+                    Privs::SELECT.union(Privs::INSERT).union(Privs::UPDATE),
+                ),
             ],
         },
     ],

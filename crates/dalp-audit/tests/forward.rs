@@ -1,0 +1,177 @@
+//! The SIEM forwarder against a real syslog-over-TLS receiver (RFC 5425 framing).
+
+use std::collections::BTreeSet;
+use std::io::BufReader;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dalp_audit::export::{Format, Forwarder, SyslogTarget};
+use dalp_audit::{AuditEvent, AuditKey, Sealer};
+use dalp_db::Component;
+use dalp_ops::process::ServerUser;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+
+/// Accepts TLS connections and records every framed message.
+async fn receiver(
+    dir: &std::path::Path,
+) -> (u16, Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    dalp_ops::pki::ensure(dir, &ServerUser::resolve().unwrap()).unwrap();
+    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(
+        std::fs::File::open(dir.join("server.crt")).unwrap(),
+    ))
+    .collect::<Result<_, _>>()
+    .unwrap();
+    let key = rustls_pemfile::private_key(&mut BufReader::new(
+        std::fs::File::open(dir.join("server.key")).unwrap(),
+    ))
+    .unwrap()
+    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            let sink = sink.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut r = tokio::io::BufReader::new(tls);
+                loop {
+                    let mut len = Vec::new();
+                    if r.read_until(b' ', &mut len).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let Ok(n) = String::from_utf8_lossy(&len[..len.len() - 1]).parse::<usize>()
+                    else {
+                        return;
+                    };
+                    let mut msg = vec![0u8; n];
+                    if r.read_exact(&mut msg).await.is_err() {
+                        return;
+                    }
+                    sink.lock().unwrap().push(String::from_utf8(msg).unwrap());
+                }
+            });
+        }
+    });
+    (port, got, task)
+}
+
+fn seqs(lines: &[String]) -> BTreeSet<i64> {
+    lines
+        .iter()
+        .filter_map(|l| l.split("seq=\"").nth(1)?.split('"').next()?.parse().ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
+    let db = dalp_testkit::migrated_database().await;
+    let pools = db.pools();
+    let dir = tempfile::tempdir().unwrap();
+    let key = Arc::new(AuditKey::open_or_create(&dir.path().join("audit.json")).unwrap());
+    let sealer = Sealer::new(pools.get(Component::AuditSealer).clone(), key);
+    let writer = pools.get(Component::Identity).get().await.unwrap();
+    let write = |n: usize| {
+        let w = &writer;
+        async move {
+            for i in 0..n {
+                dalp_audit::record(
+                    &***w,
+                    &AuditEvent::new("service:test", "test.forward", "thing").resource(i),
+                )
+                .await
+                .unwrap();
+            }
+        }
+    };
+    write(120).await;
+    sealer.seal_all().await.unwrap();
+
+    let tls_dir = dir.path().join("tls");
+    let (port, got, _rx) = receiver(&tls_dir).await;
+    let forwarder = Arc::new(Forwarder {
+        pool: pools.get(Component::AuditSealer).clone(),
+        name: "siem".into(),
+        format: Format::Rfc5424,
+        target: SyslogTarget::parse(&format!("syslog+tls://localhost:{port}")).unwrap(),
+        ca_file: tls_dir.join("ca.crt"),
+        batch: 10,
+        hostname: "test".into(),
+        pace: Duration::from_millis(20),
+    });
+    let f = forwarder.clone();
+    let first = tokio::spawn(async move { f.run(|_, _| {}).await });
+    for _ in 0..500 {
+        if got.lock().unwrap().len() >= 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.abort(); // killed mid-stream
+    let _ = first.await;
+    let cursor = forwarder.cursor().await.unwrap();
+    assert!(cursor >= 40 && cursor < 120, "cursor {cursor}");
+
+    write(30).await;
+    sealer.seal_all().await.unwrap();
+    let f = forwarder.clone();
+    let second = tokio::spawn(async move { f.run(|_, _| {}).await });
+    let want: BTreeSet<i64> = (1..=150).collect();
+    for _ in 0..1000 {
+        if seqs(&got.lock().unwrap()).is_superset(&want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    second.abort();
+    let lines = got.lock().unwrap().clone();
+    assert!(
+        seqs(&lines).is_superset(&want),
+        "missing: {:?}",
+        want.difference(&seqs(&lines)).collect::<Vec<_>>()
+    );
+    assert_eq!(forwarder.cursor().await.unwrap(), 150);
+    // Every line is RFC 5424: <PRI>1 TIMESTAMP HOST APP PROCID MSGID [SD] MSG
+    for l in &lines {
+        let parts: Vec<&str> = l.splitn(7, ' ').collect();
+        assert!(parts[0].starts_with('<') && parts[0].ends_with(">1"), "{l}");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(parts[1]).is_ok(),
+            "{l}"
+        );
+        assert_eq!(&parts[2..6], &["test", "dalp", "-", "audit"], "{l}");
+        assert!(parts[6].starts_with("[dalp@32473 seq=\""), "{l}");
+    }
+}
+
+#[tokio::test]
+async fn a_receiver_with_an_untrusted_certificate_is_refused() {
+    let db = dalp_testkit::migrated_database().await;
+    let pools = db.pools();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, got, _rx) = receiver(&dir.path().join("tls")).await;
+    // Trust a different CA than the receiver's.
+    let other = dir.path().join("other");
+    dalp_ops::pki::ensure(&other, &ServerUser::resolve().unwrap()).unwrap();
+    let target = SyslogTarget::parse(&format!("syslog+tls://localhost:{port}")).unwrap();
+    let err = dalp_audit::export::SyslogSink::connect(&target, &other.join("ca.crt"))
+        .await
+        .err();
+    assert!(err.is_some(), "connected to a receiver the CA did not sign");
+    assert!(got.lock().unwrap().is_empty());
+    let _ = pools;
+}
