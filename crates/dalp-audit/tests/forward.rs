@@ -124,7 +124,7 @@ async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
     first.abort(); // killed mid-stream
     let _ = first.await;
     let cursor = forwarder.cursor().await.unwrap();
-    assert!(cursor >= 40 && cursor < 120, "cursor {cursor}");
+    assert!((40..120).contains(&cursor), "cursor {cursor}");
 
     write(30).await;
     sealer.seal_all().await.unwrap();
