@@ -216,6 +216,45 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Export sealed events in sequence order to a file (or standard output) or a SIEM,
+    /// with progress.
+    Export {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// jsonl, csv, cef or rfc5424.
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// Only events at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// A file, or syslog+tls://HOST:PORT [default: standard output].
+        #[arg(long)]
+        to: Option<String>,
+        /// CA bundle the syslog receiver's certificate must chain to (with syslog+tls://).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// Ship sealed events to a SIEM over syslog/TLS continuously, resuming from a durable
+    /// cursor after any restart (at-least-once). Runs until Ctrl-C.
+    Forward {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// syslog+tls://HOST:PORT
+        #[arg(long)]
+        to: String,
+        /// CA bundle the receiver's certificate must chain to.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Cursor name; each destination keeps its own.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// rfc5424 or cef.
+        #[arg(long, default_value = "rfc5424")]
+        format: String,
+        /// Events per frame batch.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+    },
     /// Print (or write) the latest signed batch head, to anchor the chain outside the database.
     Checkpoint {
         #[command(flatten)]

@@ -567,6 +567,44 @@ fn create_admin_then_rotate_keys_while_the_server_keeps_reading() {
         text(&o)
     );
 
+    // Export: JSON lines to a file in sequence order, CEF to standard output.
+    let jsonl = dir.path().join("audit.jsonl");
+    let o = dalp(&[
+        "audit",
+        "export",
+        "--data-dir",
+        d,
+        "--format",
+        "jsonl",
+        "--to",
+        jsonl.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let seqs: Vec<i64> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        seqs.len() >= 5 && seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "{seqs:?}"
+    );
+    let o = dalp(&["audit", "export", "--data-dir", d, "--format", "cef"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .all(|l| l.starts_with("CEF:0|dalp|dalp|")));
+    let o = dalp(&["audit", "export", "--data-dir", d, "--format", "xml"]);
+    assert!(
+        !o.status.success() && text(&o).contains("jsonl, csv, cef or rfc5424"),
+        "{}",
+        text(&o)
+    );
+
     // The superuser (local socket, peer) edits a sealed event: verify fails and says where.
     let socket = dir.path().join("run");
     let port = serde_json::from_str::<serde_json::Value>(

@@ -14,15 +14,150 @@ use tokio_postgres::Client;
 use crate::cli::{AuditKeyArgs, TargetArgs};
 use crate::target::connect_admin;
 
-/// Audit reads run as the auditor role on an embedded instance, or as the URL's user.
-async fn connect_auditor(target: &TargetArgs) -> anyhow::Result<Client> {
-    let opts = match &target.database_url {
+/// Options for `role` on an embedded instance, or the URL's user.
+fn audit_options(target: &TargetArgs, role: &str) -> anyhow::Result<ConnectOptions> {
+    Ok(match &target.database_url {
         Some(url) => ConnectOptions::from_url(url)?,
         None => Layout::new(&target.data_dir)
-            .connect_options("dalp_auditor")
+            .connect_options(role)
             .with_context(|| format!("instance in {}", target.data_dir.display()))?,
+    })
+}
+
+/// Audit reads run as the auditor role on an embedded instance, or as the URL's user.
+async fn connect_auditor(target: &TargetArgs) -> anyhow::Result<Client> {
+    Ok(audit_options(target, "dalp_auditor")?.connect().await?)
+}
+
+pub async fn export(
+    target: &TargetArgs,
+    format: &str,
+    since: Option<&str>,
+    to: Option<&str>,
+    ca: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    use dalp_audit::export::{self, Format, SyslogSink, SyslogTarget};
+    use std::io::Write;
+    let format = Format::parse(format).map_err(anyhow::Error::msg)?;
+    let since = since
+        .map(|s| chrono::DateTime::parse_from_rfc3339(s).map(|d| d.with_timezone(&chrono::Utc)))
+        .transpose()
+        .context("--since must be an RFC 3339 time, e.g. 2026-11-01T00:00:00Z")?;
+    let client = connect_auditor(target).await?;
+    let total = Sealer::checkpoint(&client)
+        .await?
+        .map(|c| c.last_seq)
+        .unwrap_or(0);
+    enum Out {
+        Writer(Box<dyn Write>),
+        Syslog(Box<SyslogSink>),
+    }
+    let mut out = match to {
+        Some(t) if t.starts_with("syslog+tls://") => {
+            let ca = ca.context("--ca is required with syslog+tls://")?;
+            Out::Syslog(
+                SyslogSink::connect(&SyslogTarget::parse(t).map_err(anyhow::Error::msg)?, ca)
+                    .await?,
+            )
+        }
+        Some(path) => Out::Writer(Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("create {path}"))?,
+        ))),
+        None => Out::Writer(Box::new(std::io::BufWriter::new(std::io::stdout()))),
     };
-    Ok(opts.connect().await?)
+    if let (Out::Writer(w), Format::Csv) = (&mut out, format) {
+        writeln!(w, "{}", export::CSV_HEADER)?;
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("exporting {bar:30} {pos}/{len} events")
+            .expect("template"),
+    );
+    if to.is_none() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let host = hostname();
+    let mut after = 0;
+    let mut n = 0u64;
+    loop {
+        let events = export::read_sealed(&client, after, since, 1000).await?;
+        let Some(last) = events.last() else { break };
+        after = last.seq;
+        let lines: Vec<String> = events
+            .iter()
+            .map(|e| export::render(format, e, &host))
+            .collect();
+        match &mut out {
+            Out::Writer(w) => {
+                for l in &lines {
+                    writeln!(w, "{l}")?;
+                }
+            }
+            Out::Syslog(s) => s.send(&lines).await?,
+        }
+        n += lines.len() as u64;
+        bar.set_position(after as u64);
+    }
+    if let Out::Writer(w) = &mut out {
+        w.flush()?;
+    }
+    bar.finish_and_clear();
+    eprintln!("exported {n} events");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+pub async fn forward(
+    target: &TargetArgs,
+    to: &str,
+    ca: &Path,
+    name: &str,
+    format: &str,
+    batch: i64,
+) -> anyhow::Result<ExitCode> {
+    use dalp_audit::export::{Format, Forwarder, SyslogTarget};
+    let format = Format::parse(format).map_err(anyhow::Error::msg)?;
+    if !(1..=10_000).contains(&batch) {
+        anyhow::bail!("--batch must be 1 to 10000");
+    }
+    let opts = audit_options(target, "dalp_audit_sealer")?;
+    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::from_config(
+        opts.pg_config(),
+        opts.tls()?,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    ))
+    .max_size(2)
+    .runtime(deadpool_postgres::Runtime::Tokio1)
+    .build()?;
+    let f = Forwarder {
+        pool,
+        name: name.to_string(),
+        format,
+        target: SyslogTarget::parse(to).map_err(anyhow::Error::msg)?,
+        ca_file: ca.to_path_buf(),
+        batch,
+        hostname: hostname(),
+        pace: std::time::Duration::ZERO,
+    };
+    let start = f.cursor().await.context("read the forwarding cursor")?;
+    eprintln!(
+        "forwarding to {to} from sequence {} (cursor `{name}`); Ctrl-C stops",
+        start + 1
+    );
+    tokio::select! {
+        _ = f.run(|n, cursor| eprintln!("sent {n} events, delivered through sequence {cursor}")) => {},
+        _ = super::up::shutdown_signal() => eprintln!("stopped"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn verify(

@@ -50,6 +50,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Checkpoint { target, out },
         } => audit::checkpoint(&target, out.as_deref()).await,
+        Command::Audit {
+            command:
+                AuditCommand::Export {
+                    target,
+                    format,
+                    since,
+                    to,
+                    ca,
+                },
+        } => {
+            audit::export(
+                &target,
+                &format,
+                since.as_deref(),
+                to.as_deref(),
+                ca.as_deref(),
+            )
+            .await
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Forward {
+                    target,
+                    to,
+                    ca,
+                    name,
+                    format,
+                    batch,
+                },
+        } => audit::forward(&target, &to, &ca, &name, &format, batch).await,
         Command::Partitions {
             target,
             apply,
