@@ -55,10 +55,10 @@ pub async fn export(
     let mut out = match to {
         Some(t) if t.starts_with("syslog+tls://") => {
             let ca = ca.context("--ca is required with syslog+tls://")?;
-            Out::Syslog(
+            Out::Syslog(Box::new(
                 SyslogSink::connect(&SyslogTarget::parse(t).map_err(anyhow::Error::msg)?, ca)
                     .await?,
-            )
+            ))
         }
         Some(path) => Out::Writer(Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("create {path}"))?,
