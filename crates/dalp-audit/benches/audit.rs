@@ -22,7 +22,8 @@ async fn run(sealing: bool) -> (f64, Vec<f64>, u64) {
     let dir = tempfile::tempdir().unwrap();
     let key = Arc::new(AuditKey::open_or_create(&dir.path().join("k.json")).unwrap());
     let sealer_task = sealing.then(|| {
-        Sealer::new(pools.get(Component::AuditSealer).clone(), key.clone()).spawn(Duration::from_millis(200))
+        Sealer::new(pools.get(Component::AuditSealer).clone(), key.clone())
+            .spawn(Duration::from_millis(200))
     });
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
@@ -64,7 +65,10 @@ async fn run(sealing: bool) -> (f64, Vec<f64>, u64) {
         t.abort();
         let su = db.superuser().await;
         sealed = su
-            .query_one("SELECT coalesce(max(last_seq), 0) FROM dalp_audit.seal_batches", &[])
+            .query_one(
+                "SELECT coalesce(max(last_seq), 0) FROM dalp_audit.seal_batches",
+                &[],
+            )
             .await
             .unwrap()
             .get::<_, i64>(0) as u64;
@@ -74,7 +78,10 @@ async fn run(sealing: bool) -> (f64, Vec<f64>, u64) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let (plain, _, _) = run(false).await;
         let (sealed_rate, lags, sealed) = run(true).await;

@@ -111,6 +111,10 @@ pub struct UpArgs {
     /// HTTP API port on 127.0.0.1.
     #[arg(long, default_value_t = 8080)]
     pub api_port: u16,
+    /// pgAudit session classes logged when pgAudit is installed (comma-separated: read,
+    /// write, function, role, ddl, misc, misc_set, all, none).
+    #[arg(long, default_value = "write, ddl, role")]
+    pub pgaudit_log: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,6 +9,10 @@ pub const OWNER_ROLE: &str = "dalp_owner";
 /// to it, so everything it creates is owned by the owner role.
 pub const MIGRATOR_ROLE: &str = "dalp_migrator";
 
+/// NOLOGIN role whose grants select the tables pgAudit object-audits (`pgaudit.role`): a
+/// SELECT grant on a PII table makes every read of it an AUDIT log entry.
+pub const PGAUDIT_ROLE: &str = "dalp_pgaudit";
+
 /// A dalp component that connects with its own login role and pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Component {

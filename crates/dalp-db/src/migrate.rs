@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
-use crate::component::{login_roles, OWNER_ROLE};
+use crate::component::{login_roles, OWNER_ROLE, PGAUDIT_ROLE};
 
 /// One numbered SQL file of a schema.
 #[derive(Debug, Clone, Copy)]
@@ -255,7 +255,7 @@ pub async fn migrate(
     {
         return Err(MigrateError::NotOwner { user, source });
     }
-    let wanted: Vec<&str> = login_roles().collect();
+    let wanted: Vec<&str> = login_roles().chain([PGAUDIT_ROLE]).collect();
     let missing: Vec<String> = client
         .query(
             "SELECT r FROM unnest($1::text[]) AS r WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r)",

@@ -4,7 +4,7 @@
 
 use tokio_postgres::Client;
 
-use crate::component::{login_roles, MIGRATOR_ROLE, OWNER_ROLE};
+use crate::component::{login_roles, MIGRATOR_ROLE, OWNER_ROLE, PGAUDIT_ROLE};
 use crate::secrets::{Secrets, SecretsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,10 +37,12 @@ async fn role_exists(client: &Client, role: &str) -> Result<bool, tokio_postgres
 /// from `secrets`. Passwords are sent as SCRAM verifiers computed here, so the plaintext
 /// never reaches the server or its logs. Idempotent.
 pub async fn ensure_roles(client: &Client, secrets: &Secrets) -> Result<(), RolesError> {
-    if !role_exists(client, OWNER_ROLE).await? {
-        client
-            .batch_execute(&format!("CREATE ROLE {} NOLOGIN", quote_ident(OWNER_ROLE)))
-            .await?;
+    for nologin in [OWNER_ROLE, PGAUDIT_ROLE] {
+        if !role_exists(client, nologin).await? {
+            client
+                .batch_execute(&format!("CREATE ROLE {} NOLOGIN", quote_ident(nologin)))
+                .await?;
+        }
     }
     for role in login_roles() {
         let password = secrets.password(role)?;

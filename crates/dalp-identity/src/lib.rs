@@ -30,6 +30,11 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             name: "access",
             sql: include_str!("../migrations/0002_access.sql"),
         },
+        Migration {
+            version: 3,
+            name: "pgaudit_objects",
+            sql: include_str!("../migrations/0003_pgaudit_objects.sql"),
+        },
     ],
 };
 

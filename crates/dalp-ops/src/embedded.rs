@@ -150,6 +150,29 @@ pub struct StartOptions {
     pub pg_port: Option<u16>,
     /// Directory of `initdb` and `postgres`; default `DALP_PG_BIN` or [`DEFAULT_PG_BIN`].
     pub bin_dir: Option<PathBuf>,
+    /// pgAudit session classes (when pgAudit is installed); default [`DEFAULT_PGAUDIT_LOG`].
+    pub pgaudit_log: Option<String>,
+}
+
+/// Database-level audit by default: writes, DDL and role changes, plus object audit of the
+/// PII tables through [`dalp_db::component::PGAUDIT_ROLE`].
+pub const DEFAULT_PGAUDIT_LOG: &str = "write, ddl, role";
+
+/// Checks a pgAudit class list: comma-separated, each optionally prefixed with `-`.
+pub fn parse_pgaudit_classes(s: &str) -> Result<String, OpsError> {
+    const CLASSES: [&str; 9] = [
+        "read", "write", "function", "role", "ddl", "misc", "misc_set", "all", "none",
+    ];
+    let parts: Vec<String> = s.split(',').map(|c| c.trim().to_lowercase()).collect();
+    for p in &parts {
+        if !CLASSES.contains(&p.trim_start_matches('-')) {
+            return Err(OpsError::Bootstrap {
+                context: format!("pgAudit class `{p}`"),
+                message: format!("unknown; classes are {}", CLASSES.join(", ")),
+            });
+        }
+    }
+    Ok(parts.join(", "))
 }
 
 /// A data directory locked for our exclusive use.
@@ -313,7 +336,9 @@ impl Instance {
             self.initdb(&bin)?;
         }
         let port = self.choose_port(opts.pg_port)?;
-        self.write_config(&bin, port)?;
+        let pgaudit_log =
+            parse_pgaudit_classes(opts.pgaudit_log.as_deref().unwrap_or(DEFAULT_PGAUDIT_LOG))?;
+        self.write_config(&bin, port, &pgaudit_log)?;
 
         let log_path = self.layout.log_file();
         let log_dir = log_path.parent().expect("log file has a parent");
@@ -412,7 +437,7 @@ impl Instance {
 
     /// Rewrites dalp's configuration on every start: `dalp.conf` (included from
     /// postgresql.conf), a TLS-only `pg_hba.conf` and the peer map for the superuser.
-    fn write_config(&self, bin: &Path, port: u16) -> Result<(), OpsError> {
+    fn write_config(&self, bin: &Path, port: u16, pgaudit_log: &str) -> Result<(), OpsError> {
         let pgdata = self.layout.pgdata();
         let socket_dir = self.layout.socket_dir();
         std::fs::create_dir_all(&socket_dir).map_err(OpsError::io("create socket dir"))?;
@@ -438,6 +463,27 @@ impl Instance {
             .filter(|l| lib_dir.join(format!("{l}.so")).exists())
             .collect();
         let tls = self.layout.tls_dir();
+        let log_dir = self
+            .layout
+            .log_file()
+            .parent()
+            .expect("log dir")
+            .to_path_buf();
+        std::fs::create_dir_all(&log_dir).map_err(OpsError::io("create log dir"))?;
+        self.user.chown(&log_dir)?;
+        let audit = if preload.contains(&"pgaudit") {
+            format!(
+                "pgaudit.log = {}
+                 pgaudit.log_parameter = off
+                 pgaudit.log_catalog = off
+                 pgaudit.role = {}
+",
+                quote_conf(pgaudit_log),
+                quote_conf(dalp_db::component::PGAUDIT_ROLE)
+            )
+        } else {
+            String::new()
+        };
         let conf = format!(
             "# Written by dalp at every start; local edits are overwritten.\n\
              listen_addresses = '127.0.0.1,::1'\n\
@@ -451,7 +497,15 @@ impl Instance {
              password_encryption = 'scram-sha-256'\n\
              shared_preload_libraries = {preload}\n\
              max_connections = 200\n\
-             log_line_prefix = '%m [%p] %q%u@%d/%a '\n",
+             log_line_prefix = '%m [%p] %q%u@%d/%a '\n\
+             # Server logs as JSON lines (pgAudit's AUDIT entries among them), for shipping.\n\
+             logging_collector = on\n\
+             log_destination = 'stderr,jsonlog'\n\
+             log_directory = {log_dir}\n\
+             log_filename = 'postgresql-%Y-%m-%d.log'\n\
+             log_file_mode = 0640\n\
+             {audit}",
+            log_dir = quote_conf(&log_dir.display().to_string()),
             sock = quote_conf(&socket_dir.display().to_string()),
             cert = quote_conf(&tls.join(pki::SERVER_CERT).display().to_string()),
             key = quote_conf(&tls.join(pki::SERVER_KEY).display().to_string()),

@@ -84,6 +84,33 @@ async fn restart_reuses_data_port_and_passwords() {
         .get(0);
     if std::path::Path::new("/usr/lib/postgresql/15/lib/pgaudit.so").exists() {
         assert!(preload.contains("pgaudit"), "{preload}");
+        let classes: String = su.query_one("SHOW pgaudit.log", &[]).await.unwrap().get(0);
+        assert_eq!(classes, "write, ddl, role");
+        // A write is logged as an AUDIT line in the JSON server log.
+        c.batch_execute("SET ROLE dalp_owner; INSERT INTO keep.t VALUES ('audited'); RESET ROLE")
+            .await
+            .unwrap();
+        let mut found = false;
+        for _ in 0..50 {
+            let logs: String = std::fs::read_dir(dir.path().join("log"))
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().map(|x| x == "json").unwrap_or(false))
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                .collect();
+            if logs
+                .lines()
+                .any(|l| l.contains("AUDIT: SESSION") && l.contains("keep.t"))
+            {
+                assert!(logs
+                    .lines()
+                    .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+                found = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(found, "no AUDIT line for the write in the jsonlog");
     }
     // Checksums are on.
     let checksums: String = c
@@ -136,6 +163,7 @@ async fn a_busy_port_is_refused_before_anything_starts() {
         .start(StartOptions {
             pg_port: Some(port),
             bin_dir: None,
+            pgaudit_log: None,
         })
         .await
         .err()
@@ -156,6 +184,7 @@ async fn a_missing_binary_dir_says_what_to_install() {
         .start(StartOptions {
             pg_port: None,
             bin_dir: Some("/nonexistent/pg/bin".into()),
+            pgaudit_log: None,
         })
         .await
         .err()

@@ -59,6 +59,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         .start(StartOptions {
             pg_port: args.pg_port,
             bin_dir: None,
+            pgaudit_log: Some(args.pgaudit_log.clone()),
         })
         .await?;
     let migrator = cluster.role_options(MIGRATOR_ROLE, DATABASE);
