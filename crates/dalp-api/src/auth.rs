@@ -88,6 +88,9 @@ async fn authenticate(
             )),
         };
     let ctx = context(parts, principal.actor());
+    if let Some(slot) = parts.extensions.get::<crate::request_audit::ActorSlot>() {
+        slot.set(principal.actor());
+    }
     match &principal.credential {
         Credential::Session {
             mfa_pending: true, ..

@@ -100,3 +100,14 @@ impl IntoResponse for ApiError {
             .into_response()
     }
 }
+
+impl ApiError {
+    /// The error response, carrying the request id header.
+    pub fn into_response_with_id(self, request_id: &str) -> Response {
+        let mut r = self.into_response();
+        if let Ok(v) = axum::http::HeaderValue::from_str(request_id) {
+            r.headers_mut().insert("x-request-id", v);
+        }
+        r
+    }
+}

@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod error;
 pub mod extract;
 pub mod limit;
+pub mod request_audit;
 mod routes;
 
 use std::net::SocketAddr;
@@ -136,6 +137,10 @@ impl Services {
 /// The full router.
 pub fn router(state: AppState) -> Router {
     routes::router()
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_audit::record,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(
             state.settings.max_body_bytes,
         ))

@@ -717,12 +717,17 @@ impl IdentityStore {
 
     /// Records an audit event in a transaction of its own (for denials that change nothing).
     async fn audit_alone(&self, mut event: AuditEvent, user: Option<Uuid>) -> Result<()> {
-        if let Some(u) = user {
+        if let Some(u) = user.filter(|_| event.resource_id.is_none()) {
             event.resource_id = Some(u.to_string());
         }
         let client = self.pool.get().await?;
         dalp_audit::record(&**client, &event).await?;
         Ok(())
+    }
+
+    /// Records one event in a transaction of its own (e.g. the API's per-request record).
+    pub async fn record_event(&self, event: AuditEvent) -> Result<()> {
+        self.audit_alone(event, None).await
     }
 
     /// Records a denied access (missing role, wrong scope …) against the caller.

@@ -116,3 +116,68 @@ async fn auditors_query_events_and_verify_the_sealed_chain() {
     assert_eq!(b["ok"], false, "{b}");
     assert_eq!(b["problem"]["detail"]["kind"], "event_changed");
 }
+
+#[tokio::test]
+async fn every_api_request_that_touches_data_is_recorded_once() {
+    let app = spawn_app().await;
+    let uid = app.create_user("rec@bank.example", &[]).await;
+    let token = app.token("rec@bank.example").await;
+    let resp = app
+        .http
+        .get(format!("{}/api/v1/me", app.base))
+        .bearer_auth(&token)
+        .header("x-request-id", "req-me-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-request-id"], "req-me-1");
+    let (s, _) = app
+        .call(
+            Method::GET,
+            "/api/v1/audit/events",
+            Cred::Token(&token),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = app
+        .call(Method::GET, "/api/v1/openapi.json", Cred::None, None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+
+    let su = app.db.superuser().await;
+    let me: Vec<(String, String, String)> = su
+        .query(
+            "SELECT actor, outcome, details->>'status' FROM dalp_audit.events WHERE action = 'api.request' AND request_id = 'req-me-1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        me,
+        vec![(
+            format!("user:{uid}"),
+            "success".to_string(),
+            "200".to_string()
+        )]
+    );
+    let denied: i64 = su
+        .query_one(
+            "SELECT count(*) FROM dalp_audit.events WHERE action = 'api.request' AND resource_id = 'GET /api/v1/audit/events' AND outcome = 'denied'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(denied, 1);
+    let docs: i64 = su
+        .query_one("SELECT count(*) FROM dalp_audit.events WHERE details->>'path' = '/api/v1/openapi.json'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(docs, 0, "the API description touches no data");
+}
