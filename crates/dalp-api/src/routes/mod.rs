@@ -4,6 +4,7 @@ mod api_keys;
 mod audit;
 mod auth;
 mod health;
+mod metrics;
 mod mfa;
 mod openapi;
 mod users;
@@ -21,6 +22,7 @@ pub(crate) fn router() -> Router<AppState> {
         .merge(api_keys::router())
         .merge(users::router())
         .merge(audit::router())
+        .merge(metrics::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
 }

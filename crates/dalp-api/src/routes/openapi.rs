@@ -78,6 +78,7 @@ pub fn document() -> Value {
             },
             "/api/v1/audit/events": { "get": op("Audit events (auditor): ?from=&to= (RFC 3339, default last 30 days), actor, action, resource_type, resource_id, outcome, limit (1-1000), before_id", true, None, "200:events, newest first, with next_before_id", &[400, 401, 403]) },
             "/api/v1/audit/verify": { "get": op("Recompute the audit hash chain (auditor)", true, None, "200:report with ok and the first problem", &[401, 403]) },
+            "/metrics": { "get": op("Prometheus metrics: audit seal lag, identity cache", false, None, "200:text exposition format", &[]) },
             "/api/v1/openapi.json": { "get": op("This document", false, None, "200:OpenAPI document", &[]) }
         },
         "components": {

@@ -98,6 +98,26 @@ async fn auditors_query_events_and_verify_the_sealed_chain() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(report["ok"], true, "{report}");
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lag: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dalp_audit_seal_lag_seconds "))
+        .expect("seal lag metric")
+        .parse()
+        .unwrap();
+    assert!((0.0..=1.0).contains(&lag), "seal lag {lag}");
+    assert!(
+        metrics.contains("dalp_identity_cache_listening 1"),
+        "{metrics}"
+    );
     assert!(report["batches"].as_u64().unwrap() >= 1, "{report}");
 
     // Tampering shows up in the API's verdict.
