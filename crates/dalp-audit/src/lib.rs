@@ -13,7 +13,7 @@ pub mod verify;
 pub use chain::{AuditKey, Checkpoint};
 pub use event::{record, AuditEvent, Outcome};
 pub use seal::Sealer;
-pub use verify::{verify, Problem, VerifyReport};
+pub use verify::{verify, verify_window, Problem, VerifyReport};
 
 use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
 

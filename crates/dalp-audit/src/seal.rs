@@ -167,6 +167,37 @@ impl Sealer {
         Ok(n)
     }
 
+    /// Committed events not yet sealed.
+    pub async fn pending(&self) -> Result<i64, SealError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_one(
+                "SELECT count(*) FROM dalp_audit.events
+                  WHERE txid >= coalesce((SELECT xmin_upper FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1), '0'::xid8)",
+                &[],
+            )
+            .await?
+            .get(0))
+    }
+
+    /// Seals until every event committed so far is sealed, or `timeout` passes. Transaction
+    /// ids are cluster-wide, so an old open transaction anywhere in the cluster (any
+    /// database) holds the watermark back; this waits it out. Returns the events sealed.
+    pub async fn seal_caught_up(&self, timeout: Duration) -> Result<u64, SealError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut n = self.seal_all().await?;
+        while self.pending().await? > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SealError::Corrupt(format!(
+                    "events still unsealed after {timeout:?}: a long-running transaction in the cluster holds the seal watermark back"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            n += self.seal_all().await?;
+        }
+        Ok(n)
+    }
+
     /// Seals every `interval` until the task is aborted.
     pub fn spawn(self, interval: Duration) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {

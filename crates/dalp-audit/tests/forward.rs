@@ -99,7 +99,10 @@ async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
         }
     };
     write(120).await;
-    sealer.seal_all().await.unwrap();
+    sealer
+        .seal_caught_up(Duration::from_secs(30))
+        .await
+        .unwrap();
 
     let tls_dir = dir.path().join("tls");
     let (port, got, _rx) = receiver(&tls_dir).await;
@@ -127,7 +130,10 @@ async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
     assert!((40..120).contains(&cursor), "cursor {cursor}");
 
     write(30).await;
-    sealer.seal_all().await.unwrap();
+    sealer
+        .seal_caught_up(Duration::from_secs(30))
+        .await
+        .unwrap();
     let f = forwarder.clone();
     let second = tokio::spawn(async move { f.run(|_, _| {}).await });
     let want: BTreeSet<i64> = (1..=150).collect();

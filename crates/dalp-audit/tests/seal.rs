@@ -115,7 +115,10 @@ async fn concurrent_writers_with_rollbacks_are_sealed_exactly_once() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     sealer_task.await.unwrap();
-    s.sealer().seal_all().await.unwrap();
+    s.sealer()
+        .seal_caught_up(Duration::from_secs(30))
+        .await
+        .unwrap();
 
     let report = s.verify(None).await;
     assert!(report.ok(), "{:?}", report.problem);
@@ -150,7 +153,10 @@ async fn every_kind_of_tampering_is_detected() {
     async fn sealed(n: usize) -> Setup {
         let s = setup().await;
         s.write(n).await;
-        s.sealer().seal_all().await.unwrap();
+        s.sealer()
+            .seal_caught_up(Duration::from_secs(30))
+            .await
+            .unwrap();
         let r = s.verify(None).await;
         assert!(r.ok(), "{:?}", r.problem);
         s
@@ -182,10 +188,11 @@ async fn every_kind_of_tampering_is_detected() {
         "INSERT INTO dalp_audit.events (txid, actor, action, resource_type, outcome) VALUES ('2', 'forger', 'x', 'y', 'success')",
     )
     .await;
-    assert!(matches!(
-        s.verify(None).await.problem,
-        Some(Problem::UnsealedEvent { .. })
-    ));
+    let r = s.verify(None).await;
+    assert!(
+        matches!(r.problem, Some(Problem::UnsealedEvent { .. })),
+        "{r:?}"
+    );
 
     // Reordering events inside a batch, with or without their hashes.
     let s = sealed(5).await;
@@ -226,7 +233,10 @@ async fn every_kind_of_tampering_is_detected() {
     // A truncated chain is caught by a checkpoint exported before; a forged one is refused.
     let s = sealed(3).await;
     s.write(3).await;
-    s.sealer().seal_all().await.unwrap();
+    s.sealer()
+        .seal_caught_up(Duration::from_secs(30))
+        .await
+        .unwrap();
     let auditor = s.db.connect_as(Component::Auditor).await;
     let cp = Sealer::checkpoint(&auditor).await.unwrap().unwrap();
     assert!(s.verify(Some(&cp)).await.ok());
@@ -248,9 +258,15 @@ async fn every_kind_of_tampering_is_detected() {
     // Deleting a batch in the middle breaks the numbering.
     let s = sealed(3).await;
     s.write(2).await;
-    s.sealer().seal_all().await.unwrap();
+    s.sealer()
+        .seal_caught_up(Duration::from_secs(30))
+        .await
+        .unwrap();
     s.write(2).await;
-    s.sealer().seal_all().await.unwrap();
+    s.sealer()
+        .seal_caught_up(Duration::from_secs(30))
+        .await
+        .unwrap();
     s.tamper("DELETE FROM dalp_audit.seal_batches WHERE batch_no = 2")
         .await;
     assert!(matches!(
@@ -277,7 +293,10 @@ async fn a_dropped_partition_is_tampering_unless_retention_dropped_it() {
         .unwrap();
     }
     s.write(3).await;
-    s.sealer().seal_all().await.unwrap();
+    s.sealer()
+        .seal_caught_up(Duration::from_secs(30))
+        .await
+        .unwrap();
     assert!(s.verify(None).await.ok());
 
     // Retention (7 years) drops the 2010 partitions, records it, and verify still passes.
@@ -321,7 +340,10 @@ async fn a_dropped_partition_is_tampering_unless_retention_dropped_it() {
 async fn the_owner_cannot_change_audit_rows() {
     let s = setup().await;
     s.write(2).await;
-    s.sealer().seal_all().await.unwrap();
+    s.sealer()
+        .seal_caught_up(Duration::from_secs(30))
+        .await
+        .unwrap();
     let owner = s.db.connect(MIGRATOR_ROLE).await;
     // Row triggers need rows to refuse: give the retention log one.
     owner
@@ -355,4 +377,49 @@ async fn the_owner_cannot_change_audit_rows() {
         .await
         .is_err());
     assert!(sealer.batch_execute("INSERT INTO dalp_audit.events (actor, action, resource_type, outcome) VALUES ('a','b','c','success')").await.is_err());
+}
+
+#[tokio::test]
+async fn a_window_of_batches_verifies_against_the_batch_before_it() {
+    let s = setup().await;
+    for _ in 0..3 {
+        s.write(2).await;
+        s.sealer()
+            .seal_caught_up(Duration::from_secs(30))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let su = s.db.superuser().await;
+    let second: chrono::DateTime<Utc> = su
+        .query_one(
+            "SELECT sealed_at FROM dalp_audit.seal_batches WHERE batch_no = 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let auditor = s.db.connect_as(Component::Auditor).await;
+    let w = dalp_audit::verify_window(&auditor, &s.key.public(), None, Some(second), None)
+        .await
+        .unwrap();
+    assert!(w.ok(), "{:?}", w.problem);
+    assert_eq!(w.batches, 2);
+    // Tampering before the window is outside it; the whole chain still catches it.
+    s.tamper("UPDATE dalp_audit.events SET actor = 'x' WHERE id = (SELECT min(id) FROM dalp_audit.events)").await;
+    let w = dalp_audit::verify_window(&auditor, &s.key.public(), None, Some(second), None)
+        .await
+        .unwrap();
+    assert!(w.ok());
+    assert!(matches!(
+        s.verify(None).await.problem,
+        Some(Problem::EventChanged { batch: 1, .. })
+    ));
+    // Without its anchor the window cannot be trusted.
+    s.tamper("DELETE FROM dalp_audit.seal_batches WHERE batch_no = 1")
+        .await;
+    let w = dalp_audit::verify_window(&auditor, &s.key.public(), None, Some(second), None)
+        .await
+        .unwrap();
+    assert_eq!(w.problem, Some(Problem::BatchMissing { expected_batch: 1 }));
 }

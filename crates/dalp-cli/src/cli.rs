@@ -216,6 +216,12 @@ pub enum AuditCommand {
         /// A checkpoint exported earlier (`dalp audit checkpoint`): the chain must still reach it.
         #[arg(long)]
         checkpoint: Option<PathBuf>,
+        /// Only batches sealed at or after this time (RFC 3339), linked to the one before.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only batches sealed before this time (RFC 3339).
+        #[arg(long)]
+        to: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,

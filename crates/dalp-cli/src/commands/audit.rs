@@ -160,12 +160,27 @@ pub async fn forward(
     Ok(ExitCode::SUCCESS)
 }
 
+fn parse_time(
+    flag: &str,
+    v: Option<&str>,
+) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+    v.map(|s| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .map(|d| d.with_timezone(&chrono::Utc))
+            .with_context(|| format!("{flag} must be an RFC 3339 time, e.g. 2026-11-01T00:00:00Z"))
+    })
+    .transpose()
+}
+
 pub async fn verify(
     target: &TargetArgs,
     key: &AuditKeyArgs,
     checkpoint: Option<&Path>,
+    from: Option<&str>,
+    to: Option<&str>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    let (from, to) = (parse_time("--from", from)?, parse_time("--to", to)?);
     let key_path = key.audit_key.clone().unwrap_or_else(|| {
         Layout::new(&target.data_dir)
             .keys_dir()
@@ -182,7 +197,7 @@ pub async fn verify(
         None => None,
     };
     let client = connect_auditor(target).await?;
-    let report = dalp_audit::verify(&client, &key.public(), cp.as_ref()).await?;
+    let report = dalp_audit::verify_window(&client, &key.public(), cp.as_ref(), from, to).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -44,9 +44,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     target,
                     key,
                     checkpoint,
+                    from,
+                    to,
                     json,
                 },
-        } => audit::verify(&target, &key, checkpoint.as_deref(), json).await,
+        } => {
+            audit::verify(
+                &target,
+                &key,
+                checkpoint.as_deref(),
+                from.as_deref(),
+                to.as_deref(),
+                json,
+            )
+            .await
+        }
         Command::Audit {
             command: AuditCommand::Checkpoint { target, out },
         } => audit::checkpoint(&target, out.as_deref()).await,
