@@ -20,5 +20,21 @@ pub const ACCESS: [SchemaAccess; 5] = [
     dalp_audit::ACCESS,
 ];
 
-/// Every time-partitioned table and how it is kept.
+/// Every time-partitioned table and how it is kept (defaults).
 pub const PARTITIONS: [dalp_db::partitions::PartitionPolicy; 1] = [dalp_audit::PARTITIONS];
+
+/// The partition policies with the audit retention set to `audit_retention_months`.
+pub fn partition_policies(
+    audit_retention_months: u32,
+) -> Vec<dalp_db::partitions::PartitionPolicy> {
+    PARTITIONS
+        .iter()
+        .map(|p| {
+            let mut p = *p;
+            if p.schema == dalp_audit::SCHEMA && p.table == dalp_audit::PARTITIONS.table {
+                p.retention_months = Some(audit_retention_months);
+            }
+            p
+        })
+        .collect()
+}

@@ -88,6 +88,9 @@ pub enum Command {
         /// Create and drop partitions instead of only showing them.
         #[arg(long)]
         apply: bool,
+        /// Months audit partitions are kept (with --apply).
+        #[arg(long, default_value_t = 84, value_parser = clap::value_parser!(u32).range(1..=1200))]
+        audit_retention_months: u32,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -115,6 +118,10 @@ pub struct UpArgs {
     /// write, function, role, ddl, misc, misc_set, all, none).
     #[arg(long, default_value = "write, ddl, role")]
     pub pgaudit_log: String,
+    /// Months audit partitions are kept before retention drops them (recorded in the audit
+    /// retention log).
+    #[arg(long, default_value_t = 84, value_parser = clap::value_parser!(u32).range(1..=1200))]
+    pub audit_retention_months: u32,
 }
 
 #[derive(Debug, Subcommand)]

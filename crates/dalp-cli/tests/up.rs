@@ -566,6 +566,28 @@ fn create_admin_then_rotate_keys_while_the_server_keeps_reading() {
         "{}",
         text(&o)
     );
+    let o = dalp(&[
+        "partitions",
+        "--data-dir",
+        d,
+        "--apply",
+        "--audit-retention-months",
+        "0",
+    ]);
+    assert!(!o.status.success(), "retention of 0 months accepted");
+    let o = dalp(&[
+        "partitions",
+        "--data-dir",
+        d,
+        "--apply",
+        "--audit-retention-months",
+        "120",
+    ]);
+    assert!(
+        o.status.success() && text(&o).contains("retention 120 months"),
+        "{}",
+        text(&o)
+    );
 
     // Export: JSON lines to a file in sequence order, CEF to standard output.
     let jsonl = dir.path().join("audit.jsonl");

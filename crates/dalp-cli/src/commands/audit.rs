@@ -4,7 +4,6 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use dalp_api::catalog::PARTITIONS;
 use dalp_audit::{AuditKey, Checkpoint, Sealer};
 use dalp_db::connect::ConnectOptions;
 use dalp_db::partitions;
@@ -246,10 +245,15 @@ pub async fn checkpoint(target: &TargetArgs, out: Option<&Path>) -> anyhow::Resu
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn partitions(target: &TargetArgs, apply: bool, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn partitions(
+    target: &TargetArgs,
+    apply: bool,
+    audit_retention_months: u32,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let mut client = connect_admin(target).await?;
     let mut out = Vec::new();
-    for policy in &PARTITIONS {
+    for policy in &dalp_api::catalog::partition_policies(audit_retention_months) {
         let table = format!("{}.{}", policy.schema, policy.table);
         if apply {
             let m = partitions::maintain(&mut client, policy, chrono::Utc::now()).await?;

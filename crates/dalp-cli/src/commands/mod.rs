@@ -95,8 +95,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Partitions {
             target,
             apply,
+            audit_retention_months,
             json,
-        } => audit::partitions(&target, apply, json).await,
+        } => audit::partitions(&target, apply, audit_retention_months, json).await,
         Command::Users {
             command:
                 UsersCommand::CreateAdmin {

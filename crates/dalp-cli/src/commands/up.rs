@@ -80,9 +80,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         report.applied.len(),
         report.already_applied
     );
-    maintain_partitions(&mut client).await?;
+    maintain_partitions(&mut client, args.audit_retention_months).await?;
     drop(client);
-    let maintenance = tokio::spawn(partition_maintenance(migrator.clone()));
+    let maintenance = tokio::spawn(partition_maintenance(
+        migrator.clone(),
+        args.audit_retention_months,
+    ));
 
     let pools = Arc::new(ComponentPools::build(
         &migrator,
@@ -145,8 +148,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Creates partitions ahead and drops those past retention, for every partitioned table.
-async fn maintain_partitions(owner: &mut tokio_postgres::Client) -> anyhow::Result<()> {
-    for policy in &dalp_api::catalog::PARTITIONS {
+async fn maintain_partitions(
+    owner: &mut tokio_postgres::Client,
+    audit_retention_months: u32,
+) -> anyhow::Result<()> {
+    for policy in &dalp_api::catalog::partition_policies(audit_retention_months) {
         let m = dalp_db::partitions::maintain(owner, policy, chrono::Utc::now())
             .await
             .with_context(|| {
@@ -163,12 +169,12 @@ async fn maintain_partitions(owner: &mut tokio_postgres::Client) -> anyhow::Resu
 }
 
 /// Hourly partition maintenance, as the migrator (owner) on a connection of its own.
-async fn partition_maintenance(migrator: dalp_db::ConnectOptions) {
+async fn partition_maintenance(migrator: dalp_db::ConnectOptions, audit_retention_months: u32) {
     loop {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         let result = async {
             let mut c = migrator.connect().await?;
-            maintain_partitions(&mut c).await
+            maintain_partitions(&mut c, audit_retention_months).await
         }
         .await;
         if let Err(e) = result {
