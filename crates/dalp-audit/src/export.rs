@@ -309,6 +309,21 @@ pub struct Forwarder {
     pub hostname: String,
     /// Pause after each batch, to spare a SIEM with ingest limits. Zero: none.
     pub pace: Duration,
+    /// Also ship pgAudit's AUDIT entries from the JSON server logs (`*.json`) in this
+    /// directory, each file with its own durable byte-offset cursor.
+    pub pgaudit_dir: Option<std::path::PathBuf>,
+}
+
+/// Cursor name of one server log file: `<forwarder>-pgaudit-<file>` in cursor syntax.
+fn log_cursor_name(forwarder: &str, file: &str) -> String {
+    let f: String = file
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let mut n = format!("{forwarder}-pgaudit-{f}");
+    n.truncate(63);
+    n
 }
 
 impl Forwarder {
@@ -349,6 +364,65 @@ impl Forwarder {
         Ok(events.len())
     }
 
+    /// Ships new AUDIT lines of the server's JSON logs; returns how many were sent.
+    pub async fn step_pgaudit(&self, sink: &mut SyslogSink) -> Result<usize, ExportError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let Some(dir) = &self.pgaudit_dir else {
+            return Ok(0);
+        };
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().map(|x| x == "json").unwrap_or(false))
+            .collect();
+        files.sort();
+        let c = self.pool.get().await?;
+        let mut sent = 0;
+        for path in files {
+            let file_name = path
+                .file_name()
+                .map(|f| f.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let cursor = log_cursor_name(&self.name, &file_name);
+            c.execute(
+                "INSERT INTO dalp_audit.forward_cursors (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+                &[&cursor],
+            )
+            .await?;
+            let offset: i64 = c
+                .query_one(
+                    "SELECT last_seq FROM dalp_audit.forward_cursors WHERE name = $1",
+                    &[&cursor],
+                )
+                .await?
+                .get(0);
+            let mut f = std::fs::File::open(&path)?;
+            f.seek(SeekFrom::Start(offset as u64))?;
+            let mut buf = Vec::new();
+            f.take(4 << 20).read_to_end(&mut buf)?;
+            // Only whole lines; a line still being written waits for the next round.
+            let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&buf[..=end]);
+            let now = Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true);
+            let lines: Vec<String> = text
+                .lines()
+                .filter(|l| l.contains("\"message\":\"AUDIT: "))
+                .map(|l| format!("<110>1 {now} {} dalp - pgaudit - {l}", self.hostname))
+                .collect();
+            if !lines.is_empty() {
+                sink.send(&lines).await?;
+                sent += lines.len();
+            }
+            c.execute(
+                "UPDATE dalp_audit.forward_cursors SET last_seq = $2, updated_at = now() WHERE name = $1",
+                &[&cursor, &(offset + end as i64 + 1)],
+            )
+            .await?;
+        }
+        Ok(sent)
+    }
+
     /// Runs until aborted: reconnects with backoff on any failure, never advancing the cursor
     /// past what was sent.
     pub async fn run(&self, mut on_sent: impl FnMut(usize, i64)) {
@@ -365,6 +439,16 @@ impl Forwarder {
             };
             backoff = Duration::from_millis(200);
             loop {
+                let logs = match self.step_pgaudit(&mut sink).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "forwarding server audit logs failed; reconnecting");
+                        break;
+                    }
+                };
+                if logs > 0 {
+                    on_sent(logs, self.cursor().await.unwrap_or(-1));
+                }
                 match self.step(&mut sink).await {
                     Ok(0) => tokio::time::sleep(Duration::from_millis(250)).await,
                     Ok(n) => {

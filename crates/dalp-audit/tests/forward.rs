@@ -115,6 +115,7 @@ async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
         batch: 10,
         hostname: "test".into(),
         pace: Duration::from_millis(20),
+        pgaudit_dir: None,
     });
     let f = forwarder.clone();
     let first = tokio::spawn(async move { f.run(|_, _| {}).await });
@@ -180,4 +181,60 @@ async fn a_receiver_with_an_untrusted_certificate_is_refused() {
     assert!(err.is_some(), "connected to a receiver the CA did not sign");
     assert!(got.lock().unwrap().is_empty());
     let _ = pools;
+}
+
+#[tokio::test]
+async fn pgaudit_lines_from_the_json_server_log_are_shipped_too() {
+    let cluster = dalp_testkit::cluster();
+    let log_dir = cluster.layout().log_file().parent().unwrap().to_path_buf();
+    let db = dalp_testkit::migrated_database().await;
+    let pools = db.pools();
+    // A write: pgAudit's WRITE class logs it.
+    let w = pools.get(Component::Identity).get().await.unwrap();
+    dalp_audit::record(
+        &**w,
+        &AuditEvent::new("service:test", "test.pgaudit", "thing"),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    let (port, got, _rx) = receiver(&tls_dir).await;
+    let forwarder = Forwarder {
+        pool: pools.get(Component::AuditSealer).clone(),
+        name: "pga".into(),
+        format: Format::Rfc5424,
+        target: SyslogTarget::parse(&format!("syslog+tls://localhost:{port}")).unwrap(),
+        ca_file: tls_dir.join("ca.crt"),
+        batch: 100,
+        hostname: "test".into(),
+        pace: Duration::ZERO,
+        pgaudit_dir: Some(log_dir),
+    };
+    let task = tokio::spawn(async move { forwarder.run(|_, _| {}).await });
+    let mut found = false;
+    for _ in 0..300 {
+        if got.lock().unwrap().iter().any(|l| {
+            l.contains(" pgaudit - ")
+                && l.contains("AUDIT: SESSION")
+                && l.contains("dalp_audit.events")
+        }) {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    assert!(found, "no pgAudit line shipped");
+    // The shipped payload is the server's JSON log line, intact.
+    let line = got
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains(" pgaudit - "))
+        .cloned()
+        .unwrap();
+    let json = line.splitn(8, ' ').nth(7).unwrap();
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert!(v["message"].as_str().unwrap().starts_with("AUDIT: "));
 }

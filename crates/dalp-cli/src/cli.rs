@@ -271,6 +271,10 @@ pub enum AuditCommand {
         /// Events per frame batch.
         #[arg(long, default_value_t = 500)]
         batch: i64,
+        /// Also ship pgAudit's AUDIT entries from the JSON server logs in this directory
+        /// (the embedded instance's is DATA_DIR/log).
+        #[arg(long)]
+        pgaudit_logs: Option<PathBuf>,
     },
     /// Print (or write) the latest signed batch head, to anchor the chain outside the database.
     Checkpoint {

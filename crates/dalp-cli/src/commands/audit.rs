@@ -120,6 +120,7 @@ pub async fn forward(
     name: &str,
     format: &str,
     batch: i64,
+    pgaudit_dir: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     use dalp_audit::export::{Format, Forwarder, SyslogTarget};
     let format = Format::parse(format).map_err(anyhow::Error::msg)?;
@@ -146,6 +147,7 @@ pub async fn forward(
         batch,
         hostname: hostname(),
         pace: std::time::Duration::ZERO,
+        pgaudit_dir: pgaudit_dir.map(Path::to_path_buf),
     };
     let start = f.cursor().await.context("read the forwarding cursor")?;
     eprintln!(

@@ -90,8 +90,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     name,
                     format,
                     batch,
+                    pgaudit_logs,
                 },
-        } => audit::forward(&target, &to, &ca, &name, &format, batch).await,
+        } => {
+            audit::forward(
+                &target,
+                &to,
+                &ca,
+                &name,
+                &format,
+                batch,
+                pgaudit_logs.as_deref(),
+            )
+            .await
+        }
         Command::Partitions {
             target,
             apply,
