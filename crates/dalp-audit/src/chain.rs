@@ -151,8 +151,11 @@ impl AuditKey {
             key_id: key_id(&signing.verifying_key()),
             secret: hex::encode(signing.to_bytes()),
         };
-        write_private(path, &serde_json::to_string_pretty(&kf).expect("serialize"))
-            .map_err(|e| err(e.to_string()))?;
+        dalp_db::secrets::write_private(
+            path,
+            &serde_json::to_string_pretty(&kf).expect("serialize"),
+        )
+        .map_err(|e| err(e.to_string()))?;
         Ok(AuditKey {
             key_id: kf.key_id,
             signing,
@@ -174,20 +177,6 @@ pub fn signature_ok(public: &VerifyingKey, msg: &[u8], signature: &[u8]) -> bool
         return false;
     };
     public.verify(msg, &sig).is_ok()
-}
-
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())
 }
 
 /// A signed batch head, for anchoring outside the database.

@@ -241,7 +241,7 @@ async fn listen_once(
         }
     });
     client
-        .batch_execute(&format!("LISTEN \"{}\"", channel.replace('"', "\"\"")))
+        .batch_execute(&format!("LISTEN {}", crate::sql::quote_ident(channel)))
         .await?;
     // Only now can no committed write go unheard; drop anything cached before.
     cache.flush();

@@ -16,6 +16,7 @@ pub mod partitions;
 pub mod pool;
 pub mod roles;
 pub mod secrets;
+pub mod sql;
 
 pub use access::{Privs, RoleGrant, SchemaAccess};
 pub use component::{Component, MIGRATOR_ROLE, OWNER_ROLE};

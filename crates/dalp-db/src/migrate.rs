@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
 use crate::component::{login_roles, OWNER_ROLE, PGAUDIT_ROLE};
+use crate::sql::quote_ident;
 
 /// One numbered SQL file of a schema.
 #[derive(Debug, Clone, Copy)]
@@ -110,10 +111,6 @@ impl SchemaStatus {
     pub fn is_current(&self) -> bool {
         self.applied_version == self.latest_version
     }
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 const META_DDL: &str = "

@@ -8,6 +8,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::component::OWNER_ROLE;
+use crate::sql::quote_ident;
 
 /// How one partitioned table is kept.
 #[derive(Debug, Clone, Copy)]
@@ -38,10 +39,6 @@ pub struct Maintenance {
     pub dropped: Vec<(String, i64)>,
     /// End of the last partition: inserts up to here are covered.
     pub horizon: Option<DateTime<Utc>>,
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 fn month_start(d: DateTime<Utc>) -> DateTime<Utc> {

@@ -6,6 +6,7 @@ use tokio_postgres::Client;
 
 use crate::component::{login_roles, MIGRATOR_ROLE, OWNER_ROLE, PGAUDIT_ROLE};
 use crate::secrets::{Secrets, SecretsError};
+use crate::sql::{quote_ident, quote_literal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolesError {
@@ -13,14 +14,6 @@ pub enum RolesError {
     Secrets(#[from] SecretsError),
     #[error("creating roles: {0}")]
     Db(#[from] tokio_postgres::Error),
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 async fn role_exists(client: &Client, role: &str) -> Result<bool, tokio_postgres::Error> {

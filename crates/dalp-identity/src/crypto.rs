@@ -149,26 +149,7 @@ fn new_kek_id() -> String {
 }
 
 fn write_key_file(path: &Path, kf: &KeyFile) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    // Write beside, then rename: a crash never leaves a half-written key file.
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(
-        serde_json::to_string_pretty(kf)
-            .expect("serialize")
-            .as_bytes(),
-    )?;
-    f.sync_all()?;
-    std::fs::rename(tmp, path)
+    dalp_db::secrets::write_private(path, &serde_json::to_string_pretty(kf).expect("serialize"))
 }
 
 impl KeyProvider for FileKeyProvider {

@@ -695,8 +695,8 @@ impl RunningCluster {
             .get(0);
         if !exists {
             su.batch_execute(&format!(
-                "CREATE DATABASE \"{}\"",
-                dbname.replace('"', "\"\"")
+                "CREATE DATABASE {}",
+                dalp_db::sql::quote_ident(dbname)
             ))
             .await
             .map_err(|e| to_err("create database", &e))?;

@@ -31,16 +31,7 @@ fn validity(params: &mut CertificateParams, years: i32) {
 }
 
 pub(crate) fn write_private(path: &Path, contents: &str) -> Result<(), OpsError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(OpsError::io(format!("write {}", path.display())))?;
-    f.write_all(contents.as_bytes())
+    dalp_db::secrets::write_private(path, contents)
         .map_err(OpsError::io(format!("write {}", path.display())))
 }
 

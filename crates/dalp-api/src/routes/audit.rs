@@ -21,6 +21,16 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/api/v1/audit/verify", get(verify))
 }
 
+/// A pooled connection as the read-only auditor role.
+async fn auditor_client(state: &AppState) -> Result<deadpool_postgres::Object, ApiError> {
+    state
+        .pools
+        .get(Component::Auditor)
+        .get()
+        .await
+        .map_err(|e| ApiError::NotReady(format!("database unreachable: {e}")))
+}
+
 fn time_param(
     q: &HashMap<String, String>,
     k: &str,
@@ -98,12 +108,7 @@ async fn events(
             ));
         }
     }
-    let client = state
-        .pools
-        .get(Component::Auditor)
-        .get()
-        .await
-        .map_err(|e| ApiError::NotReady(format!("database unreachable: {e}")))?;
+    let client = auditor_client(&state).await?;
     let rows = client
         .query(
             "SELECT id, occurred_at, actor, organisation_id::text, action, resource_type, resource_id, outcome,
@@ -155,12 +160,7 @@ async fn verify(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>
     let public = state
         .audit_public
         .ok_or_else(|| ApiError::NotReady("no audit signing key configured".into()))?;
-    let client = state
-        .pools
-        .get(Component::Auditor)
-        .get()
-        .await
-        .map_err(|e| ApiError::NotReady(format!("database unreachable: {e}")))?;
+    let client = auditor_client(&state).await?;
     let report = dalp_audit::verify(&client, &public, None)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -45,7 +45,8 @@ pub async fn create(database_url: &str, secrets_file: &Path) -> anyhow::Result<E
         Secrets::load(secrets_file)?
     } else {
         let s = roles::generate_secrets();
-        write_private(secrets_file, &serde_json::to_string_pretty(&s)?)?;
+        dalp_db::secrets::write_private(secrets_file, &serde_json::to_string_pretty(&s)?)
+            .with_context(|| format!("write {}", secrets_file.display()))?;
         println!(
             "generated role passwords in {} (mode 0600)",
             secrets_file.display()
@@ -57,17 +58,4 @@ pub async fn create(database_url: &str, secrets_file: &Path) -> anyhow::Result<E
     roles::prepare_database(&client, &opts.dbname).await?;
     println!("roles created and database {} prepared", opts.dbname);
     Ok(ExitCode::SUCCESS)
-}
-
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("create {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
 }
