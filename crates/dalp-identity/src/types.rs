@@ -3,21 +3,11 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use sha3::{Digest, Keccak256};
 
-/// A validation failure: which field, and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct Invalid {
-    pub field: &'static str,
-    pub message: String,
-}
+pub use dalp_types::{EvmAddress, Invalid};
 
 fn invalid(field: &'static str, message: impl Into<String>) -> Invalid {
-    Invalid {
-        field,
-        message: message.into(),
-    }
+    Invalid::new(field, message)
 }
 
 /// A lower-cased e-mail address of plausible shape (no full RFC 5322; delivery proves the rest).
@@ -53,61 +43,6 @@ impl Email {
     }
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-}
-
-/// An EVM address; mixed case must carry a valid EIP-55 checksum. Stored lower-case.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct EvmAddress([u8; 20]);
-
-impl EvmAddress {
-    pub fn parse(s: &str) -> Result<EvmAddress, Invalid> {
-        let hex_part = s
-            .strip_prefix("0x")
-            .ok_or_else(|| invalid("wallet_address", "must start with 0x"))?;
-        if hex_part.len() != 40 || !hex_part.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(invalid(
-                "wallet_address",
-                "must be 0x followed by 40 hex digits",
-            ));
-        }
-        let mut bytes = [0u8; 20];
-        hex::decode_to_slice(hex_part, &mut bytes)
-            .map_err(|_| invalid("wallet_address", "is not hex"))?;
-        let addr = EvmAddress(bytes);
-        let mixed = hex_part.chars().any(|c| c.is_ascii_uppercase())
-            && hex_part.chars().any(|c| c.is_ascii_lowercase());
-        if mixed && addr.checksummed()[2..] != *hex_part {
-            return Err(invalid("wallet_address", "has an invalid EIP-55 checksum"));
-        }
-        Ok(addr)
-    }
-
-    /// EIP-55 mixed-case form.
-    pub fn checksummed(&self) -> String {
-        let lower = hex::encode(self.0);
-        let hash = Keccak256::digest(lower.as_bytes());
-        let mut out = String::from("0x");
-        for (i, c) in lower.chars().enumerate() {
-            let nibble = (hash[i / 2] >> (if i % 2 == 0 { 4 } else { 0 })) & 0xf;
-            out.push(if c.is_ascii_alphabetic() && nibble >= 8 {
-                c.to_ascii_uppercase()
-            } else {
-                c
-            });
-        }
-        out
-    }
-
-    /// Lower-case form, as stored.
-    pub fn lower(&self) -> String {
-        format!("0x{}", hex::encode(self.0))
-    }
-}
-
-impl fmt::Display for EvmAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.checksummed())
     }
 }
 
@@ -292,20 +227,6 @@ mod tests {
             assert!(Email::parse(bad).is_err(), "{bad}");
         }
         assert!(Email::parse(&format!("{}@x.io", "a".repeat(65))).is_err());
-    }
-
-    #[test]
-    fn evm_addresses_follow_eip55() {
-        // EIP-55 reference vector.
-        let good = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed";
-        let a = EvmAddress::parse(good).unwrap();
-        assert_eq!(a.checksummed(), good);
-        assert_eq!(a.lower(), good.to_lowercase());
-        assert!(EvmAddress::parse(&good.to_lowercase()).is_ok());
-        assert!(EvmAddress::parse("0x5aaeb6053F3E94C9b9A09f33669435E7Ef1BeAed").is_err());
-        assert!(EvmAddress::parse("5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed").is_err());
-        assert!(EvmAddress::parse("0x123").is_err());
-        assert!(EvmAddress::parse("0xzzzeb6053f3e94c9b9a09f33669435e7ef1beaed").is_err());
     }
 
     #[test]

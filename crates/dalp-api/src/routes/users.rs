@@ -72,6 +72,7 @@ async fn create(
             .as_deref()
             .map(EvmAddress::parse)
             .transpose()
+            .map_err(|e| e.for_field("wallet_address"))
             .map_err(dalp_identity::IdentityError::from)?,
         roles: body.roles,
     };
@@ -154,9 +155,11 @@ async fn update(
     let wallet_address = match body.wallet_address {
         None => None,
         Some(Value::Null) => Some(None),
-        Some(Value::String(s)) => Some(Some(
-            EvmAddress::parse(&s).map_err(dalp_identity::IdentityError::from)?,
-        )),
+        Some(Value::String(s)) => {
+            Some(Some(EvmAddress::parse(&s).map_err(|e| {
+                dalp_identity::IdentityError::from(e.for_field("wallet_address"))
+            })?))
+        }
         Some(_) => {
             return Err(ApiError::Unprocessable(
                 "wallet_address must be a string or null".into(),

@@ -1,0 +1,224 @@
+//! Domain values shared by more than one schema, each constructed only through a fallible
+//! `parse`, so an invalid value never reaches SQL: EVM addresses (EIP-55), chain ids and
+//! ISINs (with their check digit). Values owned by one domain live in that domain's crate.
+
+use std::fmt;
+
+use sha3::{Digest, Keccak256};
+
+/// A validation failure: which field, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Invalid {
+        Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+
+    /// The same failure reported under another field name.
+    pub fn for_field(mut self, field: &'static str) -> Invalid {
+        self.field = field;
+        self
+    }
+}
+
+/// An EVM address; mixed case must carry a valid EIP-55 checksum. Stored lower-case.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EvmAddress([u8; 20]);
+
+impl EvmAddress {
+    pub fn parse(s: &str) -> Result<EvmAddress, Invalid> {
+        let field = "address";
+        let hex_part = s
+            .strip_prefix("0x")
+            .ok_or_else(|| Invalid::new(field, "must start with 0x"))?;
+        if hex_part.len() != 40 || !hex_part.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(Invalid::new(field, "must be 0x followed by 40 hex digits"));
+        }
+        let mut bytes = [0u8; 20];
+        hex::decode_to_slice(hex_part, &mut bytes)
+            .map_err(|_| Invalid::new(field, "is not hex"))?;
+        let addr = EvmAddress(bytes);
+        let mixed = hex_part.chars().any(|c| c.is_ascii_uppercase())
+            && hex_part.chars().any(|c| c.is_ascii_lowercase());
+        if mixed && addr.checksummed()[2..] != *hex_part {
+            return Err(Invalid::new(field, "has an invalid EIP-55 checksum"));
+        }
+        Ok(addr)
+    }
+
+    /// EIP-55 mixed-case form.
+    pub fn checksummed(&self) -> String {
+        let lower = hex::encode(self.0);
+        let hash = Keccak256::digest(lower.as_bytes());
+        let mut out = String::from("0x");
+        for (i, c) in lower.chars().enumerate() {
+            let nibble = (hash[i / 2] >> (if i % 2 == 0 { 4 } else { 0 })) & 0xf;
+            out.push(if c.is_ascii_alphabetic() && nibble >= 8 {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            });
+        }
+        out
+    }
+
+    /// Lower-case form, as stored.
+    pub fn lower(&self) -> String {
+        format!("0x{}", hex::encode(self.0))
+    }
+
+    pub fn bytes(&self) -> &[u8; 20] {
+        &self.0
+    }
+}
+
+impl fmt::Display for EvmAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.checksummed())
+    }
+}
+
+/// An EVM chain id (positive, fits PostgreSQL bigint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChainId(i64);
+
+impl ChainId {
+    pub fn parse(v: i64) -> Result<ChainId, Invalid> {
+        if v <= 0 {
+            return Err(Invalid::new("chain_id", "must be a positive integer"));
+        }
+        Ok(ChainId(v))
+    }
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+/// An International Securities Identification Number (ISO 6166): two letters, nine
+/// alphanumerics, and a Luhn check digit over the letters-as-numbers expansion.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Isin(String);
+
+impl Isin {
+    pub fn parse(s: &str) -> Result<Isin, Invalid> {
+        let field = "isin";
+        let s = s.trim().to_ascii_uppercase();
+        if s.len() != 12 {
+            return Err(Invalid::new(field, "must be 12 characters"));
+        }
+        let b = s.as_bytes();
+        if !b[..2].iter().all(u8::is_ascii_uppercase) {
+            return Err(Invalid::new(
+                field,
+                "must start with a two-letter country code",
+            ));
+        }
+        if !b[2..11].iter().all(u8::is_ascii_alphanumeric) {
+            return Err(Invalid::new(
+                field,
+                "characters 3 to 11 must be letters or digits",
+            ));
+        }
+        if !b[11].is_ascii_digit() {
+            return Err(Invalid::new(field, "must end with a check digit"));
+        }
+        // Letters become two digits (A=10 … Z=35); then Luhn over the whole digit string.
+        let digits: Vec<u32> = b
+            .iter()
+            .flat_map(|c| {
+                let v = if c.is_ascii_digit() {
+                    (c - b'0') as u32
+                } else {
+                    (c - b'A') as u32 + 10
+                };
+                if v >= 10 {
+                    vec![v / 10, v % 10]
+                } else {
+                    vec![v]
+                }
+            })
+            .collect();
+        let sum: u32 = digits
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(i, d)| {
+                if i % 2 == 1 {
+                    let x = d * 2;
+                    if x > 9 {
+                        x - 9
+                    } else {
+                        x
+                    }
+                } else {
+                    *d
+                }
+            })
+            .sum();
+        if sum % 10 != 0 {
+            return Err(Invalid::new(field, "check digit does not match"));
+        }
+        Ok(Isin(s))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn isins_with_valid_check_digits() {
+        for good in [
+            "US0378331005",
+            "DE000BAY0017",
+            "AU0000XVGZA3",
+            "GB0002634946",
+            "us0378331005",
+        ] {
+            assert!(Isin::parse(good).is_ok(), "{good}");
+        }
+        for (bad, why) in [
+            ("US0378331006", "check digit"),
+            ("US037833100", "12 characters"),
+            ("1S0378331005", "country"),
+            ("US03783310-5", "letters or digits"),
+            ("US037833100X", "check digit"),
+        ] {
+            let e = Isin::parse(bad).unwrap_err();
+            assert!(e.message.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn evm_addresses_follow_eip55() {
+        let good = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed";
+        let a = EvmAddress::parse(good).unwrap();
+        assert_eq!(a.checksummed(), good);
+        assert_eq!(a.lower(), good.to_lowercase());
+        assert!(EvmAddress::parse("0x5aaeb6053F3E94C9b9A09f33669435E7Ef1BeAed").is_err());
+        assert_eq!(
+            EvmAddress::parse("0x12")
+                .unwrap_err()
+                .for_field("contract_address")
+                .field,
+            "contract_address"
+        );
+    }
+
+    #[test]
+    fn chain_ids_are_positive() {
+        assert!(ChainId::parse(1).is_ok());
+        assert!(ChainId::parse(0).is_err());
+    }
+}
