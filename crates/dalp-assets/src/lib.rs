@@ -4,6 +4,11 @@
 //! in the binary; [`ACCESS`] declares which roles may do what in it, and `dalp roles
 //! check` compares that declaration with the live database.
 
+pub mod store;
+pub mod types;
+
+pub use store::{AssetError, AssetStore};
+
 use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
 
 /// The schema this crate owns.
@@ -12,11 +17,18 @@ pub const SCHEMA: &str = "dalp_assets";
 /// Embedded migrations of [`SCHEMA`], in order.
 pub const MIGRATIONS: MigrationSet = MigrationSet {
     schema: SCHEMA,
-    migrations: &[Migration {
-        version: 1,
-        name: "init",
-        sql: include_str!("../migrations/0001_init.sql"),
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "init",
+            sql: include_str!("../migrations/0001_init.sql"),
+        },
+        Migration {
+            version: 2,
+            name: "change_control",
+            sql: include_str!("../migrations/0002_change_control.sql"),
+        },
+    ],
 };
 
 /// The asset service reads and writes; reporting reads (asset configuration holds no PII).
@@ -26,7 +38,8 @@ pub const ACCESS: SchemaAccess = SchemaAccess {
         RoleGrant {
             role: "dalp_assets_svc",
             tables: Privs::READ_WRITE,
-            overrides: &[],
+            // History is append-only for the service.
+            overrides: &[("asset_versions", Privs::SELECT.union(Privs::INSERT))],
         },
         RoleGrant {
             role: "dalp_readonly",

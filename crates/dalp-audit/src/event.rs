@@ -77,6 +77,34 @@ impl AuditEvent {
     }
 }
 
+/// Who is acting and from where: every store takes one and stamps its audit records with it.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    /// `user:<uuid>`, `api_key:<uuid>`, `service:<name>` or `anonymous`.
+    pub actor: String,
+    pub ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl RequestContext {
+    /// A service acting on its own behalf (CLI, background job).
+    pub fn service(name: &str) -> RequestContext {
+        RequestContext {
+            actor: format!("service:{name}"),
+            ..Default::default()
+        }
+    }
+
+    /// An event by this actor, carrying the request id and client address.
+    pub fn event(&self, action: &'static str, resource_type: &'static str) -> AuditEvent {
+        let mut e = AuditEvent::new(self.actor.clone(), action, resource_type);
+        e.source_ip = self.ip;
+        e.request_id = self.request_id.clone();
+        e
+    }
+}
+
 /// Inserts `event` through `client` — pass the caller's transaction.
 pub async fn record<C: GenericClient>(
     client: &C,

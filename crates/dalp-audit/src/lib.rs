@@ -11,7 +11,7 @@ pub mod seal;
 pub mod verify;
 
 pub use chain::{AuditKey, Checkpoint};
-pub use event::{record, AuditEvent, Outcome};
+pub use event::{record, AuditEvent, Outcome, RequestContext};
 pub use seal::Sealer;
 pub use verify::{verify, verify_window, Problem, VerifyReport};
 

@@ -1,7 +1,6 @@
 //! The only code that touches `dalp_identity`. Every state change commits together with its
 //! audit record, and sends at most one cache notification from inside its transaction.
 
-use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -134,23 +133,7 @@ impl Principal {
     }
 }
 
-/// Who is acting and from where, for audit records.
-#[derive(Debug, Clone, Default)]
-pub struct RequestContext {
-    pub actor: String,
-    pub ip: Option<IpAddr>,
-    pub user_agent: Option<String>,
-    pub request_id: Option<String>,
-}
-
-impl RequestContext {
-    fn event(&self, action: &'static str, resource_type: &'static str) -> AuditEvent {
-        let mut e = AuditEvent::new(self.actor.clone(), action, resource_type);
-        e.source_ip = self.ip;
-        e.request_id = self.request_id.clone();
-        e
-    }
-}
+pub use dalp_audit::RequestContext;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct User {

@@ -1,0 +1,292 @@
+//! The only code that touches `dalp_assets`. Change control: every insert, update and delete
+//! writes a version row (who, when, before, after) and an audit record in the same
+//! transaction, and updates are optimistic — the caller names the version it read, and a
+//! stale version changes nothing and fails with [`AssetError::Conflict`].
+
+use chrono::{DateTime, Utc};
+use dalp_audit::RequestContext;
+use dalp_types::Invalid;
+use deadpool_postgres::{Pool, Transaction};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::types::AssetSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssetError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("asset not found")]
+    NotFound,
+    #[error("asset {id} is at version {current}, not {expected}: read it again and retry")]
+    Conflict {
+        id: Uuid,
+        expected: i32,
+        current: i32,
+    },
+    #[error("{0}")]
+    Duplicate(String),
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database: {0}")]
+    Db(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for AssetError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+            AssetError::Duplicate("an asset with this ISIN or contract already exists".into())
+        } else {
+            AssetError::Db(e)
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, AssetError>;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Asset {
+    pub id: Uuid,
+    pub organisation_id: Uuid,
+    pub name: String,
+    pub symbol: String,
+    pub decimals: i16,
+    pub base_type: String,
+    pub isin: Option<String>,
+    pub country_numeric: Option<i16>,
+    pub chain_id: Option<i64>,
+    pub contract_address: Option<String>,
+    /// Send this back with an update (optimistic concurrency).
+    pub version: i32,
+    pub updated_at: DateTime<Utc>,
+    pub updated_by: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AssetVersion {
+    pub version: i32,
+    pub operation: String,
+    pub changed_by: String,
+    pub changed_at: DateTime<Utc>,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+}
+
+const COLUMNS: &str =
+    "id, organisation_id, name, symbol, decimals, base_type, isin, country_numeric, chain_id, \
+     contract_address, version, updated_at, updated_by";
+
+fn asset_from(r: &Row) -> Asset {
+    Asset {
+        id: r.get(0),
+        organisation_id: r.get(1),
+        name: r.get(2),
+        symbol: r.get(3),
+        decimals: r.get(4),
+        base_type: r.get(5),
+        isin: r.get(6),
+        country_numeric: r.get(7),
+        chain_id: r.get(8),
+        contract_address: r.get(9),
+        version: r.get(10),
+        updated_at: r.get(11),
+        updated_by: r.get(12),
+    }
+}
+
+/// The asset store, as `dalp_assets_svc`.
+#[derive(Clone)]
+pub struct AssetStore {
+    pool: Pool,
+}
+
+impl AssetStore {
+    pub fn new(pool: Pool) -> AssetStore {
+        AssetStore { pool }
+    }
+
+    /// The version row and the audit record of one change, in the caller's transaction.
+    async fn record_change(
+        tx: &Transaction<'_>,
+        ctx: &RequestContext,
+        id: Uuid,
+        version: i32,
+        operation: &'static str,
+        before: Option<Value>,
+    ) -> Result<()> {
+        tx.execute(
+            "INSERT INTO dalp_assets.asset_versions (asset_id, version, operation, changed_by, before, after)
+             VALUES ($1, $2, $3, $4, $5, (SELECT to_jsonb(a) FROM dalp_assets.assets a WHERE a.id = $1))",
+            &[&id, &version, &operation, &ctx.actor, &before],
+        )
+        .await?;
+        let action = match operation {
+            "insert" => "assets.asset.create",
+            "update" => "assets.asset.update",
+            _ => "assets.asset.delete",
+        };
+        dalp_audit::record(
+            &**tx,
+            &ctx.event(action, "asset")
+                .resource(id)
+                .details(json!({ "version": version })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn create(&self, ctx: &RequestContext, spec: &AssetSpec) -> Result<Asset> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let (chain_id, address) = match &spec.contract {
+            Some((c, a)) => (Some(c.get()), Some(a.lower())),
+            None => (None, None),
+        };
+        let row = tx
+            .query_one(
+                &format!(
+                    "INSERT INTO dalp_assets.assets (organisation_id, name, symbol, decimals, base_type, isin, country_numeric,
+                         chain_id, contract_address, updated_by)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {COLUMNS}"
+                ),
+                &[
+                    &spec.organisation_id,
+                    &spec.name,
+                    &spec.symbol,
+                    &spec.decimals,
+                    &spec.base_type.as_str(),
+                    &spec.isin.as_ref().map(|i| i.as_str()),
+                    &spec.country_numeric,
+                    &chain_id,
+                    &address,
+                    &ctx.actor,
+                ],
+            )
+            .await?;
+        let asset = asset_from(&row);
+        Self::record_change(&tx, ctx, asset.id, 1, "insert", None).await?;
+        tx.commit().await?;
+        Ok(asset)
+    }
+
+    pub async fn get(&self, id: Uuid) -> Result<Asset> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT {COLUMNS} FROM dalp_assets.assets WHERE id = $1"),
+                &[&id],
+            )
+            .await?
+            .ok_or(AssetError::NotFound)?;
+        Ok(asset_from(&row))
+    }
+
+    /// Locks the row and checks the caller read the current version.
+    async fn lock_at(tx: &Transaction<'_>, id: Uuid, expected: i32) -> Result<Value> {
+        let row = tx
+            .query_opt(
+                "SELECT version, to_jsonb(a) FROM dalp_assets.assets a WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await?
+            .ok_or(AssetError::NotFound)?;
+        let current: i32 = row.get(0);
+        if current != expected {
+            return Err(AssetError::Conflict {
+                id,
+                expected,
+                current,
+            });
+        }
+        Ok(row.get(1))
+    }
+
+    /// Replaces the definition, if `expected_version` is still current.
+    pub async fn update(
+        &self,
+        ctx: &RequestContext,
+        id: Uuid,
+        expected_version: i32,
+        spec: &AssetSpec,
+    ) -> Result<Asset> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let before = Self::lock_at(&tx, id, expected_version).await?;
+        let (chain_id, address) = match &spec.contract {
+            Some((c, a)) => (Some(c.get()), Some(a.lower())),
+            None => (None, None),
+        };
+        let row = tx
+            .query_one(
+                &format!(
+                    "UPDATE dalp_assets.assets SET name = $2, symbol = $3, decimals = $4, base_type = $5, isin = $6,
+                         country_numeric = $7, chain_id = $8, contract_address = $9, updated_by = $10,
+                         updated_at = now(), version = version + 1
+                     WHERE id = $1 RETURNING {COLUMNS}"
+                ),
+                &[
+                    &id,
+                    &spec.name,
+                    &spec.symbol,
+                    &spec.decimals,
+                    &spec.base_type.as_str(),
+                    &spec.isin.as_ref().map(|i| i.as_str()),
+                    &spec.country_numeric,
+                    &chain_id,
+                    &address,
+                    &ctx.actor,
+                ],
+            )
+            .await?;
+        let asset = asset_from(&row);
+        Self::record_change(&tx, ctx, id, asset.version, "update", Some(before)).await?;
+        tx.commit().await?;
+        Ok(asset)
+    }
+
+    /// Deletes the asset, if `expected_version` is still current; history stays.
+    pub async fn delete(
+        &self,
+        ctx: &RequestContext,
+        id: Uuid,
+        expected_version: i32,
+    ) -> Result<()> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let before = Self::lock_at(&tx, id, expected_version).await?;
+        tx.execute("DELETE FROM dalp_assets.assets WHERE id = $1", &[&id])
+            .await?;
+        Self::record_change(&tx, ctx, id, expected_version + 1, "delete", Some(before)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every version of an asset, oldest first (also after deletion).
+    pub async fn history(&self, id: Uuid) -> Result<Vec<AssetVersion>> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT version, operation, changed_by, changed_at, before, after FROM dalp_assets.asset_versions
+                  WHERE asset_id = $1 ORDER BY version",
+                &[&id],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Err(AssetError::NotFound);
+        }
+        Ok(rows
+            .iter()
+            .map(|r| AssetVersion {
+                version: r.get(0),
+                operation: r.get(1),
+                changed_by: r.get(2),
+                changed_at: r.get(3),
+                before: r.get(4),
+                after: r.get(5),
+            })
+            .collect())
+    }
+}
