@@ -4,6 +4,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use dalp_assets::AssetError;
 use dalp_identity::IdentityError;
 use serde::Serialize;
 
@@ -33,6 +34,10 @@ pub enum ApiError {
     Internal(String),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Asset(#[from] AssetError),
+    #[error("{0}")]
+    PreconditionRequired(String),
 }
 
 #[derive(Serialize)]
@@ -44,6 +49,9 @@ struct Body<'a> {
 struct Detail<'a> {
     code: &'a str,
     message: String,
+    /// The offending field, for validation failures (422).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'static str>,
 }
 
 impl ApiError {
@@ -63,6 +71,17 @@ impl ApiError {
             ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::NotReady(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::PreconditionRequired(_) => {
+                (StatusCode::PRECONDITION_REQUIRED, "precondition_required")
+            }
+            ApiError::Asset(e) => match e {
+                AssetError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+                AssetError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+                AssetError::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
+                AssetError::Duplicate(_) => (StatusCode::CONFLICT, "conflict"),
+                AssetError::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+                AssetError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
             ApiError::Identity(e) => match e {
                 I::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
                 I::InvalidCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
@@ -94,7 +113,11 @@ impl IntoResponse for ApiError {
         (
             status,
             Json(Body {
-                error: Detail { code, message },
+                error: Detail {
+                    code,
+                    message,
+                    field: self.field(),
+                },
             }),
         )
             .into_response()
@@ -102,6 +125,15 @@ impl IntoResponse for ApiError {
 }
 
 impl ApiError {
+    /// The field a validation failure is about.
+    fn field(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Identity(IdentityError::Invalid(i)) => Some(i.field),
+            ApiError::Asset(AssetError::Invalid(i)) => Some(i.field),
+            _ => None,
+        }
+    }
+
     /// The error response, carrying the request id header.
     pub fn into_response_with_id(self, request_id: &str) -> Response {
         let mut r = self.into_response();

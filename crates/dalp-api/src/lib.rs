@@ -46,6 +46,7 @@ pub struct AppState {
     pub settings: Arc<ApiSettings>,
     /// Verifies the audit chain's signatures.
     pub audit_public: Option<ed25519_dalek::VerifyingKey>,
+    pub assets: dalp_assets::AssetStore,
 }
 
 impl AppState {
@@ -55,6 +56,7 @@ impl AppState {
         settings: ApiSettings,
     ) -> AppState {
         AppState {
+            assets: dalp_assets::AssetStore::new(pools.get(dalp_db::Component::Assets).clone()),
             pools,
             identity,
             limits: Arc::new(limit::RateLimiter::default()),

@@ -264,6 +264,26 @@ impl AssetStore {
         Ok(())
     }
 
+    /// Assets, optionally of one organisation, oldest first.
+    pub async fn list(
+        &self,
+        organisation: Option<Uuid>,
+        limit: i64,
+        offset: i64,
+    ) -> Result<Vec<Asset>> {
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM dalp_assets.assets WHERE ($1::uuid IS NULL OR organisation_id = $1)
+                      ORDER BY created_at, id LIMIT $2 OFFSET $3"
+                ),
+                &[&organisation, &limit, &offset],
+            )
+            .await?;
+        Ok(rows.iter().map(asset_from).collect())
+    }
+
     /// Every version of an asset, oldest first (also after deletion).
     pub async fn history(&self, id: Uuid) -> Result<Vec<AssetVersion>> {
         let client = self.pool.get().await?;

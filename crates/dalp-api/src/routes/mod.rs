@@ -1,6 +1,7 @@
 //! Route table. Handlers stay private to their endpoint-group module.
 
 mod api_keys;
+mod assets;
 mod audit;
 mod auth;
 mod health;
@@ -21,6 +22,7 @@ pub(crate) fn router() -> Router<AppState> {
         .merge(mfa::router())
         .merge(api_keys::router())
         .merge(users::router())
+        .merge(assets::router())
         .merge(audit::router())
         .merge(metrics::router())
         .merge(openapi::router())

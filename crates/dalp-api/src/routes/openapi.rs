@@ -76,6 +76,16 @@ pub fn document() -> Value {
                 "get": op("Read a KYC profile (identityManager; audited)", true, None, "200:profile", &[401, 403, 404]),
                 "put": op("Write a KYC profile (identityManager)", true, Some("KycProfile"), "204:stored", &[401, 403, 404, 422])
             },
+            "/api/v1/assets": {
+                "post": op("Create an asset (tokenManager); the ETag is its version", true, Some("AssetInput"), "201:asset", &[401, 403, 409, 422]),
+                "get": op("List assets (tokenManager, auditor); ?organisation_id=&limit=&offset=", true, None, "200:assets", &[400, 401, 403])
+            },
+            "/api/v1/assets/{id}": {
+                "get": op("Read an asset; ETag is its version", true, None, "200:asset", &[401, 403, 404]),
+                "put": op("Replace an asset (tokenManager); needs If-Match with the version read", true, Some("AssetInput"), "200:asset", &[401, 403, 404, 409, 422, 428]),
+                "delete": op("Delete an asset (tokenManager); needs If-Match", true, None, "204:deleted", &[401, 403, 404, 409, 428])
+            },
+            "/api/v1/assets/{id}/history": { "get": op("Every version of an asset: who, when, before, after", true, None, "200:versions", &[401, 403, 404]) },
             "/api/v1/audit/events": { "get": op("Audit events (auditor): ?from=&to= (RFC 3339, default last 30 days), actor, action, resource_type, resource_id, outcome, limit (1-1000), before_id", true, None, "200:events, newest first, with next_before_id", &[400, 401, 403]) },
             "/api/v1/audit/verify": { "get": op("Recompute the audit hash chain (auditor)", true, None, "200:report with ok and the first problem", &[401, 403]) },
             "/metrics": { "get": op("Prometheus metrics: audit seal lag, identity cache", false, None, "200:text exposition format", &[]) },
@@ -110,6 +120,14 @@ pub fn document() -> Value {
                                     "unban": { "type": "boolean" } } },
                 "RoleGrant": { "type": "object", "additionalProperties": false, "required": ["role"], "properties": { "role": { "$ref": "#/components/schemas/PlatformRole" } } },
                 "PlatformRole": { "enum": ["admin", "auditor", "systemManager", "tokenManager", "complianceManager", "claimPolicyManager", "claimIssuer", "identityManager"] },
+                "AssetInput": { "type": "object", "additionalProperties": false,
+                    "required": ["organisation_id", "name", "symbol", "decimals", "base_type"],
+                    "properties": { "organisation_id": { "type": "string", "format": "uuid" }, "name": { "type": "string", "maxLength": 50 },
+                                    "symbol": { "type": "string", "pattern": "^[A-Z0-9][A-Z0-9.-]{0,11}$" }, "decimals": { "type": "integer", "minimum": 0, "maximum": 18 },
+                                    "base_type": { "enum": ["bond", "equity", "fund", "stablecoin", "deposit", "real_estate", "precious_metal"] },
+                                    "isin": { "type": "string", "description": "ISO 6166, check digit verified" },
+                                    "country_numeric": { "type": "integer", "minimum": 1, "maximum": 999 },
+                                    "chain_id": { "type": "integer", "minimum": 1 }, "contract_address": { "type": "string", "description": "EIP-55 accepted, stored lower-case" } } },
                 "KycProfile": { "type": "object", "additionalProperties": false,
                     "required": ["first_name", "last_name", "date_of_birth", "country", "residency_status", "national_id"],
                     "properties": { "first_name": { "type": "string" }, "last_name": { "type": "string" },

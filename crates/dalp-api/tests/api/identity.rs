@@ -700,6 +700,14 @@ async fn openapi_describes_every_route() {
         ("/api/v1/users/{id}/roles/{role}", "delete"),
         ("/api/v1/users/{id}/kyc", "get"),
         ("/api/v1/users/{id}/kyc", "put"),
+        ("/api/v1/assets", "post"),
+        ("/api/v1/assets", "get"),
+        ("/api/v1/assets/{id}", "get"),
+        ("/api/v1/assets/{id}", "put"),
+        ("/api/v1/assets/{id}", "delete"),
+        ("/api/v1/assets/{id}/history", "get"),
+        ("/api/v1/audit/events", "get"),
+        ("/api/v1/audit/verify", "get"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),

@@ -1,5 +1,6 @@
 //! HTTP tests: each test spawns the real API on a free port over its own migrated database.
 
+mod assets;
 mod audit;
 mod cache;
 mod helpers;

@@ -1,0 +1,172 @@
+//! Assets: `tokenManager` manages them, `auditor` reads everything. Reads return the version
+//! as an `ETag`; updates and deletes must send it back as `If-Match` (428 without it, 409 when
+//! someone else changed the asset first).
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use dalp_assets::types::AssetInput;
+use dalp_identity::types::PlatformRole;
+use serde_json::json;
+
+use super::parse_id;
+use crate::auth::Auth;
+use crate::extract::Json;
+use crate::{ApiError, AppState};
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/assets", get(list).post(create))
+        .route("/api/v1/assets/{id}", get(show).put(replace).delete(remove))
+        .route("/api/v1/assets/{id}/history", get(history))
+}
+
+async fn require_reader(
+    auth: &Auth,
+    state: &AppState,
+    action: &'static str,
+) -> Result<(), ApiError> {
+    if auth.principal.has_role(PlatformRole::Auditor) {
+        return Ok(());
+    }
+    auth.require_role(state, PlatformRole::TokenManager, action)
+        .await
+}
+
+fn with_etag(status: StatusCode, version: i32, body: serde_json::Value) -> Response {
+    let mut r = (status, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        r.headers_mut().insert("etag", v);
+    }
+    r
+}
+
+/// The version from `If-Match: "N"`.
+fn if_match(headers: &HeaderMap) -> Result<i32, ApiError> {
+    let v = headers.get("if-match").ok_or_else(|| {
+        ApiError::PreconditionRequired("send If-Match with the ETag of the version you read".into())
+    })?;
+    v.to_str()
+        .ok()
+        .map(|s| s.trim().trim_matches('"'))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            ApiError::BadRequest("If-Match must be the ETag of a read, e.g. \"3\"".into())
+        })
+}
+
+#[tracing::instrument(skip_all)]
+async fn create(
+    State(state): State<AppState>,
+    auth: Auth,
+    Json(body): Json<AssetInput>,
+) -> Result<Response, ApiError> {
+    auth.require_role(&state, PlatformRole::TokenManager, "assets.asset.create")
+        .await?;
+    let spec = body.parse().map_err(dalp_assets::AssetError::from)?;
+    let asset = state.assets.create(&auth.ctx, &spec).await?;
+    Ok(with_etag(
+        StatusCode::CREATED,
+        asset.version,
+        json!({ "asset": asset }),
+    ))
+}
+
+#[tracing::instrument(skip_all)]
+async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_reader(&auth, &state, "assets.asset.list").await?;
+    let org = q
+        .get("organisation_id")
+        .map(|s| {
+            uuid::Uuid::parse_str(s)
+                .map_err(|_| ApiError::BadRequest("organisation_id must be a UUID".into()))
+        })
+        .transpose()?;
+    let num = |k: &str, d: i64, max: i64| -> Result<i64, ApiError> {
+        q.get(k)
+            .map(|v| {
+                v.parse::<i64>()
+                    .ok()
+                    .filter(|n| (0..=max).contains(n))
+                    .ok_or_else(|| ApiError::BadRequest(format!("{k} must be 0 to {max}")))
+            })
+            .unwrap_or(Ok(d))
+    };
+    let assets = state
+        .assets
+        .list(org, num("limit", 50, 500)?, num("offset", 0, i64::MAX)?)
+        .await?;
+    Ok(Json(json!({ "assets": assets })))
+}
+
+#[tracing::instrument(skip_all)]
+async fn show(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require_reader(&auth, &state, "assets.asset.read").await?;
+    let asset = state.assets.get(parse_id(&id, "asset")?).await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        asset.version,
+        json!({ "asset": asset }),
+    ))
+}
+
+#[tracing::instrument(skip_all)]
+async fn replace(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<AssetInput>,
+) -> Result<Response, ApiError> {
+    auth.require_role(&state, PlatformRole::TokenManager, "assets.asset.update")
+        .await?;
+    let id = parse_id(&id, "asset")?;
+    let expected = if_match(&headers)?;
+    let spec = body.parse().map_err(dalp_assets::AssetError::from)?;
+    let asset = state.assets.update(&auth.ctx, id, expected, &spec).await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        asset.version,
+        json!({ "asset": asset }),
+    ))
+}
+
+#[tracing::instrument(skip_all)]
+async fn remove(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    auth.require_role(&state, PlatformRole::TokenManager, "assets.asset.delete")
+        .await?;
+    let id = parse_id(&id, "asset")?;
+    state
+        .assets
+        .delete(&auth.ctx, id, if_match(&headers)?)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[tracing::instrument(skip_all)]
+async fn history(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_reader(&auth, &state, "assets.asset.history").await?;
+    let versions = state.assets.history(parse_id(&id, "asset")?).await?;
+    Ok(Json(json!({ "versions": versions })))
+}

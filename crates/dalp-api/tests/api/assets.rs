@@ -1,0 +1,187 @@
+//! Assets over HTTP: field-level 422s, ETag / If-Match concurrency, roles, history.
+
+use dalp_identity::types::PlatformRole;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app, Cred, TestApp};
+
+fn bond() -> Value {
+    json!({
+        "organisation_id": "00000000-0000-4000-8000-000000000001",
+        "name": "Green Bond 2030", "symbol": "GB30", "decimals": 6, "base_type": "bond",
+        "isin": "US0378331005", "country_numeric": 442,
+        "chain_id": 1, "contract_address": "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+    })
+}
+
+async fn put(
+    app: &TestApp,
+    token: &str,
+    id: &str,
+    if_match: Option<&str>,
+    body: Value,
+) -> (StatusCode, Value) {
+    let mut req = app
+        .http
+        .put(format!("{}/api/v1/assets/{id}", app.base))
+        .bearer_auth(token)
+        .json(&body);
+    if let Some(m) = if_match {
+        req = req.header("if-match", m);
+    }
+    let r = req.send().await.unwrap();
+    let s = r.status();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn token_managers_change_assets_with_field_errors_and_version_checks() {
+    let app = spawn_app().await;
+    app.create_user("tm@bank.example", &[PlatformRole::TokenManager])
+        .await;
+    app.create_user("aud@bank.example", &[PlatformRole::Auditor])
+        .await;
+    let tm = app.token("tm@bank.example").await;
+    let aud = app.token("aud@bank.example").await;
+    let count = "SELECT count(*) FROM dalp_assets.assets";
+
+    for (field, value, expect) in [
+        ("isin", json!("US0378331006"), "isin"),
+        (
+            "contract_address",
+            json!("0x5aaeb6053F3E94C9b9A09f33669435E7Ef1BeAed"),
+            "contract_address",
+        ),
+        ("decimals", json!(19), "decimals"),
+        ("name", json!("x".repeat(51)), "name"),
+        ("symbol", json!("gb 30"), "symbol"),
+    ] {
+        let mut b = bond();
+        b[field] = value;
+        let (s, body) = app
+            .call(Method::POST, "/api/v1/assets", Cred::Token(&tm), Some(b))
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {body}");
+        assert_eq!(body["error"]["field"], expect, "{body}");
+    }
+    let mut b = bond();
+    b["base_type"] = json!("tulip");
+    let (s, _) = app
+        .call(Method::POST, "/api/v1/assets", Cred::Token(&tm), Some(b))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        app.scalar_i64(count).await,
+        0,
+        "a rejected asset was written"
+    );
+
+    // Auditors read but do not write.
+    let (s, _) = app
+        .call(
+            Method::POST,
+            "/api/v1/assets",
+            Cred::Token(&aud),
+            Some(bond()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, body) = app
+        .call(
+            Method::POST,
+            "/api/v1/assets",
+            Cred::Token(&tm),
+            Some(bond()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    let id = body["asset"]["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        body["asset"]["contract_address"],
+        "0x5aaeb6053f3e94c9b9a09f33669435e7ef1beaed"
+    );
+    let (s, _) = app
+        .call(
+            Method::POST,
+            "/api/v1/assets",
+            Cred::Token(&tm),
+            Some(bond()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "duplicate ISIN");
+
+    let r = app
+        .http
+        .get(format!("{}/api/v1/assets/{id}", app.base))
+        .bearer_auth(&aud)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["etag"], "\"1\"");
+
+    let mut renamed = bond();
+    renamed["name"] = json!("Green Bond 2031");
+    let (s, _) = put(&app, &tm, &id, None, renamed.clone()).await;
+    assert_eq!(s, StatusCode::PRECONDITION_REQUIRED);
+    let (s, body) = put(&app, &tm, &id, Some("\"1\""), renamed.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["asset"]["version"], 2);
+    // A second writer who read version 1 loses, and nothing changes.
+    let mut other = bond();
+    other["name"] = json!("Brown Bond");
+    let (s, body) = put(&app, &tm, &id, Some("\"1\""), other).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "version_conflict");
+    let (_, body) = app
+        .call(
+            Method::GET,
+            &format!("/api/v1/assets/{id}"),
+            Cred::Token(&aud),
+            None,
+        )
+        .await;
+    assert_eq!(body["asset"]["name"], "Green Bond 2031");
+
+    let (s, body) = app
+        .call(
+            Method::GET,
+            &format!("/api/v1/assets/{id}/history"),
+            Cred::Token(&aud),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let versions = body["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[1]["before"]["name"], "Green Bond 2030");
+    assert_eq!(versions[1]["after"]["name"], "Green Bond 2031");
+    assert!(versions[1]["changed_by"]
+        .as_str()
+        .unwrap()
+        .starts_with("user:"));
+
+    let r = app
+        .http
+        .delete(format!("{}/api/v1/assets/{id}", app.base))
+        .bearer_auth(&tm)
+        .header("if-match", "\"2\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let (s, _) = app
+        .call(
+            Method::GET,
+            &format!("/api/v1/assets/{id}"),
+            Cred::Token(&aud),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let audit = app
+        .scalar_i64(&format!("SELECT count(*) FROM dalp_audit.events WHERE resource_type = 'asset' AND resource_id = '{id}'"))
+        .await;
+    assert_eq!(audit, 3, "create, update, delete");
+}
