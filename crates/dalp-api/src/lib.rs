@@ -71,6 +71,7 @@ impl AppState {
 pub struct Services {
     pub state: AppState,
     _identity_listener: dalp_db::cache::ListenerHandle,
+    _assets_listener: dalp_db::cache::ListenerHandle,
     sealer: tokio::task::JoinHandle<()>,
 }
 
@@ -122,11 +123,23 @@ impl Services {
             cache.clone(),
         );
         let identity = IdentityStore::new(pools.get(Component::Identity).clone(), keys, cache);
-        let mut state = AppState::new(pools, identity, settings);
+        let assets_cache = dalp_db::cache::InvalidatingCache::new(10_000);
+        let mut assets_listen = pools.options(Component::Assets).clone();
+        assets_listen.application_name = "dalp-assets-cache".into();
+        assets_listen.statement_timeout = None;
+        let assets_listener = dalp_db::cache::spawn_listener(
+            assets_listen,
+            dalp_assets::settings::CACHE_CHANNEL,
+            assets_cache.clone(),
+        );
+        let mut state = AppState::new(pools.clone(), identity, settings);
+        state.assets =
+            dalp_assets::AssetStore::with_cache(pools.get(Component::Assets).clone(), assets_cache);
         state.audit_public = Some(audit_key.public());
         Ok(Services {
             state,
             _identity_listener: listener,
+            _assets_listener: assets_listener,
             sealer,
         })
     }

@@ -4,6 +4,7 @@
 //! in the binary; [`ACCESS`] declares which roles may do what in it, and `dalp roles
 //! check` compares that declaration with the live database.
 
+pub mod settings;
 pub mod store;
 pub mod types;
 
@@ -28,6 +29,11 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             name: "change_control",
             sql: include_str!("../migrations/0002_change_control.sql"),
         },
+        Migration {
+            version: 3,
+            name: "settings_and_fx",
+            sql: include_str!("../migrations/0003_settings_and_fx.sql"),
+        },
     ],
 };
 
@@ -39,7 +45,11 @@ pub const ACCESS: SchemaAccess = SchemaAccess {
             role: "dalp_assets_svc",
             tables: Privs::READ_WRITE,
             // History is append-only for the service.
-            overrides: &[("asset_versions", Privs::SELECT.union(Privs::INSERT))],
+            overrides: &[
+                ("asset_versions", Privs::SELECT.union(Privs::INSERT)),
+                ("settings_versions", Privs::SELECT.union(Privs::INSERT)),
+                ("fx_latest", Privs::SELECT),
+            ],
         },
         RoleGrant {
             role: "dalp_readonly",

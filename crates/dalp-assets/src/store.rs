@@ -3,8 +3,11 @@
 //! transaction, and updates are optimistic — the caller names the version it read, and a
 //! stale version changes nothing and fails with [`AssetError::Conflict`].
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use dalp_audit::RequestContext;
+use dalp_db::cache::InvalidatingCache;
 use dalp_types::Invalid;
 use deadpool_postgres::{Pool, Transaction};
 use serde::Serialize;
@@ -13,6 +16,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+use crate::settings::OrgSettings;
 use crate::types::AssetSpec;
 
 #[derive(Debug, thiserror::Error)]
@@ -97,15 +101,31 @@ fn asset_from(r: &Row) -> Asset {
     }
 }
 
-/// The asset store, as `dalp_assets_svc`.
+/// The asset store, as `dalp_assets_svc`, with its cache of organisation settings.
 #[derive(Clone)]
 pub struct AssetStore {
     pool: Pool,
+    cache: Arc<InvalidatingCache<OrgSettings>>,
 }
 
 impl AssetStore {
+    /// A store whose cache serves nothing (no listener): every read goes to the database.
     pub fn new(pool: Pool) -> AssetStore {
-        AssetStore { pool }
+        AssetStore::with_cache(pool, InvalidatingCache::new(1))
+    }
+
+    /// A store reading settings through `cache`, which a listener on
+    /// [`crate::settings::CACHE_CHANNEL`] keeps correct.
+    pub fn with_cache(pool: Pool, cache: Arc<InvalidatingCache<OrgSettings>>) -> AssetStore {
+        AssetStore { pool, cache }
+    }
+
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn cache(&self) -> &Arc<InvalidatingCache<OrgSettings>> {
+        &self.cache
     }
 
     /// The version row and the audit record of one change, in the caller's transaction.

@@ -173,6 +173,63 @@ impl Isin {
     }
 }
 
+/// An exact, non-negative decimal as PostgreSQL `numeric` text (never a float): up to
+/// `int_digits` digits before the point and `frac_digits` after. Kept as normalised text
+/// and bound as `$n::numeric`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(transparent)]
+pub struct Decimal(String);
+
+impl Decimal {
+    pub fn parse(
+        field: &'static str,
+        s: &str,
+        int_digits: usize,
+        frac_digits: usize,
+    ) -> Result<Decimal, Invalid> {
+        let s = s.trim();
+        let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+        if int.is_empty()
+            || !int.bytes().all(|b| b.is_ascii_digit())
+            || !frac.bytes().all(|b| b.is_ascii_digit())
+            || (s.contains('.') && frac.is_empty())
+        {
+            return Err(Invalid::new(
+                field,
+                "must be a decimal number like 1.2345 (no sign, exponent or separators)",
+            ));
+        }
+        let int = int.trim_start_matches('0');
+        let frac = frac.trim_end_matches('0');
+        if int.len() > int_digits {
+            return Err(Invalid::new(
+                field,
+                format!("has more than {int_digits} digits before the point"),
+            ));
+        }
+        if frac.len() > frac_digits {
+            return Err(Invalid::new(
+                field,
+                format!("has more than {frac_digits} digits after the point"),
+            ));
+        }
+        let int = if int.is_empty() { "0" } else { int };
+        Ok(Decimal(if frac.is_empty() {
+            int.to_string()
+        } else {
+            format!("{int}.{frac}")
+        }))
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.0 == "0"
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +271,34 @@ mod tests {
                 .field,
             "contract_address"
         );
+    }
+
+    #[test]
+    fn decimals_are_exact_and_bounded() {
+        assert_eq!(
+            Decimal::parse("rate", "001.2500", 20, 18).unwrap().as_str(),
+            "1.25"
+        );
+        assert_eq!(
+            Decimal::parse("rate", "0.000000000000000001", 20, 18)
+                .unwrap()
+                .as_str(),
+            "0.000000000000000001"
+        );
+        assert!(Decimal::parse("rate", "0", 20, 18).unwrap().is_zero());
+        for bad in [
+            "",
+            "-1",
+            "1e5",
+            "1,5",
+            "1.",
+            ".5",
+            "NaN",
+            "0.0000000000000000001",
+            "123456789012345678901",
+        ] {
+            assert!(Decimal::parse("rate", bad, 20, 18).is_err(), "{bad}");
+        }
     }
 
     #[test]

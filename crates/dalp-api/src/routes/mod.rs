@@ -8,6 +8,7 @@ mod health;
 mod metrics;
 mod mfa;
 mod openapi;
+mod settings;
 mod users;
 
 use axum::Router;
@@ -23,6 +24,7 @@ pub(crate) fn router() -> Router<AppState> {
         .merge(api_keys::router())
         .merge(users::router())
         .merge(assets::router())
+        .merge(settings::router())
         .merge(audit::router())
         .merge(metrics::router())
         .merge(openapi::router())

@@ -175,3 +175,26 @@ pub fn totp_code(secret_b32: &str, offset_steps: i64) -> String {
     let step = (dalp_identity::totp::step_at(now) as i64 + offset_steps) as u64;
     format!("{:06}", dalp_identity::totp::hotp(&secret, step, 6))
 }
+
+impl TestApp {
+    /// An admin's session, completed with a freshly enrolled TOTP factor.
+    pub async fn admin_token(&self, email: &str) -> String {
+        let (_, b) = self.login(email, PASSWORD).await;
+        assert_eq!(b["mfa_required"], true, "{b}");
+        let token = b["token"].as_str().unwrap().to_string();
+        let (_, e) = self
+            .call(Method::POST, "/api/v1/mfa/totp", Cred::Token(&token), None)
+            .await;
+        let secret = e["secret"].as_str().unwrap().to_string();
+        let (s, b) = self
+            .call(
+                Method::POST,
+                "/api/v1/mfa/totp/confirm",
+                Cred::Token(&token),
+                Some(json!({ "code": totp_code(&secret, 0) })),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        token
+    }
+}

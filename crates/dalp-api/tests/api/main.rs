@@ -5,3 +5,4 @@ mod audit;
 mod cache;
 mod helpers;
 mod identity;
+mod settings;
