@@ -140,7 +140,9 @@ async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
     let want: BTreeSet<i64> = (1..=150).collect();
     // Delivered, and the delivery recorded (the cursor moves only after a send).
     for _ in 0..1000 {
-        if seqs(&got.lock().unwrap()).is_superset(&want) && forwarder.cursor().await.unwrap() == 150 {
+        // Take the lock in its own statement: never hold it across an await.
+        let delivered = seqs(&got.lock().unwrap()).is_superset(&want);
+        if delivered && forwarder.cursor().await.unwrap() == 150 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
