@@ -79,6 +79,8 @@ impl ApiError {
                 AssetError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
                 AssetError::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
                 AssetError::Duplicate(_) => (StatusCode::CONFLICT, "conflict"),
+                AssetError::FourEyes => (StatusCode::FORBIDDEN, "four_eyes"),
+                AssetError::NotPending(_) => (StatusCode::CONFLICT, "not_pending"),
                 AssetError::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
                 AssetError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },

@@ -4,6 +4,7 @@
 //! in the binary; [`ACCESS`] declares which roles may do what in it, and `dalp roles
 //! check` compares that declaration with the live database.
 
+pub mod compliance;
 pub mod settings;
 pub mod store;
 pub mod types;
@@ -34,6 +35,11 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             name: "settings_and_fx",
             sql: include_str!("../migrations/0003_settings_and_fx.sql"),
         },
+        Migration {
+            version: 4,
+            name: "compliance",
+            sql: include_str!("../migrations/0004_compliance.sql"),
+        },
     ],
 };
 
@@ -49,6 +55,7 @@ pub const ACCESS: SchemaAccess = SchemaAccess {
                 ("asset_versions", Privs::SELECT.union(Privs::INSERT)),
                 ("settings_versions", Privs::SELECT.union(Privs::INSERT)),
                 ("fx_latest", Privs::SELECT),
+                ("compliance_versions", Privs::SELECT.union(Privs::INSERT)),
             ],
         },
         RoleGrant {

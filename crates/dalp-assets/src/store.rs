@@ -33,6 +33,10 @@ pub enum AssetError {
     },
     #[error("{0}")]
     Duplicate(String),
+    #[error("the proposer of a change cannot approve it: a second person must")]
+    FourEyes,
+    #[error("this change is {0}, not pending")]
+    NotPending(String),
     #[error("database unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("database: {0}")]
@@ -63,6 +67,8 @@ pub struct Asset {
     pub country_numeric: Option<i16>,
     pub chain_id: Option<i64>,
     pub contract_address: Option<String>,
+    /// `draft` or `published`.
+    pub status: String,
     /// Send this back with an update (optimistic concurrency).
     pub version: i32,
     pub updated_at: DateTime<Utc>,
@@ -81,7 +87,7 @@ pub struct AssetVersion {
 
 const COLUMNS: &str =
     "id, organisation_id, name, symbol, decimals, base_type, isin, country_numeric, chain_id, \
-     contract_address, version, updated_at, updated_by";
+     contract_address, version, updated_at, updated_by, status";
 
 fn asset_from(r: &Row) -> Asset {
     Asset {
@@ -98,6 +104,7 @@ fn asset_from(r: &Row) -> Asset {
         version: r.get(10),
         updated_at: r.get(11),
         updated_by: r.get(12),
+        status: r.get(13),
     }
 }
 
@@ -302,6 +309,32 @@ impl AssetStore {
             )
             .await?;
         Ok(rows.iter().map(asset_from).collect())
+    }
+
+    /// Sets the lifecycle status (versioned and audited like any change).
+    pub(crate) async fn set_status(
+        &self,
+        ctx: &RequestContext,
+        id: Uuid,
+        expected_version: i32,
+        status: &str,
+    ) -> Result<Asset> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let before = Self::lock_at(&tx, id, expected_version).await?;
+        let row = tx
+            .query_one(
+                &format!(
+                    "UPDATE dalp_assets.assets SET status = $2, updated_by = $3, updated_at = now(), version = version + 1
+                     WHERE id = $1 RETURNING {COLUMNS}"
+                ),
+                &[&id, &status, &ctx.actor],
+            )
+            .await?;
+        let asset = asset_from(&row);
+        Self::record_change(&tx, ctx, id, asset.version, "update", Some(before)).await?;
+        tx.commit().await?;
+        Ok(asset)
     }
 
     /// Every version of an asset, oldest first (also after deletion).

@@ -23,6 +23,109 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/api/v1/assets", get(list).post(create))
         .route("/api/v1/assets/{id}", get(show).put(replace).delete(remove))
         .route("/api/v1/assets/{id}/history", get(history))
+        .route("/api/v1/assets/{id}/publish", axum::routing::post(publish))
+        .route(
+            "/api/v1/assets/{id}/compliance",
+            get(compliance).put(propose),
+        )
+        .route(
+            "/api/v1/compliance-changes/{id}/approve",
+            axum::routing::post(approve),
+        )
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModulesBody {
+    modules: Vec<dalp_assets::compliance::Module>,
+}
+
+#[tracing::instrument(skip_all)]
+async fn publish(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    auth.require_role(&state, PlatformRole::TokenManager, "assets.asset.publish")
+        .await?;
+    let asset = state
+        .assets
+        .publish(&auth.ctx, parse_id(&id, "asset")?, if_match(&headers)?)
+        .await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        asset.version,
+        json!({ "asset": asset }),
+    ))
+}
+
+#[tracing::instrument(skip_all)]
+async fn compliance(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if !auth.principal.has_role(PlatformRole::ComplianceManager) {
+        require_reader(&auth, &state, "assets.compliance.read").await?;
+    }
+    let c = state.assets.compliance(parse_id(&id, "asset")?).await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        c.version,
+        json!({ "compliance": c }),
+    ))
+}
+
+#[tracing::instrument(skip_all)]
+async fn propose(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<ModulesBody>,
+) -> Result<Response, ApiError> {
+    auth.require_role(
+        &state,
+        PlatformRole::ComplianceManager,
+        "assets.compliance.update",
+    )
+    .await?;
+    let id = parse_id(&id, "asset")?;
+    match state.assets.propose_compliance(&auth.ctx, id, if_match(&headers)?, body.modules).await? {
+        dalp_assets::compliance::Proposal::Applied { config } => {
+            Ok(with_etag(StatusCode::OK, config.version, json!({ "status": "applied", "compliance": config })))
+        }
+        dalp_assets::compliance::Proposal::Pending { change_id } => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "status": "pending", "change_id": change_id,
+                         "message": "the asset is published: a second complianceManager must approve this change" })),
+        )
+            .into_response()),
+    }
+}
+
+#[tracing::instrument(skip_all)]
+async fn approve(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    auth.require_role(
+        &state,
+        PlatformRole::ComplianceManager,
+        "assets.compliance.approve",
+    )
+    .await?;
+    let c = state
+        .assets
+        .approve_compliance(&auth.ctx, parse_id(&id, "change")?)
+        .await?;
+    Ok(with_etag(
+        StatusCode::OK,
+        c.version,
+        json!({ "status": "applied", "compliance": c }),
+    ))
 }
 
 async fn require_reader(

@@ -85,6 +85,12 @@ pub fn document() -> Value {
                 "put": op("Replace an asset (tokenManager); needs If-Match with the version read", true, Some("AssetInput"), "200:asset", &[401, 403, 404, 409, 422, 428]),
                 "delete": op("Delete an asset (tokenManager); needs If-Match", true, None, "204:deleted", &[401, 403, 404, 409, 428])
             },
+            "/api/v1/assets/{id}/publish": { "post": op("Publish a draft asset (tokenManager); If-Match", true, None, "200:asset", &[401, 403, 404, 409, 428]) },
+            "/api/v1/assets/{id}/compliance": {
+                "get": op("The asset's compliance modules; ETag is the configuration version", true, None, "200:configuration", &[401, 403, 404]),
+                "put": op("Set the modules (complianceManager); If-Match (\"0\" first). Draft: applied (200). Published: pending a second person's approval (202)", true, Some("Modules"), "200:applied", &[401, 403, 404, 409, 422, 428])
+            },
+            "/api/v1/compliance-changes/{id}/approve": { "post": op("Approve a pending compliance change (complianceManager, not its proposer)", true, None, "200:applied", &[401, 403, 404, 409]) },
             "/api/v1/assets/{id}/history": { "get": op("Every version of an asset: who, when, before, after", true, None, "200:versions", &[401, 403, 404]) },
             "/api/v1/settings/{organisation_id}": {
                 "get": op("Organisation settings (admin, auditor); defaults when never saved; ETag is the version", true, None, "200:settings", &[401, 403, 404]),
@@ -144,6 +150,10 @@ pub fn document() -> Value {
                     "properties": { "base": { "type": "string" }, "quote": { "type": "string" }, "provider": { "type": "string" },
                                     "effective_at": { "type": "string", "format": "date-time" },
                                     "rate": { "type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$", "description": "exact decimal, up to 18 places" } } },
+                "Modules": { "type": "object", "additionalProperties": false, "required": ["modules"],
+                    "properties": { "modules": { "type": "array", "maxItems": 12, "items": { "type": "object", "required": ["type"],
+                        "properties": { "type": { "enum": ["AddressBlockList", "CountryAllowList", "CountryBlockList", "IdentityAllowList", "IdentityBlockList",
+                            "SMARTIdentityVerification", "TokenSupplyLimit", "InvestorCount", "TimeLock", "TransferApproval", "CapitalRaiseLimit", "Collateral"] } } } } } },
                 "KycProfile": { "type": "object", "additionalProperties": false,
                     "required": ["first_name", "last_name", "date_of_birth", "country", "residency_status", "national_id"],
                     "properties": { "first_name": { "type": "string" }, "last_name": { "type": "string" },

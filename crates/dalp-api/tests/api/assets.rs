@@ -185,3 +185,126 @@ async fn token_managers_change_assets_with_field_errors_and_version_checks() {
         .await;
     assert_eq!(audit, 3, "create, update, delete");
 }
+
+#[tokio::test]
+async fn compliance_changes_on_a_published_asset_need_a_second_person() {
+    let app = spawn_app().await;
+    app.create_user("tm2@bank.example", &[PlatformRole::TokenManager])
+        .await;
+    app.create_user("cm1@bank.example", &[PlatformRole::ComplianceManager])
+        .await;
+    app.create_user("cm2@bank.example", &[PlatformRole::ComplianceManager])
+        .await;
+    let tm = app.token("tm2@bank.example").await;
+    let cm1 = app.token("cm1@bank.example").await;
+    let cm2 = app.token("cm2@bank.example").await;
+    let mut b = bond();
+    b["isin"] = json!("GB0002634946");
+    let (_, body) = app
+        .call(Method::POST, "/api/v1/assets", Cred::Token(&tm), Some(b))
+        .await;
+    let id = body["asset"]["id"].as_str().unwrap().to_string();
+    let url = format!("{}/api/v1/assets/{id}/compliance", app.base);
+    let send = |token: &str, if_match: &str, modules: Value| {
+        app.http
+            .put(&url)
+            .bearer_auth(token)
+            .header("if-match", if_match)
+            .json(&json!({ "modules": modules }))
+            .send()
+    };
+
+    // Bad parameters: 422, nothing stored.
+    let r = send(
+        &cm1,
+        "\"0\"",
+        json!([{ "type": "TimeLock", "hold_seconds": -5 }]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let r = send(&cm1, "\"0\"", json!([{ "type": "Teleport" }]))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // Token managers do not set compliance.
+    let r = send(&tm, "\"0\"", json!([])).await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    // Draft asset: applied at once.
+    let r = send(
+        &cm1,
+        "\"0\"",
+        json!([{ "type": "CountryAllowList", "countries": [442] }]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Publish, then change: pending until someone else approves.
+    let r = app
+        .http
+        .post(format!("{}/api/v1/assets/{id}/publish", app.base))
+        .bearer_auth(&tm)
+        .header("if-match", "\"1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = send(&cm1, "\"1\"", json!([{ "type": "CountryAllowList", "countries": [442, 276] }, { "type": "InvestorCount", "max_investors": 499 }])).await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let change: Value = r.json().await.unwrap();
+    let change_id = change["change_id"].as_str().unwrap().to_string();
+    let (_, c) = app
+        .call(
+            Method::GET,
+            &format!("/api/v1/assets/{id}/compliance"),
+            Cred::Token(&cm1),
+            None,
+        )
+        .await;
+    assert_eq!(
+        c["compliance"]["version"], 1,
+        "a pending change was applied"
+    );
+
+    let approve = format!("/api/v1/compliance-changes/{change_id}/approve");
+    let (s, b) = app
+        .call(Method::POST, &approve, Cred::Token(&cm1), None)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert_eq!(b["error"]["code"], "four_eyes");
+    let (_, c) = app
+        .call(
+            Method::GET,
+            &format!("/api/v1/assets/{id}/compliance"),
+            Cred::Token(&cm1),
+            None,
+        )
+        .await;
+    assert_eq!(c["compliance"]["version"], 1);
+
+    let (s, b) = app
+        .call(Method::POST, &approve, Cred::Token(&cm2), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["compliance"]["version"], 2);
+    assert_eq!(b["compliance"]["modules"][1]["max_investors"], 499);
+    let (s, _) = app
+        .call(Method::POST, &approve, Cred::Token(&cm2), None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "approved twice");
+
+    let su = app.db.superuser().await;
+    let row = su
+        .query_one("SELECT changed_by, approved_by FROM dalp_assets.compliance_versions WHERE asset_id = $1::text::uuid AND version = 2", &[&id])
+        .await
+        .unwrap();
+    let (by, approved): (String, Option<String>) = (row.get(0), row.get(1));
+    assert_ne!(Some(by), approved, "proposer and approver differ");
+    let approvals = app
+        .scalar_i64(
+            "SELECT count(*) FROM dalp_audit.events WHERE action = 'assets.compliance.approve'",
+        )
+        .await;
+    assert_eq!(approvals, 1);
+}
