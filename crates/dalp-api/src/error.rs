@@ -80,6 +80,7 @@ impl ApiError {
                 AssetError::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
                 AssetError::Duplicate(_) => (StatusCode::CONFLICT, "conflict"),
                 AssetError::FourEyes => (StatusCode::FORBIDDEN, "four_eyes"),
+                AssetError::TemplatePublished(_) => (StatusCode::CONFLICT, "template_published"),
                 AssetError::NotPending(_) => (StatusCode::CONFLICT, "not_pending"),
                 AssetError::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
                 AssetError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

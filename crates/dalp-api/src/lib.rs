@@ -3,6 +3,9 @@
 //! it too, and authentication by session token or API key. Each endpoint group lives in its
 //! own file under `routes/`.
 
+// The OpenAPI document is one large json! literal.
+#![recursion_limit = "512"]
+
 pub mod auth;
 pub mod catalog;
 pub mod error;

@@ -7,6 +7,7 @@
 pub mod compliance;
 pub mod settings;
 pub mod store;
+pub mod templates;
 pub mod types;
 
 pub use store::{AssetError, AssetStore};
@@ -40,6 +41,11 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             name: "compliance",
             sql: include_str!("../migrations/0004_compliance.sql"),
         },
+        Migration {
+            version: 5,
+            name: "templates",
+            sql: include_str!("../migrations/0005_templates.sql"),
+        },
     ],
 };
 
@@ -56,6 +62,7 @@ pub const ACCESS: SchemaAccess = SchemaAccess {
                 ("settings_versions", Privs::SELECT.union(Privs::INSERT)),
                 ("fx_latest", Privs::SELECT),
                 ("compliance_versions", Privs::SELECT.union(Privs::INSERT)),
+                ("template_versions", Privs::SELECT.union(Privs::INSERT)),
             ],
         },
         RoleGrant {

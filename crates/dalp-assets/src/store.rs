@@ -35,6 +35,8 @@ pub enum AssetError {
     Duplicate(String),
     #[error("the proposer of a change cannot approve it: a second person must")]
     FourEyes,
+    #[error("template {0} is published: its key fields cannot change (only its name)")]
+    TemplatePublished(String),
     #[error("this change is {0}, not pending")]
     NotPending(String),
     #[error("database unavailable: {0}")]
@@ -69,6 +71,8 @@ pub struct Asset {
     pub contract_address: Option<String>,
     /// `draft` or `published`.
     pub status: String,
+    pub template_id: Option<Uuid>,
+    pub metadata: Value,
     /// Send this back with an update (optimistic concurrency).
     pub version: i32,
     pub updated_at: DateTime<Utc>,
@@ -87,7 +91,7 @@ pub struct AssetVersion {
 
 const COLUMNS: &str =
     "id, organisation_id, name, symbol, decimals, base_type, isin, country_numeric, chain_id, \
-     contract_address, version, updated_at, updated_by, status";
+     contract_address, version, updated_at, updated_by, status, template_id, metadata";
 
 fn asset_from(r: &Row) -> Asset {
     Asset {
@@ -105,6 +109,8 @@ fn asset_from(r: &Row) -> Asset {
         updated_at: r.get(11),
         updated_by: r.get(12),
         status: r.get(13),
+        template_id: r.get(14),
+        metadata: r.get(15),
     }
 }
 
@@ -166,6 +172,10 @@ impl AssetStore {
     }
 
     pub async fn create(&self, ctx: &RequestContext, spec: &AssetSpec) -> Result<Asset> {
+        if let Some(t) = spec.template_id {
+            self.check_template(t, spec.base_type, &spec.metadata, None)
+                .await?;
+        }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let (chain_id, address) = match &spec.contract {
@@ -176,8 +186,8 @@ impl AssetStore {
             .query_one(
                 &format!(
                     "INSERT INTO dalp_assets.assets (organisation_id, name, symbol, decimals, base_type, isin, country_numeric,
-                         chain_id, contract_address, updated_by)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING {COLUMNS}"
+                         chain_id, contract_address, updated_by, template_id, metadata)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING {COLUMNS}"
                 ),
                 &[
                     &spec.organisation_id,
@@ -190,6 +200,8 @@ impl AssetStore {
                     &chain_id,
                     &address,
                     &ctx.actor,
+                    &spec.template_id,
+                    &spec.metadata,
                 ],
             )
             .await?;
@@ -242,6 +254,12 @@ impl AssetStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let before = Self::lock_at(&tx, id, expected_version).await?;
+        if let Some(t) = spec.template_id {
+            let previous =
+                (before["template_id"] == serde_json::json!(t)).then(|| &before["metadata"]);
+            self.check_template(t, spec.base_type, &spec.metadata, previous)
+                .await?;
+        }
         let (chain_id, address) = match &spec.contract {
             Some((c, a)) => (Some(c.get()), Some(a.lower())),
             None => (None, None),
@@ -251,7 +269,7 @@ impl AssetStore {
                 &format!(
                     "UPDATE dalp_assets.assets SET name = $2, symbol = $3, decimals = $4, base_type = $5, isin = $6,
                          country_numeric = $7, chain_id = $8, contract_address = $9, updated_by = $10,
-                         updated_at = now(), version = version + 1
+                         template_id = $11, metadata = $12, updated_at = now(), version = version + 1
                      WHERE id = $1 RETURNING {COLUMNS}"
                 ),
                 &[
@@ -265,6 +283,8 @@ impl AssetStore {
                     &chain_id,
                     &address,
                     &ctx.actor,
+                    &spec.template_id,
+                    &spec.metadata,
                 ],
             )
             .await?;

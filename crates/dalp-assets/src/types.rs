@@ -44,6 +44,11 @@ pub struct AssetInput {
     pub country_numeric: Option<i64>,
     pub chain_id: Option<i64>,
     pub contract_address: Option<String>,
+    /// A published template of the same base type; `metadata` is checked against it.
+    #[serde(default)]
+    pub template_id: Option<Uuid>,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// A validated asset definition.
@@ -57,6 +62,8 @@ pub struct AssetSpec {
     pub isin: Option<Isin>,
     pub country_numeric: Option<i16>,
     pub contract: Option<(ChainId, EvmAddress)>,
+    pub template_id: Option<Uuid>,
+    pub metadata: serde_json::Value,
 }
 
 impl AssetInput {
@@ -113,7 +120,21 @@ impl AssetInput {
                 ))
             }
         };
+        let metadata = self.metadata.unwrap_or_else(|| serde_json::json!({}));
+        if !metadata.is_object() {
+            return Err(Invalid::new("metadata", "must be an object"));
+        }
+        if self.template_id.is_none()
+            && metadata.as_object().map(|m| !m.is_empty()).unwrap_or(false)
+        {
+            return Err(Invalid::new(
+                "metadata",
+                "needs a template_id that defines its fields",
+            ));
+        }
         Ok(AssetSpec {
+            template_id: self.template_id,
+            metadata,
             organisation_id: self.organisation_id,
             name,
             symbol,
@@ -141,6 +162,8 @@ mod tests {
             country_numeric: Some(442),
             chain_id: Some(1),
             contract_address: Some("0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed".into()),
+            template_id: None,
+            metadata: None,
         }
     }
 

@@ -18,6 +18,8 @@ fn input(isin: &str) -> AssetInput {
         country_numeric: Some(442),
         chain_id: Some(1),
         contract_address: Some("0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed".into()),
+        template_id: None,
+        metadata: None,
     }
 }
 

@@ -9,6 +9,7 @@ mod metrics;
 mod mfa;
 mod openapi;
 mod settings;
+mod templates;
 mod users;
 
 use axum::Router;
@@ -25,6 +26,7 @@ pub(crate) fn router() -> Router<AppState> {
         .merge(users::router())
         .merge(assets::router())
         .merge(settings::router())
+        .merge(templates::router())
         .merge(audit::router())
         .merge(metrics::router())
         .merge(openapi::router())

@@ -308,3 +308,178 @@ async fn compliance_changes_on_a_published_asset_need_a_second_person() {
         .await;
     assert_eq!(approvals, 1);
 }
+
+#[tokio::test]
+async fn published_templates_are_immutable_and_govern_asset_metadata() {
+    let app = spawn_app().await;
+    app.create_user("tpl@bank.example", &[PlatformRole::TokenManager])
+        .await;
+    let tm = app.token("tpl@bank.example").await;
+    let org = "00000000-0000-4000-8000-000000000001";
+    let template = json!({
+        "organisation_id": org, "slug": "green-bond", "name": "Green bond", "base_type": "bond",
+        "asset_class": "fixed_income", "features": ["maturity-redemption", "historical-balances"],
+        "metadata_schema": [
+            { "key": "face_value", "label": "Face value", "type": "decimal", "required": true, "mutable": false, "constraints": { "min": "0.01" } },
+            { "key": "maturity_date", "label": "Maturity", "type": "date", "required": true }
+        ]
+    });
+    let (s, b) = app
+        .call(
+            Method::POST,
+            "/api/v1/templates",
+            Cred::Token(&tm),
+            Some(template.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let tid = b["template"]["id"].as_str().unwrap().to_string();
+    let mut bad = template.clone();
+    bad["features"] = json!(["teleportation"]);
+    bad["slug"] = json!("other");
+    let (s, b) = app
+        .call(
+            Method::POST,
+            "/api/v1/templates",
+            Cred::Token(&tm),
+            Some(bad),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(b["error"]["field"], "features");
+
+    // Assets cannot use a draft template.
+    let mut asset = bond();
+    asset["isin"] = json!("US5949181045");
+    asset["template_id"] = json!(tid);
+    asset["metadata"] = json!({ "face_value": "1000.00", "maturity_date": "2031-06-30" });
+    let (s, b) = app
+        .call(
+            Method::POST,
+            "/api/v1/assets",
+            Cred::Token(&tm),
+            Some(asset.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(b["error"]["field"], "template_id");
+
+    let r = app
+        .http
+        .post(format!("{}/api/v1/templates/{tid}/publish", app.base))
+        .bearer_auth(&tm)
+        .header("if-match", "\"1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // Published: key fields refused (nothing changes), the name may change.
+    let mut changed = template.clone();
+    changed["metadata_schema"][0]["required"] = json!(false);
+    let r = app
+        .http
+        .put(format!("{}/api/v1/templates/{tid}", app.base))
+        .bearer_auth(&tm)
+        .header("if-match", "\"2\"")
+        .json(&changed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["code"], "template_published");
+    let mut renamed = template.clone();
+    renamed["name"] = json!("Green bond (EU GBS)");
+    let r = app
+        .http
+        .put(format!("{}/api/v1/templates/{tid}", app.base))
+        .bearer_auth(&tm)
+        .header("if-match", "\"2\"")
+        .json(&renamed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // The database refuses too, whoever writes.
+    let svc = app.db.connect_as(dalp_db::Component::Assets).await;
+    let e = svc
+        .batch_execute(&format!(
+            "UPDATE dalp_assets.templates SET slug = 'sneaky' WHERE id = '{tid}'"
+        ))
+        .await
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("is published"), "{e:?}");
+
+    // Metadata follows the schema: field-level 422, then success, then immutability.
+    let mut wrong = asset.clone();
+    wrong["metadata"] = json!({ "face_value": 1000.0, "maturity_date": "2031-06-30" });
+    let (s, b) = app
+        .call(
+            Method::POST,
+            "/api/v1/assets",
+            Cred::Token(&tm),
+            Some(wrong),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert_eq!(b["error"]["field"], "metadata");
+    assert_eq!(
+        app.scalar_i64("SELECT count(*) FROM dalp_assets.assets")
+            .await,
+        0
+    );
+    let (s, b) = app
+        .call(
+            Method::POST,
+            "/api/v1/assets",
+            Cred::Token(&tm),
+            Some(asset.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let aid = b["asset"]["id"].as_str().unwrap().to_string();
+    let mut revalued = asset.clone();
+    revalued["metadata"]["face_value"] = json!("2000.00");
+    let (s, b) = put(&app, &tm, &aid, Some("\"1\""), revalued).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot change"),
+        "{b}"
+    );
+    let mut moved = asset.clone();
+    moved["metadata"]["maturity_date"] = json!("2032-06-30");
+    let (s, b) = put(&app, &tm, &aid, Some("\"1\""), moved).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+
+    // Hidden templates disappear from the organisation's list.
+    let (_, b) = app
+        .call(
+            Method::GET,
+            &format!("/api/v1/templates?organisation_id={org}"),
+            Cred::Token(&tm),
+            None,
+        )
+        .await;
+    assert_eq!(b["templates"].as_array().unwrap().len(), 1);
+    let (s, _) = app
+        .call(
+            Method::POST,
+            &format!("/api/v1/templates/{tid}/visibility"),
+            Cred::Token(&tm),
+            Some(json!({ "organisation_id": org, "hidden": true })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, b) = app
+        .call(
+            Method::GET,
+            &format!("/api/v1/templates?organisation_id={org}"),
+            Cred::Token(&tm),
+            None,
+        )
+        .await;
+    assert_eq!(b["templates"].as_array().unwrap().len(), 0);
+}

@@ -1,0 +1,184 @@
+//! Instrument templates: `tokenManager` manages them, readers (`tokenManager`, `auditor`)
+//! list what an organisation may use. ETag / If-Match as for assets.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use dalp_assets::templates::TemplateInput;
+use dalp_identity::types::PlatformRole;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::parse_id;
+use crate::auth::Auth;
+use crate::extract::Json;
+use crate::{ApiError, AppState};
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/templates", get(list).post(create))
+        .route("/api/v1/templates/{id}", get(show).put(replace))
+        .route("/api/v1/templates/{id}/publish", post(publish))
+        .route("/api/v1/templates/{id}/visibility", post(visibility))
+}
+
+fn etagged(status: StatusCode, version: i32, body: serde_json::Value) -> Response {
+    let mut r = (status, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        r.headers_mut().insert("etag", v);
+    }
+    r
+}
+
+fn if_match(headers: &HeaderMap) -> Result<i32, ApiError> {
+    headers
+        .get("if-match")
+        .ok_or_else(|| {
+            ApiError::PreconditionRequired(
+                "send If-Match with the ETag of the version you read".into(),
+            )
+        })?
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().trim_matches('"').parse().ok())
+        .ok_or_else(|| {
+            ApiError::BadRequest("If-Match must be the ETag of a read, e.g. \"3\"".into())
+        })
+}
+
+async fn reader(auth: &Auth, state: &AppState, action: &'static str) -> Result<(), ApiError> {
+    if auth.principal.has_role(PlatformRole::Auditor) {
+        return Ok(());
+    }
+    auth.require_role(state, PlatformRole::TokenManager, action)
+        .await
+}
+
+#[tracing::instrument(skip_all)]
+async fn create(
+    State(state): State<AppState>,
+    auth: Auth,
+    Json(body): Json<TemplateInput>,
+) -> Result<Response, ApiError> {
+    auth.require_role(&state, PlatformRole::TokenManager, "assets.template.create")
+        .await?;
+    let t = state.assets.create_template(&auth.ctx, body).await?;
+    Ok(etagged(
+        StatusCode::CREATED,
+        t.version,
+        json!({ "template": t }),
+    ))
+}
+
+#[tracing::instrument(skip_all)]
+async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    reader(&auth, &state, "assets.template.list").await?;
+    let org = q
+        .get("organisation_id")
+        .ok_or_else(|| {
+            ApiError::BadRequest(
+                "organisation_id is required: templates are listed as one organisation sees them"
+                    .into(),
+            )
+        })
+        .and_then(|s| {
+            uuid::Uuid::parse_str(s)
+                .map_err(|_| ApiError::BadRequest("organisation_id must be a UUID".into()))
+        })?;
+    Ok(Json(
+        json!({ "templates": state.assets.templates_for(org).await? }),
+    ))
+}
+
+#[tracing::instrument(skip_all)]
+async fn show(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    reader(&auth, &state, "assets.template.read").await?;
+    let t = state.assets.template(parse_id(&id, "template")?).await?;
+    Ok(etagged(StatusCode::OK, t.version, json!({ "template": t })))
+}
+
+#[tracing::instrument(skip_all)]
+async fn replace(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<TemplateInput>,
+) -> Result<Response, ApiError> {
+    auth.require_role(&state, PlatformRole::TokenManager, "assets.template.update")
+        .await?;
+    let t = state
+        .assets
+        .update_template(
+            &auth.ctx,
+            parse_id(&id, "template")?,
+            if_match(&headers)?,
+            body,
+        )
+        .await?;
+    Ok(etagged(StatusCode::OK, t.version, json!({ "template": t })))
+}
+
+#[tracing::instrument(skip_all)]
+async fn publish(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    auth.require_role(
+        &state,
+        PlatformRole::TokenManager,
+        "assets.template.publish",
+    )
+    .await?;
+    let t = state
+        .assets
+        .publish_template(&auth.ctx, parse_id(&id, "template")?, if_match(&headers)?)
+        .await?;
+    Ok(etagged(StatusCode::OK, t.version, json!({ "template": t })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Visibility {
+    organisation_id: uuid::Uuid,
+    hidden: bool,
+}
+
+#[tracing::instrument(skip_all)]
+async fn visibility(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    Json(body): Json<Visibility>,
+) -> Result<StatusCode, ApiError> {
+    auth.require_role(
+        &state,
+        PlatformRole::TokenManager,
+        "assets.template.visibility",
+    )
+    .await?;
+    state
+        .assets
+        .set_template_hidden(
+            &auth.ctx,
+            body.organisation_id,
+            parse_id(&id, "template")?,
+            body.hidden,
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
