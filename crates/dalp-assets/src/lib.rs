@@ -46,6 +46,11 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             name: "templates",
             sql: include_str!("../migrations/0005_templates.sql"),
         },
+        Migration {
+            version: 6,
+            name: "type_details",
+            sql: include_str!("../migrations/0006_type_details.sql"),
+        },
     ],
 };
 

@@ -73,6 +73,7 @@ pub struct Asset {
     pub status: String,
     pub template_id: Option<Uuid>,
     pub metadata: Value,
+    pub details: Value,
     /// Send this back with an update (optimistic concurrency).
     pub version: i32,
     pub updated_at: DateTime<Utc>,
@@ -91,7 +92,7 @@ pub struct AssetVersion {
 
 const COLUMNS: &str =
     "id, organisation_id, name, symbol, decimals, base_type, isin, country_numeric, chain_id, \
-     contract_address, version, updated_at, updated_by, status, template_id, metadata";
+     contract_address, version, updated_at, updated_by, status, template_id, metadata, details";
 
 fn asset_from(r: &Row) -> Asset {
     Asset {
@@ -111,6 +112,7 @@ fn asset_from(r: &Row) -> Asset {
         status: r.get(13),
         template_id: r.get(14),
         metadata: r.get(15),
+        details: r.get(16),
     }
 }
 
@@ -186,8 +188,8 @@ impl AssetStore {
             .query_one(
                 &format!(
                     "INSERT INTO dalp_assets.assets (organisation_id, name, symbol, decimals, base_type, isin, country_numeric,
-                         chain_id, contract_address, updated_by, template_id, metadata)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING {COLUMNS}"
+                         chain_id, contract_address, updated_by, template_id, metadata, details)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING {COLUMNS}"
                 ),
                 &[
                     &spec.organisation_id,
@@ -202,6 +204,7 @@ impl AssetStore {
                     &ctx.actor,
                     &spec.template_id,
                     &spec.metadata,
+                    &spec.details,
                 ],
             )
             .await?;
@@ -269,7 +272,7 @@ impl AssetStore {
                 &format!(
                     "UPDATE dalp_assets.assets SET name = $2, symbol = $3, decimals = $4, base_type = $5, isin = $6,
                          country_numeric = $7, chain_id = $8, contract_address = $9, updated_by = $10,
-                         template_id = $11, metadata = $12, updated_at = now(), version = version + 1
+                         template_id = $11, metadata = $12, details = $13, updated_at = now(), version = version + 1
                      WHERE id = $1 RETURNING {COLUMNS}"
                 ),
                 &[
@@ -285,6 +288,7 @@ impl AssetStore {
                     &ctx.actor,
                     &spec.template_id,
                     &spec.metadata,
+                    &spec.details,
                 ],
             )
             .await?;

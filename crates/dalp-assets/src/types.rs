@@ -1,6 +1,6 @@
 //! Asset values, parsed before they reach SQL; every failure names its field.
 
-use dalp_types::{ChainId, EvmAddress, Invalid, Isin};
+use dalp_types::{ChainId, Decimal, EvmAddress, Invalid, Isin};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -49,6 +49,129 @@ pub struct AssetInput {
     pub template_id: Option<Uuid>,
     #[serde(default)]
     pub metadata: Option<serde_json::Value>,
+    /// Fields of the base type: bond `face_value`, `maturity_date`, `denomination_asset`,
+    /// `cap`; fund `management_fee_bps`, `fund_class`, `category`; equity `equity_class`,
+    /// `category`; stablecoin and deposit `base_price`. Amounts are decimal text.
+    #[serde(default)]
+    pub details: Option<serde_json::Value>,
+}
+
+/// Validates the base type's own fields; returns them normalised (decimals canonical).
+fn parse_details(
+    base: BaseType,
+    details: Option<serde_json::Value>,
+) -> Result<serde_json::Value, Invalid> {
+    use serde_json::{Map, Value};
+    let obj = match details {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(Invalid::new("details", "must be an object")),
+    };
+    let allowed: &[&'static str] = match base {
+        BaseType::Bond => &["face_value", "maturity_date", "denomination_asset", "cap"],
+        BaseType::Fund => &["management_fee_bps", "fund_class", "category"],
+        BaseType::Equity => &["equity_class", "category"],
+        BaseType::Stablecoin | BaseType::Deposit => &["base_price"],
+        BaseType::RealEstate | BaseType::PreciousMetal => &[],
+    };
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(Invalid::new(
+            "details",
+            format!(
+                "`{k}` is not a field of a {}; fields: {}",
+                base.as_str(),
+                allowed.join(", ")
+            ),
+        ));
+    }
+    let mut out = Map::new();
+    let field = |k: &str| allowed.iter().copied().find(|a| *a == k).expect("allowed");
+    let text = |k: &'static str, max: usize, required: bool| -> Result<Option<String>, Invalid> {
+        match obj.get(k) {
+            None | Some(Value::Null) if required => Err(Invalid::new(k, "is required")),
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= max => {
+                Ok(Some(s.trim().to_string()))
+            }
+            Some(_) => Err(Invalid::new(
+                k,
+                format!("must be text of 1 to {max} characters"),
+            )),
+        }
+    };
+    let amount = |k: &'static str, required: bool| -> Result<Option<String>, Invalid> {
+        match obj.get(k) {
+            None | Some(Value::Null) if required => Err(Invalid::new(k, "is required")),
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => {
+                let d = Decimal::parse(k, s, 38, 18)?;
+                if d.is_zero() {
+                    return Err(Invalid::new(k, "must be greater than zero"));
+                }
+                Ok(Some(d.as_str().to_string()))
+            }
+            Some(_) => Err(Invalid::new(
+                k,
+                "must be an exact decimal given as text, e.g. \"1000.00\"",
+            )),
+        }
+    };
+    match base {
+        BaseType::Bond => {
+            let fv = amount(field("face_value"), true)?;
+            let md = text(field("maturity_date"), 10, true)?.expect("required");
+            chrono::NaiveDate::parse_from_str(&md, "%Y-%m-%d")
+                .map_err(|_| Invalid::new("maturity_date", "must be a date YYYY-MM-DD"))?;
+            let den = text(field("denomination_asset"), 64, true)?;
+            out.insert("face_value".into(), fv.into());
+            out.insert("maturity_date".into(), md.into());
+            out.insert("denomination_asset".into(), den.into());
+            if let Some(cap) = amount(field("cap"), false)? {
+                out.insert("cap".into(), cap.into());
+            }
+        }
+        BaseType::Fund => {
+            let fee = match obj.get("management_fee_bps") {
+                Some(Value::Number(n))
+                    if n.as_i64()
+                        .map(|v| (0..=10_000).contains(&v))
+                        .unwrap_or(false) =>
+                {
+                    n.as_i64().expect("checked")
+                }
+                None | Some(Value::Null) => {
+                    return Err(Invalid::new("management_fee_bps", "is required"))
+                }
+                Some(_) => {
+                    return Err(Invalid::new(
+                        "management_fee_bps",
+                        "must be a whole number of basis points, 0 to 10000",
+                    ))
+                }
+            };
+            out.insert("management_fee_bps".into(), fee.into());
+            for k in ["fund_class", "category"] {
+                if let Some(v) = text(field(k), 50, false)? {
+                    out.insert(k.into(), v.into());
+                }
+            }
+        }
+        BaseType::Equity => {
+            for k in ["equity_class", "category"] {
+                if let Some(v) = text(field(k), 50, false)? {
+                    out.insert(k.into(), v.into());
+                }
+            }
+        }
+        BaseType::Stablecoin | BaseType::Deposit => {
+            out.insert(
+                "base_price".into(),
+                amount(field("base_price"), true)?.into(),
+            );
+        }
+        BaseType::RealEstate | BaseType::PreciousMetal => {}
+    }
+    Ok(Value::Object(out))
 }
 
 /// A validated asset definition.
@@ -64,6 +187,8 @@ pub struct AssetSpec {
     pub contract: Option<(ChainId, EvmAddress)>,
     pub template_id: Option<Uuid>,
     pub metadata: serde_json::Value,
+    /// Normalised type-specific fields.
+    pub details: serde_json::Value,
 }
 
 impl AssetInput {
@@ -132,7 +257,9 @@ impl AssetInput {
                 "needs a template_id that defines its fields",
             ));
         }
+        let details = parse_details(self.base_type, self.details)?;
         Ok(AssetSpec {
+            details,
             template_id: self.template_id,
             metadata,
             organisation_id: self.organisation_id,
@@ -164,7 +291,38 @@ mod tests {
             contract_address: Some("0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed".into()),
             template_id: None,
             metadata: None,
+            details: Some(
+                serde_json::json!({ "face_value": "1000.00", "maturity_date": "2030-12-31", "denomination_asset": "EUR" }),
+            ),
         }
+    }
+
+    #[test]
+    fn type_specific_fields_are_checked_per_base_type() {
+        let mut fund = input();
+        fund.base_type = BaseType::Fund;
+        fund.details = Some(serde_json::json!({ "management_fee_bps": 10001 }));
+        assert_eq!(
+            fund.clone().parse().unwrap_err().field,
+            "management_fee_bps"
+        );
+        fund.details = Some(serde_json::json!({ "management_fee_bps": 150, "fund_class": "A" }));
+        assert!(fund.clone().parse().is_ok());
+        fund.details = Some(serde_json::json!({ "face_value": "1" }));
+        assert_eq!(fund.parse().unwrap_err().field, "details");
+        let mut b = input();
+        b.details = Some(
+            serde_json::json!({ "face_value": 1000.0, "maturity_date": "2030-12-31", "denomination_asset": "EUR" }),
+        );
+        assert_eq!(b.clone().parse().unwrap_err().field, "face_value");
+        b.details = Some(
+            serde_json::json!({ "face_value": "0100.50", "maturity_date": "2030-12-31", "denomination_asset": "EUR" }),
+        );
+        assert_eq!(b.parse().unwrap().details["face_value"], "100.5");
+        let mut s = input();
+        s.base_type = BaseType::Stablecoin;
+        s.details = None;
+        assert_eq!(s.parse().unwrap_err().field, "base_price");
     }
 
     #[test]

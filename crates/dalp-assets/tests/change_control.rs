@@ -20,6 +20,9 @@ fn input(isin: &str) -> AssetInput {
         contract_address: Some("0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed".into()),
         template_id: None,
         metadata: None,
+        details: Some(
+            serde_json::json!({ "face_value": "1000", "maturity_date": "2030-12-31", "denomination_asset": "EUR" }),
+        ),
     }
 }
 

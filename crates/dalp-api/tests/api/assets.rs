@@ -11,7 +11,8 @@ fn bond() -> Value {
         "organisation_id": "00000000-0000-4000-8000-000000000001",
         "name": "Green Bond 2030", "symbol": "GB30", "decimals": 6, "base_type": "bond",
         "isin": "US0378331005", "country_numeric": 442,
-        "chain_id": 1, "contract_address": "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"
+        "chain_id": 1, "contract_address": "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed",
+        "details": { "face_value": "1000.00", "maturity_date": "2030-12-31", "denomination_asset": "EUR" }
     })
 }
 
@@ -65,6 +66,26 @@ async fn token_managers_change_assets_with_field_errors_and_version_checks() {
         assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {body}");
         assert_eq!(body["error"]["field"], expect, "{body}");
     }
+    let mut fund = bond();
+    fund["base_type"] = json!("fund");
+    fund["details"] = json!({ "management_fee_bps": 10001 });
+    let (s, body) = app
+        .call(Method::POST, "/api/v1/assets", Cred::Token(&tm), Some(fund))
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["field"], "management_fee_bps");
+    let mut float_face = bond();
+    float_face["details"]["face_value"] = json!(1000.0);
+    let (s, body) = app
+        .call(
+            Method::POST,
+            "/api/v1/assets",
+            Cred::Token(&tm),
+            Some(float_face),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["field"], "face_value");
     let mut b = bond();
     b["base_type"] = json!("tulip");
     let (s, _) = app
