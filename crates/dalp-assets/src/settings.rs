@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::store::{AssetError, AssetStore};
+use crate::store::{AssetError, AssetStore, Cached};
 
 /// NOTIFY channel of asset-domain cache invalidations.
 pub const CACHE_CHANNEL: &str = "dalp_assets_cache";
@@ -118,7 +118,7 @@ impl AssetStore {
     /// Settings of `org` (defaults when never saved), served from the cache when possible.
     pub async fn settings(&self, org: Uuid) -> Result<OrgSettings, AssetError> {
         let key = format!("settings:{org}");
-        if let Some(s) = self.cache().get(&key) {
+        if let Some(Cached::Settings(s)) = self.cache().get(&key) {
             return Ok(s);
         }
         let generation = self.cache().generation();
@@ -142,8 +142,12 @@ impl AssetStore {
                 updated_by: None,
             },
         };
-        self.cache()
-            .insert(key, s.clone(), vec![format!("settings:{org}")], generation);
+        self.cache().insert(
+            key,
+            Cached::Settings(s.clone()),
+            vec![format!("settings:{org}")],
+            generation,
+        );
         Ok(s)
     }
 

@@ -116,11 +116,18 @@ fn asset_from(r: &Row) -> Asset {
     }
 }
 
+/// What the asset-domain cache holds.
+#[derive(Debug, Clone)]
+pub enum Cached {
+    Settings(OrgSettings),
+    Asset(Asset),
+}
+
 /// The asset store, as `dalp_assets_svc`, with its cache of organisation settings.
 #[derive(Clone)]
 pub struct AssetStore {
     pool: Pool,
-    cache: Arc<InvalidatingCache<OrgSettings>>,
+    cache: Arc<InvalidatingCache<Cached>>,
 }
 
 impl AssetStore {
@@ -131,7 +138,7 @@ impl AssetStore {
 
     /// A store reading settings through `cache`, which a listener on
     /// [`crate::settings::CACHE_CHANNEL`] keeps correct.
-    pub fn with_cache(pool: Pool, cache: Arc<InvalidatingCache<OrgSettings>>) -> AssetStore {
+    pub fn with_cache(pool: Pool, cache: Arc<InvalidatingCache<Cached>>) -> AssetStore {
         AssetStore { pool, cache }
     }
 
@@ -139,7 +146,7 @@ impl AssetStore {
         &self.pool
     }
 
-    pub fn cache(&self) -> &Arc<InvalidatingCache<OrgSettings>> {
+    pub fn cache(&self) -> &Arc<InvalidatingCache<Cached>> {
         &self.cache
     }
 
@@ -214,7 +221,34 @@ impl AssetStore {
         Ok(asset)
     }
 
+    /// Commits `tx` with one NOTIFY for the asset (delivered on commit to other processes)
+    /// and evicts it here at once.
+    async fn commit_invalidating(&self, tx: Transaction<'_>, id: Uuid) -> Result<()> {
+        let tags = vec![format!("asset:{id}")];
+        dalp_db::cache::notify(&*tx, crate::settings::CACHE_CHANNEL, &tags).await?;
+        tx.commit().await?;
+        self.cache.invalidate_local(&tags[0]);
+        Ok(())
+    }
+
+    /// One asset, served from the cache when possible.
     pub async fn get(&self, id: Uuid) -> Result<Asset> {
+        let key = format!("asset:{id}");
+        if let Some(Cached::Asset(a)) = self.cache.get(&key) {
+            return Ok(a);
+        }
+        let generation = self.cache.generation();
+        let asset = self.get_uncached(id).await?;
+        self.cache.insert(
+            key.clone(),
+            Cached::Asset(asset.clone()),
+            vec![key],
+            generation,
+        );
+        Ok(asset)
+    }
+
+    async fn get_uncached(&self, id: Uuid) -> Result<Asset> {
         let client = self.pool.get().await?;
         let row = client
             .query_opt(
@@ -294,7 +328,7 @@ impl AssetStore {
             .await?;
         let asset = asset_from(&row);
         Self::record_change(&tx, ctx, id, asset.version, "update", Some(before)).await?;
-        tx.commit().await?;
+        self.commit_invalidating(tx, id).await?;
         Ok(asset)
     }
 
@@ -311,7 +345,7 @@ impl AssetStore {
         tx.execute("DELETE FROM dalp_assets.assets WHERE id = $1", &[&id])
             .await?;
         Self::record_change(&tx, ctx, id, expected_version + 1, "delete", Some(before)).await?;
-        tx.commit().await?;
+        self.commit_invalidating(tx, id).await?;
         Ok(())
     }
 
@@ -357,7 +391,7 @@ impl AssetStore {
             .await?;
         let asset = asset_from(&row);
         Self::record_change(&tx, ctx, id, asset.version, "update", Some(before)).await?;
-        tx.commit().await?;
+        self.commit_invalidating(tx, id).await?;
         Ok(asset)
     }
 

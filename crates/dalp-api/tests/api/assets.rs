@@ -504,3 +504,63 @@ async fn published_templates_are_immutable_and_govern_asset_metadata() {
         .await;
     assert_eq!(b["templates"].as_array().unwrap().len(), 0);
 }
+
+#[tokio::test]
+async fn a_changed_asset_is_never_served_stale_by_a_second_process() {
+    let a = spawn_app().await;
+    let b = crate::helpers::spawn_app_on(
+        a.db.clone(),
+        a.key_dir.clone(),
+        dalp_api::ApiSettings::default(),
+    )
+    .await;
+    a.create_user("tm3@bank.example", &[PlatformRole::TokenManager])
+        .await;
+    let tm = a.token("tm3@bank.example").await;
+    let mut asset = bond();
+    asset["isin"] = json!("US4592001014");
+    let (_, body) = a
+        .call(
+            Method::POST,
+            "/api/v1/assets",
+            Cred::Token(&tm),
+            Some(asset.clone()),
+        )
+        .await;
+    let id = body["asset"]["id"].as_str().unwrap().to_string();
+    for _ in 0..2 {
+        let (s, _) = b
+            .call(
+                Method::GET,
+                &format!("/api/v1/assets/{id}"),
+                Cred::Token(&tm),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let cache = b.services.state.assets.cache().clone();
+    assert!(cache.stats().hits >= 1, "{:?}", cache.stats());
+    let before = cache.stats().invalidations;
+    asset["name"] = json!("Renamed Bond");
+    let (s, _) = put(&a, &tm, &id, Some("\"1\""), asset).await;
+    assert_eq!(s, StatusCode::OK);
+    for _ in 0..200 {
+        if cache.stats().invalidations > before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let (_, body) = b
+        .call(
+            Method::GET,
+            &format!("/api/v1/assets/{id}"),
+            Cred::Token(&tm),
+            None,
+        )
+        .await;
+    assert_eq!(
+        body["asset"]["name"], "Renamed Bond",
+        "B served a replaced asset"
+    );
+}
