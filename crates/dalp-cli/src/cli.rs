@@ -122,6 +122,10 @@ pub struct UpArgs {
     /// retention log).
     #[arg(long, default_value_t = 84, value_parser = clap::value_parser!(u32).range(1..=1200))]
     pub audit_retention_months: u32,
+    /// Seed a demo organisation, an administrator (password printed once), a bond and a
+    /// stablecoin, unless they exist.
+    #[arg(long)]
+    pub demo: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -64,10 +64,15 @@ struct Up {
 
 impl Up {
     fn start(dir: &Path, api_port: u16) -> Up {
+        Up::start_with(dir, api_port, &[])
+    }
+
+    fn start_with(dir: &Path, api_port: u16, extra: &[&str]) -> Up {
         let mut child = Command::new(DALP)
             .args(["up", "--data-dir"])
             .arg(dir)
             .args(["--api-port", &api_port.to_string()])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -95,6 +100,11 @@ impl Up {
             match out_rx.recv_timeout(Duration::from_secs(120)) {
                 Ok(line) if line.contains("ready") => {
                     up.ready_line = line;
+                    // The lines printed with it (connect hint, demo credentials).
+                    while let Ok(more) = out_rx.recv_timeout(Duration::from_millis(300)) {
+                        up.ready_line.push('\n');
+                        up.ready_line.push_str(&more);
+                    }
                     return up;
                 }
                 Ok(_) => continue,
@@ -658,6 +668,63 @@ fn create_admin_then_rotate_keys_while_the_server_keeps_reading() {
     assert!(!o.status.success());
     assert!(text(&o).contains("--audit-key"), "{}", text(&o));
 
+    let (status, _) = up.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn up_with_demo_seeds_once_and_the_admin_can_log_in() {
+    let dir = data_dir();
+    let api_port = free_port();
+    let up = Up::start_with(dir.path(), api_port, &["--demo"]);
+    let line = up
+        .ready_line
+        .lines()
+        .find(|l| l.contains("demo:"))
+        .unwrap_or_else(|| panic!("{}", up.ready_line))
+        .to_string();
+    let password = line
+        .split("password ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let readonly = db_url(dir.path(), "dalp_readonly");
+    let o = psql(
+        &readonly,
+        "select string_agg(base_type, ',' order by base_type) from dalp_assets.assets",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "bond,stablecoin",
+        "{}",
+        text(&o)
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r: serde_json::Value = ::reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{api_port}/api/v1/auth/login"))
+            .json(&serde_json::json!({ "email": "admin@demo.dalp.example", "password": password }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["mfa_required"], true, "{r}");
+    });
+    let (status, _) = up.terminate();
+    assert!(status.success());
+    // Again with --demo: nothing new, no password printed.
+    let up = Up::start_with(dir.path(), api_port, &["--demo"]);
+    assert!(!up.ready_line.contains("password"), "{}", up.ready_line);
+    let o = psql(&readonly, "select count(*) from dalp_assets.assets");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "2");
     let (status, _) = up.terminate();
     assert!(status.success());
 }

@@ -601,6 +601,65 @@ impl IdentityStore {
         Ok(user)
     }
 
+    /// Creates an organisation with `owner` as its owner; returns its id.
+    pub async fn create_organisation(
+        &self,
+        ctx: &RequestContext,
+        slug: &str,
+        name: &str,
+        owner: Uuid,
+    ) -> Result<Uuid> {
+        let ok_slug = !slug.is_empty()
+            && slug.len() <= 63
+            && slug
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !slug.starts_with('-');
+        if !ok_slug {
+            return Err(Invalid {
+                field: "slug",
+                message: "must be lower-case letters, digits and dashes".into(),
+            }
+            .into());
+        }
+        let name = parse_name("name", name)?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let id: Uuid = tx
+            .query_one(
+                "INSERT INTO dalp_identity.organisations (slug, name) VALUES ($1, $2) RETURNING id",
+                &[&slug, &name],
+            )
+            .await?
+            .get(0);
+        tx.execute(
+            "INSERT INTO dalp_identity.organisation_members (organisation_id, user_id, role) VALUES ($1, $2, 'owner')",
+            &[&id, &owner],
+        )
+        .await?;
+        dalp_audit::record(
+            &*tx,
+            &ctx.event("identity.organisation.create", "organisation")
+                .resource(id)
+                .details(json!({ "slug": slug })),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// The id of the organisation with `slug`, if any.
+    pub async fn organisation_by_slug(&self, slug: &str) -> Result<Option<Uuid>> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_opt(
+                "SELECT id FROM dalp_identity.organisations WHERE slug = $1",
+                &[&slug],
+            )
+            .await?
+            .map(|r| r.get(0)))
+    }
+
     // ---- login and sessions -----------------------------------------------------------
 
     /// Password login. Unknown email and wrong password give the same error after the same

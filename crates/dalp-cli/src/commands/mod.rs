@@ -3,6 +3,7 @@
 mod audit;
 mod config;
 mod db;
+pub mod demo;
 mod identity;
 mod migrate;
 mod roles;

@@ -98,6 +98,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         &cluster.layout().keys_dir(),
         ApiSettings::default(),
     )?;
+    let demo_password = if args.demo {
+        super::demo::seed(&services.state)
+            .await
+            .context("seed the demo data")?
+    } else {
+        None
+    };
     let app = services.router();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(dalp_api::serve(listener, app, async move {
@@ -124,6 +131,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         "  connect: psql \"$(dalp db url --data-dir {} --role dalp_readonly)\"   stop: Ctrl-C",
         layout.root().display()
     );
+    if let Some(pw) = demo_password {
+        println!(
+            "  demo: organisation `{}`, admin {} password {pw} (shown once; enrol TOTP at first login), a bond and a stablecoin",
+            super::demo::DEMO_ORG,
+            super::demo::DEMO_ADMIN
+        );
+    }
 
     let crashed = tokio::select! {
         _ = shutdown_signal() => None,
