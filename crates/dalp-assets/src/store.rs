@@ -116,6 +116,14 @@ fn asset_from(r: &Row) -> Asset {
     }
 }
 
+/// Records whose versions [`AssetStore::versions_of`] lists.
+#[derive(Debug, Clone, Copy)]
+pub enum VersionedKind {
+    Template,
+    Settings,
+    Compliance,
+}
+
 /// What the asset-domain cache holds.
 #[derive(Debug, Clone)]
 pub enum Cached {
@@ -393,6 +401,27 @@ impl AssetStore {
         Self::record_change(&tx, ctx, id, asset.version, "update", Some(before)).await?;
         self.commit_invalidating(tx, id).await?;
         Ok(asset)
+    }
+
+    /// The version rows of one templated, settings or compliance record, oldest first.
+    pub async fn versions_of(&self, kind: VersionedKind, id: Uuid) -> Result<Vec<Value>> {
+        let (table, key) = match kind {
+            VersionedKind::Template => ("template_versions", "template_id"),
+            VersionedKind::Settings => ("settings_versions", "organisation_id"),
+            VersionedKind::Compliance => ("compliance_versions", "asset_id"),
+        };
+        let client = self.pool.get().await?;
+        // Table and column names come from the match above, never from input.
+        let rows = client
+            .query(
+                &format!("SELECT to_jsonb(v) - '{key}' FROM dalp_assets.{table} v WHERE {key} = $1 ORDER BY version"),
+                &[&id],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Err(AssetError::NotFound);
+        }
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Every version of an asset, oldest first (also after deletion).

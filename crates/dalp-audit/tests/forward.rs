@@ -128,7 +128,13 @@ async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
     first.abort(); // killed mid-stream
     let _ = first.await;
     let cursor = forwarder.cursor().await.unwrap();
-    assert!((40..120).contains(&cursor), "cursor {cursor}");
+    let received = got.lock().unwrap().len() as i64;
+    // The cursor never runs ahead of delivery, and trails it by at most the batch in flight
+    // when the forwarder was killed (sent, not yet recorded: it will be sent again).
+    assert!(
+        cursor <= received && received - cursor <= 10 && cursor < 120,
+        "cursor {cursor}, received {received}"
+    );
 
     write(30).await;
     sealer

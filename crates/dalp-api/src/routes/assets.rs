@@ -29,6 +29,10 @@ pub(crate) fn router() -> Router<AppState> {
             get(compliance).put(propose),
         )
         .route(
+            "/api/v1/assets/{id}/compliance/history",
+            get(compliance_history),
+        )
+        .route(
             "/api/v1/compliance-changes/{id}/approve",
             axum::routing::post(approve),
         )
@@ -272,4 +276,23 @@ async fn history(
     require_reader(&auth, &state, "assets.asset.history").await?;
     let versions = state.assets.history(parse_id(&id, "asset")?).await?;
     Ok(Json(json!({ "versions": versions })))
+}
+
+#[tracing::instrument(skip_all)]
+async fn compliance_history(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !auth.principal.has_role(PlatformRole::ComplianceManager) {
+        require_reader(&auth, &state, "assets.compliance.history").await?;
+    }
+    let v = state
+        .assets
+        .versions_of(
+            dalp_assets::store::VersionedKind::Compliance,
+            parse_id(&id, "asset")?,
+        )
+        .await?;
+    Ok(Json(json!({ "versions": v })))
 }

@@ -21,6 +21,7 @@ use crate::{ApiError, AppState};
 pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/settings/{organisation_id}", get(show).put(save))
+        .route("/api/v1/settings/{organisation_id}/history", get(history))
         .route("/api/v1/currencies", get(currencies))
         .route("/api/v1/fx-rates", post(record_fx))
         .route("/api/v1/fx-rates/latest", get(latest_fx))
@@ -120,4 +121,24 @@ async fn latest_fx(
         .latest_fx(q.get("base").map(String::as_str))
         .await?;
     Ok(Json(json!({ "fx_rates": rates })))
+}
+
+#[tracing::instrument(skip_all)]
+async fn history(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(org): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !auth.principal.has_role(PlatformRole::Auditor) {
+        auth.require_role(&state, PlatformRole::Admin, "assets.settings.history")
+            .await?;
+    }
+    let v = state
+        .assets
+        .versions_of(
+            dalp_assets::store::VersionedKind::Settings,
+            parse_id(&org, "organisation")?,
+        )
+        .await?;
+    Ok(Json(json!({ "versions": v })))
 }

@@ -24,6 +24,24 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/api/v1/templates/{id}", get(show).put(replace))
         .route("/api/v1/templates/{id}/publish", post(publish))
         .route("/api/v1/templates/{id}/visibility", post(visibility))
+        .route("/api/v1/templates/{id}/history", get(history))
+}
+
+#[tracing::instrument(skip_all)]
+async fn history(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    reader(&auth, &state, "assets.template.history").await?;
+    let v = state
+        .assets
+        .versions_of(
+            dalp_assets::store::VersionedKind::Template,
+            parse_id(&id, "template")?,
+        )
+        .await?;
+    Ok(Json(json!({ "versions": v })))
 }
 
 fn etagged(status: StatusCode, version: i32, body: serde_json::Value) -> Response {

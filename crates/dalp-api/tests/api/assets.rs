@@ -322,6 +322,23 @@ async fn compliance_changes_on_a_published_asset_need_a_second_person() {
         .unwrap();
     let (by, approved): (String, Option<String>) = (row.get(0), row.get(1));
     assert_ne!(Some(by), approved, "proposer and approver differ");
+    let (s, h) = app
+        .call(
+            Method::GET,
+            &format!("/api/v1/assets/{id}/compliance/history"),
+            Cred::Token(&cm1),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["versions"].as_array().unwrap().len(), 2);
+    assert!(
+        h["versions"][1]["approved_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("user:"),
+        "{h}"
+    );
     let approvals = app
         .scalar_i64(
             "SELECT count(*) FROM dalp_audit.events WHERE action = 'assets.compliance.approve'",
@@ -421,6 +438,21 @@ async fn published_templates_are_immutable_and_govern_asset_metadata() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    let (s, h) = app
+        .call(
+            Method::GET,
+            &format!("/api/v1/templates/{tid}/history"),
+            Cred::Token(&tm),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        h["versions"].as_array().unwrap().len(),
+        3,
+        "create, publish, rename: {h}"
+    );
+    assert_eq!(h["versions"][2]["after"]["name"], "Green bond (EU GBS)");
     // The database refuses too, whoever writes.
     let svc = app.db.connect_as(dalp_db::Component::Assets).await;
     let e = svc

@@ -135,6 +135,17 @@ async fn a_saved_setting_is_never_served_stale_by_a_second_process() {
         .scalar_i64("SELECT count(*) FROM dalp_assets.settings_versions")
         .await;
     assert_eq!(versions, 2);
+    let (s, h) = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/settings/{ORG}/history"),
+            Cred::Token(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h["versions"][1]["before"]["base_currency"], "USD", "{h}");
+    assert_eq!(h["versions"][1]["after"]["base_currency"], "GBP", "{h}");
     let audited = a
         .scalar_i64(
             "SELECT count(*) FROM dalp_audit.events WHERE action = 'assets.settings.update'",
