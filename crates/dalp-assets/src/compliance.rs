@@ -92,11 +92,15 @@ fn addresses(list: &[String], what: &str, at: &str) -> Result<Vec<String>, Inval
 }
 
 fn countries(list: &[i64], at: &str) -> Result<Vec<i64>, Invalid> {
-    if list.is_empty() || list.iter().any(|c| !(1..=999).contains(c)) {
+    if list.is_empty() {
         return Err(Invalid::new(
             "modules",
-            format!("{at}: countries must be ISO 3166-1 numeric codes (1 to 999), at least one"),
+            format!("{at}: countries must list at least one ISO 3166-1 numeric code"),
         ));
+    }
+    for c in list {
+        dalp_types::Country::from_numeric("modules", *c)
+            .map_err(|e| Invalid::new("modules", format!("{at}: {}", e.message)))?;
     }
     let mut v = list.to_vec();
     v.sort_unstable();
@@ -459,6 +463,7 @@ mod tests {
             json!([{ "type": "TimeLock", "hold_seconds": 0 }]),
             json!([{ "type": "TimeLock", "hold_seconds": 10, "extra": 1 }]),
             json!([{ "type": "CountryBlockList", "countries": [] }]),
+            json!([{ "type": "CountryBlockList", "countries": [999] }]),
             json!([{ "type": "TokenSupplyLimit", "max_supply": 5.5 }]),
             json!([{ "type": "TokenSupplyLimit", "max_supply": "0" }]),
             json!([{ "type": "Collateral", "ratio_bps": 100001 }]),

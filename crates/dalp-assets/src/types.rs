@@ -1,6 +1,6 @@
 //! Asset values, parsed before they reach SQL; every failure names its field.
 
-use dalp_types::{ChainId, Decimal, EvmAddress, Invalid, Isin};
+use dalp_types::{ChainId, Country, Decimal, EvmAddress, Invalid, Isin};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -224,13 +224,7 @@ impl AssetInput {
         let isin = self.isin.as_deref().map(Isin::parse).transpose()?;
         let country_numeric = match self.country_numeric {
             None => None,
-            Some(c) if (1..=999).contains(&c) => Some(c as i16),
-            Some(_) => {
-                return Err(Invalid::new(
-                    "country_numeric",
-                    "must be an ISO 3166-1 numeric code (1 to 999)",
-                ))
-            }
+            Some(c) => Some(Country::from_numeric("country_numeric", c)?.numeric() as i16),
         };
         let contract = match (self.chain_id, self.contract_address.as_deref()) {
             (None, None) => None,
@@ -344,6 +338,7 @@ mod tests {
             (|i| i.decimals = -1, "decimals"),
             (|i| i.isin = Some("US0378331006".into()), "isin"),
             (|i| i.country_numeric = Some(1000), "country_numeric"),
+            (|i| i.country_numeric = Some(999), "country_numeric"),
             (
                 |i| i.contract_address = Some("0x5aaeb6053F3E94C9b9A09f33669435E7Ef1BeAed".into()),
                 "contract_address",

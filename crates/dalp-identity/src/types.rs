@@ -182,12 +182,7 @@ impl KycProfile {
         if dob > today || dob < chrono::NaiveDate::from_ymd_opt(1900, 1, 1).expect("valid") {
             return Err(invalid("date_of_birth", "is out of range"));
         }
-        if self.country.len() != 2 || !self.country.chars().all(|c| c.is_ascii_uppercase()) {
-            return Err(invalid(
-                "country",
-                "must be an ISO 3166-1 alpha-2 code, e.g. DE",
-            ));
-        }
+        dalp_types::Country::from_alpha2("country", &self.country)?;
         let id = self.national_id.trim();
         if id.is_empty()
             || id.len() > 64

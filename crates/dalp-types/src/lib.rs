@@ -173,6 +173,42 @@ impl Isin {
     }
 }
 
+/// A country as ISO 3166-1 knows it (the list comes from the `isocountry` crate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Country(isocountry::CountryCode);
+
+impl Country {
+    /// From the numeric code, e.g. 442 for Luxembourg.
+    pub fn from_numeric(field: &'static str, code: i64) -> Result<Country, Invalid> {
+        u32::try_from(code)
+            .ok()
+            .and_then(|c| isocountry::CountryCode::for_id(c).ok())
+            .map(Country)
+            .ok_or_else(|| {
+                Invalid::new(
+                    field,
+                    format!("{code} is not an ISO 3166-1 numeric country code"),
+                )
+            })
+    }
+
+    /// From the two-letter code, e.g. LU.
+    pub fn from_alpha2(field: &'static str, code: &str) -> Result<Country, Invalid> {
+        isocountry::CountryCode::for_alpha2(code)
+            .map(Country)
+            .map_err(|_| {
+                Invalid::new(
+                    field,
+                    format!("`{code}` is not an ISO 3166-1 alpha-2 country code, e.g. DE"),
+                )
+            })
+    }
+
+    pub fn numeric(self) -> u32 {
+        self.0.numeric_id()
+    }
+}
+
 /// An exact, non-negative decimal as PostgreSQL `numeric` text (never a float): up to
 /// `int_digits` digits before the point and `frac_digits` after. Kept as normalised text
 /// and bound as `$n::numeric`.
@@ -299,6 +335,23 @@ mod tests {
         ] {
             assert!(Decimal::parse("rate", bad, 20, 18).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn countries_come_from_iso_3166() {
+        assert_eq!(
+            Country::from_numeric("country", 442).unwrap().numeric(),
+            442
+        );
+        assert_eq!(
+            Country::from_alpha2("country", "LU").unwrap().numeric(),
+            442
+        );
+        for bad in [0, 999, -4, 1000] {
+            assert!(Country::from_numeric("country", bad).is_err(), "{bad}");
+        }
+        assert!(Country::from_alpha2("country", "XX").is_err());
+        assert!(Country::from_alpha2("country", "lu").is_err());
     }
 
     #[test]
