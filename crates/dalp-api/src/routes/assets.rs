@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -14,6 +14,7 @@ use dalp_identity::types::PlatformRole;
 use serde_json::json;
 
 use super::parse_id;
+use super::versioning::{if_match, with_etag};
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
@@ -142,28 +143,6 @@ async fn require_reader(
     }
     auth.require_role(state, PlatformRole::TokenManager, action)
         .await
-}
-
-fn with_etag(status: StatusCode, version: i32, body: serde_json::Value) -> Response {
-    let mut r = (status, Json(body)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
-        r.headers_mut().insert("etag", v);
-    }
-    r
-}
-
-/// The version from `If-Match: "N"`.
-fn if_match(headers: &HeaderMap) -> Result<i32, ApiError> {
-    let v = headers.get("if-match").ok_or_else(|| {
-        ApiError::PreconditionRequired("send If-Match with the ETag of the version you read".into())
-    })?;
-    v.to_str()
-        .ok()
-        .map(|s| s.trim().trim_matches('"'))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            ApiError::BadRequest("If-Match must be the ETag of a read, e.g. \"3\"".into())
-        })
 }
 
 #[tracing::instrument(skip_all)]

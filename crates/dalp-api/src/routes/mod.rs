@@ -11,6 +11,7 @@ mod openapi;
 mod settings;
 mod templates;
 mod users;
+mod versioning;
 
 use axum::Router;
 use uuid::Uuid;

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use dalp_assets::settings::{FxInput, SettingsInput};
@@ -14,6 +14,7 @@ use dalp_identity::types::PlatformRole;
 use serde_json::json;
 
 use super::parse_id;
+use super::versioning::{if_match, with_etag};
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
@@ -41,11 +42,11 @@ async fn show(
         .assets
         .settings(parse_id(&org, "organisation")?)
         .await?;
-    let mut r = Json(json!({ "settings": s })).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", s.version)) {
-        r.headers_mut().insert("etag", v);
-    }
-    Ok(r)
+    Ok(with_etag(
+        StatusCode::OK,
+        s.version,
+        json!({ "settings": s }),
+    ))
 }
 
 #[tracing::instrument(skip_all)]
@@ -59,28 +60,16 @@ async fn save(
     auth.require_role(&state, PlatformRole::Admin, "assets.settings.update")
         .await?;
     let org = parse_id(&org, "organisation")?;
-    let expected: i32 = headers
-        .get("if-match")
-        .ok_or_else(|| {
-            ApiError::PreconditionRequired(
-                "send If-Match with the ETag you read (\"0\" for the first save)".into(),
-            )
-        })?
-        .to_str()
-        .ok()
-        .and_then(|s| s.trim().trim_matches('"').parse().ok())
-        .ok_or_else(|| {
-            ApiError::BadRequest("If-Match must be the ETag of a read, e.g. \"3\"".into())
-        })?;
+    let expected = if_match(&headers)?;
     let s = state
         .assets
         .put_settings(&auth.ctx, org, expected, body)
         .await?;
-    let mut r = (StatusCode::OK, Json(json!({ "settings": s }))).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", s.version)) {
-        r.headers_mut().insert("etag", v);
-    }
-    Ok(r)
+    Ok(with_etag(
+        StatusCode::OK,
+        s.version,
+        json!({ "settings": s }),
+    ))
 }
 
 #[tracing::instrument(skip_all)]

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use dalp_assets::templates::TemplateInput;
@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::parse_id;
+use super::versioning::{if_match, with_etag};
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
@@ -44,30 +45,6 @@ async fn history(
     Ok(Json(json!({ "versions": v })))
 }
 
-fn etagged(status: StatusCode, version: i32, body: serde_json::Value) -> Response {
-    let mut r = (status, Json(body)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
-        r.headers_mut().insert("etag", v);
-    }
-    r
-}
-
-fn if_match(headers: &HeaderMap) -> Result<i32, ApiError> {
-    headers
-        .get("if-match")
-        .ok_or_else(|| {
-            ApiError::PreconditionRequired(
-                "send If-Match with the ETag of the version you read".into(),
-            )
-        })?
-        .to_str()
-        .ok()
-        .and_then(|s| s.trim().trim_matches('"').parse().ok())
-        .ok_or_else(|| {
-            ApiError::BadRequest("If-Match must be the ETag of a read, e.g. \"3\"".into())
-        })
-}
-
 async fn reader(auth: &Auth, state: &AppState, action: &'static str) -> Result<(), ApiError> {
     if auth.principal.has_role(PlatformRole::Auditor) {
         return Ok(());
@@ -85,7 +62,7 @@ async fn create(
     auth.require_role(&state, PlatformRole::TokenManager, "assets.template.create")
         .await?;
     let t = state.assets.create_template(&auth.ctx, body).await?;
-    Ok(etagged(
+    Ok(with_etag(
         StatusCode::CREATED,
         t.version,
         json!({ "template": t }),
@@ -124,7 +101,11 @@ async fn show(
 ) -> Result<Response, ApiError> {
     reader(&auth, &state, "assets.template.read").await?;
     let t = state.assets.template(parse_id(&id, "template")?).await?;
-    Ok(etagged(StatusCode::OK, t.version, json!({ "template": t })))
+    Ok(with_etag(
+        StatusCode::OK,
+        t.version,
+        json!({ "template": t }),
+    ))
 }
 
 #[tracing::instrument(skip_all)]
@@ -146,7 +127,11 @@ async fn replace(
             body,
         )
         .await?;
-    Ok(etagged(StatusCode::OK, t.version, json!({ "template": t })))
+    Ok(with_etag(
+        StatusCode::OK,
+        t.version,
+        json!({ "template": t }),
+    ))
 }
 
 #[tracing::instrument(skip_all)]
@@ -166,7 +151,11 @@ async fn publish(
         .assets
         .publish_template(&auth.ctx, parse_id(&id, "template")?, if_match(&headers)?)
         .await?;
-    Ok(etagged(StatusCode::OK, t.version, json!({ "template": t })))
+    Ok(with_etag(
+        StatusCode::OK,
+        t.version,
+        json!({ "template": t }),
+    ))
 }
 
 #[derive(Deserialize)]
