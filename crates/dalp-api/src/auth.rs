@@ -157,20 +157,31 @@ impl Auth {
         role: PlatformRole,
         action: &'static str,
     ) -> Result<(), ApiError> {
-        if self.principal.has_role(role) {
+        self.require_any_role(state, &[role], action).await
+    }
+
+    /// Refuses (and audits the refusal) unless the caller holds one of `roles`.
+    pub async fn require_any_role(
+        &self,
+        state: &AppState,
+        roles: &[PlatformRole],
+        action: &'static str,
+    ) -> Result<(), ApiError> {
+        if roles.iter().any(|r| self.principal.has_role(*r)) {
             return Ok(());
         }
+        let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
         let _ = state
             .identity
             .audit_denied(
                 &self.ctx,
                 action,
-                &format!("missing role {}", role.as_str()),
+                &format!("missing role {}", names.join(" or ")),
             )
             .await;
         Err(ApiError::Forbidden(format!(
             "this needs the `{}` role",
-            role.as_str()
+            names.join("` or `")
         )))
     }
 }

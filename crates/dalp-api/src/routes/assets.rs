@@ -71,9 +71,8 @@ async fn compliance(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if !auth.principal.has_role(PlatformRole::ComplianceManager) {
-        require_reader(&auth, &state, "assets.compliance.read").await?;
-    }
+    auth.require_any_role(&state, COMPLIANCE_READERS, "assets.compliance.read")
+        .await?;
     let c = state.assets.compliance(parse_id(&id, "asset")?).await?;
     Ok(with_etag(
         StatusCode::OK,
@@ -133,17 +132,14 @@ async fn approve(
     ))
 }
 
-async fn require_reader(
-    auth: &Auth,
-    state: &AppState,
-    action: &'static str,
-) -> Result<(), ApiError> {
-    if auth.principal.has_role(PlatformRole::Auditor) {
-        return Ok(());
-    }
-    auth.require_role(state, PlatformRole::TokenManager, action)
-        .await
-}
+/// Who may read asset data: managers of it and auditors.
+const READERS: &[PlatformRole] = &[PlatformRole::TokenManager, PlatformRole::Auditor];
+/// Who may read compliance configuration.
+const COMPLIANCE_READERS: &[PlatformRole] = &[
+    PlatformRole::ComplianceManager,
+    PlatformRole::TokenManager,
+    PlatformRole::Auditor,
+];
 
 #[tracing::instrument(skip_all)]
 async fn create(
@@ -168,7 +164,8 @@ async fn list(
     auth: Auth,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    require_reader(&auth, &state, "assets.asset.list").await?;
+    auth.require_any_role(&state, READERS, "assets.asset.list")
+        .await?;
     let org = q
         .get("organisation_id")
         .map(|s| {
@@ -199,7 +196,8 @@ async fn show(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_reader(&auth, &state, "assets.asset.read").await?;
+    auth.require_any_role(&state, READERS, "assets.asset.read")
+        .await?;
     let asset = state.assets.get(parse_id(&id, "asset")?).await?;
     Ok(with_etag(
         StatusCode::OK,
@@ -252,7 +250,8 @@ async fn history(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    require_reader(&auth, &state, "assets.asset.history").await?;
+    auth.require_any_role(&state, READERS, "assets.asset.history")
+        .await?;
     let versions = state.assets.history(parse_id(&id, "asset")?).await?;
     Ok(Json(json!({ "versions": versions })))
 }
@@ -263,9 +262,8 @@ async fn compliance_history(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if !auth.principal.has_role(PlatformRole::ComplianceManager) {
-        require_reader(&auth, &state, "assets.compliance.history").await?;
-    }
+    auth.require_any_role(&state, COMPLIANCE_READERS, "assets.compliance.history")
+        .await?;
     let v = state
         .assets
         .versions_of(

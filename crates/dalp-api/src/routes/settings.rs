@@ -34,10 +34,12 @@ async fn show(
     auth: Auth,
     Path(org): Path<String>,
 ) -> Result<Response, ApiError> {
-    if !auth.principal.has_role(PlatformRole::Auditor) {
-        auth.require_role(&state, PlatformRole::Admin, "assets.settings.read")
-            .await?;
-    }
+    auth.require_any_role(
+        &state,
+        &[PlatformRole::Admin, PlatformRole::Auditor],
+        "assets.settings.read",
+    )
+    .await?;
     let s = state
         .assets
         .settings(parse_id(&org, "organisation")?)
@@ -118,10 +120,12 @@ async fn history(
     auth: Auth,
     Path(org): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    if !auth.principal.has_role(PlatformRole::Auditor) {
-        auth.require_role(&state, PlatformRole::Admin, "assets.settings.history")
-            .await?;
-    }
+    auth.require_any_role(
+        &state,
+        &[PlatformRole::Admin, PlatformRole::Auditor],
+        "assets.settings.history",
+    )
+    .await?;
     let v = state
         .assets
         .versions_of(

@@ -34,7 +34,8 @@ async fn history(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    reader(&auth, &state, "assets.template.history").await?;
+    auth.require_any_role(&state, READERS, "assets.template.history")
+        .await?;
     let v = state
         .assets
         .versions_of(
@@ -45,13 +46,8 @@ async fn history(
     Ok(Json(json!({ "versions": v })))
 }
 
-async fn reader(auth: &Auth, state: &AppState, action: &'static str) -> Result<(), ApiError> {
-    if auth.principal.has_role(PlatformRole::Auditor) {
-        return Ok(());
-    }
-    auth.require_role(state, PlatformRole::TokenManager, action)
-        .await
-}
+/// Who may read templates: those who manage them and auditors.
+const READERS: &[PlatformRole] = &[PlatformRole::TokenManager, PlatformRole::Auditor];
 
 #[tracing::instrument(skip_all)]
 async fn create(
@@ -75,7 +71,8 @@ async fn list(
     auth: Auth,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    reader(&auth, &state, "assets.template.list").await?;
+    auth.require_any_role(&state, READERS, "assets.template.list")
+        .await?;
     let org = q
         .get("organisation_id")
         .ok_or_else(|| {
@@ -99,7 +96,8 @@ async fn show(
     auth: Auth,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    reader(&auth, &state, "assets.template.read").await?;
+    auth.require_any_role(&state, READERS, "assets.template.read")
+        .await?;
     let t = state.assets.template(parse_id(&id, "template")?).await?;
     Ok(with_etag(
         StatusCode::OK,
