@@ -13,6 +13,7 @@ use deadpool_postgres::{Pool, Transaction};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -131,6 +132,49 @@ pub enum Cached {
     Asset(Asset),
 }
 
+/// The values INSERT and UPDATE both bind as `$2`..`$13`, after a key in `$1`
+/// (organisation id for an insert, asset id for an update).
+struct Bind<'a> {
+    base_type: &'static str,
+    isin: Option<&'a str>,
+    chain_id: Option<i64>,
+    address: Option<String>,
+}
+
+impl<'a> Bind<'a> {
+    fn of(spec: &'a AssetSpec) -> Bind<'a> {
+        Bind {
+            base_type: spec.base_type.as_str(),
+            isin: spec.isin.as_ref().map(|i| i.as_str()),
+            chain_id: spec.contract.as_ref().map(|(c, _)| c.get()),
+            address: spec.contract.as_ref().map(|(_, a)| a.lower()),
+        }
+    }
+
+    fn params(
+        &'a self,
+        key: &'a Uuid,
+        spec: &'a AssetSpec,
+        actor: &'a String,
+    ) -> [&'a (dyn ToSql + Sync); 13] {
+        [
+            key,
+            &spec.name,
+            &spec.symbol,
+            &spec.decimals,
+            &self.base_type,
+            &self.isin,
+            &spec.country_numeric,
+            &self.chain_id,
+            &self.address,
+            actor,
+            &spec.template_id,
+            &spec.metadata,
+            &spec.details,
+        ]
+    }
+}
+
 /// The asset store, as `dalp_assets_svc`, with its cache of organisation settings.
 #[derive(Clone)]
 pub struct AssetStore {
@@ -195,10 +239,7 @@ impl AssetStore {
         }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let (chain_id, address) = match &spec.contract {
-            Some((c, a)) => (Some(c.get()), Some(a.lower())),
-            None => (None, None),
-        };
+        let bind = Bind::of(spec);
         let row = tx
             .query_one(
                 &format!(
@@ -206,21 +247,7 @@ impl AssetStore {
                          chain_id, contract_address, updated_by, template_id, metadata, details)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING {COLUMNS}"
                 ),
-                &[
-                    &spec.organisation_id,
-                    &spec.name,
-                    &spec.symbol,
-                    &spec.decimals,
-                    &spec.base_type.as_str(),
-                    &spec.isin.as_ref().map(|i| i.as_str()),
-                    &spec.country_numeric,
-                    &chain_id,
-                    &address,
-                    &ctx.actor,
-                    &spec.template_id,
-                    &spec.metadata,
-                    &spec.details,
-                ],
+                &bind.params(&spec.organisation_id, spec, &ctx.actor),
             )
             .await?;
         let asset = asset_from(&row);
@@ -305,10 +332,7 @@ impl AssetStore {
             self.check_template(t, spec.base_type, &spec.metadata, previous)
                 .await?;
         }
-        let (chain_id, address) = match &spec.contract {
-            Some((c, a)) => (Some(c.get()), Some(a.lower())),
-            None => (None, None),
-        };
+        let bind = Bind::of(spec);
         let row = tx
             .query_one(
                 &format!(
@@ -317,21 +341,7 @@ impl AssetStore {
                          template_id = $11, metadata = $12, details = $13, updated_at = now(), version = version + 1
                      WHERE id = $1 RETURNING {COLUMNS}"
                 ),
-                &[
-                    &id,
-                    &spec.name,
-                    &spec.symbol,
-                    &spec.decimals,
-                    &spec.base_type.as_str(),
-                    &spec.isin.as_ref().map(|i| i.as_str()),
-                    &spec.country_numeric,
-                    &chain_id,
-                    &address,
-                    &ctx.actor,
-                    &spec.template_id,
-                    &spec.metadata,
-                    &spec.details,
-                ],
+                &bind.params(&id, spec, &ctx.actor),
             )
             .await?;
         let asset = asset_from(&row);
