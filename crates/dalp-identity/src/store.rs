@@ -74,6 +74,13 @@ impl From<tokio_postgres::Error> for IdentityError {
 
 type Result<T> = std::result::Result<T, IdentityError>;
 
+/// What [`IdentityStore::revoke`] can revoke.
+#[derive(Debug, Clone, Copy)]
+enum Revocable {
+    Session,
+    ApiKey,
+}
+
 /// How a request authenticated.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -971,24 +978,42 @@ impl IdentityStore {
         user_id: Uuid,
         session_id: Uuid,
     ) -> Result<()> {
+        self.revoke(ctx, Revocable::Session, user_id, session_id)
+            .await
+    }
+
+    /// Marks one of the user's sessions or API keys revoked, audits it, and evicts it from
+    /// every process's cache when the transaction commits.
+    async fn revoke(
+        &self,
+        ctx: &RequestContext,
+        what: Revocable,
+        user_id: Uuid,
+        id: Uuid,
+    ) -> Result<()> {
+        let (sql, label, action, resource, tag) = match what {
+            Revocable::Session => (
+                "UPDATE dalp_identity.sessions SET revoked_at = now() WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+                "session",
+                "identity.session.revoke",
+                "session",
+                "session",
+            ),
+            Revocable::ApiKey => (
+                "UPDATE dalp_identity.api_keys SET revoked_at = now() WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+                "API key",
+                "identity.api_key.revoke",
+                "api_key",
+                "api_key",
+            ),
+        };
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let n = tx
-            .execute(
-                "UPDATE dalp_identity.sessions SET revoked_at = now() WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
-                &[&session_id, &user_id],
-            )
-            .await?;
-        if n == 0 {
-            return Err(IdentityError::NotFound("session"));
+        if tx.execute(sql, &[&id, &user_id]).await? == 0 {
+            return Err(IdentityError::NotFound(label));
         }
-        dalp_audit::record(
-            &*tx,
-            &ctx.event("identity.session.revoke", "session")
-                .resource(session_id),
-        )
-        .await?;
-        self.commit_invalidating(tx, vec![format!("session:{session_id}")])
+        dalp_audit::record(&*tx, &ctx.event(action, resource).resource(id)).await?;
+        self.commit_invalidating(tx, vec![format!("{tag}:{id}")])
             .await?;
         Ok(())
     }
@@ -1281,25 +1306,7 @@ impl IdentityStore {
         user_id: Uuid,
         id: Uuid,
     ) -> Result<()> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        let n = tx
-            .execute(
-                "UPDATE dalp_identity.api_keys SET revoked_at = now() WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
-                &[&id, &user_id],
-            )
-            .await?;
-        if n == 0 {
-            return Err(IdentityError::NotFound("API key"));
-        }
-        dalp_audit::record(
-            &*tx,
-            &ctx.event("identity.api_key.revoke", "api_key").resource(id),
-        )
-        .await?;
-        self.commit_invalidating(tx, vec![format!("api_key:{id}")])
-            .await?;
-        Ok(())
+        self.revoke(ctx, Revocable::ApiKey, user_id, id).await
     }
 
     // ---- KYC --------------------------------------------------------------------------
