@@ -83,7 +83,9 @@ impl ApiError {
                 AssetError::TemplatePublished(_) => (StatusCode::CONFLICT, "template_published"),
                 AssetError::NotPending(_) => (StatusCode::CONFLICT, "not_pending"),
                 AssetError::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-                AssetError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+                AssetError::Db(_) | AssetError::Internal(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+                }
             },
             ApiError::Identity(e) => match e {
                 I::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),

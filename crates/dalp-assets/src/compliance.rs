@@ -182,13 +182,9 @@ pub fn validate(modules: Vec<Module>) -> Result<Vec<Module>, Invalid> {
                 max_amount,
                 currency,
             } => {
-                let c = currency.trim().to_ascii_uppercase();
-                if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
-                    return Err(Invalid::new(
-                        "modules",
-                        format!("{at}: currency must be an ISO 4217 code"),
-                    ));
-                }
+                let c = crate::settings::currency("modules", &currency).map_err(|e| {
+                    Invalid::new("modules", format!("{at}: currency {}", e.message))
+                })?;
                 Module::CapitalRaiseLimit {
                     max_amount: amount(&max_amount, "max_amount")?,
                     currency: c,

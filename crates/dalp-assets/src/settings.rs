@@ -63,7 +63,7 @@ pub struct FxRate {
     pub rate: String,
 }
 
-fn currency(field: &'static str, s: &str) -> Result<String, Invalid> {
+pub(crate) fn currency(field: &'static str, s: &str) -> Result<String, Invalid> {
     let c = s.trim().to_ascii_uppercase();
     if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
         return Err(Invalid::new(field, "must be an ISO 4217 code like EUR"));

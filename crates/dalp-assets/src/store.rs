@@ -44,6 +44,8 @@ pub enum AssetError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("database: {0}")]
     Db(tokio_postgres::Error),
+    #[error("stored data is unreadable: {0}")]
+    Internal(String),
 }
 
 impl From<tokio_postgres::Error> for AssetError {

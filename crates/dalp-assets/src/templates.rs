@@ -125,19 +125,7 @@ fn numeric(v: &str) -> Option<f64> {
 
 impl TemplateInput {
     fn validate(&self) -> Result<(), Invalid> {
-        if self.slug.is_empty()
-            || self.slug.len() > 63
-            || !self
-                .slug
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            || self.slug.starts_with('-')
-        {
-            return Err(Invalid::new(
-                "slug",
-                "must be lower-case letters, digits and dashes, up to 63",
-            ));
-        }
+        dalp_types::parse_slug("slug", &self.slug)?;
         if self.name.trim().is_empty() || self.name.chars().count() > 100 {
             return Err(Invalid::new("name", "must be 1 to 100 characters"));
         }
@@ -532,8 +520,9 @@ impl AssetStore {
                 Invalid::new("base_type", format!("the template is for {}", t.base_type)).into(),
             );
         }
-        let schema: Vec<FieldSpec> = serde_json::from_value(t.metadata_schema)
-            .map_err(|e| AssetError::Duplicate(e.to_string()))?;
+        let schema: Vec<FieldSpec> = serde_json::from_value(t.metadata_schema).map_err(|e| {
+            AssetError::Internal(format!("template {template_id} metadata schema: {e}"))
+        })?;
         validate_metadata(&schema, metadata, previous)?;
         Ok(())
     }

@@ -28,6 +28,8 @@ pub enum SealError {
     Db(#[from] tokio_postgres::Error),
     #[error("unexpected value: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Behind(String),
 }
 
 #[derive(Debug, Clone)]
@@ -188,7 +190,7 @@ impl Sealer {
         let mut n = self.seal_all().await?;
         while self.pending().await? > 0 {
             if tokio::time::Instant::now() >= deadline {
-                return Err(SealError::Corrupt(format!(
+                return Err(SealError::Behind(format!(
                     "events still unsealed after {timeout:?}: a long-running transaction in the cluster holds the seal watermark back"
                 )));
             }

@@ -616,19 +616,7 @@ impl IdentityStore {
         name: &str,
         owner: Uuid,
     ) -> Result<Uuid> {
-        let ok_slug = !slug.is_empty()
-            && slug.len() <= 63
-            && slug
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !slug.starts_with('-');
-        if !ok_slug {
-            return Err(Invalid {
-                field: "slug",
-                message: "must be lower-case letters, digits and dashes".into(),
-            }
-            .into());
-        }
+        let slug = dalp_types::parse_slug("slug", slug)?;
         let name = parse_name("name", name)?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;

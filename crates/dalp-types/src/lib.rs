@@ -173,6 +173,22 @@ impl Isin {
     }
 }
 
+/// A URL-safe identifier as the schemas' CHECKs define it: a lower-case letter or digit,
+/// then up to 62 lower-case letters, digits or dashes.
+pub fn parse_slug(field: &'static str, s: &str) -> Result<String, Invalid> {
+    let ok = (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-');
+    if !ok {
+        return Err(Invalid::new(
+            field,
+            "must be 1 to 63 lower-case letters, digits and dashes, not starting with a dash",
+        ));
+    }
+    Ok(s.to_string())
+}
+
 /// A country as ISO 3166-1 knows it (the list comes from the `isocountry` crate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Country(isocountry::CountryCode);
@@ -334,6 +350,14 @@ mod tests {
             "123456789012345678901",
         ] {
             assert!(Decimal::parse("rate", bad, 20, 18).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn slugs_match_the_schema_checks() {
+        assert!(parse_slug("slug", "green-bond-2").is_ok());
+        for bad in ["", "-x", "Upper", "a_b", &"x".repeat(64)] {
+            assert!(parse_slug("slug", bad).is_err(), "{bad}");
         }
     }
 
