@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages dalp needs when they are missing. Sourced by up.sh and test.sh.
 #   PostgreSQL 15 server + client, pgAudit (preloaded by the embedded cluster when present).
+#   anvil (npm @foundry-rs/anvil-linux-amd64) into .tools/ for the indexer tests; exports DALP_ANVIL.
 # Later issues add pgbackrest, pgbouncer, patroni and etcd-server here.
 set -euo pipefail
 
@@ -38,3 +39,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.d/dalp.conf >/dev/null
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# anvil (a real EVM node for the indexer's tests), from the npm registry, into .tools/.
+DALP_ANVIL_VERSION=1.7.1
+DALP_TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.tools"
+if [ ! -x "$DALP_TOOLS/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil" ]; then
+  command -v npm >/dev/null 2>&1 || { echo "error: npm is needed to install anvil (@foundry-rs/anvil-linux-amd64)" >&2; exit 1; }
+  echo "installing anvil $DALP_ANVIL_VERSION from npm into $DALP_TOOLS" >&2
+  mkdir -p "$DALP_TOOLS"
+  npm install --prefix "$DALP_TOOLS" --no-audit --no-fund --silent "@foundry-rs/anvil-linux-amd64@$DALP_ANVIL_VERSION" >&2
+fi
+export DALP_ANVIL="$DALP_TOOLS/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"

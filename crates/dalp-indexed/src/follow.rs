@@ -1,0 +1,308 @@
+//! The EVM follower: polls a JSON-RPC node and feeds [`IndexedStore::ingest`] batch by batch.
+//! Each batch commits with its checkpoint, so a follower killed at any point resumes from the
+//! checkpoint with nothing missing or duplicated. A batch whose parent does not match the
+//! stored chain makes it walk back block by block to the fork point and re-ingest from there
+//! (the store rolls the old branch back); node and database errors are retried with
+//! exponential backoff and jitter (honouring `Retry-After`); a reorg deeper than the
+//! finality depth, or a node on another chain, stops it with an error.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use dalp_audit::RequestContext;
+use rand::Rng;
+
+use crate::rpc::{RpcClient, RpcError};
+use crate::store::{IndexError, IndexedStore, Reorg};
+use crate::types::{hex0x, parse_batch, Address, Block, BlockInput};
+
+#[derive(Debug, Clone)]
+pub struct FollowOptions {
+    pub chain_id: i64,
+    /// First block to index when the chain has no checkpoint yet.
+    pub from_block: u64,
+    /// Only logs (and transactions) of these contracts; all when empty.
+    pub contracts: Vec<Address>,
+    /// Blocks per batch (one ingest transaction).
+    pub batch_blocks: u64,
+    /// Wait between polls once caught up.
+    pub poll_interval: Duration,
+    /// Return once the checkpoint reaches the node's head instead of following forever.
+    pub until_caught_up: bool,
+    /// Longest wait between retries.
+    pub max_backoff: Duration,
+}
+
+impl FollowOptions {
+    pub fn new(chain_id: i64) -> FollowOptions {
+        FollowOptions {
+            chain_id,
+            from_block: 0,
+            contracts: Vec::new(),
+            batch_blocks: 100,
+            poll_interval: Duration::from_secs(2),
+            until_caught_up: false,
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Reported after every batch.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub checkpoint: i64,
+    pub head: u64,
+    pub applied: usize,
+    pub logs: usize,
+    pub reorg: Option<Reorg>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("the node is on chain {node}, not chain {expected}; check --rpc and --chain-id")]
+    WrongChain { node: u64, expected: i64 },
+    #[error("the node switched branches while blocks {from}..{to} were fetched; fetching again")]
+    BranchChanged { from: u64, to: u64 },
+    #[error("no common ancestor with the node within the finality depth {depth} below block {checkpoint}: the reorg is deeper than the chain allows; nothing was changed")]
+    NoCommonAncestor { checkpoint: i64, depth: i64 },
+}
+
+impl FollowError {
+    /// Worth retrying: the node or the database may recover.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            FollowError::Rpc(RpcError::Malformed(_)) => false,
+            FollowError::Rpc(_) | FollowError::BranchChanged { .. } => true,
+            FollowError::Index(IndexError::Pool(_) | IndexError::Db(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+enum Step {
+    Batch(Progress),
+    CaughtUp,
+}
+
+pub struct Follower<'a> {
+    store: &'a IndexedStore,
+    rpc: RpcClient,
+    ctx: RequestContext,
+    opts: FollowOptions,
+}
+
+impl<'a> Follower<'a> {
+    pub fn new(store: &'a IndexedStore, rpc: RpcClient, opts: FollowOptions) -> Follower<'a> {
+        Follower {
+            store,
+            rpc,
+            ctx: RequestContext::service("indexer"),
+            opts,
+        }
+    }
+
+    /// Follows until `shutdown` completes (or, with `until_caught_up`, the head is reached).
+    pub async fn run<F: FnMut(&Progress)>(
+        &self,
+        mut on_progress: F,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), FollowError> {
+        tokio::pin!(shutdown);
+        let node_chain = loop {
+            match self.rpc.chain_id().await {
+                Ok(id) => break id,
+                Err(e) => {
+                    let e = FollowError::from(e);
+                    if !e.is_transient() {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "node not answering eth_chainId; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = &mut shutdown => return Ok(()),
+                    }
+                }
+            }
+        };
+        if node_chain as i64 != self.opts.chain_id {
+            return Err(FollowError::WrongChain {
+                node: node_chain,
+                expected: self.opts.chain_id,
+            });
+        }
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let wait = match self.step().await {
+                Ok(Step::Batch(p)) => {
+                    backoff = Duration::from_millis(250);
+                    on_progress(&p);
+                    Duration::ZERO
+                }
+                Ok(Step::CaughtUp) if self.opts.until_caught_up => return Ok(()),
+                Ok(Step::CaughtUp) => self.opts.poll_interval,
+                Err(e) if e.is_transient() => {
+                    let asked = match &e {
+                        FollowError::Rpc(r) => r.retry_after(),
+                        _ => None,
+                    };
+                    let jitter = rand::rng().random_range(0.5..1.0);
+                    let wait = asked.unwrap_or(backoff.mul_f64(jitter));
+                    tracing::warn!(error = %e, wait_ms = wait.as_millis() as u64, "retrying");
+                    backoff = (backoff * 2).min(self.opts.max_backoff);
+                    wait
+                }
+                Err(e) => return Err(e),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut shutdown => return Ok(()),
+            }
+        }
+    }
+
+    async fn step(&self) -> Result<Step, FollowError> {
+        let head = self.rpc.block_number().await?;
+        let status = self.store.status(self.opts.chain_id).await?;
+        let next = status
+            .checkpoint
+            .map(|c| c as u64 + 1)
+            .unwrap_or(self.opts.from_block);
+        if next > head {
+            return Ok(Step::CaughtUp);
+        }
+        let to = head.min(next + self.opts.batch_blocks - 1);
+        let blocks = self.fetch(next, to).await?;
+        let outcome = match self
+            .store
+            .ingest(&self.ctx, self.opts.chain_id, &blocks, Some(head as i64))
+            .await
+        {
+            Err(IndexError::ParentMismatch { number }) => {
+                let fork = self
+                    .find_fork(number - 1, i64::from(status.finality_depth))
+                    .await?;
+                tracing::warn!(
+                    chain_id = self.opts.chain_id,
+                    fork,
+                    "parent hash mismatch; re-ingesting from the fork point"
+                );
+                let from = fork as u64 + 1;
+                let blocks = self
+                    .fetch(from, head.min(from + self.opts.batch_blocks - 1))
+                    .await?;
+                self.store
+                    .ingest(&self.ctx, self.opts.chain_id, &blocks, Some(head as i64))
+                    .await?
+            }
+            other => other?,
+        };
+        Ok(Step::Batch(Progress {
+            checkpoint: outcome.checkpoint,
+            head,
+            applied: outcome.applied,
+            logs: outcome.logs,
+            reorg: outcome.reorg,
+        }))
+    }
+
+    /// The newest stored block at or below `below` whose hash the node agrees with.
+    async fn find_fork(&self, below: i64, depth: i64) -> Result<i64, FollowError> {
+        let lowest = (below - depth).max(0);
+        let mut k = below;
+        while k >= lowest {
+            let Some(stored) = self.store.block_hash(self.opts.chain_id, k).await? else {
+                // Below the first indexed block: everything indexed is on the new branch's side.
+                return Ok(k);
+            };
+            if self.rpc.block_hash(k as u64).await?.as_deref() == Some(hex0x(&stored).as_str()) {
+                return Ok(k);
+            }
+            k -= 1;
+        }
+        Err(FollowError::NoCommonAncestor {
+            checkpoint: below + 1,
+            depth,
+        })
+    }
+
+    /// Blocks `from..=to` with their (filtered) transactions and logs, parsed.
+    async fn fetch(&self, from: u64, to: u64) -> Result<Vec<Block>, FollowError> {
+        let started = Instant::now();
+        let mut inputs: Vec<BlockInput> = self.rpc.blocks(from, to).await?;
+        let logs = self.logs_chunked(from, to).await?;
+        let mut with_logs: HashSet<String> = HashSet::new();
+        for (block_hash, number, log) in logs {
+            if number < from || number > to {
+                return Err(RpcError::Malformed(format!(
+                    "eth_getLogs for blocks {from}..{to} returned a log of block {number}"
+                ))
+                .into());
+            }
+            let block = &mut inputs[(number - from) as usize];
+            if !block.hash.eq_ignore_ascii_case(&block_hash) {
+                return Err(FollowError::BranchChanged { from, to });
+            }
+            with_logs.insert(log.tx_hash.to_ascii_lowercase());
+            block.logs.push(log);
+        }
+        let contracts: HashSet<String> = self.opts.contracts.iter().map(|a| hex0x(a)).collect();
+        let mut unknown = Vec::new();
+        for b in &mut inputs {
+            b.logs.sort_by_key(|l| l.log_index);
+            b.transactions.retain(|t| {
+                contracts.is_empty()
+                    || with_logs.contains(&t.hash.to_ascii_lowercase())
+                    || t.to
+                        .as_ref()
+                        .is_some_and(|to| contracts.contains(&to.to_ascii_lowercase()))
+            });
+            for t in &mut b.transactions {
+                if with_logs.contains(&t.hash.to_ascii_lowercase()) {
+                    t.status = Some(1); // only successful transactions leave logs
+                } else {
+                    unknown.push(t.hash.clone());
+                }
+            }
+        }
+        if !unknown.is_empty() {
+            let statuses = self.rpc.statuses(&unknown).await?;
+            let by_hash: std::collections::HashMap<&String, Option<u8>> =
+                unknown.iter().zip(statuses).collect();
+            for t in inputs.iter_mut().flat_map(|b| b.transactions.iter_mut()) {
+                if t.status.is_none() {
+                    t.status = by_hash.get(&t.hash).copied().flatten();
+                }
+            }
+        }
+        let blocks = parse_batch(&inputs).map_err(IndexError::from)?;
+        tracing::debug!(from, to, ms = started.elapsed().as_millis() as u64, "fetched");
+        Ok(blocks)
+    }
+
+    /// `eth_getLogs` over `from..=to`, halving the range while the node says it is too large.
+    async fn logs_chunked(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(String, u64, crate::types::LogInput)>, FollowError> {
+        let mut out = Vec::new();
+        let mut ranges = vec![(from, to)];
+        while let Some((a, b)) = ranges.pop() {
+            match self.rpc.logs(a, b, &self.opts.contracts).await {
+                Ok(mut logs) => out.append(&mut logs),
+                Err(e) if e.is_range_too_large() && b > a => {
+                    let mid = a + (b - a) / 2;
+                    ranges.push((mid + 1, b));
+                    ranges.push((a, mid));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+}

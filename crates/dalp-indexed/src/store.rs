@@ -1,0 +1,1086 @@
+//! [`IndexedStore`]: the only code that touches schema `dalp_indexed`. Ingest is one
+//! transaction per batch (binary COPY of every row, balances, supply and the checkpoint, plus
+//! its audit record); a batch that diverges from the stored chain within the finality depth
+//! rolls the stored chain back to the fork point first, in the same transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Datelike, Utc};
+use dalp_audit::RequestContext;
+use dalp_types::Invalid;
+use deadpool_postgres::{Pool, Transaction};
+use futures_util::pin_mut;
+use num_bigint::{BigInt, Sign};
+use serde::Serialize;
+use serde_json::json;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::GenericClient;
+
+use crate::decode::{decode, Decoded};
+use crate::numeric::Numeric;
+use crate::types::{check_chain, hex0x, Address, Block, Hash};
+
+/// The partitioned tables, in the order they are written.
+pub const PARTITIONED: [&str; 4] = ["transactions", "logs", "transfers", "balance_history"];
+
+const ZERO: Address = Address([0u8; 20]);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    #[error("chain {0} is not registered; register it first (POST /api/v1/indexed/chains, or `dalp index follow`, which registers it)")]
+    UnknownChain(i64),
+    #[error("chain {0} is already registered with other settings")]
+    ChainConflict(i64),
+    #[error("gap: the batch starts at block {got} but chain {chain} is indexed up to block {indexed}; send blocks {} to {} first", indexed + 1, got - 1)]
+    Gap { chain: i64, indexed: i64, got: i64 },
+    #[error("parent hash of block {number} does not match the stored block {}: the chain reorganised below this batch; resend starting at the first block after the fork point", number - 1)]
+    ParentMismatch { number: i64 },
+    #[error("reorg refused: the batch forks from the stored chain after block {fork}, {depth} blocks below the checkpoint {checkpoint}, deeper than the finality depth {finality_depth} (finalized up to {finalized}); nothing was changed")]
+    DeepReorg {
+        fork: i64,
+        depth: i64,
+        checkpoint: i64,
+        finality_depth: i64,
+        finalized: i64,
+    },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Chain {
+    pub chain_id: i64,
+    pub name: String,
+    pub finality_depth: i32,
+}
+
+/// Where a chain's index stands.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncStatus {
+    pub chain_id: i64,
+    pub name: String,
+    pub finality_depth: i32,
+    /// Last ingested block, and its hash.
+    pub checkpoint: Option<i64>,
+    pub checkpoint_hash: Option<String>,
+    pub finalized: Option<i64>,
+    /// Newest head the indexer has reported seeing.
+    pub head: Option<i64>,
+    /// `head - checkpoint`.
+    pub lag: Option<i64>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// What one ingest call did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct IngestOutcome {
+    /// Blocks written.
+    pub applied: usize,
+    /// Blocks already stored with the same hash (idempotent re-send).
+    pub skipped: usize,
+    pub logs: usize,
+    pub transfers: usize,
+    pub reorg: Option<Reorg>,
+    /// The checkpoint after the batch.
+    pub checkpoint: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Reorg {
+    /// Last block both branches share.
+    pub fork: i64,
+    /// Blocks rolled back.
+    pub depth: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Balance {
+    pub token: String,
+    pub account: String,
+    /// Decimal, exact.
+    pub balance: String,
+    /// Block of the last change.
+    pub block_number: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TransferRow {
+    pub block_number: i64,
+    pub block_time: DateTime<Utc>,
+    pub log_index: i32,
+    pub tx_hash: String,
+    pub token: String,
+    pub from: String,
+    pub to: String,
+    pub value: String,
+}
+
+/// Which transfers to list.
+#[derive(Debug, Clone, Copy)]
+pub enum TransferFilter<'a> {
+    Token(&'a Address),
+    Account(&'a Address),
+}
+
+/// Paging and time bounds for transfer lists; newest first. Time bounds prune partitions.
+#[derive(Debug, Clone, Default)]
+pub struct TransferQuery {
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    /// Only transfers strictly before this (block, log index).
+    pub before: Option<(i64, i32)>,
+    pub limit: i64,
+}
+
+pub struct IndexedStore {
+    pool: Pool,
+    /// Months (`yyyy * 12 + month0`) whose partitions are known to exist.
+    months: Mutex<HashSet<i32>>,
+}
+
+fn month_key(t: DateTime<Utc>) -> i32 {
+    t.year() * 12 + t.month0() as i32
+}
+
+fn parse_big(s: &str) -> Result<BigInt, tokio_postgres::Error> {
+    // Values come from numeric columns cast to text: always plain integers.
+    Ok(BigInt::from_str(s).expect("numeric text is an integer"))
+}
+
+/// A row per (token, account, block) whose balance changed, and per (token, block) supply.
+#[derive(Default)]
+struct Ledger {
+    history: Vec<(Address, Address, i64, DateTime<Utc>, Numeric)>,
+    balances: HashMap<(Address, Address), (BigInt, i64)>,
+    supply: Vec<(Address, i64, Numeric)>,
+}
+
+/// One decoded log with its block.
+struct LogRow<'b> {
+    number: i64,
+    time: DateTime<Utc>,
+    log: &'b crate::types::Log,
+    decoded: Option<Decoded>,
+}
+
+impl IndexedStore {
+    pub fn new(pool: Pool) -> IndexedStore {
+        IndexedStore {
+            pool,
+            months: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Registers a chain, or confirms it is registered with the same settings.
+    pub async fn register_chain(
+        &self,
+        ctx: &RequestContext,
+        chain_id: i64,
+        name: &str,
+        finality_depth: i32,
+    ) -> Result<Chain, IndexError> {
+        dalp_types::ChainId::parse(chain_id).map_err(|e| e.for_field("chain_id"))?;
+        let name = name.trim();
+        if name.is_empty() || name.len() > 100 {
+            return Err(Invalid::new("name", "must be 1 to 100 characters").into());
+        }
+        if !(0..=100_000).contains(&finality_depth) {
+            return Err(Invalid::new("finality_depth", "must be between 0 and 100000").into());
+        }
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO dalp_indexed.chains (chain_id, name, finality_depth) VALUES ($1, $2, $3)
+                 ON CONFLICT (chain_id) DO NOTHING",
+                &[&chain_id, &name, &finality_depth],
+            )
+            .await?;
+        let chain = Chain {
+            chain_id,
+            name: name.to_string(),
+            finality_depth,
+        };
+        if inserted == 0 {
+            let existing = self.chain_in(&*tx, chain_id).await?;
+            if existing != chain {
+                return Err(IndexError::ChainConflict(chain_id));
+            }
+            return Ok(existing);
+        }
+        dalp_audit::record(
+            &*tx,
+            &ctx.event("indexed.chain.register", "chain")
+                .resource(chain_id)
+                .details(json!({ "name": name, "finality_depth": finality_depth })),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(chain)
+    }
+
+    async fn chain_in<C: GenericClient>(
+        &self,
+        client: &C,
+        chain_id: i64,
+    ) -> Result<Chain, IndexError> {
+        let row = client
+            .query_typed(
+                "SELECT name, finality_depth FROM dalp_indexed.chains WHERE chain_id = $1",
+                &[(&chain_id, Type::INT8)],
+            )
+            .await?
+            .into_iter()
+            .next()
+            .ok_or(IndexError::UnknownChain(chain_id))?;
+        Ok(Chain {
+            chain_id,
+            name: row.get(0),
+            finality_depth: row.get(1),
+        })
+    }
+
+    pub async fn chains(&self) -> Result<Vec<Chain>, IndexError> {
+        let client = self.pool.get().await?;
+        Ok(client
+            .query_typed(
+                "SELECT chain_id, name, finality_depth FROM dalp_indexed.chains ORDER BY chain_id",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| Chain {
+                chain_id: r.get(0),
+                name: r.get(1),
+                finality_depth: r.get(2),
+            })
+            .collect())
+    }
+
+    /// The stored hash of block `number`, if it is indexed.
+    pub async fn block_hash(&self, chain_id: i64, number: i64) -> Result<Option<Hash>, IndexError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_typed(
+                "SELECT hash FROM dalp_indexed.blocks WHERE chain_id = $1 AND number = $2",
+                &[(&chain_id, Type::INT8), (&number, Type::INT8)],
+            )
+            .await?;
+        Ok(row.first().map(|r| {
+            let h: Vec<u8> = r.get(0);
+            Hash::try_from(h.as_slice()).expect("CHECK length(hash) = 32")
+        }))
+    }
+
+    pub async fn status(&self, chain_id: i64) -> Result<SyncStatus, IndexError> {
+        let client = self.pool.get().await?;
+        let chain = self.chain_in(&**client, chain_id).await?;
+        let cp = client
+            .query_typed(
+                "SELECT block_number, block_hash, finalized_number, head_number, updated_at
+                   FROM dalp_indexed.checkpoints WHERE chain_id = $1",
+                &[(&chain_id, Type::INT8)],
+            )
+            .await?;
+        let cp = cp.first();
+        let checkpoint: Option<i64> = cp.map(|r| r.get(0));
+        let head: Option<i64> = cp.and_then(|r| r.get(3));
+        Ok(SyncStatus {
+            chain_id,
+            name: chain.name,
+            finality_depth: chain.finality_depth,
+            checkpoint,
+            checkpoint_hash: cp.map(|r| hex0x(r.get::<_, &[u8]>(1))),
+            finalized: cp.map(|r| r.get(2)),
+            head,
+            lag: head.zip(checkpoint).map(|(h, c)| (h - c).max(0)),
+            updated_at: cp.map(|r| r.get(4)),
+        })
+    }
+
+    /// Makes sure the partitions for `[from, to]` exist (cached per month).
+    async fn ensure_partitions(
+        &self,
+        tx: &Transaction<'_>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<(), IndexError> {
+        let wanted: Vec<i32> = (month_key(from)..=month_key(to)).collect();
+        let missing = {
+            let known = self.months.lock().expect("months lock");
+            wanted.iter().any(|m| !known.contains(m))
+        };
+        if !missing {
+            return Ok(());
+        }
+        for table in PARTITIONED {
+            tx.execute(
+                "SELECT dalp_indexed.ensure_partitions($1, $2, $3)",
+                &[&table, &from, &to],
+            )
+            .await?;
+        }
+        // Remembered by `remember_months` once the transaction commits: a rolled-back
+        // transaction takes its partitions with it.
+        Ok(())
+    }
+
+    fn remember_months(&self, from: DateTime<Utc>, to: DateTime<Utc>) {
+        let mut known = self.months.lock().expect("months lock");
+        known.extend(month_key(from)..=month_key(to));
+    }
+
+    /// Forgets which partitions exist (after the partition manager dropped some).
+    pub fn forget_partitions(&self) {
+        self.months.lock().expect("months lock").clear();
+    }
+
+    /// Ingests a batch of consecutive blocks (see the module docs). `head` is the newest
+    /// block the sender has seen on the chain, for lag reporting.
+    pub async fn ingest(
+        &self,
+        ctx: &RequestContext,
+        chain_id: i64,
+        blocks: &[Block],
+        head: Option<i64>,
+    ) -> Result<IngestOutcome, IndexError> {
+        if blocks.is_empty() {
+            return Err(Invalid::new("blocks", "a batch needs at least one block").into());
+        }
+        check_chain(blocks)?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        // One ingest per chain at a time: the chain row is the lock.
+        let finality_depth: i32 = tx
+            .query_opt(
+                "SELECT finality_depth FROM dalp_indexed.chains WHERE chain_id = $1 FOR NO KEY UPDATE",
+                &[&chain_id],
+            )
+            .await?
+            .ok_or(IndexError::UnknownChain(chain_id))?
+            .get(0);
+        let cp = tx
+            .query_opt(
+                "SELECT block_number, block_hash, finalized_number FROM dalp_indexed.checkpoints WHERE chain_id = $1",
+                &[&chain_id],
+            )
+            .await?
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, Vec<u8>>(1), r.get::<_, i64>(2)));
+        let first = blocks[0].number;
+        let last = blocks[blocks.len() - 1].number;
+        let mut outcome = IngestOutcome::default();
+        let mut start = 0usize; // index of the first block to write
+        if let Some((n, ref cp_hash, finalized)) = cp {
+            if first > n + 1 {
+                return Err(IndexError::Gap {
+                    chain: chain_id,
+                    indexed: n,
+                    got: first,
+                });
+            }
+            let lowest: Option<i64> = tx
+                .query_one(
+                    "SELECT min(number) FROM dalp_indexed.blocks WHERE chain_id = $1",
+                    &[&chain_id],
+                )
+                .await?
+                .get(0);
+            if let Some(lowest) = lowest.filter(|l| first < *l) {
+                return Err(Invalid::new(
+                    "number",
+                    format!("chain {chain_id} is indexed from block {lowest}; a batch cannot start below it (at {first})"),
+                )
+                .into());
+            }
+            // The stored parent of the batch must be the batch's parent.
+            let parent = if first == n + 1 {
+                Some((cp_hash.clone(), None))
+            } else {
+                tx.query_opt(
+                    "SELECT hash, block_time FROM dalp_indexed.blocks WHERE chain_id = $1 AND number = $2",
+                    &[&chain_id, &(first - 1)],
+                )
+                .await?
+                .map(|r| (r.get::<_, Vec<u8>>(0), Some(r.get::<_, DateTime<Utc>>(1))))
+            };
+            if let Some((hash, _)) = &parent {
+                if hash.as_slice() != &blocks[0].parent_hash[..] {
+                    return Err(IndexError::ParentMismatch { number: first });
+                }
+            }
+            // Compare the overlap with what is stored; the first difference is the fork.
+            let stored: HashMap<i64, Vec<u8>> = tx
+                .query(
+                    "SELECT number, hash FROM dalp_indexed.blocks WHERE chain_id = $1 AND number BETWEEN $2 AND $3",
+                    &[&chain_id, &first, &n.min(last)],
+                )
+                .await?
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let mut fork = None;
+            for (i, b) in blocks.iter().enumerate().take_while(|(_, b)| b.number <= n) {
+                match stored.get(&b.number) {
+                    Some(h) if h.as_slice() == &b.hash[..] => {
+                        outcome.skipped += 1;
+                        start = i + 1;
+                    }
+                    _ => {
+                        fork = Some(b.number - 1);
+                        start = i;
+                        break;
+                    }
+                }
+            }
+            if let Some(fork) = fork {
+                let depth = n - fork;
+                if depth > i64::from(finality_depth) || fork < finalized {
+                    return Err(IndexError::DeepReorg {
+                        fork,
+                        depth,
+                        checkpoint: n,
+                        finality_depth: i64::from(finality_depth),
+                        finalized,
+                    });
+                }
+                self.rollback(&tx, chain_id, fork).await?;
+                outcome.reorg = Some(Reorg { fork, depth });
+            }
+            if let Some((_, Some(parent_time))) = parent {
+                if blocks[0].time < parent_time {
+                    return Err(Invalid::new(
+                        "timestamp",
+                        format!("blocks[0]: block {first} is older than its stored parent"),
+                    )
+                    .into());
+                }
+            }
+        }
+        let new = &blocks[start..];
+        let months = new.first().map(|f| (f.time, new[new.len() - 1].time));
+        if let Some((from, to)) = months {
+            self.ensure_partitions(&tx, from, to).await?;
+            let written = self.write_blocks(&tx, chain_id, new).await?;
+            outcome.logs = written.0;
+            outcome.transfers = written.1;
+            outcome.applied = new.len();
+        }
+        let tip = blocks.last().expect("non-empty");
+        if !new.is_empty() {
+            tx.execute(
+                "INSERT INTO dalp_indexed.checkpoints AS c
+                     (chain_id, block_number, block_hash, finalized_number, head_number, updated_at)
+                 VALUES ($1, $2, $3, greatest($2::int8 - $4::int8, 0), $5, now())
+                 ON CONFLICT (chain_id) DO UPDATE SET
+                     block_number = EXCLUDED.block_number,
+                     block_hash = EXCLUDED.block_hash,
+                     finalized_number = least(greatest(c.finalized_number, EXCLUDED.finalized_number), EXCLUDED.block_number),
+                     head_number = greatest(coalesce(EXCLUDED.head_number, c.head_number), EXCLUDED.block_number),
+                     updated_at = now()",
+                &[&chain_id, &tip.number, &tip.hash, &i64::from(finality_depth), &head],
+            )
+            .await?;
+            outcome.checkpoint = tip.number;
+        } else {
+            // Everything was already stored: nothing changes but the reported head.
+            if let Some(h) = head {
+                tx.execute(
+                    "UPDATE dalp_indexed.checkpoints SET head_number = $2
+                      WHERE chain_id = $1 AND coalesce(head_number, -1) < $2",
+                    &[&chain_id, &h],
+                )
+                .await?;
+            }
+            outcome.checkpoint = cp.as_ref().map(|c| c.0).unwrap_or(tip.number);
+        }
+        if outcome.applied > 0 || outcome.reorg.is_some() {
+            dalp_audit::record(
+                &*tx,
+                &ctx.event("indexed.blocks.ingest", "chain")
+                    .resource(chain_id)
+                    .details(json!({
+                        "from": first, "to": last, "applied": outcome.applied,
+                        "skipped": outcome.skipped, "logs": outcome.logs,
+                        "transfers": outcome.transfers, "reorg": outcome.reorg,
+                    })),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        if let Some((from, to)) = months {
+            self.remember_months(from, to);
+        }
+        if let Some(r) = &outcome.reorg {
+            tracing::warn!(chain_id, fork = r.fork, depth = r.depth, "reorg rolled back");
+        }
+        Ok(outcome)
+    }
+
+    /// Removes everything above block `fork` and restores balances, supply and checkpoint.
+    async fn rollback(&self, tx: &Transaction<'_>, chain_id: i64, fork: i64) -> Result<(), IndexError> {
+        // Block times never decrease along the chain, so every removed row is at or after
+        // the first removed block's time: the bound prunes partitions.
+        let Some(since) = tx
+            .query_opt(
+                "SELECT block_time FROM dalp_indexed.blocks WHERE chain_id = $1 AND number = $2",
+                &[&chain_id, &(fork + 1)],
+            )
+            .await?
+            .map(|r| r.get::<_, DateTime<Utc>>(0))
+        else {
+            return Ok(());
+        };
+        for table in ["transactions", "logs", "transfers"] {
+            tx.execute(
+                &format!(
+                    "DELETE FROM dalp_indexed.{table} WHERE chain_id = $1 AND block_time >= $2 AND block_number > $3"
+                ),
+                &[&chain_id, &since, &fork],
+            )
+            .await?;
+        }
+        let gone = tx
+            .query(
+                "WITH gone AS (
+                     DELETE FROM dalp_indexed.balance_history
+                      WHERE chain_id = $1 AND block_time >= $2 AND block_number > $3
+                  RETURNING token, account)
+                 SELECT array_agg(token), array_agg(account)
+                   FROM (SELECT DISTINCT token, account FROM gone) d",
+                &[&chain_id, &since, &fork],
+            )
+            .await?;
+        let tokens: Option<Vec<Vec<u8>>> = gone[0].get(0);
+        let accounts: Option<Vec<Vec<u8>>> = gone[0].get(1);
+        // Each touched balance becomes its newest remaining history row, or goes.
+        tx.execute(
+            "WITH latest AS (
+                 SELECT p.token, p.account, h.balance, h.block_number
+                   FROM unnest($2::bytea[], $3::bytea[]) AS p(token, account)
+                   LEFT JOIN LATERAL (
+                        SELECT balance, block_number FROM dalp_indexed.balance_history h
+                         WHERE h.chain_id = $1 AND h.token = p.token AND h.account = p.account
+                         ORDER BY block_number DESC LIMIT 1) h ON true),
+             upd AS (
+                 UPDATE dalp_indexed.balances b SET balance = l.balance, block_number = l.block_number
+                   FROM latest l
+                  WHERE l.balance IS NOT NULL AND b.chain_id = $1 AND b.token = l.token AND b.account = l.account)
+             DELETE FROM dalp_indexed.balances b USING latest l
+              WHERE l.balance IS NULL AND b.chain_id = $1 AND b.token = l.token AND b.account = l.account",
+            &[&chain_id, &tokens.unwrap_or_default(), &accounts.unwrap_or_default()],
+        )
+        .await?;
+        for table in ["supply_history", "role_events"] {
+            tx.execute(
+                &format!("DELETE FROM dalp_indexed.{table} WHERE chain_id = $1 AND block_number > $2"),
+                &[&chain_id, &fork],
+            )
+            .await?;
+        }
+        tx.execute(
+            "DELETE FROM dalp_indexed.blocks WHERE chain_id = $1 AND number > $2",
+            &[&chain_id, &fork],
+        )
+        .await?;
+        // The checkpoint moves to the fork block (or goes, if nothing below it is indexed).
+        let fork_hash = tx
+            .query_opt(
+                "SELECT hash FROM dalp_indexed.blocks WHERE chain_id = $1 AND number = $2",
+                &[&chain_id, &fork],
+            )
+            .await?;
+        match fork_hash {
+            Some(r) => {
+                let h: Vec<u8> = r.get(0);
+                tx.execute(
+                    "UPDATE dalp_indexed.checkpoints SET block_number = $2, block_hash = $3,
+                            finalized_number = least(finalized_number, $2), updated_at = now()
+                      WHERE chain_id = $1",
+                    &[&chain_id, &fork, &h],
+                )
+                .await?;
+            }
+            None => {
+                tx.execute(
+                    "DELETE FROM dalp_indexed.checkpoints WHERE chain_id = $1",
+                    &[&chain_id],
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `blocks` (already checked to extend the stored chain). Returns (logs, transfers).
+    async fn write_blocks(
+        &self,
+        tx: &Transaction<'_>,
+        chain_id: i64,
+        blocks: &[Block],
+    ) -> Result<(usize, usize), IndexError> {
+        let mut logs = Vec::new();
+        for (i, b) in blocks.iter().enumerate() {
+            for (j, l) in b.logs.iter().enumerate() {
+                let decoded = decode(l, &format!("blocks[{i}].logs[{j}]"))?;
+                logs.push(LogRow {
+                    number: b.number,
+                    time: b.time,
+                    log: l,
+                    decoded,
+                });
+            }
+        }
+        let ledger = self.ledger(tx, chain_id, &logs).await?;
+
+        let counts: Vec<(i32, i32)> = blocks
+            .iter()
+            .map(|b| (b.transactions.len() as i32, b.logs.len() as i32))
+            .collect();
+        copy(
+            tx,
+            "COPY dalp_indexed.blocks (chain_id, number, hash, parent_hash, block_time, tx_count, log_count) FROM STDIN BINARY",
+            &[Type::INT8, Type::INT8, Type::BYTEA, Type::BYTEA, Type::TIMESTAMPTZ, Type::INT4, Type::INT4],
+            blocks.iter().zip(&counts),
+            |(b, (t, l))| {
+                vec![&chain_id, &b.number, &b.hash, &b.parent_hash, &b.time, t, l]
+            },
+        )
+        .await?;
+
+        let txs: Vec<_> = blocks
+            .iter()
+            .flat_map(|b| b.transactions.iter().map(move |t| (b, t, t.to)))
+            .collect();
+        copy(
+            tx,
+            "COPY dalp_indexed.transactions (chain_id, block_number, block_time, tx_index, hash, from_address, to_address, status) FROM STDIN BINARY",
+            &[Type::INT8, Type::INT8, Type::TIMESTAMPTZ, Type::INT4, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::INT2],
+            txs.iter(),
+            |(b, t, to)| {
+                vec![&chain_id, &b.number, &b.time, &t.index, &t.hash, &t.from, to, &t.status]
+            },
+        )
+        .await?;
+
+        let log_cols: Vec<_> = logs
+            .iter()
+            .map(|r| {
+                let topic = |k: usize| r.log.topics.get(k).map(|t| &t[..]);
+                (
+                    [topic(0), topic(1), topic(2), topic(3)],
+                    r.decoded.as_ref().map(|d| d.name()),
+                    r.decoded.as_ref().map(|d| d.to_json()),
+                )
+            })
+            .collect();
+        copy(
+            tx,
+            "COPY dalp_indexed.logs (chain_id, block_number, block_time, log_index, tx_hash, tx_index, address, topic0, topic1, topic2, topic3, data, event, decoded) FROM STDIN BINARY",
+            &[Type::INT8, Type::INT8, Type::TIMESTAMPTZ, Type::INT4, Type::BYTEA, Type::INT4, Type::BYTEA,
+              Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::TEXT, Type::JSONB],
+            logs.iter().zip(&log_cols),
+            |(r, (topics, event, decoded))| {
+                vec![&chain_id, &r.number, &r.time, &r.log.log_index, &r.log.tx_hash, &r.log.tx_index,
+                     &r.log.address, &topics[0], &topics[1], &topics[2], &topics[3], &r.log.data, event, decoded]
+            },
+        )
+        .await?;
+
+        let transfers: Vec<_> = logs
+            .iter()
+            .filter_map(|r| match &r.decoded {
+                Some(Decoded::Transfer(t)) => Some((r, t, Numeric(BigInt::from(t.value.clone())))),
+                _ => None,
+            })
+            .collect();
+        copy(
+            tx,
+            "COPY dalp_indexed.transfers (chain_id, block_number, block_time, log_index, tx_hash, token, from_address, to_address, value) FROM STDIN BINARY",
+            &[Type::INT8, Type::INT8, Type::TIMESTAMPTZ, Type::INT4, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::NUMERIC],
+            transfers.iter(),
+            |(r, t, v)| {
+                vec![&chain_id, &r.number, &r.time, &r.log.log_index, &r.log.tx_hash,
+                     &t.token, &t.from, &t.to, v]
+            },
+        )
+        .await?;
+
+        let roles: Vec<_> = logs
+            .iter()
+            .filter_map(|r| match &r.decoded {
+                Some(Decoded::Role(c)) => Some((r, c)),
+                _ => None,
+            })
+            .collect();
+        copy(
+            tx,
+            "COPY dalp_indexed.role_events (chain_id, block_number, log_index, contract, role, account, sender, granted) FROM STDIN BINARY",
+            &[Type::INT8, Type::INT8, Type::INT4, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::BOOL],
+            roles.iter(),
+            |(r, c)| {
+                vec![&chain_id, &r.number, &r.log.log_index, &c.contract, &c.role,
+                     &c.account, &c.sender, &c.granted]
+            },
+        )
+        .await?;
+
+        copy(
+            tx,
+            "COPY dalp_indexed.balance_history (chain_id, token, account, block_number, block_time, balance) FROM STDIN BINARY",
+            &[Type::INT8, Type::BYTEA, Type::BYTEA, Type::INT8, Type::TIMESTAMPTZ, Type::NUMERIC],
+            ledger.history.iter(),
+            |(token, account, n, t, v)| vec![&chain_id, token, account, n, t, v],
+        )
+        .await?;
+        copy(
+            tx,
+            "COPY dalp_indexed.supply_history (chain_id, token, block_number, total_supply) FROM STDIN BINARY",
+            &[Type::INT8, Type::BYTEA, Type::INT8, Type::NUMERIC],
+            ledger.supply.iter(),
+            |(token, n, v)| vec![&chain_id, token, n, v],
+        )
+        .await?;
+
+        if !ledger.balances.is_empty() {
+            let mut tokens = Vec::with_capacity(ledger.balances.len());
+            let mut accounts = Vec::with_capacity(ledger.balances.len());
+            let mut values = Vec::with_capacity(ledger.balances.len());
+            let mut numbers = Vec::with_capacity(ledger.balances.len());
+            for ((t, a), (v, n)) in &ledger.balances {
+                tokens.push(&t[..]);
+                accounts.push(&a[..]);
+                values.push(v.to_string());
+                numbers.push(*n);
+            }
+            tx.execute(
+                "INSERT INTO dalp_indexed.balances (chain_id, token, account, balance, block_number)
+                 SELECT $1, t, a, v::numeric, n FROM unnest($2::bytea[], $3::bytea[], $4::text[], $5::int8[]) AS u(t, a, v, n)
+                 ON CONFLICT (chain_id, token, account)
+                 DO UPDATE SET balance = EXCLUDED.balance, block_number = EXCLUDED.block_number",
+                &[&chain_id, &tokens, &accounts, &values, &numbers],
+            )
+            .await?;
+        }
+        Ok((logs.len(), transfers.len()))
+    }
+
+    /// Runs the batch's transfers over the stored balances and supply.
+    async fn ledger(
+        &self,
+        tx: &Transaction<'_>,
+        chain_id: i64,
+        logs: &[LogRow<'_>],
+    ) -> Result<Ledger, IndexError> {
+        let transfers: Vec<(i64, DateTime<Utc>, &crate::decode::Transfer)> = logs
+            .iter()
+            .filter_map(|r| match &r.decoded {
+                Some(Decoded::Transfer(t)) => Some((r.number, r.time, t)),
+                _ => None,
+            })
+            .collect();
+        let mut ledger = Ledger::default();
+        if transfers.is_empty() {
+            return Ok(ledger);
+        }
+        let mut pairs: HashSet<(Address, Address)> = HashSet::new();
+        let mut supply_tokens: HashSet<Address> = HashSet::new();
+        for (_, _, t) in &transfers {
+            for account in [t.from, t.to] {
+                if account == ZERO {
+                    supply_tokens.insert(t.token);
+                } else {
+                    pairs.insert((t.token, account));
+                }
+            }
+        }
+        let (tokens, accounts): (Vec<&[u8]>, Vec<&[u8]>) =
+            pairs.iter().map(|(t, a)| (&t[..], &a[..])).unzip();
+        for row in tx
+            .query(
+                "SELECT b.token, b.account, b.balance::text
+                   FROM unnest($2::bytea[], $3::bytea[]) AS p(token, account)
+                   JOIN dalp_indexed.balances b
+                     ON b.chain_id = $1 AND b.token = p.token AND b.account = p.account",
+                &[&chain_id, &tokens, &accounts],
+            )
+            .await?
+        {
+            let key = (to20(row.get(0)), to20(row.get(1)));
+            ledger.balances.insert(key, (parse_big(row.get(2))?, 0));
+        }
+        let supply_list: Vec<&[u8]> = supply_tokens.iter().map(|t| &t[..]).collect();
+        let mut supply: HashMap<Address, BigInt> = HashMap::new();
+        for row in tx
+            .query(
+                "SELECT DISTINCT ON (token) token, total_supply::text FROM dalp_indexed.supply_history
+                  WHERE chain_id = $1 AND token = ANY($2) ORDER BY token, block_number DESC",
+                &[&chain_id, &supply_list],
+            )
+            .await?
+        {
+            supply.insert(to20(row.get(0)), parse_big(row.get(1))?);
+        }
+
+        // Per block: apply its transfers, then record each touched pair's balance once.
+        let mut touched: Vec<(Address, Address)> = Vec::new();
+        let mut touched_supply: Vec<Address> = Vec::new();
+        let mut i = 0;
+        while i < transfers.len() {
+            let (number, time, _) = transfers[i];
+            touched.clear();
+            touched_supply.clear();
+            while i < transfers.len() && transfers[i].0 == number {
+                let t = transfers[i].2;
+                let value = BigInt::from_biguint(Sign::Plus, t.value.clone());
+                for (account, signed) in [(t.from, -value.clone()), (t.to, value.clone())] {
+                    if account == ZERO {
+                        // A mint (from zero) adds to supply, a burn (to zero) removes.
+                        let s = supply.entry(t.token).or_default();
+                        *s -= &signed;
+                        if !touched_supply.contains(&t.token) {
+                            touched_supply.push(t.token);
+                        }
+                        continue;
+                    }
+                    let key = (t.token, account);
+                    let entry = ledger.balances.entry(key).or_insert((BigInt::default(), 0));
+                    entry.0 += &signed;
+                    entry.1 = number;
+                    if !touched.contains(&key) {
+                        touched.push(key);
+                    }
+                }
+                i += 1;
+            }
+            for key in &touched {
+                let v = ledger.balances[key].0.clone();
+                ledger.history.push((key.0, key.1, number, time, Numeric(v)));
+            }
+            for token in &touched_supply {
+                ledger.supply.push((*token, number, Numeric(supply[token].clone())));
+            }
+        }
+        Ok(ledger)
+    }
+
+    /// Current balances of `account` across tokens.
+    pub async fn balances_of(&self, chain_id: i64, account: &Address) -> Result<Vec<Balance>, IndexError> {
+        let client = self.pool.get().await?;
+        self.chain_in(&**client, chain_id).await?;
+        let rows = client
+            .query_typed(
+                "SELECT token, account, balance::text, block_number FROM dalp_indexed.balances
+                  WHERE chain_id = $1 AND account = $2 AND balance <> 0 ORDER BY token",
+                &[(&chain_id, Type::INT8), (&account, Type::BYTEA)],
+            )
+            .await?;
+        Ok(rows.iter().map(balance_row).collect())
+    }
+
+    /// Holders of `token`, largest first; `after` is the last (balance, account) of the
+    /// previous page.
+    pub async fn holders(
+        &self,
+        chain_id: i64,
+        token: &Address,
+        limit: i64,
+        after: Option<(&str, &Address)>,
+    ) -> Result<Vec<Balance>, IndexError> {
+        let client = self.pool.get().await?;
+        self.chain_in(&**client, chain_id).await?;
+        let (after_balance, after_account) = match after {
+            Some((b, a)) => (Some(b.to_string()), Some(a.to_vec())),
+            None => (None, None),
+        };
+        let rows = client
+            .query_typed(
+                // Qualified: a bare `balance` in ORDER BY would sort the text output column.
+                "SELECT b.token, b.account, b.balance::text, b.block_number FROM dalp_indexed.balances b
+                  WHERE b.chain_id = $1 AND b.token = $2 AND b.balance > 0
+                    AND ($3::text IS NULL OR (b.balance, b.account) < ($3::numeric, $4::bytea))
+                  ORDER BY b.balance DESC, b.account DESC LIMIT $5",
+                &[
+                    (&chain_id, Type::INT8),
+                    (&token, Type::BYTEA),
+                    (&after_balance, Type::TEXT),
+                    (&after_account, Type::BYTEA),
+                    (&limit, Type::INT8),
+                ],
+            )
+            .await?;
+        Ok(rows.iter().map(balance_row).collect())
+    }
+
+    /// Transfers of a token or an account, newest first.
+    pub async fn transfers(
+        &self,
+        chain_id: i64,
+        filter: TransferFilter<'_>,
+        q: &TransferQuery,
+    ) -> Result<Vec<TransferRow>, IndexError> {
+        let client = self.pool.get().await?;
+        self.chain_in(&**client, chain_id).await?;
+        let (sql, addr) = transfers_sql(filter);
+        let (before_block, before_log) = match q.before {
+            Some((b, l)) => (Some(b), Some(l)),
+            None => (None, None),
+        };
+        let rows = client
+            .query_typed(
+                &sql,
+                &[
+                    (&chain_id, Type::INT8),
+                    (&addr, Type::BYTEA),
+                    (&q.since, Type::TIMESTAMPTZ),
+                    (&q.until, Type::TIMESTAMPTZ),
+                    (&before_block, Type::INT8),
+                    (&before_log, Type::INT4),
+                    (&q.limit, Type::INT8),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| TransferRow {
+                block_number: r.get(0),
+                block_time: r.get(1),
+                log_index: r.get(2),
+                tx_hash: hex0x(r.get::<_, &[u8]>(3)),
+                token: hex0x(r.get::<_, &[u8]>(4)),
+                from: hex0x(r.get::<_, &[u8]>(5)),
+                to: hex0x(r.get::<_, &[u8]>(6)),
+                value: r.get(7),
+            })
+            .collect())
+    }
+
+    /// The balance of `account` in `token` after block `block` ("0" before any transfer).
+    pub async fn balance_at(
+        &self,
+        chain_id: i64,
+        token: &Address,
+        account: &Address,
+        block: i64,
+    ) -> Result<String, IndexError> {
+        let client = self.pool.get().await?;
+        self.chain_in(&**client, chain_id).await?;
+        let row = client
+            .query_typed(
+                "SELECT balance::text FROM dalp_indexed.balance_history
+                  WHERE chain_id = $1 AND token = $2 AND account = $3 AND block_number <= $4
+                  ORDER BY block_number DESC LIMIT 1",
+                &[
+                    (&chain_id, Type::INT8),
+                    (&token, Type::BYTEA),
+                    (&account, Type::BYTEA),
+                    (&block, Type::INT8),
+                ],
+            )
+            .await?;
+        Ok(row.first().map(|r| r.get(0)).unwrap_or_else(|| "0".into()))
+    }
+
+    /// Total supply of `token` after block `block` (mints minus burns since indexing began).
+    pub async fn supply_at(&self, chain_id: i64, token: &Address, block: i64) -> Result<String, IndexError> {
+        let client = self.pool.get().await?;
+        self.chain_in(&**client, chain_id).await?;
+        let row = client
+            .query_typed(
+                "SELECT total_supply::text FROM dalp_indexed.supply_history
+                  WHERE chain_id = $1 AND token = $2 AND block_number <= $3
+                  ORDER BY block_number DESC LIMIT 1",
+                &[(&chain_id, Type::INT8), (&token, Type::BYTEA), (&block, Type::INT8)],
+            )
+            .await?;
+        Ok(row.first().map(|r| r.get(0)).unwrap_or_else(|| "0".into()))
+    }
+
+    /// Row counts of every table for `chain_id` (tests and `dalp index status`).
+    pub async fn counts(&self, chain_id: i64) -> Result<Vec<(String, i64)>, IndexError> {
+        let client = self.pool.get().await?;
+        let mut out = Vec::new();
+        for table in ["blocks", "transactions", "logs", "transfers", "balance_history", "balances", "supply_history", "role_events"] {
+            let n: i64 = client
+                .query_typed(
+                    &format!("SELECT count(*) FROM dalp_indexed.{table} WHERE chain_id = $1"),
+                    &[(&chain_id, Type::INT8)],
+                )
+                .await?[0]
+                .get(0);
+            out.push((table.to_string(), n));
+        }
+        Ok(out)
+    }
+}
+
+/// The transfer list statement for `filter` (shared by the store and EXPLAIN in tests).
+pub fn transfers_sql(filter: TransferFilter<'_>) -> (String, Vec<u8>) {
+    let (cond, addr) = match filter {
+        TransferFilter::Token(t) => ("token = $2", t.to_vec()),
+        TransferFilter::Account(a) => ("(from_address = $2 OR to_address = $2)", a.to_vec()),
+    };
+    (
+        format!(
+            "SELECT block_number, block_time, log_index, tx_hash, token, from_address, to_address, value::text
+               FROM dalp_indexed.transfers
+              WHERE chain_id = $1 AND {cond}
+                AND ($3::timestamptz IS NULL OR block_time >= $3)
+                AND ($4::timestamptz IS NULL OR block_time < $4)
+                AND ($5::int8 IS NULL OR (block_number, log_index) < ($5, $6::int4))
+              ORDER BY block_number DESC, log_index DESC LIMIT $7"
+        ),
+        addr,
+    )
+}
+
+fn to20(b: &[u8]) -> Address {
+    Address::try_from(b).expect("CHECK length = 20")
+}
+
+fn balance_row(r: &tokio_postgres::Row) -> Balance {
+    Balance {
+        token: hex0x(r.get::<_, &[u8]>(0)),
+        account: hex0x(r.get::<_, &[u8]>(1)),
+        balance: r.get(2),
+        block_number: r.get(3),
+    }
+}
+
+/// Binary COPY of `items` (mapped to one row of values each) through `stmt`.
+async fn copy<T, I, F>(
+    tx: &Transaction<'_>,
+    stmt: &str,
+    types: &[Type],
+    items: I,
+    row: F,
+) -> Result<u64, tokio_postgres::Error>
+where
+    I: IntoIterator<Item = T>,
+    F: for<'x> Fn(&'x T) -> Vec<&'x (dyn ToSql + Sync)>,
+{
+    let mut items = items.into_iter().peekable();
+    if items.peek().is_none() {
+        return Ok(0);
+    }
+    let sink = tx.copy_in(stmt).await?;
+    let writer = BinaryCopyInWriter::new(sink, types);
+    pin_mut!(writer);
+    for item in items {
+        writer.as_mut().write(&row(&item)).await?;
+    }
+    writer.finish().await
+}
+
