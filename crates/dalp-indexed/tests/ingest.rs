@@ -124,7 +124,6 @@ async fn ingest_is_idempotent_and_balances_hold_at_every_block() {
     assert_eq!(st.finalized, Some(0));
 
     // Paged holders and transfers.
-    }
     let page1 = store.holders(CHAIN, &s.token, 5, None).await.unwrap();
     assert_eq!(page1.len(), 5);
     let last = page1.last().unwrap();
