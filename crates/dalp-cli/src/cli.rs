@@ -95,6 +95,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Indexed chain state: follow an EVM node, show sync status.
+    Index {
+        #[command(subcommand)]
+        command: IndexCommand,
+    },
     /// Serve the HTTP API against an external cluster described by a config file.
     Serve {
         /// TOML config file (see `dalp config check`); DALP_<SECTION>__<KEY> variables override it.
@@ -287,5 +292,58 @@ pub enum AuditCommand {
         /// Write it to this file instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Follow an EVM JSON-RPC node: ingest blocks, transactions and token events batch by
+    /// batch (each batch commits with its checkpoint, so a restart or kill resumes exactly),
+    /// detect reorgs from parent hashes and roll back to the fork point. Runs until Ctrl-C,
+    /// or with --once until it has caught up with the node's head. Connects as
+    /// dalp_indexer_svc (or the --database-url user).
+    Follow {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// JSON-RPC endpoint of the node, e.g. http://127.0.0.1:8545.
+        #[arg(long)]
+        rpc: String,
+        /// Chain id; the node must report the same (eth_chainId).
+        #[arg(long)]
+        chain_id: i64,
+        /// First block to index when the chain has no checkpoint yet (later runs resume
+        /// from the checkpoint). Balances are exact when this is at or before the tokens'
+        /// deployment.
+        #[arg(long, default_value_t = 0)]
+        from_block: u64,
+        /// Only these contracts' logs and transactions (comma-separated addresses)
+        /// [default: every log and transaction].
+        #[arg(long, value_delimiter = ',')]
+        contracts: Vec<String>,
+        /// Blocks per batch (one transaction).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        batch: u64,
+        /// Milliseconds between polls once caught up.
+        #[arg(long, default_value_t = 2000)]
+        poll_ms: u64,
+        /// Exit once the checkpoint has reached the node's head.
+        #[arg(long)]
+        once: bool,
+        /// Name to register the chain under if it is not registered yet.
+        #[arg(long)]
+        name: Option<String>,
+        /// Reorgs deeper than this many blocks are refused (set when registering the chain).
+        #[arg(long, default_value_t = 64)]
+        finality_depth: i32,
+    },
+    /// Show a chain's sync status: checkpoint, finalized block, head and lag, row counts.
+    Status {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long)]
+        chain_id: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }

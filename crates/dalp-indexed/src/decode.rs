@@ -11,9 +11,11 @@ use serde_json::{json, Value};
 use crate::types::{hex0x, Address, Hash, Log};
 
 /// keccak256("Transfer(address,address,uint256)")
-pub const TRANSFER: Hash = hex32("ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef");
+pub const TRANSFER: Hash =
+    hex32("ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef");
 /// keccak256("Approval(address,address,uint256)")
-pub const APPROVAL: Hash = hex32("8c5be1e5ebec7d5bd14f71427d1e84f3dd0314c0f7b2291e5b200ac8c7c3b925");
+pub const APPROVAL: Hash =
+    hex32("8c5be1e5ebec7d5bd14f71427d1e84f3dd0314c0f7b2291e5b200ac8c7c3b925");
 /// keccak256("RoleGranted(bytes32,address,address)")
 pub const ROLE_GRANTED: Hash =
     hex32("2f8788117e7eff1d82e926ec794901d17c78024a50270940304540a733656f0d");
@@ -23,7 +25,8 @@ pub const ROLE_REVOKED: Hash =
 /// keccak256("Paused(address)")
 pub const PAUSED: Hash = hex32("62e78cea01bee320cd4e420270b5ea74000d11b0c9f74754ebdbfc544b05a258");
 /// keccak256("Unpaused(address)")
-pub const UNPAUSED: Hash = hex32("5db9ee0a495bf2e6ff9c91a7834c1ba4fdd244a5e8aa4e537bd38aeae4b073aa");
+pub const UNPAUSED: Hash =
+    hex32("5db9ee0a495bf2e6ff9c91a7834c1ba4fdd244a5e8aa4e537bd38aeae4b073aa");
 
 const fn hex32(s: &str) -> Hash {
     Hash(hex32_bytes(s))
@@ -76,7 +79,10 @@ pub enum Decoded {
         value: BigUint,
     },
     Role(RoleChange),
-    Paused { account: Address, paused: bool },
+    Paused {
+        account: Address,
+        paused: bool,
+    },
 }
 
 impl Decoded {
@@ -200,7 +206,11 @@ mod tests {
             ("Paused(address)", PAUSED),
             ("Unpaused(address)", UNPAUSED),
         ] {
-            assert_eq!(Keccak256::digest(sig.as_bytes()).as_slice(), &topic[..], "{sig}");
+            assert_eq!(
+                Keccak256::digest(sig.as_bytes()).as_slice(),
+                &topic[..],
+                "{sig}"
+            );
         }
     }
 
@@ -242,17 +252,23 @@ mod tests {
     fn refuses_a_transfer_value_wider_than_uint256() {
         let mut data = vec![0u8; 33];
         data[0] = 1; // 2^256
-        let e = decode(&log(vec![TRANSFER, word(1), word(2)], data), "blocks[0].logs[0]")
-            .unwrap_err();
+        let e = decode(
+            &log(vec![TRANSFER, word(1), word(2)], data),
+            "blocks[0].logs[0]",
+        )
+        .unwrap_err();
         assert_eq!(e.field, "data");
         assert!(e.message.contains("2^256-1"), "{e}");
     }
 
     #[test]
     fn decodes_roles_and_pause() {
-        let r = decode(&log(vec![ROLE_GRANTED, Hash([5; 32]), word(1), word(2)], vec![]), "x")
-            .unwrap()
-            .unwrap();
+        let r = decode(
+            &log(vec![ROLE_GRANTED, Hash([5; 32]), word(1), word(2)], vec![]),
+            "x",
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.name(), "RoleGranted");
         let p = decode(&log(vec![UNPAUSED], word(4).to_vec()), "x")
             .unwrap()

@@ -280,7 +280,12 @@ impl<'a> Follower<'a> {
             }
         }
         let blocks = parse_batch(&inputs).map_err(IndexError::from)?;
-        tracing::debug!(from, to, ms = started.elapsed().as_millis() as u64, "fetched");
+        tracing::debug!(
+            from,
+            to,
+            ms = started.elapsed().as_millis() as u64,
+            "fetched"
+        );
         Ok(blocks)
     }
 

@@ -162,7 +162,10 @@ impl RpcClient {
     }
 
     pub async fn block_number(&self) -> Result<u64, RpcError> {
-        quantity(&self.call("eth_blockNumber", json!([])).await?, "eth_blockNumber")
+        quantity(
+            &self.call("eth_blockNumber", json!([])).await?,
+            "eth_blockNumber",
+        )
     }
 
     /// The hash of block `n`, if the node has it.
@@ -220,7 +223,8 @@ impl RpcClient {
         to: u64,
         contracts: &[Address],
     ) -> Result<Vec<(String, u64, LogInput)>, RpcError> {
-        let mut filter = json!({"fromBlock": format!("0x{from:x}"), "toBlock": format!("0x{to:x}")});
+        let mut filter =
+            json!({"fromBlock": format!("0x{from:x}"), "toBlock": format!("0x{to:x}")});
         if !contracts.is_empty() {
             filter["address"] = Value::Array(contracts.iter().map(|a| json!(hex0x(a))).collect());
         }

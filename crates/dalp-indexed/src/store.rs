@@ -524,13 +524,23 @@ impl IndexedStore {
             self.remember_months(from, to);
         }
         if let Some(r) = &outcome.reorg {
-            tracing::warn!(chain_id, fork = r.fork, depth = r.depth, "reorg rolled back");
+            tracing::warn!(
+                chain_id,
+                fork = r.fork,
+                depth = r.depth,
+                "reorg rolled back"
+            );
         }
         Ok(outcome)
     }
 
     /// Removes everything above block `fork` and restores balances, supply and checkpoint.
-    async fn rollback(&self, tx: &Transaction<'_>, chain_id: i64, fork: i64) -> Result<(), IndexError> {
+    async fn rollback(
+        &self,
+        tx: &Transaction<'_>,
+        chain_id: i64,
+        fork: i64,
+    ) -> Result<(), IndexError> {
         // Block times never decrease along the chain, so every removed row is at or after
         // the first removed block's time: the bound prunes partitions.
         let Some(since) = tx
@@ -585,7 +595,9 @@ impl IndexedStore {
         .await?;
         for table in ["supply_history", "role_events"] {
             tx.execute(
-                &format!("DELETE FROM dalp_indexed.{table} WHERE chain_id = $1 AND block_number > $2"),
+                &format!(
+                    "DELETE FROM dalp_indexed.{table} WHERE chain_id = $1 AND block_number > $2"
+                ),
                 &[&chain_id, &fork],
             )
             .await?;
@@ -867,17 +879,25 @@ impl IndexedStore {
             }
             for key in &touched {
                 let v = ledger.balances[key].0.clone();
-                ledger.history.push((key.0, key.1, number, time, Numeric(v)));
+                ledger
+                    .history
+                    .push((key.0, key.1, number, time, Numeric(v)));
             }
             for token in &touched_supply {
-                ledger.supply.push((*token, number, Numeric(supply[token].clone())));
+                ledger
+                    .supply
+                    .push((*token, number, Numeric(supply[token].clone())));
             }
         }
         Ok(ledger)
     }
 
     /// Current balances of `account` across tokens.
-    pub async fn balances_of(&self, chain_id: i64, account: &Address) -> Result<Vec<Balance>, IndexError> {
+    pub async fn balances_of(
+        &self,
+        chain_id: i64,
+        account: &Address,
+    ) -> Result<Vec<Balance>, IndexError> {
         let client = self.pool.get().await?;
         self.chain_in(&**client, chain_id).await?;
         let rows = client
@@ -994,7 +1014,12 @@ impl IndexedStore {
     }
 
     /// Total supply of `token` after block `block` (mints minus burns since indexing began).
-    pub async fn supply_at(&self, chain_id: i64, token: &Address, block: i64) -> Result<String, IndexError> {
+    pub async fn supply_at(
+        &self,
+        chain_id: i64,
+        token: &Address,
+        block: i64,
+    ) -> Result<String, IndexError> {
         let client = self.pool.get().await?;
         self.chain_in(&**client, chain_id).await?;
         let row = client
@@ -1002,7 +1027,11 @@ impl IndexedStore {
                 "SELECT total_supply::text FROM dalp_indexed.supply_history
                   WHERE chain_id = $1 AND token = $2 AND block_number <= $3
                   ORDER BY block_number DESC LIMIT 1",
-                &[(&chain_id, Type::INT8), (&token, Type::BYTEA), (&block, Type::INT8)],
+                &[
+                    (&chain_id, Type::INT8),
+                    (&token, Type::BYTEA),
+                    (&block, Type::INT8),
+                ],
             )
             .await?;
         Ok(row.first().map(|r| r.get(0)).unwrap_or_else(|| "0".into()))
@@ -1012,7 +1041,16 @@ impl IndexedStore {
     pub async fn counts(&self, chain_id: i64) -> Result<Vec<(String, i64)>, IndexError> {
         let client = self.pool.get().await?;
         let mut out = Vec::new();
-        for table in ["blocks", "transactions", "logs", "transfers", "balance_history", "balances", "supply_history", "role_events"] {
+        for table in [
+            "blocks",
+            "transactions",
+            "logs",
+            "transfers",
+            "balance_history",
+            "balances",
+            "supply_history",
+            "role_events",
+        ] {
             let n: i64 = client
                 .query_typed(
                     &format!("SELECT count(*) FROM dalp_indexed.{table} WHERE chain_id = $1"),
@@ -1083,4 +1121,3 @@ where
     }
     writer.finish().await
 }
-

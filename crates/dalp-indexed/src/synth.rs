@@ -86,7 +86,11 @@ impl Synth {
                 let k = (number as usize * 7919 + i * 104_729) % n;
                 let from = self.accounts[k];
                 let to = self.accounts[(k + 1 + i % (n - 1).max(1)) % n];
-                (from, to, 1 + (number as u64 + i as u64 + u64::from(self.branch)) % 5)
+                (
+                    from,
+                    to,
+                    1 + (number as u64 + i as u64 + u64::from(self.branch)) % 5,
+                )
             };
             transactions.push(Tx {
                 hash: Hash(tx_hash),

@@ -2,9 +2,9 @@
 //! `POST /api/v1/indexed/{chain}/blocks` and the follower produce it) is parsed once into
 //! [`Block`]; nothing unparsed reaches SQL.
 
+use bytes::BytesMut;
 use chrono::{DateTime, TimeZone, Utc};
 use dalp_types::{EvmAddress, Invalid};
-use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
@@ -148,7 +148,11 @@ fn parse_fixed<const N: usize>(field: &'static str, at: &str, s: &str) -> Result
     bytes.try_into().map_err(|b: Vec<u8>| {
         Invalid::new(
             field,
-            format!("{at}: must be {N} bytes (0x + {} hex digits), got {}", N * 2, b.len()),
+            format!(
+                "{at}: must be {N} bytes (0x + {} hex digits), got {}",
+                N * 2,
+                b.len()
+            ),
         )
     })
 }
@@ -178,7 +182,10 @@ impl Block {
             .single()
             .filter(|_| b.timestamp >= 0)
             .ok_or_else(|| {
-                Invalid::new("timestamp", format!("{at}: {} is not a valid unix time", b.timestamp))
+                Invalid::new(
+                    "timestamp",
+                    format!("{at}: {} is not a valid unix time", b.timestamp),
+                )
             })?;
         let mut transactions = Vec::with_capacity(b.transactions.len());
         for (j, t) in b.transactions.iter().enumerate() {
@@ -217,7 +224,10 @@ impl Block {
             if data.len() > MAX_LOG_DATA {
                 return Err(Invalid::new(
                     "data",
-                    format!("{at}: {} bytes is more than the {MAX_LOG_DATA} accepted", data.len()),
+                    format!(
+                        "{at}: {} bytes is more than the {MAX_LOG_DATA} accepted",
+                        data.len()
+                    ),
                 ));
             }
             logs.push(Log {
@@ -278,7 +288,10 @@ pub fn parse_batch(inputs: &[BlockInput]) -> Result<Vec<Block>, Invalid> {
     if inputs.len() > MAX_BATCH_BLOCKS {
         return Err(Invalid::new(
             "blocks",
-            format!("{} blocks is more than the {MAX_BATCH_BLOCKS} one batch may carry; split it", inputs.len()),
+            format!(
+                "{} blocks is more than the {MAX_BATCH_BLOCKS} one batch may carry; split it",
+                inputs.len()
+            ),
         ));
     }
     let blocks: Vec<Block> = inputs

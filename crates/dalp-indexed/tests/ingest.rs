@@ -138,8 +138,13 @@ async fn ingest_is_idempotent_and_balances_hold_at_every_block() {
         .chain(&page2)
         .map(|h| h.balance.parse().unwrap())
         .collect();
-    assert!(all_balances.windows(2).all(|w| w[0] >= w[1]), "largest first");
-    assert!(page2.iter().all(|h| page1.iter().all(|p| p.account != h.account)));
+    assert!(
+        all_balances.windows(2).all(|w| w[0] >= w[1]),
+        "largest first"
+    );
+    assert!(page2
+        .iter()
+        .all(|h| page1.iter().all(|p| p.account != h.account)));
     let q = TransferQuery {
         limit: 10,
         ..Default::default()
@@ -177,7 +182,17 @@ async fn gaps_and_foreign_parents_are_refused_without_change() {
         .ingest(&ctx(), CHAIN, &s.blocks(13, 15, 0), None)
         .await
         .unwrap_err();
-    assert!(matches!(e, IndexError::Gap { indexed: 10, got: 13, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            IndexError::Gap {
+                indexed: 10,
+                got: 13,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("send blocks 11 to 12 first"), "{e}");
 
     // Block 11 whose parent is not our block 10: a reorg below the batch.
@@ -186,13 +201,19 @@ async fn gaps_and_foreign_parents_are_refused_without_change() {
         .ingest(&ctx(), CHAIN, &other.blocks(11, 12, 9), None)
         .await
         .unwrap_err();
-    assert!(matches!(e, IndexError::ParentMismatch { number: 11 }), "{e}");
+    assert!(
+        matches!(e, IndexError::ParentMismatch { number: 11 }),
+        "{e}"
+    );
     assert_eq!(counts(&store).await, before);
 
     // A batch that is not consecutive inside itself.
     let mut broken = s.blocks(11, 13, 0);
     broken.remove(1);
-    let e = store.ingest(&ctx(), CHAIN, &broken, None).await.unwrap_err();
+    let e = store
+        .ingest(&ctx(), CHAIN, &broken, None)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("consecutive"), "{e}");
     assert_eq!(counts(&store).await, before);
 }
@@ -228,7 +249,14 @@ async fn a_reorg_within_the_finality_depth_rolls_back_and_applies_the_new_branch
     deep.extend(b2.blocks(12, 30, 0));
     let e = store.ingest(&ctx(), CHAIN, &deep, None).await.unwrap_err();
     assert!(
-        matches!(e, IndexError::DeepReorg { fork: 11, depth: 16, .. }),
+        matches!(
+            e,
+            IndexError::DeepReorg {
+                fork: 11,
+                depth: 16,
+                ..
+            }
+        ),
         "{e}"
     );
     assert!(e.to_string().contains("nothing was changed"));
@@ -288,7 +316,10 @@ async fn malformed_input_is_refused_with_the_field_named_and_nothing_stored() {
     // A Transfer value above 2^256-1 (33 bytes): parsed, but refused when decoded.
     let big = format!("0x01{}", "00".repeat(32));
     let blocks = parse_batch(&[block_input(vec![log_input(&big, token)])]).unwrap();
-    let e = store.ingest(&ctx(), CHAIN, &blocks, None).await.unwrap_err();
+    let e = store
+        .ingest(&ctx(), CHAIN, &blocks, None)
+        .await
+        .unwrap_err();
     match &e {
         IndexError::Invalid(i) => {
             assert_eq!(i.field, "data");
@@ -310,12 +341,20 @@ async fn malformed_input_is_refused_with_the_field_named_and_nothing_stored() {
         )
         .await
         .unwrap_err();
-    let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    let msg = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
     assert!(msg.contains("check constraint"), "{e:?}");
 
     // Unknown chain.
     let e = store
-        .ingest(&ctx(), 999, &parse_batch(&[block_input(vec![])]).unwrap(), None)
+        .ingest(
+            &ctx(),
+            999,
+            &parse_batch(&[block_input(vec![])]).unwrap(),
+            None,
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, IndexError::UnknownChain(999)), "{e}");
@@ -344,8 +383,14 @@ async fn old_blocks_get_partitions_time_bounded_queries_prune_and_retention_drop
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(parts.contains(&"transfers_p202001".to_string()), "{parts:?}");
-    assert!(parts.contains(&"transfers_p202002".to_string()), "{parts:?}");
+    assert!(
+        parts.contains(&"transfers_p202001".to_string()),
+        "{parts:?}"
+    );
+    assert!(
+        parts.contains(&"transfers_p202002".to_string()),
+        "{parts:?}"
+    );
 
     // A time-bounded query touches only the matching partition.
     let (sql, _) = dalp_indexed::store::transfers_sql(TransferFilter::Token(&s.token));
@@ -374,7 +419,10 @@ async fn old_blocks_get_partitions_time_bounded_queries_prune_and_retention_drop
     let plan = plan.join("\n");
     assert!(plan.contains("transfers_p202002"), "{plan}");
     assert!(!plan.contains("transfers_p202001"), "{plan}");
-    assert!(!plan.contains(&format!("transfers_p{}", Utc::now().format("%Y%m"))), "{plan}");
+    assert!(
+        !plan.contains(&format!("transfers_p{}", Utc::now().format("%Y%m"))),
+        "{plan}"
+    );
     let q = TransferQuery {
         since: Some(Utc.with_ymd_and_hms(2020, 2, 1, 0, 0, 0).unwrap()),
         until: Some(Utc.with_ymd_and_hms(2020, 2, 2, 0, 0, 0).unwrap()),

@@ -4,6 +4,8 @@
 //! its own database: [`fresh_database`] (roles and grants, no schemas) or
 //! [`migrated_database`] (a copy of a template with every migration applied).
 
+pub mod anvil;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;

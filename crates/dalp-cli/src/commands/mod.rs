@@ -5,6 +5,7 @@ mod config;
 mod db;
 pub mod demo;
 mod identity;
+mod index;
 mod migrate;
 mod roles;
 mod serve;
@@ -14,7 +15,8 @@ mod up;
 use std::process::ExitCode;
 
 use crate::cli::{
-    AuditCommand, Cli, Command, ConfigCommand, DbCommand, KeysCommand, RolesCommand, UsersCommand,
+    AuditCommand, Cli, Command, ConfigCommand, DbCommand, IndexCommand, KeysCommand, RolesCommand,
+    UsersCommand,
 };
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -39,6 +41,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check { config },
         } => config::check(&config),
         Command::Serve { config } => serve::run(&config).await,
+        Command::Index {
+            command:
+                IndexCommand::Status {
+                    target,
+                    chain_id,
+                    json,
+                },
+        } => index::status(&target, chain_id, json).await,
+        Command::Index {
+            command:
+                IndexCommand::Follow {
+                    target,
+                    rpc,
+                    chain_id,
+                    from_block,
+                    contracts,
+                    batch,
+                    poll_ms,
+                    once,
+                    name,
+                    finality_depth,
+                },
+        } => {
+            let mut opts = dalp_indexed::follow::FollowOptions::new(chain_id);
+            opts.from_block = from_block;
+            opts.batch_blocks = batch;
+            opts.poll_interval = std::time::Duration::from_millis(poll_ms);
+            opts.until_caught_up = once;
+            index::follow(&target, &rpc, opts, &contracts, name, finality_depth).await
+        }
         Command::Audit {
             command:
                 AuditCommand::Verify {

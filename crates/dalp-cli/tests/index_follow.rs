@@ -1,0 +1,424 @@
+//! `dalp index follow` against a real EVM node (anvil) and the real database: the indexed
+//! balances and supply equal the contract's `balanceOf`/`totalSupply` at the head and at past
+//! blocks, also after a reorg (anvil snapshot/revert) and after a kill -9 mid-stream.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use dalp_db::Component;
+use dalp_indexed::rpc::RpcClient;
+use dalp_indexed::types::parse_address;
+use dalp_indexed::IndexedStore;
+use dalp_testkit::anvil::Anvil;
+use dalp_testkit::{migrated_database, TestDb};
+use num_bigint::BigUint;
+use serde_json::{json, Value};
+use sha3::{Digest, Keccak256};
+
+const DALP: &str = env!("CARGO_BIN_EXE_dalp");
+const CHAIN: i64 = 31337;
+const TOKEN_BIN: &str = include_str!("../../dalp-indexed/tests/contracts/DalpTestToken.bin");
+
+fn selector(sig: &str) -> String {
+    hex::encode(&Keccak256::digest(sig.as_bytes())[..4])
+}
+
+fn word_addr(a: &str) -> String {
+    format!("{:0>64}", a.trim_start_matches("0x").to_ascii_lowercase())
+}
+
+fn word_u(v: u128) -> String {
+    format!("{v:064x}")
+}
+
+struct Node {
+    rpc: RpcClient,
+    accounts: Vec<String>,
+}
+
+impl Node {
+    async fn new(anvil: &Anvil) -> Node {
+        let rpc = RpcClient::new(&anvil.url()).unwrap();
+        let accounts = rpc.call("eth_accounts", json!([])).await.unwrap();
+        let accounts = accounts
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_ascii_lowercase())
+            .collect();
+        Node { rpc, accounts }
+    }
+
+    /// Sends a transaction (auto-mined into its own block) and returns its receipt.
+    async fn send(&self, from: usize, to: Option<&str>, data: String) -> Value {
+        let mut tx =
+            json!({"from": self.accounts[from], "data": format!("0x{data}"), "gas": "0x500000"});
+        if let Some(to) = to {
+            tx["to"] = json!(to);
+        }
+        let hash = self
+            .rpc
+            .call("eth_sendTransaction", json!([tx]))
+            .await
+            .unwrap();
+        for _ in 0..200 {
+            let r = self
+                .rpc
+                .call("eth_getTransactionReceipt", json!([hash]))
+                .await
+                .unwrap();
+            if !r.is_null() {
+                assert_eq!(r["status"], "0x1", "transaction failed: {r}");
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no receipt for {hash}");
+    }
+
+    async fn deploy(&self) -> String {
+        let r = self.send(0, None, TOKEN_BIN.trim().to_string()).await;
+        r["contractAddress"].as_str().unwrap().to_ascii_lowercase()
+    }
+
+    async fn mint(&self, token: &str, to: usize, v: u128) {
+        let data = format!(
+            "{}{}{}",
+            selector("mint(address,uint256)"),
+            word_addr(&self.accounts[to]),
+            word_u(v)
+        );
+        self.send(0, Some(token), data).await;
+    }
+
+    async fn transfer(&self, token: &str, from: usize, to: usize, v: u128) {
+        let data = format!(
+            "{}{}{}",
+            selector("transfer(address,uint256)"),
+            word_addr(&self.accounts[to]),
+            word_u(v)
+        );
+        self.send(from, Some(token), data).await;
+    }
+
+    async fn call_uint(&self, token: &str, data: String, block: u64) -> BigUint {
+        let r = self
+            .rpc
+            .call(
+                "eth_call",
+                json!([{"to": token, "data": format!("0x{data}")}, format!("0x{block:x}")]),
+            )
+            .await
+            .unwrap();
+        let hex_digits = r.as_str().unwrap().trim_start_matches("0x");
+        if hex_digits.is_empty() {
+            return BigUint::default(); // no code yet at that block
+        }
+        BigUint::parse_bytes(hex_digits.as_bytes(), 16).unwrap()
+    }
+
+    async fn balance_of(&self, token: &str, account: usize, block: u64) -> BigUint {
+        let data = format!(
+            "{}{}",
+            selector("balanceOf(address)"),
+            word_addr(&self.accounts[account])
+        );
+        self.call_uint(token, data, block).await
+    }
+
+    async fn total_supply(&self, token: &str, block: u64) -> BigUint {
+        self.call_uint(token, selector("totalSupply()"), block)
+            .await
+    }
+
+    async fn head(&self) -> u64 {
+        self.rpc.block_number().await.unwrap()
+    }
+
+    /// Transfer events of `token` in blocks `0..=to` on the node.
+    async fn transfer_logs(&self, token: &str, to: u64) -> usize {
+        let transfer = format!(
+            "0x{}",
+            hex::encode(Keccak256::digest(b"Transfer(address,address,uint256)"))
+        );
+        let logs = self
+            .rpc
+            .call(
+                "eth_getLogs",
+                json!([{"fromBlock": "0x0", "toBlock": format!("0x{to:x}"), "address": token, "topics": [transfer]}]),
+            )
+            .await
+            .unwrap();
+        logs.as_array().unwrap().len()
+    }
+}
+
+fn indexer_url(db: &TestDb) -> String {
+    db.options(Component::Indexer.role()).to_url()
+}
+
+fn follow_command(db: &TestDb, anvil: &Anvil, token: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(DALP);
+    cmd.args([
+        "index",
+        "follow",
+        "--rpc",
+        &anvil.url(),
+        "--chain-id",
+        "31337",
+    ])
+    .args(["--contracts", token, "--finality-depth", "20"])
+    .args(extra)
+    // The URL carries a password: environment, not argv (visible in ps).
+    .env("DALP_DATABASE_URL", indexer_url(db))
+    .env_remove("DALP_DATA_DIR");
+    cmd
+}
+
+fn follow_once(db: &TestDb, anvil: &Anvil, token: &str) -> Output {
+    let out = follow_command(db, anvil, token, &["--once", "--batch", "7"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "follow failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Indexed balances and supply equal the contract's at each of `blocks`, and the current
+/// balances equal the contract's at `current` (the checkpoint).
+async fn assert_index_matches(
+    store: &IndexedStore,
+    node: &Node,
+    token: &str,
+    blocks: &[u64],
+    current: u64,
+) {
+    let t = parse_address("token", "test", token).unwrap();
+    for &b in blocks {
+        for i in 0..5 {
+            let a = parse_address("account", "test", &node.accounts[i]).unwrap();
+            assert_eq!(
+                store.balance_at(CHAIN, &t, &a, b as i64).await.unwrap(),
+                node.balance_of(token, i, b).await.to_string(),
+                "balance of account {i} at block {b}"
+            );
+        }
+        assert_eq!(
+            store.supply_at(CHAIN, &t, b as i64).await.unwrap(),
+            node.total_supply(token, b).await.to_string(),
+            "supply at block {b}"
+        );
+    }
+    for i in 0..5 {
+        let a = parse_address("account", "test", &node.accounts[i]).unwrap();
+        let now = store.balances_of(CHAIN, &a).await.unwrap();
+        let indexed = now.first().map(|b| b.balance.clone()).unwrap_or("0".into());
+        assert_eq!(
+            indexed,
+            node.balance_of(token, i, current).await.to_string(),
+            "current balance of {i}"
+        );
+    }
+}
+
+fn store_for(db: &TestDb) -> IndexedStore {
+    IndexedStore::new(db.pools_sized(2).get(Component::Indexer).clone())
+}
+
+#[tokio::test]
+async fn follower_matches_the_contract_at_head_past_blocks_and_after_a_reorg() {
+    let db = migrated_database().await;
+    let anvil = Anvil::start(CHAIN as u64);
+    let node = Node::new(&anvil).await;
+    let token = node.deploy().await;
+    for i in 1..=3 {
+        node.mint(&token, i, 1_000_000 * i as u128).await;
+    }
+    node.transfer(&token, 1, 2, 12_345).await;
+    node.transfer(&token, 3, 4, 999).await;
+    node.transfer(&token, 2, 1, 1).await;
+    let burn = format!(
+        "{}{}{}",
+        selector("burn(address,uint256)"),
+        word_addr(&node.accounts[3]),
+        word_u(500)
+    );
+    node.send(0, Some(&token), burn).await;
+    node.send(0, Some(&token), selector("pause()")).await;
+    node.send(0, Some(&token), selector("unpause()")).await;
+    let grant = format!(
+        "{}{}{}",
+        selector("grantRole(bytes32,address)"),
+        hex::encode(Keccak256::digest(b"MINTER_ROLE")),
+        word_addr(&node.accounts[2])
+    );
+    node.send(0, Some(&token), grant).await;
+    // A block without our contract's logs, to check filtering.
+    node.send(5, Some(&node.accounts[6].clone()), String::new())
+        .await;
+
+    follow_once(&db, &anvil, &token);
+    let store = store_for(&db);
+    let head = node.head().await;
+    let status = store.status(CHAIN).await.unwrap();
+    assert_eq!(status.checkpoint, Some(head as i64));
+    assert_eq!(status.lag, Some(0));
+    let every: Vec<u64> = (0..=head).collect();
+    assert_index_matches(&store, &node, &token, &every, head).await;
+
+    let su = db.superuser().await;
+    let events: Vec<(String, i64)> = su
+        .query(
+            "SELECT event, count(*) FROM dalp_indexed.logs WHERE event IS NOT NULL GROUP BY event ORDER BY event",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let count = |e: &str| events.iter().find(|(n, _)| n == e).map(|(_, c)| *c);
+    assert_eq!(count("Transfer"), Some(7), "{events:?}");
+    assert_eq!(count("Paused"), Some(1));
+    assert_eq!(count("Unpaused"), Some(1));
+    assert_eq!(
+        count("RoleGranted"),
+        Some(3),
+        "two in the constructor, one grant"
+    );
+    let role_rows: i64 = su
+        .query_one("SELECT count(*) FROM dalp_indexed.role_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(role_rows, 3);
+    // Only our contract's transactions are kept: the plain value transfer is not.
+    let txs: i64 = su
+        .query_one("SELECT count(*) FROM dalp_indexed.transactions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        txs as u64,
+        head - 1,
+        "every block but the last carries one of our transactions"
+    );
+
+    // Reorg: 3 blocks on one branch, indexed; revert; 5 different blocks on the other.
+    let snapshot = node.rpc.call("evm_snapshot", json!([])).await.unwrap();
+    for _ in 0..3 {
+        node.transfer(&token, 1, 3, 77).await;
+    }
+    follow_once(&db, &anvil, &token);
+    assert_eq!(
+        store.status(CHAIN).await.unwrap().checkpoint,
+        Some(head as i64 + 3)
+    );
+    assert_eq!(
+        node.rpc
+            .call("evm_revert", json!([snapshot]))
+            .await
+            .unwrap(),
+        json!(true)
+    );
+    assert_eq!(node.head().await, head);
+    for k in 0..5 {
+        node.transfer(&token, 2, 4, 1000 + k).await;
+    }
+    let out = follow_once(&db, &anvil, &token);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("reorg: rolled back 3 block(s) above block"),
+        "{stderr}"
+    );
+    let new_head = node.head().await;
+    assert_eq!(new_head, head + 5);
+    let every: Vec<u64> = (0..=new_head).collect();
+    assert_index_matches(&store, &node, &token, &every, new_head).await;
+    let counts = store.counts(CHAIN).await.unwrap();
+    assert_eq!(counts[0], ("blocks".into(), new_head as i64 + 1));
+    assert_eq!(
+        counts[3],
+        (
+            "transfers".into(),
+            node.transfer_logs(&token, new_head).await as i64
+        )
+    );
+    for n in head + 1..=new_head {
+        let stored = store.block_hash(CHAIN, n as i64).await.unwrap().unwrap();
+        let on_node = node.rpc.block_hash(n).await.unwrap().unwrap();
+        assert_eq!(format!("0x{}", hex::encode(stored.0)), on_node, "block {n}");
+    }
+}
+
+#[tokio::test]
+async fn a_follower_killed_mid_stream_resumes_with_nothing_missing_or_duplicated() {
+    let db = migrated_database().await;
+    let anvil = Anvil::start(CHAIN as u64);
+    let node = Node::new(&anvil).await;
+    let token = node.deploy().await;
+    for i in 1..=4 {
+        node.mint(&token, i, 10_000_000).await;
+    }
+    for k in 0..300u128 {
+        let from = 1 + (k % 4) as usize;
+        node.transfer(&token, from, 1 + ((k + 1) % 4) as usize, 1 + k)
+            .await;
+    }
+    let head = node.head().await;
+
+    let mut child = Reaped(
+        follow_command(&db, &anvil, &token, &["--batch", "3", "--poll-ms", "200"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let store = store_for(&db);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let killed_at = loop {
+        let cp = store.status(CHAIN).await.ok().and_then(|s| s.checkpoint);
+        if cp.is_some_and(|c| c >= 60) {
+            child.0.kill().unwrap(); // SIGKILL
+            child.0.wait().unwrap();
+            break cp.unwrap();
+        }
+        assert!(Instant::now() < deadline, "follower made no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let cp = store.status(CHAIN).await.unwrap().checkpoint.unwrap();
+    assert!(cp >= killed_at);
+    assert!(
+        (cp as u64) < head,
+        "killed before catching up ({cp} of {head})"
+    );
+    // What is stored is exactly blocks 0..=checkpoint: no partial batch.
+    let counts = store.counts(CHAIN).await.unwrap();
+    assert_eq!(counts[0].1, cp + 1);
+    assert_eq!(
+        counts[3].1,
+        node.transfer_logs(&token, cp as u64).await as i64
+    );
+    assert_index_matches(&store, &node, &token, &[cp as u64], cp as u64).await;
+
+    follow_once(&db, &anvil, &token);
+    let counts = store.counts(CHAIN).await.unwrap();
+    assert_eq!(counts[0].1, head as i64 + 1);
+    assert_eq!(counts[3].1, node.transfer_logs(&token, head).await as i64);
+    assert_eq!(counts[3].1, 4 + 300);
+    let samples: Vec<u64> = (0..=head).step_by(17).chain([head]).collect();
+    assert_index_matches(&store, &node, &token, &samples, head).await;
+}
+
+/// Kills and reaps the follower by pid when the test ends, also when it fails.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

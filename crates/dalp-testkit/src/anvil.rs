@@ -1,0 +1,65 @@
+//! A real EVM node for the indexer's tests: anvil (npm `@foundry-rs/anvil-linux-amd64`,
+//! installed into `.tools/` by `scripts/deps.sh`, or `DALP_ANVIL`), on a free loopback port,
+//! killed by pid when dropped, also when the test fails.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Anvil {
+    child: Child,
+    pub port: u16,
+}
+
+/// Where anvil is: `DALP_ANVIL`, else the project's `.tools/`.
+pub fn anvil_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("DALP_ANVIL") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let p = root.join(".tools/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil");
+    assert!(
+        p.exists(),
+        "anvil not found at {}: run `source scripts/deps.sh` (installs it from npm) or set DALP_ANVIL",
+        p.display()
+    );
+    p
+}
+
+impl Anvil {
+    /// Starts anvil with `chain_id`, auto-mining one block per transaction.
+    pub fn start(chain_id: u64) -> Anvil {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(anvil_binary())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--chain-id", &chain_id.to_string(), "--silent"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start anvil");
+        let anvil = Anvil { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            assert!(Instant::now() < deadline, "anvil did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anvil
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Anvil {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
