@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use dalp_assets::AssetError;
 use dalp_identity::IdentityError;
+use dalp_indexed::IndexError;
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ pub enum ApiError {
     Asset(#[from] AssetError),
     #[error("{0}")]
     PreconditionRequired(String),
+    #[error(transparent)]
+    Indexed(#[from] IndexError),
 }
 
 #[derive(Serialize)]
@@ -87,6 +90,18 @@ impl ApiError {
                     (StatusCode::INTERNAL_SERVER_ERROR, "internal")
                 }
             },
+            ApiError::Indexed(e) => match e {
+                IndexError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+                IndexError::UnknownChain(_) | IndexError::NotFound(_) => {
+                    (StatusCode::NOT_FOUND, "not_found")
+                }
+                IndexError::ChainConflict(_) => (StatusCode::CONFLICT, "conflict"),
+                IndexError::Gap { .. } => (StatusCode::CONFLICT, "gap"),
+                IndexError::ParentMismatch { .. } => (StatusCode::CONFLICT, "parent_mismatch"),
+                IndexError::DeepReorg { .. } => (StatusCode::CONFLICT, "reorg_too_deep"),
+                IndexError::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+                IndexError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
             ApiError::Identity(e) => match e {
                 I::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
                 I::InvalidCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
@@ -135,6 +150,7 @@ impl ApiError {
         match self {
             ApiError::Identity(IdentityError::Invalid(i)) => Some(i.field),
             ApiError::Asset(AssetError::Invalid(i)) => Some(i.field),
+            ApiError::Indexed(IndexError::Invalid(i)) => Some(i.field),
             _ => None,
         }
     }

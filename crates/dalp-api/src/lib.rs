@@ -50,6 +50,7 @@ pub struct AppState {
     /// Verifies the audit chain's signatures.
     pub audit_public: Option<ed25519_dalek::VerifyingKey>,
     pub assets: dalp_assets::AssetStore,
+    pub indexed: Arc<dalp_indexed::IndexedStore>,
 }
 
 impl AppState {
@@ -60,6 +61,9 @@ impl AppState {
     ) -> AppState {
         AppState {
             assets: dalp_assets::AssetStore::new(pools.get(dalp_db::Component::Assets).clone()),
+            indexed: Arc::new(dalp_indexed::IndexedStore::new(
+                pools.get(dalp_db::Component::Indexer).clone(),
+            )),
             pools,
             identity,
             limits: Arc::new(limit::RateLimiter::default()),

@@ -343,6 +343,41 @@ pub fn check_chain(blocks: &[Block]) -> Result<(), Invalid> {
     Ok(())
 }
 
+impl Block {
+    /// The wire form of this block (what `POST .../blocks` and the follower send).
+    pub fn to_input(&self) -> BlockInput {
+        BlockInput {
+            number: self.number as u64,
+            hash: hex0x(&self.hash),
+            parent_hash: hex0x(&self.parent_hash),
+            timestamp: self.time.timestamp(),
+            transactions: self
+                .transactions
+                .iter()
+                .map(|t| TxInput {
+                    hash: hex0x(&t.hash),
+                    index: t.index as u32,
+                    from: hex0x(&t.from),
+                    to: t.to.map(|a| hex0x(&a)),
+                    status: t.status.map(|s| s as u8),
+                })
+                .collect(),
+            logs: self
+                .logs
+                .iter()
+                .map(|l| LogInput {
+                    tx_hash: hex0x(&l.tx_hash),
+                    tx_index: l.tx_index as u32,
+                    log_index: l.log_index as u32,
+                    address: hex0x(&l.address),
+                    topics: l.topics.iter().map(|t| hex0x(t)).collect(),
+                    data: hex0x(&l.data),
+                })
+                .collect(),
+        }
+    }
+}
+
 pub fn hex0x(bytes: &[u8]) -> String {
     format!("0x{}", hex::encode(bytes))
 }

@@ -5,6 +5,7 @@ mod assets;
 mod audit;
 mod auth;
 mod health;
+mod indexed;
 mod metrics;
 mod mfa;
 mod openapi;
@@ -29,6 +30,7 @@ pub(crate) fn router() -> Router<AppState> {
         .merge(settings::router())
         .merge(templates::router())
         .merge(audit::router())
+        .merge(indexed::router())
         .merge(metrics::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })

@@ -114,6 +114,18 @@ pub fn document() -> Value {
             "/api/v1/assets/{id}/compliance/history": { "get": op("Every version of an asset's compliance modules, with approvers", true, None, "200:versions", &[401, 403, 404]) },
             "/api/v1/audit/events": { "get": op("Audit events (auditor): ?from=&to= (RFC 3339, default last 30 days), actor, action, resource_type, resource_id, outcome, limit (1-1000), before_id", true, None, "200:events, newest first, with next_before_id", &[400, 401, 403]) },
             "/api/v1/audit/verify": { "get": op("Recompute the audit hash chain (auditor)", true, None, "200:report with ok and the first problem", &[401, 403]) },
+            "/api/v1/indexed/chains": {
+                "get": op("Registered chains", true, None, "200:chains", &[401]),
+                "post": op("Register a chain: chain_id, name, finality_depth (admin or systemManager)", true, None, "201:chain", &[401, 403, 409, 422])
+            },
+            "/api/v1/indexed/{chain}/blocks": { "post": op("Ingest consecutive blocks with transactions and logs (admin or systemManager): idempotent; a reorg within the finality depth is rolled back first", true, None, "200:outcome (applied, skipped, reorg, checkpoint)", &[401, 403, 404, 409, 413, 422]) },
+            "/api/v1/indexed/{chain}/status": { "get": op("Sync status: checkpoint, finalized, head, lag", true, None, "200:status", &[401, 404]) },
+            "/api/v1/indexed/{chain}/accounts/{account}/balances": { "get": op("Current token balances of an account", true, None, "200:balances", &[400, 401, 404]) },
+            "/api/v1/indexed/{chain}/accounts/{account}/transfers": { "get": op("Transfers from or to an account, newest first: ?since=&until= (RFC 3339; prune partitions), limit (1-1000), before=<block>:<log>", true, None, "200:transfers with next", &[400, 401, 404]) },
+            "/api/v1/indexed/{chain}/tokens/{token}/holders": { "get": op("Holders, largest first: ?limit (1-1000), after=<balance>:<account>", true, None, "200:holders with next", &[400, 401, 404]) },
+            "/api/v1/indexed/{chain}/tokens/{token}/transfers": { "get": op("Transfers of a token, newest first (parameters as for accounts)", true, None, "200:transfers with next", &[400, 401, 404]) },
+            "/api/v1/indexed/{chain}/tokens/{token}/balances/{account}": { "get": op("Balance after block ?block=N (default: the checkpoint)", true, None, "200:balance", &[400, 401, 404]) },
+            "/api/v1/indexed/{chain}/tokens/{token}/supply": { "get": op("Total supply after block ?block=N (default: the checkpoint)", true, None, "200:total_supply", &[400, 401, 404]) },
             "/metrics": { "get": op("Prometheus metrics: audit seal lag, identity cache", false, None, "200:text exposition format", &[]) },
             "/api/v1/openapi.json": { "get": op("This document", false, None, "200:OpenAPI document", &[]) }
         },

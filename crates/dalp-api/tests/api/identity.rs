@@ -708,6 +708,11 @@ async fn openapi_describes_every_route() {
         ("/api/v1/assets/{id}/history", "get"),
         ("/api/v1/audit/events", "get"),
         ("/api/v1/audit/verify", "get"),
+        ("/api/v1/indexed/chains", "post"),
+        ("/api/v1/indexed/{chain}/blocks", "post"),
+        ("/api/v1/indexed/{chain}/status", "get"),
+        ("/api/v1/indexed/{chain}/tokens/{token}/holders", "get"),
+        ("/api/v1/indexed/{chain}/tokens/{token}/supply", "get"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),

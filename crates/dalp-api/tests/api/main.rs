@@ -5,4 +5,5 @@ mod audit;
 mod cache;
 mod helpers;
 mod identity;
+mod indexed;
 mod settings;
