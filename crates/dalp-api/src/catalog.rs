@@ -21,18 +21,33 @@ pub const ACCESS: [SchemaAccess; 5] = [
 ];
 
 /// Every time-partitioned table and how it is kept (defaults).
-pub const PARTITIONS: [dalp_db::partitions::PartitionPolicy; 1] = [dalp_audit::PARTITIONS];
+pub const PARTITIONS: [dalp_db::partitions::PartitionPolicy; 5] = [
+    dalp_audit::PARTITIONS,
+    dalp_indexed::PARTITIONS[0],
+    dalp_indexed::PARTITIONS[1],
+    dalp_indexed::PARTITIONS[2],
+    dalp_indexed::PARTITIONS[3],
+];
 
-/// The partition policies with the audit retention set to `audit_retention_months`.
-pub fn partition_policies(
-    audit_retention_months: u32,
-) -> Vec<dalp_db::partitions::PartitionPolicy> {
+/// How long time-partitioned data is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Audit events (the data-protection policy: 7 years).
+    pub audit_months: u32,
+    /// Indexed chain data (re-readable from the chain); `None` keeps everything.
+    pub indexed_months: Option<u32>,
+}
+
+/// The partition policies with these retentions.
+pub fn partition_policies(retention: Retention) -> Vec<dalp_db::partitions::PartitionPolicy> {
     PARTITIONS
         .iter()
         .map(|p| {
             let mut p = *p;
-            if p.schema == dalp_audit::SCHEMA && p.table == dalp_audit::PARTITIONS.table {
-                p.retention_months = Some(audit_retention_months);
+            if p.schema == dalp_audit::SCHEMA {
+                p.retention_months = Some(retention.audit_months);
+            } else if p.schema == dalp_indexed::SCHEMA {
+                p.retention_months = retention.indexed_months;
             }
             p
         })

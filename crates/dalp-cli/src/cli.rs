@@ -88,9 +88,8 @@ pub enum Command {
         /// Create and drop partitions instead of only showing them.
         #[arg(long)]
         apply: bool,
-        /// Months audit partitions are kept (with --apply).
-        #[arg(long, default_value_t = 84, value_parser = clap::value_parser!(u32).range(1..=1200))]
-        audit_retention_months: u32,
+        #[command(flatten)]
+        retention: RetentionArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -123,14 +122,34 @@ pub struct UpArgs {
     /// write, function, role, ddl, misc, misc_set, all, none).
     #[arg(long, default_value = "write, ddl, role")]
     pub pgaudit_log: String,
-    /// Months audit partitions are kept before retention drops them (recorded in the audit
-    /// retention log).
-    #[arg(long, default_value_t = 84, value_parser = clap::value_parser!(u32).range(1..=1200))]
-    pub audit_retention_months: u32,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
     /// Seed a demo organisation, an administrator (password printed once), a bond and a
     /// stablecoin, unless they exist.
     #[arg(long)]
     pub demo: bool,
+}
+
+/// How long time-partitioned data is kept (whole monthly partitions are dropped).
+#[derive(Debug, Args, Clone, Copy)]
+pub struct RetentionArgs {
+    /// Months audit partitions are kept before retention drops them (recorded in the audit
+    /// retention log).
+    #[arg(long, default_value_t = 84, value_parser = clap::value_parser!(u32).range(1..=1200))]
+    pub audit_retention_months: u32,
+    /// Months indexed chain data (transactions, logs, transfers, balance history) is kept
+    /// [default: forever; it can always be re-read from the chain].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1200))]
+    pub indexed_retention_months: Option<u32>,
+}
+
+impl RetentionArgs {
+    pub fn retention(self) -> dalp_api::catalog::Retention {
+        dalp_api::catalog::Retention {
+            audit_months: self.audit_retention_months,
+            indexed_months: self.indexed_retention_months,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -141,8 +141,18 @@ pub struct TransferQuery {
     pub limit: i64,
 }
 
+/// How rows reach the tables. `RowByRow` exists only as the benchmark's baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Binary COPY (the ingest path).
+    Copy,
+    /// One INSERT per row, same values, same transaction.
+    RowByRow,
+}
+
 pub struct IndexedStore {
     pool: Pool,
+    mode: WriteMode,
     /// Months (`yyyy * 12 + month0`) whose partitions are known to exist.
     months: Mutex<HashSet<i32>>,
 }
@@ -176,8 +186,15 @@ impl IndexedStore {
     pub fn new(pool: Pool) -> IndexedStore {
         IndexedStore {
             pool,
+            mode: WriteMode::Copy,
             months: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The same store writing with `mode` (benchmarks compare the two).
+    pub fn with_write_mode(mut self, mode: WriteMode) -> IndexedStore {
+        self.mode = mode;
+        self
     }
 
     pub fn pool(&self) -> &Pool {
@@ -357,28 +374,61 @@ impl IndexedStore {
         blocks: &[Block],
         head: Option<i64>,
     ) -> Result<IngestOutcome, IndexError> {
+        let result = self.ingest_once(ctx, chain_id, blocks, head).await;
+        if let Err(IndexError::Db(e)) = &result {
+            // The partition manager dropped a month we remembered: forget, and let the
+            // caller's retry create it again.
+            if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION)
+                && e.as_db_error()
+                    .is_some_and(|d| d.message().contains("no partition"))
+            {
+                self.forget_partitions();
+            }
+        }
+        result
+    }
+
+    /// Rolls the stored chain back to block `fork` (everything above it goes: rows,
+    /// balances, supply, checkpoint), e.g. to re-index from there. Refused below the
+    /// finalized block, like a reorg that deep.
+    pub async fn rewind(
+        &self,
+        ctx: &RequestContext,
+        chain_id: i64,
+        fork: i64,
+    ) -> Result<Reorg, IndexError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let (finality_depth, cp) = lock_chain(&tx, chain_id).await?;
+        let (n, _, finalized) =
+            cp.ok_or_else(|| IndexError::NotFound(format!("a checkpoint of chain {chain_id}")))?;
+        let depth = reorg_depth(fork, n, finalized, finality_depth)?;
+        self.rollback(&tx, chain_id, fork).await?;
+        dalp_audit::record(
+            &*tx,
+            &ctx.event("indexed.blocks.rewind", "chain")
+                .resource(chain_id)
+                .details(json!({ "fork": fork, "depth": depth })),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Reorg { fork, depth })
+    }
+
+    async fn ingest_once(
+        &self,
+        ctx: &RequestContext,
+        chain_id: i64,
+        blocks: &[Block],
+        head: Option<i64>,
+    ) -> Result<IngestOutcome, IndexError> {
         if blocks.is_empty() {
             return Err(Invalid::new("blocks", "a batch needs at least one block").into());
         }
         check_chain(blocks)?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        // One ingest per chain at a time: the chain row is the lock.
-        let finality_depth: i32 = tx
-            .query_opt(
-                "SELECT finality_depth FROM dalp_indexed.chains WHERE chain_id = $1 FOR NO KEY UPDATE",
-                &[&chain_id],
-            )
-            .await?
-            .ok_or(IndexError::UnknownChain(chain_id))?
-            .get(0);
-        let cp = tx
-            .query_opt(
-                "SELECT block_number, block_hash, finalized_number FROM dalp_indexed.checkpoints WHERE chain_id = $1",
-                &[&chain_id],
-            )
-            .await?
-            .map(|r| (r.get::<_, i64>(0), r.get::<_, Vec<u8>>(1), r.get::<_, i64>(2)));
+        let (finality_depth, cp) = lock_chain(&tx, chain_id).await?;
         let first = blocks[0].number;
         let last = blocks[blocks.len() - 1].number;
         let mut outcome = IngestOutcome::default();
@@ -446,16 +496,7 @@ impl IndexedStore {
                 }
             }
             if let Some(fork) = fork {
-                let depth = n - fork;
-                if depth > i64::from(finality_depth) || fork < finalized {
-                    return Err(IndexError::DeepReorg {
-                        fork,
-                        depth,
-                        checkpoint: n,
-                        finality_depth: i64::from(finality_depth),
-                        finalized,
-                    });
-                }
+                let depth = reorg_depth(fork, n, finalized, finality_depth)?;
                 self.rollback(&tx, chain_id, fork).await?;
                 outcome.reorg = Some(Reorg { fork, depth });
             }
@@ -663,6 +704,7 @@ impl IndexedStore {
             .collect();
         copy(
             tx,
+            self.mode,
             "COPY dalp_indexed.blocks (chain_id, number, hash, parent_hash, block_time, tx_count, log_count) FROM STDIN BINARY",
             &[Type::INT8, Type::INT8, Type::BYTEA, Type::BYTEA, Type::TIMESTAMPTZ, Type::INT4, Type::INT4],
             blocks.iter().zip(&counts),
@@ -678,6 +720,7 @@ impl IndexedStore {
             .collect();
         copy(
             tx,
+            self.mode,
             "COPY dalp_indexed.transactions (chain_id, block_number, block_time, tx_index, hash, from_address, to_address, status) FROM STDIN BINARY",
             &[Type::INT8, Type::INT8, Type::TIMESTAMPTZ, Type::INT4, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::INT2],
             txs.iter(),
@@ -700,6 +743,7 @@ impl IndexedStore {
             .collect();
         copy(
             tx,
+            self.mode,
             "COPY dalp_indexed.logs (chain_id, block_number, block_time, log_index, tx_hash, tx_index, address, topic0, topic1, topic2, topic3, data, event, decoded) FROM STDIN BINARY",
             &[Type::INT8, Type::INT8, Type::TIMESTAMPTZ, Type::INT4, Type::BYTEA, Type::INT4, Type::BYTEA,
               Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::TEXT, Type::JSONB],
@@ -720,6 +764,7 @@ impl IndexedStore {
             .collect();
         copy(
             tx,
+            self.mode,
             "COPY dalp_indexed.transfers (chain_id, block_number, block_time, log_index, tx_hash, token, from_address, to_address, value) FROM STDIN BINARY",
             &[Type::INT8, Type::INT8, Type::TIMESTAMPTZ, Type::INT4, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::NUMERIC],
             transfers.iter(),
@@ -739,6 +784,7 @@ impl IndexedStore {
             .collect();
         copy(
             tx,
+            self.mode,
             "COPY dalp_indexed.role_events (chain_id, block_number, log_index, contract, role, account, sender, granted) FROM STDIN BINARY",
             &[Type::INT8, Type::INT8, Type::INT4, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::BYTEA, Type::BOOL],
             roles.iter(),
@@ -751,6 +797,7 @@ impl IndexedStore {
 
         copy(
             tx,
+            self.mode,
             "COPY dalp_indexed.balance_history (chain_id, token, account, block_number, block_time, balance) FROM STDIN BINARY",
             &[Type::INT8, Type::BYTEA, Type::BYTEA, Type::INT8, Type::TIMESTAMPTZ, Type::NUMERIC],
             ledger.history.iter(),
@@ -759,6 +806,7 @@ impl IndexedStore {
         .await?;
         copy(
             tx,
+            self.mode,
             "COPY dalp_indexed.supply_history (chain_id, token, block_number, total_supply) FROM STDIN BINARY",
             &[Type::INT8, Type::BYTEA, Type::INT8, Type::NUMERIC],
             ledger.supply.iter(),
@@ -1064,6 +1112,45 @@ impl IndexedStore {
     }
 }
 
+/// Locks the chain row (one ingest or rewind per chain at a time) and reads its finality
+/// depth and checkpoint `(block, hash, finalized)`.
+async fn lock_chain(
+    tx: &Transaction<'_>,
+    chain_id: i64,
+) -> Result<(i32, Option<(i64, Vec<u8>, i64)>), IndexError> {
+    let finality_depth: i32 = tx
+        .query_opt(
+            "SELECT finality_depth FROM dalp_indexed.chains WHERE chain_id = $1 FOR NO KEY UPDATE",
+            &[&chain_id],
+        )
+        .await?
+        .ok_or(IndexError::UnknownChain(chain_id))?
+        .get(0);
+    let cp = tx
+        .query_opt(
+            "SELECT block_number, block_hash, finalized_number FROM dalp_indexed.checkpoints WHERE chain_id = $1",
+            &[&chain_id],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1), r.get(2)));
+    Ok((finality_depth, cp))
+}
+
+/// The depth of rolling back from checkpoint `n` to `fork`, if the finality rules allow it.
+fn reorg_depth(fork: i64, n: i64, finalized: i64, finality_depth: i32) -> Result<i64, IndexError> {
+    let depth = (n - fork).max(0);
+    if fork < finalized || depth > i64::from(finality_depth) {
+        return Err(IndexError::DeepReorg {
+            fork,
+            depth,
+            checkpoint: n,
+            finality_depth: i64::from(finality_depth),
+            finalized,
+        });
+    }
+    Ok(depth)
+}
+
 /// The transfer list statement for `filter` (shared by the store and EXPLAIN in tests).
 pub fn transfers_sql(filter: TransferFilter<'_>) -> (String, Vec<u8>) {
     let (cond, addr) = match filter {
@@ -1100,6 +1187,7 @@ fn balance_row(r: &tokio_postgres::Row) -> Balance {
 /// Binary COPY of `items` (mapped to one row of values each) through `stmt`.
 async fn copy<T, I, F>(
     tx: &Transaction<'_>,
+    mode: WriteMode,
     stmt: &str,
     types: &[Type],
     items: I,
@@ -1112,6 +1200,24 @@ where
     let mut items = items.into_iter().peekable();
     if items.peek().is_none() {
         return Ok(0);
+    }
+    if mode == WriteMode::RowByRow {
+        // "COPY t (a, b) FROM STDIN BINARY" -> "INSERT INTO t (a, b) VALUES ($1, $2)"
+        let target = stmt
+            .trim_start_matches("COPY ")
+            .trim_end_matches(" FROM STDIN BINARY");
+        let params: Vec<String> = (1..=types.len()).map(|i| format!("${i}")).collect();
+        let insert = tx
+            .prepare_typed(
+                &format!("INSERT INTO {target} VALUES ({})", params.join(", ")),
+                types,
+            )
+            .await?;
+        let mut n = 0;
+        for item in items {
+            n += tx.execute(&insert, &row(&item)).await?;
+        }
+        return Ok(n);
     }
     let sink = tx.copy_in(stmt).await?;
     let writer = BinaryCopyInWriter::new(sink, types);

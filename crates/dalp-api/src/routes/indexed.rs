@@ -295,18 +295,21 @@ async fn account_transfers(
     transfers(&state, &chain, TransferFilter::Account(&account), &q).await
 }
 
-/// `?block=N`, default the checkpoint.
-async fn block_param(
+/// Chain and token from the path, and `?block=N` (default: the checkpoint).
+async fn token_at_block(
     state: &AppState,
-    chain: i64,
+    chain: &str,
+    token: &str,
     q: &HashMap<String, String>,
-) -> Result<i64, ApiError> {
-    match int_param(q, "block")? {
-        Some(b) => Ok(b),
-        None => Ok(state.indexed.status(chain).await?.checkpoint.unwrap_or(0)),
-    }
+) -> Result<(i64, Address, i64), ApiError> {
+    let chain = chain_param(chain)?;
+    let token = address_param("token", token)?;
+    let block = match int_param(q, "block")? {
+        Some(b) => b,
+        None => state.indexed.status(chain).await?.checkpoint.unwrap_or(0),
+    };
+    Ok((chain, token, block))
 }
-
 #[tracing::instrument(skip_all)]
 async fn balance_at(
     State(state): State<AppState>,
@@ -314,10 +317,8 @@ async fn balance_at(
     Path((chain, token, account)): Path<(String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let chain = chain_param(&chain)?;
-    let token = address_param("token", &token)?;
+    let (chain, token, block) = token_at_block(&state, &chain, &token, &q).await?;
     let account = address_param("account", &account)?;
-    let block = block_param(&state, chain, &q).await?;
     let balance = state
         .indexed
         .balance_at(chain, &token, &account, block)
@@ -332,9 +333,7 @@ async fn supply_at(
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let chain = chain_param(&chain)?;
-    let token = address_param("token", &token)?;
-    let block = block_param(&state, chain, &q).await?;
+    let (chain, token, block) = token_at_block(&state, &chain, &token, &q).await?;
     let supply = state.indexed.supply_at(chain, &token, block).await?;
     Ok(axum::Json(
         json!({ "block": block, "total_supply": supply }),

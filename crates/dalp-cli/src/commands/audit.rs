@@ -250,12 +250,12 @@ pub async fn checkpoint(target: &TargetArgs, out: Option<&Path>) -> anyhow::Resu
 pub async fn partitions(
     target: &TargetArgs,
     apply: bool,
-    audit_retention_months: u32,
+    retention: dalp_api::catalog::Retention,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut client = connect_admin(target).await?;
     let mut out = Vec::new();
-    for policy in &dalp_api::catalog::partition_policies(audit_retention_months) {
+    for policy in &dalp_api::catalog::partition_policies(retention) {
         let table = format!("{}.{}", policy.schema, policy.table);
         if apply {
             let m = partitions::maintain(&mut client, policy, chrono::Utc::now()).await?;

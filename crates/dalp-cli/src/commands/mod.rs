@@ -140,9 +140,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Partitions {
             target,
             apply,
-            audit_retention_months,
+            retention,
             json,
-        } => audit::partitions(&target, apply, audit_retention_months, json).await,
+        } => audit::partitions(&target, apply, retention.retention(), json).await,
         Command::Users {
             command:
                 UsersCommand::CreateAdmin {

@@ -80,11 +80,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         report.applied.len(),
         report.already_applied
     );
-    maintain_partitions(&mut client, args.audit_retention_months).await?;
+    maintain_partitions(&mut client, args.retention.retention()).await?;
     drop(client);
     let maintenance = tokio::spawn(partition_maintenance(
         migrator.clone(),
-        args.audit_retention_months,
+        args.retention.retention(),
     ));
 
     let pools = Arc::new(ComponentPools::build(
@@ -164,9 +164,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 /// Creates partitions ahead and drops those past retention, for every partitioned table.
 async fn maintain_partitions(
     owner: &mut tokio_postgres::Client,
-    audit_retention_months: u32,
+    retention: dalp_api::catalog::Retention,
 ) -> anyhow::Result<()> {
-    for policy in &dalp_api::catalog::partition_policies(audit_retention_months) {
+    for policy in &dalp_api::catalog::partition_policies(retention) {
         let m = dalp_db::partitions::maintain(owner, policy, chrono::Utc::now())
             .await
             .with_context(|| {
@@ -183,12 +183,15 @@ async fn maintain_partitions(
 }
 
 /// Hourly partition maintenance, as the migrator (owner) on a connection of its own.
-async fn partition_maintenance(migrator: dalp_db::ConnectOptions, audit_retention_months: u32) {
+async fn partition_maintenance(
+    migrator: dalp_db::ConnectOptions,
+    retention: dalp_api::catalog::Retention,
+) {
     loop {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         let result = async {
             let mut c = migrator.connect().await?;
-            maintain_partitions(&mut c, audit_retention_months).await
+            maintain_partitions(&mut c, retention).await
         }
         .await;
         if let Err(e) = result {
