@@ -4,6 +4,13 @@
 //! in the binary; [`ACCESS`] declares which roles may do what in it, and `dalp roles
 //! check` compares that declaration with the live database.
 
+pub mod engine;
+pub mod txreq;
+pub mod worker;
+
+pub use engine::{NewRun, Outcome, Run, WorkflowError, WorkflowStore};
+pub use txreq::{NewTxRequest, TransitionInput, TxRequest, TxStatus};
+
 use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
 
 /// The schema this crate owns.
@@ -12,11 +19,18 @@ pub const SCHEMA: &str = "dalp_workflows";
 /// Embedded migrations of [`SCHEMA`], in order.
 pub const MIGRATIONS: MigrationSet = MigrationSet {
     schema: SCHEMA,
-    migrations: &[Migration {
-        version: 1,
-        name: "init",
-        sql: include_str!("../migrations/0001_init.sql"),
-    }],
+    migrations: &[
+        Migration {
+            version: 1,
+            name: "init",
+            sql: include_str!("../migrations/0001_init.sql"),
+        },
+        Migration {
+            version: 2,
+            name: "engine",
+            sql: include_str!("../migrations/0002_engine.sql"),
+        },
+    ],
 };
 
 /// The workflow engine reads and writes; reporting reads run state.

@@ -1,0 +1,528 @@
+//! Transaction requests: the lifecycle the platform exposes, with only legal transitions
+//! (each timestamped in `tx_transitions` and audited), gap-free nonces per (chain, signer)
+//! and deduplication by (sender, chain, idempotency key) within 24 hours.
+
+use chrono::{DateTime, Utc};
+use dalp_audit::RequestContext;
+use dalp_types::{EvmAddress, Invalid};
+use deadpool_postgres::Transaction;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio_postgres::types::Type;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::engine::{WorkflowError, WorkflowStore};
+
+macro_rules! statuses {
+    ($($v:ident => $s:literal),+ $(,)?) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum TxStatus { $(#[serde(rename = $s)] $v),+ }
+        impl TxStatus {
+            pub const ALL: &'static [TxStatus] = &[$(TxStatus::$v),+];
+            pub fn as_str(self) -> &'static str { match self { $(TxStatus::$v => $s),+ } }
+            pub fn parse(s: &str) -> Result<TxStatus, Invalid> {
+                match s {
+                    $($s => Ok(TxStatus::$v),)+
+                    _ => Err(Invalid::new("status", format!(
+                        "must be one of {}", [$($s),+].join(", ")))),
+                }
+            }
+        }
+    };
+}
+
+statuses! {
+    Received => "RECEIVED",
+    Queued => "QUEUED",
+    Preparing => "PREPARING",
+    PendingApproval => "PENDING_APPROVAL",
+    Signing => "SIGNING",
+    Broadcasting => "BROADCASTING",
+    Confirming => "CONFIRMING",
+    Completed => "COMPLETED",
+    Failed => "FAILED",
+    DeadLetter => "DEAD_LETTER",
+    Cancelled => "CANCELLED",
+}
+
+impl TxStatus {
+    /// The legal next states.
+    pub fn next(self) -> &'static [TxStatus] {
+        use TxStatus::*;
+        match self {
+            Received => &[Queued, Failed, Cancelled],
+            Queued => &[Preparing, Failed, Cancelled],
+            Preparing => &[PendingApproval, Failed, DeadLetter, Cancelled],
+            PendingApproval => &[Signing, Failed, Cancelled],
+            Signing => &[Broadcasting, Failed, DeadLetter],
+            Broadcasting => &[Confirming, Failed, DeadLetter],
+            Confirming => &[Completed, Failed],
+            // Operators may put dead-lettered work back in the queue, or cancel it.
+            DeadLetter => &[Queued, Cancelled],
+            Completed | Failed | Cancelled => &[],
+        }
+    }
+
+    /// Holding a nonce that never reached the chain: returned to the pool when it ends.
+    fn before_broadcast(self) -> bool {
+        matches!(
+            self,
+            TxStatus::Preparing | TxStatus::PendingApproval | TxStatus::Signing
+        )
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTxRequest {
+    pub organisation_id: Uuid,
+    pub chain_id: i64,
+    pub sender: String,
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Wei, decimal.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// 0x hex calldata.
+    #[serde(default)]
+    pub data: Option<String>,
+    pub idempotency_key: String,
+}
+
+/// Details a transition may carry.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransitionInput {
+    #[serde(default)]
+    pub gas_limit: Option<i64>,
+    /// Required to enter CONFIRMING.
+    #[serde(default)]
+    pub tx_hash: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TxRequest {
+    pub id: Uuid,
+    pub organisation_id: Uuid,
+    pub chain_id: i64,
+    pub sender: String,
+    pub to: Option<String>,
+    pub value: String,
+    pub data: String,
+    pub idempotency_key: String,
+    pub status: TxStatus,
+    pub nonce: Option<i64>,
+    pub gas_limit: Option<i64>,
+    pub tx_hash: Option<String>,
+    pub error: Option<String>,
+    pub recheck_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Transition {
+    pub from: Option<String>,
+    pub to: String,
+    pub actor: String,
+    pub detail: Value,
+    pub at: DateTime<Utc>,
+}
+
+const TX_COLUMNS: &str = "id, organisation_id, chain_id, sender, to_address, value::text, data, idempotency_key, status, nonce, gas_limit, tx_hash, error, recheck_at, created_at, updated_at";
+
+fn hex0x(b: &[u8]) -> String {
+    format!("0x{}", hex::encode(b))
+}
+
+fn tx_row(r: &Row) -> TxRequest {
+    TxRequest {
+        id: r.get(0),
+        organisation_id: r.get(1),
+        chain_id: r.get(2),
+        sender: hex0x(r.get::<_, &[u8]>(3)),
+        to: r.get::<_, Option<&[u8]>>(4).map(hex0x),
+        value: r.get(5),
+        data: hex0x(r.get::<_, &[u8]>(6)),
+        idempotency_key: r.get(7),
+        status: TxStatus::parse(r.get(8)).expect("CHECK status"),
+        nonce: r.get(9),
+        gas_limit: r.get(10),
+        tx_hash: r.get::<_, Option<&[u8]>>(11).map(hex0x),
+        error: r.get(12),
+        recheck_at: r.get(13),
+        created_at: r.get(14),
+        updated_at: r.get(15),
+    }
+}
+
+fn parse_hex(field: &'static str, s: &str, max: usize) -> Result<Vec<u8>, Invalid> {
+    let digits = s
+        .strip_prefix("0x")
+        .ok_or_else(|| Invalid::new(field, "must start with 0x"))?;
+    let b = hex::decode(digits).map_err(|_| Invalid::new(field, "is not even-length hex"))?;
+    if b.len() > max {
+        return Err(Invalid::new(field, format!("is longer than {max} bytes")));
+    }
+    Ok(b)
+}
+
+/// A non-negative whole number of wei, at most 2^256-1 (78 digits suffice; the bound is
+/// checked by comparing digit strings).
+fn parse_wei(s: &str) -> Result<String, Invalid> {
+    const MAX: &str =
+        "115792089237316195423570985008687907853269984665640564039457584007913129639935";
+    let t = s.trim_start_matches('0');
+    let t = if t.is_empty() { "0" } else { t };
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Invalid::new(
+            "value",
+            "must be a whole number of wei (decimal digits)",
+        ));
+    }
+    if t.len() > MAX.len() || (t.len() == MAX.len() && t > MAX) {
+        return Err(Invalid::new("value", "is above 2^256-1"));
+    }
+    Ok(t.to_string())
+}
+
+impl WorkflowStore {
+    /// Creates a request in RECEIVED, or returns the one created for the same (sender, chain,
+    /// idempotency key) within the last 24 hours, with `false`.
+    pub async fn create_tx_request(
+        &self,
+        ctx: &RequestContext,
+        new: &NewTxRequest,
+    ) -> Result<(TxRequest, bool), WorkflowError> {
+        dalp_types::ChainId::parse(new.chain_id).map_err(|e| e.for_field("chain_id"))?;
+        let sender = EvmAddress::parse(&new.sender).map_err(|e| e.for_field("sender"))?;
+        let to = new
+            .to
+            .as_deref()
+            .map(|t| EvmAddress::parse(t).map_err(|e| e.for_field("to")))
+            .transpose()?;
+        let value = parse_wei(new.value.as_deref().unwrap_or("0"))?;
+        let data = parse_hex("data", new.data.as_deref().unwrap_or("0x"), 128 * 1024)?;
+        if new.idempotency_key.is_empty() || new.idempotency_key.len() > 200 {
+            return Err(Invalid::new("idempotency_key", "must be 1 to 200 characters").into());
+        }
+        let mut client = self.pool().get().await?;
+        let tx = client.transaction().await?;
+        // Serialises creators of the same key, so the 24-hour check cannot race.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2::text || ':' || $3, 7))",
+            &[&sender.lower(), &new.chain_id, &new.idempotency_key],
+        )
+        .await?;
+        if let Some(r) = tx
+            .query_opt(
+                &format!(
+                    "SELECT {TX_COLUMNS} FROM dalp_workflows.tx_requests
+                      WHERE sender = $1 AND chain_id = $2 AND idempotency_key = $3
+                        AND created_at > now() - interval '24 hours'
+                      ORDER BY created_at DESC LIMIT 1"
+                ),
+                &[
+                    &sender.bytes().as_slice(),
+                    &new.chain_id,
+                    &new.idempotency_key,
+                ],
+            )
+            .await?
+        {
+            return Ok((tx_row(&r), false));
+        }
+        let row = tx
+            .query_one(
+                &format!(
+                    "INSERT INTO dalp_workflows.tx_requests
+                         (organisation_id, chain_id, sender, to_address, value, data, idempotency_key, created_by)
+                     VALUES ($1, $2, $3, $4, $5::text::numeric, $6, $7, $8) RETURNING {TX_COLUMNS}"
+                ),
+                &[
+                    &new.organisation_id,
+                    &new.chain_id,
+                    &sender.bytes().as_slice(),
+                    &to.as_ref().map(|t| t.bytes().as_slice()),
+                    &value,
+                    &data,
+                    &new.idempotency_key,
+                    &ctx.actor,
+                ],
+            )
+            .await?;
+        let req = tx_row(&row);
+        record_transition(&tx, ctx, &req, None, json!({})).await?;
+        tx.commit().await?;
+        Ok((req, true))
+    }
+
+    /// Moves request `id` to `to` if that is legal from where it is; anything else is an
+    /// error that changes nothing. PREPARING allocates the nonce; ending before broadcast
+    /// returns it.
+    pub async fn transition(
+        &self,
+        ctx: &RequestContext,
+        id: Uuid,
+        to: TxStatus,
+        input: &TransitionInput,
+    ) -> Result<TxRequest, WorkflowError> {
+        let tx_hash = input
+            .tx_hash
+            .as_deref()
+            .map(|h| {
+                let b = parse_hex("tx_hash", h, 32)?;
+                if b.len() != 32 {
+                    return Err(Invalid::new("tx_hash", "must be 32 bytes"));
+                }
+                Ok(b)
+            })
+            .transpose()?;
+        if input.gas_limit.is_some_and(|g| g <= 0) {
+            return Err(Invalid::new("gas_limit", "must be positive").into());
+        }
+        let mut client = self.pool().get().await?;
+        let tx = client.transaction().await?;
+        let row = tx
+            .query_opt(
+                &format!(
+                    "SELECT {TX_COLUMNS} FROM dalp_workflows.tx_requests WHERE id = $1 FOR UPDATE"
+                ),
+                &[&id],
+            )
+            .await?
+            .ok_or_else(|| WorkflowError::NotFound(format!("transaction request {id}")))?;
+        let current = tx_row(&row);
+        if !current.status.next().contains(&to) {
+            return Err(WorkflowError::IllegalTransition {
+                id,
+                from: current.status.as_str().into(),
+                to: to.as_str().into(),
+            });
+        }
+        if to == TxStatus::Confirming && tx_hash.is_none() && current.tx_hash.is_none() {
+            return Err(Invalid::new("tx_hash", "is required to enter CONFIRMING").into());
+        }
+        let sender = parse_hex("sender", &current.sender, 20)?;
+        let mut detail = json!({});
+        let mut nonce = current.nonce;
+        if to == TxStatus::Preparing && nonce.is_none() {
+            let n = allocate_nonce(&tx, current.chain_id, &sender).await?;
+            nonce = Some(n);
+            detail["nonce"] = json!(n);
+        }
+        if matches!(
+            to,
+            TxStatus::Failed | TxStatus::Cancelled | TxStatus::DeadLetter
+        ) && current.status.before_broadcast()
+        {
+            if let Some(n) = nonce.take() {
+                tx.execute(
+                    "INSERT INTO dalp_workflows.released_nonces (chain_id, signer, nonce) VALUES ($1, $2, $3)",
+                    &[&current.chain_id, &sender, &n],
+                )
+                .await?;
+                detail["released_nonce"] = json!(n);
+            }
+        }
+        if let Some(e) = &input.error {
+            detail["error"] = json!(e.chars().take(500).collect::<String>());
+        }
+        let row = tx
+            .query_one(
+                &format!(
+                    "UPDATE dalp_workflows.tx_requests
+                        SET status = $2, nonce = $3, gas_limit = coalesce($4, gas_limit),
+                            tx_hash = coalesce($5, tx_hash), error = coalesce($6, error),
+                            recheck_at = NULL, updated_at = now()
+                      WHERE id = $1 RETURNING {TX_COLUMNS}"
+                ),
+                &[
+                    &id,
+                    &to.as_str(),
+                    &nonce,
+                    &input.gas_limit,
+                    &tx_hash,
+                    &input
+                        .error
+                        .as_ref()
+                        .map(|e| e.chars().take(4000).collect::<String>()),
+                ],
+            )
+            .await?;
+        let req = tx_row(&row);
+        record_transition(&tx, ctx, &req, Some(current.status), detail).await?;
+        tx.commit().await?;
+        Ok(req)
+    }
+
+    /// A confirmation that timed out is not a failure: the request stays CONFIRMING and is
+    /// due for a re-check after `recheck_in`.
+    pub async fn confirmation_timed_out(
+        &self,
+        ctx: &RequestContext,
+        id: Uuid,
+        recheck_in: std::time::Duration,
+    ) -> Result<TxRequest, WorkflowError> {
+        let mut client = self.pool().get().await?;
+        let tx = client.transaction().await?;
+        let ms = recheck_in.as_millis() as f64;
+        let row = tx
+            .query_opt(
+                &format!(
+                    "UPDATE dalp_workflows.tx_requests
+                        SET recheck_at = now() + $2 * interval '1 millisecond', updated_at = now()
+                      WHERE id = $1 AND status = 'CONFIRMING' RETURNING {TX_COLUMNS}"
+                ),
+                &[&id, &ms],
+            )
+            .await?;
+        let Some(row) = row else {
+            let current = self.tx_request(id).await?;
+            return Err(WorkflowError::IllegalTransition {
+                id,
+                from: current.status.as_str().into(),
+                to: "CONFIRMING (re-check)".into(),
+            });
+        };
+        let req = tx_row(&row);
+        record_transition(
+            &tx,
+            ctx,
+            &req,
+            Some(TxStatus::Confirming),
+            json!({ "confirmation_timeout": true, "recheck_at": req.recheck_at }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(req)
+    }
+
+    pub async fn tx_request(&self, id: Uuid) -> Result<TxRequest, WorkflowError> {
+        let client = self.pool().get().await?;
+        client
+            .query_typed(
+                &format!("SELECT {TX_COLUMNS} FROM dalp_workflows.tx_requests WHERE id = $1"),
+                &[(&id, Type::UUID)],
+            )
+            .await?
+            .first()
+            .map(tx_row)
+            .ok_or_else(|| WorkflowError::NotFound(format!("transaction request {id}")))
+    }
+
+    pub async fn tx_transitions(&self, id: Uuid) -> Result<Vec<Transition>, WorkflowError> {
+        let client = self.pool().get().await?;
+        Ok(client
+            .query_typed(
+                "SELECT from_status, to_status, actor, detail, at FROM dalp_workflows.tx_transitions
+                  WHERE request_id = $1 ORDER BY id",
+                &[(&id, Type::UUID)],
+            )
+            .await?
+            .iter()
+            .map(|r| Transition {
+                from: r.get(0),
+                to: r.get(1),
+                actor: r.get(2),
+                detail: r.get(3),
+                at: r.get(4),
+            })
+            .collect())
+    }
+
+    /// Requests in `status` (newest change first).
+    pub async fn tx_requests(
+        &self,
+        status: TxStatus,
+        limit: i64,
+    ) -> Result<Vec<TxRequest>, WorkflowError> {
+        let client = self.pool().get().await?;
+        Ok(client
+            .query_typed(
+                &format!(
+                    "SELECT {TX_COLUMNS} FROM dalp_workflows.tx_requests WHERE status = $1
+                      ORDER BY updated_at DESC LIMIT $2"
+                ),
+                &[(&status.as_str(), Type::TEXT), (&limit, Type::INT8)],
+            )
+            .await?
+            .iter()
+            .map(tx_row)
+            .collect())
+    }
+}
+
+/// The next nonce of (chain, signer): the lowest released one, else the counter. The
+/// signer's row lock serialises allocators; a rolled-back allocation leaves no gap.
+async fn allocate_nonce(
+    tx: &Transaction<'_>,
+    chain_id: i64,
+    signer: &[u8],
+) -> Result<i64, WorkflowError> {
+    tx.execute(
+        "INSERT INTO dalp_workflows.signer_nonces (chain_id, signer) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        &[&chain_id, &signer],
+    )
+    .await?;
+    tx.execute(
+        "SELECT 1 FROM dalp_workflows.signer_nonces WHERE chain_id = $1 AND signer = $2 FOR UPDATE",
+        &[&chain_id, &signer],
+    )
+    .await?;
+    let reused = tx
+        .query_opt(
+            "DELETE FROM dalp_workflows.released_nonces
+              WHERE (chain_id, signer, nonce) = (
+                    SELECT chain_id, signer, nonce FROM dalp_workflows.released_nonces
+                     WHERE chain_id = $1 AND signer = $2 ORDER BY nonce LIMIT 1)
+          RETURNING nonce",
+            &[&chain_id, &signer],
+        )
+        .await?;
+    if let Some(r) = reused {
+        return Ok(r.get(0));
+    }
+    Ok(tx
+        .query_one(
+            "UPDATE dalp_workflows.signer_nonces SET next_nonce = next_nonce + 1
+              WHERE chain_id = $1 AND signer = $2 RETURNING next_nonce - 1",
+            &[&chain_id, &signer],
+        )
+        .await?
+        .get(0))
+}
+
+async fn record_transition(
+    tx: &Transaction<'_>,
+    ctx: &RequestContext,
+    req: &TxRequest,
+    from: Option<TxStatus>,
+    detail: Value,
+) -> Result<(), WorkflowError> {
+    tx.execute(
+        "INSERT INTO dalp_workflows.tx_transitions (request_id, from_status, to_status, actor, detail)
+         VALUES ($1, $2, $3, $4, $5)",
+        &[
+            &req.id,
+            &from.map(|s| s.as_str()),
+            &req.status.as_str(),
+            &ctx.actor,
+            &detail,
+        ],
+    )
+    .await?;
+    let mut event = ctx
+        .event("workflows.tx_request.transition", "tx_request")
+        .resource(req.id)
+        .details(json!({
+            "from": from.map(|s| s.as_str()), "to": req.status.as_str(),
+            "chain_id": req.chain_id, "nonce": req.nonce,
+        }));
+    event.organisation_id = Some(req.organisation_id);
+    dalp_audit::record(&**tx, &event).await?;
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! The worker: claims runs of its kinds in batches, runs their handlers with at most
+//! `concurrency` in flight, renews leases by heartbeat and ends attempts in batches. Steps are
+//! journaled in the transaction that performs them, fenced by the lease, so a run resumed
+//! after a crash replays completed steps and never executes one twice.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dalp_db::cache::Invalidate;
+use deadpool_postgres::Transaction;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::engine::{Outcome, Run, WorkflowError, WorkflowStore};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a step can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Workflow(#[from] WorkflowError),
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A claimed run as its handler sees it.
+pub struct RunContext {
+    store: WorkflowStore,
+    worker: String,
+    pub run: Run,
+}
+
+impl RunContext {
+    pub fn input(&self) -> &Value {
+        &self.run.input
+    }
+
+    /// The payload of signal `name`, once delivered.
+    pub fn signal(&self, name: &str) -> Option<&Value> {
+        self.run.signal.as_ref().and_then(|s| s.get(name))
+    }
+
+    /// Runs step `op_id` once: its writes (through the given transaction), its journal entry
+    /// and a check that this worker still holds the lease commit together. A step already
+    /// journaled returns its stored result without running.
+    pub async fn step<F>(&self, op_id: &str, f: F) -> Result<Value, StepError>
+    where
+        F: for<'t> FnOnce(&'t Transaction<'t>) -> BoxFuture<'t, Result<Value, StepError>>,
+    {
+        if let Some(v) = self.store.journaled(self.run.id, op_id).await? {
+            return Ok(v);
+        }
+        let mut client = self.store.pool().get().await.map_err(WorkflowError::from)?;
+        let tx = client.transaction().await?;
+        let held = tx
+            .query_opt(
+                "SELECT 1 FROM dalp_workflows.runs
+                  WHERE id = $1 AND status = 'running' AND lease_owner = $2 FOR NO KEY UPDATE",
+                &[&self.run.id, &self.worker],
+            )
+            .await?;
+        if held.is_none() {
+            return Err(WorkflowError::LeaseLost(self.run.id).into());
+        }
+        let value = f(&tx).await?;
+        tx.execute(
+            "INSERT INTO dalp_workflows.steps (run_id, op_id, result, attempt, worker) VALUES ($1, $2, $3, $4, $5)",
+            &[&self.run.id, &op_id, &value, &self.run.attempts, &self.worker],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(value)
+    }
+}
+
+/// A handler: takes the run, returns how the attempt ended.
+pub type Handler = Arc<dyn Fn(RunContext) -> BoxFuture<'static, Outcome> + Send + Sync>;
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Unique per worker process (lease owner).
+    pub id: String,
+    pub concurrency: usize,
+    pub batch: i64,
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            id: format!("worker-{}-{}", std::process::id(), Uuid::new_v4().simple()),
+            concurrency: 8,
+            batch: 8,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(500),
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Wakes the worker when a NOTIFY arrives (a hint; it polls regardless).
+#[derive(Default)]
+pub struct Wakeup(Notify);
+
+impl Wakeup {
+    pub fn notify(&self) {
+        self.0.notify_one();
+    }
+}
+
+impl Invalidate for Wakeup {
+    fn invalidate(&self, _tags: &[&str]) {
+        self.0.notify_one();
+    }
+    fn flush(&self) {
+        self.0.notify_one();
+    }
+    fn set_listening(&self, _listening: bool) {}
+}
+
+pub struct Worker {
+    store: WorkflowStore,
+    opts: WorkerOptions,
+    handlers: HashMap<String, Handler>,
+    wakeup: Arc<Wakeup>,
+}
+
+impl Worker {
+    pub fn new(store: WorkflowStore, opts: WorkerOptions) -> Worker {
+        Worker {
+            store,
+            opts,
+            handlers: HashMap::new(),
+            wakeup: Arc::new(Wakeup::default()),
+        }
+    }
+
+    pub fn handle(mut self, kind: &str, handler: Handler) -> Worker {
+        self.handlers.insert(kind.to_string(), handler);
+        self
+    }
+
+    /// Pass to `dalp_db::cache::spawn_listener` on [`crate::engine::READY_CHANNEL`].
+    pub fn wakeup(&self) -> Arc<Wakeup> {
+        self.wakeup.clone()
+    }
+
+    pub fn id(&self) -> &str {
+        &self.opts.id
+    }
+
+    /// Works until `shutdown` completes; then finishes what is in flight.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<(), WorkflowError> {
+        tokio::pin!(shutdown);
+        let kinds: Vec<String> = self.handlers.keys().cloned().collect();
+        let active: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
+        let heartbeat = {
+            let (store, active, worker, lease) = (
+                self.store.clone(),
+                active.clone(),
+                self.opts.id.clone(),
+                self.opts.lease,
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    let ids: Vec<Uuid> = active.lock().expect("active").iter().copied().collect();
+                    match store.heartbeat(&worker, &ids, lease).await {
+                        Ok(lost) if !lost.is_empty() => {
+                            tracing::warn!(?lost, "leases lost (expired or cancelled)")
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                    }
+                }
+            })
+        };
+        let mut tasks: JoinSet<(Uuid, Outcome)> = JoinSet::new();
+        let mut stopping = false;
+        let result = loop {
+            let mut did_work = false;
+            let free = self.opts.concurrency.saturating_sub(tasks.len());
+            if !stopping && free > 0 {
+                match self
+                    .store
+                    .claim(
+                        &self.opts.id,
+                        &kinds,
+                        self.opts.batch.min(free as i64),
+                        self.opts.lease,
+                    )
+                    .await
+                {
+                    Ok(runs) => {
+                        did_work |= !runs.is_empty();
+                        for run in runs {
+                            let Some(handler) = self.handlers.get(&run.kind).cloned() else {
+                                continue;
+                            };
+                            active.lock().expect("active").insert(run.id);
+                            let ctx = RunContext {
+                                store: self.store.clone(),
+                                worker: self.opts.id.clone(),
+                                run,
+                            };
+                            tasks.spawn(async move {
+                                let id = ctx.run.id;
+                                (id, handler(ctx).await)
+                            });
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "claim failed"),
+                }
+            }
+            // Everything that has finished, in one batch.
+            let mut done = Vec::new();
+            while let Some(r) = tasks.try_join_next() {
+                match r {
+                    Ok(o) => done.push(o),
+                    Err(e) => {
+                        tracing::error!(error = %e, "handler panicked; its lease will expire")
+                    }
+                }
+            }
+            if !done.is_empty() {
+                did_work = true;
+                let ids: Vec<Uuid> = done.iter().map(|(i, _)| *i).collect();
+                match self
+                    .store
+                    .finish(
+                        &self.opts.id,
+                        &done,
+                        self.opts.retry_base,
+                        self.opts.retry_max,
+                    )
+                    .await
+                {
+                    Ok(lost) if !lost.is_empty() => {
+                        tracing::warn!(?lost, "finished runs whose lease was lost; left alone")
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "finish failed; leases will expire and the runs retry")
+                    }
+                }
+                let mut a = active.lock().expect("active");
+                for i in ids {
+                    a.remove(&i);
+                }
+            }
+            if stopping && tasks.is_empty() {
+                break Ok(());
+            }
+            if did_work {
+                continue;
+            }
+            tokio::select! {
+                _ = self.wakeup.0.notified(), if !stopping => {}
+                _ = tokio::time::sleep(self.opts.poll_interval) => {}
+                Some(r) = tasks.join_next(), if !tasks.is_empty() => {
+                    match r {
+                        Ok((id, o)) => {
+                            if let Err(e) = self.store.finish(&self.opts.id, &[(id, o)], self.opts.retry_base, self.opts.retry_max).await {
+                                tracing::warn!(error = %e, "finish failed");
+                            }
+                            active.lock().expect("active").remove(&id);
+                        }
+                        Err(e) => tracing::error!(error = %e, "handler panicked"),
+                    }
+                }
+                _ = &mut shutdown, if !stopping => { stopping = true; }
+            }
+        };
+        heartbeat.abort();
+        result
+    }
+}
+
+/// The engine's self-test workflow (`dalp.selftest`): `steps` steps, each recording one row
+/// in `selftest_effects` in its own journaled transaction, `step_ms` apart; with `fail_until`
+/// the first attempts fail (to exercise retries).
+pub fn selftest_handler() -> Handler {
+    Arc::new(|ctx: RunContext| {
+        Box::pin(async move {
+            let steps = ctx.input()["steps"].as_u64().unwrap_or(3).min(1000);
+            let step_ms = ctx.input()["step_ms"].as_u64().unwrap_or(0).min(60_000);
+            let fail_until = ctx.input()["fail_until"].as_i64().unwrap_or(0);
+            if i64::from(ctx.run.attempts) <= fail_until {
+                return Outcome::Retry(format!(
+                    "self-test failure on attempt {}",
+                    ctx.run.attempts
+                ));
+            }
+            for i in 0..steps {
+                let op = format!("step-{i}");
+                let run_id = ctx.run.id;
+                let worker = ctx.worker.clone();
+                let op_id = op.clone();
+                let r = ctx
+                    .step(&op, move |tx| {
+                        Box::pin(async move {
+                            tx.execute(
+                                "INSERT INTO dalp_workflows.selftest_effects (run_id, op_id, worker) VALUES ($1, $2, $3)",
+                                &[&run_id, &op_id, &worker],
+                            )
+                            .await?;
+                            Ok(json!({ "step": i }))
+                        })
+                    })
+                    .await;
+                if let Err(e) = r {
+                    return Outcome::Retry(e.to_string());
+                }
+                if step_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(step_ms)).await;
+                }
+            }
+            Outcome::Completed(json!({ "steps": steps }))
+        })
+    })
+}
