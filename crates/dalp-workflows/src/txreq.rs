@@ -213,7 +213,7 @@ impl WorkflowStore {
         let tx = client.transaction().await?;
         // Serialises creators of the same key, so the 24-hour check cannot race.
         tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2::text || ':' || $3, 7))",
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2::bigint::text || ':' || $3, 7))",
             &[&sender.lower(), &new.chain_id, &new.idempotency_key],
         )
         .await?;
