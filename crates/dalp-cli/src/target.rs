@@ -34,3 +34,31 @@ pub async fn connect_admin(target: &TargetArgs) -> anyhow::Result<Client> {
         })?;
     Ok(client)
 }
+
+/// A small pool as `component`'s role of the embedded instance, or as the URL's user.
+pub fn component_pool(
+    target: &TargetArgs,
+    component: dalp_db::Component,
+) -> anyhow::Result<deadpool_postgres::Pool> {
+    use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+    let mut opts = match &target.database_url {
+        Some(url) => ConnectOptions::from_url(url)?,
+        None => Layout::new(&target.data_dir)
+            .connect_options(component.role())
+            .with_context(|| format!("instance in {}", target.data_dir.display()))?,
+    };
+    opts.application_name = component.application_name().into();
+    let manager = Manager::from_config(
+        opts.pg_config(),
+        opts.tls()?,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(4)
+        .wait_timeout(Some(std::time::Duration::from_secs(10)))
+        .create_timeout(Some(opts.connect_timeout))
+        .runtime(Runtime::Tokio1)
+        .build()?)
+}

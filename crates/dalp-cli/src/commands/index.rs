@@ -1,45 +1,19 @@
 //! `dalp index follow|status`.
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use dalp_audit::RequestContext;
-use dalp_db::connect::ConnectOptions;
 use dalp_db::Component;
 use dalp_indexed::follow::{FollowOptions, Follower};
 use dalp_indexed::rpc::RpcClient;
 use dalp_indexed::types::parse_address;
 use dalp_indexed::{IndexError, IndexedStore};
-use dalp_ops::Layout;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::TargetArgs;
-
-/// A small pool as the indexer role of the embedded instance, or as the URL's user.
-fn indexer_pool(target: &TargetArgs) -> anyhow::Result<Pool> {
-    let mut opts = match &target.database_url {
-        Some(url) => ConnectOptions::from_url(url)?,
-        None => Layout::new(&target.data_dir)
-            .connect_options(Component::Indexer.role())
-            .with_context(|| format!("instance in {}", target.data_dir.display()))?,
-    };
-    opts.application_name = Component::Indexer.application_name().into();
-    let manager = Manager::from_config(
-        opts.pg_config(),
-        opts.tls()?,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Ok(Pool::builder(manager)
-        .max_size(2)
-        .wait_timeout(Some(Duration::from_secs(10)))
-        .create_timeout(Some(opts.connect_timeout))
-        .runtime(Runtime::Tokio1)
-        .build()?)
-}
+use crate::target::component_pool;
 
 pub async fn follow(
     target: &TargetArgs,
@@ -54,7 +28,7 @@ pub async fn follow(
             parse_address("contracts", c, c).map_err(|e| anyhow::anyhow!("--contracts {e}"))?,
         );
     }
-    let store = IndexedStore::new(indexer_pool(target)?);
+    let store = IndexedStore::new(component_pool(target, Component::Indexer)?);
     let chain_id = opts.chain_id;
     match store.status(chain_id).await {
         Ok(s) => {
@@ -124,7 +98,7 @@ pub async fn follow(
 }
 
 pub async fn status(target: &TargetArgs, chain_id: i64, json: bool) -> anyhow::Result<ExitCode> {
-    let store = IndexedStore::new(indexer_pool(target)?);
+    let store = IndexedStore::new(component_pool(target, Component::Indexer)?);
     let status = store.status(chain_id).await?;
     let counts = store.counts(chain_id).await?;
     if json {

@@ -11,6 +11,7 @@ mod roles;
 mod serve;
 mod status;
 mod up;
+mod workflows;
 
 use std::process::ExitCode;
 
@@ -41,6 +42,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check { config },
         } => config::check(&config),
         Command::Serve { config } => serve::run(&config).await,
+        Command::Workflows { command } => workflows::run(command).await,
         Command::Index {
             command:
                 IndexCommand::Status {

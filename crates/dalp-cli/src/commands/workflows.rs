@@ -1,0 +1,164 @@
+//! `dalp workflows worker|selftest|status|runs|show|retry|cancel`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use dalp_audit::RequestContext;
+use dalp_db::Component;
+use dalp_workflows::worker::{selftest_handler, Worker, WorkerOptions};
+use dalp_workflows::{NewRun, WorkflowStore};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::cli::{TargetArgs, WorkflowsCommand};
+use crate::target::component_pool;
+
+fn store(target: &TargetArgs) -> anyhow::Result<WorkflowStore> {
+    Ok(WorkflowStore::new(component_pool(
+        target,
+        Component::Workflows,
+    )?))
+}
+
+fn operator() -> RequestContext {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    RequestContext::service(&format!("cli:{user}"))
+}
+
+fn parse_id(s: &str) -> anyhow::Result<Uuid> {
+    Uuid::parse_str(s).with_context(|| format!("{s:?} is not a run id (a UUID)"))
+}
+
+pub async fn run(command: WorkflowsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        WorkflowsCommand::Worker {
+            target,
+            concurrency,
+            lease_seconds,
+            poll_ms,
+            retry_base_ms,
+        } => {
+            let opts = WorkerOptions {
+                concurrency: concurrency as usize,
+                batch: i64::from(concurrency),
+                lease: Duration::from_secs(lease_seconds),
+                poll_interval: Duration::from_millis(poll_ms),
+                retry_base: Duration::from_millis(retry_base_ms),
+                ..WorkerOptions::default()
+            };
+            let worker =
+                Worker::new(store(&target)?, opts).handle("dalp.selftest", selftest_handler());
+            eprintln!(
+                "worker {} running kinds: dalp.selftest (Ctrl-C stops after in-flight runs)",
+                worker.id()
+            );
+            worker
+                .run(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+            eprintln!("worker stopped");
+        }
+        WorkflowsCommand::Selftest {
+            target,
+            runs,
+            steps,
+            step_ms,
+        } => {
+            let store = store(&target)?;
+            let batch = Uuid::new_v4();
+            for i in 0..runs {
+                let (run, _) = store
+                    .start(
+                        &operator(),
+                        &NewRun::new(
+                            Uuid::nil(),
+                            "dalp.selftest",
+                            &format!("{batch}-{i}"),
+                            json!({ "steps": steps, "step_ms": step_ms }),
+                        ),
+                    )
+                    .await?;
+                println!("{}", run.id);
+            }
+        }
+        WorkflowsCommand::Status { target, json } => {
+            let stats = store(&target)?.stats().await?;
+            if json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!("ready        {}", stats.ready);
+                println!(
+                    "running      {} ({} stalled: lease expired)",
+                    stats.running, stats.stalled
+                );
+                println!("sleeping     {}", stats.sleeping);
+                println!("waiting      {}", stats.waiting);
+                println!("dead_letter  {}", stats.dead_letter);
+                println!("failed       {}", stats.failed);
+                println!("oldest ready {:.1} s", stats.oldest_ready_seconds);
+                println!(
+                    "claim latency p50 {:.3} s, p99 {:.3} s (last 5 minutes)",
+                    stats.claim_latency_p50_seconds, stats.claim_latency_p99_seconds
+                );
+            }
+            if stats.stalled > 0 || stats.dead_letter > 0 {
+                eprintln!("attention: stalled or dead-lettered runs; see `dalp workflows runs --status dead_letter|stalled`");
+                return Ok(ExitCode::from(2));
+            }
+        }
+        WorkflowsCommand::Runs {
+            target,
+            status,
+            limit,
+            json,
+        } => {
+            let runs = store(&target)?
+                .list(status.as_deref(), limit.clamp(1, 1000))
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string(&runs)?);
+            } else {
+                for r in runs {
+                    println!(
+                        "{}  {:<11} {:<20} attempts {}/{}  {}",
+                        r.id,
+                        r.status,
+                        r.kind,
+                        r.attempts,
+                        r.max_attempts,
+                        r.error.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        WorkflowsCommand::Show { target, id } => {
+            let id = parse_id(&id)?;
+            let store = store(&target)?;
+            match store.get(id).await {
+                Ok(run) => println!("{}", serde_json::to_string_pretty(&run)?),
+                Err(dalp_workflows::WorkflowError::NotFound(_)) => {
+                    let req = store.tx_request(id).await?;
+                    let transitions = store.tx_transitions(id).await?;
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(
+                            &json!({ "request": req, "transitions": transitions })
+                        )?
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        WorkflowsCommand::Retry { target, id } => {
+            let run = store(&target)?.retry(&operator(), parse_id(&id)?).await?;
+            println!("{} is {} again", run.id, run.status);
+        }
+        WorkflowsCommand::Cancel { target, id } => {
+            let run = store(&target)?.cancel(&operator(), parse_id(&id)?).await?;
+            println!("{} is {}", run.id, run.status);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
