@@ -7,6 +7,7 @@ use axum::Json;
 use dalp_assets::AssetError;
 use dalp_identity::IdentityError;
 use dalp_indexed::IndexError;
+use dalp_workflows::WorkflowError;
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub enum ApiError {
     PreconditionRequired(String),
     #[error(transparent)]
     Indexed(#[from] IndexError),
+    #[error(transparent)]
+    Workflow(#[from] WorkflowError),
 }
 
 #[derive(Serialize)]
@@ -102,6 +105,17 @@ impl ApiError {
                 IndexError::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
                 IndexError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
+            ApiError::Workflow(e) => match e {
+                WorkflowError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+                WorkflowError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+                WorkflowError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+                WorkflowError::LeaseLost(_) => (StatusCode::CONFLICT, "lease_lost"),
+                WorkflowError::IllegalTransition { .. } => {
+                    (StatusCode::CONFLICT, "illegal_transition")
+                }
+                WorkflowError::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+                WorkflowError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
             ApiError::Identity(e) => match e {
                 I::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
                 I::InvalidCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
@@ -151,6 +165,7 @@ impl ApiError {
             ApiError::Identity(IdentityError::Invalid(i)) => Some(i.field),
             ApiError::Asset(AssetError::Invalid(i)) => Some(i.field),
             ApiError::Indexed(IndexError::Invalid(i)) => Some(i.field),
+            ApiError::Workflow(WorkflowError::Invalid(i)) => Some(i.field),
             _ => None,
         }
     }

@@ -51,6 +51,7 @@ pub struct AppState {
     pub audit_public: Option<ed25519_dalek::VerifyingKey>,
     pub assets: dalp_assets::AssetStore,
     pub indexed: Arc<dalp_indexed::IndexedStore>,
+    pub workflows: dalp_workflows::WorkflowStore,
 }
 
 impl AppState {
@@ -61,6 +62,9 @@ impl AppState {
     ) -> AppState {
         AppState {
             assets: dalp_assets::AssetStore::new(pools.get(dalp_db::Component::Assets).clone()),
+            workflows: dalp_workflows::WorkflowStore::new(
+                pools.get(dalp_db::Component::Workflows).clone(),
+            ),
             indexed: Arc::new(dalp_indexed::IndexedStore::new(
                 pools.get(dalp_db::Component::Indexer).clone(),
             )),

@@ -67,5 +67,42 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "gauge",
         cache.len().to_string(),
     );
+    match state.workflows.stats().await {
+        Ok(w) => {
+            out.push_str("# HELP dalp_workflow_runs Workflow runs by queue state.\n# TYPE dalp_workflow_runs gauge\n");
+            for (s, v) in [
+                ("ready", w.ready),
+                ("running", w.running),
+                ("sleeping", w.sleeping),
+                ("waiting", w.waiting),
+                ("dead_letter", w.dead_letter),
+                ("failed", w.failed),
+                ("stalled", w.stalled),
+            ] {
+                out.push_str(&format!("dalp_workflow_runs{{state=\"{s}\"}} {v}\n"));
+            }
+            out.push_str(&format!(
+                "# HELP dalp_workflow_oldest_ready_seconds Age of the oldest ready run.\n# TYPE dalp_workflow_oldest_ready_seconds gauge\ndalp_workflow_oldest_ready_seconds {:.3}\n",
+                w.oldest_ready_seconds
+            ));
+            out.push_str(&format!(
+                "# HELP dalp_workflow_claim_latency_seconds Enqueue-to-start latency of runs started in the last 5 minutes.\n# TYPE dalp_workflow_claim_latency_seconds summary\ndalp_workflow_claim_latency_seconds{{quantile=\"0.5\"}} {:.4}\ndalp_workflow_claim_latency_seconds{{quantile=\"0.99\"}} {:.4}\n",
+                w.claim_latency_p50_seconds, w.claim_latency_p99_seconds
+            ));
+        }
+        Err(e) => tracing::warn!(error = %e, "workflow metrics unavailable"),
+    }
+    if let Ok(chains) = state.indexed.chains().await {
+        out.push_str("# HELP dalp_indexer_lag_blocks Blocks between the reported head and the checkpoint, per chain.\n# TYPE dalp_indexer_lag_blocks gauge\n");
+        for c in chains {
+            if let Ok(s) = state.indexed.status(c.chain_id).await {
+                let lag = s.lag.map(|l| l.to_string()).unwrap_or_else(|| "NaN".into());
+                out.push_str(&format!(
+                    "dalp_indexer_lag_blocks{{chain_id=\"{}\"}} {lag}\n",
+                    c.chain_id
+                ));
+            }
+        }
+    }
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

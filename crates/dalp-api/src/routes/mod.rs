@@ -13,6 +13,7 @@ mod settings;
 mod templates;
 mod users;
 mod versioning;
+mod workflows;
 
 use axum::Router;
 use uuid::Uuid;
@@ -31,6 +32,7 @@ pub(crate) fn router() -> Router<AppState> {
         .merge(templates::router())
         .merge(audit::router())
         .merge(indexed::router())
+        .merge(workflows::router())
         .merge(metrics::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })

@@ -126,6 +126,21 @@ pub fn document() -> Value {
             "/api/v1/indexed/{chain}/tokens/{token}/transfers": { "get": op("Transfers of a token, newest first (parameters as for accounts)", true, None, "200:transfers with next", &[400, 401, 404]) },
             "/api/v1/indexed/{chain}/tokens/{token}/balances/{account}": { "get": op("Balance after block ?block=N (default: the checkpoint)", true, None, "200:balance", &[400, 401, 404]) },
             "/api/v1/indexed/{chain}/tokens/{token}/supply": { "get": op("Total supply after block ?block=N (default: the checkpoint)", true, None, "200:total_supply", &[400, 401, 404]) },
+            "/api/v1/workflows/runs": {
+                "get": op("Runs, newest change first: ?status= (pending, running, sleeping, waiting, completed, failed, cancelled, dead_letter, stalled), limit (admin, systemManager, auditor)", true, None, "200:runs", &[401, 403, 422]),
+                "post": op("Start a run (admin, systemManager): organisation_id, kind, idempotency_key, input, priority, max_attempts, concurrency_key, correlation_id; the same key returns the first run (200)", true, None, "201:run", &[401, 403, 422])
+            },
+            "/api/v1/workflows/runs/{id}": { "get": op("One run", true, None, "200:run", &[401, 403, 404]) },
+            "/api/v1/workflows/runs/{id}/retry": { "post": op("Make a dead-lettered or failed run ready again (admin, systemManager)", true, None, "200:run", &[401, 403, 404, 409]) },
+            "/api/v1/workflows/runs/{id}/cancel": { "post": op("Cancel a run that has not ended (admin, systemManager)", true, None, "200:run", &[401, 403, 404, 409]) },
+            "/api/v1/workflows/runs/{id}/signal": { "post": op("Deliver a signal {name, payload} to a run (admin, systemManager)", true, None, "200:run", &[401, 403, 404, 409, 422]) },
+            "/api/v1/workflows/stats": { "get": op("Queue depth, stalled runs, claim latency", true, None, "200:stats", &[401, 403]) },
+            "/api/v1/workflows/tx-requests": {
+                "get": op("Transaction requests in ?status= (default DEAD_LETTER)", true, None, "200:tx_requests", &[401, 403, 422]),
+                "post": op("Create a transaction request (admin, systemManager, tokenManager); deduplicated by (sender, chain, idempotency key) for 24 hours", true, None, "201:tx_request", &[401, 403, 422])
+            },
+            "/api/v1/workflows/tx-requests/{id}": { "get": op("A transaction request and its transitions", true, None, "200:tx_request", &[401, 403, 404]) },
+            "/api/v1/workflows/tx-requests/{id}/transition": { "post": op("Move a request to {to} if legal (admin, systemManager); PREPARING allocates the nonce", true, None, "200:tx_request", &[401, 403, 404, 409, 422]) },
             "/metrics": { "get": op("Prometheus metrics: audit seal lag, identity cache", false, None, "200:text exposition format", &[]) },
             "/api/v1/openapi.json": { "get": op("This document", false, None, "200:OpenAPI document", &[]) }
         },

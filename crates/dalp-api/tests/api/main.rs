@@ -7,3 +7,4 @@ mod helpers;
 mod identity;
 mod indexed;
 mod settings;
+mod workflows;
