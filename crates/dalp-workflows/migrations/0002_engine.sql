@@ -31,6 +31,9 @@ CREATE INDEX runs_ready_idx ON dalp_workflows.runs (priority DESC, run_at, id)
 CREATE INDEX runs_running_idx ON dalp_workflows.runs (id) WHERE status = 'running';
 CREATE INDEX runs_attention_idx ON dalp_workflows.runs (status, updated_at)
     WHERE status IN ('failed', 'dead_letter', 'waiting');
+-- Retention: finished runs by age (dalp workflows purge).
+CREATE INDEX runs_finished_idx ON dalp_workflows.runs (finished_at)
+    WHERE status IN ('completed', 'cancelled');
 CREATE INDEX runs_correlation_idx ON dalp_workflows.runs (correlation_id) WHERE correlation_id IS NOT NULL;
 
 -- One run at a time per concurrency key: a slot row exists while a keyed run is running.

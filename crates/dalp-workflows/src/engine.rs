@@ -5,13 +5,14 @@
 //! to `max_attempts`, then `dead_letter`). A run whose lease expires (its worker died) is
 //! claimable again. Runs with a concurrency key run one at a time per key.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dalp_audit::RequestContext;
 use dalp_types::Invalid;
 use deadpool_postgres::Pool;
-use rand::Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio_postgres::types::Type;
@@ -197,20 +198,52 @@ pub struct QueueStats {
     pub claim_latency_p99_seconds: f64,
 }
 
-/// Exponential backoff with jitter: `base * 2^(attempt-1)`, capped at `max`, times 0.5..1.
-pub fn backoff(attempt: i32, base: Duration, max: Duration) -> Duration {
-    let exp = base.saturating_mul(1u32 << (attempt.clamp(1, 20) - 1) as u32);
-    exp.min(max).mul_f64(rand::rng().random_range(0.5..1.0))
-}
-
 #[derive(Clone)]
 pub struct WorkflowStore {
     pool: Pool,
+    /// When this process last sent a wake-up NOTIFY, and last freed expired leases
+    /// (milliseconds since the store was made).
+    hints: Arc<Hints>,
 }
+
+#[derive(Default)]
+struct Hints {
+    epoch: std::sync::OnceLock<std::time::Instant>,
+    last_notify_ms: AtomicU64,
+    last_reclaim_ms: AtomicU64,
+}
+
+impl Hints {
+    fn now_ms(&self) -> u64 {
+        self.epoch
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64
+            + 1
+    }
+
+    /// True at most once per `every_ms` across this process (first call: true).
+    fn due(slot: &AtomicU64, now: u64, every_ms: u64) -> bool {
+        let last = slot.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= every_ms)
+            && slot
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// Wake-up NOTIFYs are coalesced to one per this many milliseconds per process: NOTIFY
+/// serialises commits, and busy workers poll anyway.
+const NOTIFY_EVERY_MS: u64 = 20;
+/// Expired leases are looked for at most this often per process.
+const RECLAIM_EVERY_MS: u64 = 250;
 
 impl WorkflowStore {
     pub fn new(pool: Pool) -> WorkflowStore {
-        WorkflowStore { pool }
+        WorkflowStore {
+            pool,
+            hints: Arc::default(),
+        }
     }
 
     pub fn pool(&self) -> &Pool {
@@ -268,8 +301,11 @@ impl WorkflowStore {
             .details(json!({ "kind": run.kind, "idempotency_key": run.idempotency_key }));
         event.organisation_id = Some(run.organisation_id);
         dalp_audit::record(&*tx, &event).await?;
-        tx.execute("SELECT pg_notify($1, $2)", &[&READY_CHANNEL, &run.kind])
-            .await?;
+        let now = self.hints.now_ms();
+        if Hints::due(&self.hints.last_notify_ms, now, NOTIFY_EVERY_MS) {
+            tx.execute("SELECT pg_notify($1, $2)", &[&READY_CHANNEL, &run.kind])
+                .await?;
+        }
         tx.commit().await?;
         Ok((run, true))
     }
@@ -338,10 +374,11 @@ impl WorkflowStore {
         batch: i64,
         lease: Duration,
     ) -> Result<Vec<Run>, WorkflowError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
+        let client = self.pool.get().await?;
         // Expired leases: the worker is gone; the run is pending again (its attempt counted).
-        tx.execute(
+        let now = self.hints.now_ms();
+        if Hints::due(&self.hints.last_reclaim_ms, now, RECLAIM_EVERY_MS) {
+            client.execute(
             "WITH expired AS (
                  SELECT id FROM dalp_workflows.runs
                   WHERE status = 'running' AND lease_expires_at < now()
@@ -352,61 +389,44 @@ impl WorkflowStore {
                 SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
                     error = 'lease expired (worker ' || r.lease_owner || ' stopped)'
                FROM expired e WHERE r.id = e.id",
-            &[],
-        )
-        .await?;
-        let candidates = tx
-            .query(
-                "SELECT id, concurrency_key FROM dalp_workflows.runs
-                  WHERE status IN ('pending', 'sleeping') AND run_at <= now() AND kind = ANY($1)
-                  ORDER BY priority DESC, run_at, id
-                  LIMIT $2 FOR UPDATE SKIP LOCKED",
-                &[&kinds, &batch],
+                &[],
             )
             .await?;
-        let mut ids: Vec<Uuid> = Vec::new();
-        let (mut keyed_ids, mut keys): (Vec<Uuid>, Vec<String>) = (Vec::new(), Vec::new());
-        for r in &candidates {
-            match r.get::<_, Option<String>>(1) {
-                None => ids.push(r.get(0)),
-                Some(k) => {
-                    keyed_ids.push(r.get(0));
-                    keys.push(k);
-                }
-            }
         }
-        if !keys.is_empty() {
-            // One slot per key: runs whose key is taken stay queued.
-            let granted = tx
-                .query(
-                    "INSERT INTO dalp_workflows.concurrency_slots (concurrency_key, run_id)
-                     SELECT k, r FROM unnest($1::text[], $2::uuid[]) AS u(k, r)
-                     ON CONFLICT (concurrency_key) DO NOTHING RETURNING run_id",
-                    &[&keys, &keyed_ids],
-                )
-                .await?;
-            ids.extend(granted.iter().map(|r| r.get::<_, Uuid>(0)));
-        }
-        if ids.is_empty() {
-            tx.commit().await?;
-            return Ok(Vec::new());
-        }
+        // One statement: pick ready runs, take a concurrency slot for keyed ones (a run
+        // whose key is taken stays queued), lease what was granted.
         let lease_ms = lease.as_millis() as f64;
-        let rows = tx
+        let rows = client
             .query(
                 &format!(
-                    "UPDATE dalp_workflows.runs
-                        SET status = 'running', lease_owner = $2,
-                            lease_expires_at = now() + $3 * interval '1 millisecond',
+                    "WITH c AS (
+                         SELECT id, concurrency_key FROM dalp_workflows.runs
+                          WHERE status IN ('pending', 'sleeping') AND run_at <= now() AND kind = ANY($1)
+                          ORDER BY priority DESC, run_at, id
+                          LIMIT $2 FOR UPDATE SKIP LOCKED),
+                     slots AS (
+                         INSERT INTO dalp_workflows.concurrency_slots (concurrency_key, run_id)
+                         SELECT concurrency_key, id FROM c WHERE concurrency_key IS NOT NULL
+                         ON CONFLICT (concurrency_key) DO NOTHING RETURNING run_id),
+                     granted AS (
+                         SELECT id FROM c WHERE concurrency_key IS NULL
+                         UNION ALL SELECT run_id FROM slots)
+                     UPDATE dalp_workflows.runs r
+                        SET status = 'running', lease_owner = $3,
+                            lease_expires_at = now() + $4 * interval '1 millisecond',
                             attempts = attempts + 1, started_at = coalesce(started_at, now()),
                             updated_at = now()
-                      WHERE id = ANY($1)
-                  RETURNING {RUN_COLUMNS}"
+                       FROM granted g WHERE r.id = g.id
+                  RETURNING {}",
+                    RUN_COLUMNS
+                        .split(", ")
+                        .map(|c| format!("r.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
-                &[&ids, &worker, &lease_ms],
+                &[&kinds, &batch, &worker, &lease_ms],
             )
             .await?;
-        tx.commit().await?;
         Ok(rows.iter().map(run_row).collect())
     }
 
@@ -458,7 +478,6 @@ impl WorkflowStore {
         let mut errors: Vec<Option<String>> = Vec::new();
         let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::new();
         let mut waits: Vec<Option<String>> = Vec::new();
-        let mut retry_delays: Vec<f64> = Vec::new();
         for (id, o) in outcomes {
             ids.push(*id);
             let (status, output, error, run_at, wait) = match o {
@@ -473,72 +492,48 @@ impl WorkflowStore {
             errors.push(error);
             run_ats.push(run_at);
             waits.push(wait);
-            retry_delays.push(0.0);
         }
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        // Attempts so far decide retry delays and dead-lettering.
-        let attempts: std::collections::HashMap<Uuid, (i32, i32)> = tx
-            .query(
-                "SELECT id, attempts, max_attempts FROM dalp_workflows.runs WHERE id = ANY($1) FOR UPDATE",
-                &[&ids],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), (r.get(1), r.get(2))))
-            .collect();
-        for (i, status) in statuses.iter_mut().enumerate() {
-            if status == "retry" {
-                let (a, max) = attempts.get(&ids[i]).copied().unwrap_or((1, 1));
-                if a >= max {
-                    *status = "dead_letter".into();
-                } else {
-                    retry_delays[i] = backoff(a, retry_base, retry_max).as_millis() as f64;
-                    *status = "pending".into();
-                }
-            }
-        }
-        let held: Vec<Uuid> = tx
+        let client = self.pool.get().await?;
+        let base_ms = retry_base.as_millis() as f64;
+        let max_ms = retry_max.as_millis() as f64;
+        // One statement: retries become pending after an exponential backoff with jitter,
+        // or dead_letter once attempts are used up; slots are released.
+        let held: Vec<Uuid> = client
             .query(
                 "WITH o AS (
-                     SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[], $6::text[], $7::float8[])
-                         AS o(id, status, output, error, run_at, waiting_for, delay_ms)),
+                     SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[], $6::text[])
+                         AS o(id, status, output, error, run_at, waiting_for)),
                  upd AS (
                      UPDATE dalp_workflows.runs r
-                        SET status = CASE WHEN o.status = 'waiting' AND r.signal ? o.waiting_for THEN 'pending' ELSE o.status END,
+                        SET status = CASE
+                                WHEN o.status = 'retry' AND r.attempts >= r.max_attempts THEN 'dead_letter'
+                                WHEN o.status = 'retry' THEN 'pending'
+                                WHEN o.status = 'waiting' AND r.signal ? o.waiting_for THEN 'pending'
+                                ELSE o.status END,
                             output = coalesce(o.output, r.output),
                             error = o.error,
-                            run_at = CASE WHEN o.status = 'pending' THEN now() + o.delay_ms * interval '1 millisecond'
-                                          ELSE coalesce(o.run_at, r.run_at) END,
+                            run_at = CASE
+                                WHEN o.status = 'retry' THEN now() + least($8 * 2 ^ (r.attempts - 1), $9)
+                                                             * (0.5 + random() / 2) * interval '1 millisecond'
+                                ELSE coalesce(o.run_at, r.run_at) END,
                             waiting_for = o.waiting_for,
                             lease_owner = NULL, lease_expires_at = NULL,
-                            finished_at = CASE WHEN o.status IN ('completed', 'failed', 'dead_letter') THEN now() END,
+                            finished_at = CASE WHEN o.status IN ('completed', 'failed')
+                                                 OR (o.status = 'retry' AND r.attempts >= r.max_attempts)
+                                               THEN now() END,
                             updated_at = now()
                        FROM o
-                      WHERE r.id = o.id AND r.status = 'running' AND r.lease_owner = $8
-                  RETURNING r.id)
+                      WHERE r.id = o.id AND r.status = 'running' AND r.lease_owner = $7
+                  RETURNING r.id),
+                 freed AS (
+                     DELETE FROM dalp_workflows.concurrency_slots s USING upd WHERE s.run_id = upd.id)
                  SELECT id FROM upd",
-                &[&ids, &statuses, &outputs, &errors, &run_ats, &waits, &retry_delays, &worker],
+                &[&ids, &statuses, &outputs, &errors, &run_ats, &waits, &worker, &base_ms, &max_ms],
             )
             .await?
             .iter()
             .map(|r| r.get(0))
             .collect();
-        tx.execute(
-            "DELETE FROM dalp_workflows.concurrency_slots WHERE run_id = ANY($1)",
-            &[&held],
-        )
-        .await?;
-        let woken: Vec<&str> = statuses
-            .iter()
-            .map(String::as_str)
-            .filter(|s| *s == "pending")
-            .collect();
-        if !woken.is_empty() {
-            tx.execute("SELECT pg_notify($1, 'retry')", &[&READY_CHANNEL])
-                .await?;
-        }
-        tx.commit().await?;
         Ok(ids.into_iter().filter(|i| !held.contains(i)).collect())
     }
 
@@ -679,6 +674,28 @@ impl WorkflowStore {
             .await?
             .first()
             .map(|r| r.get(0)))
+    }
+
+    /// Deletes up to `limit` completed or cancelled runs (with their journals) that ended
+    /// more than `older_than` ago; failed and dead-lettered runs stay for operators.
+    /// Returns how many went.
+    pub async fn purge_finished(
+        &self,
+        older_than: Duration,
+        limit: i64,
+    ) -> Result<u64, WorkflowError> {
+        let client = self.pool.get().await?;
+        let secs = older_than.as_secs_f64();
+        Ok(client
+            .execute_typed(
+                "DELETE FROM dalp_workflows.runs WHERE id IN (
+                     SELECT id FROM dalp_workflows.runs
+                      WHERE status IN ('completed', 'cancelled')
+                        AND finished_at < now() - $1 * interval '1 second'
+                      LIMIT $2)",
+                &[(&secs, Type::FLOAT8), (&limit, Type::INT8)],
+            )
+            .await?)
     }
 
     pub async fn stats(&self) -> Result<QueueStats, WorkflowError> {

@@ -188,9 +188,11 @@ impl Worker {
             })
         };
         let mut tasks: JoinSet<(Uuid, Outcome)> = JoinSet::new();
+        let mut done: Vec<(Uuid, Outcome)> = Vec::new();
+        let mut finishing: Option<tokio::task::JoinHandle<()>> = None;
         let mut stopping = false;
         let result = loop {
-            let mut did_work = false;
+            let mut claimed = 0;
             let free = self.opts.concurrency.saturating_sub(tasks.len());
             if !stopping && free > 0 {
                 match self
@@ -204,7 +206,7 @@ impl Worker {
                     .await
                 {
                     Ok(runs) => {
-                        did_work |= !runs.is_empty();
+                        claimed = runs.len();
                         for run in runs {
                             let Some(handler) = self.handlers.get(&run.kind).cloned() else {
                                 continue;
@@ -224,67 +226,67 @@ impl Worker {
                     Err(e) => tracing::warn!(error = %e, "claim failed"),
                 }
             }
-            // Everything that has finished, in one batch.
-            let mut done = Vec::new();
-            while let Some(r) = tasks.try_join_next() {
-                match r {
-                    Ok(o) => done.push(o),
-                    Err(e) => {
-                        tracing::error!(error = %e, "handler panicked; its lease will expire")
-                    }
+            drain(&mut tasks, &mut done);
+            if done.is_empty() && claimed == 0 {
+                if stopping && tasks.is_empty() {
+                    break Ok(());
                 }
+                // Nothing to do right now: wait for a handler, a wake-up hint, the poll
+                // interval or shutdown.
+                tokio::select! {
+                    Some(r) = tasks.join_next(), if !tasks.is_empty() => collect(r, &mut done),
+                    _ = self.wakeup.0.notified(), if !stopping => {}
+                    _ = tokio::time::sleep(self.opts.poll_interval) => {}
+                    _ = &mut shutdown, if !stopping => { stopping = true; }
+                }
+                drain(&mut tasks, &mut done);
             }
             if !done.is_empty() {
-                did_work = true;
-                let ids: Vec<Uuid> = done.iter().map(|(i, _)| *i).collect();
-                match self
-                    .store
-                    .finish(
-                        &self.opts.id,
-                        &done,
-                        self.opts.retry_base,
-                        self.opts.retry_max,
-                    )
-                    .await
-                {
-                    Ok(lost) if !lost.is_empty() => {
-                        tracing::warn!(?lost, "finished runs whose lease was lost; left alone")
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "finish failed; leases will expire and the runs retry")
-                    }
+                // Written in the background while the next batch is claimed; one write in
+                // flight at a time.
+                if let Some(prev) = finishing.take() {
+                    let _ = prev.await;
                 }
-                let mut a = active.lock().expect("active");
-                for i in ids {
-                    a.remove(&i);
-                }
-            }
-            if stopping && tasks.is_empty() {
-                break Ok(());
-            }
-            if did_work {
-                continue;
-            }
-            tokio::select! {
-                _ = self.wakeup.0.notified(), if !stopping => {}
-                _ = tokio::time::sleep(self.opts.poll_interval) => {}
-                Some(r) = tasks.join_next(), if !tasks.is_empty() => {
-                    match r {
-                        Ok((id, o)) => {
-                            if let Err(e) = self.store.finish(&self.opts.id, &[(id, o)], self.opts.retry_base, self.opts.retry_max).await {
-                                tracing::warn!(error = %e, "finish failed");
-                            }
-                            active.lock().expect("active").remove(&id);
+                let batch: Vec<(Uuid, Outcome)> = std::mem::take(&mut done);
+                let (store, worker, active) =
+                    (self.store.clone(), self.opts.id.clone(), active.clone());
+                let (base, max) = (self.opts.retry_base, self.opts.retry_max);
+                finishing = Some(tokio::spawn(async move {
+                    match store.finish(&worker, &batch, base, max).await {
+                        Ok(lost) if !lost.is_empty() => {
+                            tracing::warn!(?lost, "finished runs whose lease was lost; left alone")
                         }
-                        Err(e) => tracing::error!(error = %e, "handler panicked"),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "finish failed; leases will expire and the runs retry")
+                        }
                     }
-                }
-                _ = &mut shutdown, if !stopping => { stopping = true; }
+                    let mut a = active.lock().expect("active");
+                    for (i, _) in &batch {
+                        a.remove(i);
+                    }
+                }));
             }
         };
+        if let Some(prev) = finishing.take() {
+            let _ = prev.await;
+        }
         heartbeat.abort();
         result
+    }
+}
+
+fn collect(r: Result<(Uuid, Outcome), tokio::task::JoinError>, done: &mut Vec<(Uuid, Outcome)>) {
+    match r {
+        Ok(o) => done.push(o),
+        Err(e) => tracing::error!(error = %e, "handler panicked; its lease will expire"),
+    }
+}
+
+/// Everything that has finished, without waiting.
+fn drain(tasks: &mut JoinSet<(Uuid, Outcome)>, done: &mut Vec<(Uuid, Outcome)>) {
+    while let Some(r) = tasks.try_join_next() {
+        collect(r, done);
     }
 }
 
