@@ -446,4 +446,12 @@ pub enum WorkflowsCommand {
         target: TargetArgs,
         id: String,
     },
+    /// Delete completed and cancelled runs (with their step journals) that ended more than
+    /// --older-than-days ago; failed and dead-lettered runs stay for operators.
+    Purge {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3650))]
+        older_than_days: u64,
+    },
 }

@@ -155,6 +155,23 @@ pub async fn run(command: WorkflowsCommand) -> anyhow::Result<ExitCode> {
             let run = store(&target)?.retry(&operator(), parse_id(&id)?).await?;
             println!("{} is {} again", run.id, run.status);
         }
+        WorkflowsCommand::Purge {
+            target,
+            older_than_days,
+        } => {
+            let store = store(&target)?;
+            let mut total = 0;
+            loop {
+                let n = store
+                    .purge_finished(Duration::from_secs(older_than_days * 86_400), 10_000)
+                    .await?;
+                total += n;
+                if n < 10_000 {
+                    break;
+                }
+            }
+            println!("purged {total} finished runs older than {older_than_days} days");
+        }
         WorkflowsCommand::Cancel { target, id } => {
             let run = store(&target)?.cancel(&operator(), parse_id(&id)?).await?;
             println!("{} is {}", run.id, run.status);
