@@ -223,6 +223,42 @@ async fn failures_back_off_then_dead_letter_and_an_operator_can_retry_or_cancel(
     assert!(matches!(e, WorkflowError::Conflict(_)), "{e}");
     let e = store.cancel(&ctx(), Uuid::new_v4()).await.unwrap_err();
     assert!(matches!(e, WorkflowError::NotFound(_)), "{e}");
+
+    // Retention takes cancelled and completed runs past the age, never dead letters.
+    let mut keep = NewRun::new(
+        Uuid::new_v4(),
+        "dalp.selftest",
+        "dead",
+        json!({"fail_until": 99}),
+    );
+    keep.max_attempts = 1;
+    let (dead, _) = store.start(&ctx(), &keep).await.unwrap();
+    let worker = Worker::new(store.clone(), fast("w2")).handle("dalp.selftest", selftest_handler());
+    work_until(worker, || {
+        all_in(&store, std::slice::from_ref(&dead.id), "dead_letter")
+    })
+    .await;
+    assert_eq!(
+        store
+            .purge_finished(Duration::from_secs(3600), 100)
+            .await
+            .unwrap(),
+        0,
+        "too young"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        store
+            .purge_finished(Duration::from_secs(1), 100)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(matches!(
+        store.get(run.id).await,
+        Err(WorkflowError::NotFound(_))
+    ));
+    assert_eq!(store.get(dead.id).await.unwrap().status, "dead_letter");
 }
 
 /// Sleeps 300 ms on its first attempt (a durable timer), then waits for signal `receipt`,
