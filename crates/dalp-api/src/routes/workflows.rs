@@ -99,15 +99,18 @@ async fn start_run(
     new.max_attempts = b.max_attempts.unwrap_or(5);
     new.concurrency_key = b.concurrency_key;
     let (run, created) = state.workflows.start(&auth.ctx, &new).await?;
+    Ok(created_or_existing(created, json!({ "run": run })))
+}
+
+/// 201 for something new, 200 for the one an idempotency key already named.
+fn created_or_existing(created: bool, mut body: Value) -> (StatusCode, axum::Json<Value>) {
+    body["created"] = json!(created);
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((
-        status,
-        axum::Json(json!({ "run": run, "created": created })),
-    ))
+    (status, axum::Json(body))
 }
 
 #[tracing::instrument(skip_all)]
@@ -209,15 +212,7 @@ async fn create_tx(
     auth.require_any_role(&state, REQUESTERS, "workflows.tx_request.create")
         .await?;
     let (req, created) = state.workflows.create_tx_request(&auth.ctx, &b).await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((
-        status,
-        axum::Json(json!({ "tx_request": req, "created": created })),
-    ))
+    Ok(created_or_existing(created, json!({ "tx_request": req })))
 }
 
 #[tracing::instrument(skip_all)]
