@@ -354,6 +354,10 @@ pub enum IndexCommand {
         /// Exit once the checkpoint has reached the node's head.
         #[arg(long)]
         once: bool,
+        /// Give up (exit 1 with the last error) after this many consecutive failed attempts
+        /// to reach the node or the database [default: 8 with --once, else retry forever].
+        #[arg(long)]
+        give_up_after: Option<u32>,
         /// Name to register the chain under if it is not registered yet.
         #[arg(long)]
         name: Option<String>,

@@ -422,3 +422,47 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test]
+async fn a_dead_node_is_a_clear_error_and_a_non_zero_exit_with_nothing_stored() {
+    let db = migrated_database().await;
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = Command::new(DALP)
+        .args([
+            "index",
+            "follow",
+            "--rpc",
+            &format!("http://127.0.0.1:{port}"),
+            "--chain-id",
+            "31337",
+        ])
+        .args(["--once", "--give-up-after", "2"])
+        .env("DALP_DATABASE_URL", indexer_url(&db))
+        .env_remove("DALP_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach the node"), "{stderr}");
+    let store = store_for(&db);
+    assert!(store.status(CHAIN).await.unwrap().checkpoint.is_none());
+    // A node on another chain is refused at once.
+    let anvil = Anvil::start(5);
+    let out = follow_command(
+        &db,
+        &anvil,
+        "0x5fbdb2315678afecb367f032d93f642f64180aa3",
+        &["--once"],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the node is on chain 5, not chain 31337")
+    );
+}

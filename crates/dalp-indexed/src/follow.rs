@@ -32,6 +32,9 @@ pub struct FollowOptions {
     pub until_caught_up: bool,
     /// Longest wait between retries.
     pub max_backoff: Duration,
+    /// Give up after this many consecutive failed attempts (node or database down);
+    /// `None` retries forever.
+    pub give_up_after: Option<u32>,
 }
 
 impl FollowOptions {
@@ -44,6 +47,7 @@ impl FollowOptions {
             poll_interval: Duration::from_secs(2),
             until_caught_up: false,
             max_backoff: Duration::from_secs(30),
+            give_up_after: None,
         }
     }
 }
@@ -113,12 +117,14 @@ impl<'a> Follower<'a> {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), FollowError> {
         tokio::pin!(shutdown);
+        let mut failures = 0u32;
         let node_chain = loop {
             match self.rpc.chain_id().await {
                 Ok(id) => break id,
                 Err(e) => {
                     let e = FollowError::from(e);
-                    if !e.is_transient() {
+                    failures += 1;
+                    if !e.is_transient() || self.gave_up(failures) {
                         return Err(e);
                     }
                     tracing::warn!(error = %e, "node not answering eth_chainId; retrying");
@@ -140,12 +146,14 @@ impl<'a> Follower<'a> {
             let wait = match self.step().await {
                 Ok(Step::Batch(p)) => {
                     backoff = Duration::from_millis(250);
+                    failures = 0;
                     on_progress(&p);
                     Duration::ZERO
                 }
                 Ok(Step::CaughtUp) if self.opts.until_caught_up => return Ok(()),
                 Ok(Step::CaughtUp) => self.opts.poll_interval,
-                Err(e) if e.is_transient() => {
+                Err(e) if e.is_transient() && !self.gave_up(failures + 1) => {
+                    failures += 1;
                     let asked = match &e {
                         FollowError::Rpc(r) => r.retry_after(),
                         _ => None,
@@ -163,6 +171,10 @@ impl<'a> Follower<'a> {
                 _ = &mut shutdown => return Ok(()),
             }
         }
+    }
+
+    fn gave_up(&self, failures: u32) -> bool {
+        self.opts.give_up_after.is_some_and(|n| failures >= n)
     }
 
     async fn step(&self) -> Result<Step, FollowError> {

@@ -62,6 +62,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     batch,
                     poll_ms,
                     once,
+                    give_up_after,
                     name,
                     finality_depth,
                 },
@@ -71,6 +72,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.batch_blocks = batch;
             opts.poll_interval = std::time::Duration::from_millis(poll_ms);
             opts.until_caught_up = once;
+            opts.give_up_after = give_up_after.or(once.then_some(8));
             index::follow(&target, &rpc, opts, &contracts, name, finality_depth).await
         }
         Command::Audit {
