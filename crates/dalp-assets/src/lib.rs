@@ -51,6 +51,11 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             name: "type_details",
             sql: include_str!("../migrations/0006_type_details.sql"),
         },
+        Migration {
+            version: 7,
+            name: "fk_indexes",
+            sql: include_str!("../migrations/0007_fk_indexes.sql"),
+        },
     ],
 };
 

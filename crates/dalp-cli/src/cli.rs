@@ -130,6 +130,9 @@ pub struct UpArgs {
     pub pgaudit_log: String,
     #[command(flatten)]
     pub retention: RetentionArgs,
+    /// Log the plan of every statement slower than this many milliseconds (auto_explain).
+    #[arg(long, default_value_t = 500)]
+    pub slow_query_ms: u32,
     /// Seed a demo organisation, an administrator (password printed once), a bond and a
     /// stablecoin, unless they exist.
     #[arg(long)]
@@ -169,6 +172,35 @@ pub enum DbCommand {
         /// Login role, e.g. dalp_indexer_svc, dalp_auditor, dalp_readonly, dalp_migrator.
         #[arg(long)]
         role: String,
+    },
+    /// The heaviest statements (pg_stat_statements) with the component that ran them:
+    /// calls, total and mean time, and a rough p95 (mean + 2 standard deviations).
+    Top {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// total, mean or calls.
+        #[arg(long, default_value = "total")]
+        by: String,
+        #[arg(long, default_value_t = 15)]
+        limit: i64,
+        /// Only this component's statements (identity, assets, indexer, workflows, auditor,
+        /// readonly, audit-sealer, migrator).
+        #[arg(long)]
+        component: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Index coverage and health: unindexed foreign keys, duplicate and unused indexes,
+    /// tables read by sequential scans, bloat on the workflow tables, partitions missing
+    /// ahead. Exits 1 when a finding is at or above --fail-on.
+    Lint {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// info, warning or error.
+        #[arg(long, default_value = "warning")]
+        fail_on: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -453,7 +453,8 @@ async fn check_role_attributes(client: &Client) -> Result<Vec<String>, tokio_pos
         .await?;
     for row in memberships {
         let (member, group): (String, String) = (row.get(0), row.get(1));
-        let allowed = group == OWNER_ROLE && (member == MIGRATOR_ROLE || member == "dalp_admin");
+        let allowed = (group == OWNER_ROLE && (member == MIGRATOR_ROLE || member == "dalp_admin"))
+            || (group == "pg_read_all_stats" && member == MIGRATOR_ROLE);
         if !allowed {
             drift.push(format!(
                 "role {member} is a member of {group}, declared not"

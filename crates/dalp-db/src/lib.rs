@@ -7,6 +7,7 @@
 //! tables; each domain crate brings its own migrations and access declaration.
 
 pub mod access;
+pub mod analysis;
 pub mod cache;
 pub mod component;
 pub mod config;

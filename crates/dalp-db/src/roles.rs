@@ -60,6 +60,13 @@ pub async fn ensure_roles(client: &Client, secrets: &Secrets) -> Result<(), Role
             quote_ident(MIGRATOR_ROLE)
         ))
         .await?;
+    // Query analysis (`dalp db top|lint`) reads statistics of every role's statements.
+    client
+        .batch_execute(&format!(
+            "GRANT pg_read_all_stats TO {}",
+            quote_ident(MIGRATOR_ROLE)
+        ))
+        .await?;
     Ok(())
 }
 
@@ -79,6 +86,23 @@ pub async fn prepare_database(client: &Client, dbname: &str) -> Result<(), Roles
         ));
     }
     client.batch_execute(&sql).await?;
+    // Statement statistics, where the server preloads the module (the embedded and HA
+    // clusters do). Needs a superuser; elsewhere a DBA installs it.
+    let preloaded: bool = client
+        .query_one(
+            "SELECT current_setting('shared_preload_libraries') LIKE '%pg_stat_statements%'",
+            &[],
+        )
+        .await?
+        .get(0);
+    if preloaded {
+        if let Err(e) = client
+            .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .await
+        {
+            tracing::warn!(error = %e, "pg_stat_statements not installed; `dalp db top` will say so");
+        }
+    }
     Ok(())
 }
 

@@ -152,7 +152,13 @@ pub struct StartOptions {
     pub bin_dir: Option<PathBuf>,
     /// pgAudit session classes (when pgAudit is installed); default [`DEFAULT_PGAUDIT_LOG`].
     pub pgaudit_log: Option<String>,
+    /// Statements slower than this have their plans logged (auto_explain); default
+    /// [`DEFAULT_SLOW_QUERY_MS`].
+    pub slow_query_ms: Option<u32>,
 }
+
+/// auto_explain's threshold unless configured.
+pub const DEFAULT_SLOW_QUERY_MS: u32 = 500;
 
 /// Database-level audit by default: writes, DDL and role changes, plus object audit of the
 /// PII tables through [`dalp_db::component::PGAUDIT_ROLE`].
@@ -338,7 +344,12 @@ impl Instance {
         let port = self.choose_port(opts.pg_port)?;
         let pgaudit_log =
             parse_pgaudit_classes(opts.pgaudit_log.as_deref().unwrap_or(DEFAULT_PGAUDIT_LOG))?;
-        self.write_config(&bin, port, &pgaudit_log)?;
+        self.write_config(
+            &bin,
+            port,
+            &pgaudit_log,
+            opts.slow_query_ms.unwrap_or(DEFAULT_SLOW_QUERY_MS),
+        )?;
 
         let log_path = self.layout.log_file();
         let log_dir = log_path.parent().expect("log file has a parent");
@@ -437,7 +448,13 @@ impl Instance {
 
     /// Rewrites dalp's configuration on every start: `dalp.conf` (included from
     /// postgresql.conf), a TLS-only `pg_hba.conf` and the peer map for the superuser.
-    fn write_config(&self, bin: &Path, port: u16, pgaudit_log: &str) -> Result<(), OpsError> {
+    fn write_config(
+        &self,
+        bin: &Path,
+        port: u16,
+        pgaudit_log: &str,
+        slow_ms: u32,
+    ) -> Result<(), OpsError> {
         let pgdata = self.layout.pgdata();
         let socket_dir = self.layout.socket_dir();
         std::fs::create_dir_all(&socket_dir).map_err(OpsError::io("create socket dir"))?;
@@ -458,7 +475,7 @@ impl Instance {
         }
 
         let lib_dir = bin.parent().map(|p| p.join("lib")).unwrap_or_default();
-        let preload: Vec<&str> = ["pgaudit"]
+        let preload: Vec<&str> = ["pgaudit", "pg_stat_statements", "auto_explain"]
             .into_iter()
             .filter(|l| lib_dir.join(format!("{l}.so")).exists())
             .collect();
@@ -504,7 +521,20 @@ impl Instance {
              log_directory = {log_dir}\n\
              log_filename = 'postgresql-%Y-%m-%d.log'\n\
              log_file_mode = 0640\n\
-             {audit}",
+             {analysis}             {audit}",
+            analysis = if preload.contains(&"auto_explain") {
+                format!(
+                    "# Query analysis: statement statistics, and plans of slow statements logged.\n\
+                     pg_stat_statements.track = 'top'\n\
+                     pg_stat_statements.max = 5000\n\
+                     track_io_timing = on\n\
+                     auto_explain.log_min_duration = '{slow_ms}ms'\n\
+                     auto_explain.log_format = 'text'\n\
+                     auto_explain.log_nested_statements = on\n",
+                )
+            } else {
+                String::new()
+            },
             log_dir = quote_conf(&log_dir.display().to_string()),
             sock = quote_conf(&socket_dir.display().to_string()),
             cert = quote_conf(&tls.join(pki::SERVER_CERT).display().to_string()),

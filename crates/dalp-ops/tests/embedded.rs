@@ -164,6 +164,7 @@ async fn a_busy_port_is_refused_before_anything_starts() {
             pg_port: Some(port),
             bin_dir: None,
             pgaudit_log: None,
+            slow_query_ms: None,
         })
         .await
         .err()
@@ -185,6 +186,7 @@ async fn a_missing_binary_dir_says_what_to_install() {
             pg_port: None,
             bin_dir: Some("/nonexistent/pg/bin".into()),
             pgaudit_log: None,
+            slow_query_ms: None,
         })
         .await
         .err()

@@ -1,11 +1,15 @@
-//! `dalp db url`.
+//! `dalp db url|top|lint`.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+use dalp_db::analysis::{self, LintOptions, Severity, TopOrder};
 use dalp_db::component::login_roles;
 use dalp_ops::Layout;
+
+use crate::cli::TargetArgs;
+use crate::target::connect_admin;
 
 pub fn url(data_dir: &Path, role: &str) -> anyhow::Result<ExitCode> {
     if !login_roles().any(|r| r == role) {
@@ -20,4 +24,76 @@ pub fn url(data_dir: &Path, role: &str) -> anyhow::Result<ExitCode> {
     opts.application_name = "psql".into();
     println!("{}", opts.to_url());
     Ok(ExitCode::SUCCESS)
+}
+
+pub async fn top(
+    target: &TargetArgs,
+    by: &str,
+    limit: i64,
+    component: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let order =
+        TopOrder::parse(by).with_context(|| format!("--by {by}: use total, mean or calls"))?;
+    let role = component
+        .map(|c| {
+            analysis::role_of_component(c).with_context(|| {
+                format!("--component {c}: use identity, assets, indexer, workflows, auditor, readonly, audit-sealer or migrator")
+            })
+        })
+        .transpose()?;
+    let client = connect_admin(target).await?;
+    let rows = analysis::top(&client, order, limit.clamp(1, 500), role).await?;
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<16} {:>9} {:>12} {:>10} {:>10}  statement",
+        "component", "calls", "total ms", "mean ms", "~p95 ms"
+    );
+    for r in rows {
+        println!(
+            "{:<16} {:>9} {:>12.1} {:>10.3} {:>10.3}  {}",
+            r.component, r.calls, r.total_ms, r.mean_ms, r.p95ish_ms, r.query
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn lint(target: &TargetArgs, fail_on: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let threshold = Severity::parse(fail_on)
+        .with_context(|| format!("--fail-on {fail_on}: use info, warning or error"))?;
+    let client = connect_admin(target).await?;
+    let opts = LintOptions {
+        schemas: dalp_api::catalog::ACCESS
+            .iter()
+            .map(|a| a.schema.to_string())
+            .collect(),
+        partitions: dalp_api::catalog::PARTITIONS.to_vec(),
+        bloat_ratio: 0.2,
+        min_rows: 10_000,
+    };
+    let findings = analysis::lint(&client, &opts, chrono::Utc::now()).await?;
+    if json {
+        println!("{}", serde_json::to_string(&findings)?);
+    } else if findings.is_empty() {
+        println!("no findings in {}", opts.schemas.join(", "));
+    } else {
+        for f in &findings {
+            println!(
+                "{:<8} {:<22} {}: {}\n         fix: {}",
+                format!("{:?}", f.severity).to_lowercase(),
+                f.check,
+                f.object,
+                f.message,
+                f.fix
+            );
+        }
+    }
+    Ok(if findings.iter().any(|f| f.severity >= threshold) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -28,6 +28,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Db {
             command: DbCommand::Url { data_dir, role },
         } => db::url(&data_dir, &role),
+        Command::Db {
+            command:
+                DbCommand::Top {
+                    target,
+                    by,
+                    limit,
+                    component,
+                    json,
+                },
+        } => db::top(&target, &by, limit, component.as_deref(), json).await,
+        Command::Db {
+            command:
+                DbCommand::Lint {
+                    target,
+                    fail_on,
+                    json,
+                },
+        } => db::lint(&target, &fail_on, json).await,
         Command::Roles {
             command: RolesCommand::Check { target, json },
         } => roles::check(&target, json).await,

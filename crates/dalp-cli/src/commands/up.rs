@@ -60,6 +60,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             pg_port: args.pg_port,
             bin_dir: None,
             pgaudit_log: Some(args.pgaudit_log.clone()),
+            slow_query_ms: Some(args.slow_query_ms),
         })
         .await?;
     let migrator = cluster.role_options(MIGRATOR_ROLE, DATABASE);

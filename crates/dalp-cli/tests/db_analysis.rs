@@ -1,0 +1,113 @@
+//! `dalp db lint` and `dalp db top` against a real migrated database.
+
+use std::process::{Command, Output};
+
+use dalp_db::MIGRATOR_ROLE;
+use dalp_testkit::{migrated_database, TestDb};
+
+const DALP: &str = env!("CARGO_BIN_EXE_dalp");
+
+fn dalp(db: &TestDb, args: &[&str]) -> Output {
+    Command::new(DALP)
+        .args(args)
+        .env("DALP_DATABASE_URL", db.options(MIGRATOR_ROLE).to_url())
+        .env_remove("DALP_DATA_DIR")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn lint_passes_on_our_schema_and_finds_a_planted_unindexed_foreign_key() {
+    let db = migrated_database().await;
+    let out = dalp(&db, &["db", "lint", "--fail-on", "info"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("no findings"), "{stdout}");
+
+    db.superuser()
+        .await
+        .batch_execute(
+            "CREATE TABLE dalp_workflows.planted (id bigint PRIMARY KEY,
+                 run_id uuid REFERENCES dalp_workflows.runs (id));
+             CREATE INDEX planted_dup_a ON dalp_workflows.planted (id, run_id);
+             CREATE INDEX planted_dup_b ON dalp_workflows.planted (id, run_id);",
+        )
+        .await
+        .unwrap();
+    let out = dalp(&db, &["db", "lint", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let findings: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let checks: Vec<(&str, &str)> = findings
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["check"].as_str().unwrap(), f["object"].as_str().unwrap()))
+        .collect();
+    assert!(
+        checks.contains(&(
+            "unindexed_foreign_key",
+            "dalp_workflows.planted (planted_run_id_fkey)"
+        )),
+        "{checks:?}"
+    );
+    assert!(
+        checks.iter().any(|(c, _)| *c == "duplicate_index"),
+        "{checks:?}"
+    );
+    let fix = findings[0]["fix"].as_str().unwrap_or("");
+    assert!(!fix.is_empty());
+    // Only errors fail with --fail-on error: these are warnings.
+    assert!(dalp(&db, &["db", "lint", "--fail-on", "error"])
+        .status
+        .success());
+}
+
+#[tokio::test]
+async fn top_lists_statements_by_component() {
+    let db = migrated_database().await;
+    let indexer = db.connect(dalp_db::Component::Indexer.role()).await;
+    for _ in 0..20 {
+        indexer
+            .query("SELECT count(*) FROM dalp_indexed.chains", &[])
+            .await
+            .unwrap();
+    }
+    let out = dalp(
+        &db,
+        &[
+            "db",
+            "top",
+            "--by",
+            "calls",
+            "--component",
+            "indexer",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| {
+            r["query"]
+                .as_str()
+                .unwrap_or("")
+                .contains("dalp_indexed.chains")
+        })
+        .unwrap_or_else(|| panic!("{rows}"));
+    assert_eq!(row["component"], "dalp-indexer");
+    assert!(row["calls"].as_i64().unwrap() >= 20);
+    let out = dalp(&db, &["db", "top", "--by", "nonsense"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use total, mean or calls"));
+}
