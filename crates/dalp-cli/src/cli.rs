@@ -190,6 +190,21 @@ pub enum DbCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Generic plans of a component's heaviest statements (from pg_stat_statements), to see
+    /// which indexes its hot queries use. Plans of slow statements as they ran are in the
+    /// server log (auto_explain).
+    Explain {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// identity, assets, indexer, workflows, auditor, readonly, audit-sealer or migrator.
+        #[arg(long)]
+        component: String,
+        /// total, mean or calls.
+        #[arg(long, default_value = "total")]
+        by: String,
+        #[arg(long, default_value_t = 5)]
+        limit: i64,
+    },
     /// Index coverage and health: unindexed foreign keys, duplicate and unused indexes,
     /// tables read by sequential scans, bloat on the workflow tables, partitions missing
     /// ahead. Exits 1 when a finding is at or above --fail-on.

@@ -107,6 +107,31 @@ async fn top_lists_statements_by_component() {
         .unwrap_or_else(|| panic!("{rows}"));
     assert_eq!(row["component"], "dalp-indexer");
     assert!(row["calls"].as_i64().unwrap() >= 20);
+    // Generic plans of the indexer's hot statements.
+    for n in 0..5i64 {
+        indexer
+            .query(
+                "SELECT name FROM dalp_indexed.chains WHERE chain_id = $1",
+                &[&n],
+            )
+            .await
+            .unwrap();
+    }
+    let out = dalp(
+        &db,
+        &["db", "explain", "--component", "indexer", "--by", "calls"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("WHERE chain_id = $1"), "{stdout}");
+    assert!(
+        stdout.contains("Index Scan using chains_pkey") || stdout.contains("Seq Scan on chains"),
+        "{stdout}"
+    );
     let out = dalp(&db, &["db", "top", "--by", "nonsense"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("use total, mean or calls"));

@@ -313,3 +313,81 @@ pub fn role_of_component(name: &str) -> Option<&'static str> {
         })
         .map(|c| c.role())
 }
+
+/// A statement's generic plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub statement: Statement,
+    /// EXPLAIN output, or why there is none.
+    pub plan: Result<String, String>,
+}
+
+/// Plans of the `limit` heaviest statements of `role`: each is prepared and explained with
+/// `plan_cache_mode = force_generic_plan`, so the plan does not depend on parameter values
+/// (PostgreSQL 15 has no EXPLAIN (GENERIC_PLAN)). Runs as the owner inside a transaction that
+/// is rolled back; EXPLAIN without ANALYZE executes nothing.
+pub async fn explain(
+    client: &mut Client,
+    role: &str,
+    order: TopOrder,
+    limit: i64,
+) -> Result<Vec<Plan>, AnalysisError> {
+    let statements = top(client, order, limit * 4, Some(role)).await?;
+    let mut plans = Vec::new();
+    for st in statements {
+        if plans.len() as i64 >= limit {
+            break;
+        }
+        let q = st.query.trim_start().to_ascii_lowercase();
+        let explainable = ["select", "insert", "update", "delete", "with"]
+            .iter()
+            .any(|k| q.starts_with(k));
+        // pg_stat_statements keeps 300 characters here; a cut statement cannot be planned.
+        if !explainable || st.query.chars().count() >= 300 {
+            continue;
+        }
+        let params = (1..=100)
+            .take_while(|i| st.query.contains(&format!("${i}")))
+            .count();
+        let tx = client.transaction().await?;
+        tx.batch_execute(&format!(
+            "SET LOCAL ROLE {}; SET LOCAL plan_cache_mode = force_generic_plan",
+            crate::sql::quote_ident(crate::component::OWNER_ROLE)
+        ))
+        .await?;
+        let args = vec!["NULL"; params].join(", ");
+        let prepared = tx
+            .batch_execute(&format!("PREPARE dalp_explain AS {}", st.query))
+            .await;
+        let plan = match prepared {
+            Err(e) => Err(e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string())),
+            Ok(()) => {
+                let sql = if params == 0 {
+                    "EXPLAIN EXECUTE dalp_explain".to_string()
+                } else {
+                    format!("EXPLAIN EXECUTE dalp_explain({args})")
+                };
+                match tx.query(sql.as_str(), &[]).await {
+                    Ok(rows) => Ok(rows
+                        .iter()
+                        .map(|r| r.get::<_, String>(0))
+                        .collect::<Vec<_>>()
+                        .join("\n")),
+                    Err(e) => Err(e
+                        .as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or_else(|| e.to_string())),
+                }
+            }
+        };
+        tx.rollback().await?;
+        plans.push(Plan {
+            statement: st,
+            plan,
+        });
+    }
+    Ok(plans)
+}

@@ -26,6 +26,39 @@ pub fn url(data_dir: &Path, role: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn role_arg(component: &str) -> anyhow::Result<&'static str> {
+    analysis::role_of_component(component).with_context(|| {
+        format!("--component {component}: use identity, assets, indexer, workflows, auditor, readonly, audit-sealer or migrator")
+    })
+}
+
+pub async fn explain(
+    target: &TargetArgs,
+    component: &str,
+    by: &str,
+    limit: i64,
+) -> anyhow::Result<ExitCode> {
+    let order =
+        TopOrder::parse(by).with_context(|| format!("--by {by}: use total, mean or calls"))?;
+    let role = role_arg(component)?;
+    let mut client = connect_admin(target).await?;
+    let plans = analysis::explain(&mut client, role, order, limit.clamp(1, 50)).await?;
+    if plans.is_empty() {
+        println!("no explainable statements recorded for {component} yet");
+    }
+    for p in plans {
+        println!(
+            "── {} calls, mean {:.3} ms, total {:.1} ms\n{}\n",
+            p.statement.calls, p.statement.mean_ms, p.statement.total_ms, p.statement.query
+        );
+        match p.plan {
+            Ok(plan) => println!("{plan}\n"),
+            Err(e) => println!("(no plan: {e})\n"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn top(
     target: &TargetArgs,
     by: &str,
@@ -35,13 +68,7 @@ pub async fn top(
 ) -> anyhow::Result<ExitCode> {
     let order =
         TopOrder::parse(by).with_context(|| format!("--by {by}: use total, mean or calls"))?;
-    let role = component
-        .map(|c| {
-            analysis::role_of_component(c).with_context(|| {
-                format!("--component {c}: use identity, assets, indexer, workflows, auditor, readonly, audit-sealer or migrator")
-            })
-        })
-        .transpose()?;
+    let role = component.map(role_arg).transpose()?;
     let client = connect_admin(target).await?;
     let rows = analysis::top(&client, order, limit.clamp(1, 500), role).await?;
     if json {

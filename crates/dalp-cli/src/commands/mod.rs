@@ -40,6 +40,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => db::top(&target, &by, limit, component.as_deref(), json).await,
         Command::Db {
             command:
+                DbCommand::Explain {
+                    target,
+                    component,
+                    by,
+                    limit,
+                },
+        } => db::explain(&target, &component, &by, limit).await,
+        Command::Db {
+            command:
                 DbCommand::Lint {
                     target,
                     fail_on,
