@@ -13,6 +13,7 @@ pub mod extract;
 pub mod limit;
 pub mod request_audit;
 mod routes;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +53,7 @@ pub struct AppState {
     pub assets: dalp_assets::AssetStore,
     pub indexed: Arc<dalp_indexed::IndexedStore>,
     pub workflows: dalp_workflows::WorkflowStore,
+    pub http_metrics: Arc<telemetry::HttpMetrics>,
 }
 
 impl AppState {
@@ -62,6 +64,7 @@ impl AppState {
     ) -> AppState {
         AppState {
             assets: dalp_assets::AssetStore::new(pools.get(dalp_db::Component::Assets).clone()),
+            http_metrics: Arc::default(),
             workflows: dalp_workflows::WorkflowStore::new(
                 pools.get(dalp_db::Component::Workflows).clone(),
             ),

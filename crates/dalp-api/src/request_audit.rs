@@ -55,8 +55,12 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
+    let started = std::time::Instant::now();
     let mut response = next.run(req).await;
     let status = response.status();
+    state
+        .http_metrics
+        .observe(&method, &route, status.as_u16(), started.elapsed());
     let outcome = match status.as_u16() {
         401 | 403 | 429 => Outcome::Denied,
         s if s >= 400 => Outcome::Error,

@@ -1,5 +1,6 @@
-//! `GET /metrics`: Prometheus text format. For now the audit seal lag and the identity
-//! cache; the observability issue adds pools, latencies, replication and more.
+//! `GET /metrics`: Prometheus text format: audit seal lag, identity cache, workflow queue,
+//! indexer lag, HTTP latency and errors, connection pools, partition horizon. Replication,
+//! archiving and backup families come with the HA and backup work.
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
@@ -100,6 +101,40 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                 out.push_str(&format!(
                     "dalp_indexer_lag_blocks{{chain_id=\"{}\"}} {lag}\n",
                     c.chain_id
+                ));
+            }
+        }
+    }
+    state.http_metrics.render(&mut out);
+    // Connection pools per component.
+    out.push_str("# HELP dalp_pool_connections Connections of each component's pool by state.\n# TYPE dalp_pool_connections gauge\n");
+    for c in Component::ALL {
+        let s = state.pools.get(c).status();
+        let name = c.application_name();
+        for (label, v) in [
+            ("max", s.max_size),
+            ("open", s.size),
+            ("idle", s.available),
+            ("in_use", s.size.saturating_sub(s.available)),
+            ("waiting", s.waiting),
+        ] {
+            out.push_str(&format!(
+                "dalp_pool_connections{{component=\"{name}\",state=\"{label}\"}} {v}\n"
+            ));
+        }
+    }
+    // How far ahead partitions exist.
+    if let Ok(client) = state.pools.get(Component::Readonly).get().await {
+        out.push_str("# HELP dalp_partition_horizon_seconds Seconds until the end of the last partition, per partitioned table.\n# TYPE dalp_partition_horizon_seconds gauge\n");
+        for p in crate::catalog::PARTITIONS {
+            if let Ok(parts) = dalp_db::partitions::list(&client, &p).await {
+                let secs = parts
+                    .last()
+                    .map(|x| (x.to - chrono::Utc::now()).num_seconds().to_string())
+                    .unwrap_or_else(|| "NaN".into());
+                out.push_str(&format!(
+                    "dalp_partition_horizon_seconds{{table=\"{}.{}\"}} {secs}\n",
+                    p.schema, p.table
                 ));
             }
         }

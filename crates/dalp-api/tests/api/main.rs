@@ -6,5 +6,6 @@ mod cache;
 mod helpers;
 mod identity;
 mod indexed;
+mod metrics;
 mod settings;
 mod workflows;

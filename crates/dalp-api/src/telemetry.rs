@@ -1,0 +1,86 @@
+//! In-process HTTP metrics for `/metrics`: a latency histogram per (method, route) and a
+//! counter of error responses per status.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+#[derive(Default)]
+pub struct HttpMetrics {
+    latency: Mutex<BTreeMap<(String, String), Histogram>>,
+    errors: Mutex<BTreeMap<u16, u64>>,
+}
+
+impl HttpMetrics {
+    pub fn observe(&self, method: &str, route: &str, status: u16, took: Duration) {
+        let secs = took.as_secs_f64();
+        {
+            let mut map = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+            let h = map
+                .entry((method.to_string(), route.to_string()))
+                .or_default();
+            for (i, le) in BUCKETS.iter().enumerate() {
+                if secs <= *le {
+                    h.counts[i] += 1;
+                }
+            }
+            h.count += 1;
+            h.sum += secs;
+        }
+        if status >= 400 {
+            *self
+                .errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(status)
+                .or_default() += 1;
+        }
+    }
+
+    /// Prometheus text exposition of both families.
+    pub fn render(&self, out: &mut String) {
+        let name = "dalp_http_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Latency of API requests by method and route."
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for ((method, route), h) in self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let labels = format!("method=\"{method}\",route=\"{}\"", escape(route));
+            for (i, le) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {}", h.counts[i]);
+            }
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {:.6}", h.sum);
+            let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+        }
+        let name = "dalp_http_errors_total";
+        let _ = writeln!(out, "# HELP {name} Error responses by HTTP status.");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (status, n) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(out, "{name}{{status=\"{status}\"}} {n}");
+        }
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}

@@ -1,0 +1,109 @@
+//! `/metrics` parsed as Prometheus parses it, after a small workload.
+
+use dalp_identity::types::PlatformRole;
+use prometheus_parse::{Sample, Scrape, Value};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::helpers::{spawn_app, Cred};
+
+fn value(s: &Sample) -> f64 {
+    match &s.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+        Value::Histogram(h) => h.last().map(|b| b.count).unwrap_or(0.0),
+        Value::Summary(q) => q.first().map(|q| q.count).unwrap_or(0.0),
+    }
+}
+
+fn find<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Vec<&'a Sample> {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_expose_every_family_with_plausible_values() {
+    let app = spawn_app().await;
+    app.create_user("ops@bank.example", &[PlatformRole::SystemManager])
+        .await;
+    let t = app.token("ops@bank.example").await;
+    for _ in 0..3 {
+        let (s, _) = app
+            .call(
+                Method::GET,
+                "/api/v1/workflows/stats",
+                Cred::Token(&t),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    let (s, _) = app
+        .call(
+            Method::GET,
+            "/api/v1/workflows/runs/00000000-0000-0000-0000-000000000000",
+            Cred::Token(&t),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = app
+        .call(
+            Method::POST,
+            "/api/v1/indexed/chains",
+            Cred::Token(&t),
+            Some(json!({"chain_id": 7, "name": "seven"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+
+    let text = reqwest::get(format!("{}/metrics", app.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let scrape =
+        Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid exposition format");
+
+    let lag = find(&scrape, "dalp_audit_seal_lag_seconds", &[]);
+    assert!(lag.len() == 1 && value(lag[0]) >= 0.0, "{text}");
+    assert!(!find(&scrape, "dalp_identity_cache_hits_total", &[]).is_empty());
+    let latency = find(
+        &scrape,
+        "dalp_http_request_duration_seconds",
+        &[("route", "/api/v1/workflows/stats")],
+    );
+    assert_eq!(latency.len(), 1, "{text}");
+    assert!(value(latency[0]) >= 3.0, "three requests counted");
+    let errors = find(&scrape, "dalp_http_errors_total", &[("status", "404")]);
+    assert!(errors.len() == 1 && value(errors[0]) >= 1.0, "{text}");
+    let max = find(
+        &scrape,
+        "dalp_pool_connections",
+        &[("component", "dalp-identity"), ("state", "max")],
+    );
+    assert!(max.len() == 1 && value(max[0]) >= 1.0, "{text}");
+    let horizon = find(
+        &scrape,
+        "dalp_partition_horizon_seconds",
+        &[("table", "dalp_audit.events")],
+    );
+    assert!(
+        horizon.len() == 1 && value(horizon[0]) > 30.0 * 86_400.0,
+        "{text}"
+    );
+    assert_eq!(
+        find(&scrape, "dalp_partition_horizon_seconds", &[]).len(),
+        5
+    );
+    let ready = find(&scrape, "dalp_workflow_runs", &[("state", "ready")]);
+    assert!(ready.len() == 1 && value(ready[0]) == 0.0);
+    assert!(!find(&scrape, "dalp_workflow_claim_latency_seconds", &[]).is_empty());
+    assert_eq!(
+        find(&scrape, "dalp_indexer_lag_blocks", &[("chain_id", "7")]).len(),
+        1
+    );
+}
