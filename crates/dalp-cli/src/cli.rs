@@ -94,6 +94,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the deployment and explain what to do about each finding: TLS reachability,
+    /// certificate expiry, migrations, the role matrix, partitions ahead, audit sealing,
+    /// indexer progress, dead-lettered and stalled work. Exit code: 0 fine, 1 warnings,
+    /// 2 errors.
+    Doctor {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Also check these certificates' expiry (PEM; repeatable) [default: the embedded
+        /// instance's CA and server certificate, or the URL's sslrootcert].
+        #[arg(long)]
+        cert: Vec<PathBuf>,
+        /// Warn when a certificate expires within this many days.
+        #[arg(long, default_value_t = 30)]
+        warn_days: i64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Indexed chain state: follow an EVM node, show sync status.
     Index {
         #[command(subcommand)]

@@ -136,3 +136,66 @@ async fn top_lists_statements_by_component() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("use total, mean or calls"));
 }
+
+#[tokio::test]
+async fn doctor_is_clean_on_a_healthy_database_and_flags_an_expired_certificate() {
+    let db = migrated_database().await;
+    let out = dalp(&db, &["doctor"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "ok       connect",
+        "ok       migrations",
+        "ok       roles",
+        "ok       schema_health",
+    ] {
+        assert!(stdout.contains(line), "{line} missing:\n{stdout}");
+    }
+
+    // A certificate that expired in 2020.
+    let mut params = rcgen::CertificateParams::new(vec!["db.example".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("expired.pem");
+    std::fs::write(&path, cert.pem()).unwrap();
+    let out = dalp(&db, &["doctor", "--json", "--cert", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "an error is the worst finding");
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cert_check = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "certificate")
+        .unwrap();
+    assert_eq!(cert_check["status"], "error");
+    assert!(
+        cert_check["detail"].as_str().unwrap().contains("EXPIRED"),
+        "{cert_check}"
+    );
+    assert!(!cert_check["next"].as_str().unwrap().is_empty());
+
+    // A table planted by hand: an unindexed foreign key (warning) and undeclared grants.
+    db.superuser()
+        .await
+        .batch_execute(
+            "CREATE TABLE dalp_workflows.planted2 (id bigint PRIMARY KEY,
+                 run_id uuid REFERENCES dalp_workflows.runs (id))",
+        )
+        .await
+        .unwrap();
+    let out = dalp(&db, &["doctor"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("warning  schema_health  unindexed_foreign_key"), "{stdout}");
+    // Created outside the migrations, the table also lacks the declared grants: role drift,
+    // an error, so the exit code is 2.
+    assert!(stdout.contains("error    roles"), "{stdout}");
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -4,6 +4,7 @@ mod audit;
 mod config;
 mod db;
 pub mod demo;
+mod doctor;
 mod identity;
 mod index;
 mod migrate;
@@ -69,6 +70,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check { config },
         } => config::check(&config),
         Command::Serve { config } => serve::run(&config).await,
+        Command::Doctor {
+            target,
+            cert,
+            warn_days,
+            json,
+        } => doctor::run(&target, &cert, warn_days, json).await,
         Command::Workflows { command } => workflows::run(command).await,
         Command::Index {
             command:
