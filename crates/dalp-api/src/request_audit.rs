@@ -56,7 +56,9 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
     let started = std::time::Instant::now();
-    let mut response = next.run(req).await;
+    let span =
+        tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
+    let mut response = tracing::Instrument::instrument(next.run(req), span).await;
     let status = response.status();
     state
         .http_metrics

@@ -193,7 +193,10 @@ async fn doctor_is_clean_on_a_healthy_database_and_flags_an_expired_certificate(
         .unwrap();
     let out = dalp(&db, &["doctor"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("warning  schema_health  unindexed_foreign_key"), "{stdout}");
+    assert!(
+        stdout.contains("warning  schema_health  unindexed_foreign_key"),
+        "{stdout}"
+    );
     // Created outside the migrations, the table also lacks the declared grants: role drift,
     // an error, so the exit code is 2.
     assert!(stdout.contains("error    roles"), "{stdout}");
