@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages dalp needs when they are missing. Sourced by up.sh and test.sh.
 #   PostgreSQL 15 server + client, pgAudit (preloaded by the embedded cluster when present).
-#   anvil (npm @foundry-rs/anvil-linux-amd64) into .tools/ for the indexer tests; exports DALP_ANVIL.
+#   anvil (npm @foundry-rs/anvil-linux-amd64) into .tools/ for the indexer tests (with DALP_DEPS_ANVIL=1).
 # Later issues add pgbackrest, pgbouncer, patroni and etcd-server here.
 set -euo pipefail
 
@@ -41,9 +41,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # anvil (a real EVM node for the indexer's tests), from the npm registry, into .tools/.
+# Only the test suite needs it (DALP_DEPS_ANVIL=1, set by test.sh); `dalp up` does not.
 DALP_ANVIL_VERSION=1.7.1
 DALP_TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.tools"
-if [ ! -x "$DALP_TOOLS/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil" ]; then
+if [ "${DALP_DEPS_ANVIL:-0}" = 1 ] && [ ! -x "$DALP_TOOLS/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil" ]; then
   command -v npm >/dev/null 2>&1 || { echo "error: npm is needed to install anvil (@foundry-rs/anvil-linux-amd64)" >&2; exit 1; }
   echo "installing anvil $DALP_ANVIL_VERSION from npm into $DALP_TOOLS" >&2
   mkdir -p "$DALP_TOOLS"
