@@ -11,6 +11,7 @@ use dalp_db::Component;
 use dalp_identity::types::PlatformRole;
 use serde_json::{json, Value};
 
+use super::{page_limit, time_param};
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
@@ -29,23 +30,6 @@ async fn auditor_client(state: &AppState) -> Result<deadpool_postgres::Object, A
         .get()
         .await
         .map_err(|e| ApiError::NotReady(format!("database unreachable: {e}")))
-}
-
-fn time_param(
-    q: &HashMap<String, String>,
-    k: &str,
-    default: DateTime<Utc>,
-) -> Result<DateTime<Utc>, ApiError> {
-    match q.get(k) {
-        None => Ok(default),
-        Some(v) => DateTime::parse_from_rfc3339(v)
-            .map(|d| d.with_timezone(&Utc))
-            .map_err(|_| {
-                ApiError::BadRequest(format!(
-                    "{k} must be an RFC 3339 time, e.g. 2026-11-01T00:00:00Z"
-                ))
-            }),
-    }
 }
 
 fn text_param(q: &HashMap<String, String>, k: &str) -> Result<Option<String>, ApiError> {
@@ -81,19 +65,12 @@ async fn events(
         )));
     }
     let now = Utc::now();
-    let to = time_param(&q, "to", now + Duration::minutes(1))?;
-    let from = time_param(&q, "from", to - Duration::days(30))?;
+    let to = time_param(&q, "to")?.unwrap_or(now + Duration::minutes(1));
+    let from = time_param(&q, "from")?.unwrap_or(to - Duration::days(30));
     if from >= to {
         return Err(ApiError::BadRequest("from must be before to".into()));
     }
-    let limit: i64 = match q.get("limit") {
-        None => 100,
-        Some(v) => v
-            .parse()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| ApiError::BadRequest("limit must be 1 to 1000".into()))?,
-    };
+    let limit = page_limit(&q)?;
     let before_id: i64 = match q.get("before_id") {
         None => i64::MAX,
         Some(v) => v

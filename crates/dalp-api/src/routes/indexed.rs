@@ -9,20 +9,19 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Router;
-use chrono::{DateTime, Utc};
 use dalp_identity::types::PlatformRole;
 use dalp_indexed::store::{TransferFilter, TransferQuery};
 use dalp_indexed::types::{parse_address, parse_batch, Address, BlockInput};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::{page_limit, time_param};
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
 
 /// Ingest batches may be far larger than other request bodies.
 pub const MAX_INGEST_BYTES: usize = 32 * 1024 * 1024;
-const MAX_PAGE: i64 = 1000;
 const WRITERS: &[PlatformRole] = &[PlatformRole::Admin, PlatformRole::SystemManager];
 
 pub(crate) fn router() -> Router<AppState> {
@@ -78,30 +77,6 @@ fn int_param(q: &HashMap<String, String>, k: &str) -> Result<Option<i64>, ApiErr
                 .ok()
                 .filter(|n| *n >= 0)
                 .ok_or_else(|| ApiError::BadRequest(format!("{k} must be a non-negative integer")))
-        })
-        .transpose()
-}
-
-fn limit_param(q: &HashMap<String, String>) -> Result<i64, ApiError> {
-    match int_param(q, "limit")? {
-        None => Ok(100),
-        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-        Some(_) => Err(ApiError::BadRequest(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        ))),
-    }
-}
-
-fn time_param(q: &HashMap<String, String>, k: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
-    q.get(k)
-        .map(|v| {
-            DateTime::parse_from_rfc3339(v)
-                .map(|d| d.with_timezone(&Utc))
-                .map_err(|_| {
-                    ApiError::BadRequest(format!(
-                        "{k} must be an RFC 3339 time, e.g. 2026-11-01T00:00:00Z"
-                    ))
-                })
         })
         .transpose()
 }
@@ -203,7 +178,7 @@ async fn holders(
 ) -> Result<axum::Json<Value>, ApiError> {
     let chain = chain_param(&chain)?;
     let token = address_param("token", &token)?;
-    let limit = limit_param(&q)?;
+    let limit = page_limit(&q)?;
     // Cursor: "<balance>:<account>" of the previous page's last holder.
     let after = match q.get("after") {
         None => None,
@@ -261,7 +236,7 @@ async fn transfers(
         since: time_param(q, "since")?,
         until: time_param(q, "until")?,
         before,
-        limit: limit_param(q)?,
+        limit: page_limit(q)?,
     };
     let page = state.indexed.transfers(chain, filter, &query).await?;
     let next = (page.len() as i64 == query.limit)

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::parse_id;
+use super::{page_limit, parse_id};
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
@@ -49,17 +49,6 @@ pub(crate) fn router() -> Router<AppState> {
             "/api/v1/workflows/tx-requests/{id}/transition",
             post(transition_tx),
         )
-}
-
-fn limit(q: &HashMap<String, String>) -> Result<i64, ApiError> {
-    match q.get("limit") {
-        None => Ok(100),
-        Some(v) => v
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| ApiError::BadRequest("limit must be between 1 and 1000".into())),
-    }
 }
 
 #[derive(Deserialize)]
@@ -123,7 +112,7 @@ async fn list_runs(
         .await?;
     let runs = state
         .workflows
-        .list(q.get("status").map(String::as_str), limit(&q)?)
+        .list(q.get("status").map(String::as_str), page_limit(&q)?)
         .await?;
     Ok(axum::Json(json!({ "runs": runs })))
 }
@@ -241,7 +230,7 @@ async fn list_tx(
         .await?;
     let status = TxStatus::parse(q.get("status").map(String::as_str).unwrap_or("DEAD_LETTER"))
         .map_err(dalp_workflows::WorkflowError::from)?;
-    let reqs = state.workflows.tx_requests(status, limit(&q)?).await?;
+    let reqs = state.workflows.tx_requests(status, page_limit(&q)?).await?;
     Ok(axum::Json(json!({ "tx_requests": reqs })))
 }
 
