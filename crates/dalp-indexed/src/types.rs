@@ -130,17 +130,9 @@ pub struct Log {
     pub data: Vec<u8>,
 }
 
-/// `0x`-prefixed hex of any even length.
+/// `0x`-prefixed hex of any even length; `at` names the element in the message.
 pub fn parse_hex(field: &'static str, at: &str, s: &str) -> Result<Vec<u8>, Invalid> {
-    let digits = s
-        .strip_prefix("0x")
-        .ok_or_else(|| Invalid::new(field, format!("{at}: must start with 0x")))?;
-    hex::decode(digits).map_err(|_| {
-        Invalid::new(
-            field,
-            format!("{at}: is not an even number of hex digits after 0x"),
-        )
-    })
+    dalp_types::parse_hex(field, s).map_err(|e| Invalid::new(field, format!("{at}: {}", e.message)))
 }
 
 fn parse_fixed<const N: usize>(field: &'static str, at: &str, s: &str) -> Result<[u8; N], Invalid> {
@@ -378,6 +370,4 @@ impl Block {
     }
 }
 
-pub fn hex0x(bytes: &[u8]) -> String {
-    format!("0x{}", hex::encode(bytes))
-}
+pub use dalp_types::hex0x;

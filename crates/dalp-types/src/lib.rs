@@ -29,6 +29,20 @@ impl Invalid {
     }
 }
 
+/// `0x` followed by lower-case hex: how bytes (hashes, addresses, calldata) leave dalp.
+pub fn hex0x(bytes: &[u8]) -> String {
+    format!("0x{}", hex::encode(bytes))
+}
+
+/// `0x`-prefixed hex of any even length, as EVM tooling writes bytes.
+pub fn parse_hex(field: &'static str, s: &str) -> Result<Vec<u8>, Invalid> {
+    let digits = s
+        .strip_prefix("0x")
+        .ok_or_else(|| Invalid::new(field, "must start with 0x"))?;
+    hex::decode(digits)
+        .map_err(|_| Invalid::new(field, "is not an even number of hex digits after 0x"))
+}
+
 /// An EVM address; mixed case must carry a valid EIP-55 checksum. Stored lower-case.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EvmAddress([u8; 20]);
@@ -72,7 +86,7 @@ impl EvmAddress {
 
     /// Lower-case form, as stored.
     pub fn lower(&self) -> String {
-        format!("0x{}", hex::encode(self.0))
+        hex0x(&self.0)
     }
 
     pub fn bytes(&self) -> &[u8; 20] {

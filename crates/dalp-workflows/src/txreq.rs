@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use dalp_audit::RequestContext;
-use dalp_types::{EvmAddress, Invalid};
+use dalp_types::{hex0x, EvmAddress, Invalid};
 use deadpool_postgres::Transaction;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -134,10 +134,6 @@ pub struct Transition {
 
 const TX_COLUMNS: &str = "id, organisation_id, chain_id, sender, to_address, value::text, data, idempotency_key, status, nonce, gas_limit, tx_hash, error, recheck_at, created_at, updated_at";
 
-fn hex0x(b: &[u8]) -> String {
-    format!("0x{}", hex::encode(b))
-}
-
 fn tx_row(r: &Row) -> TxRequest {
     TxRequest {
         id: r.get(0),
@@ -160,10 +156,7 @@ fn tx_row(r: &Row) -> TxRequest {
 }
 
 fn parse_hex(field: &'static str, s: &str, max: usize) -> Result<Vec<u8>, Invalid> {
-    let digits = s
-        .strip_prefix("0x")
-        .ok_or_else(|| Invalid::new(field, "must start with 0x"))?;
-    let b = hex::decode(digits).map_err(|_| Invalid::new(field, "is not even-length hex"))?;
+    let b = dalp_types::parse_hex(field, s)?;
     if b.len() > max {
         return Err(Invalid::new(field, format!("is longer than {max} bytes")));
     }
