@@ -29,6 +29,17 @@ pub const PARTITIONS: [dalp_db::partitions::PartitionPolicy; 5] = [
     dalp_indexed::PARTITIONS[3],
 ];
 
+/// What `dalp db lint` and `dalp doctor` check: the five schemas, every partitioned table,
+/// bloat above 20 % dead tuples, scan and bloat checks on tables of 10,000 rows or more.
+pub fn lint_options() -> dalp_db::analysis::LintOptions {
+    dalp_db::analysis::LintOptions {
+        schemas: ACCESS.iter().map(|a| a.schema.to_string()).collect(),
+        partitions: PARTITIONS.to_vec(),
+        bloat_ratio: 0.2,
+        min_rows: 10_000,
+    }
+}
+
 /// How long time-partitioned data is kept.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use dalp_db::analysis::{self, LintOptions, Severity, TopOrder};
+use dalp_db::analysis::{self, Severity, TopOrder};
 use dalp_db::component::login_roles;
 use dalp_ops::Layout;
 
@@ -92,15 +92,7 @@ pub async fn lint(target: &TargetArgs, fail_on: &str, json: bool) -> anyhow::Res
     let threshold = Severity::parse(fail_on)
         .with_context(|| format!("--fail-on {fail_on}: use info, warning or error"))?;
     let client = connect_admin(target).await?;
-    let opts = LintOptions {
-        schemas: dalp_api::catalog::ACCESS
-            .iter()
-            .map(|a| a.schema.to_string())
-            .collect(),
-        partitions: dalp_api::catalog::PARTITIONS.to_vec(),
-        bloat_ratio: 0.2,
-        min_rows: 10_000,
-    };
+    let opts = dalp_api::catalog::lint_options();
     let findings = analysis::lint(&client, &opts, chrono::Utc::now()).await?;
     if json {
         println!("{}", serde_json::to_string(&findings)?);
@@ -110,7 +102,7 @@ pub async fn lint(target: &TargetArgs, fail_on: &str, json: bool) -> anyhow::Res
         for f in &findings {
             println!(
                 "{:<8} {:<22} {}: {}\n         fix: {}",
-                format!("{:?}", f.severity).to_lowercase(),
+                f.severity.as_str(),
                 f.check,
                 f.object,
                 f.message,

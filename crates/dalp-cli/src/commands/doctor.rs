@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dalp_db::analysis::{self, LintOptions, Severity};
+use dalp_db::analysis;
 use dalp_db::{Component, ComponentPools, ConnectOptions};
 use dalp_ops::Layout;
 use serde::Serialize;
@@ -34,14 +34,6 @@ fn check(
         status,
         detail: detail.into(),
         next: next.into(),
-    }
-}
-
-fn sev(s: Severity) -> &'static str {
-    match s {
-        Severity::Info => "info",
-        Severity::Warning => "warning",
-        Severity::Error => "error",
     }
 }
 
@@ -202,15 +194,7 @@ pub async fn run(
             Err(e) => checks.push(check("roles", "error", e.to_string(), "")),
         }
         // Index coverage and partitions.
-        let lint = LintOptions {
-            schemas: dalp_api::catalog::ACCESS
-                .iter()
-                .map(|a| a.schema.to_string())
-                .collect(),
-            partitions: dalp_api::catalog::PARTITIONS.to_vec(),
-            bloat_ratio: 0.2,
-            min_rows: 10_000,
-        };
+        let lint = dalp_api::catalog::lint_options();
         match analysis::lint(&client, &lint, now).await {
             Ok(f) if f.is_empty() => checks.push(check(
                 "schema_health",
@@ -222,7 +206,7 @@ pub async fn run(
                 for x in f {
                     checks.push(check(
                         "schema_health",
-                        sev(x.severity),
+                        x.severity.as_str(),
                         format!("{}: {}: {}", x.check, x.object, x.message),
                         x.fix,
                     ));
