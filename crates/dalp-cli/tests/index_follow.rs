@@ -10,7 +10,7 @@ use dalp_indexed::rpc::RpcClient;
 use dalp_indexed::types::parse_address;
 use dalp_indexed::IndexedStore;
 use dalp_testkit::anvil::Anvil;
-use dalp_testkit::{migrated_database, TestDb};
+use dalp_testkit::{migrated_database, Reaped, TestDb};
 use num_bigint::BigUint;
 use serde_json::{json, Value};
 use sha3::{Digest, Keccak256};
@@ -411,16 +411,6 @@ async fn a_follower_killed_mid_stream_resumes_with_nothing_missing_or_duplicated
     assert_eq!(counts[3].1, 4 + 300);
     let samples: Vec<u64> = (0..=head).step_by(17).chain([head]).collect();
     assert_index_matches(&store, &node, &token, &samples, head).await;
-}
-
-/// Kills and reaps the follower by pid when the test ends, also when it fails.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test]

@@ -1,12 +1,12 @@
 //! kill -9 of a `dalp workflows worker` mid-run: another worker resumes its runs once their
 //! leases expire, and no step runs twice (side effects counted per step).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dalp_audit::RequestContext;
 use dalp_db::Component;
-use dalp_testkit::{migrated_database, TestDb};
+use dalp_testkit::{migrated_database, Reaped, TestDb};
 use dalp_workflows::{NewRun, WorkflowStore};
 use serde_json::json;
 use uuid::Uuid;
@@ -14,16 +14,6 @@ use uuid::Uuid;
 const DALP: &str = env!("CARGO_BIN_EXE_dalp");
 const RUNS: usize = 12;
 const STEPS: i64 = 8;
-
-/// Kills and reaps the worker by pid when the test ends, also when it fails.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn worker(db: &TestDb) -> Reaped {
     Reaped(

@@ -4,11 +4,11 @@
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct Anvil {
-    child: Child,
+    _child: crate::Reaped,
     pub port: u16,
 }
 
@@ -42,7 +42,10 @@ impl Anvil {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start anvil");
-        let anvil = Anvil { child, port };
+        let anvil = Anvil {
+            _child: crate::Reaped(child),
+            port,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
@@ -54,12 +57,5 @@ impl Anvil {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Anvil {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -6,6 +6,17 @@
 
 pub mod anvil;
 
+/// A child process a test started: killed (SIGKILL) and reaped by pid when dropped, so it is
+/// stopped also when the test fails.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
