@@ -161,9 +161,9 @@ fn month_key(t: DateTime<Utc>) -> i32 {
     t.year() * 12 + t.month0() as i32
 }
 
-fn parse_big(s: &str) -> Result<BigInt, tokio_postgres::Error> {
-    // Values come from numeric columns cast to text: always plain integers.
-    Ok(BigInt::from_str(s).expect("numeric text is an integer"))
+fn parse_big(s: &str) -> BigInt {
+    // Values come from numeric(…, 0) columns cast to text: always plain integers.
+    BigInt::from_str(s).expect("numeric text is an integer")
 }
 
 /// A row per (token, account, block) whose balance changed, and per (token, block) supply.
@@ -879,7 +879,7 @@ impl IndexedStore {
             .await?
         {
             let key = (to20(row.get(0)), to20(row.get(1)));
-            ledger.balances.insert(key, (parse_big(row.get(2))?, 0));
+            ledger.balances.insert(key, (parse_big(row.get(2)), 0));
         }
         let supply_list: Vec<&[u8]> = supply_tokens.iter().map(|t| &t[..]).collect();
         let mut supply: HashMap<Address, BigInt> = HashMap::new();
@@ -891,7 +891,7 @@ impl IndexedStore {
             )
             .await?
         {
-            supply.insert(to20(row.get(0)), parse_big(row.get(1))?);
+            supply.insert(to20(row.get(0)), parse_big(row.get(1)));
         }
 
         // Per block: apply its transfers, then record each touched pair's balance once.

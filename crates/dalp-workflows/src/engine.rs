@@ -206,24 +206,25 @@ pub struct WorkflowStore {
     hints: Arc<Hints>,
 }
 
-#[derive(Default)]
 struct Hints {
-    epoch: std::sync::OnceLock<std::time::Instant>,
+    epoch: std::time::Instant,
+    /// Milliseconds since `epoch` plus one; 0 means never.
     last_notify_ms: AtomicU64,
     last_reclaim_ms: AtomicU64,
 }
 
 impl Hints {
-    fn now_ms(&self) -> u64 {
-        self.epoch
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_millis() as u64
-            + 1
+    fn new() -> Hints {
+        Hints {
+            epoch: std::time::Instant::now(),
+            last_notify_ms: AtomicU64::new(0),
+            last_reclaim_ms: AtomicU64::new(0),
+        }
     }
 
     /// True at most once per `every_ms` across this process (first call: true).
-    fn due(slot: &AtomicU64, now: u64, every_ms: u64) -> bool {
+    fn due(&self, slot: &AtomicU64, every_ms: u64) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
         let last = slot.load(Ordering::Relaxed);
         (last == 0 || now.saturating_sub(last) >= every_ms)
             && slot
@@ -242,7 +243,7 @@ impl WorkflowStore {
     pub fn new(pool: Pool) -> WorkflowStore {
         WorkflowStore {
             pool,
-            hints: Arc::default(),
+            hints: Arc::new(Hints::new()),
         }
     }
 
@@ -301,8 +302,7 @@ impl WorkflowStore {
             .details(json!({ "kind": run.kind, "idempotency_key": run.idempotency_key }));
         event.organisation_id = Some(run.organisation_id);
         dalp_audit::record(&*tx, &event).await?;
-        let now = self.hints.now_ms();
-        if Hints::due(&self.hints.last_notify_ms, now, NOTIFY_EVERY_MS) {
+        if self.hints.due(&self.hints.last_notify_ms, NOTIFY_EVERY_MS) {
             tx.execute("SELECT pg_notify($1, $2)", &[&READY_CHANNEL, &run.kind])
                 .await?;
         }
@@ -357,7 +357,7 @@ impl WorkflowStore {
             .query_typed(
                 &format!(
                     "SELECT {RUN_COLUMNS} FROM dalp_workflows.runs
-                      WHERE ($1 = $1) AND {cond} ORDER BY updated_at DESC LIMIT $2"
+                      WHERE {cond} ORDER BY updated_at DESC LIMIT $2"
                 ),
                 &[(&status_param, Type::TEXT), (&limit, Type::INT8)],
             )
@@ -376,8 +376,10 @@ impl WorkflowStore {
     ) -> Result<Vec<Run>, WorkflowError> {
         let client = self.pool.get().await?;
         // Expired leases: the worker is gone; the run is pending again (its attempt counted).
-        let now = self.hints.now_ms();
-        if Hints::due(&self.hints.last_reclaim_ms, now, RECLAIM_EVERY_MS) {
+        if self
+            .hints
+            .due(&self.hints.last_reclaim_ms, RECLAIM_EVERY_MS)
+        {
             client.execute(
             "WITH expired AS (
                  SELECT id FROM dalp_workflows.runs

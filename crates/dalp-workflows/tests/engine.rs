@@ -212,6 +212,7 @@ async fn failures_back_off_then_dead_letter_and_an_operator_can_retry_or_cancel(
     // Two backoffs of at least 0.5 × 30 ms and 0.5 × 60 ms.
     assert!(started.elapsed() >= Duration::from_millis(45));
     assert_eq!(store.list(Some("dead_letter"), 10).await.unwrap().len(), 1);
+    assert_eq!(store.list(None, 10).await.unwrap().len(), 1, "every run");
 
     let r = store.retry(&ctx(), run.id).await.unwrap();
     assert_eq!((r.status.as_str(), r.attempts), ("pending", 0));
