@@ -12,6 +12,7 @@ pub mod cache;
 pub mod component;
 pub mod config;
 pub mod connect;
+pub mod ha;
 pub mod migrate;
 pub mod partitions;
 pub mod pool;

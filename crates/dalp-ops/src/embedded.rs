@@ -237,6 +237,111 @@ pub fn free_port() -> Result<u16, OpsError> {
     })
 }
 
+/// Where a server's files are, for [`server_settings`].
+pub(crate) struct ServerConf<'a> {
+    pub bin: &'a Path,
+    pub socket_dir: &'a Path,
+    pub tls_dir: &'a Path,
+    pub log_dir: &'a Path,
+    pub pgaudit_log: &'a str,
+    pub slow_ms: u32,
+}
+
+/// The server settings every dalp-run PostgreSQL gets (embedded and HA nodes): TLS only,
+/// SCRAM, pgAudit and query analysis when installed, JSON logs for shipping. Values are
+/// unquoted; listen address and port are the caller's.
+pub(crate) fn server_settings(c: &ServerConf<'_>) -> Vec<(&'static str, String)> {
+    let lib_dir = c.bin.parent().map(|p| p.join("lib")).unwrap_or_default();
+    let preload: Vec<&str> = ["pgaudit", "pg_stat_statements", "auto_explain"]
+        .into_iter()
+        .filter(|l| lib_dir.join(format!("{l}.so")).exists())
+        .collect();
+    let mut s = vec![
+        (
+            "unix_socket_directories",
+            c.socket_dir.display().to_string(),
+        ),
+        ("unix_socket_permissions", "0700".into()),
+        ("ssl", "on".into()),
+        (
+            "ssl_cert_file",
+            c.tls_dir.join(pki::SERVER_CERT).display().to_string(),
+        ),
+        (
+            "ssl_key_file",
+            c.tls_dir.join(pki::SERVER_KEY).display().to_string(),
+        ),
+        ("ssl_min_protocol_version", "TLSv1.2".into()),
+        ("password_encryption", "scram-sha-256".into()),
+        ("shared_preload_libraries", preload.join(",")),
+        ("max_connections", "200".into()),
+        ("log_line_prefix", "%m [%p] %q%u@%d/%a ".into()),
+        // Server logs as JSON lines (pgAudit's AUDIT entries among them), for shipping.
+        ("logging_collector", "on".into()),
+        ("log_destination", "stderr,jsonlog".into()),
+        ("log_directory", c.log_dir.display().to_string()),
+        ("log_filename", "postgresql-%Y-%m-%d.log".into()),
+        ("log_file_mode", "0640".into()),
+    ];
+    if preload.contains(&"auto_explain") {
+        // Query analysis: statement statistics, and plans of slow statements logged.
+        s.extend([
+            ("pg_stat_statements.track", "top".to_string()),
+            ("pg_stat_statements.max", "5000".into()),
+            ("track_io_timing", "on".into()),
+            ("auto_explain.log_min_duration", format!("{}ms", c.slow_ms)),
+            ("auto_explain.log_format", "text".into()),
+            ("auto_explain.log_nested_statements", "on".into()),
+        ]);
+    }
+    if preload.contains(&"pgaudit") {
+        s.extend([
+            ("pgaudit.log", c.pgaudit_log.to_string()),
+            ("pgaudit.log_parameter", "off".into()),
+            ("pgaudit.log_catalog", "off".into()),
+            ("pgaudit.role", dalp_db::component::PGAUDIT_ROLE.into()),
+        ]);
+    }
+    s
+}
+
+/// `pg_ident.conf` lines: who may act as the superuser over the local socket.
+pub(crate) fn ident_lines() -> Vec<String> {
+    let os_user = nix::unistd::User::from_uid(nix::unistd::Uid::effective())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| "root".into());
+    vec![
+        format!("dalp_superuser {SUPERUSER} {SUPERUSER}"),
+        format!("dalp_superuser {os_user} {SUPERUSER}"),
+    ]
+}
+
+/// `pg_hba.conf` lines: the superuser only over the local socket by OS identity (peer);
+/// TCP only with TLS and SCRAM, never as the superuser. `replication` names the role that
+/// may stream WAL (HA clusters).
+pub(crate) fn hba_lines(replication: Option<&str>) -> Vec<String> {
+    let su = SUPERUSER;
+    let mut l = vec![
+        format!("local all {su} peer map=dalp_superuser"),
+        "local all all reject".to_string(),
+        "hostnossl all all 0.0.0.0/0 reject".into(),
+        "hostnossl all all ::/0 reject".into(),
+        format!("hostssl all {su} 127.0.0.1/32 reject"),
+        format!("hostssl all {su} ::1/128 reject"),
+    ];
+    if let Some(r) = replication {
+        l.push(format!(
+            "hostssl replication {r} 127.0.0.1/32 scram-sha-256"
+        ));
+        l.push(format!("hostssl replication {r} ::1/128 scram-sha-256"));
+    }
+    l.push("hostssl all all 127.0.0.1/32 scram-sha-256".into());
+    l.push("hostssl all all ::1/128 scram-sha-256".into());
+    l
+}
+
 impl Instance {
     /// Creates (if needed) and locks `dir`. Fails clearly when another dalp holds it, when a
     /// PostgreSQL server without a dalp still runs on it, or when the `postgres` user could
@@ -474,11 +579,6 @@ impl Instance {
             });
         }
 
-        let lib_dir = bin.parent().map(|p| p.join("lib")).unwrap_or_default();
-        let preload: Vec<&str> = ["pgaudit", "pg_stat_statements", "auto_explain"]
-            .into_iter()
-            .filter(|l| lib_dir.join(format!("{l}.so")).exists())
-            .collect();
         let tls = self.layout.tls_dir();
         let log_dir = self
             .layout
@@ -488,83 +588,30 @@ impl Instance {
             .to_path_buf();
         std::fs::create_dir_all(&log_dir).map_err(OpsError::io("create log dir"))?;
         self.user.chown(&log_dir)?;
-        let audit = if preload.contains(&"pgaudit") {
-            format!(
-                "pgaudit.log = {}
-                 pgaudit.log_parameter = off
-                 pgaudit.log_catalog = off
-                 pgaudit.role = {}
-",
-                quote_conf(pgaudit_log),
-                quote_conf(dalp_db::component::PGAUDIT_ROLE)
-            )
-        } else {
-            String::new()
-        };
-        let conf = format!(
-            "# Written by dalp at every start; local edits are overwritten.\n\
-             listen_addresses = '127.0.0.1,::1'\n\
-             port = {port}\n\
-             unix_socket_directories = {sock}\n\
-             unix_socket_permissions = 0700\n\
-             ssl = on\n\
-             ssl_cert_file = {cert}\n\
-             ssl_key_file = {key}\n\
-             ssl_min_protocol_version = 'TLSv1.2'\n\
-             password_encryption = 'scram-sha-256'\n\
-             shared_preload_libraries = {preload}\n\
-             max_connections = 200\n\
-             log_line_prefix = '%m [%p] %q%u@%d/%a '\n\
-             # Server logs as JSON lines (pgAudit's AUDIT entries among them), for shipping.\n\
-             logging_collector = on\n\
-             log_destination = 'stderr,jsonlog'\n\
-             log_directory = {log_dir}\n\
-             log_filename = 'postgresql-%Y-%m-%d.log'\n\
-             log_file_mode = 0640\n\
-             {analysis}             {audit}",
-            analysis = if preload.contains(&"auto_explain") {
-                format!(
-                    "# Query analysis: statement statistics, and plans of slow statements logged.\n\
-                     pg_stat_statements.track = 'top'\n\
-                     pg_stat_statements.max = 5000\n\
-                     track_io_timing = on\n\
-                     auto_explain.log_min_duration = '{slow_ms}ms'\n\
-                     auto_explain.log_format = 'text'\n\
-                     auto_explain.log_nested_statements = on\n",
-                )
-            } else {
-                String::new()
-            },
-            log_dir = quote_conf(&log_dir.display().to_string()),
-            sock = quote_conf(&socket_dir.display().to_string()),
-            cert = quote_conf(&tls.join(pki::SERVER_CERT).display().to_string()),
-            key = quote_conf(&tls.join(pki::SERVER_KEY).display().to_string()),
-            preload = quote_conf(&preload.join(",")),
-        );
-        let os_user = nix::unistd::User::from_uid(nix::unistd::Uid::effective())
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-            .unwrap_or_else(|| "root".into());
+        let mut settings = vec![
+            ("listen_addresses", "127.0.0.1,::1".to_string()),
+            ("port", port.to_string()),
+        ];
+        settings.extend(server_settings(&ServerConf {
+            bin,
+            socket_dir: &socket_dir,
+            tls_dir: &tls,
+            log_dir: &log_dir,
+            pgaudit_log,
+            slow_ms,
+        }));
+        let mut conf =
+            String::from("# Written by dalp at every start; local edits are overwritten.\n");
+        for (k, v) in settings {
+            conf.push_str(&format!("{k} = {}\n", quote_conf(&v)));
+        }
         let ident = format!(
-            "# Written by dalp: who may act as the superuser over the local socket.\n\
-             dalp_superuser {su} {su}\n\
-             dalp_superuser {os_user} {su}\n",
-            su = SUPERUSER
+            "# Written by dalp: who may act as the superuser over the local socket.\n{}\n",
+            ident_lines().join("\n")
         );
         let hba = format!(
-            "# Written by dalp at every start; local edits are overwritten.\n\
-             # The superuser only over the local socket, by OS identity (peer).\n\
-             local     all  {su}  peer map=dalp_superuser\n\
-             local     all  all   reject\n\
-             # TCP: TLS only, SCRAM-SHA-256, never the superuser.\n\
-             hostnossl all  all   0.0.0.0/0     reject\n\
-             hostnossl all  all   ::/0          reject\n\
-             hostssl   all  {su}  127.0.0.1/32  reject\n\
-             hostssl   all  {su}  ::1/128       reject\n\
-             hostssl   all  all   127.0.0.1/32  scram-sha-256\n\
-             hostssl   all  all   ::1/128       scram-sha-256\n",
-            su = SUPERUSER
+            "# Written by dalp at every start; local edits are overwritten.\n{}\n",
+            hba_lines(None).join("\n")
         );
         for (name, text) in [
             ("dalp.conf", conf),
@@ -686,23 +733,7 @@ impl RunningCluster {
 
     /// Roles, the `dalp` database and its grants. Idempotent.
     async fn bootstrap(&self) -> Result<(), OpsError> {
-        let err = |context: &str| {
-            let context = context.to_string();
-            move |e: &dyn std::fmt::Display| OpsError::Bootstrap {
-                context: context.clone(),
-                message: e.to_string(),
-            }
-        };
-        let su = self
-            .superuser_options("postgres")
-            .connect()
-            .await
-            .map_err(|e| err("connect as superuser")(&e))?;
-        roles::ensure_roles(&su, self.secrets())
-            .await
-            .map_err(|e| err("create roles")(&e))?;
-        self.create_database(&su, DATABASE).await?;
-        Ok(())
+        bootstrap_roles_and_database(&|db| self.superuser_options(db), self.secrets()).await
     }
 
     /// Creates `dbname` (if missing) with dalp's database-level grants, as the superuser.
@@ -711,35 +742,7 @@ impl RunningCluster {
         su: &tokio_postgres::Client,
         dbname: &str,
     ) -> Result<(), OpsError> {
-        let to_err = |context: &str, e: &dyn std::fmt::Display| OpsError::Bootstrap {
-            context: context.into(),
-            message: e.to_string(),
-        };
-        let exists: bool = su
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
-                &[&dbname],
-            )
-            .await
-            .map_err(|e| to_err("look up database", &e))?
-            .get(0);
-        if !exists {
-            su.batch_execute(&format!(
-                "CREATE DATABASE {}",
-                dalp_db::sql::quote_ident(dbname)
-            ))
-            .await
-            .map_err(|e| to_err("create database", &e))?;
-        }
-        let db = self
-            .superuser_options(dbname)
-            .connect()
-            .await
-            .map_err(|e| to_err("connect to new database", &e))?;
-        roles::prepare_database(&db, dbname)
-            .await
-            .map_err(|e| to_err("grant database privileges", &e))?;
-        Ok(())
+        create_database_as(&|db| self.superuser_options(db), su, dbname).await
     }
 
     /// Stops the server and releases the data directory for another dalp.
@@ -766,6 +769,61 @@ impl Drop for RunningCluster {
             tracing::error!(error = %e, "stopping postgres");
         }
     }
+}
+
+fn bootstrap_err(context: &str, e: &dyn std::fmt::Display) -> OpsError {
+    OpsError::Bootstrap {
+        context: context.into(),
+        message: e.to_string(),
+    }
+}
+
+/// dalp's roles (passwords from `secrets`), the `dalp` database and its grants, through the
+/// superuser options `su` gives per database. Idempotent; used by every cluster dalp runs.
+pub(crate) async fn bootstrap_roles_and_database(
+    su: &dyn Fn(&str) -> ConnectOptions,
+    secrets: &Secrets,
+) -> Result<(), OpsError> {
+    let client = su("postgres")
+        .connect()
+        .await
+        .map_err(|e| bootstrap_err("connect as superuser", &e))?;
+    roles::ensure_roles(&client, secrets)
+        .await
+        .map_err(|e| bootstrap_err("create roles", &e))?;
+    create_database_as(su, &client, DATABASE).await
+}
+
+/// Creates `dbname` (if missing) and applies dalp's database-level grants in it.
+pub(crate) async fn create_database_as(
+    su_options: &dyn Fn(&str) -> ConnectOptions,
+    su: &tokio_postgres::Client,
+    dbname: &str,
+) -> Result<(), OpsError> {
+    let exists: bool = su
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+            &[&dbname],
+        )
+        .await
+        .map_err(|e| bootstrap_err("look up database", &e))?
+        .get(0);
+    if !exists {
+        su.batch_execute(&format!(
+            "CREATE DATABASE {}",
+            dalp_db::sql::quote_ident(dbname)
+        ))
+        .await
+        .map_err(|e| bootstrap_err("create database", &e))?;
+    }
+    let db = su_options(dbname)
+        .connect()
+        .await
+        .map_err(|e| bootstrap_err("connect to new database", &e))?;
+    roles::prepare_database(&db, dbname)
+        .await
+        .map_err(|e| bootstrap_err("grant database privileges", &e))?;
+    Ok(())
 }
 
 /// What `dalp status` can tell without starting anything.

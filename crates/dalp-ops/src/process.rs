@@ -119,6 +119,26 @@ impl ServerUser {
     }
 }
 
+impl ServerUser {
+    /// Prepares `cmd` to run as this user as a daemon: its own session, so it outlives the
+    /// dalp that started it (stopped later by its recorded pid).
+    pub fn configure_daemon(&self, cmd: &mut Command) {
+        if self.switch {
+            cmd.uid(self.uid.as_raw()).gid(self.gid.as_raw());
+        }
+        cmd.env("LC_ALL", "C").env_remove("PGPASSWORD");
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
 
 /// Spawns `cmd` from the keeper thread (see the module docs).

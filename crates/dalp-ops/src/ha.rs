@@ -1,0 +1,933 @@
+//! A local high-availability cluster: one etcd (v3 API) and N PostgreSQL 15 nodes under
+//! Patroni, all on loopback, all run as the `postgres` system user.
+//!
+//! Replication is synchronous (`synchronous_mode`), replicas stream over TLS
+//! (`sslmode=verify-full`) with SCRAM as `dalp_replicator`, a former primary rejoins with
+//! `pg_rewind` as `dalp_rewind`, and every node gets the same server settings, `pg_hba.conf`
+//! and peer map as the embedded cluster (the superuser only over the local socket).
+//!
+//! The processes are daemons: they outlive the `dalp cluster up` that started them, and
+//! `dalp cluster down` (or [`HaCluster::down`]) stops them by the pids recorded under the
+//! cluster directory. Layout:
+//! `cluster.json` (ports, timings), `secrets.json` (0600), `tls/`, `etcd/` + `etcd.pid` +
+//! `etcd.log`, and per node `nodeN/{patroni.yml, patroni.pid, patroni.log, pgdata/, run/, log/}`.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dalp_db::connect::ConnectOptions;
+use dalp_db::{roles, Secrets};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::embedded::{
+    self, bootstrap_roles_and_database, free_port, hba_lines, ident_lines, server_settings,
+    ServerConf, DATABASE, SUPERUSER,
+};
+use crate::error::OpsError;
+use crate::pki;
+use crate::process::{self, ServerUser};
+
+/// Patroni's scope (cluster name) and etcd namespace.
+pub const SCOPE: &str = "dalp";
+/// The role replicas stream WAL as.
+pub const REPLICATION_ROLE: &str = "dalp_replicator";
+/// The role `pg_rewind` connects as when a former primary rejoins.
+pub const REWIND_ROLE: &str = "dalp_rewind";
+/// The user of Patroni's REST API for changing operations (switchover, restart).
+pub const API_USER: &str = "dalp_patroni";
+
+const PATRONI_BIN: &str = "/usr/bin/patroni";
+const ETCD_BIN: &str = "/usr/bin/etcd";
+
+/// How to build the cluster. The timings are Patroni's (seconds).
+#[derive(Debug, Clone)]
+pub struct HaOptions {
+    pub nodes: usize,
+    /// Leader lock lifetime: how long a dead leader keeps the lock (Patroni's minimum is 20).
+    pub ttl: u32,
+    /// Seconds between Patroni's HA loop runs.
+    pub loop_wait: u32,
+    /// How long Patroni retries etcd and PostgreSQL operations before giving up.
+    pub retry_timeout: u32,
+    /// Refuse writes when no synchronous standby is available (instead of degrading).
+    pub synchronous_mode_strict: bool,
+    pub pgaudit_log: Option<String>,
+    pub slow_query_ms: Option<u32>,
+    pub bin_dir: Option<PathBuf>,
+}
+
+impl Default for HaOptions {
+    /// Safe on 2 cores: a 2 s loop keeps three Patronis light, and ttl 20 s (Patroni's
+    /// minimum) bounds how long a dead leader blocks writes.
+    fn default() -> Self {
+        HaOptions {
+            nodes: 3,
+            ttl: 20,
+            loop_wait: 2,
+            retry_timeout: 5,
+            synchronous_mode_strict: false,
+            pgaudit_log: None,
+            slow_query_ms: None,
+            bin_dir: None,
+        }
+    }
+}
+
+impl HaOptions {
+    /// Checks the timings the way Patroni needs them: `loop_wait + 2 × retry_timeout ≤ ttl`.
+    pub fn validate(&self) -> Result<(), OpsError> {
+        let bad = |m: String| OpsError::Bootstrap {
+            context: "HA cluster options".into(),
+            message: m,
+        };
+        if !(1..=9).contains(&self.nodes) {
+            return Err(bad(format!("--nodes {} must be 1 to 9", self.nodes)));
+        }
+        if self.ttl < 20 {
+            return Err(bad(format!(
+                "--ttl {} is below Patroni's minimum of 20 seconds",
+                self.ttl
+            )));
+        }
+        if self.loop_wait < 1 || self.retry_timeout < 3 {
+            return Err(bad(
+                "--loop-wait must be ≥ 1 and --retry-timeout ≥ 3 seconds".into(),
+            ));
+        }
+        if self.loop_wait + 2 * self.retry_timeout > self.ttl {
+            return Err(bad(format!(
+                "loop_wait ({}) + 2 × retry_timeout ({}) must not exceed ttl ({}): a leader could lose its lock while still retrying",
+                self.loop_wait, self.retry_timeout, self.ttl
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One node's ports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeSpec {
+    pub name: String,
+    pub pg_port: u16,
+    pub api_port: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ClusterFile {
+    etcd_client_port: u16,
+    etcd_peer_port: u16,
+    nodes: Vec<NodeSpec>,
+    ttl: u32,
+    loop_wait: u32,
+    retry_timeout: u32,
+    synchronous_mode_strict: bool,
+}
+
+/// One member as Patroni reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    /// `leader`, `sync_standby` or `replica`.
+    pub role: String,
+    /// `running`, `streaming`, `starting`, `stopped`, …
+    pub state: String,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub port: u16,
+    #[serde(default)]
+    pub timeline: Option<u64>,
+    /// Replay lag behind the leader in bytes (`None` for the leader, or when unknown).
+    #[serde(default, deserialize_with = "lag_bytes")]
+    pub lag: Option<u64>,
+}
+
+fn lag_bytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    // Patroni reports a number, or "unknown" when it cannot tell.
+    Ok(match Value::deserialize(d)? {
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    })
+}
+
+/// The cluster as the members see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub scope: String,
+    pub members: Vec<Member>,
+    /// Nodes of the cluster Patroni does not list (stopped or never started).
+    pub missing: Vec<String>,
+}
+
+impl ClusterStatus {
+    pub fn leader(&self) -> Option<&Member> {
+        self.members
+            .iter()
+            .find(|m| m.role == "leader" && m.state == "running")
+    }
+    pub fn sync_standby(&self) -> Option<&Member> {
+        self.members.iter().find(|m| m.role == "sync_standby")
+    }
+    /// Replicas that stream from the leader (state `running` or `streaming`).
+    pub fn healthy_replicas(&self) -> usize {
+        self.members
+            .iter()
+            .filter(|m| m.role != "leader" && (m.state == "running" || m.state == "streaming"))
+            .count()
+    }
+}
+
+/// A local HA cluster's directory, its processes and its settings.
+pub struct HaCluster {
+    root: PathBuf,
+    user: ServerUser,
+    secrets: Secrets,
+    state: ClusterFile,
+    bin: PathBuf,
+    children: Mutex<HashMap<String, Child>>,
+    stop_on_drop: bool,
+}
+
+fn err(context: impl Into<String>, message: impl std::fmt::Display) -> OpsError {
+    OpsError::Bootstrap {
+        context: context.into(),
+        message: message.to_string(),
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build()
+        .expect("HTTP client")
+}
+
+impl HaCluster {
+    fn node_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+    fn state_path(root: &Path) -> PathBuf {
+        root.join("cluster.json")
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.root.join("tls").join(pki::CA_CERT)
+    }
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
+    }
+    pub fn nodes(&self) -> &[NodeSpec] {
+        &self.state.nodes
+    }
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.state.ttl.into())
+    }
+    /// Stop every process when this value is dropped (tests); `dalp cluster up` leaves them.
+    pub fn stop_on_drop(mut self, yes: bool) -> Self {
+        self.stop_on_drop = yes;
+        self
+    }
+
+    /// Opens an existing cluster directory (for status, switchover, down).
+    pub fn open(dir: &Path) -> Result<HaCluster, OpsError> {
+        let root = std::fs::canonicalize(dir).map_err(|e| {
+            err(
+                format!("cluster directory {}", dir.display()),
+                format!(
+                    "{e}; create one with `dalp cluster up --dir {}`",
+                    dir.display()
+                ),
+            )
+        })?;
+        let text = std::fs::read_to_string(Self::state_path(&root)).map_err(|e| {
+            err(
+                format!("{}", Self::state_path(&root).display()),
+                format!("{e}: not an HA cluster directory (`dalp cluster up` makes one)"),
+            )
+        })?;
+        let state: ClusterFile = serde_json::from_str(&text).map_err(|e| err("cluster.json", e))?;
+        let secrets = Secrets::load(&root.join("secrets.json")).map_err(|e| err("secrets", e))?;
+        Ok(HaCluster {
+            root,
+            user: ServerUser::resolve()?,
+            secrets,
+            state,
+            bin: PathBuf::from(embedded::DEFAULT_PG_BIN),
+            children: Mutex::new(HashMap::new()),
+            stop_on_drop: false,
+        })
+    }
+
+    /// Creates (first time) or restarts the cluster in `dir` and waits until it has a
+    /// leader, every replica streams, and (with more than one node) a synchronous standby.
+    /// dalp's roles and database are created once, through the leader.
+    pub async fn up(dir: &Path, opts: HaOptions) -> Result<HaCluster, OpsError> {
+        opts.validate()?;
+        for b in [PATRONI_BIN, ETCD_BIN] {
+            if !Path::new(b).exists() {
+                return Err(err(
+                    format!("{b} not found"),
+                    "install Debian's patroni and etcd-server packages (scripts/deps.sh does)",
+                ));
+            }
+        }
+        let bin = opts
+            .bin_dir
+            .clone()
+            .or_else(|| std::env::var_os("DALP_PG_BIN").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(embedded::DEFAULT_PG_BIN));
+        if !bin.join("postgres").exists() {
+            return Err(OpsError::MissingBinary(bin.join("postgres")));
+        }
+        let user = ServerUser::resolve()?;
+        std::fs::create_dir_all(dir).map_err(OpsError::io(format!("create {}", dir.display())))?;
+        let root = std::fs::canonicalize(dir)
+            .map_err(OpsError::io(format!("resolve {}", dir.display())))?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
+            .map_err(OpsError::io(format!("chmod {}", root.display())))?;
+        user.check_traversable(&root)?;
+
+        let state = match std::fs::read_to_string(Self::state_path(&root)) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| err("cluster.json", e))?,
+            Err(_) => ClusterFile {
+                etcd_client_port: free_port()?,
+                etcd_peer_port: free_port()?,
+                nodes: (1..=opts.nodes)
+                    .map(|i| -> Result<NodeSpec, OpsError> {
+                        Ok(NodeSpec {
+                            name: format!("node{i}"),
+                            pg_port: free_port()?,
+                            api_port: free_port()?,
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+                ttl: opts.ttl,
+                loop_wait: opts.loop_wait,
+                retry_timeout: opts.retry_timeout,
+                synchronous_mode_strict: opts.synchronous_mode_strict,
+            },
+        };
+        let secrets_path = root.join("secrets.json");
+        let mut secrets = if secrets_path.exists() {
+            Secrets::load(&secrets_path).map_err(|e| err("secrets", e))?
+        } else {
+            roles::generate_secrets()
+        };
+        for r in [REPLICATION_ROLE, REWIND_ROLE, API_USER]
+            .into_iter()
+            .chain(dalp_db::component::login_roles())
+        {
+            secrets
+                .roles
+                .entry(r.to_string())
+                .or_insert_with(|| roles::generate_password(32));
+        }
+        pki::write_private(
+            &secrets_path,
+            &serde_json::to_string_pretty(&secrets).expect("secrets serialize"),
+        )?;
+        let tls = root.join("tls");
+        pki::ensure(&tls, &user)?;
+        std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o755))
+            .map_err(OpsError::io("chmod tls dir"))?;
+
+        let cluster = HaCluster {
+            root,
+            user,
+            secrets,
+            state,
+            bin,
+            children: Mutex::new(HashMap::new()),
+            stop_on_drop: false,
+        };
+        if let Some(name) = cluster.running_processes().first() {
+            return Err(err(
+                format!("cluster in {}", cluster.root.display()),
+                format!("{name} is already running; see `dalp cluster status`, or stop it with `dalp cluster down`"),
+            ));
+        }
+        std::fs::write(
+            Self::state_path(&cluster.root),
+            serde_json::to_string_pretty(&cluster.state).expect("state serializes"),
+        )
+        .map_err(OpsError::io("write cluster.json"))?;
+        // From here on, a failure stops whatever was started.
+        let cluster = cluster.stop_on_drop(true);
+        cluster.start_etcd().await?;
+        for node in cluster.state.nodes.clone() {
+            cluster.write_node_config(&node, &opts)?;
+        }
+        // The first node bootstraps (or, on a restart, whoever holds the data); the others
+        // join once there is a leader, so they clone from it instead of racing to initdb.
+        let first = cluster.state.nodes[0].name.clone();
+        cluster.start_node(&first)?;
+        cluster
+            .wait_for(Duration::from_secs(120), "a leader", |s| {
+                s.leader().is_some()
+            })
+            .await?;
+        for node in cluster.state.nodes.iter().skip(1) {
+            cluster.start_node(&node.name)?;
+        }
+        let n = cluster.state.nodes.len();
+        cluster
+            .wait_for(
+                Duration::from_secs(180),
+                "every replica streaming with a synchronous standby",
+                |s| {
+                    s.leader().is_some()
+                        && s.healthy_replicas() == n - 1
+                        && (n == 1 || s.sync_standby().is_some())
+                },
+            )
+            .await?;
+        let leader = cluster.leader().await?;
+        bootstrap_roles_and_database(
+            &|db| cluster.superuser_options(&leader, db),
+            &cluster.secrets,
+        )
+        .await?;
+        Ok(cluster.stop_on_drop(false))
+    }
+
+    fn pid_file(&self, process: &str) -> PathBuf {
+        if process == "etcd" {
+            self.root.join("etcd.pid")
+        } else {
+            self.node_dir(process).join("patroni.pid")
+        }
+    }
+
+    /// The pid of `process` (`etcd` or a node name) when it is alive.
+    fn live_pid(&self, process: &str) -> Option<i32> {
+        {
+            let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = children.get_mut(process) {
+                if c.try_wait().ok().flatten().is_some() {
+                    children.remove(process);
+                    return None;
+                }
+                return Some(c.id() as i32);
+            }
+        }
+        let pid: i32 = std::fs::read_to_string(self.pid_file(process))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let ours = if process == "etcd" {
+            cmdline.contains("etcd")
+        } else {
+            cmdline.contains("patroni")
+        };
+        (ours && process::alive(pid)).then_some(pid)
+    }
+
+    /// The postmaster of node `name`, when it runs.
+    pub fn postmaster_pid(&self, name: &str) -> Option<i32> {
+        let text =
+            std::fs::read_to_string(self.node_dir(name).join("pgdata/postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (process::alive(pid) && comm.trim() == "postgres").then_some(pid)
+    }
+
+    /// Names of the processes of this cluster that are running.
+    pub fn running_processes(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .state
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                let mut v = Vec::new();
+                if self.live_pid(&n.name).is_some() {
+                    v.push(format!("patroni {}", n.name));
+                }
+                if self.postmaster_pid(&n.name).is_some() {
+                    v.push(format!("postgres {}", n.name));
+                }
+                v
+            })
+            .collect();
+        if self.live_pid("etcd").is_some() {
+            names.push("etcd".into());
+        }
+        names
+    }
+
+    fn spawn_daemon(&self, name: &str, mut cmd: Command, log: &Path) -> Result<(), OpsError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(OpsError::io(format!("open {}", log.display())))?;
+        let err_file = file.try_clone().map_err(OpsError::io("open log"))?;
+        cmd.stdin(Stdio::null()).stdout(file).stderr(err_file);
+        self.user.configure_daemon(&mut cmd);
+        let child = process::spawn(cmd).map_err(OpsError::io(format!("start {name}")))?;
+        std::fs::write(self.pid_file(name), child.id().to_string())
+            .map_err(OpsError::io("write pid file"))?;
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), child);
+        Ok(())
+    }
+
+    async fn start_etcd(&self) -> Result<(), OpsError> {
+        let data = self.root.join("etcd");
+        std::fs::create_dir_all(&data).map_err(OpsError::io("create etcd dir"))?;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
+            .map_err(OpsError::io("chmod etcd dir"))?;
+        self.user.chown(&data)?;
+        let client = format!("http://127.0.0.1:{}", self.state.etcd_client_port);
+        let peer = format!("http://127.0.0.1:{}", self.state.etcd_peer_port);
+        let mut cmd = Command::new(ETCD_BIN);
+        cmd.args(["--name", "dalp-etcd", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("dalp-etcd={peer}")])
+            .args(["--listen-metrics-urls", ""])
+            .current_dir(&self.root)
+            .env("ETCD_UNSUPPORTED_ARCH", "");
+        self.spawn_daemon("etcd", cmd, &self.root.join("etcd.log"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = format!("{client}/health");
+        loop {
+            if let Ok(r) = http().get(&url).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if self.live_pid("etcd").is_none() || Instant::now() > deadline {
+                return Err(err(
+                    "etcd did not start",
+                    format!("see {}", self.root.join("etcd.log").display()),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn write_node_config(&self, node: &NodeSpec, opts: &HaOptions) -> Result<(), OpsError> {
+        let dir = self.node_dir(&node.name);
+        let run = dir.join("run");
+        let log = dir.join("log");
+        for d in [&dir, &run, &log] {
+            std::fs::create_dir_all(d).map_err(OpsError::io(format!("create {}", d.display())))?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                .map_err(OpsError::io(format!("chmod {}", d.display())))?;
+            self.user.chown(d)?;
+        }
+        if run
+            .join(format!(".s.PGSQL.{}.lock", node.pg_port))
+            .as_os_str()
+            .len()
+            > 100
+        {
+            return Err(err(
+                format!("cluster directory {}", self.root.display()),
+                "its path is too long for a Unix socket; choose a shorter --dir",
+            ));
+        }
+        let pgaudit = embedded::parse_pgaudit_classes(
+            opts.pgaudit_log
+                .as_deref()
+                .unwrap_or(embedded::DEFAULT_PGAUDIT_LOG),
+        )?;
+        let tls = self.root.join("tls");
+        let mut local = serde_json::Map::new();
+        let mut cluster_wide = serde_json::Map::new();
+        for (k, v) in server_settings(&ServerConf {
+            bin: &self.bin,
+            socket_dir: &run,
+            tls_dir: &tls,
+            log_dir: &log,
+            pgaudit_log: &pgaudit,
+            slow_ms: opts
+                .slow_query_ms
+                .unwrap_or(embedded::DEFAULT_SLOW_QUERY_MS),
+        }) {
+            // Patroni insists these are the same everywhere (its dynamic configuration).
+            if k == "max_connections" {
+                cluster_wide.insert(k.into(), json!(v));
+            } else {
+                local.insert(k.into(), json!(v));
+            }
+        }
+        for (k, v) in [
+            ("wal_level", "replica"),
+            ("hot_standby", "on"),
+            ("max_wal_senders", "10"),
+            ("max_replication_slots", "10"),
+            ("wal_keep_size", "256MB"),
+            ("wal_log_hints", "on"),
+            // Read-your-writes waits for replay; keep it prompt under reads.
+            ("hot_standby_feedback", "on"),
+        ] {
+            cluster_wide.insert(k.into(), json!(v));
+        }
+        let ca = self.ca_cert().display().to_string();
+        let auth = |role: &str| {
+            json!({
+                "username": role,
+                "password": self.secrets.roles[role],
+                "sslmode": "verify-full",
+                "sslrootcert": ca,
+            })
+        };
+        let s = &self.state;
+        let config = json!({
+            "scope": SCOPE,
+            "namespace": "/dalp/",
+            "name": node.name,
+            "log": {"level": "INFO"},
+            "restapi": {
+                "listen": format!("127.0.0.1:{}", node.api_port),
+                "connect_address": format!("127.0.0.1:{}", node.api_port),
+                "authentication": {"username": API_USER, "password": self.secrets.roles[API_USER]},
+            },
+            "etcd3": {"hosts": [format!("127.0.0.1:{}", s.etcd_client_port)]},
+            "bootstrap": {
+                "dcs": {
+                    "ttl": s.ttl,
+                    "loop_wait": s.loop_wait,
+                    "retry_timeout": s.retry_timeout,
+                    "maximum_lag_on_failover": 1048576,
+                    "synchronous_mode": true,
+                    "synchronous_mode_strict": s.synchronous_mode_strict,
+                    "postgresql": {
+                        "use_pg_rewind": true,
+                        "use_slots": true,
+                        "parameters": cluster_wide,
+                    },
+                },
+                "initdb": [
+                    "data-checksums",
+                    {"encoding": "UTF8"},
+                    {"locale": "C"},
+                    {"auth-local": "peer"},
+                    {"auth-host": "scram-sha-256"},
+                ],
+            },
+            "postgresql": {
+                "listen": format!("127.0.0.1:{}", node.pg_port),
+                "connect_address": format!("127.0.0.1:{}", node.pg_port),
+                "data_dir": dir.join("pgdata"),
+                "bin_dir": self.bin,
+                "pgpass": dir.join("pgpass"),
+                "use_unix_socket": true,
+                "authentication": {
+                    "superuser": {"username": SUPERUSER},
+                    "replication": auth(REPLICATION_ROLE),
+                    "rewind": auth(REWIND_ROLE),
+                },
+                "parameters": local,
+                "pg_hba": hba_lines(Some(REPLICATION_ROLE)),
+                "pg_ident": ident_lines(),
+            },
+            "tags": {"nofailover": false, "noloadbalance": false, "clonefrom": false, "nosync": false},
+        });
+        // YAML is a superset of JSON: Patroni reads this as its YAML configuration.
+        let path = dir.join("patroni.yml");
+        pki::write_private(
+            &path,
+            &serde_json::to_string_pretty(&config).expect("config serializes"),
+        )?;
+        self.user.chown(&path)?;
+        Ok(())
+    }
+
+    /// Starts node `name`'s Patroni (which starts, or clones and starts, its PostgreSQL).
+    pub fn start_node(&self, name: &str) -> Result<(), OpsError> {
+        if self.live_pid(name).is_some() {
+            return Ok(());
+        }
+        let dir = self.node_dir(name);
+        let mut cmd = Command::new(PATRONI_BIN);
+        cmd.arg(dir.join("patroni.yml"))
+            .current_dir(&dir)
+            .env("HOME", &dir);
+        self.spawn_daemon(name, cmd, &dir.join("patroni.log"))
+    }
+
+    /// SIGKILL to node `name`'s Patroni and postmaster: a crash, as a test inflicts it.
+    pub fn kill_node(&self, name: &str) {
+        let postmaster = self.postmaster_pid(name);
+        if let Some(pid) = self.live_pid(name) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        if let Some(pid) = postmaster {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        self.reap(name, Duration::from_secs(5));
+    }
+
+    fn reap(&self, name: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.live_pid(name).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops node `name` cleanly (Patroni shuts its PostgreSQL down first).
+    pub fn stop_node(&self, name: &str) {
+        if let Some(pid) = self.live_pid(name) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            self.reap(name, Duration::from_secs(60));
+            if let Some(pid) = self.live_pid(name) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                self.reap(name, Duration::from_secs(5));
+            }
+        }
+        if let Some(pid) = self.postmaster_pid(name) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while process::alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if process::alive(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Stops every process of the cluster: the Patronis (and their PostgreSQL), then etcd.
+    /// Data stays; `up` again restarts it.
+    pub fn down(&self) {
+        for n in &self.state.nodes {
+            self.stop_node(&n.name);
+        }
+        if let Some(pid) = self.live_pid("etcd") {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            self.reap("etcd", Duration::from_secs(20));
+            if let Some(pid) = self.live_pid("etcd") {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                self.reap("etcd", Duration::from_secs(5));
+            }
+        }
+    }
+
+    /// The members as Patroni reports them (asks each node's REST API until one answers).
+    pub async fn status(&self) -> Result<ClusterStatus, OpsError> {
+        let mut last = String::from("no node answered");
+        for n in &self.state.nodes {
+            let url = format!("http://127.0.0.1:{}/cluster", n.api_port);
+            match http().get(&url).send().await {
+                Ok(r) if r.status().is_success() => {
+                    #[derive(Deserialize)]
+                    struct Raw {
+                        #[serde(default)]
+                        members: Vec<Member>,
+                    }
+                    let raw: Raw = r.json().await.map_err(|e| err("Patroni /cluster", e))?;
+                    let listed: Vec<&str> = raw.members.iter().map(|m| m.name.as_str()).collect();
+                    let missing = self
+                        .state
+                        .nodes
+                        .iter()
+                        .filter(|n| !listed.contains(&n.name.as_str()))
+                        .map(|n| n.name.clone())
+                        .collect();
+                    return Ok(ClusterStatus {
+                        scope: SCOPE.into(),
+                        members: raw.members,
+                        missing,
+                    });
+                }
+                Ok(r) => last = format!("{url}: HTTP {}", r.status()),
+                Err(e) => last = format!("{url}: {e}"),
+            }
+        }
+        Err(err(
+            "cluster status",
+            format!("{last}; is the cluster running? (`dalp cluster up`)"),
+        ))
+    }
+
+    /// The current leader's name.
+    pub async fn leader(&self) -> Result<String, OpsError> {
+        self.status()
+            .await?
+            .leader()
+            .map(|m| m.name.clone())
+            .ok_or_else(|| err("cluster status", "there is no leader right now"))
+    }
+
+    /// Polls the status until `ok` holds.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        ok: impl Fn(&ClusterStatus) -> bool,
+    ) -> Result<ClusterStatus, OpsError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.status().await {
+                Ok(s) if ok(&s) => return Ok(s),
+                Ok(s) => format!("{:?}", s.members),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() > deadline {
+                return Err(err(
+                    format!("waiting for {what} ({timeout:?})"),
+                    format!(
+                        "last seen: {last}; see the patroni.log of each node under {}",
+                        self.root.display()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// A planned switchover to `candidate` (default: the synchronous standby). Waits until
+    /// the new leader runs and returns its name.
+    pub async fn switchover(&self, candidate: Option<&str>) -> Result<String, OpsError> {
+        let status = self.status().await?;
+        let leader = status
+            .leader()
+            .ok_or_else(|| err("switchover", "there is no leader to switch over from"))?
+            .name
+            .clone();
+        let candidate = match candidate {
+            Some(c) => {
+                if !status
+                    .members
+                    .iter()
+                    .any(|m| m.name == c && m.role != "leader")
+                {
+                    return Err(err(
+                        "switchover",
+                        format!(
+                            "`{c}` is not a replica of this cluster (see `dalp cluster status`)"
+                        ),
+                    ));
+                }
+                c.to_string()
+            }
+            None => status
+                .sync_standby()
+                .or_else(|| status.members.iter().find(|m| m.role != "leader"))
+                .ok_or_else(|| err("switchover", "there is no replica to switch over to"))?
+                .name
+                .clone(),
+        };
+        let api = self
+            .state
+            .nodes
+            .iter()
+            .find(|n| n.name == leader)
+            .expect("leader is a node")
+            .api_port;
+        let r = http()
+            .post(format!("http://127.0.0.1:{api}/switchover"))
+            .basic_auth(API_USER, Some(&self.secrets.roles[API_USER]))
+            .json(&json!({"leader": leader, "candidate": candidate}))
+            .timeout(Duration::from_secs(90))
+            .send()
+            .await
+            .map_err(|e| err("switchover", e))?;
+        let code = r.status();
+        let body = r.text().await.unwrap_or_default();
+        if !code.is_success() {
+            return Err(err(
+                "switchover",
+                format!("Patroni answered {code}: {body}"),
+            ));
+        }
+        let c = candidate.clone();
+        self.wait_for(Duration::from_secs(60), "the new leader", move |s| {
+            s.leader().is_some_and(|l| l.name == c)
+        })
+        .await?;
+        Ok(candidate)
+    }
+
+    /// The superuser on node `name`'s local socket (peer authentication).
+    pub fn superuser_options(&self, name: &str, dbname: &str) -> ConnectOptions {
+        let node = self
+            .state
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .expect("known node");
+        ConnectOptions {
+            hosts: vec![(
+                self.node_dir(name).join("run").display().to_string(),
+                node.pg_port,
+            )],
+            dbname: dbname.into(),
+            user: SUPERUSER.into(),
+            password: None,
+            ca_file: None,
+            application_name: "dalp-bootstrap".into(),
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: None,
+            read_write: false,
+        }
+    }
+
+    /// TLS options for `role` listing every node, writes going to whichever is primary
+    /// (`target_session_attrs=read-write`).
+    pub fn connect_options(&self, role: &str) -> Result<ConnectOptions, OpsError> {
+        let password = self
+            .secrets
+            .password(role)
+            .map_err(|e| err(format!("role {role}"), e))?;
+        Ok(ConnectOptions {
+            hosts: self
+                .state
+                .nodes
+                .iter()
+                .map(|n| ("127.0.0.1".to_string(), n.pg_port))
+                .collect(),
+            dbname: DATABASE.into(),
+            user: role.into(),
+            password: Some(password),
+            ca_file: Some(self.ca_cert()),
+            application_name: "dalp".into(),
+            connect_timeout: Duration::from_secs(2),
+            statement_timeout: None,
+            read_write: true,
+        })
+    }
+
+    /// Options for `role` on node `name` only, whatever its role.
+    pub fn node_options(&self, name: &str, role: &str) -> Result<ConnectOptions, OpsError> {
+        let mut o = self.connect_options(role)?;
+        let port = self
+            .state
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| err("node", format!("no node `{name}`")))?
+            .pg_port;
+        o.hosts = vec![("127.0.0.1".into(), port)];
+        o.read_write = false;
+        Ok(o)
+    }
+}
+
+impl Drop for HaCluster {
+    fn drop(&mut self) {
+        if self.stop_on_drop {
+            self.down();
+        }
+    }
+}
