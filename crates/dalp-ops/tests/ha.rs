@@ -292,7 +292,6 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
 
-    let l = ledger.lock().unwrap();
     let check = migrator.connect().await.unwrap();
     let present: BTreeSet<i64> = check
         .query("SELECT n FROM ha_probe.writes", &[])
@@ -301,6 +300,7 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let l = ledger.lock().unwrap();
     let lost: Vec<&i64> = l.acked.difference(&present).collect();
     let unknown_landed = l.unknown.intersection(&present).count();
     eprintln!(
