@@ -3,18 +3,29 @@
 use anyhow::Context;
 use dalp_db::connect::ConnectOptions;
 use dalp_db::MIGRATOR_ROLE;
-use dalp_ops::Layout;
+use std::path::Path;
+
+use dalp_ops::{HaCluster, Layout};
 use tokio_postgres::Client;
 
 use crate::cli::TargetArgs;
+
+/// Options for `role` on the instance in `dir`: an embedded instance (`dalp up`) or a local
+/// HA cluster (`dalp cluster up`, every node listed, writes to the primary).
+pub fn dir_options(dir: &Path, role: &str) -> anyhow::Result<ConnectOptions> {
+    if dir.join("cluster.json").exists() {
+        return Ok(HaCluster::open(dir)?.connect_options(role)?);
+    }
+    Layout::new(dir)
+        .connect_options(role)
+        .with_context(|| format!("instance in {}", dir.display()))
+}
 
 /// Options for the administrative (migrator) connection of the target.
 pub fn admin_options(target: &TargetArgs) -> anyhow::Result<ConnectOptions> {
     match &target.database_url {
         Some(url) => Ok(ConnectOptions::from_url(url)?),
-        None => Layout::new(&target.data_dir)
-            .connect_options(MIGRATOR_ROLE)
-            .with_context(|| format!("instance in {}", target.data_dir.display())),
+        None => dir_options(&target.data_dir, MIGRATOR_ROLE),
     }
 }
 
@@ -43,9 +54,7 @@ pub fn component_pool(
     use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
     let mut opts = match &target.database_url {
         Some(url) => ConnectOptions::from_url(url)?,
-        None => Layout::new(&target.data_dir)
-            .connect_options(component.role())
-            .with_context(|| format!("instance in {}", target.data_dir.display()))?,
+        None => dir_options(&target.data_dir, component.role())?,
     };
     opts.application_name = component.application_name().into();
     let manager = Manager::from_config(

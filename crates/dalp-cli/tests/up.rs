@@ -728,3 +728,77 @@ fn up_with_demo_seeds_once_and_the_admin_can_log_in() {
     let (status, _) = up.terminate();
     assert!(status.success());
 }
+
+/// Runs `dalp cluster down` on drop, so an HA cluster never outlives a failed test.
+struct ClusterDown<'a>(&'a Path);
+
+impl Drop for ClusterDown<'_> {
+    fn drop(&mut self) {
+        let _ = dalp(&["cluster", "down", "--dir", self.0.to_str().unwrap()]);
+    }
+}
+
+fn readyz_within(api_port: u16, within: Duration) -> u16 {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let code = reqwest::blocking_get(&format!("http://127.0.0.1:{api_port}/readyz"));
+        if code == 200 || std::time::Instant::now() > deadline {
+            return code;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn up_ha_serves_the_api_on_patroni_and_the_cluster_verbs_manage_it() {
+    let dir = data_dir();
+    let d = dir.path().to_str().unwrap();
+    let _down = ClusterDown(dir.path());
+    let api_port = free_port();
+    let up = Up::start_with(dir.path(), api_port, &["--ha"]);
+    assert!(up.ready_line.contains("HA 3 nodes"), "{}", up.ready_line);
+    assert_eq!(readyz_within(api_port, Duration::from_secs(10)), 200);
+
+    let o = dalp(&["cluster", "status", "--dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("leader") && t.contains("sync_standby"), "{t}");
+    let o = dalp(&["cluster", "status", "--dir", d, "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(status["members"].as_array().unwrap().len(), 3);
+
+    // Every other verb takes the cluster directory as --data-dir.
+    let o = roles_check(dir.path());
+    assert!(o.status.success(), "{}", text(&o));
+    let url = db_url(dir.path(), "dalp_readonly");
+    assert_eq!(url.matches("127.0.0.1:").count(), 3, "{url}");
+    assert!(url.contains("target_session_attrs=read-write"), "{url}");
+
+    // A switchover under the running API: it keeps answering.
+    let o = dalp(&["cluster", "switchover", "--dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("leader is now"), "{}", text(&o));
+    assert_eq!(readyz_within(api_port, Duration::from_secs(30)), 200);
+    let o = dalp(&["cluster", "switchover", "--dir", d, "--candidate", "nodeX"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("nodeX"), "{}", text(&o));
+
+    // `dalp up --ha` started the cluster, so it stops it.
+    let (status, log) = up.terminate();
+    assert!(status.success(), "{log}");
+    let o = dalp(&["cluster", "status", "--dir", d]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("dalp cluster up"), "{}", text(&o));
+
+    // Restart with its data; migrations are already there; then down.
+    let o = dalp(&["cluster", "up", "--dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("0 applied now"), "{}", text(&o));
+    let o = dalp(&["cluster", "up", "--dir", d]);
+    assert!(!o.status.success(), "a second up must refuse");
+    assert!(text(&o).contains("already running"), "{}", text(&o));
+    let o = dalp(&["cluster", "down", "--dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = dalp(&["cluster", "down", "--dir", d]);
+    assert!(text(&o).contains("nothing running"), "{}", text(&o));
+}

@@ -19,6 +19,7 @@ pub mod pool;
 pub mod roles;
 pub mod secrets;
 pub mod sql;
+pub mod typed;
 
 pub use access::{Privs, RoleGrant, SchemaAccess};
 pub use component::{Component, MIGRATOR_ROLE, OWNER_ROLE};
@@ -27,3 +28,4 @@ pub use connect::{ConnectError, ConnectOptions};
 pub use migrate::{Migration, MigrationSet};
 pub use pool::ComponentPools;
 pub use secrets::Secrets;
+pub use typed::TypedClient;

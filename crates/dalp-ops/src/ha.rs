@@ -367,15 +367,23 @@ impl HaCluster {
         for node in cluster.state.nodes.clone() {
             cluster.write_node_config(&node, &opts)?;
         }
-        // The first node bootstraps (or, on a restart, whoever holds the data); the others
-        // join once there is a leader, so they clone from it instead of racing to initdb.
+        // A new cluster: the first node bootstraps and the others join once it leads, so
+        // they clone from it instead of racing to initdb. A restart: all at once, since in
+        // synchronous mode only the former leader or its synchronous standby may lead.
+        let restart = cluster
+            .state
+            .nodes
+            .iter()
+            .any(|n| cluster.node_dir(&n.name).join("pgdata/PG_VERSION").exists());
         let first = cluster.state.nodes[0].name.clone();
         cluster.start_node(&first)?;
-        cluster
-            .wait_for(Duration::from_secs(120), "a leader", |s| {
-                s.leader().is_some()
-            })
-            .await?;
+        if !restart {
+            cluster
+                .wait_for(Duration::from_secs(120), "a leader", |s| {
+                    s.leader().is_some()
+                })
+                .await?;
+        }
         for node in cluster.state.nodes.iter().skip(1) {
             cluster.start_node(&node.name)?;
         }

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use dalp_db::analysis::{self, Severity, TopOrder};
 use dalp_db::component::login_roles;
-use dalp_ops::Layout;
 
 use crate::cli::TargetArgs;
 use crate::target::connect_admin;
@@ -18,9 +17,7 @@ pub fn url(data_dir: &Path, role: &str) -> anyhow::Result<ExitCode> {
             login_roles().collect::<Vec<_>>().join(", ")
         );
     }
-    let mut opts = Layout::new(data_dir)
-        .connect_options(role)
-        .with_context(|| format!("instance in {}", data_dir.display()))?;
+    let mut opts = crate::target::dir_options(data_dir, role)?;
     opts.application_name = "psql".into();
     println!("{}", opts.to_url());
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! One module per verb; each returns the process exit code.
 
 mod audit;
+mod cluster;
 mod config;
 mod db;
 pub mod demo;
@@ -70,6 +71,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check { config },
         } => config::check(&config),
         Command::Serve { config } => serve::run(&config).await,
+        Command::Cluster { command } => cluster::run(command).await,
         Command::Doctor {
             target,
             cert,

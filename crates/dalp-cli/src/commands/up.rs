@@ -11,7 +11,7 @@ use dalp_api::catalog::MIGRATIONS;
 use dalp_api::{ApiSettings, Services};
 use dalp_db::{migrate, ComponentPools, MIGRATOR_ROLE};
 use dalp_ops::embedded::DATABASE;
-use dalp_ops::{Instance, OpsError, StartOptions};
+use dalp_ops::{HaCluster, Instance, OpsError, RunningCluster, StartOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cli::UpArgs;
@@ -44,34 +44,25 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let api_addr = listener.local_addr()?;
 
-    let instance = Instance::open(&args.data_dir)?;
-    let fresh = !instance.layout().pgdata().join("PG_VERSION").exists();
-    eprintln!(
-        "{} PostgreSQL in {} …",
-        if fresh {
-            "initialising and starting"
-        } else {
-            "starting"
-        },
-        instance.layout().root().display()
-    );
-    let cluster = instance
-        .start(StartOptions {
-            pg_port: args.pg_port,
-            bin_dir: None,
-            pgaudit_log: Some(args.pgaudit_log.clone()),
-            slow_query_ms: Some(args.slow_query_ms),
-        })
-        .await?;
-    let migrator = cluster.role_options(MIGRATOR_ROLE, DATABASE);
+    let backend = if args.ha {
+        Backend::start_ha(&args).await?
+    } else {
+        Backend::start_embedded(&args).await?
+    };
+    let migrator = backend.migrator()?;
     let mut client = migrator
         .connect()
         .await
         .context("connect as the migrator over TLS")?;
     let version: String = client.query_one("SHOW server_version", &[]).await?.get(0);
     eprintln!(
-        "PostgreSQL {version} listening on 127.0.0.1:{} (TLS only)",
-        cluster.port()
+        "PostgreSQL {version} at {} (TLS only)",
+        migrator
+            .hosts
+            .iter()
+            .map(|(h, p)| format!("{h}:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
     );
     let report = migrate::migrate(&mut client, &MIGRATIONS, false)
         .await
@@ -90,15 +81,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 
     let pools = Arc::new(ComponentPools::build(
         &migrator,
-        cluster.secrets(),
+        backend.secrets(),
         8,
         Duration::from_secs(5),
     )?);
-    let services = Services::start(
-        pools.clone(),
-        &cluster.layout().keys_dir(),
-        ApiSettings::default(),
-    )?;
+    let services = Services::start(pools.clone(), &backend.keys_dir(), ApiSettings::default())?;
     let demo_password = if args.demo {
         super::demo::seed(&services.state)
             .await
@@ -118,19 +105,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_tx.send(());
         let _ = server.await;
         pools.close();
-        cluster.shutdown()?;
+        tokio::task::spawn_blocking(move || backend.shutdown()).await??;
         return Err(e);
     }
-    let layout = cluster.layout();
     println!(
-        "dalp ready: api http://{api_addr}  postgres 127.0.0.1:{}  data {}  ca {}",
-        cluster.port(),
-        layout.root().display(),
-        layout.ca_cert().display()
+        "dalp ready: api http://{api_addr}  postgres {}  data {}  ca {}",
+        backend.describe(),
+        backend.root().display(),
+        backend.ca_cert().display()
     );
     println!(
         "  connect: psql \"$(dalp db url --data-dir {} --role dalp_readonly)\"   stop: Ctrl-C",
-        layout.root().display()
+        backend.root().display()
     );
     if let Some(pw) = demo_password {
         println!(
@@ -155,11 +141,138 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     maintenance.abort();
     drop(services);
     pools.close();
-    tokio::task::spawn_blocking(move || cluster.shutdown())
+    tokio::task::spawn_blocking(move || backend.shutdown())
         .await
         .context("stop PostgreSQL")??;
     eprintln!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `dalp up` runs on: one embedded instance, or a local HA cluster.
+enum Backend {
+    Embedded(RunningCluster),
+    Ha {
+        cluster: HaCluster,
+        /// Stop it on exit only when this command started it.
+        started_here: bool,
+    },
+}
+
+impl Backend {
+    async fn start_embedded(args: &UpArgs) -> anyhow::Result<Backend> {
+        let instance = Instance::open(&args.data_dir)?;
+        let fresh = !instance.layout().pgdata().join("PG_VERSION").exists();
+        eprintln!(
+            "{} PostgreSQL in {} …",
+            if fresh {
+                "initialising and starting"
+            } else {
+                "starting"
+            },
+            instance.layout().root().display()
+        );
+        Ok(Backend::Embedded(
+            instance
+                .start(StartOptions {
+                    pg_port: args.pg_port,
+                    bin_dir: None,
+                    pgaudit_log: Some(args.pgaudit_log.clone()),
+                    slow_query_ms: Some(args.slow_query_ms),
+                })
+                .await?,
+        ))
+    }
+
+    async fn start_ha(args: &UpArgs) -> anyhow::Result<Backend> {
+        if args.pg_port.is_some() {
+            anyhow::bail!("--pg-port does not apply with --ha: each node gets a free port (see `dalp cluster status`)");
+        }
+        if args.data_dir.join("cluster.json").exists() {
+            let cluster = HaCluster::open(&args.data_dir)?;
+            if !cluster.running_processes().is_empty() {
+                cluster.leader().await.context(
+                    "the HA cluster in --data-dir runs but has no leader; see `dalp cluster status`",
+                )?;
+                eprintln!(
+                    "using the running HA cluster in {}",
+                    cluster.root().display()
+                );
+                return Ok(Backend::Ha {
+                    cluster,
+                    started_here: false,
+                });
+            }
+        }
+        let cluster = super::cluster::up(
+            &args.data_dir,
+            args.ha_opts.options(&args.pgaudit_log, args.slow_query_ms),
+        )
+        .await?;
+        Ok(Backend::Ha {
+            cluster,
+            started_here: true,
+        })
+    }
+
+    fn migrator(&self) -> anyhow::Result<dalp_db::ConnectOptions> {
+        Ok(match self {
+            Backend::Embedded(c) => c.role_options(MIGRATOR_ROLE, DATABASE),
+            Backend::Ha { cluster, .. } => cluster.connect_options(MIGRATOR_ROLE)?,
+        })
+    }
+
+    fn secrets(&self) -> &dalp_db::Secrets {
+        match self {
+            Backend::Embedded(c) => c.secrets(),
+            Backend::Ha { cluster, .. } => cluster.secrets(),
+        }
+    }
+
+    fn root(&self) -> &std::path::Path {
+        match self {
+            Backend::Embedded(c) => c.layout().root(),
+            Backend::Ha { cluster, .. } => cluster.root(),
+        }
+    }
+
+    fn keys_dir(&self) -> std::path::PathBuf {
+        self.root().join("keys")
+    }
+
+    fn ca_cert(&self) -> std::path::PathBuf {
+        match self {
+            Backend::Embedded(c) => c.layout().ca_cert(),
+            Backend::Ha { cluster, .. } => cluster.ca_cert(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Backend::Embedded(c) => format!("127.0.0.1:{}", c.port()),
+            Backend::Ha { cluster, .. } => format!(
+                "HA {} nodes (127.0.0.1:{})",
+                cluster.nodes().len(),
+                cluster
+                    .nodes()
+                    .iter()
+                    .map(|n| n.pg_port.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        }
+    }
+
+    fn shutdown(self) -> anyhow::Result<()> {
+        match self {
+            Backend::Embedded(c) => c.shutdown()?,
+            Backend::Ha {
+                cluster,
+                started_here: true,
+            } => cluster.down(),
+            Backend::Ha { .. } => {}
+        }
+        Ok(())
+    }
 }
 
 /// Creates partitions ahead and drops those past retention, for every partitioned table.
