@@ -4,6 +4,7 @@
 //! [`AssetStore`].
 
 use dalp_audit::RequestContext;
+use dalp_db::TypedClient;
 use dalp_types::{Decimal, EvmAddress, Invalid};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -219,7 +220,7 @@ impl AssetStore {
     pub async fn compliance(&self, asset_id: Uuid) -> Result<ComplianceConfig, AssetError> {
         let client = self.pool().get().await?;
         if client
-            .query_opt(
+            .typed_query_opt(
                 "SELECT 1 FROM dalp_assets.assets WHERE id = $1",
                 &[&asset_id],
             )
@@ -229,7 +230,7 @@ impl AssetStore {
             return Err(AssetError::NotFound);
         }
         let row = client
-            .query_opt(
+            .typed_query_opt(
                 "SELECT modules, version FROM dalp_assets.compliance_configs WHERE asset_id = $1",
                 &[&asset_id],
             )
@@ -260,7 +261,7 @@ impl AssetStore {
         let mut client = self.pool().get().await?;
         let tx = client.transaction().await?;
         let status: String = tx
-            .query_opt(
+            .typed_query_opt(
                 "SELECT status FROM dalp_assets.assets WHERE id = $1 FOR SHARE",
                 &[&asset_id],
             )
@@ -277,7 +278,7 @@ impl AssetStore {
         }
         if status == "published" {
             let change_id: Uuid = tx
-                .query_one(
+                .typed_query_one(
                     "INSERT INTO dalp_assets.compliance_changes (asset_id, base_version, modules, proposed_by) VALUES ($1, $2, $3, $4) RETURNING id",
                     &[&asset_id, &expected_version, &modules, &ctx.actor],
                 )
@@ -308,7 +309,7 @@ impl AssetStore {
         let mut client = self.pool().get().await?;
         let tx = client.transaction().await?;
         let row = tx
-            .query_opt(
+            .typed_query_opt(
                 "SELECT asset_id, base_version, modules, proposed_by, status FROM dalp_assets.compliance_changes WHERE id = $1 FOR UPDATE",
                 &[&change_id],
             )
@@ -324,7 +325,7 @@ impl AssetStore {
         }
         let current = current_version(&tx, asset_id).await?;
         if current.0 != base {
-            tx.execute(
+            tx.typed_execute(
                 "UPDATE dalp_assets.compliance_changes SET status = 'superseded', decided_by = $2, decided_at = now() WHERE id = $1",
                 &[&change_id, &ctx.actor],
             )
@@ -348,7 +349,7 @@ impl AssetStore {
             Some(&ctx.actor),
         )
         .await?;
-        tx.execute(
+        tx.typed_execute(
             "UPDATE dalp_assets.compliance_changes SET status = 'applied', decided_by = $2, decided_at = now() WHERE id = $1",
             &[&change_id, &ctx.actor],
         )
@@ -382,7 +383,7 @@ async fn current_version(
     asset_id: Uuid,
 ) -> Result<(i32, Option<Value>), AssetError> {
     let row = tx
-        .query_opt("SELECT version, modules FROM dalp_assets.compliance_configs WHERE asset_id = $1 FOR UPDATE", &[&asset_id])
+        .typed_query_opt("SELECT version, modules FROM dalp_assets.compliance_configs WHERE asset_id = $1 FOR UPDATE", &[&asset_id])
         .await?;
     Ok(row.map(|r| (r.get(0), Some(r.get(1)))).unwrap_or((0, None)))
 }
@@ -397,14 +398,14 @@ async fn apply(
     approved_by: Option<&str>,
 ) -> Result<ComplianceConfig, AssetError> {
     let version = current.0 + 1;
-    tx.execute(
+    tx.typed_execute(
         "INSERT INTO dalp_assets.compliance_configs (asset_id, modules, version, updated_by) VALUES ($1, $2, $3, $4)
          ON CONFLICT (asset_id) DO UPDATE SET modules = EXCLUDED.modules, version = EXCLUDED.version,
              updated_by = EXCLUDED.updated_by, updated_at = now()",
         &[&asset_id, modules, &version, &ctx.actor],
     )
     .await?;
-    tx.execute(
+    tx.typed_execute(
         "INSERT INTO dalp_assets.compliance_versions (asset_id, version, changed_by, approved_by, before, after) VALUES ($1, $2, $3, $4, $5, $6)",
         &[&asset_id, &version, &ctx.actor, &approved_by, &current.1, modules],
     )

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use dalp_audit::RequestContext;
 use dalp_db::cache;
+use dalp_db::TypedClient;
 use dalp_types::{Decimal, EvmAddress, Invalid};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -91,7 +92,7 @@ impl AssetStore {
     async fn unknown_currencies(&self, codes: &[String]) -> Result<Vec<String>, AssetError> {
         let client = self.pool().get().await?;
         Ok(client
-            .query(
+            .typed_query(
                 "SELECT c FROM unnest($1::text[]) AS c WHERE NOT EXISTS (SELECT 1 FROM dalp_assets.currencies WHERE code = c)",
                 &[&codes],
             )
@@ -105,7 +106,7 @@ impl AssetStore {
     pub async fn currencies(&self) -> Result<Vec<(String, String, i16)>, AssetError> {
         let client = self.pool().get().await?;
         Ok(client
-            .query(
+            .typed_query(
                 "SELECT code, name, decimals FROM dalp_assets.currencies ORDER BY code",
                 &[],
             )
@@ -124,7 +125,7 @@ impl AssetStore {
         let generation = self.cache().generation();
         let client = self.pool().get().await?;
         let row = client
-            .query_opt(
+            .typed_query_opt(
                 &format!("SELECT {SETTINGS_COLUMNS} FROM dalp_assets.organisation_settings WHERE organisation_id = $1"),
                 &[&org],
             )
@@ -207,7 +208,7 @@ impl AssetStore {
         let mut client = self.pool().get().await?;
         let tx = client.transaction().await?;
         let current = tx
-            .query_opt(
+            .typed_query_opt(
                 "SELECT version, to_jsonb(s) FROM dalp_assets.organisation_settings s WHERE organisation_id = $1 FOR UPDATE",
                 &[&org],
             )
@@ -224,7 +225,7 @@ impl AssetStore {
             });
         }
         let row = tx
-            .query_one(
+            .typed_query_one(
                 &format!(
                     "INSERT INTO dalp_assets.organisation_settings
                          (organisation_id, base_currency, target_currencies, system_address, features, updated_by)
@@ -239,7 +240,7 @@ impl AssetStore {
             )
             .await?;
         let saved = settings_from(&row);
-        tx.execute(
+        tx.typed_execute(
             "INSERT INTO dalp_assets.settings_versions (organisation_id, version, changed_by, before, after)
              SELECT $1, $2, $3, $4, to_jsonb(s) FROM dalp_assets.organisation_settings s WHERE organisation_id = $1",
             &[&org, &saved.version, &ctx.actor, &before],
@@ -295,7 +296,7 @@ impl AssetStore {
         let mut client = self.pool().get().await?;
         let tx = client.transaction().await?;
         let row = tx
-            .query_one(
+            .typed_query_one(
                 "INSERT INTO dalp_assets.fx_rates (base, quote, provider, effective_at, rate, recorded_by)
                  VALUES ($1, $2, $3, $4, $5::text::numeric, $6) RETURNING rate::text",
                 &[&base, &quote, &provider, &input.effective_at, &rate.as_str(), &ctx.actor],
@@ -323,7 +324,7 @@ impl AssetStore {
         let base = base.map(|b| currency("base", b)).transpose()?;
         let client = self.pool().get().await?;
         let rows = client
-            .query(
+            .typed_query(
                 "SELECT base, quote, provider, effective_at, rate::text FROM dalp_assets.fx_latest
                   WHERE ($1::text IS NULL OR base = $1) ORDER BY base, quote",
                 &[&base],

@@ -3,6 +3,7 @@
 //! transaction, and updates are optimistic — the caller names the version it read, and a
 //! stale version changes nothing and fails with [`AssetError::Conflict`].
 
+use dalp_db::TypedClient;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -213,7 +214,7 @@ impl AssetStore {
         operation: &'static str,
         before: Option<Value>,
     ) -> Result<()> {
-        tx.execute(
+        tx.typed_execute(
             "INSERT INTO dalp_assets.asset_versions (asset_id, version, operation, changed_by, before, after)
              VALUES ($1, $2, $3, $4, $5, (SELECT to_jsonb(a) FROM dalp_assets.assets a WHERE a.id = $1))",
             &[&id, &version, &operation, &ctx.actor, &before],
@@ -243,7 +244,7 @@ impl AssetStore {
         let tx = client.transaction().await?;
         let bind = Bind::of(spec);
         let row = tx
-            .query_one(
+            .typed_query_one(
                 &format!(
                     "INSERT INTO dalp_assets.assets (organisation_id, name, symbol, decimals, base_type, isin, country_numeric,
                          chain_id, contract_address, updated_by, template_id, metadata, details)
@@ -288,7 +289,7 @@ impl AssetStore {
     async fn get_uncached(&self, id: Uuid) -> Result<Asset> {
         let client = self.pool.get().await?;
         let row = client
-            .query_opt(
+            .typed_query_opt(
                 &format!("SELECT {COLUMNS} FROM dalp_assets.assets WHERE id = $1"),
                 &[&id],
             )
@@ -300,7 +301,7 @@ impl AssetStore {
     /// Locks the row and checks the caller read the current version.
     async fn lock_at(tx: &Transaction<'_>, id: Uuid, expected: i32) -> Result<Value> {
         let row = tx
-            .query_opt(
+            .typed_query_opt(
                 "SELECT version, to_jsonb(a) FROM dalp_assets.assets a WHERE id = $1 FOR UPDATE",
                 &[&id],
             )
@@ -336,7 +337,7 @@ impl AssetStore {
         }
         let bind = Bind::of(spec);
         let row = tx
-            .query_one(
+            .typed_query_one(
                 &format!(
                     "UPDATE dalp_assets.assets SET name = $2, symbol = $3, decimals = $4, base_type = $5, isin = $6,
                          country_numeric = $7, chain_id = $8, contract_address = $9, updated_by = $10,
@@ -362,7 +363,7 @@ impl AssetStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let before = Self::lock_at(&tx, id, expected_version).await?;
-        tx.execute("DELETE FROM dalp_assets.assets WHERE id = $1", &[&id])
+        tx.typed_execute("DELETE FROM dalp_assets.assets WHERE id = $1", &[&id])
             .await?;
         Self::record_change(&tx, ctx, id, expected_version + 1, "delete", Some(before)).await?;
         self.commit_invalidating(tx, id).await?;
@@ -378,7 +379,7 @@ impl AssetStore {
     ) -> Result<Vec<Asset>> {
         let client = self.pool.get().await?;
         let rows = client
-            .query(
+            .typed_query(
                 &format!(
                     "SELECT {COLUMNS} FROM dalp_assets.assets WHERE ($1::uuid IS NULL OR organisation_id = $1)
                       ORDER BY created_at, id LIMIT $2 OFFSET $3"
@@ -401,7 +402,7 @@ impl AssetStore {
         let tx = client.transaction().await?;
         let before = Self::lock_at(&tx, id, expected_version).await?;
         let row = tx
-            .query_one(
+            .typed_query_one(
                 &format!(
                     "UPDATE dalp_assets.assets SET status = $2, updated_by = $3, updated_at = now(), version = version + 1
                      WHERE id = $1 RETURNING {COLUMNS}"
@@ -425,7 +426,7 @@ impl AssetStore {
         let client = self.pool.get().await?;
         // Table and column names come from the match above, never from input.
         let rows = client
-            .query(
+            .typed_query(
                 &format!("SELECT to_jsonb(v) - '{key}' FROM dalp_assets.{table} v WHERE {key} = $1 ORDER BY version"),
                 &[&id],
             )
@@ -440,7 +441,7 @@ impl AssetStore {
     pub async fn history(&self, id: Uuid) -> Result<Vec<AssetVersion>> {
         let client = self.pool.get().await?;
         let rows = client
-            .query(
+            .typed_query(
                 "SELECT version, operation, changed_by, changed_at, before, after FROM dalp_assets.asset_versions
                   WHERE asset_id = $1 ORDER BY version",
                 &[&id],

@@ -5,6 +5,7 @@
 
 use chrono::NaiveDate;
 use dalp_audit::RequestContext;
+use dalp_db::TypedClient;
 use dalp_types::{Decimal, EvmAddress, Invalid};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -306,7 +307,7 @@ impl AssetStore {
         before: Option<Value>,
         action: &'static str,
     ) -> Result<(), AssetError> {
-        tx.execute(
+        tx.typed_execute(
             "INSERT INTO dalp_assets.template_versions (template_id, version, changed_by, before, after)
              SELECT $1, $2, $3, $4, to_jsonb(t) FROM dalp_assets.templates t WHERE id = $1",
             &[&t.id, &t.version, &ctx.actor, &before],
@@ -332,7 +333,7 @@ impl AssetStore {
         let mut client = self.pool().get().await?;
         let tx = client.transaction().await?;
         let row = tx
-            .query_one(
+            .typed_query_one(
                 &format!(
                     "INSERT INTO dalp_assets.templates (organisation_id, slug, name, base_type, asset_class, features, metadata_schema, updated_by)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
@@ -350,7 +351,7 @@ impl AssetStore {
     pub async fn template(&self, id: Uuid) -> Result<Template, AssetError> {
         let client = self.pool().get().await?;
         let row = client
-            .query_opt(
+            .typed_query_opt(
                 &format!("SELECT {COLUMNS} FROM dalp_assets.templates WHERE id = $1"),
                 &[&id],
             )
@@ -372,7 +373,7 @@ impl AssetStore {
         let mut client = self.pool().get().await?;
         let tx = client.transaction().await?;
         let cur = tx
-            .query_opt(&format!("SELECT {COLUMNS}, to_jsonb(t) FROM dalp_assets.templates t WHERE id = $1 FOR UPDATE"), &[&id])
+            .typed_query_opt(&format!("SELECT {COLUMNS}, to_jsonb(t) FROM dalp_assets.templates t WHERE id = $1 FOR UPDATE"), &[&id])
             .await?
             .ok_or(AssetError::NotFound)?;
         let current = template_from(&cur);
@@ -394,7 +395,7 @@ impl AssetStore {
             return Err(AssetError::TemplatePublished(current.slug));
         }
         let row = tx
-            .query_one(
+            .typed_query_one(
                 &format!(
                     "UPDATE dalp_assets.templates SET organisation_id = $2, slug = $3, name = $4, base_type = $5, asset_class = $6,
                          features = $7, metadata_schema = $8, updated_by = $9, updated_at = now(), version = version + 1
@@ -419,7 +420,7 @@ impl AssetStore {
         let mut client = self.pool().get().await?;
         let tx = client.transaction().await?;
         let cur = tx
-            .query_opt("SELECT version, status, to_jsonb(t) FROM dalp_assets.templates t WHERE id = $1 FOR UPDATE", &[&id])
+            .typed_query_opt("SELECT version, status, to_jsonb(t) FROM dalp_assets.templates t WHERE id = $1 FOR UPDATE", &[&id])
             .await?
             .ok_or(AssetError::NotFound)?;
         let (version, status): (i32, String) = (cur.get(0), cur.get(1));
@@ -434,7 +435,7 @@ impl AssetStore {
             return Err(AssetError::NotPending("published".into()));
         }
         let row = tx
-            .query_one(
+            .typed_query_one(
                 &format!("UPDATE dalp_assets.templates SET status = 'published', updated_by = $2, updated_at = now(), version = version + 1 WHERE id = $1 RETURNING {COLUMNS}"),
                 &[&id, &ctx.actor],
             )
@@ -449,7 +450,7 @@ impl AssetStore {
     pub async fn templates_for(&self, org: Uuid) -> Result<Vec<Template>, AssetError> {
         let client = self.pool().get().await?;
         let rows = client
-            .query(
+            .typed_query(
                 &format!(
                     "SELECT {COLUMNS} FROM dalp_assets.templates t
                       WHERE (t.organisation_id IS NULL OR t.organisation_id = $1)
@@ -473,20 +474,20 @@ impl AssetStore {
         let mut client = self.pool().get().await?;
         let tx = client.transaction().await?;
         if tx
-            .query_opt("SELECT 1 FROM dalp_assets.templates WHERE id = $1", &[&id])
+            .typed_query_opt("SELECT 1 FROM dalp_assets.templates WHERE id = $1", &[&id])
             .await?
             .is_none()
         {
             return Err(AssetError::NotFound);
         }
         if hidden {
-            tx.execute(
+            tx.typed_execute(
                 "INSERT INTO dalp_assets.template_hidden VALUES ($1, $2) ON CONFLICT DO NOTHING",
                 &[&org, &id],
             )
             .await?;
         } else {
-            tx.execute("DELETE FROM dalp_assets.template_hidden WHERE organisation_id = $1 AND template_id = $2", &[&org, &id]).await?;
+            tx.typed_execute("DELETE FROM dalp_assets.template_hidden WHERE organisation_id = $1 AND template_id = $2", &[&org, &id]).await?;
         }
         dalp_audit::record(
             &*tx,

@@ -1,10 +1,10 @@
 //! Writing audit records. Every store calls [`record`] with its own open transaction, so the
 //! state change and the record describing it commit (or roll back) together.
 
+use dalp_db::TypedClient;
 use std::net::IpAddr;
 
 use serde_json::Value;
-use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 /// How the audited action ended.
@@ -106,12 +106,12 @@ impl RequestContext {
 }
 
 /// Inserts `event` through `client` — pass the caller's transaction.
-pub async fn record<C: GenericClient>(
+pub async fn record<C: TypedClient>(
     client: &C,
     event: &AuditEvent,
 ) -> Result<(), tokio_postgres::Error> {
     client
-        .execute(
+        .typed_execute(
             "INSERT INTO dalp_audit.events
                  (actor, organisation_id, action, resource_type, resource_id, outcome, request_id, source_ip, details)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",

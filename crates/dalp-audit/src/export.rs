@@ -4,6 +4,7 @@
 //! delivery was last confirmed (at-least-once: a batch sent but not yet recorded is sent
 //! again).
 
+use dalp_db::TypedClient;
 use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
@@ -64,7 +65,7 @@ pub async fn read_sealed(
     limit: i64,
 ) -> Result<Vec<SealedEvent>, tokio_postgres::Error> {
     let rows = client
-        .query(
+        .typed_query(
             "SELECT b.first_seq + x.ord - 1 AS seq, e.id, e.occurred_at, e.actor, e.organisation_id::text, e.action,
                     e.resource_type, e.resource_id, e.outcome, e.request_id, host(e.source_ip), e.details
                FROM dalp_audit.seal_batches b
@@ -329,12 +330,12 @@ fn log_cursor_name(forwarder: &str, file: &str) -> String {
 impl Forwarder {
     pub async fn cursor(&self) -> Result<i64, ExportError> {
         let c = self.pool.get().await?;
-        c.execute(
+        c.typed_execute(
             "INSERT INTO dalp_audit.forward_cursors (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
             &[&self.name],
         )
         .await?;
-        Ok(c.query_one(
+        Ok(c.typed_query_one(
             "SELECT last_seq FROM dalp_audit.forward_cursors WHERE name = $1",
             &[&self.name],
         )
@@ -356,7 +357,7 @@ impl Forwarder {
             .collect();
         sink.send(&lines).await?;
         let last = events.last().map(|e| e.seq).unwrap_or(after);
-        c.execute(
+        c.typed_execute(
             "UPDATE dalp_audit.forward_cursors SET last_seq = $2, updated_at = now() WHERE name = $1 AND last_seq < $2",
             &[&self.name, &last],
         )
@@ -383,13 +384,13 @@ impl Forwarder {
                 .map(|f| f.to_string_lossy().to_string())
                 .unwrap_or_default();
             let cursor = log_cursor_name(&self.name, &file_name);
-            c.execute(
+            c.typed_execute(
                 "INSERT INTO dalp_audit.forward_cursors (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
                 &[&cursor],
             )
             .await?;
             let offset: i64 = c
-                .query_one(
+                .typed_query_one(
                     "SELECT last_seq FROM dalp_audit.forward_cursors WHERE name = $1",
                     &[&cursor],
                 )
@@ -414,7 +415,7 @@ impl Forwarder {
                 sink.send(&lines).await?;
                 sent += lines.len();
             }
-            c.execute(
+            c.typed_execute(
                 "UPDATE dalp_audit.forward_cursors SET last_seq = $2, updated_at = now() WHERE name = $1",
                 &[&cursor, &(offset + end as i64 + 1)],
             )

@@ -7,6 +7,7 @@
 //! transactions in `[previous xmin_upper, xmin_upper)`; a transaction still running stays
 //! above the watermark until it ends, so a late commit is sealed later, never skipped.
 
+use dalp_db::TypedClient;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,16 +66,16 @@ impl Sealer {
     pub async fn seal_once(&self) -> Result<Option<SealReport>, SealError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SEAL_LOCK])
+        tx.typed_execute("SELECT pg_advisory_xact_lock($1)", &[&SEAL_LOCK])
             .await?;
         // Read committed: each statement below sees everything committed before it started.
         let xmin = parse_xid(
-            tx.query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
+            tx.typed_query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
                 .await?
                 .get(0),
         )?;
         let last = tx
-            .query_opt(
+            .typed_query_opt(
                 "SELECT batch_no, last_seq, batch_hash, xmin_upper::text FROM dalp_audit.seal_batches
                   ORDER BY batch_no DESC LIMIT 1",
                 &[],
@@ -94,7 +95,7 @@ impl Sealer {
         }
         let limit = self.max_batch as i64;
         let mut rows: Vec<Row> = tx
-            .query(
+            .typed_query(
                 &format!(
                     "SELECT {EVENT_COLUMNS} FROM dalp_audit.events
                       WHERE txid >= $1::text::xid8 AND txid < $2::text::xid8
@@ -110,7 +111,7 @@ impl Sealer {
             rows.retain(|r| r.get::<_, String>(2) != last_tx.to_string());
             if rows.is_empty() {
                 rows = tx
-                    .query(
+                    .typed_query(
                         &format!("SELECT {EVENT_COLUMNS} FROM dalp_audit.events WHERE txid = $1::text::xid8 ORDER BY id"),
                         &[&last_tx.to_string()],
                     )
@@ -132,7 +133,7 @@ impl Sealer {
         let head = chain::batch_hash(&prev_hash, batch_no, first_seq, last_seq, &root, upper);
         let signature = self.key.sign(&head);
         let hash_vecs: Vec<Vec<u8>> = hashes.iter().map(|h| h.to_vec()).collect();
-        tx.execute(
+        tx.typed_execute(
             "INSERT INTO dalp_audit.seal_batches (batch_no, first_seq, last_seq, event_ids, event_times, event_hashes,
                  xmin_upper, merkle_root, prev_hash, batch_hash, key_id, signature)
              VALUES ($1, $2, $3, $4, $5, $6, $7::text::xid8, $8, $9, $10, $11, $12)",
@@ -173,7 +174,7 @@ impl Sealer {
     pub async fn pending(&self) -> Result<i64, SealError> {
         let client = self.pool.get().await?;
         Ok(client
-            .query_one(
+            .typed_query_one(
                 "SELECT count(*) FROM dalp_audit.events
                   WHERE txid >= coalesce((SELECT xmin_upper FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1), '0'::xid8)",
                 &[],
@@ -218,7 +219,7 @@ impl Sealer {
         client: &tokio_postgres::Client,
     ) -> Result<Option<Checkpoint>, SealError> {
         let row = client
-            .query_opt(
+            .typed_query_opt(
                 "SELECT batch_no, last_seq, batch_hash, key_id, signature, sealed_at FROM dalp_audit.seal_batches
                   ORDER BY batch_no DESC LIMIT 1",
                 &[],
@@ -238,7 +239,7 @@ impl Sealer {
     pub async fn lag(pool: &Pool) -> Result<f64, SealError> {
         let client = pool.get().await?;
         let row = client
-            .query_one(
+            .typed_query_one(
                 "SELECT coalesce(extract(epoch FROM now() - min(e.occurred_at))::float8, 0)
                    FROM dalp_audit.events e
                   WHERE e.txid >= coalesce((SELECT xmin_upper FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1), '0'::xid8)",

@@ -3,6 +3,7 @@
 //! no unsealed event below the seal watermark; and, given a checkpoint exported earlier, that
 //! the chain still reaches it.
 
+use dalp_db::TypedClient;
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
@@ -89,14 +90,14 @@ pub async fn verify_window(
     let mut report = VerifyReport::default();
     // Times before this were dropped under retention; events there may be missing.
     let retained_before: Option<DateTime<Utc>> = client
-        .query_one(
+        .typed_query_one(
             "SELECT max(range_to) FROM dalp_audit.retention_log WHERE table_name = 'dalp_audit.events'",
             &[],
         )
         .await?
         .get(0);
     let batches = client
-        .query(
+        .typed_query(
             "SELECT batch_no, first_seq, last_seq, event_ids, event_times, event_hashes, xmin_upper::text,
                     merkle_root, prev_hash, batch_hash, signature
                FROM dalp_audit.seal_batches
@@ -113,7 +114,7 @@ pub async fn verify_window(
         if no > 1 && !whole {
             // Anchor on the batch before the window.
             match client
-                .query_opt(
+                .typed_query_opt(
                     "SELECT batch_hash, last_seq FROM dalp_audit.seal_batches WHERE batch_no = $1",
                     &[&(no - 1)],
                 )
@@ -194,7 +195,7 @@ pub async fn verify_window(
         }
         // The events themselves, as they are now.
         let rows = client
-            .query(
+            .typed_query(
                 &format!("SELECT {EVENT_COLUMNS} FROM dalp_audit.events WHERE id = ANY($1)"),
                 &[&ids],
             )

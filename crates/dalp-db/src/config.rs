@@ -39,6 +39,10 @@ pub struct DatabaseConfig {
     pub hosts: Vec<String>,
     /// Database name. Default: `dalp`.
     pub name: String,
+    /// `host:port` of a PgBouncer (transaction mode) in front of the primary. When set, the
+    /// component pools go through it, while LISTEN connections (cache invalidation) still
+    /// go directly to `hosts`. Default: none.
+    pub pooler: Option<String>,
     /// CA bundle that server certificates must chain to (verify-full). Required for TCP hosts.
     /// Default: none.
     pub ca_file: Option<PathBuf>,
@@ -60,6 +64,7 @@ impl Default for DatabaseConfig {
         DatabaseConfig {
             hosts: vec!["127.0.0.1:5432".into()],
             name: "dalp".into(),
+            pooler: None,
             ca_file: None,
             secrets_file: None,
             connect_timeout_ms: 5_000,
@@ -188,6 +193,12 @@ impl Config {
                 message,
             })?;
         }
+        if let Some(p) = &db.pooler {
+            parse_host_port(p).map_err(|message| ConfigError::Invalid {
+                field: "database.pooler",
+                message,
+            })?;
+        }
         if db.name.is_empty() {
             return Err(ConfigError::Invalid {
                 field: "database.name",
@@ -227,6 +238,19 @@ impl Config {
             statement_timeout: Some(Duration::from_millis(db.statement_timeout_ms)),
             read_write: db.hosts.len() > 1,
         }
+    }
+}
+
+impl Config {
+    /// Options for `user` through the configured pooler, if any: the same database, CA and
+    /// timeouts, one host, and no `options` startup parameter (PgBouncer refuses it).
+    pub fn pooler_options(&self, user: &str, application_name: &str) -> Option<ConnectOptions> {
+        let p = self.database.pooler.as_ref()?;
+        let mut o = self.connect_options(user, application_name);
+        o.hosts = vec![parse_host_port(p).expect("validated")];
+        o.read_write = false;
+        o.statement_timeout = None;
+        Some(o)
     }
 }
 

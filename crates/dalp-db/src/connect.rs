@@ -50,10 +50,12 @@ pub enum ConnectError {
     Tls { path: String, message: String },
     #[error("TCP connections need a CA file to verify the server (sslrootcert=PATH in the URL, or database.ca_file)")]
     MissingCa,
-    #[error("cannot connect to {target} as {user}: {source}")]
+    #[error("cannot connect to {target} as {user}: {detail}")]
     Connect {
         target: String,
         user: String,
+        /// The server's message (or the I/O error), not tokio-postgres's bare "db error".
+        detail: String,
         #[source]
         source: tokio_postgres::Error,
     },
@@ -302,9 +304,10 @@ impl ConnectOptions {
 
     /// Opens one connection and drives it on the current runtime.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
-        let wrap = |source| ConnectError::Connect {
+        let wrap = |source: tokio_postgres::Error| ConnectError::Connect {
             target: self.target(),
             user: self.user.clone(),
+            detail: describe_error(&source),
             source,
         };
         let config = self.pg_config();
@@ -326,6 +329,22 @@ impl ConnectOptions {
             Ok(client)
         }
     }
+}
+
+/// A PostgreSQL error as a person needs it: the server's severity and message (with its
+/// SQLSTATE), or the chain of causes of a client-side failure.
+pub fn describe_error(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} {} ({})", db.severity(), db.message(), db.code().code());
+    }
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
 }
 
 /// A rustls client config trusting only the certificates in `ca_file`, TLS 1.2 or newer,

@@ -36,16 +36,34 @@ impl ComponentPools {
         max_size: usize,
         wait_timeout: Duration,
     ) -> Result<ComponentPools, PoolError> {
+        Self::build_via(base, base, secrets, max_size, wait_timeout)
+    }
+
+    /// Like [`ComponentPools::build`], but the pools connect through `pooled` (a PgBouncer in
+    /// transaction mode) while [`ComponentPools::options`] still describe direct connections
+    /// (`direct`), for LISTEN and other session-bound work.
+    pub fn build_via(
+        pooled: &ConnectOptions,
+        direct: &ConnectOptions,
+        secrets: &Secrets,
+        max_size: usize,
+        wait_timeout: Duration,
+    ) -> Result<ComponentPools, PoolError> {
         let mut pools = BTreeMap::new();
         let mut options = BTreeMap::new();
         for component in Component::ALL {
-            let mut opts = base.clone();
-            opts.user = component.role().to_string();
-            opts.password = Some(secrets.password(component.role())?);
-            opts.application_name = component.application_name().to_string();
+            let for_role = |base: &ConnectOptions| -> Result<ConnectOptions, PoolError> {
+                let mut opts = base.clone();
+                opts.user = component.role().to_string();
+                opts.password = Some(secrets.password(component.role())?);
+                opts.application_name = component.application_name().to_string();
+                Ok(opts)
+            };
+            let via = for_role(pooled)?;
+            let opts = for_role(direct)?;
             let manager = Manager::from_config(
-                opts.pg_config(),
-                opts.tls()?,
+                via.pg_config(),
+                via.tls()?,
                 ManagerConfig {
                     recycling_method: RecyclingMethod::Fast,
                 },
@@ -53,7 +71,7 @@ impl ComponentPools {
             let pool = Pool::builder(manager)
                 .max_size(max_size)
                 .wait_timeout(Some(wait_timeout))
-                .create_timeout(Some(opts.connect_timeout))
+                .create_timeout(Some(via.connect_timeout))
                 .runtime(Runtime::Tokio1)
                 .build()
                 .map_err(|e| PoolError::Build {
@@ -71,7 +89,8 @@ impl ComponentPools {
         &self.pools[&component]
     }
 
-    /// The options `component`'s connections use (e.g. for a dedicated LISTEN connection).
+    /// Direct connection options for `component` (e.g. for a dedicated LISTEN connection);
+    /// the same as the pool's unless it goes through a pooler.
     pub fn options(&self, component: Component) -> &ConnectOptions {
         &self.options[&component]
     }

@@ -129,7 +129,12 @@ fn zip<'a>(
 ) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
     params
         .iter()
-        .zip(types.iter().cloned().chain(std::iter::repeat(Type::UNKNOWN)))
+        .zip(
+            types
+                .iter()
+                .cloned()
+                .chain(std::iter::repeat(Type::UNKNOWN)),
+        )
         .map(|(p, t)| (*p, t))
         .collect()
 }
@@ -148,7 +153,11 @@ impl TypedClient for Client {
         self.batch_execute("BEGIN").await?;
         let described = self.prepare(sql).await;
         let end = self
-            .batch_execute(if described.is_ok() { "COMMIT" } else { "ROLLBACK" })
+            .batch_execute(if described.is_ok() {
+                "COMMIT"
+            } else {
+                "ROLLBACK"
+            })
             .await;
         let statement = described?;
         end?;

@@ -1,6 +1,7 @@
 //! The only code that touches `dalp_identity`. Every state change commits together with its
 //! audit record, and sends at most one cache notification from inside its transaction.
 
+use dalp_db::TypedClient;
 use std::sync::{Arc, OnceLock};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -347,21 +348,21 @@ impl IdentityStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let id: Uuid = tx
-            .query_one(
+            .typed_query_one(
                 "INSERT INTO dalp_identity.users (email, name, wallet_address) VALUES ($1, $2, $3) RETURNING id",
                 &[&new.email.as_str(), &name, &new.wallet_address.as_ref().map(|w| w.lower())],
             )
             .await?
             .get(0);
         if let Some(h) = hash {
-            tx.execute(
+            tx.typed_execute(
                 "INSERT INTO dalp_identity.password_credentials (user_id, hash) VALUES ($1, $2)",
                 &[&id, &h],
             )
             .await?;
         }
         for role in &new.roles {
-            tx.execute(
+            tx.typed_execute(
                 "INSERT INTO dalp_identity.platform_roles (user_id, role, granted_by) VALUES ($1, $2, $3)",
                 &[&id, &role.as_str(), &ctx.actor],
             )
@@ -382,7 +383,7 @@ impl IdentityStore {
 
     async fn user_in(tx: &Transaction<'_>, id: Uuid) -> Result<User> {
         let row = tx
-            .query_opt(
+            .typed_query_opt(
                 &format!("SELECT {USER_COLUMNS} FROM dalp_identity.users u WHERE u.id = $1"),
                 &[&id],
             )
@@ -394,7 +395,7 @@ impl IdentityStore {
     pub async fn get_user(&self, id: Uuid) -> Result<User> {
         let client = self.pool.get().await?;
         let row = client
-            .query_opt(
+            .typed_query_opt(
                 &format!("SELECT {USER_COLUMNS} FROM dalp_identity.users u WHERE u.id = $1"),
                 &[&id],
             )
@@ -406,7 +407,7 @@ impl IdentityStore {
     pub async fn find_user_by_email(&self, email: &Email) -> Result<Option<User>> {
         let client = self.pool.get().await?;
         let row = client
-            .query_opt(
+            .typed_query_opt(
                 &format!("SELECT {USER_COLUMNS} FROM dalp_identity.users u WHERE u.email = $1"),
                 &[&email.as_str()],
             )
@@ -417,7 +418,7 @@ impl IdentityStore {
     pub async fn list_users(&self, limit: i64, offset: i64) -> Result<Vec<User>> {
         let client = self.pool.get().await?;
         let rows = client
-            .query(
+            .typed_query(
                 &format!("SELECT {USER_COLUMNS} FROM dalp_identity.users u ORDER BY u.created_at, u.id LIMIT $1 OFFSET $2"),
                 &[&limit, &offset],
             )
@@ -439,7 +440,7 @@ impl IdentityStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let exists = tx
-            .query_opt(
+            .typed_query_opt(
                 "SELECT 1 FROM dalp_identity.users WHERE id = $1 FOR UPDATE",
                 &[&id],
             )
@@ -449,7 +450,7 @@ impl IdentityStore {
         }
         let mut changed = Vec::new();
         if let Some(n) = &name {
-            tx.execute(
+            tx.typed_execute(
                 "UPDATE dalp_identity.users SET name = $2, updated_at = now() WHERE id = $1",
                 &[&id, n],
             )
@@ -457,7 +458,7 @@ impl IdentityStore {
             changed.push("name");
         }
         if let Some(w) = &patch.wallet_address {
-            tx.execute(
+            tx.typed_execute(
                 "UPDATE dalp_identity.users SET wallet_address = $2, updated_at = now() WHERE id = $1",
                 &[&id, &w.as_ref().map(|w| w.lower())],
             )
@@ -472,14 +473,14 @@ impl IdentityStore {
                 }
                 .into());
             }
-            tx.execute(
+            tx.typed_execute(
                 "UPDATE dalp_identity.users SET banned = true, banned_reason = $2, banned_until = $3, updated_at = now() WHERE id = $1",
                 &[&id, reason, until],
             )
             .await?;
             changed.push("banned");
         } else if patch.unban {
-            tx.execute(
+            tx.typed_execute(
                 "UPDATE dalp_identity.users SET banned = false, banned_reason = NULL, banned_until = NULL, updated_at = now() WHERE id = $1",
                 &[&id],
             )
@@ -503,7 +504,7 @@ impl IdentityStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let n = tx
-            .execute("DELETE FROM dalp_identity.users WHERE id = $1", &[&id])
+            .typed_execute("DELETE FROM dalp_identity.users WHERE id = $1", &[&id])
             .await?;
         if n == 0 {
             return Err(IdentityError::NotFound("user"));
@@ -527,7 +528,7 @@ impl IdentityStore {
         let hash = hash_password(password).await?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        tx.execute(
+        tx.typed_execute(
             "INSERT INTO dalp_identity.password_credentials (user_id, hash) VALUES ($1, $2)
              ON CONFLICT (user_id) DO UPDATE SET hash = EXCLUDED.hash, updated_at = now()",
             &[&id, &hash],
@@ -551,14 +552,14 @@ impl IdentityStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         if tx
-            .query_opt("SELECT 1 FROM dalp_identity.users WHERE id = $1", &[&id])
+            .typed_query_opt("SELECT 1 FROM dalp_identity.users WHERE id = $1", &[&id])
             .await?
             .is_none()
         {
             return Err(IdentityError::NotFound("user"));
         }
         let n = tx
-            .execute(
+            .typed_execute(
                 "INSERT INTO dalp_identity.platform_roles (user_id, role, granted_by) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                 &[&id, &role.as_str(), &ctx.actor],
             )
@@ -587,7 +588,7 @@ impl IdentityStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let n = tx
-            .execute(
+            .typed_execute(
                 "DELETE FROM dalp_identity.platform_roles WHERE user_id = $1 AND role = $2",
                 &[&id, &role.as_str()],
             )
@@ -621,13 +622,13 @@ impl IdentityStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let id: Uuid = tx
-            .query_one(
+            .typed_query_one(
                 "INSERT INTO dalp_identity.organisations (slug, name) VALUES ($1, $2) RETURNING id",
                 &[&slug, &name],
             )
             .await?
             .get(0);
-        tx.execute(
+        tx.typed_execute(
             "INSERT INTO dalp_identity.organisation_members (organisation_id, user_id, role) VALUES ($1, $2, 'owner')",
             &[&id, &owner],
         )
@@ -647,7 +648,7 @@ impl IdentityStore {
     pub async fn organisation_by_slug(&self, slug: &str) -> Result<Option<Uuid>> {
         let client = self.pool.get().await?;
         Ok(client
-            .query_opt(
+            .typed_query_opt(
                 "SELECT id FROM dalp_identity.organisations WHERE slug = $1",
                 &[&slug],
             )
@@ -669,7 +670,7 @@ impl IdentityStore {
         let email = Email::parse(email).map_err(|_| IdentityError::InvalidCredentials)?;
         let client = self.pool.get().await?;
         let row = client
-            .query_opt(
+            .typed_query_opt(
                 "SELECT u.id, c.hash, u.banned, u.banned_until,
                         EXISTS (SELECT 1 FROM dalp_identity.platform_roles r WHERE r.user_id = u.id AND r.role = 'admin'),
                         EXISTS (SELECT 1 FROM dalp_identity.mfa_totp t WHERE t.user_id = u.id AND t.confirmed_at IS NOT NULL)
@@ -723,7 +724,7 @@ impl IdentityStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let session_id: Uuid = tx
-            .query_one(
+            .typed_query_one(
                 "INSERT INTO dalp_identity.sessions (user_id, token_hash, expires_at, refreshed_at, fresh_until, mfa_pending, ip, user_agent)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
                 &[&user_id, &token_hash(&token), &expires_at, &now, &(now + FRESH_FOR), &mfa_required, &ctx.ip, &ctx.user_agent],
@@ -731,7 +732,7 @@ impl IdentityStore {
             .await?
             .get(0);
         if !mfa_required {
-            tx.execute(
+            tx.typed_execute(
                 "UPDATE dalp_identity.users SET last_login_at = now() WHERE id = $1",
                 &[&user_id],
             )
@@ -811,7 +812,7 @@ impl IdentityStore {
         let generation = self.cache.generation();
         let client = self.pool.get().await?;
         let row = client
-            .query_opt(
+            .typed_query_opt(
                 "SELECT s.id, s.user_id, u.email, s.expires_at, s.fresh_until, s.refreshed_at, s.mfa_pending,
                         s.revoked_at, u.banned, u.banned_until,
                         coalesce(array(SELECT role FROM dalp_identity.platform_roles r WHERE r.user_id = u.id ORDER BY role), '{}')
@@ -843,7 +844,7 @@ impl IdentityStore {
             expires_at = now + SESSION_TTL;
             refreshed_at = now;
             client
-                .execute(
+                .typed_execute(
                     "UPDATE dalp_identity.sessions SET expires_at = $2, refreshed_at = $3 WHERE id = $1 AND revoked_at IS NULL",
                     &[&id, &expires_at, &refreshed_at],
                 )
@@ -884,7 +885,7 @@ impl IdentityStore {
         let generation = self.cache.generation();
         let client = self.pool.get().await?;
         let row = client
-            .query_opt(
+            .typed_query_opt(
                 "SELECT k.id, k.user_id, u.email, k.scope, k.rate_limit_per_minute, k.expires_at, k.revoked_at,
                         u.banned, u.banned_until,
                         coalesce(array(SELECT role FROM dalp_identity.platform_roles r WHERE r.user_id = u.id ORDER BY role), '{}')
@@ -940,7 +941,7 @@ impl IdentityStore {
         let current = Self::session_id(p).ok();
         let client = self.pool.get().await?;
         let rows = client
-            .query(
+            .typed_query(
                 "SELECT id, created_at, expires_at, host(ip), user_agent, mfa_pending FROM dalp_identity.sessions
                   WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > now() ORDER BY created_at DESC",
                 &[&p.user_id],
@@ -997,7 +998,7 @@ impl IdentityStore {
         };
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        if tx.execute(sql, &[&id, &user_id]).await? == 0 {
+        if tx.typed_execute(sql, &[&id, &user_id]).await? == 0 {
             return Err(IdentityError::NotFound(label));
         }
         dalp_audit::record(&*tx, &ctx.event(action, resource).resource(id)).await?;
@@ -1011,7 +1012,7 @@ impl IdentityStore {
     async fn load_totp(&self, user_id: Uuid) -> Result<Option<(Vec<u8>, bool, i64)>> {
         let client = self.pool.get().await?;
         let row = client
-            .query_opt(
+            .typed_query_opt(
                 "SELECT d.kek_id, d.wrapped, t.secret_enc, t.confirmed_at IS NOT NULL, t.last_used_step
                    FROM dalp_identity.mfa_totp t JOIN dalp_identity.data_keys d ON d.id = t.data_key_id
                   WHERE t.user_id = $1",
@@ -1042,13 +1043,13 @@ impl IdentityStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let dk: Uuid = tx
-            .query_one(
+            .typed_query_one(
                 "INSERT INTO dalp_identity.data_keys (kek_id, wrapped) VALUES ($1, $2) RETURNING id",
                 &[&wrapped.kek_id, &wrapped.blob],
             )
             .await?
             .get(0);
-        tx.execute(
+        tx.typed_execute(
             "INSERT INTO dalp_identity.mfa_totp (user_id, data_key_id, secret_enc) VALUES ($1, $2, $3)
              ON CONFLICT (user_id) DO UPDATE SET data_key_id = EXCLUDED.data_key_id, secret_enc = EXCLUDED.secret_enc, last_used_step = 0",
             &[&p.user_id, &dk, &enc],
@@ -1085,18 +1086,18 @@ impl IdentityStore {
         let codes = totp::generate_backup_codes();
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        tx.execute(
+        tx.typed_execute(
             "UPDATE dalp_identity.mfa_totp SET confirmed_at = now(), last_used_step = $2 WHERE user_id = $1",
             &[&p.user_id, &(step as i64)],
         )
         .await?;
-        tx.execute(
+        tx.typed_execute(
             "DELETE FROM dalp_identity.mfa_backup_codes WHERE user_id = $1",
             &[&p.user_id],
         )
         .await?;
         for c in &codes {
-            tx.execute(
+            tx.typed_execute(
                 "INSERT INTO dalp_identity.mfa_backup_codes (user_id, code_hash) VALUES ($1, $2)",
                 &[&p.user_id, &totp::hash_backup_code(c)],
             )
@@ -1121,12 +1122,12 @@ impl IdentityStore {
         } = &p.credential
         {
             let now = Utc::now();
-            tx.execute(
+            tx.typed_execute(
                 "UPDATE dalp_identity.sessions SET mfa_pending = false, expires_at = $2, refreshed_at = $3, fresh_until = $4 WHERE id = $1",
                 &[id, &(now + SESSION_TTL), &now, &(now + FRESH_FOR)],
             )
             .await?;
-            tx.execute(
+            tx.typed_execute(
                 "UPDATE dalp_identity.users SET last_login_at = now() WHERE id = $1",
                 &[&p.user_id],
             )
@@ -1161,7 +1162,7 @@ impl IdentityStore {
             ) {
                 // Conditional on the step, so two concurrent uses of one code cannot both pass.
                 let n = tx
-                    .execute(
+                    .typed_execute(
                         "UPDATE dalp_identity.mfa_totp SET last_used_step = $2 WHERE user_id = $1 AND last_used_step < $2",
                         &[&p.user_id, &(step as i64)],
                     )
@@ -1173,7 +1174,7 @@ impl IdentityStore {
         }
         if method.is_none() {
             let n = tx
-                .execute(
+                .typed_execute(
                     "UPDATE dalp_identity.mfa_backup_codes SET used_at = now() WHERE user_id = $1 AND code_hash = $2 AND used_at IS NULL",
                     &[&p.user_id, &totp::hash_backup_code(code)],
                 )
@@ -1233,7 +1234,7 @@ impl IdentityStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = tx
-            .query_one(
+            .typed_query_one(
                 "INSERT INTO dalp_identity.api_keys (user_id, name, prefix, key_hash, scope, rate_limit_per_minute, expires_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id, created_at",
                 &[&p.user_id, &name, &prefix, &token_hash(&key), &new.scope.as_str(), &new.rate_limit_per_minute, &new.expires_at],
@@ -1266,7 +1267,7 @@ impl IdentityStore {
     pub async fn list_api_keys(&self, user_id: Uuid) -> Result<Vec<ApiKeyInfo>> {
         let client = self.pool.get().await?;
         let rows = client
-            .query(
+            .typed_query(
                 "SELECT id, name, prefix, scope, rate_limit_per_minute, expires_at, created_at, revoked_at
                    FROM dalp_identity.api_keys WHERE user_id = $1 ORDER BY created_at",
                 &[&user_id],
@@ -1314,7 +1315,7 @@ impl IdentityStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         if tx
-            .query_opt(
+            .typed_query_opt(
                 "SELECT 1 FROM dalp_identity.users WHERE id = $1",
                 &[&user_id],
             )
@@ -1324,20 +1325,20 @@ impl IdentityStore {
             return Err(IdentityError::NotFound("user"));
         }
         let old: Option<Uuid> = tx
-            .query_opt(
+            .typed_query_opt(
                 "SELECT data_key_id FROM dalp_identity.kyc_profiles WHERE user_id = $1 FOR UPDATE",
                 &[&user_id],
             )
             .await?
             .map(|r| r.get(0));
         let dk: Uuid = tx
-            .query_one(
+            .typed_query_one(
                 "INSERT INTO dalp_identity.data_keys (kek_id, wrapped) VALUES ($1, $2) RETURNING id",
                 &[&wrapped.kek_id, &wrapped.blob],
             )
             .await?
             .get(0);
-        tx.execute(
+        tx.typed_execute(
             "INSERT INTO dalp_identity.kyc_profiles (user_id, data_key_id, payload_enc, updated_by) VALUES ($1, $2, $3, $4)
              ON CONFLICT (user_id) DO UPDATE SET data_key_id = EXCLUDED.data_key_id, payload_enc = EXCLUDED.payload_enc,
                  updated_at = now(), updated_by = EXCLUDED.updated_by",
@@ -1345,7 +1346,7 @@ impl IdentityStore {
         )
         .await?;
         if let Some(old) = old {
-            tx.execute("DELETE FROM dalp_identity.data_keys WHERE id = $1", &[&old])
+            tx.typed_execute("DELETE FROM dalp_identity.data_keys WHERE id = $1", &[&old])
                 .await?;
         }
         dalp_audit::record(&*tx,
@@ -1363,7 +1364,7 @@ impl IdentityStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = tx
-            .query_opt(
+            .typed_query_opt(
                 "SELECT d.kek_id, d.wrapped, k.payload_enc FROM dalp_identity.kyc_profiles k
                    JOIN dalp_identity.data_keys d ON d.id = k.data_key_id WHERE k.user_id = $1",
                 &[&user_id],
@@ -1402,7 +1403,7 @@ impl IdentityStore {
         let active = self.keys.rotate().await?;
         let mut client = self.pool.get().await?;
         let total: i64 = client
-            .query_one(
+            .typed_query_one(
                 "SELECT count(*) FROM dalp_identity.data_keys WHERE kek_id <> $1",
                 &[&active],
             )
@@ -1412,7 +1413,7 @@ impl IdentityStore {
         loop {
             let tx = client.transaction().await?;
             let rows = tx
-                .query(
+                .typed_query(
                     "SELECT id, kek_id, wrapped FROM dalp_identity.data_keys WHERE kek_id <> $1
                       ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED",
                     &[&active],
@@ -1430,7 +1431,7 @@ impl IdentityStore {
                     })
                     .await?;
                 let w = self.keys.wrap(&dek).await?;
-                tx.execute(
+                tx.typed_execute(
                     "UPDATE dalp_identity.data_keys SET kek_id = $2, wrapped = $3, rotated_at = now() WHERE id = $1",
                     &[&r.get::<_, Uuid>(0), &w.kek_id, &w.blob],
                 )

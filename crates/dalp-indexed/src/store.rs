@@ -3,6 +3,7 @@
 //! its audit record); a batch that diverges from the stored chain within the finality depth
 //! rolls the stored chain back to the fork point first, in the same transaction.
 
+use dalp_db::TypedClient;
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -220,7 +221,7 @@ impl IndexedStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let inserted = tx
-            .execute(
+            .typed_execute(
                 "INSERT INTO dalp_indexed.chains (chain_id, name, finality_depth) VALUES ($1, $2, $3)
                  ON CONFLICT (chain_id) DO NOTHING",
                 &[&chain_id, &name, &finality_depth],
@@ -344,7 +345,7 @@ impl IndexedStore {
             return Ok(());
         }
         for table in PARTITIONED {
-            tx.execute(
+            tx.typed_execute(
                 "SELECT dalp_indexed.ensure_partitions($1, $2, $3)",
                 &[&table, &from, &to],
             )
@@ -442,7 +443,7 @@ impl IndexedStore {
                 });
             }
             let lowest: Option<i64> = tx
-                .query_one(
+                .typed_query_one(
                     "SELECT min(number) FROM dalp_indexed.blocks WHERE chain_id = $1",
                     &[&chain_id],
                 )
@@ -459,7 +460,7 @@ impl IndexedStore {
             let parent = if first == n + 1 {
                 Some((cp_hash.clone(), None))
             } else {
-                tx.query_opt(
+                tx.typed_query_opt(
                     "SELECT hash, block_time FROM dalp_indexed.blocks WHERE chain_id = $1 AND number = $2",
                     &[&chain_id, &(first - 1)],
                 )
@@ -473,7 +474,7 @@ impl IndexedStore {
             }
             // Compare the overlap with what is stored; the first difference is the fork.
             let stored: HashMap<i64, Vec<u8>> = tx
-                .query(
+                .typed_query(
                     "SELECT number, hash FROM dalp_indexed.blocks WHERE chain_id = $1 AND number BETWEEN $2 AND $3",
                     &[&chain_id, &first, &n.min(last)],
                 )
@@ -521,7 +522,7 @@ impl IndexedStore {
         }
         let tip = blocks.last().expect("non-empty");
         if !new.is_empty() {
-            tx.execute(
+            tx.typed_execute(
                 "INSERT INTO dalp_indexed.checkpoints AS c
                      (chain_id, block_number, block_hash, finalized_number, head_number, updated_at)
                  VALUES ($1, $2, $3, greatest($2::int8 - $4::int8, 0), $5, now())
@@ -538,7 +539,7 @@ impl IndexedStore {
         } else {
             // Everything was already stored: nothing changes but the reported head.
             if let Some(h) = head {
-                tx.execute(
+                tx.typed_execute(
                     "UPDATE dalp_indexed.checkpoints SET head_number = $2
                       WHERE chain_id = $1 AND coalesce(head_number, -1) < $2",
                     &[&chain_id, &h],
@@ -585,7 +586,7 @@ impl IndexedStore {
         // Block times never decrease along the chain, so every removed row is at or after
         // the first removed block's time: the bound prunes partitions.
         let Some(since) = tx
-            .query_opt(
+            .typed_query_opt(
                 "SELECT block_time FROM dalp_indexed.blocks WHERE chain_id = $1 AND number = $2",
                 &[&chain_id, &(fork + 1)],
             )
@@ -595,7 +596,7 @@ impl IndexedStore {
             return Ok(());
         };
         for table in ["transactions", "logs", "transfers"] {
-            tx.execute(
+            tx.typed_execute(
                 &format!(
                     "DELETE FROM dalp_indexed.{table} WHERE chain_id = $1 AND block_time >= $2 AND block_number > $3"
                 ),
@@ -604,7 +605,7 @@ impl IndexedStore {
             .await?;
         }
         let gone = tx
-            .query(
+            .typed_query(
                 "WITH gone AS (
                      DELETE FROM dalp_indexed.balance_history
                       WHERE chain_id = $1 AND block_time >= $2 AND block_number > $3
@@ -617,7 +618,7 @@ impl IndexedStore {
         let tokens: Option<Vec<Vec<u8>>> = gone[0].get(0);
         let accounts: Option<Vec<Vec<u8>>> = gone[0].get(1);
         // Each touched balance becomes its newest remaining history row, or goes.
-        tx.execute(
+        tx.typed_execute(
             "WITH latest AS (
                  SELECT p.token, p.account, h.balance, h.block_number
                    FROM unnest($2::bytea[], $3::bytea[]) AS p(token, account)
@@ -635,7 +636,7 @@ impl IndexedStore {
         )
         .await?;
         for table in ["supply_history", "role_events"] {
-            tx.execute(
+            tx.typed_execute(
                 &format!(
                     "DELETE FROM dalp_indexed.{table} WHERE chain_id = $1 AND block_number > $2"
                 ),
@@ -643,14 +644,14 @@ impl IndexedStore {
             )
             .await?;
         }
-        tx.execute(
+        tx.typed_execute(
             "DELETE FROM dalp_indexed.blocks WHERE chain_id = $1 AND number > $2",
             &[&chain_id, &fork],
         )
         .await?;
         // The checkpoint moves to the fork block (or goes, if nothing below it is indexed).
         let fork_hash = tx
-            .query_opt(
+            .typed_query_opt(
                 "SELECT hash FROM dalp_indexed.blocks WHERE chain_id = $1 AND number = $2",
                 &[&chain_id, &fork],
             )
@@ -658,7 +659,7 @@ impl IndexedStore {
         match fork_hash {
             Some(r) => {
                 let h: Vec<u8> = r.get(0);
-                tx.execute(
+                tx.typed_execute(
                     "UPDATE dalp_indexed.checkpoints SET block_number = $2, block_hash = $3,
                             finalized_number = least(finalized_number, $2), updated_at = now()
                       WHERE chain_id = $1",
@@ -667,7 +668,7 @@ impl IndexedStore {
                 .await?;
             }
             None => {
-                tx.execute(
+                tx.typed_execute(
                     "DELETE FROM dalp_indexed.checkpoints WHERE chain_id = $1",
                     &[&chain_id],
                 )
@@ -825,7 +826,7 @@ impl IndexedStore {
                 values.push(v.to_string());
                 numbers.push(*n);
             }
-            tx.execute(
+            tx.typed_execute(
                 "INSERT INTO dalp_indexed.balances (chain_id, token, account, balance, block_number)
                  SELECT $1, t, a, v::numeric, n FROM unnest($2::bytea[], $3::bytea[], $4::text[], $5::int8[]) AS u(t, a, v, n)
                  ON CONFLICT (chain_id, token, account)
@@ -869,7 +870,7 @@ impl IndexedStore {
         let (tokens, accounts): (Vec<&[u8]>, Vec<&[u8]>) =
             pairs.iter().map(|(t, a)| (&t[..], &a[..])).unzip();
         for row in tx
-            .query(
+            .typed_query(
                 "SELECT b.token, b.account, b.balance::text
                    FROM unnest($2::bytea[], $3::bytea[]) AS p(token, account)
                    JOIN dalp_indexed.balances b
@@ -884,7 +885,7 @@ impl IndexedStore {
         let supply_list: Vec<&[u8]> = supply_tokens.iter().map(|t| &t[..]).collect();
         let mut supply: HashMap<Address, BigInt> = HashMap::new();
         for row in tx
-            .query(
+            .typed_query(
                 "SELECT DISTINCT ON (token) token, total_supply::text FROM dalp_indexed.supply_history
                   WHERE chain_id = $1 AND token = ANY($2) ORDER BY token, block_number DESC",
                 &[&chain_id, &supply_list],
@@ -1119,7 +1120,7 @@ async fn lock_chain(
     chain_id: i64,
 ) -> Result<(i32, Option<(i64, Vec<u8>, i64)>), IndexError> {
     let finality_depth: i32 = tx
-        .query_opt(
+        .typed_query_opt(
             "SELECT finality_depth FROM dalp_indexed.chains WHERE chain_id = $1 FOR NO KEY UPDATE",
             &[&chain_id],
         )
@@ -1127,7 +1128,7 @@ async fn lock_chain(
         .ok_or(IndexError::UnknownChain(chain_id))?
         .get(0);
     let cp = tx
-        .query_opt(
+        .typed_query_opt(
             "SELECT block_number, block_hash, finalized_number FROM dalp_indexed.checkpoints WHERE chain_id = $1",
             &[&chain_id],
         )

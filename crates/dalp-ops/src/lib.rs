@@ -6,8 +6,10 @@ pub mod embedded;
 pub mod error;
 pub mod ha;
 pub mod pki;
+pub mod pooler;
 pub mod process;
 
 pub use embedded::{Instance, InstanceInfo, Layout, RunningCluster, StartOptions};
 pub use error::OpsError;
 pub use ha::{HaCluster, HaOptions};
+pub use pooler::{Pooler, PoolerSpec};

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use dalp_db::connect::ConnectOptions;
 use dalp_db::{migrate, roles, Component, ComponentPools, MIGRATOR_ROLE};
-use dalp_ops::{Instance, RunningCluster, StartOptions};
+use dalp_ops::{Instance, Pooler, PoolerSpec, RunningCluster, StartOptions};
 use tokio_postgres::Client;
 
 struct Harness {
@@ -35,7 +35,12 @@ static HARNESS: OnceLock<Harness> = OnceLock::new();
 static TEMPLATE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
 const TEMPLATE_DB: &str = "dalp_template";
 
+static POOLER: OnceLock<Pooler> = OnceLock::new();
+
 extern "C" fn stop_at_exit() {
+    if let Some(p) = POOLER.get() {
+        p.stop();
+    }
     if let Some(h) = HARNESS.get() {
         let _ = h.cluster.stop();
         let _ = std::fs::remove_dir_all(h.dir.path());
@@ -75,6 +80,46 @@ fn start_harness() -> Harness {
         libc::atexit(stop_at_exit);
     }
     Harness { cluster, dir }
+}
+
+/// A PgBouncer (transaction mode, TLS and SCRAM on both sides, 20 server connections per
+/// database × role) in front of this binary's cluster, started on first call.
+pub fn pooler() -> &'static Pooler {
+    POOLER.get_or_init(|| {
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let su = superuser("postgres").await;
+                let roles: Vec<&str> = dalp_db::component::login_roles().collect();
+                let users = dalp_ops::pooler::scram_verifiers(&su, &roles)
+                    .await
+                    .expect("read verifiers");
+                let harness = HARNESS.get().expect("cluster started");
+                Pooler::start(PoolerSpec {
+                    dir: harness.dir.path().join("pgbouncer"),
+                    tls_dir: harness.cluster.layout().tls_dir(),
+                    server_port: harness.cluster.port(),
+                    port: None,
+                    pool_size: 20,
+                    max_client_conn: 1000,
+                    users,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("starting PgBouncer failed: {e}"))
+            })
+        })
+        .join()
+        .expect("pooler thread panicked")
+    })
+}
+
+/// Whether the component pools of tests go through [`pooler`] (`DALP_TEST_VIA_POOLER=1`):
+/// the domain suites then run through PgBouncer in transaction mode.
+pub fn via_pooler() -> bool {
+    std::env::var("DALP_TEST_VIA_POOLER").is_ok_and(|v| v == "1")
 }
 
 /// A database of its own for one test.
@@ -176,10 +221,27 @@ impl TestDb {
         self.pools_sized(4)
     }
 
-    /// Pools of `size` connections each.
+    /// Pools of `size` connections each (through PgBouncer with `DALP_TEST_VIA_POOLER=1`).
     pub fn pools_sized(&self, size: usize) -> ComponentPools {
+        if via_pooler() {
+            return self.pooled_pools(size);
+        }
         let base = self.options(MIGRATOR_ROLE);
         ComponentPools::build(&base, cluster().secrets(), size, Duration::from_secs(5))
             .expect("build pools")
+    }
+
+    /// Pools of `size` connections each through [`pooler`]; direct options for LISTEN.
+    pub fn pooled_pools(&self, size: usize) -> ComponentPools {
+        let direct = self.options(MIGRATOR_ROLE);
+        let pooled = pooler().client_options(&direct);
+        ComponentPools::build_via(
+            &pooled,
+            &direct,
+            cluster().secrets(),
+            size,
+            Duration::from_secs(10),
+        )
+        .expect("build pooled pools")
     }
 }

@@ -5,6 +5,7 @@
 //! to `max_attempts`, then `dead_letter`). A run whose lease expires (its worker died) is
 //! claimable again. Runs with a concurrency key run one at a time per key.
 
+use dalp_db::TypedClient;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -262,7 +263,7 @@ impl WorkflowStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = tx
-            .query_opt(
+            .typed_query_opt(
                 &format!(
                     "INSERT INTO dalp_workflows.runs (organisation_id, kind, idempotency_key, input, correlation_id,
                          priority, max_attempts, concurrency_key, run_at)
@@ -285,7 +286,7 @@ impl WorkflowStore {
             .await?;
         let Some(row) = row else {
             let existing = tx
-                .query_one(
+                .typed_query_one(
                     &format!(
                         "SELECT {RUN_COLUMNS} FROM dalp_workflows.runs
                           WHERE organisation_id = $1 AND kind = $2 AND idempotency_key = $3"
@@ -303,7 +304,7 @@ impl WorkflowStore {
         event.organisation_id = Some(run.organisation_id);
         dalp_audit::record(&*tx, &event).await?;
         if self.hints.due(&self.hints.last_notify_ms, NOTIFY_EVERY_MS) {
-            tx.execute("SELECT pg_notify($1, $2)", &[&READY_CHANNEL, &run.kind])
+            tx.typed_execute("SELECT pg_notify($1, $2)", &[&READY_CHANNEL, &run.kind])
                 .await?;
         }
         tx.commit().await?;
@@ -380,7 +381,7 @@ impl WorkflowStore {
             .hints
             .due(&self.hints.last_reclaim_ms, RECLAIM_EVERY_MS)
         {
-            client.execute(
+            client.typed_execute(
             "WITH expired AS (
                  SELECT id FROM dalp_workflows.runs
                   WHERE status = 'running' AND lease_expires_at < now()
@@ -399,7 +400,7 @@ impl WorkflowStore {
         // whose key is taken stays queued), lease what was granted.
         let lease_ms = lease.as_millis() as f64;
         let rows = client
-            .query(
+            .typed_query(
                 &format!(
                     "WITH c AS (
                          SELECT id, concurrency_key FROM dalp_workflows.runs
@@ -501,7 +502,7 @@ impl WorkflowStore {
         // One statement: retries become pending after an exponential backoff with jitter,
         // or dead_letter once attempts are used up; slots are released.
         let held: Vec<Uuid> = client
-            .query(
+            .typed_query(
                 "WITH o AS (
                      SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[], $6::text[])
                          AS o(id, status, output, error, run_at, waiting_for)),
@@ -554,7 +555,7 @@ impl WorkflowStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = tx
-            .query_opt(
+            .typed_query_opt(
                 &format!(
                     "UPDATE dalp_workflows.runs
                         SET signal = coalesce(signal, '{{}}'::jsonb) || jsonb_build_object($2::text, $3::jsonb),
@@ -582,7 +583,7 @@ impl WorkflowStore {
                 .details(json!({ "signal": name })),
         )
         .await?;
-        tx.execute("SELECT pg_notify($1, $2)", &[&READY_CHANNEL, &run.kind])
+        tx.typed_execute("SELECT pg_notify($1, $2)", &[&READY_CHANNEL, &run.kind])
             .await?;
         tx.commit().await?;
         Ok(run)
@@ -594,7 +595,7 @@ impl WorkflowStore {
         id: Uuid,
     ) -> Result<(), WorkflowError> {
         if tx
-            .query_opt("SELECT 1 FROM dalp_workflows.runs WHERE id = $1", &[&id])
+            .typed_query_opt("SELECT 1 FROM dalp_workflows.runs WHERE id = $1", &[&id])
             .await?
             .is_none()
         {
@@ -642,7 +643,7 @@ impl WorkflowStore {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let row = tx
-            .query_opt(
+            .typed_query_opt(
                 &format!(
                     "UPDATE dalp_workflows.runs SET {set}, updated_at = now()
                       WHERE id = $1 AND {allowed} RETURNING {RUN_COLUMNS}"
@@ -654,7 +655,7 @@ impl WorkflowStore {
             self.exists_in(&tx, id).await?;
             return Err(WorkflowError::Conflict(refusal.to_string()));
         };
-        tx.execute(
+        tx.typed_execute(
             "DELETE FROM dalp_workflows.concurrency_slots WHERE run_id = $1",
             &[&id],
         )

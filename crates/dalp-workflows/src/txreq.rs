@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use dalp_audit::RequestContext;
+use dalp_db::TypedClient;
 use dalp_types::{hex0x, EvmAddress, Invalid};
 use deadpool_postgres::Transaction;
 use serde::{Deserialize, Serialize};
@@ -205,13 +206,13 @@ impl WorkflowStore {
         let mut client = self.pool().get().await?;
         let tx = client.transaction().await?;
         // Serialises creators of the same key, so the 24-hour check cannot race.
-        tx.execute(
+        tx.typed_execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2::bigint::text || ':' || $3, 7))",
             &[&sender.lower(), &new.chain_id, &new.idempotency_key],
         )
         .await?;
         if let Some(r) = tx
-            .query_opt(
+            .typed_query_opt(
                 &format!(
                     "SELECT {TX_COLUMNS} FROM dalp_workflows.tx_requests
                       WHERE sender = $1 AND chain_id = $2 AND idempotency_key = $3
@@ -229,7 +230,7 @@ impl WorkflowStore {
             return Ok((tx_row(&r), false));
         }
         let row = tx
-            .query_one(
+            .typed_query_one(
                 &format!(
                     "INSERT INTO dalp_workflows.tx_requests
                          (organisation_id, chain_id, sender, to_address, value, data, idempotency_key, created_by)
@@ -280,7 +281,7 @@ impl WorkflowStore {
         let mut client = self.pool().get().await?;
         let tx = client.transaction().await?;
         let row = tx
-            .query_opt(
+            .typed_query_opt(
                 &format!(
                     "SELECT {TX_COLUMNS} FROM dalp_workflows.tx_requests WHERE id = $1 FOR UPDATE"
                 ),
@@ -313,7 +314,7 @@ impl WorkflowStore {
         ) && current.status.before_broadcast()
         {
             if let Some(n) = nonce.take() {
-                tx.execute(
+                tx.typed_execute(
                     "INSERT INTO dalp_workflows.released_nonces (chain_id, signer, nonce) VALUES ($1, $2, $3)",
                     &[&current.chain_id, &sender, &n],
                 )
@@ -325,7 +326,7 @@ impl WorkflowStore {
             detail["error"] = json!(e.chars().take(500).collect::<String>());
         }
         let row = tx
-            .query_one(
+            .typed_query_one(
                 &format!(
                     "UPDATE dalp_workflows.tx_requests
                         SET status = $2, nonce = $3, gas_limit = coalesce($4, gas_limit),
@@ -364,7 +365,7 @@ impl WorkflowStore {
         let tx = client.transaction().await?;
         let ms = recheck_in.as_millis() as f64;
         let row = tx
-            .query_opt(
+            .typed_query_opt(
                 &format!(
                     "UPDATE dalp_workflows.tx_requests
                         SET recheck_at = now() + $2 * interval '1 millisecond', updated_at = now()
@@ -456,18 +457,18 @@ async fn allocate_nonce(
     chain_id: i64,
     signer: &[u8],
 ) -> Result<i64, WorkflowError> {
-    tx.execute(
+    tx.typed_execute(
         "INSERT INTO dalp_workflows.signer_nonces (chain_id, signer) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         &[&chain_id, &signer],
     )
     .await?;
-    tx.execute(
+    tx.typed_execute(
         "SELECT 1 FROM dalp_workflows.signer_nonces WHERE chain_id = $1 AND signer = $2 FOR UPDATE",
         &[&chain_id, &signer],
     )
     .await?;
     let reused = tx
-        .query_opt(
+        .typed_query_opt(
             "DELETE FROM dalp_workflows.released_nonces
               WHERE (chain_id, signer, nonce) = (
                     SELECT chain_id, signer, nonce FROM dalp_workflows.released_nonces
@@ -480,7 +481,7 @@ async fn allocate_nonce(
         return Ok(r.get(0));
     }
     Ok(tx
-        .query_one(
+        .typed_query_one(
             "UPDATE dalp_workflows.signer_nonces SET next_nonce = next_nonce + 1
               WHERE chain_id = $1 AND signer = $2 RETURNING next_nonce - 1",
             &[&chain_id, &signer],
@@ -496,7 +497,7 @@ async fn record_transition(
     from: Option<TxStatus>,
     detail: Value,
 ) -> Result<(), WorkflowError> {
-    tx.execute(
+    tx.typed_execute(
         "INSERT INTO dalp_workflows.tx_transitions (request_id, from_status, to_status, actor, detail)
          VALUES ($1, $2, $3, $4, $5)",
         &[

@@ -3,6 +3,7 @@
 //! journaled in the transaction that performs them, fenced by the lease, so a run resumed
 //! after a crash replays completed steps and never executes one twice.
 
+use dalp_db::TypedClient;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
@@ -61,7 +62,7 @@ impl RunContext {
         let mut client = self.store.pool().get().await.map_err(WorkflowError::from)?;
         let tx = client.transaction().await?;
         let held = tx
-            .query_opt(
+            .typed_query_opt(
                 "SELECT 1 FROM dalp_workflows.runs
                   WHERE id = $1 AND status = 'running' AND lease_owner = $2 FOR NO KEY UPDATE",
                 &[&self.run.id, &self.worker],
@@ -71,7 +72,7 @@ impl RunContext {
             return Err(WorkflowError::LeaseLost(self.run.id).into());
         }
         let value = f(&tx).await?;
-        tx.execute(
+        tx.typed_execute(
             "INSERT INTO dalp_workflows.steps (run_id, op_id, result, attempt, worker) VALUES ($1, $2, $3, $4, $5)",
             &[&self.run.id, &op_id, &value, &self.run.attempts, &self.worker],
         )
@@ -313,7 +314,7 @@ pub fn selftest_handler() -> Handler {
                 let r = ctx
                     .step(&op, move |tx| {
                         Box::pin(async move {
-                            tx.execute(
+                            tx.typed_execute(
                                 "INSERT INTO dalp_workflows.selftest_effects (run_id, op_id, worker) VALUES ($1, $2, $3)",
                                 &[&run_id, &op_id, &worker],
                             )

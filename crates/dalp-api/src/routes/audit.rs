@@ -1,6 +1,7 @@
 //! Audit trail for auditors: `GET /api/v1/audit/events` (filtered, paged, always bounded in
 //! time so only the partitions in range are scanned) and `GET /api/v1/audit/verify`.
 
+use dalp_db::TypedClient;
 use std::collections::HashMap;
 
 use axum::extract::{Query, State};
@@ -87,7 +88,7 @@ async fn events(
     }
     let client = auditor_client(&state).await?;
     let rows = client
-        .query(
+        .typed_query(
             "SELECT id, occurred_at, actor, organisation_id::text, action, resource_type, resource_id, outcome,
                     request_id, host(source_ip), details
                FROM dalp_audit.events

@@ -18,7 +18,11 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         None => Secrets::default(),
     };
     let base = config.connect_options(MIGRATOR_ROLE, "dalp");
-    let pools = ComponentPools::build(
+    let pooled = config
+        .pooler_options(MIGRATOR_ROLE, "dalp")
+        .unwrap_or_else(|| base.clone());
+    let pools = ComponentPools::build_via(
+        &pooled,
         &base,
         &secrets,
         config.database.pool_max_size,
