@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages dalp needs when they are missing. Sourced by up.sh and test.sh.
-#   PostgreSQL 15 server + client, pgAudit (preloaded by the embedded cluster when present).
+#   PostgreSQL 15 server + client, pgAudit (preloaded by the embedded cluster when present),
+#   Patroni + etcd (the local HA cluster), PgBouncer (pooling), pgBackRest (backups).
 #   anvil (npm @foundry-rs/anvil-linux-amd64) into .tools/ for the indexer tests (with DALP_DEPS_ANVIL=1).
-# Later issues add pgbackrest, pgbouncer, patroni and etcd-server here.
 set -euo pipefail
 
-DALP_DEB_PACKAGES=(postgresql-15 postgresql-client-15 postgresql-15-pgaudit)
+DALP_DEB_PACKAGES=(postgresql-15 postgresql-client-15 postgresql-15-pgaudit patroni etcd-server pgbouncer pgbackrest)
 
 missing=()
 for p in "${DALP_DEB_PACKAGES[@]}"; do

@@ -11,6 +11,10 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --no-fail-fast -- --test-threads 2 2>&1 | tee "$log" || status=$?
+# The domain suites once more with every component pool going through PgBouncer
+# (transaction mode); LISTEN stays direct.
+DALP_TEST_VIA_POOLER=1 cargo test -p dalp-api -p dalp-identity -p dalp-assets -p dalp-audit \
+  -p dalp-indexed -p dalp-workflows --no-fail-fast -- --test-threads 2 2>&1 | tee -a "$log" || status=$?
 # One closing line over all test binaries (cargo prints one per binary, doc-tests last).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -129,6 +129,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Connection pooling with PgBouncer.
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
     /// Serve the HTTP API against an external cluster described by a config file.
     Serve {
         /// TOML config file (see `dalp config check`); DALP_<SECTION>__<KEY> variables override it.
@@ -157,6 +162,10 @@ pub struct UpArgs {
     /// Log the plan of every statement slower than this many milliseconds (auto_explain).
     #[arg(long, default_value_t = 500)]
     pub slow_query_ms: u32,
+    /// PostgreSQL's max_connections (embedded instance). Clients beyond it belong behind
+    /// `dalp pool up`.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(20..=5000))]
+    pub max_connections: u32,
     /// Seed a demo organisation, an administrator (password printed once), a bond and a
     /// stablecoin, unless they exist.
     #[arg(long)]
@@ -206,6 +215,28 @@ impl HaArgs {
             bin_dir: None,
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Run PgBouncer in front of the instance in --data-dir (embedded, or an HA cluster
+    /// whose leader it follows) until Ctrl-C: transaction pooling, one pool per component
+    /// role, SCRAM and TLS on both sides. Point `database.pooler` (dalp serve) at it;
+    /// LISTEN keeps going directly to PostgreSQL.
+    Up {
+        /// Data directory of a running `dalp up`, or a `dalp cluster up` directory.
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Port on 127.0.0.1 [default: any free port].
+        #[arg(long)]
+        port: Option<u16>,
+        /// Server connections per component role.
+        #[arg(long, default_value_t = 20)]
+        pool_size: u32,
+        /// Client connections accepted in all.
+        #[arg(long, default_value_t = 1000)]
+        max_client_conn: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -282,6 +313,10 @@ pub enum DbCommand {
         /// Login role, e.g. dalp_indexer_svc, dalp_auditor, dalp_readonly, dalp_migrator.
         #[arg(long)]
         role: String,
+        /// Connect through a pooler on this 127.0.0.1 port (see `dalp pool up`) instead
+        /// of PostgreSQL itself.
+        #[arg(long)]
+        port: Option<u16>,
     },
     /// The heaviest statements (pg_stat_statements) with the component that ran them:
     /// calls, total and mean time, and a rough p95 (mean + 2 standard deviations).

@@ -802,3 +802,67 @@ fn up_ha_serves_the_api_on_patroni_and_the_cluster_verbs_manage_it() {
     let o = dalp(&["cluster", "down", "--dir", d]);
     assert!(text(&o).contains("nothing running"), "{}", text(&o));
 }
+
+#[test]
+fn pool_up_serves_the_embedded_instance_through_pgbouncer() {
+    let dir = data_dir();
+    let d = dir.path().to_str().unwrap();
+    let up = Up::start(dir.path(), free_port());
+    let port = free_port();
+    let mut pool = dalp_testkit::Reaped(
+        Command::new(DALP)
+            .args([
+                "pool",
+                "up",
+                "--data-dir",
+                d,
+                "--port",
+                &port.to_string(),
+                "--pool-size",
+                "5",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(pool.0.stdout.take().unwrap()).lines();
+    let ready = lines.next().unwrap().unwrap();
+    assert!(
+        ready.contains("pool ready") && ready.contains(&port.to_string()),
+        "{ready}"
+    );
+    let o = dalp(&[
+        "db",
+        "url",
+        "--data-dir",
+        d,
+        "--role",
+        "dalp_readonly",
+        "--port",
+        &port.to_string(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let url = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    assert!(url.contains(&format!("127.0.0.1:{port}")), "{url}");
+    let o = psql(&url, "select current_user");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "dalp_readonly");
+    let o = psql(
+        &url.replace("sslmode=verify-full", "sslmode=disable"),
+        "select 1",
+    );
+    assert!(
+        !o.status.success(),
+        "plaintext to the pooler must be refused"
+    );
+    // A second pooler on the same port says so.
+    let o = dalp(&["pool", "up", "--data-dir", d, "--port", &port.to_string()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("already in use"), "{}", text(&o));
+    kill(Pid::from_raw(pool.0.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(pool.0.wait().unwrap().success());
+    let o = psql(&url, "select 1");
+    assert!(!o.status.success(), "the pooler stopped with its command");
+    drop(up);
+}

@@ -93,6 +93,16 @@ impl Layout {
         self.read_state().map(|s| s.pg_port)
     }
 
+    /// The superuser over the instance's local socket (peer authentication), on `dbname`.
+    /// Fails when the instance was never started.
+    pub fn superuser_options(&self, dbname: &str) -> Result<ConnectOptions, OpsError> {
+        let port = self.port().ok_or_else(|| OpsError::Bootstrap {
+            context: format!("no instance in {}", self.root.display()),
+            message: "start it once with `dalp up`".into(),
+        })?;
+        Ok(socket_superuser(&self.socket_dir(), port, dbname))
+    }
+
     /// TCP + verify-full options for `role` on the instance's database, password from the
     /// secrets file. Fails when the instance was never started.
     pub fn connect_options(&self, role: &str) -> Result<ConnectOptions, OpsError> {
@@ -138,6 +148,21 @@ fn tcp_options(
     }
 }
 
+/// The superuser over the Unix socket in `socket_dir` (peer authentication).
+pub(crate) fn socket_superuser(socket_dir: &Path, port: u16, dbname: &str) -> ConnectOptions {
+    ConnectOptions {
+        hosts: vec![(socket_dir.display().to_string(), port)],
+        dbname: dbname.into(),
+        user: SUPERUSER.into(),
+        password: None,
+        ca_file: None,
+        application_name: "dalp-bootstrap".into(),
+        connect_timeout: Duration::from_secs(5),
+        statement_timeout: None,
+        read_write: false,
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct State {
     pg_port: u16,
@@ -155,7 +180,12 @@ pub struct StartOptions {
     /// Statements slower than this have their plans logged (auto_explain); default
     /// [`DEFAULT_SLOW_QUERY_MS`].
     pub slow_query_ms: Option<u32>,
+    /// `max_connections`; default [`DEFAULT_MAX_CONNECTIONS`].
+    pub max_connections: Option<u32>,
 }
+
+/// Server connections unless configured (a pooler lets far more clients share them).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 200;
 
 /// auto_explain's threshold unless configured.
 pub const DEFAULT_SLOW_QUERY_MS: u32 = 500;
@@ -245,6 +275,7 @@ pub(crate) struct ServerConf<'a> {
     pub log_dir: &'a Path,
     pub pgaudit_log: &'a str,
     pub slow_ms: u32,
+    pub max_connections: u32,
 }
 
 /// The server settings every dalp-run PostgreSQL gets (embedded and HA nodes): TLS only,
@@ -274,7 +305,7 @@ pub(crate) fn server_settings(c: &ServerConf<'_>) -> Vec<(&'static str, String)>
         ("ssl_min_protocol_version", "TLSv1.2".into()),
         ("password_encryption", "scram-sha-256".into()),
         ("shared_preload_libraries", preload.join(",")),
-        ("max_connections", "200".into()),
+        ("max_connections", c.max_connections.to_string()),
         ("log_line_prefix", "%m [%p] %q%u@%d/%a ".into()),
         // Server logs as JSON lines (pgAudit's AUDIT entries among them), for shipping.
         ("logging_collector", "on".into()),
@@ -454,6 +485,7 @@ impl Instance {
             port,
             &pgaudit_log,
             opts.slow_query_ms.unwrap_or(DEFAULT_SLOW_QUERY_MS),
+            opts.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
         )?;
 
         let log_path = self.layout.log_file();
@@ -559,6 +591,7 @@ impl Instance {
         port: u16,
         pgaudit_log: &str,
         slow_ms: u32,
+        max_connections: u32,
     ) -> Result<(), OpsError> {
         let pgdata = self.layout.pgdata();
         let socket_dir = self.layout.socket_dir();
@@ -599,6 +632,7 @@ impl Instance {
             log_dir: &log_dir,
             pgaudit_log,
             slow_ms,
+            max_connections,
         }));
         let mut conf =
             String::from("# Written by dalp at every start; local edits are overwritten.\n");
@@ -664,17 +698,7 @@ impl RunningCluster {
 
     /// The superuser over the local socket (peer authentication), on `dbname`.
     pub fn superuser_options(&self, dbname: &str) -> ConnectOptions {
-        ConnectOptions {
-            hosts: vec![(self.layout().socket_dir().display().to_string(), self.port)],
-            dbname: dbname.into(),
-            user: SUPERUSER.into(),
-            password: None,
-            ca_file: None,
-            application_name: "dalp-bootstrap".into(),
-            connect_timeout: Duration::from_secs(5),
-            statement_timeout: None,
-            read_write: false,
-        }
+        socket_superuser(&self.layout().socket_dir(), self.port, dbname)
     }
 
     /// TCP + TLS (verify-full) options for `role` on `dbname`, with its password.

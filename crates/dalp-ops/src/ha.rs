@@ -570,6 +570,7 @@ impl HaCluster {
             slow_ms: opts
                 .slow_query_ms
                 .unwrap_or(embedded::DEFAULT_SLOW_QUERY_MS),
+            max_connections: embedded::DEFAULT_MAX_CONNECTIONS,
         }) {
             // Patroni insists these are the same everywhere (its dynamic configuration).
             if k == "max_connections" {
@@ -875,20 +876,16 @@ impl HaCluster {
             .iter()
             .find(|n| n.name == name)
             .expect("known node");
-        ConnectOptions {
-            hosts: vec![(
-                self.node_dir(name).join("run").display().to_string(),
-                node.pg_port,
-            )],
-            dbname: dbname.into(),
-            user: SUPERUSER.into(),
-            password: None,
-            ca_file: None,
-            application_name: "dalp-bootstrap".into(),
-            connect_timeout: Duration::from_secs(5),
-            statement_timeout: None,
-            read_write: false,
-        }
+        embedded::socket_superuser(&self.node_dir(name).join("run"), node.pg_port, dbname)
+    }
+
+    /// The PostgreSQL port of node `name`.
+    pub fn pg_port(&self, name: &str) -> Option<u16> {
+        self.state
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .map(|n| n.pg_port)
     }
 
     /// TLS options for `role` listing every node, writes going to whichever is primary

@@ -286,6 +286,31 @@ impl Pooler {
         Ok(())
     }
 
+    /// Keeps the pooler pointed at the HA cluster's leader: polls Patroni every `every` and
+    /// retargets on a change. Runs until the future is dropped.
+    pub async fn follow_leader(&self, cluster: &crate::HaCluster, every: Duration) {
+        let mut current = self.spec.server_port;
+        loop {
+            tokio::time::sleep(every).await;
+            let Ok(leader) = cluster.leader().await else {
+                continue;
+            };
+            let Some(port) = cluster.pg_port(&leader) else {
+                continue;
+            };
+            if port != current {
+                match self.retarget(port) {
+                    Ok(()) => {
+                        tracing::warn!(leader = %leader, port, "leader changed; the pooler now sends new server connections there");
+                        eprintln!("leader is now {leader} (127.0.0.1:{port}); pooler retargeted");
+                        current = port;
+                    }
+                    Err(e) => tracing::error!(error = %e, "retargeting the pooler failed"),
+                }
+            }
+        }
+    }
+
     async fn wait_listening(&self, timeout: Duration) -> Result<(), OpsError> {
         let deadline = Instant::now() + timeout;
         loop {

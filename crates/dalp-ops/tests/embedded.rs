@@ -165,6 +165,7 @@ async fn a_busy_port_is_refused_before_anything_starts() {
             bin_dir: None,
             pgaudit_log: None,
             slow_query_ms: None,
+            max_connections: None,
         })
         .await
         .err()
@@ -187,6 +188,7 @@ async fn a_missing_binary_dir_says_what_to_install() {
             bin_dir: Some("/nonexistent/pg/bin".into()),
             pgaudit_log: None,
             slow_query_ms: None,
+            max_connections: None,
         })
         .await
         .err()

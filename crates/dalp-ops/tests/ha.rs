@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use dalp_db::ha::{ExecError, Router, RouterOptions, Served, Session};
 use dalp_db::MIGRATOR_ROLE;
-use dalp_ops::{HaCluster, HaOptions};
+use dalp_ops::{HaCluster, HaOptions, Pooler, PoolerSpec};
 use futures_util::FutureExt;
 
 fn cluster_dir() -> tempfile::TempDir {
@@ -199,11 +199,67 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
     );
     drop(router);
 
-    // --- A planned switchover. ---
+    // --- A planned switchover, with PgBouncer following the leader. ---
     let before = cluster.leader().await.unwrap();
-    let after = cluster.switchover(None).await.unwrap();
+    let su = cluster
+        .superuser_options(&before, "postgres")
+        .connect()
+        .await
+        .unwrap();
+    let users = dalp_ops::pooler::scram_verifiers(&su, &[MIGRATOR_ROLE])
+        .await
+        .unwrap();
+    drop(su);
+    let pooler = Pooler::start(PoolerSpec {
+        dir: dir.path().join("pgbouncer"),
+        tls_dir: dir.path().join("tls"),
+        server_port: cluster.pg_port(&before).unwrap(),
+        port: None,
+        pool_size: 5,
+        max_client_conn: 50,
+        users,
+    })
+    .await
+    .unwrap();
+    let via = pooler.client_options(&migrator);
+    let primary_port = |c: tokio_postgres::Client| async move {
+        let r = c
+            .query_one("SELECT inet_server_port(), pg_is_in_recovery()", &[])
+            .await?;
+        Ok::<_, tokio_postgres::Error>((r.get::<_, i32>(0) as u16, r.get::<_, bool>(1)))
+    };
+    assert_eq!(
+        primary_port(via.connect().await.unwrap()).await.unwrap(),
+        (cluster.pg_port(&before).unwrap(), false)
+    );
+    let after = {
+        let follow = pooler.follow_leader(&cluster, Duration::from_millis(500));
+        tokio::pin!(follow);
+        tokio::select! {
+            _ = &mut follow => unreachable!("follow_leader never returns"),
+            after = async {
+                let after = cluster.switchover(None).await.unwrap();
+                healthy(&cluster).await;
+                // Through the pooler, sessions reach the new primary.
+                let want = (cluster.pg_port(&after).unwrap(), false);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let seen = match via.connect().await {
+                        Ok(c) => primary_port(c).await.ok(),
+                        Err(_) => None,
+                    };
+                    if seen == Some(want) {
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "the pooler still serves {seen:?}, want {want:?}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                after
+            } => after,
+        }
+    };
     assert_ne!(before, after);
-    healthy(&cluster).await;
+    drop(pooler);
     let e = cluster.switchover(Some("node9")).await.unwrap_err();
     assert!(e.to_string().contains("node9"), "{e}");
 

@@ -10,7 +10,7 @@ use dalp_db::component::login_roles;
 use crate::cli::TargetArgs;
 use crate::target::connect_admin;
 
-pub fn url(data_dir: &Path, role: &str) -> anyhow::Result<ExitCode> {
+pub fn url(data_dir: &Path, role: &str, port: Option<u16>) -> anyhow::Result<ExitCode> {
     if !login_roles().any(|r| r == role) {
         bail!(
             "unknown role `{role}`; login roles are: {}",
@@ -19,6 +19,10 @@ pub fn url(data_dir: &Path, role: &str) -> anyhow::Result<ExitCode> {
     }
     let mut opts = crate::target::dir_options(data_dir, role)?;
     opts.application_name = "psql".into();
+    if let Some(port) = port {
+        opts.hosts = vec![("127.0.0.1".into(), port)];
+        opts.read_write = false;
+    }
     println!("{}", opts.to_url());
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,7 @@ mod doctor;
 mod identity;
 mod index;
 mod migrate;
+mod pool;
 mod roles;
 mod serve;
 mod status;
@@ -28,8 +29,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { target, json } => status::run(&target, json).await,
         Command::Migrate { target, dry_run } => migrate::run(&target, dry_run).await,
         Command::Db {
-            command: DbCommand::Url { data_dir, role },
-        } => db::url(&data_dir, &role),
+            command:
+                DbCommand::Url {
+                    data_dir,
+                    role,
+                    port,
+                },
+        } => db::url(&data_dir, &role, port),
         Command::Db {
             command:
                 DbCommand::Top {
@@ -72,6 +78,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => config::check(&config),
         Command::Serve { config } => serve::run(&config).await,
         Command::Cluster { command } => cluster::run(command).await,
+        Command::Pool { command } => pool::run(command).await,
         Command::Doctor {
             target,
             cert,

@@ -178,6 +178,7 @@ impl Backend {
                     bin_dir: None,
                     pgaudit_log: Some(args.pgaudit_log.clone()),
                     slow_query_ms: Some(args.slow_query_ms),
+                    max_connections: Some(args.max_connections),
                 })
                 .await?,
         ))

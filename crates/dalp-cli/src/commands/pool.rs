@@ -1,0 +1,85 @@
+//! `dalp pool up`: PgBouncer in front of the embedded instance or the HA cluster's leader.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use dalp_db::component::login_roles;
+use dalp_ops::pooler::scram_verifiers;
+use dalp_ops::{HaCluster, Layout, Pooler, PoolerSpec};
+
+use super::up::shutdown_signal;
+use crate::cli::PoolCommand;
+
+pub async fn run(command: PoolCommand) -> anyhow::Result<ExitCode> {
+    let PoolCommand::Up {
+        data_dir,
+        port,
+        pool_size,
+        max_client_conn,
+    } = command;
+    let ha = if data_dir.join("cluster.json").exists() {
+        Some(HaCluster::open(&data_dir)?)
+    } else {
+        None
+    };
+    let (root, su_options, server_port) = match &ha {
+        Some(c) => {
+            let leader = c
+                .leader()
+                .await
+                .context("the pooler needs the HA cluster's leader")?;
+            (
+                c.root().to_path_buf(),
+                c.superuser_options(&leader, "postgres"),
+                c.pg_port(&leader).expect("leader is a node"),
+            )
+        }
+        None => {
+            let layout = Layout::new(&data_dir);
+            let su = layout.superuser_options("postgres")?;
+            let port = layout.port().expect("instance has a port");
+            (layout.root().to_path_buf(), su, port)
+        }
+    };
+    let su = su_options.connect().await.with_context(|| {
+        format!(
+            "connect to the instance in {} over its local socket (is it running?)",
+            root.display()
+        )
+    })?;
+    let roles: Vec<&str> = login_roles().collect();
+    let users = scram_verifiers(&su, &roles).await?;
+    drop(su);
+    let pooler = Pooler::start(PoolerSpec {
+        dir: root.join("pgbouncer"),
+        tls_dir: root.join("tls"),
+        server_port,
+        port,
+        pool_size,
+        max_client_conn,
+        users,
+    })
+    .await?;
+    println!(
+        "pool ready: 127.0.0.1:{} → 127.0.0.1:{server_port} (transaction mode, {pool_size} server connections per role, TLS required)",
+        pooler.port()
+    );
+    println!(
+        "  connect: psql \"$(dalp db url --data-dir {} --role dalp_readonly --port {})\"   stop: Ctrl-C",
+        root.display(),
+        pooler.port()
+    );
+    match &ha {
+        Some(cluster) => {
+            tokio::select! {
+                _ = shutdown_signal() => {},
+                _ = pooler.follow_leader(cluster, Duration::from_secs(1)) => {},
+            }
+        }
+        None => shutdown_signal().await,
+    }
+    eprintln!("stopping the pooler …");
+    pooler.stop();
+    Ok(ExitCode::SUCCESS)
+}
