@@ -149,9 +149,12 @@ async fn main() {
         .batch_execute(&format!(
             "CREATE SCHEMA bench;
              CREATE TABLE bench.accounts (id int PRIMARY KEY, balance bigint NOT NULL);
-             INSERT INTO bench.accounts SELECT g, 0 FROM generate_series(1, {ACCOUNTS}) g;
-             VACUUM ANALYZE bench.accounts;"
+             INSERT INTO bench.accounts SELECT g, 0 FROM generate_series(1, {ACCOUNTS}) g;"
         ))
+        .await
+        .unwrap();
+    setup
+        .batch_execute("VACUUM ANALYZE bench.accounts")
         .await
         .unwrap();
     drop(setup);
