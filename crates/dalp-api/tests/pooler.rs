@@ -120,11 +120,9 @@ async fn the_pooler_refuses_plaintext_and_wrong_passwords_and_serves_tls() {
     );
     let mut wrong = via.clone();
     wrong.password = Some("not-the-password".into());
-    let e = wrong
-        .connect()
-        .await
-        .err()
-        .expect("a wrong password must fail");
+    let Err(e) = wrong.connect().await else {
+        panic!("a wrong password must fail")
+    };
     assert!(
         e.to_string().contains("password") || e.to_string().contains("auth"),
         "{e}"

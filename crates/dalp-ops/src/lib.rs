@@ -2,6 +2,7 @@
 //! (initdb, its own CA and server certificate, TLS-only `pg_hba.conf`, start and stop as the
 //! `postgres` system user, role bootstrap). Later: Patroni + etcd, pgBackRest, PgBouncer.
 
+pub mod backup;
 pub mod embedded;
 pub mod error;
 pub mod ha;

@@ -1,0 +1,911 @@
+//! Backups, WAL archiving and point-in-time recovery with pgBackRest.
+//!
+//! dalp writes pgBackRest's configuration from a [`Policy`] (the data-protection table:
+//! WAL kept 30 days for point-in-time recovery, daily full backups kept 90 days in repo1,
+//! weekly full backups kept 7 years in repo2) and drives `pgbackrest` as the `postgres`
+//! user. Retention is enforced by pgBackRest's `expire`, which runs after every backup.
+//!
+//! Layout under `DIR/backup/`: `pgbackrest.conf`, `repo1/` and `repo2/` (for posix
+//! repositories), `log/`, `lock/`, `spool/`. The policy comes from `DIR/backup.toml` when it
+//! exists, else from the defaults.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use dalp_db::connect::ConnectOptions;
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::OpsError;
+use crate::process::{self, ServerUser};
+
+/// pgBackRest's stanza (the cluster's name in the repositories).
+pub const STANZA: &str = "dalp";
+const PGBACKREST_BIN: &str = "/usr/bin/pgbackrest";
+
+/// Whether pgBackRest is installed.
+pub fn available() -> bool {
+    Path::new(PGBACKREST_BIN).exists()
+}
+
+fn err(context: impl Into<String>, message: impl std::fmt::Display) -> OpsError {
+    OpsError::Bootstrap {
+        context: context.into(),
+        message: message.to_string(),
+    }
+}
+
+/// Where a repository lives. Keys for the cloud stores are never written to the
+/// configuration: pgBackRest reads them from its environment
+/// (`PGBACKREST_REPO1_S3_KEY`, `PGBACKREST_REPO1_S3_KEY_SECRET`, `PGBACKREST_REPO2_AZURE_KEY`, …).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Repo {
+    Posix {
+        path: PathBuf,
+    },
+    S3 {
+        bucket: String,
+        endpoint: String,
+        region: String,
+        #[serde(default = "default_repo_path")]
+        path: String,
+        /// `host` (default) or `path` style URIs (MinIO and most S3-compatible stores).
+        #[serde(default)]
+        uri_style: Option<String>,
+    },
+    Gcs {
+        bucket: String,
+        #[serde(default = "default_repo_path")]
+        path: String,
+        /// Service-account key file.
+        key_file: PathBuf,
+    },
+    Azure {
+        account: String,
+        container: String,
+        #[serde(default = "default_repo_path")]
+        path: String,
+    },
+}
+
+fn default_repo_path() -> String {
+    "/dalp".into()
+}
+
+/// The data-protection policy. Every field has the default of the policy table.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// Days back a point-in-time recovery can reach (WAL kept in repo1). Default 30.
+    pub pitr_days: u32,
+    /// Hours between full backups to repo1. Default 24 (daily).
+    pub full_every_hours: u32,
+    /// Days full backups are kept in repo1. Default 90.
+    pub full_retention_days: u32,
+    /// Days between full backups to repo2, the long-term archive. Default 7 (weekly).
+    pub archive_every_days: u32,
+    /// Days repo2 keeps its backups. Default 2557 (7 years).
+    pub archive_retention_days: u32,
+    /// repo1; default a posix repository in `DIR/backup/repo1`.
+    pub repo1: Option<Repo>,
+    /// repo2; default a posix repository in `DIR/backup/repo2`.
+    pub repo2: Option<Repo>,
+    /// Parallel processes for backup and restore. Default 2.
+    pub process_max: u32,
+    /// `lz4` (default), `zst`, `gz`, `bz2` or `none`.
+    pub compress_type: String,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            pitr_days: 30,
+            full_every_hours: 24,
+            full_retention_days: 90,
+            archive_every_days: 7,
+            archive_retention_days: 2557,
+            repo1: None,
+            repo2: None,
+            process_max: 2,
+            compress_type: "lz4".into(),
+        }
+    }
+}
+
+impl Policy {
+    /// Loads `path` (TOML) if it exists, else the defaults; validates either.
+    pub fn load(path: &Path) -> Result<Policy, OpsError> {
+        let policy = match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| err(format!("backup policy {}", path.display()), e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Policy::default(),
+            Err(e) => return Err(err(format!("read {}", path.display()), e)),
+        };
+        policy.validate()?;
+        Ok(policy)
+    }
+
+    /// Checks the policy is coherent: the PITR window lies within full-backup retention,
+    /// there is a full backup at least once per PITR window, and the archive keeps longer
+    /// and less often than the daily tier.
+    pub fn validate(&self) -> Result<(), OpsError> {
+        let bad = |m: String| Err(err("backup policy", m));
+        if self.pitr_days == 0 || self.full_every_hours == 0 || self.archive_every_days == 0 {
+            return bad(
+                "pitr_days, full_every_hours and archive_every_days must be at least 1".into(),
+            );
+        }
+        if self.pitr_days > self.full_retention_days {
+            return bad(format!(
+                "pitr_days ({}) exceeds full_retention_days ({}): WAL would outlive the backups it replays onto",
+                self.pitr_days, self.full_retention_days
+            ));
+        }
+        if self.full_every_hours > self.pitr_days * 24 {
+            return bad(format!(
+                "full_every_hours ({}) is longer than the PITR window ({} days): part of the window would have no base backup",
+                self.full_every_hours, self.pitr_days
+            ));
+        }
+        if self.archive_retention_days < self.full_retention_days {
+            return bad(format!(
+                "archive_retention_days ({}) is shorter than full_retention_days ({}): the archive tier must keep longer",
+                self.archive_retention_days, self.full_retention_days
+            ));
+        }
+        if self.archive_every_days * 24 < self.full_every_hours {
+            return bad(
+                "archive_every_days must not be more frequent than full_every_hours".into(),
+            );
+        }
+        if self.process_max == 0 || self.process_max > 64 {
+            return bad("process_max must be 1 to 64".into());
+        }
+        if !["lz4", "zst", "gz", "bz2", "none"].contains(&self.compress_type.as_str()) {
+            return bad(format!(
+                "compress_type `{}` is not one of lz4, zst, gz, bz2, none",
+                self.compress_type
+            ));
+        }
+        if self.repo1.is_some() && self.repo1 == self.repo2 {
+            return bad("repo1 and repo2 must be different repositories".into());
+        }
+        Ok(())
+    }
+
+    /// Full backups of repo1 whose WAL is kept: enough to cover the PITR window.
+    pub fn repo1_archive_backups(&self) -> u32 {
+        (self.pitr_days * 24).div_ceil(self.full_every_hours).max(1)
+    }
+}
+
+/// One PostgreSQL data directory pgBackRest backs up (several for an HA cluster; it
+/// finds the primary among them).
+#[derive(Debug, Clone)]
+pub struct PgTarget {
+    pub data_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    pub port: Option<u16>,
+}
+
+/// A backup as pgBackRest lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupInfo {
+    pub label: String,
+    pub repo: u8,
+    /// `full`, `diff` or `incr`.
+    pub kind: String,
+    pub started: DateTime<Utc>,
+    pub stopped: DateTime<Utc>,
+    pub lsn_start: String,
+    pub lsn_stop: String,
+    pub wal_start: String,
+    pub wal_stop: String,
+    /// Database size it covers (bytes).
+    pub size: u64,
+    /// Bytes stored in the repository.
+    pub repo_size: u64,
+}
+
+impl BackupInfo {
+    pub fn duration(&self) -> Duration {
+        (self.stopped - self.started).to_std().unwrap_or_default()
+    }
+}
+
+/// What to recover to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    Time(DateTime<Utc>),
+    Lsn(String),
+    /// A restore point made with `pg_create_restore_point`.
+    Name(String),
+    /// The end of the archive.
+    Latest,
+}
+
+/// The span a restore can reach, from one repository.
+#[derive(Debug, Clone, Serialize)]
+pub struct Window {
+    pub repo: u8,
+    /// The end of the oldest backup (the earliest consistent point).
+    pub earliest: DateTime<Utc>,
+    pub earliest_lsn: String,
+}
+
+/// pgBackRest for one cluster.
+#[derive(Debug, Clone)]
+pub struct Backups {
+    dir: PathBuf,
+    policy: Policy,
+    targets: Vec<PgTarget>,
+    user: ServerUser,
+}
+
+/// Parses `X/Y` into a number for comparisons.
+fn lsn_value(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+impl Backups {
+    /// `dir` is the backup directory (`DATA_DIR/backup`); `targets` the data directories.
+    pub fn new(dir: &Path, policy: Policy, targets: Vec<PgTarget>) -> Result<Backups, OpsError> {
+        policy.validate()?;
+        Ok(Backups {
+            dir: dir.to_path_buf(),
+            policy,
+            targets,
+            user: ServerUser::resolve()?,
+        })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("pgbackrest.conf")
+    }
+
+    /// The `archive_command` the server runs for each WAL segment.
+    pub fn archive_command(&self) -> String {
+        format!(
+            "{PGBACKREST_BIN} --config={} --stanza={STANZA} archive-push %p",
+            self.config_path().display()
+        )
+    }
+
+    /// The `restore_command` a replica or restored copy fetches WAL with.
+    pub fn restore_command(&self) -> String {
+        format!(
+            "{PGBACKREST_BIN} --config={} --stanza={STANZA} archive-get %f \"%p\"",
+            self.config_path().display()
+        )
+    }
+
+    fn repo_lines(&self, n: u8, repo: &Option<Repo>, out: &mut Vec<String>) {
+        let default = Repo::Posix {
+            path: self.dir.join(format!("repo{n}")),
+        };
+        match repo.as_ref().unwrap_or(&default) {
+            Repo::Posix { path } => out.push(format!("repo{n}-path={}", path.display())),
+            Repo::S3 {
+                bucket,
+                endpoint,
+                region,
+                path,
+                uri_style,
+            } => {
+                out.push(format!("repo{n}-type=s3"));
+                out.push(format!("repo{n}-path={path}"));
+                out.push(format!("repo{n}-s3-bucket={bucket}"));
+                out.push(format!("repo{n}-s3-endpoint={endpoint}"));
+                out.push(format!("repo{n}-s3-region={region}"));
+                if let Some(u) = uri_style {
+                    out.push(format!("repo{n}-s3-uri-style={u}"));
+                }
+            }
+            Repo::Gcs {
+                bucket,
+                path,
+                key_file,
+            } => {
+                out.push(format!("repo{n}-type=gcs"));
+                out.push(format!("repo{n}-path={path}"));
+                out.push(format!("repo{n}-gcs-bucket={bucket}"));
+                out.push(format!("repo{n}-gcs-key={}", key_file.display()));
+            }
+            Repo::Azure {
+                account,
+                container,
+                path,
+            } => {
+                out.push(format!("repo{n}-type=azure"));
+                out.push(format!("repo{n}-path={path}"));
+                out.push(format!("repo{n}-azure-account={account}"));
+                out.push(format!("repo{n}-azure-container={container}"));
+            }
+        }
+    }
+
+    /// The repositories' local directories (posix repositories only).
+    fn local_repo_dirs(&self) -> Vec<PathBuf> {
+        [(1u8, &self.policy.repo1), (2, &self.policy.repo2)]
+            .into_iter()
+            .filter_map(|(n, r)| match r {
+                None => Some(self.dir.join(format!("repo{n}"))),
+                Some(Repo::Posix { path }) => Some(path.clone()),
+                Some(_) => None,
+            })
+            .collect()
+    }
+
+    /// Writes `pgbackrest.conf` and creates the local directories (owned by the server
+    /// user, who runs every pgBackRest command and the archive command).
+    pub fn write_config(&self) -> Result<(), OpsError> {
+        let p = &self.policy;
+        let mut dirs = vec![
+            self.dir.clone(),
+            self.dir.join("log"),
+            self.dir.join("lock"),
+            self.dir.join("spool"),
+        ];
+        dirs.extend(self.local_repo_dirs());
+        for d in &dirs {
+            std::fs::create_dir_all(d).map_err(OpsError::io(format!("create {}", d.display())))?;
+            self.user.chown(d)?;
+        }
+        let mut g = vec![
+            "# Written by dalp from the backup policy; local edits are overwritten.".to_string(),
+            "[global]".into(),
+        ];
+        self.repo_lines(1, &p.repo1, &mut g);
+        g.push("repo1-retention-full-type=time".into());
+        g.push(format!("repo1-retention-full={}", p.full_retention_days));
+        g.push("repo1-retention-archive-type=full".into());
+        g.push(format!(
+            "repo1-retention-archive={}",
+            p.repo1_archive_backups()
+        ));
+        self.repo_lines(2, &p.repo2, &mut g);
+        g.push("repo2-retention-full-type=time".into());
+        g.push(format!("repo2-retention-full={}", p.archive_retention_days));
+        g.push("repo2-retention-archive-type=full".into());
+        g.push("repo2-retention-archive=1".into());
+        g.extend([
+            format!("log-path={}", self.dir.join("log").display()),
+            format!("lock-path={}", self.dir.join("lock").display()),
+            format!("spool-path={}", self.dir.join("spool").display()),
+            "log-level-console=info".into(),
+            "log-level-file=detail".into(),
+            format!("compress-type={}", p.compress_type),
+            "compress-level=1".into(),
+            format!("process-max={}", p.process_max),
+            "start-fast=y".into(),
+            "archive-timeout=60".into(),
+            String::new(),
+            format!("[{STANZA}]"),
+        ]);
+        for (i, t) in self.targets.iter().enumerate() {
+            let n = i + 1;
+            g.push(format!("pg{n}-path={}", t.data_dir.display()));
+            g.push(format!("pg{n}-socket-path={}", t.socket_dir.display()));
+            if let Some(port) = t.port {
+                g.push(format!("pg{n}-port={port}"));
+            }
+            g.push(format!("pg{n}-user=postgres"));
+        }
+        g.push(String::new());
+        let path = self.config_path();
+        std::fs::write(&path, g.join("\n"))
+            .map_err(OpsError::io(format!("write {}", path.display())))?;
+        self.user.chown(&path)?;
+        Ok(())
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(PGBACKREST_BIN);
+        cmd.arg(format!("--config={}", self.config_path().display()))
+            .arg(format!("--stanza={STANZA}"))
+            .args(args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null());
+        self.user.configure(&mut cmd);
+        cmd
+    }
+
+    /// Runs pgBackRest, returning its stdout; on failure, the ERROR lines it printed.
+    /// `progress` receives each line of output as it appears.
+    pub fn run(&self, args: &[&str], progress: &dyn Fn(&str)) -> Result<String, OpsError> {
+        use std::io::{BufRead, BufReader};
+        let mut cmd = self.command(args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = process::spawn(cmd)
+            .map_err(OpsError::io(format!("run pgbackrest {}", args.join(" "))))?;
+        let stderr = child.stderr.take().expect("piped");
+        let err_thread = std::thread::spawn(move || {
+            let mut s = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                s.push_str(&line);
+                s.push('\n');
+            }
+            s
+        });
+        let mut out = String::new();
+        for line in BufReader::new(child.stdout.take().expect("piped"))
+            .lines()
+            .map_while(Result::ok)
+        {
+            progress(&line);
+            out.push_str(&line);
+            out.push('\n');
+        }
+        let status = child.wait().map_err(OpsError::io("wait for pgbackrest"))?;
+        let stderr = err_thread.join().unwrap_or_default();
+        if !status.success() {
+            let errors: Vec<&str> = out
+                .lines()
+                .chain(stderr.lines())
+                .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+                .collect();
+            return Err(err(
+                format!("pgbackrest {}", args.first().copied().unwrap_or("")),
+                format!(
+                    "failed ({status}): {}",
+                    if errors.is_empty() {
+                        stderr.trim().to_string()
+                    } else {
+                        errors.join("; ")
+                    }
+                ),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Creates the stanza in both repositories (idempotent) and checks that archiving works.
+    pub fn stanza_create(&self) -> Result<(), OpsError> {
+        self.run(&["stanza-create"], &|_| {})?;
+        Ok(())
+    }
+
+    /// Forces a WAL switch and waits until the segment is archived (pgBackRest `check`).
+    pub fn check(&self) -> Result<(), OpsError> {
+        self.run(&["check"], &|_| {})?;
+        Ok(())
+    }
+
+    /// Takes a backup of `kind` (`full`, `diff`, `incr`) into `repo`, then expires what the
+    /// policy no longer keeps. Returns the new backup.
+    pub fn backup(
+        &self,
+        kind: &str,
+        repo: u8,
+        progress: &dyn Fn(&str),
+    ) -> Result<BackupInfo, OpsError> {
+        if !["full", "diff", "incr"].contains(&kind) {
+            return Err(err(
+                "backup type",
+                format!("`{kind}` is not full, diff or incr"),
+            ));
+        }
+        if !(1..=2).contains(&repo) {
+            return Err(err(
+                "backup repository",
+                format!("repo{repo} does not exist (1 or 2)"),
+            ));
+        }
+        let before: Vec<String> = self.list()?.into_iter().map(|b| b.label).collect();
+        self.run(
+            &[
+                "backup",
+                &format!("--type={kind}"),
+                &format!("--repo={repo}"),
+            ],
+            progress,
+        )?;
+        self.run(&["expire", &format!("--repo={repo}")], progress)?;
+        self.list()?
+            .into_iter()
+            .filter(|b| b.repo == repo)
+            .find(|b| !before.contains(&b.label))
+            .ok_or_else(|| {
+                err(
+                    "backup",
+                    "pgbackrest reported success but lists no new backup",
+                )
+            })
+    }
+
+    /// Every backup in every repository, oldest first.
+    pub fn list(&self) -> Result<Vec<BackupInfo>, OpsError> {
+        let out = self.run(&["info", "--output=json"], &|_| {})?;
+        let v: Value = serde_json::from_str(&out).map_err(|e| err("pgbackrest info", e))?;
+        let mut list = Vec::new();
+        for stanza in v.as_array().into_iter().flatten() {
+            for b in stanza["backup"].as_array().into_iter().flatten() {
+                let ts = |k: &str| {
+                    Utc.timestamp_opt(b["timestamp"][k].as_i64().unwrap_or(0), 0)
+                        .single()
+                        .unwrap_or_default()
+                };
+                let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+                list.push(BackupInfo {
+                    label: s(&b["label"]),
+                    repo: b["database"]["repo-key"].as_u64().unwrap_or(1) as u8,
+                    kind: s(&b["type"]),
+                    started: ts("start"),
+                    stopped: ts("stop"),
+                    lsn_start: s(&b["lsn"]["start"]),
+                    lsn_stop: s(&b["lsn"]["stop"]),
+                    wal_start: s(&b["archive"]["start"]),
+                    wal_stop: s(&b["archive"]["stop"]),
+                    size: b["info"]["size"].as_u64().unwrap_or(0),
+                    repo_size: b["info"]["repository"]["size"].as_u64().unwrap_or(0),
+                });
+            }
+        }
+        list.sort_by_key(|b| b.stopped);
+        Ok(list)
+    }
+
+    /// The recoverable window of `repo`, or `None` without backups there.
+    pub fn window(&self, repo: u8) -> Result<Option<Window>, OpsError> {
+        let list = self.list()?;
+        Ok(list
+            .iter()
+            .filter(|b| b.repo == repo)
+            .min_by_key(|b| b.stopped)
+            .map(|b| Window {
+                repo,
+                earliest: b.stopped,
+                earliest_lsn: b.lsn_stop.clone(),
+            }))
+    }
+
+    /// What is due now under the policy: `(repo, "full")` for each repository whose newest
+    /// full backup is older than its interval (or which has none).
+    pub fn due(&self, now: DateTime<Utc>) -> Result<Vec<(u8, &'static str)>, OpsError> {
+        let list = self.list()?;
+        let mut due = Vec::new();
+        for (repo, every) in [
+            (
+                1u8,
+                chrono::Duration::hours(self.policy.full_every_hours.into()),
+            ),
+            (
+                2,
+                chrono::Duration::days(self.policy.archive_every_days.into()),
+            ),
+        ] {
+            let newest = list
+                .iter()
+                .filter(|b| b.repo == repo && b.kind == "full")
+                .map(|b| b.started)
+                .max();
+            if newest.is_none_or(|t| now - t >= every) {
+                due.push((repo, "full"));
+            }
+        }
+        Ok(due)
+    }
+
+    /// Checks `target` against the window of `repo` and picks the backup set to restore
+    /// from: the newest backup that ends at or before the target.
+    pub fn plan(&self, target: &Target, repo: u8) -> Result<Option<String>, OpsError> {
+        let list: Vec<BackupInfo> = self
+            .list()?
+            .into_iter()
+            .filter(|b| b.repo == repo)
+            .collect();
+        let Some(oldest) = list.first() else {
+            return Err(err(
+                "restore",
+                format!(
+                    "repo{repo} has no backup yet; take one with `dalp backup run --repo {repo}`"
+                ),
+            ));
+        };
+        let describe = || {
+            format!(
+                "the recoverable window of repo{repo} is {} (LSN {}) to now",
+                oldest.stopped.to_rfc3339(),
+                oldest.lsn_stop
+            )
+        };
+        match target {
+            Target::Time(t) => {
+                if *t < oldest.stopped {
+                    return Err(err(
+                        "restore target",
+                        format!(
+                            "{} is before the oldest backup ended; {}",
+                            t.to_rfc3339(),
+                            describe()
+                        ),
+                    ));
+                }
+                if *t > Utc::now() {
+                    return Err(err(
+                        "restore target",
+                        format!("{} is in the future; {}", t.to_rfc3339(), describe()),
+                    ));
+                }
+                Ok(list
+                    .iter()
+                    .rev()
+                    .find(|b| b.stopped <= *t)
+                    .map(|b| b.label.clone()))
+            }
+            Target::Lsn(l) => {
+                let want = lsn_value(l)
+                    .ok_or_else(|| err("restore target", format!("`{l}` is not an LSN (X/Y)")))?;
+                if want < lsn_value(&oldest.lsn_stop).unwrap_or(0) {
+                    return Err(err(
+                        "restore target",
+                        format!("LSN {l} is before the oldest backup ended; {}", describe()),
+                    ));
+                }
+                Ok(list
+                    .iter()
+                    .rev()
+                    .find(|b| lsn_value(&b.lsn_stop).is_some_and(|s| s <= want))
+                    .map(|b| b.label.clone()))
+            }
+            Target::Name(_) | Target::Latest => Ok(list.last().map(|b| b.label.clone())),
+        }
+    }
+
+    /// Restores into `into` (which must not exist or be empty, and is never a live data
+    /// directory), recovering to `target` and promoting there. The copy does not archive.
+    pub fn restore(
+        &self,
+        target: &Target,
+        into: &Path,
+        repo: u8,
+        progress: &dyn Fn(&str),
+    ) -> Result<PathBuf, OpsError> {
+        for t in &self.targets {
+            if std::fs::canonicalize(&t.data_dir).ok() == std::fs::canonicalize(into).ok()
+                || into.starts_with(&t.data_dir)
+            {
+                return Err(err(
+                    "restore",
+                    format!(
+                        "{} is a live data directory; restore into a new one",
+                        into.display()
+                    ),
+                ));
+            }
+        }
+        if into.exists()
+            && std::fs::read_dir(into)
+                .map_err(OpsError::io(format!("read {}", into.display())))?
+                .next()
+                .is_some()
+        {
+            return Err(err(
+                "restore",
+                format!(
+                    "{} is not empty; dalp restores only into a new directory",
+                    into.display()
+                ),
+            ));
+        }
+        let set = self.plan(target, repo)?;
+        std::fs::create_dir_all(into)
+            .map_err(OpsError::io(format!("create {}", into.display())))?;
+        self.user.chown(into)?;
+        let pgdata = into.join("pgdata");
+        std::fs::create_dir_all(&pgdata).map_err(OpsError::io("create pgdata"))?;
+        std::fs::set_permissions(&pgdata, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(OpsError::io("chmod pgdata"))?;
+        self.user.chown(&pgdata)?;
+        let mut args = vec![
+            "restore".to_string(),
+            format!("--pg1-path={}", pgdata.display()),
+            format!("--repo={repo}"),
+            "--archive-mode=off".into(),
+        ];
+        if let Some(set) = &set {
+            args.push(format!("--set={set}"));
+        }
+        match target {
+            Target::Time(t) => {
+                args.push("--type=time".into());
+                args.push(format!("--target={}", t.format("%Y-%m-%d %H:%M:%S%.6f+00")));
+                args.push("--target-action=promote".into());
+            }
+            Target::Lsn(l) => {
+                args.push("--type=lsn".into());
+                args.push(format!("--target={l}"));
+                args.push("--target-action=promote".into());
+            }
+            Target::Name(n) => {
+                args.push("--type=name".into());
+                args.push(format!("--target={n}"));
+                args.push("--target-action=promote".into());
+            }
+            Target::Latest => args.push("--type=default".into()),
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run(&refs, progress)?;
+        Ok(pgdata)
+    }
+}
+
+/// A restored copy running on its own port. Stopped when dropped unless detached.
+pub struct RestoredServer {
+    pub data_dir: PathBuf,
+    pub port: u16,
+    socket_dir: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+/// What a restore recovered.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recovered {
+    /// Commit time of the last transaction replayed.
+    pub last_transaction: Option<DateTime<Utc>>,
+    /// WAL position the copy started its new timeline at.
+    pub lsn: String,
+    pub timeline: i32,
+}
+
+impl RestoredServer {
+    /// Starts the restored copy in `into` (as restored by [`Backups::restore`]) on a free
+    /// port, loopback only, without archiving or synchronous replication, and waits until
+    /// recovery has finished and it was promoted. `detach`: it outlives this process.
+    pub async fn start(
+        into: &Path,
+        bin: &Path,
+        detach: bool,
+        timeout: Duration,
+    ) -> Result<RestoredServer, OpsError> {
+        let user = ServerUser::resolve()?;
+        let data_dir = into.join("pgdata");
+        let socket_dir = into.join("run");
+        let log_dir = into.join("log");
+        for d in [&socket_dir, &log_dir] {
+            std::fs::create_dir_all(d).map_err(OpsError::io(format!("create {}", d.display())))?;
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(OpsError::io("chmod"))?;
+            user.chown(d)?;
+        }
+        let port = crate::embedded::free_port()?;
+        let log = log_dir.join("postgres.log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(OpsError::io("open log"))?;
+        let errf = out.try_clone().map_err(OpsError::io("open log"))?;
+        user.chown(&log)?;
+        // Patroni's standby settings must not make the copy follow anything.
+        let _ = std::fs::remove_file(data_dir.join("standby.signal"));
+        let mut cmd = Command::new(bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(&data_dir)
+            .args(["-c", &format!("port={port}")])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args([
+                "-c",
+                &format!("unix_socket_directories={}", socket_dir.display()),
+            ])
+            .args(["-c", &format!("log_directory={}", log_dir.display())])
+            .args(["-c", "archive_mode=off"])
+            .args(["-c", "synchronous_standby_names="])
+            .args(["-c", "hot_standby=on"])
+            .current_dir(into)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(errf);
+        if detach {
+            user.configure_daemon(&mut cmd);
+        } else {
+            user.configure(&mut cmd);
+        }
+        let child = process::spawn(cmd).map_err(OpsError::io("start the restored copy"))?;
+        let server = RestoredServer {
+            data_dir,
+            port,
+            socket_dir,
+            child: Mutex::new(Some(child)),
+        };
+        server.wait_promoted(timeout, &log).await?;
+        if detach {
+            // Leave it running; it is stopped with `pg_ctl stop` or by pid.
+            server
+                .child
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+        }
+        Ok(server)
+    }
+
+    /// The superuser on the copy's local socket.
+    pub fn superuser_options(&self, dbname: &str) -> ConnectOptions {
+        crate::embedded::socket_superuser(&self.socket_dir, self.port, dbname)
+    }
+
+    async fn wait_promoted(&self, timeout: Duration, log: &Path) -> Result<(), OpsError> {
+        let deadline = Instant::now() + timeout;
+        let opts = self.superuser_options("postgres");
+        loop {
+            let exited = self
+                .child
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            let tail = || {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(12)..].join("\n")
+            };
+            if let Some(status) = exited {
+                return Err(OpsError::StartFailed {
+                    reason: format!("the restored copy stopped during recovery ({status})"),
+                    log: log.to_path_buf(),
+                    tail: tail(),
+                });
+            }
+            if let Ok(c) = opts.connect().await {
+                if let Ok(row) = c.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                    if !row.get::<_, bool>(0) {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(OpsError::StartFailed {
+                    reason: format!("recovery did not finish within {timeout:?}"),
+                    log: log.to_path_buf(),
+                    tail: tail(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What the copy recovered.
+    pub async fn recovered(&self) -> Result<Recovered, OpsError> {
+        let c = self
+            .superuser_options("postgres")
+            .connect()
+            .await
+            .map_err(|e| err("connect to the restored copy", e))?;
+        let row = c
+            .query_one(
+                "SELECT pg_last_xact_replay_timestamp(), pg_current_wal_lsn()::text, timeline_id FROM pg_control_checkpoint()",
+                &[],
+            )
+            .await
+            .map_err(|e| err("query the restored copy", e))?;
+        Ok(Recovered {
+            last_transaction: row.get(0),
+            lsn: row.get(1),
+            timeline: row.get(2),
+        })
+    }
+
+    /// Fast shutdown of the copy (if this value started it and did not detach).
+    pub fn stop(&self) {
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = process::stop_child(&mut c, Signal::SIGINT, Duration::from_secs(60));
+        }
+    }
+}
+
+impl Drop for RestoredServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
