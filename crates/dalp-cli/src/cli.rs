@@ -129,6 +129,16 @@ pub enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Backups with pgBackRest: the policy's two repositories (repo1 daily fulls kept 90
+    /// days with 30 days of point-in-time recovery, repo2 weekly fulls kept 7 years),
+    /// scheduling, listing and restore drills. WAL is archived continuously by `dalp up`.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
+    /// Restore a backup into a NEW directory, recover to the target and promote there, and
+    /// start the copy on a free port (it keeps running; the source is never touched).
+    Restore(RestoreArgs),
     /// Connection pooling with PgBouncer.
     Pool {
         #[command(subcommand)]
@@ -162,6 +172,10 @@ pub struct UpArgs {
     /// Log the plan of every statement slower than this many milliseconds (auto_explain).
     #[arg(long, default_value_t = 500)]
     pub slow_query_ms: u32,
+    /// Do not archive WAL to pgBackRest (on by default when pgBackRest is installed;
+    /// without it there is no point-in-time recovery).
+    #[arg(long)]
+    pub no_archive: bool,
     /// PostgreSQL's max_connections (embedded instance). Clients beyond it belong behind
     /// `dalp pool up`.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(20..=5000))]
@@ -200,6 +214,9 @@ pub struct HaArgs {
     /// unreplicated (synchronous_mode_strict).
     #[arg(long)]
     pub sync_strict: bool,
+    /// Do not archive WAL to pgBackRest (on by default when pgBackRest is installed).
+    #[arg(long)]
+    pub no_archive: bool,
 }
 
 impl HaArgs {
@@ -213,8 +230,85 @@ impl HaArgs {
             pgaudit_log: Some(pgaudit_log.to_string()),
             slow_query_ms: Some(slow_query_ms),
             bin_dir: None,
+            archive: !self.no_archive && dalp_ops::backup::available(),
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Take a backup now (then expire what the policy no longer keeps).
+    Run {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// full, diff (changes since the last full) or incr (since the last backup).
+        #[arg(long = "type", default_value = "full", value_parser = ["full", "diff", "incr"])]
+        kind: String,
+        /// Repository: 1 (daily tier, PITR) or 2 (long-term archive).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        repo: u8,
+    },
+    /// Backups in both repositories: type, time, duration, size, WAL range.
+    List {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the schedule that implements the policy: cron (default) or systemd units
+    /// calling `dalp backup due`.
+    Schedule {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Print a systemd service + timer instead of a crontab line.
+        #[arg(long)]
+        systemd: bool,
+    },
+    /// Run whatever the policy says is due now (any scheduler can call this often).
+    Due {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Only say what is due.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Restore drill: restore the latest backup to a fresh restore point in a scratch
+    /// directory, start it, run pg_amcheck, the migration status and the audit chain
+    /// verification, compare row counts and checksums of every domain table with the
+    /// source at that point, report the recovery time, clean up. Exit 1 on any mismatch.
+    Verify {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        repo: u8,
+        /// Keep the scratch copy (stopped) for inspection.
+        #[arg(long)]
+        keep: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["target_time", "target_lsn", "latest"])))]
+pub struct RestoreArgs {
+    /// The instance whose backups to restore (`dalp up` or `dalp cluster up` directory).
+    #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+    pub data_dir: PathBuf,
+    /// Recover to this moment: RFC 3339 (2026-11-24T10:15:00Z) or "2026-11-24 10:15:00+00".
+    #[arg(long)]
+    pub target_time: Option<String>,
+    /// Recover to this WAL position (e.g. 0/3000060).
+    #[arg(long)]
+    pub target_lsn: Option<String>,
+    /// Recover everything archived.
+    #[arg(long)]
+    pub latest: bool,
+    /// New directory for the copy (must not exist or be empty).
+    #[arg(long)]
+    pub into: PathBuf,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub repo: u8,
 }
 
 #[derive(Debug, Subcommand)]

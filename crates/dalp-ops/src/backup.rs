@@ -99,6 +99,8 @@ pub struct Policy {
     pub process_max: u32,
     /// `lz4` (default), `zst`, `gz`, `bz2` or `none`.
     pub compress_type: String,
+    /// Seconds a backup waits for its WAL to be archived before failing. Default 60.
+    pub archive_timeout_secs: u32,
 }
 
 impl Default for Policy {
@@ -113,6 +115,7 @@ impl Default for Policy {
             repo2: None,
             process_max: 2,
             compress_type: "lz4".into(),
+            archive_timeout_secs: 60,
         }
     }
 }
@@ -162,6 +165,9 @@ impl Policy {
             return bad(
                 "archive_every_days must not be more frequent than full_every_hours".into(),
             );
+        }
+        if self.archive_timeout_secs == 0 {
+            return bad("archive_timeout_secs must be at least 1".into());
         }
         if self.process_max == 0 || self.process_max > 64 {
             return bad("process_max must be 1 to 64".into());
@@ -388,7 +394,7 @@ impl Backups {
             "compress-level=1".into(),
             format!("process-max={}", p.process_max),
             "start-fast=y".into(),
-            "archive-timeout=60".into(),
+            format!("archive-timeout={}", p.archive_timeout_secs),
             String::new(),
             format!("[{STANZA}]"),
         ]);
@@ -509,7 +515,8 @@ impl Backups {
                 &format!("--repo={repo}"),
             ],
             progress,
-        )?;
+        )
+        .map_err(|e| self.explain_failure(e))?;
         self.run(&["expire", &format!("--repo={repo}")], progress)?;
         self.list()?
             .into_iter()
@@ -521,6 +528,28 @@ impl Backups {
                     "pgbackrest reported success but lists no new backup",
                 )
             })
+    }
+
+    /// Adds what the disk says to a failed backup or archive: a full local repository shows
+    /// up in pgBackRest only as an archive timeout.
+    fn explain_failure(&self, e: OpsError) -> OpsError {
+        let mut notes = Vec::new();
+        for dir in self.local_repo_dirs() {
+            if let Ok(st) = nix::sys::statvfs::statvfs(&dir) {
+                let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+                if free < 64 << 20 {
+                    notes.push(format!(
+                        "the repository at {} has only {} kB free: no space left on its device; free space or move the repository (backup.toml), then run the backup again",
+                        dir.display(),
+                        free / 1024
+                    ));
+                }
+            }
+        }
+        if notes.is_empty() {
+            return e;
+        }
+        err(e.to_string(), notes.join("; "))
     }
 
     /// Every backup in every repository, oldest first.
@@ -740,6 +769,64 @@ impl Backups {
     }
 }
 
+/// pgBackRest for the instance in `dir`: an embedded instance (`dalp up`) or a local HA
+/// cluster (`dalp cluster up`). Fails when that cluster does not archive.
+pub fn for_dir(dir: &Path) -> Result<Backups, OpsError> {
+    if !available() {
+        return Err(err(
+            format!("{PGBACKREST_BIN} not found"),
+            "install Debian's pgbackrest package (scripts/deps.sh does)",
+        ));
+    }
+    if dir.join("cluster.json").exists() {
+        return crate::HaCluster::open(dir)?.backups()?.ok_or_else(|| {
+            err(
+                format!("HA cluster in {}", dir.display()),
+                "it was created with --no-archive; WAL is not archived",
+            )
+        });
+    }
+    let layout = crate::Layout::new(dir);
+    if !layout.pgdata().join("PG_VERSION").exists() {
+        return Err(err(
+            format!("no instance in {}", dir.display()),
+            "start it once with `dalp up` (or pass the right --data-dir)",
+        ));
+    }
+    embedded_backups(&layout)
+}
+
+/// Starts an embedded instance with continuous WAL archiving to pgBackRest: writes the
+/// configuration (the archive command needs it), starts the server, creates the stanza.
+pub async fn start_archiving(
+    instance: crate::Instance,
+    mut opts: crate::StartOptions,
+) -> Result<crate::RunningCluster, OpsError> {
+    let before = embedded_backups(instance.layout())?;
+    before.write_config()?;
+    opts.archive_command = Some(before.archive_command());
+    let cluster = instance.start(opts).await?;
+    // Now the port is known: pgBackRest reaches the server through its socket.
+    let b = embedded_backups(cluster.layout())?;
+    b.write_config()?;
+    b.stanza_create()?;
+    Ok(cluster)
+}
+
+/// pgBackRest for an embedded instance's layout (policy from `DIR/backup.toml`).
+pub fn embedded_backups(layout: &crate::Layout) -> Result<Backups, OpsError> {
+    let policy = Policy::load(&layout.root().join("backup.toml"))?;
+    Backups::new(
+        &layout.root().join("backup"),
+        policy,
+        vec![PgTarget {
+            data_dir: layout.pgdata(),
+            socket_dir: layout.socket_dir(),
+            port: layout.port(),
+        }],
+    )
+}
+
 /// A restored copy running on its own port. Stopped when dropped unless detached.
 pub struct RestoredServer {
     pub data_dir: PathBuf,
@@ -828,6 +915,11 @@ impl RestoredServer {
                 .take();
         }
         Ok(server)
+    }
+
+    /// The copy's Unix socket directory.
+    pub fn socket_dir(&self) -> &Path {
+        &self.socket_dir
     }
 
     /// The superuser on the copy's local socket.

@@ -182,6 +182,8 @@ pub struct StartOptions {
     pub slow_query_ms: Option<u32>,
     /// `max_connections`; default [`DEFAULT_MAX_CONNECTIONS`].
     pub max_connections: Option<u32>,
+    /// Archive WAL with this `archive_command` (see [`crate::backup::Backups`]); default off.
+    pub archive_command: Option<String>,
 }
 
 /// Server connections unless configured (a pooler lets far more clients share them).
@@ -276,6 +278,8 @@ pub(crate) struct ServerConf<'a> {
     pub pgaudit_log: &'a str,
     pub slow_ms: u32,
     pub max_connections: u32,
+    /// WAL archiving: the `archive_command` (pgBackRest's archive-push), or none.
+    pub archive_command: Option<&'a str>,
 }
 
 /// The server settings every dalp-run PostgreSQL gets (embedded and HA nodes): TLS only,
@@ -314,6 +318,15 @@ pub(crate) fn server_settings(c: &ServerConf<'_>) -> Vec<(&'static str, String)>
         ("log_filename", "postgresql-%Y-%m-%d.log".into()),
         ("log_file_mode", "0640".into()),
     ];
+    if let Some(cmd) = c.archive_command {
+        // Continuous archiving; a quiet server still archives at least once a minute, so
+        // the point-in-time window trails now by at most that.
+        s.extend([
+            ("archive_mode", "on".to_string()),
+            ("archive_command", cmd.to_string()),
+            ("archive_timeout", "60s".into()),
+        ]);
+    }
     if preload.contains(&"auto_explain") {
         // Query analysis: statement statistics, and plans of slow statements logged.
         s.extend([
@@ -486,6 +499,7 @@ impl Instance {
             &pgaudit_log,
             opts.slow_query_ms.unwrap_or(DEFAULT_SLOW_QUERY_MS),
             opts.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            opts.archive_command.as_deref(),
         )?;
 
         let log_path = self.layout.log_file();
@@ -592,6 +606,7 @@ impl Instance {
         pgaudit_log: &str,
         slow_ms: u32,
         max_connections: u32,
+        archive_command: Option<&str>,
     ) -> Result<(), OpsError> {
         let pgdata = self.layout.pgdata();
         let socket_dir = self.layout.socket_dir();
@@ -633,6 +648,7 @@ impl Instance {
             pgaudit_log,
             slow_ms,
             max_connections,
+            archive_command,
         }));
         let mut conf =
             String::from("# Written by dalp at every start; local edits are overwritten.\n");

@@ -61,6 +61,9 @@ pub struct HaOptions {
     pub pgaudit_log: Option<String>,
     pub slow_query_ms: Option<u32>,
     pub bin_dir: Option<PathBuf>,
+    /// Archive WAL to pgBackRest (the primary archives; every node is configured, so
+    /// archiving continues after a failover). Default on when pgBackRest is installed.
+    pub archive: bool,
 }
 
 impl Default for HaOptions {
@@ -76,6 +79,7 @@ impl Default for HaOptions {
             pgaudit_log: None,
             slow_query_ms: None,
             bin_dir: None,
+            archive: crate::backup::available(),
         }
     }
 }
@@ -128,6 +132,8 @@ struct ClusterFile {
     loop_wait: u32,
     retry_timeout: u32,
     synchronous_mode_strict: bool,
+    #[serde(default)]
+    archive: bool,
 }
 
 /// One member as Patroni reports it.
@@ -315,6 +321,7 @@ impl HaCluster {
                 loop_wait: opts.loop_wait,
                 retry_timeout: opts.retry_timeout,
                 synchronous_mode_strict: opts.synchronous_mode_strict,
+                archive: opts.archive,
             },
         };
         let secrets_path = root.join("secrets.json");
@@ -364,8 +371,15 @@ impl HaCluster {
         // From here on, a failure stops whatever was started.
         let cluster = cluster.stop_on_drop(true);
         cluster.start_etcd().await?;
+        let archive_command = match cluster.backups()? {
+            Some(b) => {
+                b.write_config()?;
+                Some(b.archive_command())
+            }
+            None => None,
+        };
         for node in cluster.state.nodes.clone() {
-            cluster.write_node_config(&node, &opts)?;
+            cluster.write_node_config(&node, &opts, archive_command.as_deref())?;
         }
         // A new cluster: the first node bootstraps and the others join once it leads, so
         // they clone from it instead of racing to initdb. A restart: all at once, since in
@@ -405,6 +419,9 @@ impl HaCluster {
             &cluster.secrets,
         )
         .await?;
+        if let Some(b) = cluster.backups()? {
+            b.stanza_create()?;
+        }
         Ok(cluster.stop_on_drop(false))
     }
 
@@ -532,7 +549,32 @@ impl HaCluster {
         }
     }
 
-    fn write_node_config(&self, node: &NodeSpec, opts: &HaOptions) -> Result<(), OpsError> {
+    /// pgBackRest for this cluster (every node a target; it backs up the primary), when
+    /// the cluster archives.
+    pub fn backups(&self) -> Result<Option<crate::backup::Backups>, OpsError> {
+        if !self.state.archive {
+            return Ok(None);
+        }
+        let policy = crate::backup::Policy::load(&self.root.join("backup.toml"))?;
+        let targets = self
+            .state
+            .nodes
+            .iter()
+            .map(|n| crate::backup::PgTarget {
+                data_dir: self.node_dir(&n.name).join("pgdata"),
+                socket_dir: self.node_dir(&n.name).join("run"),
+                port: Some(n.pg_port),
+            })
+            .collect();
+        crate::backup::Backups::new(&self.root.join("backup"), policy, targets).map(Some)
+    }
+
+    fn write_node_config(
+        &self,
+        node: &NodeSpec,
+        opts: &HaOptions,
+        archive_command: Option<&str>,
+    ) -> Result<(), OpsError> {
         let dir = self.node_dir(&node.name);
         let run = dir.join("run");
         let log = dir.join("log");
@@ -571,9 +613,10 @@ impl HaCluster {
                 .slow_query_ms
                 .unwrap_or(embedded::DEFAULT_SLOW_QUERY_MS),
             max_connections: embedded::DEFAULT_MAX_CONNECTIONS,
+            archive_command,
         }) {
             // Patroni insists these are the same everywhere (its dynamic configuration).
-            if k == "max_connections" {
+            if k == "max_connections" || k == "archive_mode" {
                 cluster_wide.insert(k.into(), json!(v));
             } else {
                 local.insert(k.into(), json!(v));

@@ -166,6 +166,7 @@ async fn a_busy_port_is_refused_before_anything_starts() {
             pgaudit_log: None,
             slow_query_ms: None,
             max_connections: None,
+            archive_command: None,
         })
         .await
         .err()
@@ -189,6 +190,7 @@ async fn a_missing_binary_dir_says_what_to_install() {
             pgaudit_log: None,
             slow_query_ms: None,
             max_connections: None,
+            archive_command: None,
         })
         .await
         .err()

@@ -1,6 +1,7 @@
 //! One module per verb; each returns the process exit code.
 
 mod audit;
+mod backup;
 mod cluster;
 mod config;
 mod db;
@@ -79,6 +80,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { config } => serve::run(&config).await,
         Command::Cluster { command } => cluster::run(command).await,
         Command::Pool { command } => pool::run(command).await,
+        Command::Backup { command } => backup::run(command).await,
+        Command::Restore(args) => backup::restore(args).await,
         Command::Doctor {
             target,
             cert,

@@ -171,17 +171,28 @@ impl Backend {
             },
             instance.layout().root().display()
         );
-        Ok(Backend::Embedded(
-            instance
-                .start(StartOptions {
-                    pg_port: args.pg_port,
-                    bin_dir: None,
-                    pgaudit_log: Some(args.pgaudit_log.clone()),
-                    slow_query_ms: Some(args.slow_query_ms),
-                    max_connections: Some(args.max_connections),
-                })
-                .await?,
-        ))
+        let opts = StartOptions {
+            pg_port: args.pg_port,
+            bin_dir: None,
+            pgaudit_log: Some(args.pgaudit_log.clone()),
+            slow_query_ms: Some(args.slow_query_ms),
+            max_connections: Some(args.max_connections),
+            archive_command: None,
+        };
+        // WAL archiving to pgBackRest unless turned off.
+        let cluster = if !args.no_archive && dalp_ops::backup::available() {
+            let cluster = dalp_ops::backup::start_archiving(instance, opts)
+                .await
+                .context("start with WAL archiving (use --no-archive to run without it)")?;
+            eprintln!(
+                "WAL archiving to pgBackRest in {} (take backups with `dalp backup run`, or schedule `dalp backup due`)",
+                cluster.layout().root().join("backup").display()
+            );
+            cluster
+        } else {
+            instance.start(opts).await?
+        };
+        Ok(Backend::Embedded(cluster))
     }
 
     async fn start_ha(args: &UpArgs) -> anyhow::Result<Backend> {

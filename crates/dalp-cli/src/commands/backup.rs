@@ -1,0 +1,529 @@
+//! `dalp backup run|list|schedule|due|verify` and `dalp restore`: pgBackRest driven by the
+//! data-protection policy.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, NaiveDateTime, Utc};
+use dalp_api::catalog::MIGRATIONS;
+use dalp_ops::backup::{self, RestoredServer, Target};
+use dalp_ops::embedded::{DATABASE, DEFAULT_PG_BIN};
+use dalp_ops::{HaCluster, Layout};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::cli::{BackupCommand, RestoreArgs};
+
+fn pg_bin() -> PathBuf {
+    std::env::var_os("DALP_PG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PG_BIN))
+}
+
+/// A spinner showing pgBackRest's latest line, for long work.
+fn spinner(what: &str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {prefix}: {wide_msg}")
+            .expect("template"),
+    );
+    bar.set_prefix(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// pgBackRest lines start with a timestamp and the process; keep the message.
+fn short(line: &str) -> String {
+    line.split_once(": ")
+        .map(|(_, m)| m)
+        .unwrap_or(line)
+        .chars()
+        .take(120)
+        .collect()
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, dalp_ops::OpsError> + Send + 'static,
+) -> anyhow::Result<T> {
+    Ok(tokio::task::spawn_blocking(f).await??)
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+pub async fn run(command: BackupCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        BackupCommand::Run {
+            data_dir,
+            kind,
+            repo,
+        } => {
+            let b = backup::for_dir(&data_dir)?;
+            let bar = spinner(&format!("{kind} backup to repo{repo}"));
+            let info = {
+                let bar = bar.clone();
+                blocking(move || b.backup(&kind, repo, &|l| bar.set_message(short(l)))).await
+            };
+            bar.finish_and_clear();
+            let info = info?;
+            println!(
+                "backup {} ({}) to repo{}: {} of data, {} stored, {:.1} s, WAL {}..{}",
+                info.label,
+                info.kind,
+                info.repo,
+                human(info.size),
+                human(info.repo_size),
+                info.duration().as_secs_f64(),
+                info.wal_start,
+                info.wal_stop
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::List { data_dir, json } => {
+            let b = backup::for_dir(&data_dir)?;
+            let list = blocking(move || b.list()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no backups yet; take one with `dalp backup run`");
+            } else {
+                println!(
+                    "{:<5} {:<32} {:<5} {:<20} {:>8} {:>10} {:>10}  wal",
+                    "repo", "label", "type", "started (UTC)", "secs", "size", "stored"
+                );
+                for i in &list {
+                    println!(
+                        "{:<5} {:<32} {:<5} {:<20} {:>8.1} {:>10} {:>10}  {}..{}",
+                        i.repo,
+                        i.label,
+                        i.kind,
+                        i.started.format("%Y-%m-%d %H:%M:%S"),
+                        i.duration().as_secs_f64(),
+                        human(i.size),
+                        human(i.repo_size),
+                        i.wal_start,
+                        i.wal_stop
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::Schedule { data_dir, systemd } => {
+            let b = backup::for_dir(&data_dir)?;
+            let dir = std::fs::canonicalize(&data_dir)?;
+            let exe = std::env::current_exe()?;
+            let p = b.policy();
+            let cmd = format!("{} backup due --data-dir {}", exe.display(), dir.display());
+            println!(
+                "# dalp backup policy: repo1 full every {} h, kept {} days, PITR {} days; repo2 full every {} days, kept {} days.",
+                p.full_every_hours, p.full_retention_days, p.pitr_days, p.archive_every_days, p.archive_retention_days
+            );
+            println!("# `dalp backup due` takes whatever is due and expires the rest; running it every 15 minutes keeps every interval.");
+            if systemd {
+                println!("# /etc/systemd/system/dalp-backup.service\n[Unit]\nDescription=dalp backups due under the policy\n\n[Service]\nType=oneshot\nExecStart={cmd}\n");
+                println!("# /etc/systemd/system/dalp-backup.timer\n[Unit]\nDescription=Run dalp backup due every 15 minutes\n\n[Timer]\nOnCalendar=*:0/15\nPersistent=true\n\n[Install]\nWantedBy=timers.target");
+            } else {
+                println!(
+                    "# /etc/cron.d/dalp-backup\n*/15 * * * * root {cmd} >> {}/backup/due.log 2>&1",
+                    dir.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::Due { data_dir, dry_run } => {
+            let b = backup::for_dir(&data_dir)?;
+            let due = {
+                let b = b.clone();
+                blocking(move || b.due(Utc::now())).await?
+            };
+            if due.is_empty() {
+                println!("nothing due");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for (repo, kind) in due {
+                if dry_run {
+                    println!("due: {kind} backup to repo{repo}");
+                    continue;
+                }
+                let bar = spinner(&format!("{kind} backup to repo{repo}"));
+                let b = b.clone();
+                let r = {
+                    let bar = bar.clone();
+                    blocking(move || b.backup(kind, repo, &|l| bar.set_message(short(l)))).await
+                };
+                bar.finish_and_clear();
+                let info = r?;
+                println!(
+                    "took {} backup {} to repo{} ({}, {:.1} s)",
+                    info.kind,
+                    info.label,
+                    info.repo,
+                    human(info.size),
+                    info.duration().as_secs_f64()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::Verify {
+            data_dir,
+            repo,
+            keep,
+            json,
+        } => verify(&data_dir, repo, keep, json).await,
+    }
+}
+
+/// Parses RFC 3339, or `YYYY-MM-DD HH:MM:SS[.f][+TZ]` (UTC without a zone).
+fn parse_time(s: &str) -> anyhow::Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for f in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%#z"] {
+        if let Ok(t) = DateTime::parse_from_str(s, f) {
+            return Ok(t.with_timezone(&Utc));
+        }
+    }
+    for f in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, f) {
+            return Ok(t.and_utc());
+        }
+    }
+    bail!("--target-time `{s}` is not a time; use RFC 3339, e.g. 2026-11-24T10:15:00Z")
+}
+
+/// Whether the source's primary runs (then its current WAL is flushed to the archive first).
+fn source_running(data_dir: &Path) -> bool {
+    if data_dir.join("cluster.json").exists() {
+        HaCluster::open(data_dir)
+            .map(|c| !c.running_processes().is_empty())
+            .unwrap_or(false)
+    } else {
+        dalp_ops::embedded::inspect(data_dir).running
+    }
+}
+
+pub async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let target = match (&args.target_time, &args.target_lsn, args.latest) {
+        (Some(t), _, _) => Target::Time(parse_time(t)?),
+        (_, Some(l), _) => Target::Lsn(l.clone()),
+        _ => Target::Latest,
+    };
+    let b = backup::for_dir(&args.data_dir)?;
+    if source_running(&args.data_dir) {
+        // Push the current WAL segment so the archive reaches "now".
+        let b2 = b.clone();
+        if let Err(e) = blocking(move || b2.check()).await {
+            eprintln!("warning: could not flush the current WAL to the archive: {e:#}");
+        }
+    }
+    let into = args.into.clone();
+    let started = Instant::now();
+    let bar = spinner("restore");
+    let restored = {
+        let (bar, target, into) = (bar.clone(), target.clone(), into.clone());
+        blocking(move || b.restore(&target, &into, args.repo, &|l| bar.set_message(short(l)))).await
+    };
+    bar.finish_and_clear();
+    restored?;
+    eprintln!(
+        "restored into {}; recovering to the target …",
+        into.display()
+    );
+    let server = RestoredServer::start(&into, &pg_bin(), true, Duration::from_secs(1800)).await?;
+    let recovered = server.recovered().await?;
+    println!(
+        "recovered to {}: last transaction {}, LSN {}, timeline {} ({:.1} s)",
+        match &target {
+            Target::Time(t) => t.to_rfc3339(),
+            Target::Lsn(l) => format!("LSN {l}"),
+            Target::Name(n) => format!("restore point {n}"),
+            Target::Latest => "the end of the archive".into(),
+        },
+        recovered
+            .last_transaction
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "none replayed".into()),
+        recovered.lsn,
+        recovered.timeline,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "running on 127.0.0.1:{} (the source's roles and TLS certificate); superuser: psql -h {} -p {} -U postgres {DATABASE}",
+        server.port,
+        server.socket_dir().display(),
+        server.port
+    );
+    println!(
+        "stop it: kill -INT $(head -1 {}/postmaster.pid)",
+        server.data_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Serialize)]
+struct TableCheck {
+    table: String,
+    source_rows: i64,
+    restored_rows: i64,
+    matches: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct DrillReport {
+    restore_point: String,
+    recovery_seconds: f64,
+    amcheck_ok: bool,
+    amcheck_output: String,
+    migrations_current: bool,
+    audit_chain_ok: Option<bool>,
+    tables: Vec<TableCheck>,
+    ok: bool,
+}
+
+const DOMAIN_TABLES: &str = "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+     JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE n.nspname LIKE 'dalp\\_%' AND c.relkind IN ('r', 'p') AND NOT c.relispartition ORDER BY 1";
+
+/// Row count and an order-independent checksum of every row's text.
+async fn table_sums(
+    c: &impl tokio_postgres::GenericClient,
+    tables: &[String],
+) -> anyhow::Result<Vec<(i64, i64)>> {
+    let mut out = Vec::new();
+    for t in tables {
+        let row = c
+            .query_one(
+                &format!(
+                    "SELECT count(*), coalesce(sum(hashtext(x::text)::bigint), 0)::bigint FROM {t} x"
+                ),
+                &[],
+            )
+            .await
+            .with_context(|| format!("checksum {t}"))?;
+        out.push((row.get(0), row.get(1)));
+    }
+    Ok(out)
+}
+
+async fn verify(data_dir: &Path, repo: u8, keep: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let b = backup::for_dir(data_dir)?;
+    let (su_options, keys_dir) = if data_dir.join("cluster.json").exists() {
+        let c = HaCluster::open(data_dir)?;
+        let leader = c.leader().await?;
+        (
+            c.superuser_options(&leader, DATABASE),
+            c.root().join("keys"),
+        )
+    } else {
+        let l = Layout::new(data_dir);
+        (l.superuser_options(DATABASE)?, l.keys_dir())
+    };
+    let mut su = su_options
+        .connect()
+        .await
+        .context("connect to the source as the superuser (is it running?)")?;
+    let tables: Vec<String> = su
+        .query(DOMAIN_TABLES, &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // A restore point with no domain write in flight: SHARE locks wait for open writers and
+    // hold new ones back while the point is made and the source is summed, so the copy
+    // recovered to that point must match the sums exactly.
+    let point = format!("dalp-verify-{}", Utc::now().format("%Y%m%dT%H%M%S%3f"));
+    let source = {
+        let tx = su
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .start()
+            .await?;
+        if !tables.is_empty() {
+            tx.batch_execute(&format!("LOCK TABLE {} IN SHARE MODE", tables.join(", ")))
+                .await?;
+        }
+        tx.query_one("SELECT pg_create_restore_point($1)::text", &[&point])
+            .await?;
+        let sums = table_sums(&tx, &tables).await?;
+        tx.commit().await?;
+        sums
+    };
+    drop(su);
+    {
+        let b = b.clone();
+        blocking(move || b.check())
+            .await
+            .context("archive the restore point")?;
+    }
+    let drill = data_dir
+        .join("backup")
+        .join(format!("drill-{}", std::process::id()));
+    let started = Instant::now();
+    let bar = spinner("restore drill");
+    let restored = {
+        let (b, bar, drill, point) = (b.clone(), bar.clone(), drill.clone(), point.clone());
+        blocking(move || {
+            b.restore(&Target::Name(point), &drill, repo, &|l| {
+                bar.set_message(short(l))
+            })
+        })
+        .await
+    };
+    bar.finish_and_clear();
+    if let Err(e) = restored {
+        let _ = std::fs::remove_dir_all(&drill);
+        return Err(e.context("the restore drill failed"));
+    }
+    let server =
+        match RestoredServer::start(&drill, &pg_bin(), false, Duration::from_secs(1800)).await {
+            Ok(s) => s,
+            Err(e) => {
+                if !keep {
+                    let _ = std::fs::remove_dir_all(&drill);
+                }
+                return Err(anyhow::Error::new(e).context("the restored copy did not recover"));
+            }
+        };
+    let recovery_seconds = started.elapsed().as_secs_f64();
+
+    let amcheck = std::process::Command::new(pg_bin().join("pg_amcheck"))
+        .args(["-h", &server.socket_dir().display().to_string()])
+        .args([
+            "-p",
+            &server.port.to_string(),
+            "-U",
+            "postgres",
+            "--install-missing",
+        ])
+        .args(["-d", DATABASE])
+        .output()
+        .context("run pg_amcheck")?;
+    let copy = server.superuser_options(DATABASE).connect().await?;
+    let migrations_current = dalp_db::migrate::status(&copy, &MIGRATIONS)
+        .await?
+        .iter()
+        .all(|s| s.applied_version == s.latest_version);
+    let audit_chain_ok = match dalp_audit::AuditKey::open(&keys_dir.join(dalp_api::AUDIT_KEY_FILE))
+    {
+        Ok(key) => Some(dalp_audit::verify(&copy, &key.public(), None).await?.ok()),
+        Err(_) => None,
+    };
+    let restored = table_sums(&copy, &tables).await?;
+    drop(copy);
+    server.stop();
+    let table_checks: Vec<TableCheck> = tables
+        .iter()
+        .zip(source.iter().zip(restored.iter()))
+        .map(|(t, (s, r))| TableCheck {
+            table: t.clone(),
+            source_rows: s.0,
+            restored_rows: r.0,
+            matches: s == r,
+        })
+        .collect();
+    let report = DrillReport {
+        restore_point: point,
+        recovery_seconds,
+        amcheck_ok: amcheck.status.success(),
+        amcheck_output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&amcheck.stdout),
+            String::from_utf8_lossy(&amcheck.stderr)
+        )
+        .trim()
+        .to_string(),
+        migrations_current,
+        audit_chain_ok,
+        ok: amcheck.status.success()
+            && migrations_current
+            && audit_chain_ok != Some(false)
+            && table_checks.iter().all(|t| t.matches),
+        tables: table_checks,
+    };
+    if !keep {
+        std::fs::remove_dir_all(&drill).ok();
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "restore drill to {} from repo{repo}: recovered in {:.1} s",
+            report.restore_point, report.recovery_seconds
+        );
+        println!(
+            "  pg_amcheck: {}",
+            if report.amcheck_ok {
+                "ok".to_string()
+            } else {
+                format!("FAILED\n{}", report.amcheck_output)
+            }
+        );
+        println!(
+            "  migrations current: {}",
+            if report.migrations_current {
+                "yes"
+            } else {
+                "NO"
+            }
+        );
+        println!(
+            "  audit chain: {}",
+            match report.audit_chain_ok {
+                Some(true) => "verifies",
+                Some(false) => "FAILED",
+                None => "not checked (no audit key in this data directory)",
+            }
+        );
+        let bad: Vec<&TableCheck> = report.tables.iter().filter(|t| !t.matches).collect();
+        println!(
+            "  tables: {} of {} match the source (rows and checksums)",
+            report.tables.len() - bad.len(),
+            report.tables.len()
+        );
+        for t in bad {
+            println!(
+                "    MISMATCH {}: source {} rows, restored {} rows",
+                t.table, t.source_rows, t.restored_rows
+            );
+        }
+        if keep {
+            println!("  copy kept in {}", drill.display());
+        }
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("the restore drill found problems (see above)");
+        ExitCode::from(1)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_times_parse_in_the_usual_forms() {
+        let want = "2026-11-24T10:15:00Z".parse::<DateTime<Utc>>().unwrap();
+        for s in [
+            "2026-11-24T10:15:00Z",
+            "2026-11-24T11:15:00+01:00",
+            "2026-11-24 10:15:00",
+            "2026-11-24 10:15:00+00",
+            "2026-11-24 10:15:00.000+00:00",
+        ] {
+            assert_eq!(parse_time(s).unwrap(), want, "{s}");
+        }
+        assert!(parse_time("yesterday").is_err());
+    }
+}

@@ -1,0 +1,404 @@
+//! Backups and point-in-time recovery with real pgBackRest: the `dalp backup` and
+//! `dalp restore` verbs against an embedded instance that archives its WAL.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dalp_db::MIGRATOR_ROLE;
+use dalp_ops::backup::start_archiving;
+use dalp_ops::embedded::DATABASE;
+use dalp_ops::{Instance, StartOptions};
+
+const DALP: &str = env!("CARGO_BIN_EXE_dalp");
+
+fn dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("dalp-bk-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+fn dalp(args: &[&str]) -> Output {
+    Command::new(DALP).args(args).output().expect("run dalp")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A restored copy `dalp restore` left running: stopped (by its postmaster pid) on drop.
+struct Copy {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl Copy {
+    fn from_output(into: &Path, o: &Output) -> Copy {
+        let t = text(o);
+        assert!(o.status.success(), "{t}");
+        let port = t
+            .split("running on 127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {t}"));
+        Copy {
+            dir: into.to_path_buf(),
+            port,
+        }
+    }
+
+    async fn rows(&self) -> BTreeSet<i32> {
+        let c = dalp_db::ConnectOptions {
+            hosts: vec![(self.dir.join("run").display().to_string(), self.port)],
+            dbname: DATABASE.into(),
+            user: "postgres".into(),
+            password: None,
+            ca_file: None,
+            application_name: "test".into(),
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: None,
+            read_write: false,
+        }
+        .connect()
+        .await
+        .unwrap();
+        c.query("SELECT n FROM pitr.rows", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+}
+
+impl Drop for Copy {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pgdata/postmaster.pid")) {
+            if let Some(pid) = pid
+                .lines()
+                .next()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                let p = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGINT);
+                for _ in 0..300 {
+                    if nix::sys::signal::kill(p, None).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_recovery_to_a_time_an_lsn_and_the_latest() {
+    let dir = dir();
+    let d = dir.path().to_str().unwrap();
+    let cluster = start_archiving(Instance::open(dir.path()).unwrap(), StartOptions::default())
+        .await
+        .unwrap();
+    let db = cluster
+        .role_options(MIGRATOR_ROLE, DATABASE)
+        .connect()
+        .await
+        .unwrap();
+    let mut migrator = cluster
+        .role_options(MIGRATOR_ROLE, DATABASE)
+        .connect()
+        .await
+        .unwrap();
+    dalp_db::migrate::migrate(&mut migrator, &dalp_api::catalog::MIGRATIONS, false)
+        .await
+        .unwrap();
+    drop(migrator);
+    db.batch_execute(
+        "CREATE SCHEMA pitr; CREATE TABLE pitr.rows (n int PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    )
+    .await
+    .unwrap();
+    // (n, just before its INSERT, acknowledged at, WAL position after its commit)
+    let mut log: Vec<(i32, DateTime<Utc>, DateTime<Utc>, String)> = Vec::new();
+    let insert = |n: i32| {
+        let db = &db;
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let before = Utc::now();
+            db.execute("INSERT INTO pitr.rows (n) VALUES ($1)", &[&n])
+                .await
+                .unwrap();
+            let acked = Utc::now();
+            let lsn: String = db
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (n, before, acked, lsn)
+        }
+    };
+    for n in 1..=3 {
+        log.push(insert(n).await);
+    }
+    let o = dalp(&["backup", "run", "--type", "full", "--data-dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("(full) to repo1"), "{}", text(&o));
+    for n in 4..=6 {
+        log.push(insert(n).await);
+    }
+    let o = dalp(&["backup", "run", "--type", "diff", "--data-dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    for n in 7..=10 {
+        log.push(insert(n).await);
+    }
+
+    // To a time between the commits of rows 8 and 9.
+    let t = log[7].2 + (log[8].1 - log[7].2) / 2;
+    let into = dir.path().join("at-time");
+    let o = dalp(&[
+        "restore",
+        "--data-dir",
+        d,
+        "--target-time",
+        &t.to_rfc3339(),
+        "--into",
+        into.to_str().unwrap(),
+    ]);
+    let copy = Copy::from_output(&into, &o);
+    assert_eq!(copy.rows().await, (1..=8).collect(), "restore to {t}");
+    drop(copy);
+
+    // To the WAL position right after row 5's commit.
+    let into = dir.path().join("at-lsn");
+    let o = dalp(&[
+        "restore",
+        "--data-dir",
+        d,
+        "--target-lsn",
+        &log[4].3,
+        "--into",
+        into.to_str().unwrap(),
+    ]);
+    let copy = Copy::from_output(&into, &o);
+    assert_eq!(
+        copy.rows().await,
+        (1..=5).collect(),
+        "restore to LSN {}",
+        log[4].3
+    );
+    drop(copy);
+
+    // Everything.
+    let into = dir.path().join("latest");
+    let o = dalp(&[
+        "restore",
+        "--data-dir",
+        d,
+        "--latest",
+        "--into",
+        into.to_str().unwrap(),
+    ]);
+    let copy = Copy::from_output(&into, &o);
+    assert!(text(&o).contains("timeline 2"), "{}", text(&o));
+    assert_eq!(copy.rows().await, (1..=10).collect());
+    drop(copy);
+
+    // Targets outside the window, and places a restore must never write to.
+    let fresh = dir.path().join("refused");
+    let fresh = fresh.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["--target-time", "2020-01-01T00:00:00Z"],
+            "recoverable window",
+        ),
+        (
+            vec!["--target-time", "2100-01-01T00:00:00Z"],
+            "in the future",
+        ),
+        (vec!["--target-time", "yesterday"], "not a time"),
+        (vec!["--target-lsn", "0/0"], "before the oldest backup"),
+        (vec!["--target-lsn", "nonsense"], "not an LSN"),
+    ] {
+        let mut a = vec!["restore", "--data-dir", d, "--into", fresh];
+        a.extend(args);
+        let o = dalp(&a);
+        assert!(!o.status.success(), "{a:?} must fail");
+        assert!(text(&o).contains(says), "{a:?}: {}", text(&o));
+    }
+    assert!(!Path::new(fresh).join("pgdata/PG_VERSION").exists());
+    let o = dalp(&[
+        "restore",
+        "--data-dir",
+        d,
+        "--latest",
+        "--into",
+        into.to_str().unwrap(),
+    ]);
+    assert!(text(&o).contains("not empty"), "{}", text(&o));
+    let live = dir.path().join("pgdata");
+    let o = dalp(&[
+        "restore",
+        "--data-dir",
+        d,
+        "--latest",
+        "--into",
+        live.to_str().unwrap(),
+    ]);
+    assert!(text(&o).contains("live data directory"), "{}", text(&o));
+    let o = dalp(&["restore", "--data-dir", d, "--into", fresh]);
+    assert!(!o.status.success(), "a target is required");
+
+    // List, what is due, the schedule.
+    let o = dalp(&["backup", "list", "--data-dir", d, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let kinds: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["full", "diff"]);
+    assert!(list[0]["size"].as_u64().unwrap() > 1_000_000);
+    let o = dalp(&["backup", "due", "--data-dir", d, "--dry-run"]);
+    let t = text(&o);
+    assert!(
+        t.contains("full backup to repo2") && !t.contains("repo1"),
+        "{t}"
+    );
+    let o = dalp(&["backup", "schedule", "--data-dir", d]);
+    assert!(text(&o).contains("backup due --data-dir"), "{}", text(&o));
+
+    // The restore drill passes on an intact repository …
+    let o = dalp(&["backup", "verify", "--data-dir", d]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("pg_amcheck: ok") && t.contains("migrations current: yes"),
+        "{t}"
+    );
+    // … and fails loudly when a backup file is damaged.
+    let backup_dir = dir.path().join("backup/repo1/backup/dalp");
+    let label = list[1]["label"].as_str().unwrap();
+    let mut files: Vec<std::path::PathBuf> = walk(&backup_dir.join(label).join("pg_data"));
+    files.sort_by_key(|f| std::cmp::Reverse(std::fs::metadata(f).unwrap().len()));
+    let victim = &files[0];
+    let mut bytes = std::fs::read(victim).unwrap();
+    let mid = bytes.len() / 2;
+    let end = mid + 64.min(bytes.len() - mid);
+    for b in &mut bytes[mid..end] {
+        *b ^= 0xff;
+    }
+    std::fs::write(victim, bytes).unwrap();
+    let o = dalp(&["backup", "verify", "--data-dir", d]);
+    assert!(
+        !o.status.success(),
+        "a damaged backup must fail the drill: {}",
+        text(&o)
+    );
+    eprintln!("drill on a damaged repository: {}", text(&o));
+    // The source is untouched throughout.
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM pitr.rows", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 10);
+    drop(db);
+    cluster.shutdown().unwrap();
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Unmounts on drop.
+struct Mount(std::path::PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_repository_fails_the_backup_clearly_and_leaves_the_source_alone() {
+    let dir = dir();
+    let d = dir.path().to_str().unwrap();
+    let tiny = dir.path().join("tiny-repo");
+    std::fs::create_dir_all(&tiny).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&tiny)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    let _mount = Mount(tiny.clone());
+    std::fs::write(
+        dir.path().join("backup.toml"),
+        format!(
+            "archive_timeout_secs = 10\n[repo1]\ntype = \"posix\"\npath = \"{}\"\n",
+            tiny.display()
+        ),
+    )
+    .unwrap();
+    let cluster = start_archiving(Instance::open(dir.path()).unwrap(), StartOptions::default())
+        .await
+        .unwrap();
+    let db = cluster
+        .role_options(MIGRATOR_ROLE, DATABASE)
+        .connect()
+        .await
+        .unwrap();
+    db.batch_execute(
+        "CREATE SCHEMA keep; CREATE TABLE keep.t AS SELECT g AS n, md5(g::text) AS v FROM generate_series(1, 200000) g",
+    )
+    .await
+    .unwrap();
+    let o = dalp(&["backup", "run", "--data-dir", d]);
+    let t = text(&o);
+    assert!(
+        !o.status.success(),
+        "a backup into a full repository must fail: {t}"
+    );
+    assert!(
+        t.to_lowercase().contains("space"),
+        "the error must say the disk is full: {t}"
+    );
+    // The source keeps serving reads and writes, its data intact.
+    db.execute("INSERT INTO keep.t VALUES (0, 'after')", &[])
+        .await
+        .unwrap();
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM keep.t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 200_001);
+    let o = dalp(&["backup", "list", "--data-dir", d]);
+    assert!(text(&o).contains("no backups yet"), "{}", text(&o));
+    drop(db);
+    cluster.shutdown().unwrap();
+}
