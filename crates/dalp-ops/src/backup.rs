@@ -536,7 +536,7 @@ impl Backups {
         let mut notes = Vec::new();
         for dir in self.local_repo_dirs() {
             if let Ok(st) = nix::sys::statvfs::statvfs(&dir) {
-                let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+                let free = st.blocks_available() * st.fragment_size();
                 if free < 64 << 20 {
                     notes.push(format!(
                         "the repository at {} has only {} kB free: no space left on its device; free space or move the repository (backup.toml), then run the backup again",
