@@ -13,8 +13,10 @@ status=0
 cargo test --workspace --no-fail-fast -- --test-threads 2 2>&1 | tee "$log" || status=$?
 # The domain suites once more with every component pool going through PgBouncer
 # (transaction mode); LISTEN stays direct.
-DALP_TEST_VIA_POOLER=1 cargo test -p dalp-api -p dalp-identity -p dalp-assets -p dalp-audit \
-  -p dalp-indexed -p dalp-workflows --no-fail-fast -- --test-threads 2 2>&1 | tee -a "$log" || status=$?
+# (--workspace keeps the feature set of the first run, so nothing is rebuilt.)
+DALP_TEST_VIA_POOLER=1 cargo test --workspace --no-fail-fast --test api --test engine \
+  --test tx_requests --test ingest --test seal --test forward --test change_control \
+  --test pooler -- --test-threads 2 2>&1 | tee -a "$log" || status=$?
 # One closing line over all test binaries (cargo prints one per binary, doc-tests last).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use dalp_db::ha::{ExecError, Router, RouterOptions, Served, Session};
 use dalp_db::MIGRATOR_ROLE;
+use std::path::Path;
+
+use dalp_ops::backup::{RestoredServer, Target};
 use dalp_ops::{HaCluster, HaOptions, Pooler, PoolerSpec};
 use futures_util::FutureExt;
 
@@ -99,6 +102,18 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
     );
     assert!(senders.iter().any(|r| r.get::<_, String>(1) == "sync"));
     drop(su);
+
+    // WAL is archived to pgBackRest from the start; a full backup now is the base for the
+    // restore after all the failovers below.
+    let backups = cluster.backups().unwrap().expect("the cluster archives");
+    {
+        let b = backups.clone();
+        let full = tokio::task::spawn_blocking(move || b.backup("full", 1, &|_| {}))
+            .await
+            .unwrap()
+            .unwrap();
+        eprintln!("full backup {} of the HA cluster", full.label);
+    }
 
     // --- Read-your-writes across 1,000 write-then-read pairs. ---
     let router = Router::new(
@@ -356,7 +371,7 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let l = ledger.lock().unwrap();
+    let l = std::mem::take(&mut *ledger.lock().unwrap());
     let lost: Vec<&i64> = l.acked.difference(&present).collect();
     let unknown_landed = l.unknown.intersection(&present).count();
     eprintln!(
@@ -376,6 +391,45 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
         ttl.as_secs() + 2
     );
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+
+    // Archiving continued across every leader change: the archive restores to the end
+    // with every acknowledged write, one continuous history of timelines.
+    let into = dir.path().join("restored");
+    let restored_rows = {
+        let (b, target_dir) = (backups.clone(), into.clone());
+        tokio::task::spawn_blocking(move || {
+            b.check()?;
+            b.restore(&Target::Latest, &target_dir, 1, &|_| {})
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let copy = RestoredServer::start(
+            &into,
+            Path::new(dalp_ops::embedded::DEFAULT_PG_BIN),
+            false,
+            Duration::from_secs(300),
+        )
+        .await
+        .unwrap();
+        let recovered = copy.recovered().await.unwrap();
+        eprintln!("restored from the archive after the failovers: {recovered:?}");
+        assert!(recovered.timeline >= 7, "{recovered:?}");
+        let c = copy.superuser_options("dalp").connect().await.unwrap();
+        let rows: BTreeSet<i64> = c
+            .query("SELECT n FROM ha_probe.writes", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        rows
+    };
+    let missing: Vec<&i64> = l.acked.difference(&restored_rows).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes missing from the archive: {missing:?}"
+    );
     assert!(
         l.failed.is_empty(),
         "writes failed outright: {:?}",
