@@ -54,6 +54,14 @@ pub struct AppState {
     pub indexed: Arc<dalp_indexed::IndexedStore>,
     pub workflows: dalp_workflows::WorkflowStore,
     pub http_metrics: Arc<telemetry::HttpMetrics>,
+    /// The newest backups as last read from the repositories (kept fresh by `dalp up`).
+    pub backups: Arc<std::sync::RwLock<Option<BackupSnapshot>>>,
+}
+
+/// What `/metrics` knows about backups: per repository, the end of its newest backup.
+#[derive(Debug, Clone, Default)]
+pub struct BackupSnapshot {
+    pub newest_by_repo: Vec<(u8, chrono::DateTime<chrono::Utc>)>,
 }
 
 impl AppState {
@@ -65,6 +73,7 @@ impl AppState {
         AppState {
             assets: dalp_assets::AssetStore::new(pools.get(dalp_db::Component::Assets).clone()),
             http_metrics: Arc::default(),
+            backups: Arc::default(),
             workflows: dalp_workflows::WorkflowStore::new(
                 pools.get(dalp_db::Component::Workflows).clone(),
             ),

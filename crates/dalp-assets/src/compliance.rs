@@ -217,6 +217,7 @@ pub enum Proposal {
 }
 
 impl AssetStore {
+    #[tracing::instrument(target = "dalp_store", name = "assets.compliance", skip_all)]
     pub async fn compliance(&self, asset_id: Uuid) -> Result<ComplianceConfig, AssetError> {
         let client = self.pool().get().await?;
         if client
@@ -250,6 +251,7 @@ impl AssetStore {
     }
 
     /// Proposes `modules` for an asset whose configuration is at `expected_version`.
+    #[tracing::instrument(target = "dalp_store", name = "assets.propose_compliance", skip_all)]
     pub async fn propose_compliance(
         &self,
         ctx: &RequestContext,
@@ -301,6 +303,7 @@ impl AssetStore {
 
     /// Approves a pending change; the approver must not be its proposer. A change whose base
     /// version is no longer current is marked superseded and fails with a conflict.
+    #[tracing::instrument(target = "dalp_store", name = "assets.approve_compliance", skip_all)]
     pub async fn approve_compliance(
         &self,
         ctx: &RequestContext,
@@ -366,6 +369,7 @@ impl AssetStore {
     }
 
     /// Moves an asset from draft to published (needs the asset's current version).
+    #[tracing::instrument(target = "dalp_store", name = "assets.publish", skip_all)]
     pub async fn publish(
         &self,
         ctx: &RequestContext,

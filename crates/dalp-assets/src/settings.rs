@@ -103,6 +103,7 @@ impl AssetStore {
     }
 
     /// Every known currency: `(code, name, decimals)`.
+    #[tracing::instrument(target = "dalp_store", name = "assets.currencies", skip_all)]
     pub async fn currencies(&self) -> Result<Vec<(String, String, i16)>, AssetError> {
         let client = self.pool().get().await?;
         Ok(client
@@ -117,6 +118,7 @@ impl AssetStore {
     }
 
     /// Settings of `org` (defaults when never saved), served from the cache when possible.
+    #[tracing::instrument(target = "dalp_store", name = "assets.settings", skip_all)]
     pub async fn settings(&self, org: Uuid) -> Result<OrgSettings, AssetError> {
         let key = format!("settings:{org}");
         if let Some(Cached::Settings(s)) = self.cache().get(&key) {
@@ -154,6 +156,7 @@ impl AssetStore {
 
     /// Saves settings if `expected_version` is current (0 for never saved); the version row,
     /// the audit record and the cache notification commit together.
+    #[tracing::instrument(target = "dalp_store", name = "assets.put_settings", skip_all)]
     pub async fn put_settings(
         &self,
         ctx: &RequestContext,
@@ -261,6 +264,7 @@ impl AssetStore {
     }
 
     /// Records an FX rate (audited).
+    #[tracing::instrument(target = "dalp_store", name = "assets.record_fx", skip_all)]
     pub async fn record_fx(
         &self,
         ctx: &RequestContext,
@@ -320,6 +324,7 @@ impl AssetStore {
     }
 
     /// The newest rate per pair, optionally for one base currency.
+    #[tracing::instrument(target = "dalp_store", name = "assets.latest_fx", skip_all)]
     pub async fn latest_fx(&self, base: Option<&str>) -> Result<Vec<FxRate>, AssetError> {
         let base = base.map(|b| currency("base", b)).transpose()?;
         let client = self.pool().get().await?;

@@ -235,6 +235,7 @@ impl AssetStore {
         Ok(())
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "assets.create", skip_all)]
     pub async fn create(&self, ctx: &RequestContext, spec: &AssetSpec) -> Result<Asset> {
         if let Some(t) = spec.template_id {
             self.check_template(t, spec.base_type, &spec.metadata, None)
@@ -270,6 +271,7 @@ impl AssetStore {
     }
 
     /// One asset, served from the cache when possible.
+    #[tracing::instrument(target = "dalp_store", name = "assets.get", skip_all)]
     pub async fn get(&self, id: Uuid) -> Result<Asset> {
         let key = format!("asset:{id}");
         if let Some(Cached::Asset(a)) = self.cache.get(&key) {
@@ -319,6 +321,7 @@ impl AssetStore {
     }
 
     /// Replaces the definition, if `expected_version` is still current.
+    #[tracing::instrument(target = "dalp_store", name = "assets.update", skip_all)]
     pub async fn update(
         &self,
         ctx: &RequestContext,
@@ -354,6 +357,7 @@ impl AssetStore {
     }
 
     /// Deletes the asset, if `expected_version` is still current; history stays.
+    #[tracing::instrument(target = "dalp_store", name = "assets.delete", skip_all)]
     pub async fn delete(
         &self,
         ctx: &RequestContext,
@@ -371,6 +375,7 @@ impl AssetStore {
     }
 
     /// Assets, optionally of one organisation, oldest first.
+    #[tracing::instrument(target = "dalp_store", name = "assets.list", skip_all)]
     pub async fn list(
         &self,
         organisation: Option<Uuid>,
@@ -417,6 +422,7 @@ impl AssetStore {
     }
 
     /// The version rows of one templated, settings or compliance record, oldest first.
+    #[tracing::instrument(target = "dalp_store", name = "assets.versions_of", skip_all)]
     pub async fn versions_of(&self, kind: VersionedKind, id: Uuid) -> Result<Vec<Value>> {
         let (table, key) = match kind {
             VersionedKind::Template => ("template_versions", "template_id"),
@@ -438,6 +444,7 @@ impl AssetStore {
     }
 
     /// Every version of an asset, oldest first (also after deletion).
+    #[tracing::instrument(target = "dalp_store", name = "assets.history", skip_all)]
     pub async fn history(&self, id: Uuid) -> Result<Vec<AssetVersion>> {
         let client = self.pool.get().await?;
         let rows = client

@@ -323,6 +323,7 @@ impl AssetStore {
         Ok(())
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "assets.create_template", skip_all)]
     pub async fn create_template(
         &self,
         ctx: &RequestContext,
@@ -348,6 +349,7 @@ impl AssetStore {
         Ok(t)
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "assets.template", skip_all)]
     pub async fn template(&self, id: Uuid) -> Result<Template, AssetError> {
         let client = self.pool().get().await?;
         let row = client
@@ -361,6 +363,7 @@ impl AssetStore {
     }
 
     /// Replaces a template (If-Match `expected_version`); a published one may only be renamed.
+    #[tracing::instrument(target = "dalp_store", name = "assets.update_template", skip_all)]
     pub async fn update_template(
         &self,
         ctx: &RequestContext,
@@ -411,6 +414,7 @@ impl AssetStore {
         Ok(t)
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "assets.publish_template", skip_all)]
     pub async fn publish_template(
         &self,
         ctx: &RequestContext,
@@ -447,6 +451,7 @@ impl AssetStore {
     }
 
     /// Templates an organisation may use: system and its own, minus those it hid.
+    #[tracing::instrument(target = "dalp_store", name = "assets.templates_for", skip_all)]
     pub async fn templates_for(&self, org: Uuid) -> Result<Vec<Template>, AssetError> {
         let client = self.pool().get().await?;
         let rows = client
@@ -464,6 +469,7 @@ impl AssetStore {
     }
 
     /// Hides (or shows again) a template for one organisation.
+    #[tracing::instrument(target = "dalp_store", name = "assets.set_template_hidden", skip_all)]
     pub async fn set_template_hidden(
         &self,
         ctx: &RequestContext,

@@ -106,6 +106,7 @@ impl RequestContext {
 }
 
 /// Inserts `event` through `client` — pass the caller's transaction.
+#[tracing::instrument(target = "dalp_store", name = "audit.record", skip_all)]
 pub async fn record<C: TypedClient>(
     client: &C,
     event: &AuditEvent,

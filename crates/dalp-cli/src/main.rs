@@ -11,19 +11,31 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_env("DALP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
     // DALP_LOG_FORMAT=json: one JSON object per line, with the request's span (request_id,
     // method, route) on every line logged while serving it — the same request id the audit
     // records carry.
-    if std::env::var("DALP_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        logs.json().with_current_span(true).init();
+    let logs = if std::env::var("DALP_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .json()
+            .with_current_span(true)
+            .with_filter(filter)
+            .boxed()
     } else {
-        logs.init();
-    }
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
+    };
+    // Store-operation latency for /metrics, whatever the log level.
+    let store =
+        dalp_api::telemetry::StoreLayer.with_filter(dalp_api::telemetry::store_layer_filter());
+    tracing_subscriber::registry().with(logs).with(store).init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

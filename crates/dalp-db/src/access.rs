@@ -115,6 +115,11 @@ pub const META_ACCESS: SchemaAccess = SchemaAccess {
     schema: "dalp_meta",
     grants: &[
         RoleGrant {
+            role: "dalp_monitor",
+            tables: Privs::READ,
+            overrides: &[],
+        },
+        RoleGrant {
             role: "dalp_identity_svc",
             tables: Privs::READ,
             overrides: &[],
@@ -454,7 +459,9 @@ async fn check_role_attributes(client: &Client) -> Result<Vec<String>, tokio_pos
     for row in memberships {
         let (member, group): (String, String) = (row.get(0), row.get(1));
         let allowed = (group == OWNER_ROLE && (member == MIGRATOR_ROLE || member == "dalp_admin"))
-            || (group == "pg_read_all_stats" && member == MIGRATOR_ROLE);
+            || (group == "pg_read_all_stats" && member == MIGRATOR_ROLE)
+            || (group == crate::component::MONITOR_GROUP
+                && member == crate::Component::Monitor.role());
         if !allowed {
             drift.push(format!(
                 "role {member} is a member of {group}, declared not"

@@ -5,6 +5,10 @@ use std::fmt;
 /// NOLOGIN role that owns every dalp schema and object. Migrations run as this role.
 pub const OWNER_ROLE: &str = "dalp_owner";
 
+/// The built-in role whose membership lets [`Component::Monitor`] read replication and
+/// archiver state.
+pub const MONITOR_GROUP: &str = "pg_monitor";
+
 /// LOGIN role used to run migrations: a member of [`OWNER_ROLE`] that does `SET ROLE`
 /// to it, so everything it creates is owned by the owner role.
 pub const MIGRATOR_ROLE: &str = "dalp_migrator";
@@ -30,10 +34,13 @@ pub enum Component {
     Readonly,
     /// Seals committed audit events into the hash chain (reads events, appends batches).
     AuditSealer,
+    /// Health and metrics: a member of `pg_monitor` (replication, archiver and statistics
+    /// views), with no access to any dalp schema.
+    Monitor,
 }
 
 impl Component {
-    pub const ALL: [Component; 7] = [
+    pub const ALL: [Component; 8] = [
         Component::Identity,
         Component::Assets,
         Component::Indexer,
@@ -41,6 +48,7 @@ impl Component {
         Component::Auditor,
         Component::Readonly,
         Component::AuditSealer,
+        Component::Monitor,
     ];
 
     /// The PostgreSQL login role of this component.
@@ -53,6 +61,7 @@ impl Component {
             Component::Auditor => "dalp_auditor",
             Component::Readonly => "dalp_readonly",
             Component::AuditSealer => "dalp_audit_sealer",
+            Component::Monitor => "dalp_monitor",
         }
     }
 
@@ -67,6 +76,7 @@ impl Component {
             Component::Auditor => "dalp-auditor",
             Component::Readonly => "dalp-readonly",
             Component::AuditSealer => "dalp-audit-sealer",
+            Component::Monitor => "dalp-monitor",
         }
     }
 

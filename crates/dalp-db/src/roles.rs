@@ -4,7 +4,9 @@
 
 use tokio_postgres::Client;
 
-use crate::component::{login_roles, MIGRATOR_ROLE, OWNER_ROLE, PGAUDIT_ROLE};
+use crate::component::{
+    login_roles, Component, MIGRATOR_ROLE, MONITOR_GROUP, OWNER_ROLE, PGAUDIT_ROLE,
+};
 use crate::secrets::{Secrets, SecretsError};
 use crate::sql::{quote_ident, quote_literal};
 
@@ -58,6 +60,13 @@ pub async fn ensure_roles(client: &Client, secrets: &Secrets) -> Result<(), Role
             "GRANT {} TO {}",
             quote_ident(OWNER_ROLE),
             quote_ident(MIGRATOR_ROLE)
+        ))
+        .await?;
+    client
+        .batch_execute(&format!(
+            "GRANT {} TO {}",
+            MONITOR_GROUP,
+            quote_ident(Component::Monitor.role())
         ))
         .await?;
     // Query analysis (`dalp db top|lint`) reads statistics of every role's statements.

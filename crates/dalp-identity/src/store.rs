@@ -339,6 +339,7 @@ impl IdentityStore {
 
     // ---- users ------------------------------------------------------------------------
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.create_user", skip_all)]
     pub async fn create_user(&self, ctx: &RequestContext, new: NewUser) -> Result<User> {
         let name = parse_name("name", &new.name)?;
         let hash = match &new.password {
@@ -392,6 +393,7 @@ impl IdentityStore {
         Ok(user_from(&row))
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.get_user", skip_all)]
     pub async fn get_user(&self, id: Uuid) -> Result<User> {
         let client = self.pool.get().await?;
         let row = client
@@ -404,6 +406,7 @@ impl IdentityStore {
         Ok(user_from(&row))
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.find_user_by_email", skip_all)]
     pub async fn find_user_by_email(&self, email: &Email) -> Result<Option<User>> {
         let client = self.pool.get().await?;
         let row = client
@@ -415,6 +418,7 @@ impl IdentityStore {
         Ok(row.as_ref().map(user_from))
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.list_users", skip_all)]
     pub async fn list_users(&self, limit: i64, offset: i64) -> Result<Vec<User>> {
         let client = self.pool.get().await?;
         let rows = client
@@ -426,6 +430,7 @@ impl IdentityStore {
         Ok(rows.iter().map(user_from).collect())
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.update_user", skip_all)]
     pub async fn update_user(
         &self,
         ctx: &RequestContext,
@@ -500,6 +505,7 @@ impl IdentityStore {
         Ok(user)
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.delete_user", skip_all)]
     pub async fn delete_user(&self, ctx: &RequestContext, id: Uuid) -> Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -519,6 +525,7 @@ impl IdentityStore {
         Ok(())
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.set_password", skip_all)]
     pub async fn set_password(
         &self,
         ctx: &RequestContext,
@@ -543,6 +550,7 @@ impl IdentityStore {
         Ok(())
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.grant_role", skip_all)]
     pub async fn grant_role(
         &self,
         ctx: &RequestContext,
@@ -579,6 +587,7 @@ impl IdentityStore {
         Ok(user)
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.revoke_role", skip_all)]
     pub async fn revoke_role(
         &self,
         ctx: &RequestContext,
@@ -610,6 +619,7 @@ impl IdentityStore {
     }
 
     /// Creates an organisation with `owner` as its owner; returns its id.
+    #[tracing::instrument(target = "dalp_store", name = "identity.create_organisation", skip_all)]
     pub async fn create_organisation(
         &self,
         ctx: &RequestContext,
@@ -645,6 +655,11 @@ impl IdentityStore {
     }
 
     /// The id of the organisation with `slug`, if any.
+    #[tracing::instrument(
+        target = "dalp_store",
+        name = "identity.organisation_by_slug",
+        skip_all
+    )]
     pub async fn organisation_by_slug(&self, slug: &str) -> Result<Option<Uuid>> {
         let client = self.pool.get().await?;
         Ok(client
@@ -661,6 +676,7 @@ impl IdentityStore {
     /// Password login. Unknown email and wrong password give the same error after the same
     /// work. Users holding `admin`, or with TOTP enrolled, get a pending session that only
     /// the second factor can complete.
+    #[tracing::instrument(target = "dalp_store", name = "identity.login", skip_all)]
     pub async fn login(
         &self,
         ctx: &RequestContext,
@@ -764,11 +780,13 @@ impl IdentityStore {
     }
 
     /// Records one event in a transaction of its own (e.g. the API's per-request record).
+    #[tracing::instrument(target = "dalp_store", name = "identity.record_event", skip_all)]
     pub async fn record_event(&self, event: AuditEvent) -> Result<()> {
         self.audit_alone(event, None).await
     }
 
     /// Records a denied access (missing role, wrong scope …) against the caller.
+    #[tracing::instrument(target = "dalp_store", name = "identity.audit_denied", skip_all)]
     pub async fn audit_denied(
         &self,
         ctx: &RequestContext,
@@ -785,6 +803,7 @@ impl IdentityStore {
     }
 
     /// Resolves a bearer session token. Served from the cache when possible.
+    #[tracing::instrument(target = "dalp_store", name = "identity.validate_session", skip_all)]
     pub async fn validate_session(&self, token: &str) -> Result<Principal> {
         if !token.starts_with(SESSION_PREFIX) || token.len() > 200 {
             return Err(IdentityError::Unauthenticated("invalid session token"));
@@ -867,6 +886,7 @@ impl IdentityStore {
     }
 
     /// Resolves an API key. Served from the cache when possible.
+    #[tracing::instrument(target = "dalp_store", name = "identity.validate_api_key", skip_all)]
     pub async fn validate_api_key(&self, key: &str) -> Result<Principal> {
         if !key.starts_with(API_KEY_PREFIX) || key.starts_with(SESSION_PREFIX) || key.len() > 200 {
             return Err(IdentityError::Unauthenticated("invalid API key"));
@@ -932,11 +952,13 @@ impl IdentityStore {
         }
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.logout", skip_all)]
     pub async fn logout(&self, ctx: &RequestContext, p: &Principal) -> Result<()> {
         let id = Self::session_id(p)?;
         self.revoke_session(ctx, p.user_id, id).await
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.list_sessions", skip_all)]
     pub async fn list_sessions(&self, p: &Principal) -> Result<Vec<SessionInfo>> {
         let current = Self::session_id(p).ok();
         let client = self.pool.get().await?;
@@ -961,6 +983,7 @@ impl IdentityStore {
             .collect())
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.revoke_session", skip_all)]
     pub async fn revoke_session(
         &self,
         ctx: &RequestContext,
@@ -1032,6 +1055,7 @@ impl IdentityStore {
     }
 
     /// Starts (or restarts, while unconfirmed) TOTP enrolment.
+    #[tracing::instrument(target = "dalp_store", name = "identity.enroll_totp", skip_all)]
     pub async fn enroll_totp(&self, ctx: &RequestContext, p: &Principal) -> Result<TotpEnrolment> {
         if let Some((_, true, _)) = self.load_totp(p.user_id).await? {
             return Err(IdentityError::Conflict("TOTP is already enrolled".into()));
@@ -1069,6 +1093,7 @@ impl IdentityStore {
 
     /// Confirms enrolment with a first code; returns the one-time backup codes. A pending
     /// session (an admin's first login) is completed by it.
+    #[tracing::instrument(target = "dalp_store", name = "identity.confirm_totp", skip_all)]
     pub async fn confirm_totp(
         &self,
         ctx: &RequestContext,
@@ -1137,6 +1162,7 @@ impl IdentityStore {
     }
 
     /// Completes a pending session with a TOTP code or an unused backup code.
+    #[tracing::instrument(target = "dalp_store", name = "identity.verify_mfa", skip_all)]
     pub async fn verify_mfa(&self, ctx: &RequestContext, p: &Principal, code: &str) -> Result<()> {
         let Credential::Session {
             mfa_pending: true, ..
@@ -1208,6 +1234,7 @@ impl IdentityStore {
     // ---- API keys ---------------------------------------------------------------------
 
     /// Creates a key; the plaintext is returned once and only its hash is stored.
+    #[tracing::instrument(target = "dalp_store", name = "identity.create_api_key", skip_all)]
     pub async fn create_api_key(
         &self,
         ctx: &RequestContext,
@@ -1264,6 +1291,7 @@ impl IdentityStore {
         ))
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.list_api_keys", skip_all)]
     pub async fn list_api_keys(&self, user_id: Uuid) -> Result<Vec<ApiKeyInfo>> {
         let client = self.pool.get().await?;
         let rows = client
@@ -1289,6 +1317,7 @@ impl IdentityStore {
             .collect()
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "identity.revoke_api_key", skip_all)]
     pub async fn revoke_api_key(
         &self,
         ctx: &RequestContext,
@@ -1301,6 +1330,7 @@ impl IdentityStore {
     // ---- KYC --------------------------------------------------------------------------
 
     /// Writes a user's KYC profile, encrypted under a fresh data key.
+    #[tracing::instrument(target = "dalp_store", name = "identity.put_kyc", skip_all)]
     pub async fn put_kyc(
         &self,
         ctx: &RequestContext,
@@ -1360,6 +1390,7 @@ impl IdentityStore {
     }
 
     /// Reads and decrypts a KYC profile; the read itself is audited in the same transaction.
+    #[tracing::instrument(target = "dalp_store", name = "identity.get_kyc", skip_all)]
     pub async fn get_kyc(&self, ctx: &RequestContext, user_id: Uuid) -> Result<KycProfile> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -1395,6 +1426,7 @@ impl IdentityStore {
 
     /// Makes a new KEK active and re-wraps every data key under it, in small batches;
     /// readers keep working throughout because old KEKs stay available.
+    #[tracing::instrument(target = "dalp_store", name = "identity.rotate_keys", skip_all)]
     pub async fn rotate_keys(
         &self,
         ctx: &RequestContext,

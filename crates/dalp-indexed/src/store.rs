@@ -203,6 +203,7 @@ impl IndexedStore {
     }
 
     /// Registers a chain, or confirms it is registered with the same settings.
+    #[tracing::instrument(target = "dalp_store", name = "indexed.register_chain", skip_all)]
     pub async fn register_chain(
         &self,
         ctx: &RequestContext,
@@ -271,6 +272,7 @@ impl IndexedStore {
         })
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "indexed.chains", skip_all)]
     pub async fn chains(&self) -> Result<Vec<Chain>, IndexError> {
         let client = self.pool.get().await?;
         Ok(client
@@ -289,6 +291,7 @@ impl IndexedStore {
     }
 
     /// The stored hash of block `number`, if it is indexed.
+    #[tracing::instrument(target = "dalp_store", name = "indexed.block_hash", skip_all)]
     pub async fn block_hash(&self, chain_id: i64, number: i64) -> Result<Option<Hash>, IndexError> {
         let client = self.pool.get().await?;
         let row = client
@@ -303,6 +306,7 @@ impl IndexedStore {
         }))
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "indexed.status", skip_all)]
     pub async fn status(&self, chain_id: i64) -> Result<SyncStatus, IndexError> {
         let client = self.pool.get().await?;
         let chain = self.chain_in(&**client, chain_id).await?;
@@ -368,6 +372,7 @@ impl IndexedStore {
 
     /// Ingests a batch of consecutive blocks (see the module docs). `head` is the newest
     /// block the sender has seen on the chain, for lag reporting.
+    #[tracing::instrument(target = "dalp_store", name = "indexed.ingest", skip_all)]
     pub async fn ingest(
         &self,
         ctx: &RequestContext,
@@ -392,6 +397,7 @@ impl IndexedStore {
     /// Rolls the stored chain back to block `fork` (everything above it goes: rows,
     /// balances, supply, checkpoint), e.g. to re-index from there. Refused below the
     /// finalized block, like a reorg that deep.
+    #[tracing::instrument(target = "dalp_store", name = "indexed.rewind", skip_all)]
     pub async fn rewind(
         &self,
         ctx: &RequestContext,
@@ -942,6 +948,7 @@ impl IndexedStore {
     }
 
     /// Current balances of `account` across tokens.
+    #[tracing::instrument(target = "dalp_store", name = "indexed.balances_of", skip_all)]
     pub async fn balances_of(
         &self,
         chain_id: i64,
@@ -961,6 +968,7 @@ impl IndexedStore {
 
     /// Holders of `token`, largest first; `after` is the last (balance, account) of the
     /// previous page.
+    #[tracing::instrument(target = "dalp_store", name = "indexed.holders", skip_all)]
     pub async fn holders(
         &self,
         chain_id: i64,
@@ -994,6 +1002,7 @@ impl IndexedStore {
     }
 
     /// Transfers of a token or an account, newest first.
+    #[tracing::instrument(target = "dalp_store", name = "indexed.transfers", skip_all)]
     pub async fn transfers(
         &self,
         chain_id: i64,
@@ -1037,6 +1046,7 @@ impl IndexedStore {
     }
 
     /// The balance of `account` in `token` after block `block` ("0" before any transfer).
+    #[tracing::instrument(target = "dalp_store", name = "indexed.balance_at", skip_all)]
     pub async fn balance_at(
         &self,
         chain_id: i64,
@@ -1063,6 +1073,7 @@ impl IndexedStore {
     }
 
     /// Total supply of `token` after block `block` (mints minus burns since indexing began).
+    #[tracing::instrument(target = "dalp_store", name = "indexed.supply_at", skip_all)]
     pub async fn supply_at(
         &self,
         chain_id: i64,
@@ -1087,6 +1098,7 @@ impl IndexedStore {
     }
 
     /// Row counts of every table for `chain_id` (tests and `dalp index status`).
+    #[tracing::instrument(target = "dalp_store", name = "indexed.counts", skip_all)]
     pub async fn counts(&self, chain_id: i64) -> Result<Vec<(String, i64)>, IndexError> {
         let client = self.pool.get().await?;
         let mut out = Vec::new();

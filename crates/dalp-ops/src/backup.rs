@@ -287,6 +287,16 @@ impl Backups {
         )
     }
 
+    /// The `archive_command` of one node of several: WAL paths are relative to the node's
+    /// own data directory, so the node names it (`pg1-path` on the command line).
+    pub fn archive_command_for(&self, data_dir: &Path) -> String {
+        format!(
+            "{PGBACKREST_BIN} --config={} --stanza={STANZA} --pg1-path={} archive-push %p",
+            self.config_path().display(),
+            data_dir.display()
+        )
+    }
+
     /// The `restore_command` a replica or restored copy fetches WAL with.
     pub fn restore_command(&self) -> String {
         format!(

@@ -371,14 +371,14 @@ impl HaCluster {
         // From here on, a failure stops whatever was started.
         let cluster = cluster.stop_on_drop(true);
         cluster.start_etcd().await?;
-        let archive_command = match cluster.backups()? {
-            Some(b) => {
-                b.write_config()?;
-                Some(b.archive_command())
-            }
-            None => None,
-        };
+        let backups = cluster.backups()?;
+        if let Some(b) = &backups {
+            b.write_config()?;
+        }
         for node in cluster.state.nodes.clone() {
+            let archive_command = backups
+                .as_ref()
+                .map(|b| b.archive_command_for(&cluster.node_dir(&node.name).join("pgdata")));
             cluster.write_node_config(&node, &opts, archive_command.as_deref())?;
         }
         // A new cluster: the first node bootstraps and the others join once it leads, so

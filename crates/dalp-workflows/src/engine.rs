@@ -254,6 +254,7 @@ impl WorkflowStore {
 
     /// Starts a run, or returns the run already started under the same (organisation, kind,
     /// idempotency key) with `false`.
+    #[tracing::instrument(target = "dalp_store", name = "workflows.start", skip_all)]
     pub async fn start(
         &self,
         ctx: &RequestContext,
@@ -311,6 +312,7 @@ impl WorkflowStore {
         Ok((run, true))
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "workflows.get", skip_all)]
     pub async fn get(&self, id: Uuid) -> Result<Run, WorkflowError> {
         let client = self.pool.get().await?;
         let row = client
@@ -326,6 +328,7 @@ impl WorkflowStore {
 
     /// Runs by status (newest first), e.g. `dead_letter` or `failed`; `stalled` lists running
     /// runs whose lease expired.
+    #[tracing::instrument(target = "dalp_store", name = "workflows.list", skip_all)]
     pub async fn list(&self, status: Option<&str>, limit: i64) -> Result<Vec<Run>, WorkflowError> {
         const STATUSES: [&str; 9] = [
             "pending",
@@ -368,6 +371,7 @@ impl WorkflowStore {
 
     /// Claims up to `batch` ready runs of `kinds` for `worker`, leased for `lease`. First
     /// frees runs whose lease expired.
+    #[tracing::instrument(target = "dalp_store", name = "workflows.claim", skip_all)]
     pub async fn claim(
         &self,
         worker: &str,
@@ -434,6 +438,7 @@ impl WorkflowStore {
     }
 
     /// Renews the leases `worker` holds on `ids`; returns the ids it no longer holds.
+    #[tracing::instrument(target = "dalp_store", name = "workflows.heartbeat", skip_all)]
     pub async fn heartbeat(
         &self,
         worker: &str,
@@ -465,6 +470,7 @@ impl WorkflowStore {
 
     /// Ends attempts of runs `worker` holds, in one transaction. Runs whose lease was lost
     /// are left alone and returned.
+    #[tracing::instrument(target = "dalp_store", name = "workflows.finish", skip_all)]
     pub async fn finish(
         &self,
         worker: &str,
@@ -542,6 +548,7 @@ impl WorkflowStore {
 
     /// Delivers signal `name` with `payload` to run `id`: a run waiting for it becomes ready;
     /// a run not waiting yet keeps it and will not wait.
+    #[tracing::instrument(target = "dalp_store", name = "workflows.signal", skip_all)]
     pub async fn signal(
         &self,
         ctx: &RequestContext,
@@ -605,6 +612,7 @@ impl WorkflowStore {
     }
 
     /// Operator action: a `dead_letter` or `failed` run becomes ready again with fresh attempts.
+    #[tracing::instrument(target = "dalp_store", name = "workflows.retry", skip_all)]
     pub async fn retry(&self, ctx: &RequestContext, id: Uuid) -> Result<Run, WorkflowError> {
         self.operator_change(
             ctx,
@@ -619,6 +627,7 @@ impl WorkflowStore {
 
     /// Operator action: a run that has not ended is cancelled (a running attempt's lease is
     /// revoked; its worker's next step or finish is refused).
+    #[tracing::instrument(target = "dalp_store", name = "workflows.cancel", skip_all)]
     pub async fn cancel(&self, ctx: &RequestContext, id: Uuid) -> Result<Run, WorkflowError> {
         self.operator_change(
             ctx,
@@ -667,6 +676,7 @@ impl WorkflowStore {
     }
 
     /// The journaled result of step `op_id` of `run`, if it completed.
+    #[tracing::instrument(target = "dalp_store", name = "workflows.journaled", skip_all)]
     pub async fn journaled(&self, run: Uuid, op_id: &str) -> Result<Option<Value>, WorkflowError> {
         let client = self.pool.get().await?;
         Ok(client
@@ -682,6 +692,7 @@ impl WorkflowStore {
     /// Deletes up to `limit` completed or cancelled runs (with their journals) that ended
     /// more than `older_than` ago; failed and dead-lettered runs stay for operators.
     /// Returns how many went.
+    #[tracing::instrument(target = "dalp_store", name = "workflows.purge_finished", skip_all)]
     pub async fn purge_finished(
         &self,
         older_than: Duration,
@@ -701,6 +712,7 @@ impl WorkflowStore {
             .await?)
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "workflows.stats", skip_all)]
     pub async fn stats(&self) -> Result<QueueStats, WorkflowError> {
         let client = self.pool.get().await?;
         let r = client

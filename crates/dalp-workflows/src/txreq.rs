@@ -186,6 +186,7 @@ fn parse_wei(s: &str) -> Result<String, Invalid> {
 impl WorkflowStore {
     /// Creates a request in RECEIVED, or returns the one created for the same (sender, chain,
     /// idempotency key) within the last 24 hours, with `false`.
+    #[tracing::instrument(target = "dalp_store", name = "workflows.create_tx_request", skip_all)]
     pub async fn create_tx_request(
         &self,
         ctx: &RequestContext,
@@ -257,6 +258,7 @@ impl WorkflowStore {
     /// Moves request `id` to `to` if that is legal from where it is; anything else is an
     /// error that changes nothing. PREPARING allocates the nonce; ending before broadcast
     /// returns it.
+    #[tracing::instrument(target = "dalp_store", name = "workflows.transition", skip_all)]
     pub async fn transition(
         &self,
         ctx: &RequestContext,
@@ -355,6 +357,11 @@ impl WorkflowStore {
 
     /// A confirmation that timed out is not a failure: the request stays CONFIRMING and is
     /// due for a re-check after `recheck_in`.
+    #[tracing::instrument(
+        target = "dalp_store",
+        name = "workflows.confirmation_timed_out",
+        skip_all
+    )]
     pub async fn confirmation_timed_out(
         &self,
         ctx: &RequestContext,
@@ -395,6 +402,7 @@ impl WorkflowStore {
         Ok(req)
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "workflows.tx_request", skip_all)]
     pub async fn tx_request(&self, id: Uuid) -> Result<TxRequest, WorkflowError> {
         let client = self.pool().get().await?;
         client
@@ -408,6 +416,7 @@ impl WorkflowStore {
             .ok_or_else(|| WorkflowError::NotFound(format!("transaction request {id}")))
     }
 
+    #[tracing::instrument(target = "dalp_store", name = "workflows.tx_transitions", skip_all)]
     pub async fn tx_transitions(&self, id: Uuid) -> Result<Vec<Transition>, WorkflowError> {
         let client = self.pool().get().await?;
         Ok(client
@@ -429,6 +438,7 @@ impl WorkflowStore {
     }
 
     /// Requests in `status` (newest change first).
+    #[tracing::instrument(target = "dalp_store", name = "workflows.tx_requests", skip_all)]
     pub async fn tx_requests(
         &self,
         status: TxStatus,

@@ -1,6 +1,7 @@
 //! `GET /metrics`: Prometheus text format: audit seal lag, identity cache, workflow queue,
-//! indexer lag, HTTP latency and errors, connection pools, partition horizon. Replication,
-//! archiving and backup families come with the HA and backup work.
+//! indexer lag, HTTP latency and errors, store operation latency, connection pools,
+//! partition horizon, replication (per replica lag and sync state), WAL archiving and the
+//! age of the newest backup per repository.
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
@@ -139,5 +140,85 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             }
         }
     }
+    replication_and_archiving(&state, &mut out).await;
+    if let Some(b) = state
+        .backups
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+    {
+        out.push_str("# HELP dalp_backup_last_success_age_seconds Seconds since the newest successful backup ended, per repository.\n# TYPE dalp_backup_last_success_age_seconds gauge\n");
+        for (repo, at) in &b.newest_by_repo {
+            out.push_str(&format!(
+                "dalp_backup_last_success_age_seconds{{repo=\"{repo}\"}} {}\n",
+                (chrono::Utc::now() - *at).num_seconds()
+            ));
+        }
+    }
+    crate::telemetry::store_metrics().render(&mut out);
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Replication and archiver state as the monitor role (a member of pg_monitor) sees it on
+/// the primary.
+async fn replication_and_archiving(state: &AppState, out: &mut String) {
+    let Ok(c) = state.pools.get(Component::Monitor).get().await else {
+        return;
+    };
+    use dalp_db::TypedClient;
+    if let Ok(rows) = c
+        .typed_query(
+            "SELECT application_name, sync_state, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::float8, coalesce(extract(epoch FROM replay_lag), 0)::float8 FROM pg_stat_replication ORDER BY 1",
+            &[],
+        )
+        .await
+    {
+        out.push_str("# HELP dalp_replication_replicas Replicas streaming from this primary.\n# TYPE dalp_replication_replicas gauge\n");
+        out.push_str(&format!("dalp_replication_replicas {}\n", rows.len()));
+        out.push_str("# HELP dalp_replication_lag_bytes WAL bytes each replica has yet to replay.\n# TYPE dalp_replication_lag_bytes gauge\n");
+        for r in &rows {
+            out.push_str(&format!(
+                "dalp_replication_lag_bytes{{replica=\"{}\"}} {}\n",
+                r.get::<_, String>(0),
+                r.get::<_, f64>(2)
+            ));
+        }
+        out.push_str("# HELP dalp_replication_lag_seconds Replay lag of each replica (time).\n# TYPE dalp_replication_lag_seconds gauge\n");
+        for r in &rows {
+            out.push_str(&format!(
+                "dalp_replication_lag_seconds{{replica=\"{}\"}} {:.3}\n",
+                r.get::<_, String>(0),
+                r.get::<_, f64>(3)
+            ));
+        }
+        out.push_str("# HELP dalp_replication_sync_state 1 for each replica's sync state (sync, potential, quorum, async).\n# TYPE dalp_replication_sync_state gauge\n");
+        for r in &rows {
+            out.push_str(&format!(
+                "dalp_replication_sync_state{{replica=\"{}\",state=\"{}\"}} 1\n",
+                r.get::<_, String>(0),
+                r.get::<_, String>(1)
+            ));
+        }
+    }
+    if let Ok(r) = c
+        .typed_query_one(
+            "SELECT current_setting('archive_mode') <> 'off', archived_count, failed_count, extract(epoch FROM now() - last_archived_time)::float8, coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false) FROM pg_stat_archiver",
+            &[],
+        )
+        .await
+    {
+        let mut g = |name: &str, help: &str, kind: &str, v: String| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        };
+        g("dalp_wal_archiving_enabled", "1 when archive_mode is on.", "gauge", (r.get::<_, bool>(0) as u8).to_string());
+        g("dalp_wal_archived_total", "WAL segments archived since statistics were reset.", "counter", r.get::<_, i64>(1).to_string());
+        g("dalp_wal_archive_failures_total", "Failed archive attempts since statistics were reset.", "counter", r.get::<_, i64>(2).to_string());
+        g(
+            "dalp_wal_archive_age_seconds",
+            "Seconds since the last WAL segment was archived (NaN before the first).",
+            "gauge",
+            r.get::<_, Option<f64>>(3).map(|v| format!("{v:.0}")).unwrap_or_else(|| "NaN".into()),
+        );
+        g("dalp_wal_archive_failing", "1 when the last archive attempt failed.", "gauge", (r.get::<_, bool>(4) as u8).to_string());
+    }
 }

@@ -25,7 +25,19 @@ fn find<'a>(scrape: &'a Scrape, metric: &str, labels: &[(&str, &str)]) -> Vec<&'
 
 #[tokio::test]
 async fn metrics_expose_every_family_with_plausible_values() {
+    {
+        // As `dalp` does: store-operation spans feed /metrics whatever the log level.
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::Layer;
+        let subscriber = tracing_subscriber::registry().with(
+            dalp_api::telemetry::StoreLayer.with_filter(dalp_api::telemetry::store_layer_filter()),
+        );
+        let _ = tracing::subscriber::set_global_default(subscriber);
+    }
     let app = spawn_app().await;
+    *app.services.state.backups.write().unwrap() = Some(dalp_api::BackupSnapshot {
+        newest_by_repo: vec![(1, chrono::Utc::now() - chrono::Duration::hours(2))],
+    });
     app.create_user("ops@bank.example", &[PlatformRole::SystemManager])
         .await;
     let t = app.token("ops@bank.example").await;
@@ -105,5 +117,35 @@ async fn metrics_expose_every_family_with_plausible_values() {
     assert_eq!(
         find(&scrape, "dalp_indexer_lag_blocks", &[("chain_id", "7")]).len(),
         1
+    );
+    // Store operations, timed per domain method.
+    let created = find(
+        &scrape,
+        "dalp_store_operation_duration_seconds",
+        &[("operation", "identity.create_user")],
+    );
+    assert!(created.len() == 1 && value(created[0]) >= 1.0, "{text}");
+    let stats = find(
+        &scrape,
+        "dalp_store_operation_duration_seconds",
+        &[("operation", "workflows.stats")],
+    );
+    assert!(stats.len() == 1 && value(stats[0]) >= 3.0, "{text}");
+    // Replication and archiving as the monitor role sees them (the test cluster is a
+    // single node without archiving).
+    let replicas = find(&scrape, "dalp_replication_replicas", &[]);
+    assert!(replicas.len() == 1 && value(replicas[0]) == 0.0, "{text}");
+    let archiving = find(&scrape, "dalp_wal_archiving_enabled", &[]);
+    assert!(archiving.len() == 1 && value(archiving[0]) == 0.0, "{text}");
+    assert_eq!(find(&scrape, "dalp_wal_archive_failing", &[]).len(), 1);
+    assert_eq!(find(&scrape, "dalp_wal_archive_age_seconds", &[]).len(), 1);
+    let age = find(
+        &scrape,
+        "dalp_backup_last_success_age_seconds",
+        &[("repo", "1")],
+    );
+    assert!(
+        age.len() == 1 && (7000.0..7400.0).contains(&value(age[0])),
+        "{text}"
     );
 }

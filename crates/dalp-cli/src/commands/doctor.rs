@@ -236,18 +236,15 @@ pub async fn run(
             Some(pools) => component_checks(&pools, &mut checks).await,
         }
     }
-    checks.push(check(
-        "replication",
-        "info",
-        "not configured: a single embedded node",
-        "for HA see `dalp cluster up` (not built yet)",
-    ));
-    checks.push(check(
-        "backups",
-        "info",
-        "not configured: no pgBackRest repository",
-        "backups and PITR are not built yet",
-    ));
+    if let Some(o) = &opts {
+        if let Ok(c) = o.connect().await {
+            replication_checks(&c, &target.data_dir, embedded, &mut checks).await;
+            archiving_checks(&c, &mut checks).await;
+        }
+    }
+    if embedded {
+        backup_checks(&target.data_dir, now, &mut checks).await;
+    }
 
     let worst = checks
         .iter()
@@ -269,6 +266,239 @@ pub async fn run(
         }
     }
     Ok(ExitCode::from(worst))
+}
+
+/// Replicas streaming from the primary (the admin role reads pg_stat_replication through
+/// pg_read_all_stats); for a local HA cluster, every node must stream and one be synchronous.
+async fn replication_checks(
+    c: &tokio_postgres::Client,
+    data_dir: &Path,
+    embedded: bool,
+    checks: &mut Vec<Check>,
+) {
+    let ha = if embedded && data_dir.join("cluster.json").exists() {
+        dalp_ops::HaCluster::open(data_dir).ok()
+    } else {
+        None
+    };
+    let rows = match c
+        .query(
+            "SELECT application_name, state, sync_state, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint FROM pg_stat_replication ORDER BY 1",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            checks.push(check("replication", "warning", e.to_string(), "the admin role needs pg_read_all_stats"));
+            return;
+        }
+    };
+    let sync_names: String = c
+        .query_one("SHOW synchronous_standby_names", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or_default();
+    let streaming: Vec<String> = rows
+        .iter()
+        .filter(|r| r.get::<_, String>(1) == "streaming")
+        .map(|r| r.get(0))
+        .collect();
+    let expected = ha.as_ref().map(|h| h.nodes().len() - 1);
+    match expected {
+        None if rows.is_empty() => checks.push(check(
+            "replication",
+            "info",
+            "no replicas: a single node",
+            "for high availability run `dalp cluster up` (or `dalp up --ha`)",
+        )),
+        Some(n) if streaming.len() < n => {
+            let missing: Vec<String> = ha
+                .as_ref()
+                .map(|h| {
+                    h.nodes()
+                        .iter()
+                        .map(|x| x.name.clone())
+                        .filter(|name| !streaming.contains(name))
+                        .collect()
+                })
+                .unwrap_or_default();
+            checks.push(check(
+                "replication",
+                "error",
+                format!(
+                    "{} of {n} replicas streaming; not streaming: {}",
+                    streaming.len(),
+                    missing.join(", ")
+                ),
+                format!(
+                    "see `dalp cluster status --dir {}`; start the missing node again with `dalp cluster up --dir {}`",
+                    data_dir.display(),
+                    data_dir.display()
+                ),
+            ))
+        }
+        _ => {
+            let lagging: Vec<String> = rows
+                .iter()
+                .filter(|r| r.get::<_, i64>(3) > 16 << 20)
+                .map(|r| {
+                    format!(
+                        "{} ({} MB behind)",
+                        r.get::<_, String>(0),
+                        r.get::<_, i64>(3) >> 20
+                    )
+                })
+                .collect();
+            checks.push(if !lagging.is_empty() {
+                check(
+                    "replication",
+                    "warning",
+                    format!("lagging: {}", lagging.join(", ")),
+                    "check the replica's disk and load; reads skip it while it lags",
+                )
+            } else {
+                check(
+                    "replication",
+                    "ok",
+                    format!(
+                        "{} replica(s) streaming: {}",
+                        streaming.len(),
+                        rows.iter()
+                            .map(|r| format!(
+                                "{} ({})",
+                                r.get::<_, String>(0),
+                                r.get::<_, String>(2)
+                            ))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    "",
+                )
+            });
+        }
+    }
+    if !sync_names.is_empty() && !rows.iter().any(|r| r.get::<_, String>(2) == "sync") {
+        checks.push(check(
+            "replication",
+            "error",
+            format!("synchronous_standby_names is `{sync_names}` but no synchronous standby is connected: commits wait (strict mode) or are not replicated"),
+            "bring a replica back (`dalp cluster status`)",
+        ));
+    }
+}
+
+/// Whether WAL archiving works (pg_stat_archiver).
+async fn archiving_checks(c: &tokio_postgres::Client, checks: &mut Vec<Check>) {
+    let row = match c
+        .query_one(
+            "SELECT current_setting('archive_mode'), archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time FROM pg_stat_archiver",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            checks.push(check("archiving", "warning", e.to_string(), ""));
+            return;
+        }
+    };
+    let mode: String = row.get(0);
+    let last_ok: Option<DateTime<Utc>> = row.get(3);
+    let last_failed: Option<DateTime<Utc>> = row.get(6);
+    if mode == "off" {
+        checks.push(check(
+            "archiving",
+            "warning",
+            "archive_mode is off: no point-in-time recovery",
+            "start `dalp up` without --no-archive (pgBackRest must be installed)",
+        ));
+    } else if last_failed.is_some_and(|f| last_ok.is_none_or(|o| f > o)) {
+        checks.push(check(
+            "archiving",
+            "error",
+            format!(
+                "archive_command is failing: {} failures, last for WAL {} at {}; WAL piles up in pg_wal until it works",
+                row.get::<_, i64>(4),
+                row.get::<_, Option<String>>(5).unwrap_or_default(),
+                last_failed.map(|t| t.to_rfc3339()).unwrap_or_default()
+            ),
+            "check archive_command (SHOW archive_command) and the pgBackRest log in DATA_DIR/backup/log; `dalp backup run` shows the cause",
+        ));
+    } else {
+        checks.push(check(
+            "archiving",
+            "ok",
+            format!(
+                "{} segments archived, last {} at {}",
+                row.get::<_, i64>(1),
+                row.get::<_, Option<String>>(2)
+                    .unwrap_or_else(|| "none yet".into()),
+                last_ok
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".into())
+            ),
+            "",
+        ));
+    }
+}
+
+/// Backups against the policy: each repository's newest full within its interval.
+async fn backup_checks(data_dir: &Path, now: DateTime<Utc>, checks: &mut Vec<Check>) {
+    let b = match dalp_ops::backup::for_dir(data_dir) {
+        Ok(b) => b,
+        Err(e) => {
+            checks.push(check(
+                "backups",
+                "info",
+                format!("not configured: {e}"),
+                "install pgBackRest and restart `dalp up`",
+            ));
+            return;
+        }
+    };
+    let policy = b.policy().clone();
+    let list = match tokio::task::spawn_blocking(move || b.list()).await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            checks.push(check(
+                "backups",
+                "error",
+                e.to_string(),
+                "run `dalp backup list` to see the repository error",
+            ));
+            return;
+        }
+        Err(e) => {
+            checks.push(check("backups", "error", e.to_string(), ""));
+            return;
+        }
+    };
+    for (repo, every) in [
+        (1u8, chrono::Duration::hours(policy.full_every_hours.into())),
+        (2, chrono::Duration::days(policy.archive_every_days.into())),
+    ] {
+        let newest = list
+            .iter()
+            .filter(|x| x.repo == repo && x.kind == "full")
+            .map(|x| x.stopped)
+            .max();
+        checks.push(match newest {
+            None => check(
+                "backups",
+                "warning",
+                format!("repo{repo} has no full backup"),
+                format!("run `dalp backup run --repo {repo}`, and schedule `dalp backup due` (`dalp backup schedule`)"),
+            ),
+            Some(t) if now - t > every + every / 2 => check(
+                "backups",
+                "warning",
+                format!("repo{repo}: newest full backup ended {} ({} h ago), the policy wants one every {} h", t.to_rfc3339(), (now - t).num_hours(), every.num_hours()),
+                "is `dalp backup due` scheduled? (`dalp backup schedule`)",
+            ),
+            Some(t) => check("backups", "ok", format!("repo{repo}: newest full backup ended {}", t.to_rfc3339()), ""),
+        });
+    }
 }
 
 async fn component_checks(pools: &ComponentPools, checks: &mut Vec<Check>) {

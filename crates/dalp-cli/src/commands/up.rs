@@ -93,6 +93,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
+    let backup_watch = backend
+        .backups()
+        .map(|b| tokio::spawn(watch_backups(b, services.state.backups.clone())));
     let app = services.router();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(dalp_api::serve(listener, app, async move {
@@ -139,6 +142,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
     }
     maintenance.abort();
+    if let Some(w) = backup_watch {
+        w.abort();
+    }
     drop(services);
     pools.close();
     tokio::task::spawn_blocking(move || backend.shutdown())
@@ -226,6 +232,17 @@ impl Backend {
         })
     }
 
+    /// pgBackRest for this backend when it archives WAL.
+    fn backups(&self) -> Option<dalp_ops::backup::Backups> {
+        match self {
+            Backend::Embedded(c) => {
+                let b = dalp_ops::backup::embedded_backups(c.layout()).ok()?;
+                b.config_path().exists().then_some(b)
+            }
+            Backend::Ha { cluster, .. } => cluster.backups().ok().flatten(),
+        }
+    }
+
     fn migrator(&self) -> anyhow::Result<dalp_db::ConnectOptions> {
         Ok(match self {
             Backend::Embedded(c) => c.role_options(MIGRATOR_ROLE, DATABASE),
@@ -284,6 +301,35 @@ impl Backend {
             Backend::Ha { .. } => {}
         }
         Ok(())
+    }
+}
+
+/// Reads the repositories every minute so `/metrics` can show the age of the newest backup.
+async fn watch_backups(
+    backups: dalp_ops::backup::Backups,
+    into: std::sync::Arc<std::sync::RwLock<Option<dalp_api::BackupSnapshot>>>,
+) {
+    loop {
+        let b = backups.clone();
+        match tokio::task::spawn_blocking(move || b.list()).await {
+            Ok(Ok(list)) => {
+                let mut newest: Vec<(u8, chrono::DateTime<chrono::Utc>)> = Vec::new();
+                for i in list {
+                    match newest.iter_mut().find(|(r, _)| *r == i.repo) {
+                        Some((_, t)) if *t < i.stopped => *t = i.stopped,
+                        Some(_) => {}
+                        None => newest.push((i.repo, i.stopped)),
+                    }
+                }
+                newest.sort();
+                *into.write().unwrap_or_else(|e| e.into_inner()) = Some(dalp_api::BackupSnapshot {
+                    newest_by_repo: newest,
+                });
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "reading the backup repositories failed"),
+            Err(_) => return,
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
     }
 }
 
