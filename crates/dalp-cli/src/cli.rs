@@ -172,10 +172,6 @@ pub struct UpArgs {
     /// Log the plan of every statement slower than this many milliseconds (auto_explain).
     #[arg(long, default_value_t = 500)]
     pub slow_query_ms: u32,
-    /// Do not archive WAL to pgBackRest (on by default when pgBackRest is installed;
-    /// without it there is no point-in-time recovery).
-    #[arg(long)]
-    pub no_archive: bool,
     /// PostgreSQL's max_connections (embedded instance). Clients beyond it belong behind
     /// `dalp pool up`.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(20..=5000))]
@@ -214,7 +210,8 @@ pub struct HaArgs {
     /// unreplicated (synchronous_mode_strict).
     #[arg(long)]
     pub sync_strict: bool,
-    /// Do not archive WAL to pgBackRest (on by default when pgBackRest is installed).
+    /// Do not archive WAL to pgBackRest (on by default when pgBackRest is installed;
+    /// without it there is no point-in-time recovery).
     #[arg(long)]
     pub no_archive: bool,
 }
@@ -744,4 +741,13 @@ pub enum WorkflowsCommand {
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3650))]
         older_than_days: u64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -2,7 +2,6 @@
 //! `dalp restore` verbs against an embedded instance that archives its WAL.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -16,12 +15,7 @@ use dalp_ops::{Instance, StartOptions};
 const DALP: &str = env!("CARGO_BIN_EXE_dalp");
 
 fn dir() -> tempfile::TempDir {
-    let d = tempfile::Builder::new()
-        .prefix("dalp-bk-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    d
+    dalp_testkit::server_dir("dalp-bk-")
 }
 
 fn dalp(args: &[&str]) -> Output {
@@ -29,11 +23,7 @@ fn dalp(args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    dalp_testkit::output_text(o)
 }
 
 /// A restored copy `dalp restore` left running: stopped (by its postmaster pid) on drop.
@@ -400,5 +390,85 @@ async fn a_full_repository_fails_the_backup_clearly_and_leaves_the_source_alone(
     let o = dalp(&["backup", "list", "--data-dir", d]);
     assert!(text(&o).contains("no backups yet"), "{}", text(&o));
     drop(db);
+    cluster.shutdown().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_a_broken_archive_command_and_missing_backups() {
+    let dir = dir();
+    let d = dir.path().to_str().unwrap();
+    let cluster = start_archiving(Instance::open(dir.path()).unwrap(), StartOptions::default())
+        .await
+        .unwrap();
+    let doctor = || {
+        let o = dalp(&["doctor", "--json", "--data-dir", d]);
+        let checks: serde_json::Value =
+            serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+        (o.status.code(), checks)
+    };
+    let find = |checks: &serde_json::Value, name: &str| -> Vec<serde_json::Value> {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["check"] == name)
+            .cloned()
+            .collect()
+    };
+    let (_, checks) = doctor();
+    assert_eq!(find(&checks, "archiving")[0]["status"], "ok", "{checks}");
+    let backups = find(&checks, "backups");
+    assert!(
+        backups.iter().all(|b| b["status"] == "warning")
+            && backups[0]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("no full backup"),
+        "{checks}"
+    );
+
+    // Break archiving and make the server try.
+    let su = cluster
+        .superuser_options("postgres")
+        .connect()
+        .await
+        .unwrap();
+    su.batch_execute("ALTER SYSTEM SET archive_command = '/bin/false'")
+        .await
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    su.batch_execute("CREATE TABLE wal_maker AS SELECT generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    su.batch_execute("SELECT pg_switch_wal()").await.unwrap();
+    for _ in 0..100 {
+        let failed: i64 = su
+            .query_one("SELECT failed_count FROM pg_stat_archiver", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if failed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, checks) = doctor();
+    let archiving = &find(&checks, "archiving")[0];
+    assert_eq!(archiving["status"], "error", "{checks}");
+    assert!(
+        archiving["detail"]
+            .as_str()
+            .unwrap()
+            .contains("archive_command is failing"),
+        "{archiving}"
+    );
+    assert!(!archiving["next"].as_str().unwrap().is_empty());
+    assert_eq!(code, Some(2));
+    su.batch_execute("ALTER SYSTEM RESET archive_command")
+        .await
+        .unwrap();
+    su.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    drop(su);
     cluster.shutdown().unwrap();
 }

@@ -27,12 +27,7 @@ zJ/9EjuRHJujgzPgIkmgdT/T
 -----END CERTIFICATE-----\n";
 
 fn data_dir() -> tempfile::TempDir {
-    let d = tempfile::Builder::new()
-        .prefix("dalp-cli-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    d
+    dalp_testkit::server_dir("dalp-cli-")
 }
 
 fn free_port() -> u16 {
@@ -48,11 +43,7 @@ fn dalp(args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    dalp_testkit::output_text(o)
 }
 
 /// A running `dalp up`, stopped (SIGTERM, then SIGKILL) when dropped, also on test failure.
@@ -773,6 +764,39 @@ fn up_ha_serves_the_api_on_patroni_and_the_cluster_verbs_manage_it() {
     let url = db_url(dir.path(), "dalp_readonly");
     assert_eq!(url.matches("127.0.0.1:").count(), 3, "{url}");
     assert!(url.contains("target_session_attrs=read-write"), "{url}");
+
+    // A stopped replica: doctor names it, with an error.
+    let ha = dalp_ops::HaCluster::open(dir.path()).unwrap();
+    let leader = t
+        .lines()
+        .find(|l| l.contains(" leader "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let replica = ["node1", "node2", "node3"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .unwrap();
+    ha.stop_node(replica);
+    let o = dalp(&["doctor", "--data-dir", d]);
+    let doc = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{doc}");
+    assert!(
+        doc.contains("error    replication") && doc.contains(&format!("not streaming: {replica}")),
+        "{doc}"
+    );
+    ha.start_node(replica).unwrap();
+    let o = dalp(&["cluster", "status", "--dir", d]);
+    let mut healthy = o.status.success();
+    for _ in 0..120 {
+        if healthy {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        healthy = dalp(&["cluster", "status", "--dir", d]).status.success()
+            && text(&dalp(&["doctor", "--data-dir", d])).contains("ok       replication");
+    }
+    assert!(healthy, "the replica did not come back");
 
     // A switchover under the running API: it keeps answering.
     let o = dalp(&["cluster", "switchover", "--dir", d]);

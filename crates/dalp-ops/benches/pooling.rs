@@ -158,15 +158,10 @@ async fn main() {
         .await
         .unwrap();
     drop(setup);
-    let su = cluster
-        .superuser_options("postgres")
-        .connect()
-        .await
-        .unwrap();
-    let users = dalp_ops::pooler::scram_verifiers(&su, &[MIGRATOR_ROLE])
-        .await
-        .unwrap();
-    drop(su);
+    let users =
+        dalp_ops::pooler::scram_verifiers(&cluster.superuser_options("postgres"), &[MIGRATOR_ROLE])
+            .await
+            .unwrap();
     let pooler = Pooler::start(PoolerSpec {
         dir: dir.path().join("pgbouncer"),
         tls_dir: cluster.layout().tls_dir(),

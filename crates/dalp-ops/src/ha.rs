@@ -438,11 +438,12 @@ impl HaCluster {
         {
             let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(c) = children.get_mut(process) {
-                if c.try_wait().ok().flatten().is_some() {
-                    children.remove(process);
-                    return None;
+                if c.try_wait().ok().flatten().is_none() {
+                    return Some(c.id() as i32);
                 }
-                return Some(c.id() as i32);
+                // Ours exited (reaped now); another dalp may have started it again since,
+                // so the pid file decides.
+                children.remove(process);
             }
         }
         let pid: i32 = std::fs::read_to_string(self.pid_file(process))

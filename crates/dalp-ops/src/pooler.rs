@@ -78,22 +78,25 @@ impl PoolerSpec {
     }
 }
 
-/// Reads the SCRAM verifiers of `roles` from `pg_authid` (needs a superuser connection).
+/// Reads the SCRAM verifiers of `roles` from `pg_authid`, connecting with `su` (a superuser,
+/// e.g. over the local socket).
 pub async fn scram_verifiers(
-    su: &tokio_postgres::Client,
+    su: &ConnectOptions,
     roles: &[&str],
 ) -> Result<Vec<(String, String)>, OpsError> {
+    let fail = |e: &dyn std::fmt::Display| OpsError::Bootstrap {
+        context: "read role verifiers".into(),
+        message: format!("{e} (is the server running?)"),
+    };
+    let client = su.connect().await.map_err(|e| fail(&e))?;
     let names: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
-    let rows = su
+    let rows = client
         .query(
             "SELECT rolname::text, rolpassword FROM pg_authid WHERE rolname = ANY($1) AND rolcanlogin ORDER BY 1",
             &[&names],
         )
         .await
-        .map_err(|e| OpsError::Bootstrap {
-            context: "read role verifiers".into(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| fail(&e))?;
     Ok(rows
         .iter()
         .filter_map(|r| Some((r.get::<_, String>(0), r.get::<_, Option<String>>(1)?)))

@@ -216,15 +216,12 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
 
     // --- A planned switchover, with PgBouncer following the leader. ---
     let before = cluster.leader().await.unwrap();
-    let su = cluster
-        .superuser_options(&before, "postgres")
-        .connect()
-        .await
-        .unwrap();
-    let users = dalp_ops::pooler::scram_verifiers(&su, &[MIGRATOR_ROLE])
-        .await
-        .unwrap();
-    drop(su);
+    let users = dalp_ops::pooler::scram_verifiers(
+        &cluster.superuser_options(&before, "postgres"),
+        &[MIGRATOR_ROLE],
+    )
+    .await
+    .unwrap();
     let pooler = Pooler::start(PoolerSpec {
         dir: dir.path().join("pgbouncer"),
         tls_dir: dir.path().join("tls"),

@@ -6,6 +6,28 @@
 
 pub mod anvil;
 
+/// A temporary directory under /tmp that the `postgres` user can enter (0755), removed
+/// when dropped: for tests that start their own servers in it.
+pub fn server_dir(prefix: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .expect("create temp dir");
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod temp dir");
+    d
+}
+
+/// A finished command's stdout and stderr, for assertions and failure messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 /// A child process a test started: killed (SIGKILL) and reaped by pid when dropped, so it is
 /// stopped also when the test fails.
 pub struct Reaped(pub std::process::Child);
@@ -92,12 +114,14 @@ pub fn pooler() -> &'static Pooler {
                 .build()
                 .expect("runtime");
             rt.block_on(async {
-                let su = superuser("postgres").await;
                 let roles: Vec<&str> = dalp_db::component::login_roles().collect();
-                let users = dalp_ops::pooler::scram_verifiers(&su, &roles)
-                    .await
-                    .expect("read verifiers");
                 let harness = HARNESS.get().expect("cluster started");
+                let users = dalp_ops::pooler::scram_verifiers(
+                    &harness.cluster.superuser_options("postgres"),
+                    &roles,
+                )
+                .await
+                .expect("read verifiers");
                 Pooler::start(PoolerSpec {
                     dir: harness.dir.path().join("pgbouncer"),
                     tls_dir: harness.cluster.layout().tls_dir(),

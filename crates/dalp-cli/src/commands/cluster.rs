@@ -4,8 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use dalp_api::catalog::MIGRATIONS;
-use dalp_db::{migrate, MIGRATOR_ROLE};
+use dalp_db::MIGRATOR_ROLE;
 use dalp_ops::{HaCluster, HaOptions};
 
 use crate::cli::ClusterCommand;
@@ -79,14 +78,7 @@ pub async fn up(dir: &Path, opts: HaOptions) -> anyhow::Result<HaCluster> {
         .connect()
         .await
         .context("connect to the primary as the migrator")?;
-    let report = migrate::migrate(&mut client, &MIGRATIONS, false)
-        .await
-        .context("apply migrations")?;
-    eprintln!(
-        "migrations: {} applied now, {} already applied",
-        report.applied.len(),
-        report.already_applied
-    );
+    super::up::apply_migrations(&mut client).await?;
     Ok(cluster)
 }
 

@@ -239,7 +239,7 @@ pub async fn run(
     if let Some(o) = &opts {
         if let Ok(c) = o.connect().await {
             replication_checks(&c, &target.data_dir, embedded, &mut checks).await;
-            archiving_checks(&c, &mut checks).await;
+            archiving_checks(&c, embedded, &mut checks).await;
         }
     }
     if embedded {
@@ -313,11 +313,18 @@ async fn replication_checks(
             "for high availability run `dalp cluster up` (or `dalp up --ha`)",
         )),
         Some(n) if streaming.len() < n => {
+            // Every node but the one answering (the primary) should stream from it.
+            let primary_port: Option<i32> = c
+                .query_one("SELECT inet_server_port()", &[])
+                .await
+                .ok()
+                .and_then(|r| r.get(0));
             let missing: Vec<String> = ha
                 .as_ref()
                 .map(|h| {
                     h.nodes()
                         .iter()
+                        .filter(|x| Some(x.pg_port as i32) != primary_port)
                         .map(|x| x.name.clone())
                         .filter(|name| !streaming.contains(name))
                         .collect()
@@ -389,7 +396,9 @@ async fn replication_checks(
 }
 
 /// Whether WAL archiving works (pg_stat_archiver).
-async fn archiving_checks(c: &tokio_postgres::Client, checks: &mut Vec<Check>) {
+/// `owned`: dalp runs this cluster (a data directory), so archiving is its job; on a
+/// cluster given by URL the operator may back up by other means.
+async fn archiving_checks(c: &tokio_postgres::Client, owned: bool, checks: &mut Vec<Check>) {
     let row = match c
         .query_one(
             "SELECT current_setting('archive_mode'), archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time FROM pg_stat_archiver",
@@ -409,9 +418,13 @@ async fn archiving_checks(c: &tokio_postgres::Client, checks: &mut Vec<Check>) {
     if mode == "off" {
         checks.push(check(
             "archiving",
-            "warning",
-            "archive_mode is off: no point-in-time recovery",
-            "start `dalp up` without --no-archive (pgBackRest must be installed)",
+            if owned { "warning" } else { "info" },
+            "archive_mode is off: no point-in-time recovery from this server's WAL",
+            if owned {
+                "start `dalp up` without --no-archive (pgBackRest must be installed)"
+            } else {
+                "make sure the service backs up and archives WAL by other means"
+            },
         ));
     } else if last_failed.is_some_and(|f| last_ok.is_none_or(|o| f > o)) {
         checks.push(check(

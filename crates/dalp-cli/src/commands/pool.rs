@@ -42,15 +42,10 @@ pub async fn run(command: PoolCommand) -> anyhow::Result<ExitCode> {
             (layout.root().to_path_buf(), su, port)
         }
     };
-    let su = su_options.connect().await.with_context(|| {
-        format!(
-            "connect to the instance in {} over its local socket (is it running?)",
-            root.display()
-        )
-    })?;
     let roles: Vec<&str> = login_roles().collect();
-    let users = scram_verifiers(&su, &roles).await?;
-    drop(su);
+    let users = scram_verifiers(&su_options, &roles)
+        .await
+        .with_context(|| format!("the instance in {}", root.display()))?;
     let pooler = Pooler::start(PoolerSpec {
         dir: root.join("pgbouncer"),
         tls_dir: root.join("tls"),

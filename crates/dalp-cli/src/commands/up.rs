@@ -64,14 +64,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             .collect::<Vec<_>>()
             .join(",")
     );
-    let report = migrate::migrate(&mut client, &MIGRATIONS, false)
-        .await
-        .context("apply migrations")?;
-    eprintln!(
-        "migrations: {} applied now, {} already applied",
-        report.applied.len(),
-        report.already_applied
-    );
+    apply_migrations(&mut client).await?;
     maintain_partitions(&mut client, args.retention.retention()).await?;
     drop(client);
     let maintenance = tokio::spawn(partition_maintenance(
@@ -186,7 +179,7 @@ impl Backend {
             archive_command: None,
         };
         // WAL archiving to pgBackRest unless turned off.
-        let cluster = if !args.no_archive && dalp_ops::backup::available() {
+        let cluster = if !args.ha_opts.no_archive && dalp_ops::backup::available() {
             let cluster = dalp_ops::backup::start_archiving(instance, opts)
                 .await
                 .context("start with WAL archiving (use --no-archive to run without it)")?;
@@ -331,6 +324,19 @@ async fn watch_backups(
         }
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
+}
+
+/// Applies every pending migration through `client` (the migrator) and says how many.
+pub async fn apply_migrations(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
+    let report = migrate::migrate(client, &MIGRATIONS, false)
+        .await
+        .context("apply migrations")?;
+    eprintln!(
+        "migrations: {} applied now, {} already applied",
+        report.applied.len(),
+        report.already_applied
+    );
+    Ok(())
 }
 
 /// Creates partitions ahead and drops those past retention, for every partitioned table.
