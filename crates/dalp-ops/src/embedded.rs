@@ -369,6 +369,8 @@ pub(crate) fn hba_lines(replication: Option<&str>) -> Vec<String> {
     let su = SUPERUSER;
     let mut l = vec![
         format!("local all {su} peer map=dalp_superuser"),
+        // pg_basebackup and other physical tools, for the superuser on the socket only.
+        format!("local replication {su} peer map=dalp_superuser"),
         "local all all reject".to_string(),
         "hostnossl all all 0.0.0.0/0 reject".into(),
         "hostnossl all all ::/0 reject".into(),
