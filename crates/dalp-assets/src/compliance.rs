@@ -219,7 +219,7 @@ pub enum Proposal {
 impl AssetStore {
     #[tracing::instrument(target = "dalp_store", name = "assets.compliance", skip_all)]
     pub async fn compliance(&self, asset_id: Uuid) -> Result<ComplianceConfig, AssetError> {
-        let client = self.pool().get().await?;
+        let client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         if client
             .typed_query_opt(
                 "SELECT 1 FROM dalp_assets.assets WHERE id = $1",
@@ -260,7 +260,7 @@ impl AssetStore {
         modules: Vec<Module>,
     ) -> Result<Proposal, AssetError> {
         let modules = serde_json::to_value(validate(modules)?).expect("modules serialize");
-        let mut client = self.pool().get().await?;
+        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         let tx = client.transaction().await?;
         let status: String = tx
             .typed_query_opt(
@@ -309,7 +309,7 @@ impl AssetStore {
         ctx: &RequestContext,
         change_id: Uuid,
     ) -> Result<ComplianceConfig, AssetError> {
-        let mut client = self.pool().get().await?;
+        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         let tx = client.transaction().await?;
         let row = tx
             .typed_query_opt(

@@ -90,7 +90,7 @@ fn settings_from(r: &Row) -> OrgSettings {
 
 impl AssetStore {
     async fn unknown_currencies(&self, codes: &[String]) -> Result<Vec<String>, AssetError> {
-        let client = self.pool().get().await?;
+        let client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         Ok(client
             .typed_query(
                 "SELECT c FROM unnest($1::text[]) AS c WHERE NOT EXISTS (SELECT 1 FROM dalp_assets.currencies WHERE code = c)",
@@ -105,7 +105,7 @@ impl AssetStore {
     /// Every known currency: `(code, name, decimals)`.
     #[tracing::instrument(target = "dalp_store", name = "assets.currencies", skip_all)]
     pub async fn currencies(&self) -> Result<Vec<(String, String, i16)>, AssetError> {
-        let client = self.pool().get().await?;
+        let client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         Ok(client
             .typed_query(
                 "SELECT code, name, decimals FROM dalp_assets.currencies ORDER BY code",
@@ -125,7 +125,7 @@ impl AssetStore {
             return Ok(s);
         }
         let generation = self.cache().generation();
-        let client = self.pool().get().await?;
+        let client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         let row = client
             .typed_query_opt(
                 &format!("SELECT {SETTINGS_COLUMNS} FROM dalp_assets.organisation_settings WHERE organisation_id = $1"),
@@ -208,7 +208,7 @@ impl AssetStore {
         }
         let features = Value::Object(input.features);
 
-        let mut client = self.pool().get().await?;
+        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         let tx = client.transaction().await?;
         let current = tx
             .typed_query_opt(
@@ -297,7 +297,7 @@ impl AssetStore {
             let field = if *u == base { "base" } else { "quote" };
             return Err(Invalid::new(field, format!("unknown currency {u}")).into());
         }
-        let mut client = self.pool().get().await?;
+        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         let tx = client.transaction().await?;
         let row = tx
             .typed_query_one(
@@ -327,7 +327,7 @@ impl AssetStore {
     #[tracing::instrument(target = "dalp_store", name = "assets.latest_fx", skip_all)]
     pub async fn latest_fx(&self, base: Option<&str>) -> Result<Vec<FxRate>, AssetError> {
         let base = base.map(|b| currency("base", b)).transpose()?;
-        let client = self.pool().get().await?;
+        let client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         let rows = client
             .typed_query(
                 "SELECT base, quote, provider, effective_at, rate::text FROM dalp_assets.fx_latest

@@ -241,7 +241,7 @@ impl AssetStore {
             self.check_template(t, spec.base_type, &spec.metadata, None)
                 .await?;
         }
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "assets").await?;
         let tx = client.transaction().await?;
         let bind = Bind::of(spec);
         let row = tx
@@ -289,7 +289,7 @@ impl AssetStore {
     }
 
     async fn get_uncached(&self, id: Uuid) -> Result<Asset> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "assets").await?;
         let row = client
             .typed_query_opt(
                 &format!("SELECT {COLUMNS} FROM dalp_assets.assets WHERE id = $1"),
@@ -329,7 +329,7 @@ impl AssetStore {
         expected_version: i32,
         spec: &AssetSpec,
     ) -> Result<Asset> {
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "assets").await?;
         let tx = client.transaction().await?;
         let before = Self::lock_at(&tx, id, expected_version).await?;
         if let Some(t) = spec.template_id {
@@ -364,7 +364,7 @@ impl AssetStore {
         id: Uuid,
         expected_version: i32,
     ) -> Result<()> {
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "assets").await?;
         let tx = client.transaction().await?;
         let before = Self::lock_at(&tx, id, expected_version).await?;
         tx.typed_execute("DELETE FROM dalp_assets.assets WHERE id = $1", &[&id])
@@ -382,7 +382,7 @@ impl AssetStore {
         limit: i64,
         offset: i64,
     ) -> Result<Vec<Asset>> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "assets").await?;
         let rows = client
             .typed_query(
                 &format!(
@@ -403,7 +403,7 @@ impl AssetStore {
         expected_version: i32,
         status: &str,
     ) -> Result<Asset> {
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "assets").await?;
         let tx = client.transaction().await?;
         let before = Self::lock_at(&tx, id, expected_version).await?;
         let row = tx
@@ -429,7 +429,7 @@ impl AssetStore {
             VersionedKind::Settings => ("settings_versions", "organisation_id"),
             VersionedKind::Compliance => ("compliance_versions", "asset_id"),
         };
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "assets").await?;
         // Table and column names come from the match above, never from input.
         let rows = client
             .typed_query(
@@ -446,7 +446,7 @@ impl AssetStore {
     /// Every version of an asset, oldest first (also after deletion).
     #[tracing::instrument(target = "dalp_store", name = "assets.history", skip_all)]
     pub async fn history(&self, id: Uuid) -> Result<Vec<AssetVersion>> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "assets").await?;
         let rows = client
             .typed_query(
                 "SELECT version, operation, changed_by, changed_at, before, after FROM dalp_assets.asset_versions

@@ -331,7 +331,7 @@ impl AssetStore {
     ) -> Result<Template, AssetError> {
         input.validate()?;
         let schema = serde_json::to_value(&input.metadata_schema).expect("schema serializes");
-        let mut client = self.pool().get().await?;
+        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         let tx = client.transaction().await?;
         let row = tx
             .typed_query_one(
@@ -351,7 +351,7 @@ impl AssetStore {
 
     #[tracing::instrument(target = "dalp_store", name = "assets.template", skip_all)]
     pub async fn template(&self, id: Uuid) -> Result<Template, AssetError> {
-        let client = self.pool().get().await?;
+        let client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         let row = client
             .typed_query_opt(
                 &format!("SELECT {COLUMNS} FROM dalp_assets.templates WHERE id = $1"),
@@ -373,7 +373,7 @@ impl AssetStore {
     ) -> Result<Template, AssetError> {
         input.validate()?;
         let schema = serde_json::to_value(&input.metadata_schema).expect("schema serializes");
-        let mut client = self.pool().get().await?;
+        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         let tx = client.transaction().await?;
         let cur = tx
             .typed_query_opt(&format!("SELECT {COLUMNS}, to_jsonb(t) FROM dalp_assets.templates t WHERE id = $1 FOR UPDATE"), &[&id])
@@ -421,7 +421,7 @@ impl AssetStore {
         id: Uuid,
         expected_version: i32,
     ) -> Result<Template, AssetError> {
-        let mut client = self.pool().get().await?;
+        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         let tx = client.transaction().await?;
         let cur = tx
             .typed_query_opt("SELECT version, status, to_jsonb(t) FROM dalp_assets.templates t WHERE id = $1 FOR UPDATE", &[&id])
@@ -453,7 +453,7 @@ impl AssetStore {
     /// Templates an organisation may use: system and its own, minus those it hid.
     #[tracing::instrument(target = "dalp_store", name = "assets.templates_for", skip_all)]
     pub async fn templates_for(&self, org: Uuid) -> Result<Vec<Template>, AssetError> {
-        let client = self.pool().get().await?;
+        let client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         let rows = client
             .typed_query(
                 &format!(
@@ -477,7 +477,7 @@ impl AssetStore {
         id: Uuid,
         hidden: bool,
     ) -> Result<(), AssetError> {
-        let mut client = self.pool().get().await?;
+        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
         let tx = client.transaction().await?;
         if tx
             .typed_query_opt("SELECT 1 FROM dalp_assets.templates WHERE id = $1", &[&id])

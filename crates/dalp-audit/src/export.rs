@@ -329,7 +329,7 @@ fn log_cursor_name(forwarder: &str, file: &str) -> String {
 
 impl Forwarder {
     pub async fn cursor(&self) -> Result<i64, ExportError> {
-        let c = self.pool.get().await?;
+        let c = dalp_db::pool::checkout(&self.pool, "audit").await?;
         c.typed_execute(
             "INSERT INTO dalp_audit.forward_cursors (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
             &[&self.name],
@@ -346,7 +346,7 @@ impl Forwarder {
     /// Sends one batch after the cursor and then records it; returns how many were sent.
     pub async fn step(&self, sink: &mut SyslogSink) -> Result<usize, ExportError> {
         let after = self.cursor().await?;
-        let c = self.pool.get().await?;
+        let c = dalp_db::pool::checkout(&self.pool, "audit").await?;
         let events = read_sealed(&c, after, None, self.batch).await?;
         if events.is_empty() {
             return Ok(0);
@@ -376,7 +376,7 @@ impl Forwarder {
             .filter(|p| p.extension().map(|x| x == "json").unwrap_or(false))
             .collect();
         files.sort();
-        let c = self.pool.get().await?;
+        let c = dalp_db::pool::checkout(&self.pool, "audit").await?;
         let mut sent = 0;
         for path in files {
             let file_name = path

@@ -64,7 +64,7 @@ impl Sealer {
 
     /// Seals what is sealable now, as one batch (or nothing). Returns the batch written.
     pub async fn seal_once(&self) -> Result<Option<SealReport>, SealError> {
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "audit").await?;
         let tx = client.transaction().await?;
         tx.typed_execute("SELECT pg_advisory_xact_lock($1)", &[&SEAL_LOCK])
             .await?;
@@ -172,7 +172,7 @@ impl Sealer {
 
     /// Committed events not yet sealed.
     pub async fn pending(&self) -> Result<i64, SealError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "audit").await?;
         Ok(client
             .typed_query_one(
                 "SELECT count(*) FROM dalp_audit.events
@@ -237,7 +237,7 @@ impl Sealer {
 
     /// Seconds since the oldest event that is committed but not yet sealed (0 when none).
     pub async fn lag(pool: &Pool) -> Result<f64, SealError> {
-        let client = pool.get().await?;
+        let client = dalp_db::pool::checkout(pool, "audit").await?;
         let row = client
             .typed_query_one(
                 "SELECT coalesce(extract(epoch FROM now() - min(e.occurred_at))::float8, 0)

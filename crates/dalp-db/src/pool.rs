@@ -102,3 +102,83 @@ impl ComponentPools {
         }
     }
 }
+
+/// Upper bounds (seconds) of the pool-wait histogram buckets.
+const WAIT_BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0,
+];
+
+#[derive(Default, Clone)]
+struct WaitHistogram {
+    counts: [u64; WAIT_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+    timeouts: u64,
+}
+
+fn waits() -> &'static std::sync::Mutex<BTreeMap<&'static str, WaitHistogram>> {
+    static W: std::sync::OnceLock<std::sync::Mutex<BTreeMap<&'static str, WaitHistogram>>> =
+        std::sync::OnceLock::new();
+    W.get_or_init(Default::default)
+}
+
+/// Takes a connection from `pool` for the store named `store`, recording how long the
+/// caller waited (the time to create one included) for `/metrics`.
+pub async fn checkout(
+    pool: &Pool,
+    store: &'static str,
+) -> Result<deadpool_postgres::Object, deadpool_postgres::PoolError> {
+    let started = std::time::Instant::now();
+    let result = pool.get().await;
+    let secs = started.elapsed().as_secs_f64();
+    let mut map = waits().lock().unwrap_or_else(|e| e.into_inner());
+    let h = map.entry(store).or_default();
+    if result.is_err() {
+        h.timeouts += 1;
+    }
+    for (i, le) in WAIT_BUCKETS.iter().enumerate() {
+        if secs <= *le {
+            h.counts[i] += 1;
+        }
+    }
+    h.count += 1;
+    h.sum += secs;
+    result
+}
+
+/// Prometheus text of the pool waits recorded by [`checkout`].
+pub fn render_waits(out: &mut String) {
+    use std::fmt::Write as _;
+    let map = waits().lock().unwrap_or_else(|e| e.into_inner());
+    let name = "dalp_pool_wait_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time a store waited for a pooled connection (creating one included)."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (store, h) in map.iter() {
+        for (i, le) in WAIT_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{store=\"{store}\",le=\"{le}\"}} {}",
+                h.counts[i]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{store=\"{store}\",le=\"+Inf\"}} {}",
+            h.count
+        );
+        let _ = writeln!(out, "{name}_sum{{store=\"{store}\"}} {:.6}", h.sum);
+        let _ = writeln!(out, "{name}_count{{store=\"{store}\"}} {}", h.count);
+    }
+    let name = "dalp_pool_checkout_failures_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Checkouts that failed (pool timeout or no connection could be made)."
+    );
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (store, h) in map.iter() {
+        let _ = writeln!(out, "{name}{{store=\"{store}\"}} {}", h.timeouts);
+    }
+}

@@ -81,8 +81,10 @@ pub trait TypedClient: Sync {
         params: &[&(dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Vec<Row>, Error>> + Send {
         async move {
-            let types = types_of(self, sql).await?;
-            self.query_with_types(sql, &zip(params, &types)).await
+            let types = types_of(self, sql).await.inspect_err(count_error)?;
+            self.query_with_types(sql, &zip(params, &types))
+                .await
+                .inspect_err(count_error)
         }
     }
 
@@ -93,8 +95,10 @@ pub trait TypedClient: Sync {
         params: &[&(dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Row, Error>> + Send {
         async move {
-            let types = types_of(self, sql).await?;
-            self.query_one_with_types(sql, &zip(params, &types)).await
+            let types = types_of(self, sql).await.inspect_err(count_error)?;
+            self.query_one_with_types(sql, &zip(params, &types))
+                .await
+                .inspect_err(count_error)
         }
     }
 
@@ -105,8 +109,10 @@ pub trait TypedClient: Sync {
         params: &[&(dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<Option<Row>, Error>> + Send {
         async move {
-            let types = types_of(self, sql).await?;
-            self.query_opt_with_types(sql, &zip(params, &types)).await
+            let types = types_of(self, sql).await.inspect_err(count_error)?;
+            self.query_opt_with_types(sql, &zip(params, &types))
+                .await
+                .inspect_err(count_error)
         }
     }
 
@@ -117,9 +123,72 @@ pub trait TypedClient: Sync {
         params: &[&(dyn ToSql + Sync)],
     ) -> impl Future<Output = Result<u64, Error>> + Send {
         async move {
-            let types = types_of(self, sql).await?;
-            self.execute_with_types(sql, &zip(params, &types)).await
+            let types = types_of(self, sql).await.inspect_err(count_error)?;
+            self.execute_with_types(sql, &zip(params, &types))
+                .await
+                .inspect_err(count_error)
         }
+    }
+}
+
+/// Errors of store statements by kind, for `/metrics`.
+fn error_counts() -> &'static std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>> {
+    static E: OnceLock<std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>> =
+        OnceLock::new();
+    E.get_or_init(Default::default)
+}
+
+/// The kind of a statement error: its SQLSTATE class, or `connection` for a lost or
+/// failed connection, or `client` for a conversion error on our side.
+pub fn error_kind(e: &Error) -> &'static str {
+    let Some(code) = e.code() else {
+        if e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()) {
+            return "connection";
+        }
+        return "client";
+    };
+    match &code.code()[..2] {
+        "08" => "connection",
+        "22" => "data_exception",
+        "23" => "integrity_constraint_violation",
+        "25" => "invalid_transaction_state",
+        "28" => "invalid_authorization",
+        "40" => "transaction_rollback",
+        "42" => "syntax_or_access_rule",
+        "53" => "insufficient_resources",
+        "54" => "program_limit_exceeded",
+        "55" => "object_not_in_prerequisite_state",
+        "57" => "operator_intervention",
+        "58" => "system_error",
+        "P0" => "plpgsql_error",
+        "XX" => "internal_error",
+        _ => "other",
+    }
+}
+
+fn count_error(e: &Error) {
+    *error_counts()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(error_kind(e))
+        .or_default() += 1;
+}
+
+/// Prometheus text of the statement errors counted so far.
+pub fn render_errors(out: &mut String) {
+    use std::fmt::Write as _;
+    let name = "dalp_db_errors_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Store statement errors by kind (SQLSTATE class, or connection/client)."
+    );
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (kind, n) in error_counts()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        let _ = writeln!(out, "{name}{{kind=\"{kind}\"}} {n}");
     }
 }
 

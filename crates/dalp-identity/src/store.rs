@@ -346,7 +346,7 @@ impl IdentityStore {
             Some(p) => Some(hash_password(p).await?),
             None => None,
         };
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         let id: Uuid = tx
             .typed_query_one(
@@ -395,7 +395,7 @@ impl IdentityStore {
 
     #[tracing::instrument(target = "dalp_store", name = "identity.get_user", skip_all)]
     pub async fn get_user(&self, id: Uuid) -> Result<User> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let row = client
             .typed_query_opt(
                 &format!("SELECT {USER_COLUMNS} FROM dalp_identity.users u WHERE u.id = $1"),
@@ -408,7 +408,7 @@ impl IdentityStore {
 
     #[tracing::instrument(target = "dalp_store", name = "identity.find_user_by_email", skip_all)]
     pub async fn find_user_by_email(&self, email: &Email) -> Result<Option<User>> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let row = client
             .typed_query_opt(
                 &format!("SELECT {USER_COLUMNS} FROM dalp_identity.users u WHERE u.email = $1"),
@@ -420,7 +420,7 @@ impl IdentityStore {
 
     #[tracing::instrument(target = "dalp_store", name = "identity.list_users", skip_all)]
     pub async fn list_users(&self, limit: i64, offset: i64) -> Result<Vec<User>> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let rows = client
             .typed_query(
                 &format!("SELECT {USER_COLUMNS} FROM dalp_identity.users u ORDER BY u.created_at, u.id LIMIT $1 OFFSET $2"),
@@ -442,7 +442,7 @@ impl IdentityStore {
             .as_deref()
             .map(|n| parse_name("name", n))
             .transpose()?;
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         let exists = tx
             .typed_query_opt(
@@ -507,7 +507,7 @@ impl IdentityStore {
 
     #[tracing::instrument(target = "dalp_store", name = "identity.delete_user", skip_all)]
     pub async fn delete_user(&self, ctx: &RequestContext, id: Uuid) -> Result<()> {
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         let n = tx
             .typed_execute("DELETE FROM dalp_identity.users WHERE id = $1", &[&id])
@@ -533,7 +533,7 @@ impl IdentityStore {
         password: &Password,
     ) -> Result<()> {
         let hash = hash_password(password).await?;
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         tx.typed_execute(
             "INSERT INTO dalp_identity.password_credentials (user_id, hash) VALUES ($1, $2)
@@ -557,7 +557,7 @@ impl IdentityStore {
         id: Uuid,
         role: PlatformRole,
     ) -> Result<User> {
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         if tx
             .typed_query_opt("SELECT 1 FROM dalp_identity.users WHERE id = $1", &[&id])
@@ -594,7 +594,7 @@ impl IdentityStore {
         id: Uuid,
         role: PlatformRole,
     ) -> Result<User> {
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         let n = tx
             .typed_execute(
@@ -629,7 +629,7 @@ impl IdentityStore {
     ) -> Result<Uuid> {
         let slug = dalp_types::parse_slug("slug", slug)?;
         let name = parse_name("name", name)?;
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         let id: Uuid = tx
             .typed_query_one(
@@ -661,7 +661,7 @@ impl IdentityStore {
         skip_all
     )]
     pub async fn organisation_by_slug(&self, slug: &str) -> Result<Option<Uuid>> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         Ok(client
             .typed_query_opt(
                 "SELECT id FROM dalp_identity.organisations WHERE slug = $1",
@@ -684,7 +684,7 @@ impl IdentityStore {
         password: &str,
     ) -> Result<LoginResult> {
         let email = Email::parse(email).map_err(|_| IdentityError::InvalidCredentials)?;
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let row = client
             .typed_query_opt(
                 "SELECT u.id, c.hash, u.banned, u.banned_until,
@@ -737,7 +737,7 @@ impl IdentityStore {
                 SESSION_TTL
             };
         let token = random_token(SESSION_PREFIX);
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         let session_id: Uuid = tx
             .typed_query_one(
@@ -774,7 +774,7 @@ impl IdentityStore {
         if let Some(u) = user.filter(|_| event.resource_id.is_none()) {
             event.resource_id = Some(u.to_string());
         }
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         dalp_audit::record(&**client, &event).await?;
         Ok(())
     }
@@ -829,7 +829,7 @@ impl IdentityStore {
             }
         }
         let generation = self.cache.generation();
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let row = client
             .typed_query_opt(
                 "SELECT s.id, s.user_id, u.email, s.expires_at, s.fresh_until, s.refreshed_at, s.mfa_pending,
@@ -903,7 +903,7 @@ impl IdentityStore {
             }
         }
         let generation = self.cache.generation();
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let row = client
             .typed_query_opt(
                 "SELECT k.id, k.user_id, u.email, k.scope, k.rate_limit_per_minute, k.expires_at, k.revoked_at,
@@ -961,7 +961,7 @@ impl IdentityStore {
     #[tracing::instrument(target = "dalp_store", name = "identity.list_sessions", skip_all)]
     pub async fn list_sessions(&self, p: &Principal) -> Result<Vec<SessionInfo>> {
         let current = Self::session_id(p).ok();
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let rows = client
             .typed_query(
                 "SELECT id, created_at, expires_at, host(ip), user_agent, mfa_pending FROM dalp_identity.sessions
@@ -1019,7 +1019,7 @@ impl IdentityStore {
                 "api_key",
             ),
         };
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         if tx.typed_execute(sql, &[&id, &user_id]).await? == 0 {
             return Err(IdentityError::NotFound(label));
@@ -1033,7 +1033,7 @@ impl IdentityStore {
     // ---- MFA --------------------------------------------------------------------------
 
     async fn load_totp(&self, user_id: Uuid) -> Result<Option<(Vec<u8>, bool, i64)>> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let row = client
             .typed_query_opt(
                 "SELECT d.kek_id, d.wrapped, t.secret_enc, t.confirmed_at IS NOT NULL, t.last_used_step
@@ -1064,7 +1064,7 @@ impl IdentityStore {
         let dek = crypto::new_dek();
         let wrapped = self.keys.wrap(&dek).await?;
         let enc = crypto::seal(&dek, &secret, totp_aad(p.user_id).as_bytes());
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         let dk: Uuid = tx
             .typed_query_one(
@@ -1109,7 +1109,7 @@ impl IdentityStore {
         let step = totp::verify(&secret, code, Utc::now().timestamp() as u64, last as u64)
             .ok_or(IdentityError::InvalidCode)?;
         let codes = totp::generate_backup_codes();
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         tx.typed_execute(
             "UPDATE dalp_identity.mfa_totp SET confirmed_at = now(), last_used_step = $2 WHERE user_id = $1",
@@ -1176,7 +1176,7 @@ impl IdentityStore {
             return Err(IdentityError::InvalidCode);
         }
         let totp_state = self.load_totp(p.user_id).await?;
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         let mut method = None;
         if let Some((secret, true, last)) = &totp_state {
@@ -1258,7 +1258,7 @@ impl IdentityStore {
         }
         let key = random_token(API_KEY_PREFIX);
         let prefix = key[..API_KEY_PREFIX.len() + 8].to_string();
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         let row = tx
             .typed_query_one(
@@ -1293,7 +1293,7 @@ impl IdentityStore {
 
     #[tracing::instrument(target = "dalp_store", name = "identity.list_api_keys", skip_all)]
     pub async fn list_api_keys(&self, user_id: Uuid) -> Result<Vec<ApiKeyInfo>> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let rows = client
             .typed_query(
                 "SELECT id, name, prefix, scope, rate_limit_per_minute, expires_at, created_at, revoked_at
@@ -1342,7 +1342,7 @@ impl IdentityStore {
         let wrapped = self.keys.wrap(&dek).await?;
         let plaintext = serde_json::to_vec(profile).expect("KYC profile serializes");
         let enc = crypto::seal(&dek, &plaintext, kyc_aad(user_id).as_bytes());
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         if tx
             .typed_query_opt(
@@ -1392,7 +1392,7 @@ impl IdentityStore {
     /// Reads and decrypts a KYC profile; the read itself is audited in the same transaction.
     #[tracing::instrument(target = "dalp_store", name = "identity.get_kyc", skip_all)]
     pub async fn get_kyc(&self, ctx: &RequestContext, user_id: Uuid) -> Result<KycProfile> {
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
         let row = tx
             .typed_query_opt(
@@ -1433,7 +1433,7 @@ impl IdentityStore {
         on_progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<RotationReport> {
         let active = self.keys.rotate().await?;
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let total: i64 = client
             .typed_query_one(
                 "SELECT count(*) FROM dalp_identity.data_keys WHERE kek_id <> $1",

@@ -219,7 +219,7 @@ impl IndexedStore {
         if !(0..=100_000).contains(&finality_depth) {
             return Err(Invalid::new("finality_depth", "must be between 0 and 100000").into());
         }
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         let tx = client.transaction().await?;
         let inserted = tx
             .typed_execute(
@@ -274,7 +274,7 @@ impl IndexedStore {
 
     #[tracing::instrument(target = "dalp_store", name = "indexed.chains", skip_all)]
     pub async fn chains(&self) -> Result<Vec<Chain>, IndexError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         Ok(client
             .query_typed(
                 "SELECT chain_id, name, finality_depth FROM dalp_indexed.chains ORDER BY chain_id",
@@ -293,7 +293,7 @@ impl IndexedStore {
     /// The stored hash of block `number`, if it is indexed.
     #[tracing::instrument(target = "dalp_store", name = "indexed.block_hash", skip_all)]
     pub async fn block_hash(&self, chain_id: i64, number: i64) -> Result<Option<Hash>, IndexError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         let row = client
             .query_typed(
                 "SELECT hash FROM dalp_indexed.blocks WHERE chain_id = $1 AND number = $2",
@@ -308,7 +308,7 @@ impl IndexedStore {
 
     #[tracing::instrument(target = "dalp_store", name = "indexed.status", skip_all)]
     pub async fn status(&self, chain_id: i64) -> Result<SyncStatus, IndexError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         let chain = self.chain_in(&**client, chain_id).await?;
         let cp = client
             .query_typed(
@@ -404,7 +404,7 @@ impl IndexedStore {
         chain_id: i64,
         fork: i64,
     ) -> Result<Reorg, IndexError> {
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         let tx = client.transaction().await?;
         let (finality_depth, cp) = lock_chain(&tx, chain_id).await?;
         let (n, _, finalized) =
@@ -433,7 +433,7 @@ impl IndexedStore {
             return Err(Invalid::new("blocks", "a batch needs at least one block").into());
         }
         check_chain(blocks)?;
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         let tx = client.transaction().await?;
         let (finality_depth, cp) = lock_chain(&tx, chain_id).await?;
         let first = blocks[0].number;
@@ -954,7 +954,7 @@ impl IndexedStore {
         chain_id: i64,
         account: &Address,
     ) -> Result<Vec<Balance>, IndexError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         self.chain_in(&**client, chain_id).await?;
         let rows = client
             .query_typed(
@@ -976,7 +976,7 @@ impl IndexedStore {
         limit: i64,
         after: Option<(&str, &Address)>,
     ) -> Result<Vec<Balance>, IndexError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         self.chain_in(&**client, chain_id).await?;
         let (after_balance, after_account) = match after {
             Some((b, a)) => (Some(b.to_string()), Some(a.to_vec())),
@@ -1009,7 +1009,7 @@ impl IndexedStore {
         filter: TransferFilter<'_>,
         q: &TransferQuery,
     ) -> Result<Vec<TransferRow>, IndexError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         self.chain_in(&**client, chain_id).await?;
         let (sql, addr) = transfers_sql(filter);
         let (before_block, before_log) = match q.before {
@@ -1054,7 +1054,7 @@ impl IndexedStore {
         account: &Address,
         block: i64,
     ) -> Result<String, IndexError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         self.chain_in(&**client, chain_id).await?;
         let row = client
             .query_typed(
@@ -1080,7 +1080,7 @@ impl IndexedStore {
         token: &Address,
         block: i64,
     ) -> Result<String, IndexError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         self.chain_in(&**client, chain_id).await?;
         let row = client
             .query_typed(
@@ -1100,7 +1100,7 @@ impl IndexedStore {
     /// Row counts of every table for `chain_id` (tests and `dalp index status`).
     #[tracing::instrument(target = "dalp_store", name = "indexed.counts", skip_all)]
     pub async fn counts(&self, chain_id: i64) -> Result<Vec<(String, i64)>, IndexError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         let mut out = Vec::new();
         for table in [
             "blocks",

@@ -261,7 +261,7 @@ impl WorkflowStore {
         new: &NewRun,
     ) -> Result<(Run, bool), WorkflowError> {
         new.validate()?;
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
         let tx = client.transaction().await?;
         let row = tx
             .typed_query_opt(
@@ -314,7 +314,7 @@ impl WorkflowStore {
 
     #[tracing::instrument(target = "dalp_store", name = "workflows.get", skip_all)]
     pub async fn get(&self, id: Uuid) -> Result<Run, WorkflowError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
         let row = client
             .query_typed(
                 &format!("SELECT {RUN_COLUMNS} FROM dalp_workflows.runs WHERE id = $1"),
@@ -350,7 +350,7 @@ impl WorkflowStore {
                 .into());
             }
         }
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
         let cond = match status {
             None => "true",
             Some("stalled") => "status = 'running' AND lease_expires_at < now()",
@@ -379,7 +379,7 @@ impl WorkflowStore {
         batch: i64,
         lease: Duration,
     ) -> Result<Vec<Run>, WorkflowError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
         // Expired leases: the worker is gone; the run is pending again (its attempt counted).
         if self
             .hints
@@ -448,7 +448,7 @@ impl WorkflowStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
         let lease_ms = lease.as_millis() as f64;
         // Only lease_expires_at changes, and no index covers it: a HOT update.
         let held: Vec<Uuid> = client
@@ -502,7 +502,7 @@ impl WorkflowStore {
             run_ats.push(run_at);
             waits.push(wait);
         }
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
         let base_ms = retry_base.as_millis() as f64;
         let max_ms = retry_max.as_millis() as f64;
         // One statement: retries become pending after an exponential backoff with jitter,
@@ -559,7 +559,7 @@ impl WorkflowStore {
         if name.is_empty() || name.len() > 200 {
             return Err(Invalid::new("name", "must be 1 to 200 characters").into());
         }
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
         let tx = client.transaction().await?;
         let row = tx
             .typed_query_opt(
@@ -649,7 +649,7 @@ impl WorkflowStore {
         set: &str,
         refusal: &str,
     ) -> Result<Run, WorkflowError> {
-        let mut client = self.pool.get().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
         let tx = client.transaction().await?;
         let row = tx
             .typed_query_opt(
@@ -678,7 +678,7 @@ impl WorkflowStore {
     /// The journaled result of step `op_id` of `run`, if it completed.
     #[tracing::instrument(target = "dalp_store", name = "workflows.journaled", skip_all)]
     pub async fn journaled(&self, run: Uuid, op_id: &str) -> Result<Option<Value>, WorkflowError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
         Ok(client
             .query_typed(
                 "SELECT result FROM dalp_workflows.steps WHERE run_id = $1 AND op_id = $2",
@@ -698,7 +698,7 @@ impl WorkflowStore {
         older_than: Duration,
         limit: i64,
     ) -> Result<u64, WorkflowError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
         let secs = older_than.as_secs_f64();
         Ok(client
             .execute_typed(
@@ -714,7 +714,7 @@ impl WorkflowStore {
 
     #[tracing::instrument(target = "dalp_store", name = "workflows.stats", skip_all)]
     pub async fn stats(&self) -> Result<QueueStats, WorkflowError> {
-        let client = self.pool.get().await?;
+        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
         let r = client
             .query_typed(
                 "SELECT count(*) FILTER (WHERE status IN ('pending', 'sleeping') AND run_at <= now()),

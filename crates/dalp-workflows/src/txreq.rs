@@ -204,7 +204,7 @@ impl WorkflowStore {
         if new.idempotency_key.is_empty() || new.idempotency_key.len() > 200 {
             return Err(Invalid::new("idempotency_key", "must be 1 to 200 characters").into());
         }
-        let mut client = self.pool().get().await?;
+        let mut client = dalp_db::pool::checkout(self.pool(), "workflows").await?;
         let tx = client.transaction().await?;
         // Serialises creators of the same key, so the 24-hour check cannot race.
         tx.typed_execute(
@@ -280,7 +280,7 @@ impl WorkflowStore {
         if input.gas_limit.is_some_and(|g| g <= 0) {
             return Err(Invalid::new("gas_limit", "must be positive").into());
         }
-        let mut client = self.pool().get().await?;
+        let mut client = dalp_db::pool::checkout(self.pool(), "workflows").await?;
         let tx = client.transaction().await?;
         let row = tx
             .typed_query_opt(
@@ -368,7 +368,7 @@ impl WorkflowStore {
         id: Uuid,
         recheck_in: std::time::Duration,
     ) -> Result<TxRequest, WorkflowError> {
-        let mut client = self.pool().get().await?;
+        let mut client = dalp_db::pool::checkout(self.pool(), "workflows").await?;
         let tx = client.transaction().await?;
         let ms = recheck_in.as_millis() as f64;
         let row = tx
@@ -404,7 +404,7 @@ impl WorkflowStore {
 
     #[tracing::instrument(target = "dalp_store", name = "workflows.tx_request", skip_all)]
     pub async fn tx_request(&self, id: Uuid) -> Result<TxRequest, WorkflowError> {
-        let client = self.pool().get().await?;
+        let client = dalp_db::pool::checkout(self.pool(), "workflows").await?;
         client
             .query_typed(
                 &format!("SELECT {TX_COLUMNS} FROM dalp_workflows.tx_requests WHERE id = $1"),
@@ -418,7 +418,7 @@ impl WorkflowStore {
 
     #[tracing::instrument(target = "dalp_store", name = "workflows.tx_transitions", skip_all)]
     pub async fn tx_transitions(&self, id: Uuid) -> Result<Vec<Transition>, WorkflowError> {
-        let client = self.pool().get().await?;
+        let client = dalp_db::pool::checkout(self.pool(), "workflows").await?;
         Ok(client
             .query_typed(
                 "SELECT from_status, to_status, actor, detail, at FROM dalp_workflows.tx_transitions
@@ -444,7 +444,7 @@ impl WorkflowStore {
         status: TxStatus,
         limit: i64,
     ) -> Result<Vec<TxRequest>, WorkflowError> {
-        let client = self.pool().get().await?;
+        let client = dalp_db::pool::checkout(self.pool(), "workflows").await?;
         Ok(client
             .query_typed(
                 &format!(

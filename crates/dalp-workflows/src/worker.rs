@@ -59,7 +59,9 @@ impl RunContext {
         if let Some(v) = self.store.journaled(self.run.id, op_id).await? {
             return Ok(v);
         }
-        let mut client = self.store.pool().get().await.map_err(WorkflowError::from)?;
+        let mut client = dalp_db::pool::checkout(self.store.pool(), "workflows")
+            .await
+            .map_err(WorkflowError::from)?;
         let tx = client.transaction().await?;
         let held = tx
             .typed_query_opt(

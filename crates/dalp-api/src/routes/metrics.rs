@@ -156,6 +156,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         }
     }
     crate::telemetry::store_metrics().render(&mut out);
+    dalp_db::pool::render_waits(&mut out);
+    dalp_db::typed::render_errors(&mut out);
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 

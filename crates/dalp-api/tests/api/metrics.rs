@@ -71,6 +71,13 @@ async fn metrics_expose_every_family_with_plausible_values() {
         .await;
     assert_eq!(s, StatusCode::CREATED);
 
+    // A statement that fails on the server, through the same typed path the stores use.
+    {
+        use dalp_db::TypedClient;
+        let c = app.db.connect_as(dalp_db::Component::Readonly).await;
+        let e = c.typed_query("SELECT 1 / 0", &[]).await.unwrap_err();
+        assert_eq!(dalp_db::typed::error_kind(&e), "data_exception");
+    }
     let text = reqwest::get(format!("{}/metrics", app.base))
         .await
         .unwrap()
@@ -131,6 +138,20 @@ async fn metrics_expose_every_family_with_plausible_values() {
         &[("operation", "workflows.stats")],
     );
     assert!(stats.len() == 1 && value(stats[0]) >= 3.0, "{text}");
+    let errors = find(
+        &scrape,
+        "dalp_db_errors_total",
+        &[("kind", "data_exception")],
+    );
+    assert!(errors.len() == 1 && value(errors[0]) >= 1.0, "{text}");
+    let waits = find(&scrape, "dalp_pool_wait_seconds", &[("store", "workflows")]);
+    assert!(waits.len() == 1 && value(waits[0]) >= 3.0, "{text}");
+    assert!(!find(
+        &scrape,
+        "dalp_pool_checkout_failures_total",
+        &[("store", "identity")]
+    )
+    .is_empty());
     // Replication and archiving as the monitor role sees them (the test cluster is a
     // single node without archiving).
     let replicas = find(&scrape, "dalp_replication_replicas", &[]);
