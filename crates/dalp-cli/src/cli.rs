@@ -139,6 +139,12 @@ pub enum Command {
     /// Restore a backup into a NEW directory, recover to the target and promote there, and
     /// start the copy on a free port (it keeps running; the source is never touched).
     Restore(RestoreArgs),
+    /// Administrative access with two factors: a short-lived client certificate issued by
+    /// the cluster's CA to `dalp_admin`, plus that role's password.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Connection pooling with PgBouncer.
     Pool {
         #[command(subcommand)]
@@ -306,6 +312,64 @@ pub struct RestoreArgs {
     pub into: PathBuf,
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub repo: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Client certificates for `dalp_admin`.
+    Cert {
+        #[command(subcommand)]
+        command: AdminCertCommand,
+    },
+    /// Open psql as `dalp_admin` with a client certificate; psql asks for the password.
+    /// Every statement of the session is audited.
+    Psql {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// The certificate `dalp admin cert issue` wrote.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Extra arguments for psql (after --), e.g. -- -c "select 1".
+        #[arg(last = true)]
+        psql_args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCertCommand {
+    /// Issue a client certificate (CN dalp_admin, OU NAME) signed by the cluster's CA. The
+    /// private key is written 0600 to --out and not kept by dalp.
+    Issue {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Who it is for (recorded in the certificate and the issue log).
+        #[arg(long)]
+        name: String,
+        /// Lifetime, e.g. 8h, 30m, 1d (at most 7d).
+        #[arg(long, default_value = "8h")]
+        ttl: String,
+        /// Directory for NAME.crt and NAME.key.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Revoke a certificate: it goes on the CRL and the server reloads it at once.
+    Revoke {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Serial number (hex) as `dalp admin cert list` shows it.
+        #[arg(long)]
+        serial: String,
+    },
+    /// Certificates issued so far, with expiry and revocation.
+    List {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

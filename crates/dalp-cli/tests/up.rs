@@ -890,3 +890,135 @@ fn pool_up_serves_the_embedded_instance_through_pgbouncer() {
     assert!(!o.status.success(), "the pooler stopped with its command");
     drop(up);
 }
+
+#[test]
+fn admin_access_needs_a_valid_certificate_for_the_role_and_the_password() {
+    let dir = data_dir();
+    let d = dir.path().to_str().unwrap();
+    let up = Up::start(dir.path(), free_port());
+    let certs = tempfile::tempdir().unwrap();
+    let c = certs.path().to_str().unwrap();
+    let o = dalp(&[
+        "admin",
+        "cert",
+        "issue",
+        "--data-dir",
+        d,
+        "--name",
+        "alice",
+        "--ttl",
+        "1h",
+        "--out",
+        c,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let serial = text(&o)
+        .split("serial ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .to_string();
+    let key_mode = std::fs::metadata(certs.path().join("alice.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+    let url = db_url(dir.path(), "dalp_admin");
+    let with = |cert: &str, key: &str| format!("{url}&sslcert={cert}&sslkey={key}");
+    let alice = with(&format!("{c}/alice.crt"), &format!("{c}/alice.key"));
+
+    // Both factors: in, as the owner's member (not a superuser).
+    let o = psql(
+        &alice,
+        "select current_user, rolsuper from pg_roles where rolname = current_user",
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "dalp_admin|f");
+    let o = psql(&alice, "select count(*) from dalp_identity.users");
+    assert!(o.status.success(), "{}", text(&o));
+
+    // The password without a certificate.
+    let o = psql(&url, "select 1");
+    assert!(!o.status.success(), "no certificate must be refused");
+    // The certificate with a wrong password.
+    let pw = url
+        .split("dalp_admin:")
+        .nth(1)
+        .and_then(|r| r.split('@').next())
+        .unwrap();
+    let o = psql(&alice.replace(pw, "wrong-password"), "select 1");
+    assert!(!o.status.success(), "a wrong password must be refused");
+    // A certificate issued by our CA to another role.
+    let tls = dir.path().join("tls");
+    let (_, cert, key) =
+        dalp_ops::pki::issue_client(&tls, "dalp_migrator", "mallory", chrono::Duration::hours(1))
+            .unwrap();
+    let write_pair = |name: &str, cert: &str, key: &str| {
+        let cp = certs.path().join(format!("{name}.crt"));
+        let kp = certs.path().join(format!("{name}.key"));
+        std::fs::write(&cp, cert).unwrap();
+        dalp_db::secrets::write_private(&kp, key).unwrap();
+        with(cp.to_str().unwrap(), kp.to_str().unwrap())
+    };
+    let o = psql(&write_pair("mallory", &cert, &key), "select 1");
+    assert!(
+        !o.status.success(),
+        "a certificate for another role must be refused"
+    );
+    // An expired certificate.
+    let (_, cert, key) =
+        dalp_ops::pki::issue_client(&tls, "dalp_admin", "old", chrono::Duration::hours(-1))
+            .unwrap();
+    let o = psql(&write_pair("old", &cert, &key), "select 1");
+    assert!(
+        !o.status.success(),
+        "an expired certificate must be refused"
+    );
+    // A certificate from a CA the server does not trust.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "dalp_admin");
+    let k = rcgen::KeyPair::generate().unwrap();
+    let self_signed = params.self_signed(&k).unwrap();
+    let o = psql(
+        &write_pair("foreign", &self_signed.pem(), &k.serialize_pem()),
+        "select 1",
+    );
+    assert!(!o.status.success(), "a foreign certificate must be refused");
+    // Revoked: refused at once.
+    let o = dalp(&[
+        "admin",
+        "cert",
+        "revoke",
+        "--data-dir",
+        d,
+        "--serial",
+        &serial,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = psql(&alice, "select 1");
+    assert!(!o.status.success(), "a revoked certificate must be refused");
+    assert!(text(&o).contains("revoked"), "{}", text(&o));
+    let o = dalp(&["admin", "cert", "list", "--data-dir", d]);
+    assert!(
+        text(&o).contains("revoked") && text(&o).contains("expired"),
+        "{}",
+        text(&o)
+    );
+
+    // The administrator's statements were audited (pgAudit session log).
+    let logs: String = std::fs::read_dir(dir.path().join("log"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(
+        logs.lines().any(|l| l.contains("\"user\":\"dalp_admin\"")
+            && l.contains("AUDIT: SESSION")
+            && l.contains("dalp_identity.users")),
+        "no pgAudit session entry for dalp_admin"
+    );
+    drop(up);
+}

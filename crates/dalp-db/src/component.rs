@@ -5,6 +5,11 @@ use std::fmt;
 /// NOLOGIN role that owns every dalp schema and object. Migrations run as this role.
 pub const OWNER_ROLE: &str = "dalp_owner";
 
+/// LOGIN role for administrators: a member of [`OWNER_ROLE`] (no superuser) that may log in
+/// only over TLS with a client certificate issued to it by the cluster's CA *and* its
+/// password; every statement it runs is audited (pgAudit session logging).
+pub const ADMIN_ROLE: &str = "dalp_admin";
+
 /// The built-in role whose membership lets [`Component::Monitor`] read replication and
 /// archiver state.
 pub const MONITOR_GROUP: &str = "pg_monitor";

@@ -5,7 +5,7 @@
 use tokio_postgres::Client;
 
 use crate::component::{
-    login_roles, Component, MIGRATOR_ROLE, MONITOR_GROUP, OWNER_ROLE, PGAUDIT_ROLE,
+    login_roles, Component, ADMIN_ROLE, MIGRATOR_ROLE, MONITOR_GROUP, OWNER_ROLE, PGAUDIT_ROLE,
 };
 use crate::secrets::{Secrets, SecretsError};
 use crate::sql::{quote_ident, quote_literal};
@@ -69,6 +69,23 @@ pub async fn ensure_roles(client: &Client, secrets: &Secrets) -> Result<(), Role
             quote_ident(Component::Monitor.role())
         ))
         .await?;
+    // The administrator, when the secrets carry its password.
+    if let Ok(password) = secrets.password(ADMIN_ROLE) {
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        let q = quote_ident(ADMIN_ROLE);
+        if !role_exists(client, ADMIN_ROLE).await? {
+            client
+                .batch_execute(&format!("CREATE ROLE {q} LOGIN"))
+                .await?;
+        }
+        client
+            .batch_execute(&format!(
+                "ALTER ROLE {q} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}; GRANT {} TO {q}; ALTER ROLE {q} SET pgaudit.log = 'all'",
+                quote_literal(&verifier),
+                quote_ident(OWNER_ROLE)
+            ))
+            .await?;
+    }
     // Query analysis (`dalp db top|lint`) reads statistics of every role's statements.
     client
         .batch_execute(&format!(
@@ -137,6 +154,7 @@ pub fn generate_password(len: usize) -> String {
 pub fn generate_secrets() -> Secrets {
     Secrets {
         roles: login_roles()
+            .chain(std::iter::once(ADMIN_ROLE))
             .map(|r| (r.to_string(), generate_password(32)))
             .collect(),
     }

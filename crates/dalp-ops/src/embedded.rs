@@ -307,6 +307,16 @@ pub(crate) fn server_settings(c: &ServerConf<'_>) -> Vec<(&'static str, String)>
             c.tls_dir.join(pki::SERVER_KEY).display().to_string(),
         ),
         ("ssl_min_protocol_version", "TLSv1.2".into()),
+        // Client certificates (the administrator's second factor) chain to our CA and are
+        // checked against its revocation list.
+        (
+            "ssl_ca_file",
+            c.tls_dir.join(pki::CA_CERT).display().to_string(),
+        ),
+        (
+            "ssl_crl_file",
+            c.tls_dir.join(pki::CRL).display().to_string(),
+        ),
         ("password_encryption", "scram-sha-256".into()),
         ("shared_preload_libraries", preload.join(",")),
         ("max_connections", c.max_connections.to_string()),
@@ -377,6 +387,15 @@ pub(crate) fn hba_lines(replication: Option<&str>) -> Vec<String> {
         format!("hostssl all {su} 127.0.0.1/32 reject"),
         format!("hostssl all {su} ::1/128 reject"),
     ];
+    // The administrator: both a client certificate issued to that role by our CA (not
+    // revoked, not expired) and the SCRAM password.
+    let admin = dalp_db::component::ADMIN_ROLE;
+    l.push(format!(
+        "hostssl all {admin} 127.0.0.1/32 scram-sha-256 clientcert=verify-full"
+    ));
+    l.push(format!(
+        "hostssl all {admin} ::1/128 scram-sha-256 clientcert=verify-full"
+    ));
     if let Some(r) = replication {
         l.push(format!(
             "hostssl replication {r} 127.0.0.1/32 scram-sha-256"
@@ -445,7 +464,9 @@ impl Instance {
             })?;
             // Roles added by a newer dalp get their password now.
             let mut added = false;
-            for role in dalp_db::component::login_roles() {
+            for role in dalp_db::component::login_roles()
+                .chain(std::iter::once(dalp_db::component::ADMIN_ROLE))
+            {
                 if !s.roles.contains_key(role) {
                     s.roles
                         .insert(role.to_string(), roles::generate_password(32));
@@ -486,6 +507,9 @@ impl Instance {
         }
         let tls = self.layout.tls_dir();
         pki::ensure(&tls, &self.user)?;
+        if !tls.join(pki::CRL).exists() {
+            pki::write_crl(&tls)?;
+        }
         std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o755))
             .map_err(OpsError::io("chmod tls dir"))?;
 

@@ -330,9 +330,14 @@ impl HaCluster {
         } else {
             roles::generate_secrets()
         };
-        for r in [REPLICATION_ROLE, REWIND_ROLE, API_USER]
-            .into_iter()
-            .chain(dalp_db::component::login_roles())
+        for r in [
+            REPLICATION_ROLE,
+            REWIND_ROLE,
+            API_USER,
+            dalp_db::component::ADMIN_ROLE,
+        ]
+        .into_iter()
+        .chain(dalp_db::component::login_roles())
         {
             secrets
                 .roles
@@ -345,6 +350,9 @@ impl HaCluster {
         )?;
         let tls = root.join("tls");
         pki::ensure(&tls, &user)?;
+        if !tls.join(pki::CRL).exists() {
+            pki::write_crl(&tls)?;
+        }
         std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o755))
             .map_err(OpsError::io("chmod tls dir"))?;
 

@@ -83,3 +83,143 @@ pub fn ensure(dir: &Path, server_user: &ServerUser) -> Result<bool, OpsError> {
     server_user.chown(&server_key_path)?;
     Ok(true)
 }
+
+/// The certificate revocation list the server honours (`ssl_crl_file`).
+pub const CRL: &str = "crl.pem";
+/// Client certificates issued so far (serial, name, expiry, revocation), for revoke and list.
+pub const ISSUED: &str = "issued.json";
+
+/// One issued client certificate.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Issued {
+    /// Hex serial number.
+    pub serial: String,
+    /// The database role it logs in as (its CN).
+    pub role: String,
+    /// Who it was issued to (its OU).
+    pub name: String,
+    pub not_after: chrono::DateTime<chrono::Utc>,
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>, OpsError> {
+    let key = std::fs::read_to_string(dir.join(CA_KEY))
+        .map_err(OpsError::io(format!("read {}", dir.join(CA_KEY).display())))?;
+    let cert = std::fs::read_to_string(dir.join(CA_CERT)).map_err(OpsError::io(format!(
+        "read {}",
+        dir.join(CA_CERT).display()
+    )))?;
+    Ok(Issuer::from_ca_cert_pem(&cert, KeyPair::from_pem(&key)?)?)
+}
+
+fn load_issued(dir: &Path) -> Result<Vec<Issued>, OpsError> {
+    match std::fs::read_to_string(dir.join(ISSUED)) {
+        Ok(t) => serde_json::from_str(&t).map_err(|e| OpsError::Bootstrap {
+            context: format!("{}", dir.join(ISSUED).display()),
+            message: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(OpsError::io("read issued certificates")(e)),
+    }
+}
+
+fn to_offset(t: chrono::DateTime<chrono::Utc>) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(t.timestamp()).expect("time in range")
+}
+
+/// Issues a client certificate for `role` to `name`, valid for `ttl` (it may be negative,
+/// for tests of expiry), signed by the cluster's CA in `dir`. Returns the PEM certificate
+/// and private key; the key is not kept by dalp.
+pub fn issue_client(
+    dir: &Path,
+    role: &str,
+    name: &str,
+    ttl: chrono::Duration,
+) -> Result<(Issued, String, String), OpsError> {
+    let issuer = issuer(dir)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, role);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = chrono::Utc::now();
+    let not_after = now + ttl;
+    params.not_before = to_offset(now.min(not_after) - chrono::Duration::minutes(5));
+    params.not_after = to_offset(not_after);
+    let mut serial = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut serial);
+    serial[0] &= 0x7f;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    let cert = params.signed_by(&key, &issuer)?;
+    let issued = Issued {
+        serial: hex::encode(serial),
+        role: role.into(),
+        name: name.into(),
+        not_after,
+        revoked_at: None,
+    };
+    let mut all = load_issued(dir)?;
+    all.push(issued.clone());
+    write_private(
+        &dir.join(ISSUED),
+        &serde_json::to_string_pretty(&all).expect("serializes"),
+    )?;
+    Ok((issued, cert.pem(), key.serialize_pem()))
+}
+
+/// Every client certificate issued from `dir`.
+pub fn issued(dir: &Path) -> Result<Vec<Issued>, OpsError> {
+    load_issued(dir)
+}
+
+/// Marks `serial` revoked and rewrites the CRL. The server reads it again on reload.
+pub fn revoke(dir: &Path, serial: &str) -> Result<Issued, OpsError> {
+    let mut all = load_issued(dir)?;
+    let Some(i) = all.iter_mut().find(|i| i.serial == serial.to_lowercase()) else {
+        return Err(OpsError::Bootstrap {
+            context: format!("revoke {serial}"),
+            message: "no certificate with that serial was issued here (see `dalp admin cert list`)"
+                .into(),
+        });
+    };
+    if i.revoked_at.is_none() {
+        i.revoked_at = Some(chrono::Utc::now());
+    }
+    let done = i.clone();
+    write_private(
+        &dir.join(ISSUED),
+        &serde_json::to_string_pretty(&all).expect("serializes"),
+    )?;
+    write_crl(dir)?;
+    Ok(done)
+}
+
+/// Writes the CRL of every revoked certificate (an empty list when none), signed by the CA.
+pub fn write_crl(dir: &Path) -> Result<(), OpsError> {
+    let all = load_issued(dir)?;
+    let now = chrono::Utc::now();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: to_offset(now - chrono::Duration::minutes(5)),
+        next_update: to_offset(now + chrono::Duration::days(3650)),
+        crl_number: rcgen::SerialNumber::from(now.timestamp() as u64),
+        issuing_distribution_point: None,
+        revoked_certs: all
+            .iter()
+            .filter_map(|i| {
+                Some(rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(&hex::decode(&i.serial).ok()?),
+                    revocation_time: to_offset(i.revoked_at?),
+                    reason_code: Some(rcgen::RevocationReason::CessationOfOperation),
+                    invalidity_date: None,
+                })
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&issuer(dir)?)?;
+    std::fs::write(dir.join(CRL), crl.pem()?).map_err(OpsError::io("write the CRL"))?;
+    Ok(())
+}

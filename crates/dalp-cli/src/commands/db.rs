@@ -11,7 +11,7 @@ use crate::cli::TargetArgs;
 use crate::target::connect_admin;
 
 pub fn url(data_dir: &Path, role: &str, port: Option<u16>) -> anyhow::Result<ExitCode> {
-    if !login_roles().any(|r| r == role) {
+    if !login_roles().any(|r| r == role) && role != dalp_db::component::ADMIN_ROLE {
         bail!(
             "unknown role `{role}`; login roles are: {}",
             login_roles().collect::<Vec<_>>().join(", ")

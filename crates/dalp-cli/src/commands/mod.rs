@@ -1,5 +1,6 @@
 //! One module per verb; each returns the process exit code.
 
+mod admin;
 mod audit;
 mod backup;
 mod cluster;
@@ -80,6 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { config } => serve::run(&config).await,
         Command::Cluster { command } => cluster::run(command).await,
         Command::Pool { command } => pool::run(command).await,
+        Command::Admin { command } => admin::run(command).await,
         Command::Backup { command } => backup::run(command).await,
         Command::Restore(args) => backup::restore(args).await,
         Command::Doctor {
