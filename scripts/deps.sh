@@ -5,7 +5,7 @@
 #   anvil (npm @foundry-rs/anvil-linux-amd64) into .tools/ for the indexer tests (with DALP_DEPS_ANVIL=1).
 set -euo pipefail
 
-DALP_DEB_PACKAGES=(postgresql-15 postgresql-client-15 postgresql-15-pgaudit patroni etcd-server pgbouncer pgbackrest)
+DALP_DEB_PACKAGES=(postgresql-15 postgresql-client-15 postgresql-15-pgaudit patroni etcd-server pgbouncer pgbackrest openssl)
 
 missing=()
 for p in "${DALP_DEB_PACKAGES[@]}"; do

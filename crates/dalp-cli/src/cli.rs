@@ -145,6 +145,11 @@ pub enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// TLS material of the instance.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
     /// Connection pooling with PgBouncer.
     Pool {
         #[command(subcommand)]
@@ -312,6 +317,17 @@ pub struct RestoreArgs {
     pub into: PathBuf,
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub repo: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Replace the server certificate and key with new ones from the same CA and make every
+    /// running server (and a running pooler) load them; connections stay up and clients
+    /// keep verifying against the unchanged CA.
+    Rotate {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -1022,3 +1022,118 @@ fn admin_access_needs_a_valid_certificate_for_the_role_and_the_password() {
     );
     drop(up);
 }
+
+/// The serial of the certificate the server at `port` presents (openssl s_client).
+fn served_serial(port: u16) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -starttls postgres -connect 127.0.0.1:{port} </dev/null 2>/dev/null | openssl x509 -noout -serial"
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn tls_rotates_under_a_live_session_and_no_secret_reaches_logs_or_ps() {
+    let dir = data_dir();
+    let d = dir.path().to_str().unwrap();
+    let up = Up::start(dir.path(), free_port());
+    let port: u16 = up
+        .ready_line
+        .split("postgres 127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let url = db_url(dir.path(), "dalp_readonly");
+    let before = served_serial(port);
+    assert!(before.starts_with("serial="), "{before}");
+    // A session that spans the rotation.
+    let held = Command::new("psql")
+        .args([
+            url.as_str(),
+            "-X",
+            "-At",
+            "-c",
+            "select pg_sleep(3), 'held'",
+        ])
+        .output();
+    let o = dalp(&["tls", "rotate", "--data-dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    let after = served_serial(port);
+    assert!(
+        after.starts_with("serial=") && after != before,
+        "{before} → {after}"
+    );
+    let o = psql(&url, "select 1");
+    assert!(
+        o.status.success(),
+        "new sessions verify the new certificate: {}",
+        text(&o)
+    );
+    let held = held.unwrap();
+    assert!(String::from_utf8_lossy(&held.stdout).contains("held"));
+
+    // The certificate is valid for the server's names only.
+    let wrong_host = format!(
+        "{}&hostaddr=127.0.0.1",
+        url.replace("@127.0.0.1:", "@db.example:")
+    );
+    let o = psql(&wrong_host, "select 1");
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("does not match host name"),
+        "{}",
+        text(&o)
+    );
+    // No superuser over TCP, even with TLS.
+    let su = format!(
+        "postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=verify-full&sslrootcert={}",
+        dir.path().join("tls/ca.crt").display()
+    );
+    let o = psql(&su, "select 1");
+    assert!(!o.status.success());
+    assert!(text(&o).contains("pg_hba.conf"), "{}", text(&o));
+
+    // No generated secret in process listings or any log.
+    let secrets: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("secrets.json")).unwrap())
+            .unwrap();
+    let values: Vec<String> = secrets["roles"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert!(values.len() >= 9);
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    let (status, stderr) = up.terminate();
+    assert!(status.success());
+    let mut logs = stderr;
+    for entry in walk_files(&dir.path().join("log"))
+        .into_iter()
+        .chain(walk_files(&dir.path().join("backup/log")))
+    {
+        logs.push_str(&std::fs::read_to_string(entry).unwrap_or_default());
+    }
+    for v in &values {
+        assert!(!ps.contains(v.as_str()), "a secret is visible in ps");
+        assert!(!logs.contains(v.as_str()), "a secret reached a log");
+    }
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

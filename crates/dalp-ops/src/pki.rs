@@ -59,7 +59,24 @@ pub fn ensure(dir: &Path, server_user: &ServerUser) -> Result<bool, OpsError> {
     let ca_cert = ca.self_signed(&ca_key)?;
     write_private(&dir.join(CA_KEY), &ca_key.serialize_pem())?;
     let issuer = Issuer::new(ca, ca_key);
+    std::fs::write(dir.join(CA_CERT), ca_cert.pem())
+        .map_err(OpsError::io("write CA certificate"))?;
+    write_server_cert(dir, &issuer, server_user)?;
+    Ok(true)
+}
 
+/// A new server certificate (and key) signed by the CA in `dir`, replacing the current
+/// one; the CA is unchanged, so clients keep verifying. Servers pick it up on reload.
+pub fn rotate_server(dir: &Path, server_user: &ServerUser) -> Result<(), OpsError> {
+    write_server_cert(dir, &issuer(dir)?, server_user)
+}
+
+fn write_server_cert(
+    dir: &Path,
+    issuer: &Issuer<'_, KeyPair>,
+    server_user: &ServerUser,
+) -> Result<(), OpsError> {
+    let server_key_path = dir.join(SERVER_KEY);
     let server_key = KeyPair::generate()?;
     let mut server = CertificateParams::new(
         SERVER_NAMES
@@ -73,15 +90,18 @@ pub fn ensure(dir: &Path, server_user: &ServerUser) -> Result<bool, OpsError> {
     server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     validity(&mut server, 2);
-    let server_cert = server.signed_by(&server_key, &issuer)?;
-
-    std::fs::write(dir.join(CA_CERT), ca_cert.pem())
-        .map_err(OpsError::io("write CA certificate"))?;
-    std::fs::write(dir.join(SERVER_CERT), server_cert.pem())
+    let server_cert = server.signed_by(&server_key, issuer)?;
+    // Key first (owned by the server user), then the certificate: both replaced by rename.
+    let staged_key = dir.join(format!("{SERVER_KEY}.new"));
+    write_private(&staged_key, &server_key.serialize_pem())?;
+    server_user.chown(&staged_key)?;
+    let staged_cert = dir.join(format!("{SERVER_CERT}.new"));
+    std::fs::write(&staged_cert, server_cert.pem())
         .map_err(OpsError::io("write server certificate"))?;
-    write_private(&server_key_path, &server_key.serialize_pem())?;
-    server_user.chown(&server_key_path)?;
-    Ok(true)
+    std::fs::rename(&staged_key, &server_key_path).map_err(OpsError::io("replace server key"))?;
+    std::fs::rename(&staged_cert, dir.join(SERVER_CERT))
+        .map_err(OpsError::io("replace server certificate"))?;
+    Ok(())
 }
 
 /// The certificate revocation list the server honours (`ssl_crl_file`).

@@ -103,6 +103,19 @@ pub async fn scram_verifiers(
         .collect())
 }
 
+/// Makes a PgBouncer running from `dir` (its pid file) re-read its configuration and TLS
+/// files. Returns whether one was running.
+pub fn reload_if_running(dir: &Path) -> bool {
+    let pid = std::fs::read_to_string(dir.join("pgbouncer.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .filter(|p| process::alive(*p));
+    match pid {
+        Some(pid) => kill(Pid::from_raw(pid), Signal::SIGHUP).is_ok(),
+        None => false,
+    }
+}
+
 /// A running PgBouncer; stopped when dropped.
 pub struct Pooler {
     dir: PathBuf,

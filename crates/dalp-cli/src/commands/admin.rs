@@ -61,6 +61,35 @@ async fn reload(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `dalp tls rotate`: a new server certificate from the same CA, loaded by every running
+/// server and by a running pooler.
+pub async fn rotate_tls(data_dir: &Path) -> anyhow::Result<ExitCode> {
+    let dir = tls_dir(data_dir)?;
+    pki::rotate_server(&dir, &dalp_ops::process::ServerUser::resolve()?)?;
+    reload(data_dir)
+        .await
+        .context("the new certificate is in place, but a server did not reload")?;
+    // A pooler started by `dalp pool up` presents the same certificate to its clients.
+    if dalp_ops::pooler::reload_if_running(&data_dir.join("pgbouncer")) {
+        eprintln!("the running pooler reloaded its certificate too");
+    }
+    let pem = std::fs::read(dir.join(pki::SERVER_CERT))?;
+    let until = x509_parser::pem::Pem::iter_from_buffer(&pem)
+        .next()
+        .and_then(|p| p.ok())
+        .and_then(|p| {
+            p.parse_x509()
+                .ok()
+                .map(|c| c.validity().not_after.to_string())
+        })
+        .unwrap_or_default();
+    println!(
+        "rotated the server certificate in {} (valid until {until}); servers reloaded it",
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn run(command: AdminCommand) -> anyhow::Result<ExitCode> {
     match command {
         AdminCommand::Cert {

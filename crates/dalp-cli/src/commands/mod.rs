@@ -82,6 +82,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cluster { command } => cluster::run(command).await,
         Command::Pool { command } => pool::run(command).await,
         Command::Admin { command } => admin::run(command).await,
+        Command::Tls {
+            command: crate::cli::TlsCommand::Rotate { data_dir },
+        } => admin::rotate_tls(&data_dir).await,
         Command::Backup { command } => backup::run(command).await,
         Command::Restore(args) => backup::restore(args).await,
         Command::Doctor {
