@@ -174,6 +174,12 @@ pub struct UpArgs {
     /// HTTP API port on 127.0.0.1.
     #[arg(long, default_value_t = 8080)]
     pub api_port: u16,
+    /// Serve the API over TLS with this PEM certificate chain (with --api-tls-key).
+    #[arg(long)]
+    pub api_tls_cert: Option<PathBuf>,
+    /// PEM private key for --api-tls-cert.
+    #[arg(long)]
+    pub api_tls_key: Option<PathBuf>,
     /// pgAudit session classes logged when pgAudit is installed (comma-separated: read,
     /// write, function, role, ddl, misc, misc_set, all, none).
     #[arg(long, default_value = "write, ddl, role")]

@@ -1137,3 +1137,108 @@ fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in `dir`.
+fn api_certs(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "api test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (c, k) = (dir.join("api.crt"), dir.join("api.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    dalp_db::secrets::write_private(&k, &key.serialize_pem()).unwrap();
+    (c, k, ca_cert.pem())
+}
+
+/// GET `path` over TLS, trusting only `ca_pem`; the status code, or the handshake error.
+async fn https_get(port: u16, path: &str, ca_pem: &str) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let _ = tls.read_to_end(&mut buf).await;
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no HTTP status in {text:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_tls_with_a_configured_certificate_and_refuses_plain_http() {
+    let dir = data_dir();
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = api_certs(certs.path());
+    let api_port = free_port();
+    let up = Up::start_with(
+        dir.path(),
+        api_port,
+        &[
+            "--api-tls-cert",
+            cert.to_str().unwrap(),
+            "--api-tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        up.ready_line
+            .contains(&format!("https://127.0.0.1:{api_port}")),
+        "{}",
+        up.ready_line
+    );
+    assert_eq!(https_get(api_port, "/readyz", &ca).await, Ok(200));
+    // A client that trusts another CA does not get through.
+    let (_, _, other_ca) = api_certs(tempfile::tempdir().unwrap().path());
+    let e = https_get(api_port, "/healthz", &other_ca)
+        .await
+        .unwrap_err();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let plain = ::reqwest::get(format!("http://127.0.0.1:{api_port}/healthz")).await;
+    assert!(
+        plain.is_err() || plain.unwrap().status() != 200,
+        "plain HTTP must not be served"
+    );
+    // A certificate without its key is refused at start.
+    let o = dalp(&[
+        "up",
+        "--data-dir",
+        data_dir().path().to_str().unwrap(),
+        "--api-port",
+        &free_port().to_string(),
+        "--api-tls-cert",
+        cert.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("go together"), "{}", text(&o));
+    drop(up);
+}

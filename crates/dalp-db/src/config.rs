@@ -84,6 +84,11 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Login attempts allowed per client address and email per minute. Default: 10.
     pub login_attempts_per_minute: u32,
+    /// PEM certificate chain for serving the API over TLS (with `tls_key`). Default: none
+    /// (plain HTTP, meant for loopback or behind a TLS-terminating proxy).
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `tls_cert`. Default: none.
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -92,6 +97,8 @@ impl Default for ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 64 << 10,
             login_attempts_per_minute: 10,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -192,6 +199,12 @@ impl Config {
                 field: "database.hosts",
                 message,
             })?;
+        }
+        if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
+            return Err(ConfigError::Invalid {
+                field: "api.tls_cert",
+                message: "api.tls_cert and api.tls_key go together".into(),
+            });
         }
         if let Some(p) = &db.pooler {
             parse_host_port(p).map_err(|message| ConfigError::Invalid {
