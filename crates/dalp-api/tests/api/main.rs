@@ -6,6 +6,7 @@ mod cache;
 mod helpers;
 mod identity;
 mod indexed;
+mod injection;
 mod metrics;
 mod settings;
 mod workflows;
