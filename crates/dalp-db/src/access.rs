@@ -95,7 +95,8 @@ pub struct SchemaAccess {
 }
 
 impl SchemaAccess {
-    fn expected(&self, role: &str, table: &str) -> (bool, Privs) {
+    /// Whether `role` is declared on this schema at all (USAGE), and its privileges on `table`.
+    pub fn expected(&self, role: &str, table: &str) -> (bool, Privs) {
         match self.grants.iter().find(|g| g.role == role) {
             Some(g) => (
                 true,

@@ -164,3 +164,71 @@ async fn no_component_may_create_in_public_or_connect_without_tls() {
         "{text}"
     );
 }
+
+/// Every component role tries every table privilege it is not declared to have, on every
+/// table of every dalp schema, and is refused each time (in a transaction rolled back, so
+/// a privilege that slipped through would still change nothing).
+#[tokio::test]
+async fn every_undeclared_privilege_is_refused_in_practice() {
+    let db = migrated_database().await;
+    let owner = db.connect(MIGRATOR_ROLE).await;
+    let mut schemas: Vec<&access::SchemaAccess> = ACCESS.iter().collect();
+    schemas.push(&access::META_ACCESS);
+    // (schema, table, first column)
+    let tables: Vec<(String, String, String)> = owner
+        .query(
+            "SELECT n.nspname::text, c.relname::text,
+                    (SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped AND attidentity = '' AND attgenerated = '' ORDER BY attnum LIMIT 1)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname LIKE 'dalp\\_%' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+              ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(tables.len() > 30);
+    let mut tried = 0;
+    let mut slipped = Vec::new();
+    for component in Component::ALL {
+        let mut c = db.connect_as(component).await;
+        for (schema, table, col) in &tables {
+            let Some(decl) = schemas.iter().find(|s| s.schema == schema) else {
+                continue;
+            };
+            let (_, have) = decl.expected(component.role(), table);
+            let t = format!("{schema}.{table}");
+            for (privilege, sql) in [
+                (access::Privs::SELECT, format!("SELECT 1 FROM {t} LIMIT 0")),
+                (
+                    access::Privs::INSERT,
+                    format!("INSERT INTO {t} DEFAULT VALUES"),
+                ),
+                (
+                    access::Privs::UPDATE,
+                    format!("UPDATE {t} SET {col} = {col} WHERE false"),
+                ),
+                (
+                    access::Privs::DELETE,
+                    format!("DELETE FROM {t} WHERE false"),
+                ),
+                (access::Privs::TRUNCATE, format!("TRUNCATE {t}")),
+            ] {
+                if have.contains(privilege) {
+                    continue;
+                }
+                tried += 1;
+                let tx = c.transaction().await.unwrap();
+                match tx.batch_execute(&sql).await {
+                    Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {}
+                    other => slipped.push(format!("{} {sql}: {other:?}", component.role())),
+                }
+                drop(tx);
+            }
+        }
+    }
+    assert!(tried > 1000, "only {tried} attempts");
+    assert!(slipped.is_empty(), "not refused: {slipped:#?}");
+}
