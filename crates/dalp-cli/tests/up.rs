@@ -1020,6 +1020,10 @@ fn admin_access_needs_a_valid_certificate_for_the_role_and_the_password() {
             && l.contains("dalp_identity.users")),
         "no pgAudit session entry for dalp_admin"
     );
+    assert!(
+        logs.contains("connection authorized: user=dalp_admin"),
+        "the administrator's logins are not logged"
+    );
     drop(up);
 }
 

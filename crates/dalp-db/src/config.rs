@@ -51,6 +51,10 @@ pub struct DatabaseConfig {
     pub secrets_file: Option<PathBuf>,
     /// Give up connecting to one host after this long. Default: 5000.
     pub connect_timeout_ms: u64,
+    /// A secrets manager command asked for passwords the file and environment lack:
+    /// program and arguments, `{role}` replaced by the role (see `Secrets::command`).
+    /// Default: none.
+    pub secrets_command: Option<Vec<String>>,
     /// Server-side `statement_timeout` for component connections. Default: 30000.
     pub statement_timeout_ms: u64,
     /// Connections per component pool. Default: 8.
@@ -67,6 +71,7 @@ impl Default for DatabaseConfig {
             pooler: None,
             ca_file: None,
             secrets_file: None,
+            secrets_command: None,
             connect_timeout_ms: 5_000,
             statement_timeout_ms: 30_000,
             pool_max_size: 8,

@@ -14,7 +14,7 @@ use crate::sql::{quote_ident, quote_literal};
 pub enum RolesError {
     #[error(transparent)]
     Secrets(#[from] SecretsError),
-    #[error("creating roles: {0}")]
+    #[error("creating roles: {}", crate::connect::describe_error(.0))]
     Db(#[from] tokio_postgres::Error),
 }
 
@@ -157,5 +157,6 @@ pub fn generate_secrets() -> Secrets {
             .chain(std::iter::once(ADMIN_ROLE))
             .map(|r| (r.to_string(), generate_password(32)))
             .collect(),
+        command: None,
     }
 }

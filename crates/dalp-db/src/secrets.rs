@@ -33,6 +33,11 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 pub struct Secrets {
     /// Password per login role name.
     pub roles: BTreeMap<String, String>,
+    /// A secrets manager to ask for roles the file does not have: a program and its
+    /// arguments, `{role}` replaced by the role name; its trimmed stdout is the password
+    /// (e.g. `["vault", "kv", "get", "-field=password", "secret/dalp/{role}"]`).
+    #[serde(skip)]
+    pub command: Option<Vec<String>>,
 }
 
 impl fmt::Debug for Secrets {
@@ -57,6 +62,12 @@ pub enum SecretsError {
     },
     #[error("no password for role {role}: add it to the secrets file or set {env}")]
     Missing { role: String, env: String },
+    #[error("the secrets command {program} gave no password for {role}: {message}")]
+    Command {
+        program: String,
+        role: String,
+        message: String,
+    },
 }
 
 impl Secrets {
@@ -82,9 +93,65 @@ impl Secrets {
         if let Ok(v) = std::env::var(&env) {
             return Ok(v);
         }
-        self.roles.get(role).cloned().ok_or(SecretsError::Missing {
+        if let Some(p) = self.roles.get(role) {
+            return Ok(p.clone());
+        }
+        if let Some(cmd) = self.command.as_ref().filter(|c| !c.is_empty()) {
+            return run_command(cmd, role);
+        }
+        Err(SecretsError::Missing {
             role: role.to_string(),
             env,
         })
+    }
+}
+
+/// Asks the secrets manager command for `role`'s password. Its stderr is not shown (it
+/// may echo what it was given); failures say which program failed and how.
+fn run_command(cmd: &[String], role: &str) -> Result<String, SecretsError> {
+    let args: Vec<String> = cmd.iter().map(|a| a.replace("{role}", role)).collect();
+    let failed = |message: String| SecretsError::Command {
+        program: args[0].clone(),
+        role: role.to_string(),
+        message,
+    };
+    let out = std::process::Command::new(&args[0])
+        .args(&args[1..])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| failed(e.to_string()))?;
+    if !out.status.success() {
+        return Err(failed(format!("exited with {}", out.status)));
+    }
+    let password = String::from_utf8(out.stdout)
+        .map_err(|_| failed("printed something that is not UTF-8".into()))?
+        .trim_end_matches(['\n', '\r'])
+        .to_string();
+    if password.is_empty() {
+        return Err(failed("printed no password".into()));
+    }
+    Ok(password)
+}
+
+#[cfg(test)]
+mod command_tests {
+    use super::*;
+
+    #[test]
+    fn a_secrets_manager_command_supplies_missing_passwords() {
+        let mut s = Secrets::default();
+        s.roles.insert("dalp_a".into(), "from-file".into());
+        s.command = Some(vec![
+            "sh".into(),
+            "-c".into(),
+            "echo \"pw-for-$0\"".into(),
+            "{role}".into(),
+        ]);
+        assert_eq!(s.password("dalp_a").unwrap(), "from-file");
+        assert_eq!(s.password("dalp_b").unwrap(), "pw-for-dalp_b");
+        s.command = Some(vec!["false".into()]);
+        let e = s.password("dalp_b").unwrap_err().to_string();
+        assert!(e.contains("false") && e.contains("dalp_b"), "{e}");
+        assert!(format!("{s:?}").find("from-file").is_none());
     }
 }

@@ -321,6 +321,9 @@ pub(crate) fn server_settings(c: &ServerConf<'_>) -> Vec<(&'static str, String)>
         ("shared_preload_libraries", preload.join(",")),
         ("max_connections", c.max_connections.to_string()),
         ("log_line_prefix", "%m [%p] %q%u@%d/%a ".into()),
+        // Every login (who, from where, with which TLS) is on record.
+        ("log_connections", "on".into()),
+        ("log_disconnections", "on".into()),
         // Server logs as JSON lines (pgAudit's AUDIT entries among them), for shipping.
         ("logging_collector", "on".into()),
         ("log_destination", "stderr,jsonlog".into()),

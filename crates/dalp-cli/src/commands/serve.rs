@@ -13,10 +13,11 @@ use super::up::shutdown_signal;
 
 pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(Some(path), std::env::vars())?;
-    let secrets = match &config.database.secrets_file {
+    let mut secrets = match &config.database.secrets_file {
         Some(f) => Secrets::load(f)?,
         None => Secrets::default(),
     };
+    secrets.command = config.database.secrets_command.clone();
     let base = config.connect_options(MIGRATOR_ROLE, "dalp");
     let pooled = config
         .pooler_options(MIGRATOR_ROLE, "dalp")
