@@ -1114,6 +1114,13 @@ fn tls_rotates_under_a_live_session_and_no_secret_reaches_logs_or_ps() {
     assert!(values.len() >= 9);
     let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
     let ps = String::from_utf8_lossy(&ps.stdout);
+    let reports = text(&dalp(&["status", "--data-dir", d]))
+        + &text(&dalp(&["status", "--data-dir", d, "--json"]))
+        + &text(&dalp(&["doctor", "--data-dir", d]));
+    let auditor = db_url(dir.path(), "dalp_auditor");
+    let audit = psql(&auditor, "select details::text from dalp_audit.events");
+    assert!(audit.status.success(), "{}", text(&audit));
+    let audit = String::from_utf8_lossy(&audit.stdout).to_string();
     let (status, stderr) = up.terminate();
     assert!(status.success());
     let mut logs = stderr;
@@ -1125,6 +1132,14 @@ fn tls_rotates_under_a_live_session_and_no_secret_reaches_logs_or_ps() {
     }
     for v in &values {
         assert!(!ps.contains(v.as_str()), "a secret is visible in ps");
+        assert!(
+            !reports.contains(v.as_str()),
+            "a secret is in dalp status or doctor"
+        );
+        assert!(
+            !audit.contains(v.as_str()),
+            "a secret is in the audit details"
+        );
         assert!(!logs.contains(v.as_str()), "a secret reached a log");
     }
 }
