@@ -13,7 +13,7 @@ use crate::cli::TargetArgs;
 /// Options for `role` on the instance in `dir`: an embedded instance (`dalp up`) or a local
 /// HA cluster (`dalp cluster up`, every node listed, writes to the primary).
 pub fn dir_options(dir: &Path, role: &str) -> anyhow::Result<ConnectOptions> {
-    if dir.join("cluster.json").exists() {
+    if dalp_ops::HaCluster::is_cluster_dir(dir) {
         return Ok(HaCluster::open(dir)?.connect_options(role)?);
     }
     Layout::new(dir)

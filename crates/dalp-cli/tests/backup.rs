@@ -281,7 +281,8 @@ async fn point_in_time_recovery_to_a_time_an_lsn_and_the_latest() {
     // … and fails loudly when a backup file is damaged.
     let backup_dir = dir.path().join("backup/repo1/backup/dalp");
     let label = list[1]["label"].as_str().unwrap();
-    let mut files: Vec<std::path::PathBuf> = walk(&backup_dir.join(label).join("pg_data"));
+    let mut files: Vec<std::path::PathBuf> =
+        dalp_testkit::files_under(&backup_dir.join(label).join("pg_data"));
     files.sort_by_key(|f| std::cmp::Reverse(std::fs::metadata(f).unwrap().len()));
     let victim = &files[0];
     let mut bytes = std::fs::read(victim).unwrap();
@@ -307,19 +308,6 @@ async fn point_in_time_recovery_to_a_time_an_lsn_and_the_latest() {
     assert_eq!(n, 10);
     drop(db);
     cluster.shutdown().unwrap();
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// Unmounts on drop.

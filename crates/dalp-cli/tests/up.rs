@@ -1124,9 +1124,9 @@ fn tls_rotates_under_a_live_session_and_no_secret_reaches_logs_or_ps() {
     let (status, stderr) = up.terminate();
     assert!(status.success());
     let mut logs = stderr;
-    for entry in walk_files(&dir.path().join("log"))
+    for entry in dalp_testkit::files_under(&dir.path().join("log"))
         .into_iter()
-        .chain(walk_files(&dir.path().join("backup/log")))
+        .chain(dalp_testkit::files_under(&dir.path().join("backup/log")))
     {
         logs.push_str(&std::fs::read_to_string(entry).unwrap_or_default());
     }
@@ -1142,19 +1142,6 @@ fn tls_rotates_under_a_live_session_and_no_secret_reaches_logs_or_ps() {
         );
         assert!(!logs.contains(v.as_str()), "a secret reached a log");
     }
-}
-
-fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk_files(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in `dir`.

@@ -216,6 +216,24 @@ async fn lsn_of(
         .and_then(|s| s.parse().ok()))
 }
 
+/// Whether the server is in recovery, and the WAL position it has replayed (one round trip).
+async fn replay_state(
+    client: &tokio_postgres::Client,
+) -> Result<(bool, Option<Lsn>), tokio_postgres::Error> {
+    let row = client
+        .query_typed(
+            "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text",
+            &[],
+        )
+        .await?;
+    Ok((
+        row[0].get(0),
+        row[0]
+            .get::<_, Option<String>>(1)
+            .and_then(|s| s.parse().ok()),
+    ))
+}
+
 impl Router {
     /// `primary` lists every host (it is made `read-write`); each of `replicas` names one
     /// host. Must be called inside a Tokio runtime (it starts the lag probe).
@@ -466,16 +484,7 @@ impl Inner {
         let mut pause = Duration::from_micros(500);
         loop {
             // Off recovery (promoted), a node has everything it ever acknowledged.
-            let row = client
-                .query_typed(
-                    "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text",
-                    &[],
-                )
-                .await?;
-            let in_recovery: bool = row[0].get(0);
-            let replayed: Option<Lsn> = row[0]
-                .get::<_, Option<String>>(1)
-                .and_then(|s| s.parse().ok());
+            let (in_recovery, replayed) = replay_state(client).await?;
             if !in_recovery || replayed.is_some_and(|l| l >= target) {
                 return Ok(true);
             }
@@ -502,23 +511,13 @@ impl Inner {
         for r in &self.replicas {
             let seen = async {
                 let c = r.pool.get().await.map_err(|e| e.to_string())?;
-                let row = c
-                    .query_typed(
-                        "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text",
-                        &[],
-                    )
-                    .await
-                    .map_err(|e| {
-                        if is_failover_error(&e) {
-                            drop(Object::take(c));
-                        }
-                        e.to_string()
-                    })?;
-                let in_recovery: bool = row[0].get(0);
-                let replay: Option<Lsn> = row[0]
-                    .get::<_, Option<String>>(1)
-                    .and_then(|s| s.parse().ok());
-                Ok::<_, String>((in_recovery, replay))
+                let state = replay_state(&c).await.map_err(|e| {
+                    if is_failover_error(&e) {
+                        drop(Object::take(c));
+                    }
+                    e.to_string()
+                })?;
+                Ok::<_, String>(state)
             };
             match tokio::time::timeout(Duration::from_secs(2), seen).await {
                 Ok(Ok((in_recovery, replay))) => {

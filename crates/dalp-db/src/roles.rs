@@ -28,6 +28,25 @@ async fn role_exists(client: &Client, role: &str) -> Result<bool, tokio_postgres
         .get(0))
 }
 
+/// Creates `role` (LOGIN, no special attributes) if missing and sets its password, sent as
+/// a SCRAM verifier.
+async fn ensure_login(client: &Client, role: &str, password: &str) -> Result<(), RolesError> {
+    let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+    let q = quote_ident(role);
+    if !role_exists(client, role).await? {
+        client
+            .batch_execute(&format!("CREATE ROLE {q} LOGIN"))
+            .await?;
+    }
+    client
+        .batch_execute(&format!(
+            "ALTER ROLE {q} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}",
+            quote_literal(&verifier)
+        ))
+        .await?;
+    Ok(())
+}
+
 /// Creates the owner and login roles if missing and (re)sets each login role's password
 /// from `secrets`. Passwords are sent as SCRAM verifiers computed here, so the plaintext
 /// never reaches the server or its logs. Idempotent.
@@ -40,20 +59,7 @@ pub async fn ensure_roles(client: &Client, secrets: &Secrets) -> Result<(), Role
         }
     }
     for role in login_roles() {
-        let password = secrets.password(role)?;
-        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
-        let q = quote_ident(role);
-        if !role_exists(client, role).await? {
-            client
-                .batch_execute(&format!("CREATE ROLE {q} LOGIN"))
-                .await?;
-        }
-        client
-            .batch_execute(&format!(
-                "ALTER ROLE {q} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}",
-                quote_literal(&verifier)
-            ))
-            .await?;
+        ensure_login(client, role, &secrets.password(role)?).await?;
     }
     client
         .batch_execute(&format!(
@@ -71,18 +77,12 @@ pub async fn ensure_roles(client: &Client, secrets: &Secrets) -> Result<(), Role
         .await?;
     // The administrator, when the secrets carry its password.
     if let Ok(password) = secrets.password(ADMIN_ROLE) {
-        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
-        let q = quote_ident(ADMIN_ROLE);
-        if !role_exists(client, ADMIN_ROLE).await? {
-            client
-                .batch_execute(&format!("CREATE ROLE {q} LOGIN"))
-                .await?;
-        }
+        ensure_login(client, ADMIN_ROLE, &password).await?;
         client
             .batch_execute(&format!(
-                "ALTER ROLE {q} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}; GRANT {} TO {q}; ALTER ROLE {q} SET pgaudit.log = 'all'",
-                quote_literal(&verifier),
-                quote_ident(OWNER_ROLE)
+                "GRANT {owner} TO {q}; ALTER ROLE {q} SET pgaudit.log = 'all'",
+                owner = quote_ident(OWNER_ROLE),
+                q = quote_ident(ADMIN_ROLE)
             ))
             .await?;
     }

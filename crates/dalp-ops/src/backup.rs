@@ -788,7 +788,7 @@ pub fn for_dir(dir: &Path) -> Result<Backups, OpsError> {
             "install Debian's pgbackrest package (scripts/deps.sh does)",
         ));
     }
-    if dir.join("cluster.json").exists() {
+    if crate::HaCluster::is_cluster_dir(dir) {
         return crate::HaCluster::open(dir)?.backups()?.ok_or_else(|| {
             err(
                 format!("HA cluster in {}", dir.display()),
@@ -947,11 +947,7 @@ impl RestoredServer {
                 .unwrap_or_else(|e| e.into_inner())
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten());
-            let tail = || {
-                let text = std::fs::read_to_string(log).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                lines[lines.len().saturating_sub(12)..].join("\n")
-            };
+            let tail = || process::log_tail(log, 12);
             if let Some(status) = exited {
                 return Err(OpsError::StartFailed {
                     reason: format!("the restored copy stopped during recovery ({status})"),

@@ -758,9 +758,7 @@ impl RunningCluster {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.layout().log_file()).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+        process::log_tail(&self.layout().log_file(), 15)
     }
 
     async fn wait_ready(&self, timeout: Duration) -> Result<(), OpsError> {

@@ -244,6 +244,12 @@ impl HaCluster {
         self
     }
 
+    /// Whether `dir` holds a local HA cluster (made by `dalp cluster up`) rather than an
+    /// embedded instance.
+    pub fn is_cluster_dir(dir: &Path) -> bool {
+        Self::state_path(dir).exists()
+    }
+
     /// Opens an existing cluster directory (for status, switchover, down).
     pub fn open(dir: &Path) -> Result<HaCluster, OpsError> {
         let root = std::fs::canonicalize(dir).map_err(|e| {

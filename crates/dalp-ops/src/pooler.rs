@@ -343,16 +343,13 @@ impl Pooler {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
-                let log =
-                    std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(10).collect();
                 return Err(OpsError::StartFailed {
                     reason: match exited {
                         Some(s) => format!("pgbouncer exited ({s})"),
                         None => format!("pgbouncer not listening after {timeout:?}"),
                     },
                     log: self.dir.join("pgbouncer.log"),
-                    tail: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                    tail: process::log_tail(&self.dir.join("pgbouncer.log"), 10),
                 });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -167,6 +167,14 @@ pub fn spawn(cmd: Command) -> io::Result<Child> {
         .map_err(|_| io::Error::other("process keeper thread is gone"))?
 }
 
+/// The last `n` lines of the log file at `path` (empty when it cannot be read), for
+/// errors that say why a server did not start.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Whether a process with `pid` exists (signal 0).
 pub fn alive(pid: i32) -> bool {
     match kill(Pid::from_raw(pid), None) {

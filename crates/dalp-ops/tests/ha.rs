@@ -43,6 +43,26 @@ async fn replica_options(c: &HaCluster) -> Vec<dalp_db::ConnectOptions> {
         .collect()
 }
 
+/// A replica-safe read of one count, `$1` bound to `n`; the count and where it was served.
+async fn count_read(
+    router: &Router,
+    session: &Session,
+    sql: &'static str,
+    n: i64,
+) -> Result<(i64, Served), ExecError> {
+    router
+        .read(session, |c| {
+            async move {
+                let r = c
+                    .query_typed(sql, &[(&n, tokio_postgres::types::Type::INT8)])
+                    .await?;
+                Ok(r[0].get::<_, i64>(0))
+            }
+            .boxed()
+        })
+        .await
+}
+
 #[derive(Default)]
 struct Ledger {
     acked: BTreeSet<i64>,
@@ -137,21 +157,14 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
             })
             .await
             .unwrap();
-        let (seen, served) = router
-            .read(&session, |c| {
-                async move {
-                    let r = c
-                        .query_typed(
-                            "SELECT count(*) FROM ha_probe.ryw WHERE n = $1",
-                            &[(&n, tokio_postgres::types::Type::INT8)],
-                        )
-                        .await?;
-                    Ok(r[0].get::<_, i64>(0))
-                }
-                .boxed()
-            })
-            .await
-            .unwrap();
+        let (seen, served) = count_read(
+            &router,
+            &session,
+            "SELECT count(*) FROM ha_probe.ryw WHERE n = $1",
+            n,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             seen, 1,
             "read {n} did not see its own write (served by {served:?})"
@@ -182,21 +195,14 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
     let victim_port = cluster.node_options(&victim, MIGRATOR_ROLE).unwrap().hosts[0].1;
     let victim_name = format!("127.0.0.1:{victim_port}");
     for n in 0..200i64 {
-        let (count, served) = router
-            .read(&session, |c| {
-                async move {
-                    let r = c
-                        .query_typed(
-                            "SELECT count(*) FROM ha_probe.ryw WHERE n <= $1",
-                            &[(&n, tokio_postgres::types::Type::INT8)],
-                        )
-                        .await?;
-                    Ok(r[0].get::<_, i64>(0))
-                }
-                .boxed()
-            })
-            .await
-            .expect("reads keep working with a replica down");
+        let (count, served) = count_read(
+            &router,
+            &session,
+            "SELECT count(*) FROM ha_probe.ryw WHERE n <= $1",
+            n,
+        )
+        .await
+        .expect("reads keep working with a replica down");
         assert_eq!(count, n + 1);
         assert_ne!(served, Served::Replica(victim_name.clone()));
     }

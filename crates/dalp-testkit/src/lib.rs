@@ -28,6 +28,20 @@ pub fn output_text(o: &std::process::Output) -> String {
     )
 }
 
+/// Every file below `dir` (none when it does not exist).
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// A child process a test started: killed (SIGKILL) and reaped by pid when dropped, so it is
 /// stopped also when the test fails.
 pub struct Reaped(pub std::process::Child);

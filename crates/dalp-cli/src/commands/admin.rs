@@ -41,7 +41,7 @@ fn tls_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
 
 /// Makes every running server of the instance read its configuration (and CRL) again.
 async fn reload(data_dir: &Path) -> anyhow::Result<()> {
-    let targets = if data_dir.join("cluster.json").exists() {
+    let targets = if dalp_ops::HaCluster::is_cluster_dir(data_dir) {
         let c = HaCluster::open(data_dir)?;
         c.nodes()
             .iter()

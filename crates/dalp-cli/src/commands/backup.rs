@@ -50,6 +50,18 @@ async fn blocking<T: Send + 'static>(
     Ok(tokio::task::spawn_blocking(f).await??)
 }
 
+/// Runs pgBackRest work off the runtime with a spinner showing its latest line.
+async fn with_progress<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce(&dyn Fn(&str)) -> Result<T, dalp_ops::OpsError> + Send + 'static,
+) -> anyhow::Result<T> {
+    let bar = spinner(what);
+    let shown = bar.clone();
+    let result = blocking(move || work(&|line| shown.set_message(short(line)))).await;
+    bar.finish_and_clear();
+    result
+}
+
 fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut v = bytes as f64;
@@ -69,13 +81,10 @@ pub async fn run(command: BackupCommand) -> anyhow::Result<ExitCode> {
             repo,
         } => {
             let b = backup::for_dir(&data_dir)?;
-            let bar = spinner(&format!("{kind} backup to repo{repo}"));
-            let info = {
-                let bar = bar.clone();
-                blocking(move || b.backup(&kind, repo, &|l| bar.set_message(short(l)))).await
-            };
-            bar.finish_and_clear();
-            let info = info?;
+            let info = with_progress(&format!("{kind} backup to repo{repo}"), move |p| {
+                b.backup(&kind, repo, p)
+            })
+            .await?;
             println!(
                 "backup {} ({}) to repo{}: {} of data, {} stored, {:.1} s, WAL {}..{}",
                 info.label,
@@ -155,14 +164,11 @@ pub async fn run(command: BackupCommand) -> anyhow::Result<ExitCode> {
                     println!("due: {kind} backup to repo{repo}");
                     continue;
                 }
-                let bar = spinner(&format!("{kind} backup to repo{repo}"));
                 let b = b.clone();
-                let r = {
-                    let bar = bar.clone();
-                    blocking(move || b.backup(kind, repo, &|l| bar.set_message(short(l)))).await
-                };
-                bar.finish_and_clear();
-                let info = r?;
+                let info = with_progress(&format!("{kind} backup to repo{repo}"), move |p| {
+                    b.backup(kind, repo, p)
+                })
+                .await?;
                 println!(
                     "took {} backup {} to repo{} ({}, {:.1} s)",
                     info.kind,
@@ -203,7 +209,7 @@ fn parse_time(s: &str) -> anyhow::Result<DateTime<Utc>> {
 
 /// Whether the source's primary runs (then its current WAL is flushed to the archive first).
 fn source_running(data_dir: &Path) -> bool {
-    if data_dir.join("cluster.json").exists() {
+    if dalp_ops::HaCluster::is_cluster_dir(data_dir) {
         HaCluster::open(data_dir)
             .map(|c| !c.running_processes().is_empty())
             .unwrap_or(false)
@@ -228,13 +234,10 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     }
     let into = args.into.clone();
     let started = Instant::now();
-    let bar = spinner("restore");
-    let restored = {
-        let (bar, target, into) = (bar.clone(), target.clone(), into.clone());
-        blocking(move || b.restore(&target, &into, args.repo, &|l| bar.set_message(short(l)))).await
-    };
-    bar.finish_and_clear();
-    restored?;
+    {
+        let (target, into) = (target.clone(), into.clone());
+        with_progress("restore", move |p| b.restore(&target, &into, args.repo, p)).await?;
+    }
     eprintln!(
         "restored into {}; recovering to the target …",
         into.display()
@@ -317,7 +320,7 @@ async fn table_sums(
 
 async fn verify(data_dir: &Path, repo: u8, keep: bool, json: bool) -> anyhow::Result<ExitCode> {
     let b = backup::for_dir(data_dir)?;
-    let (su_options, keys_dir) = if data_dir.join("cluster.json").exists() {
+    let (su_options, keys_dir) = if dalp_ops::HaCluster::is_cluster_dir(data_dir) {
         let c = HaCluster::open(data_dir)?;
         let leader = c.leader().await?;
         (
@@ -369,17 +372,13 @@ async fn verify(data_dir: &Path, repo: u8, keep: bool, json: bool) -> anyhow::Re
         .join("backup")
         .join(format!("drill-{}", std::process::id()));
     let started = Instant::now();
-    let bar = spinner("restore drill");
     let restored = {
-        let (b, bar, drill, point) = (b.clone(), bar.clone(), drill.clone(), point.clone());
-        blocking(move || {
-            b.restore(&Target::Name(point), &drill, repo, &|l| {
-                bar.set_message(short(l))
-            })
+        let (b, drill, point) = (b.clone(), drill.clone(), point.clone());
+        with_progress("restore drill", move |p| {
+            b.restore(&Target::Name(point), &drill, repo, p)
         })
         .await
     };
-    bar.finish_and_clear();
     if let Err(e) = restored {
         let _ = std::fs::remove_dir_all(&drill);
         return Err(e.context("the restore drill failed"));

@@ -235,12 +235,8 @@ pub async fn run(
             None => checks.push(check("components", "info", "audit, indexer and workflow checks skipped: they connect as the component roles, whose passwords only the embedded instance keeps", "run `dalp doctor` with --data-dir on the instance, or watch /metrics")),
             Some(pools) => component_checks(&pools, &mut checks).await,
         }
-    }
-    if let Some(o) = &opts {
-        if let Ok(c) = o.connect().await {
-            replication_checks(&c, &target.data_dir, embedded, &mut checks).await;
-            archiving_checks(&c, embedded, &mut checks).await;
-        }
+        replication_checks(&client, &target.data_dir, embedded, &mut checks).await;
+        archiving_checks(&client, embedded, &mut checks).await;
     }
     if embedded {
         backup_checks(&target.data_dir, now, &mut checks).await;
@@ -276,7 +272,7 @@ async fn replication_checks(
     embedded: bool,
     checks: &mut Vec<Check>,
 ) {
-    let ha = if embedded && data_dir.join("cluster.json").exists() {
+    let ha = if embedded && dalp_ops::HaCluster::is_cluster_dir(data_dir) {
         dalp_ops::HaCluster::open(data_dir).ok()
     } else {
         None

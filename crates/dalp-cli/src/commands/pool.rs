@@ -18,7 +18,7 @@ pub async fn run(command: PoolCommand) -> anyhow::Result<ExitCode> {
         pool_size,
         max_client_conn,
     } = command;
-    let ha = if data_dir.join("cluster.json").exists() {
+    let ha = if dalp_ops::HaCluster::is_cluster_dir(&data_dir) {
         Some(HaCluster::open(&data_dir)?)
     } else {
         None

@@ -216,7 +216,7 @@ impl Backend {
         if args.pg_port.is_some() {
             anyhow::bail!("--pg-port does not apply with --ha: each node gets a free port (see `dalp cluster status`)");
         }
-        if args.data_dir.join("cluster.json").exists() {
+        if dalp_ops::HaCluster::is_cluster_dir(&args.data_dir) {
             let cluster = HaCluster::open(&args.data_dir)?;
             if !cluster.running_processes().is_empty() {
                 cluster.leader().await.context(
