@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages dalp needs when they are missing. Sourced by up.sh and test.sh.
 #   PostgreSQL 15 server + client, pgAudit (preloaded by the embedded cluster when present),
-#   Patroni + etcd (the local HA cluster), PgBouncer (pooling), pgBackRest (backups).
+#   etcd (the HA cluster's DCS), PgBouncer (pooling), pgBackRest (backups).
+#   Patroni pinned from PyPI into a virtualenv at /opt/dalp/venv (DALP_VENV), not Debian's 3.0.2.
 #   anvil (npm @foundry-rs/anvil-linux-amd64) into .tools/ for the indexer tests (with DALP_DEPS_ANVIL=1).
 set -euo pipefail
 
-DALP_DEB_PACKAGES=(postgresql-15 postgresql-client-15 postgresql-15-pgaudit patroni etcd-server pgbouncer pgbackrest openssl)
+DALP_DEB_PACKAGES=(postgresql-15 postgresql-client-15 postgresql-15-pgaudit etcd-server pgbouncer pgbackrest openssl python3-venv)
 
 missing=()
 for p in "${DALP_DEB_PACKAGES[@]}"; do
@@ -38,6 +39,21 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO mkdir -p /etc/postgresql-common/createcluster.d
   echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.d/dalp.conf >/dev/null
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Patroni, pinned (scripts/patroni-requirements.txt), in a virtualenv made from Debian's python3
+# (the `postgres` user runs it, so it must not live under a private home such as pyenv's).
+DALP_VENV="${DALP_VENV:-/opt/dalp/venv}"
+DALP_PATRONI_REQ="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/patroni-requirements.txt"
+DALP_PATRONI_VERSION=$(sed -n 's/^patroni\[[^]]*\]==//p' "$DALP_PATRONI_REQ")
+if [ "$("$DALP_VENV/bin/patroni" --version 2>/dev/null)" != "patroni $DALP_PATRONI_VERSION" ]; then
+  echo "installing Patroni $DALP_PATRONI_VERSION from PyPI into $DALP_VENV" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO mkdir -p "$DALP_VENV"
+  [ -x "$DALP_VENV/bin/pip" ] || $SUDO /usr/bin/python3 -m venv "$DALP_VENV"
+  $SUDO "$DALP_VENV/bin/pip" install --quiet --disable-pip-version-check -r "$DALP_PATRONI_REQ" >&2
+  $SUDO chmod -R a+rX "$DALP_VENV"
 fi
 
 # anvil (a real EVM node for the indexer's tests), from the npm registry, into .tools/.

@@ -66,6 +66,17 @@ impl Setup {
 #[tokio::test]
 async fn concurrent_writers_with_rollbacks_are_sealed_exactly_once() {
     let s = Arc::new(setup().await);
+    // One batch sealed before the writers start: every writer event lands in a later batch,
+    // so more than one batch exists however the background sealer below was scheduled.
+    {
+        let mut client = s.pools.get(Component::Identity).get().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        let e = AuditEvent::new("service:pre", "test.write", "thing").resource("pre");
+        dalp_audit::record(&*tx, &e).await.unwrap();
+        tx.commit().await.unwrap();
+        let first = s.sealer().seal_once().await.unwrap();
+        assert!(first.is_some(), "the first event is sealed at once");
+    }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // A sealer runs throughout, so batches interleave with late commits.
     let sealer_task = {
@@ -109,7 +120,7 @@ async fn concurrent_writers_with_rollbacks_are_sealed_exactly_once() {
             committed
         }));
     }
-    let mut committed = HashSet::new();
+    let mut committed = HashSet::from(["pre".to_string()]);
     for w in writers {
         committed.extend(w.await.unwrap());
     }

@@ -398,6 +398,16 @@ fn config_check_rejects_unknown_keys() {
     .unwrap();
     let o = dalp(&["config", "check", "--config", good.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
+    // The effective configuration as TOML (defaults filled in), not a Rust debug dump.
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(!out.contains("DatabaseConfig {"), "{out}");
+    let effective: toml::Table = toml::from_str(&out).expect("config check prints TOML");
+    assert_eq!(effective["database"]["pool_max_size"].as_integer(), Some(4));
+    assert_eq!(
+        effective["database"]["statement_timeout_ms"].as_integer(),
+        Some(30000)
+    );
+    assert_eq!(effective["api"]["listen"].as_str(), Some("127.0.0.1:8080"));
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[database]\npool_size = 4\n").unwrap();
     let o = dalp(&["config", "check", "--config", bad.to_str().unwrap()]);

@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::connect::{parse_host_port, ConnectOptions};
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// How to reach PostgreSQL.
@@ -22,7 +22,7 @@ pub struct Config {
     pub keys: KeysConfig,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
     /// Directory of dalp's key files (created 0600 on first use): `kek.json`, the
@@ -31,7 +31,7 @@ pub struct KeysConfig {
     pub dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// `host:port` entries; several mean an HA deployment and writes go to whichever
@@ -80,7 +80,7 @@ impl Default for DatabaseConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     /// Address the HTTP API binds. Default: `127.0.0.1:8080`.
@@ -260,6 +260,12 @@ impl Config {
 }
 
 impl Config {
+    /// The effective configuration (file, environment and defaults) as TOML, for
+    /// `dalp config check`. It names secret files and commands, never secrets.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration serializes as TOML")
+    }
+
     /// Options for `user` through the configured pooler, if any: the same database, CA and
     /// timeouts, one host, and no `options` startup parameter (PgBouncer refuses it).
     pub fn pooler_options(&self, user: &str, application_name: &str) -> Option<ConnectOptions> {

@@ -16,6 +16,15 @@ pub enum RolesError {
     Secrets(#[from] SecretsError),
     #[error("creating roles: {}", crate::connect::describe_error(.0))]
     Db(#[from] tokio_postgres::Error),
+    /// An existing role has attributes dalp's roles must not have, and the connected role
+    /// may not change them (only a superuser may touch SUPERUSER, REPLICATION, BYPASSRLS).
+    #[error("role {role} has {attributes}, which a dalp role must not have, and {admin} may not remove them; ask the service's superuser (or the provider's console) to run: ALTER ROLE {role} {fix}")]
+    Attributes {
+        role: String,
+        admin: String,
+        attributes: String,
+        fix: String,
+    },
 }
 
 async fn role_exists(client: &Client, role: &str) -> Result<bool, tokio_postgres::Error> {
@@ -28,23 +37,95 @@ async fn role_exists(client: &Client, role: &str) -> Result<bool, tokio_postgres
         .get(0))
 }
 
+/// What pgAudit's session log records for the reporting and audit-reading roles: their reads
+/// too (no API sits in front of them), besides the cluster-wide classes.
+pub const READER_PGAUDIT_LOG: &str = "read, write, ddl, role";
+
 /// Creates `role` (LOGIN, no special attributes) if missing and sets its password, sent as
-/// a SCRAM verifier.
+/// a SCRAM verifier. An existing role only gets LOGIN and the password: PostgreSQL refuses
+/// any SUPERUSER/REPLICATION/BYPASSRLS clause to a non-superuser (as on managed services)
+/// even when nothing would change, so the attributes are read back and only what differs
+/// is changed, or reported when the connected role may not change it.
 async fn ensure_login(client: &Client, role: &str, password: &str) -> Result<(), RolesError> {
-    let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+    let verifier = quote_literal(&postgres_protocol::password::scram_sha_256(
+        password.as_bytes(),
+    ));
     let q = quote_ident(role);
     if !role_exists(client, role).await? {
         client
-            .batch_execute(&format!("CREATE ROLE {q} LOGIN"))
+            .batch_execute(&format!(
+                "CREATE ROLE {q} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {verifier}"
+            ))
             .await?;
+        return Ok(());
     }
     client
-        .batch_execute(&format!(
-            "ALTER ROLE {q} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}",
-            quote_literal(&verifier)
-        ))
+        .batch_execute(&format!("ALTER ROLE {q} WITH LOGIN PASSWORD {verifier}"))
+        .await?;
+    let row = client
+        .query_one(
+            "SELECT r.rolsuper, r.rolcreatedb, r.rolcreaterole, r.rolreplication, r.rolbypassrls,
+                    me.rolsuper, current_user::text
+               FROM pg_roles r, pg_roles me
+              WHERE r.rolname = $1 AND me.rolname = current_user",
+            &[&role],
+        )
+        .await?;
+    let wrong: Vec<&str> = [
+        "SUPERUSER",
+        "CREATEDB",
+        "CREATEROLE",
+        "REPLICATION",
+        "BYPASSRLS",
+    ]
+    .into_iter()
+    .enumerate()
+    .filter(|(i, _)| row.get::<_, bool>(*i))
+    .map(|(_, a)| a)
+    .collect();
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    let fix: Vec<String> = wrong.iter().map(|a| format!("NO{a}")).collect();
+    let needs_superuser = wrong
+        .iter()
+        .any(|a| matches!(*a, "SUPERUSER" | "REPLICATION" | "BYPASSRLS"));
+    if needs_superuser && !row.get::<_, bool>(5) {
+        return Err(RolesError::Attributes {
+            role: role.to_string(),
+            admin: row.get(6),
+            attributes: wrong.join(", "),
+            fix: fix.join(" "),
+        });
+    }
+    client
+        .batch_execute(&format!("ALTER ROLE {q} WITH {}", fix.join(" ")))
         .await?;
     Ok(())
+}
+
+/// Sets pgAudit's session classes for `role`. pgaudit.log is a superuser setting: where the
+/// connected role may not set it (a managed service's admin), the service's own pgAudit
+/// configuration applies and this says so instead of failing.
+async fn set_role_pgaudit(client: &Client, role: &str, classes: &str) -> Result<(), RolesError> {
+    let sql = format!(
+        "ALTER ROLE {} SET pgaudit.log = {}",
+        quote_ident(role),
+        quote_literal(classes)
+    );
+    match client.batch_execute(&sql).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            tracing::warn!(
+                role,
+                classes,
+                "cannot set pgaudit.log for this role here ({}); set it with the provider's pgAudit configuration (e.g. RDS: rds_pgaudit role + pgaudit.log parameter group)",
+                crate::connect::describe_error(&e)
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Creates the owner and login roles if missing and (re)sets each login role's password
@@ -75,16 +156,22 @@ pub async fn ensure_roles(client: &Client, secrets: &Secrets) -> Result<(), Role
             quote_ident(Component::Monitor.role())
         ))
         .await?;
+    // Reporting and audit reads happen outside the API (and its request audit): pgAudit
+    // logs them, so every access to dalp's data is on record.
+    for c in [Component::Readonly, Component::Auditor] {
+        set_role_pgaudit(client, c.role(), READER_PGAUDIT_LOG).await?;
+    }
     // The administrator, when the secrets carry its password.
     if let Ok(password) = secrets.password(ADMIN_ROLE) {
         ensure_login(client, ADMIN_ROLE, &password).await?;
         client
             .batch_execute(&format!(
-                "GRANT {owner} TO {q}; ALTER ROLE {q} SET pgaudit.log = 'all'",
-                owner = quote_ident(OWNER_ROLE),
-                q = quote_ident(ADMIN_ROLE)
+                "GRANT {} TO {}",
+                quote_ident(OWNER_ROLE),
+                quote_ident(ADMIN_ROLE)
             ))
             .await?;
+        set_role_pgaudit(client, ADMIN_ROLE, "all").await?;
     }
     // Query analysis (`dalp db top|lint`) reads statistics of every role's statements.
     client

@@ -436,10 +436,29 @@ impl Backups {
         cmd
     }
 
+    /// Whether the backup directory exists (it does not when the instance was started with
+    /// `--no-archive` and never backed up).
+    pub fn is_set_up(&self) -> bool {
+        self.dir.is_dir()
+    }
+
+    /// The backup directory (configuration, repositories, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Runs pgBackRest, returning its stdout; on failure, the ERROR lines it printed.
     /// `progress` receives each line of output as it appears.
     pub fn run(&self, args: &[&str], progress: &dyn Fn(&str)) -> Result<String, OpsError> {
         use std::io::{BufRead, BufReader};
+        if !self.is_set_up() {
+            // Spawning in a missing directory fails with a bare ENOENT that reads as if
+            // pgBackRest itself were missing.
+            return Err(err(
+                format!("backup directory {}", self.dir.display()),
+                "does not exist: WAL archiving and backups were never set up for this instance (started with --no-archive?); restart `dalp up` without --no-archive",
+            ));
+        }
         let mut cmd = self.command(args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = process::spawn(cmd)

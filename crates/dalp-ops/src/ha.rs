@@ -43,8 +43,46 @@ pub const REWIND_ROLE: &str = "dalp_rewind";
 /// The user of Patroni's REST API for changing operations (switchover, restart).
 pub const API_USER: &str = "dalp_patroni";
 
-const PATRONI_BIN: &str = "/usr/bin/patroni";
+/// Where `scripts/deps.sh` installs the pinned Patroni (a virtualenv; `DALP_PATRONI` overrides).
+pub const DEFAULT_PATRONI_BIN: &str = "/opt/dalp/venv/bin/patroni";
+/// Debian 12 ships Patroni 3.0.2, whose etcd3 driver re-creates an expired leader key without
+/// a revision check: a resumed old leader can take the key back and acknowledged writes on the
+/// promoted primary are lost. Releases before this one are refused.
+pub const MIN_PATRONI: (u32, u32, u32) = (3, 0, 3);
 const ETCD_BIN: &str = "/usr/bin/etcd";
+
+/// The Patroni executable: `DALP_PATRONI`, else the project's pinned virtualenv.
+pub fn patroni_bin() -> PathBuf {
+    std::env::var_os("DALP_PATRONI")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATRONI_BIN))
+}
+
+/// Checks that `bin` is a Patroni without the known leader-key data-loss bug and returns its
+/// version.
+pub fn check_patroni(bin: &Path) -> Result<String, OpsError> {
+    let out = Command::new(bin).arg("--version").output().map_err(|e| {
+        err(
+            format!("Patroni at {}", bin.display()),
+            format!("{e}; scripts/deps.sh installs the pinned release into /opt/dalp/venv (or set DALP_PATRONI)"),
+        )
+    })?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let version = text.strip_prefix("patroni ").unwrap_or(&text).to_string();
+    let parts: Vec<u32> = version
+        .split('.')
+        .map(|p| p.trim().parse().unwrap_or(0))
+        .chain(std::iter::repeat(0))
+        .take(3)
+        .collect();
+    if (parts[0], parts[1], parts[2]) < MIN_PATRONI {
+        return Err(err(
+            format!("Patroni {version} at {}", bin.display()),
+            "this release can lose acknowledged writes when a stalled leader resumes (etcd3 leader key overwritten without a revision check); install the pinned release with scripts/deps.sh",
+        ));
+    }
+    Ok(version)
+}
 
 /// How to build the cluster. The timings are Patroni's (seconds).
 #[derive(Debug, Clone)]
@@ -285,14 +323,13 @@ impl HaCluster {
     /// dalp's roles and database are created once, through the leader.
     pub async fn up(dir: &Path, opts: HaOptions) -> Result<HaCluster, OpsError> {
         opts.validate()?;
-        for b in [PATRONI_BIN, ETCD_BIN] {
-            if !Path::new(b).exists() {
-                return Err(err(
-                    format!("{b} not found"),
-                    "install Debian's patroni and etcd-server packages (scripts/deps.sh does)",
-                ));
-            }
+        if !Path::new(ETCD_BIN).exists() {
+            return Err(err(
+                format!("{ETCD_BIN} not found"),
+                "install Debian's etcd-server package (scripts/deps.sh does)",
+            ));
         }
+        check_patroni(&patroni_bin())?;
         let bin = opts
             .bin_dir
             .clone()
@@ -473,6 +510,11 @@ impl HaCluster {
             cmdline.contains("patroni")
         };
         (ours && process::alive(pid)).then_some(pid)
+    }
+
+    /// The pid of node `name`'s Patroni, when it runs (tests stall it with SIGSTOP).
+    pub fn patroni_pid(&self, name: &str) -> Option<i32> {
+        self.live_pid(name)
     }
 
     /// The postmaster of node `name`, when it runs.
@@ -678,6 +720,9 @@ impl HaCluster {
                     "maximum_lag_on_failover": 1048576,
                     "synchronous_mode": true,
                     "synchronous_mode_strict": s.synchronous_mode_strict,
+                    // An etcd outage does not demote a primary that every member still
+                    // reaches over the REST API (Patroni ≥ 3.0): writes go on.
+                    "failsafe_mode": true,
                     "postgresql": {
                         "use_pg_rewind": true,
                         "use_slots": true,
@@ -726,7 +771,7 @@ impl HaCluster {
             return Ok(());
         }
         let dir = self.node_dir(name);
-        let mut cmd = Command::new(PATRONI_BIN);
+        let mut cmd = Command::new(patroni_bin());
         cmd.arg(dir.join("patroni.yml"))
             .current_dir(&dir)
             .env("HOME", &dir);

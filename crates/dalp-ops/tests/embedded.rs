@@ -111,6 +111,52 @@ async fn restart_reuses_data_port_and_passwords() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         assert!(found, "no AUDIT line for the write in the jsonlog");
+        // Reporting reads (outside the API) are on record too: dalp_readonly and
+        // dalp_auditor log the READ class.
+        for role in ["dalp_readonly", "dalp_auditor"] {
+            let set: Vec<String> = su
+                .query_one(
+                    "SELECT coalesce(s.setconfig, '{}') FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole WHERE r.rolname = $1",
+                    &[&role],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(
+                set.iter()
+                    .any(|s| s.starts_with("pgaudit.log=") && s.contains("read")),
+                "{role}: {set:?}"
+            );
+        }
+        c.batch_execute("SET ROLE dalp_owner; GRANT USAGE ON SCHEMA keep TO dalp_readonly; GRANT SELECT ON keep.t TO dalp_readonly; RESET ROLE")
+            .await
+            .unwrap();
+        let reader = again
+            .role_options("dalp_readonly", DATABASE)
+            .connect()
+            .await
+            .unwrap();
+        reader.query("SELECT v FROM keep.t", &[]).await.unwrap();
+        let mut read_logged = false;
+        for _ in 0..50 {
+            let logs: String = std::fs::read_dir(dir.path().join("log"))
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().map(|x| x == "json").unwrap_or(false))
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                .collect();
+            read_logged = logs.lines().any(|l| {
+                l.contains("AUDIT: SESSION")
+                    && l.contains(",READ,SELECT,")
+                    && l.contains("keep.t")
+                    && l.contains("\"user\":\"dalp_readonly\"")
+            });
+            if read_logged {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(read_logged, "no AUDIT READ line for dalp_readonly's SELECT");
     }
     // Checksums are on.
     let checksums: String = c

@@ -466,6 +466,18 @@ async fn backup_checks(data_dir: &Path, now: DateTime<Utc>, checks: &mut Vec<Che
             return;
         }
     };
+    if !b.is_set_up() {
+        checks.push(check(
+            "backups",
+            "info",
+            format!(
+                "not configured: no backup directory at {} (started with --no-archive?)",
+                b.dir().display()
+            ),
+            "restart `dalp up` without --no-archive to archive WAL and take backups",
+        ));
+        return;
+    }
     let policy = b.policy().clone();
     let list = match tokio::task::spawn_blocking(move || b.list()).await {
         Ok(Ok(l)) => l,

@@ -1,0 +1,229 @@
+//! Faults on the local Patroni cluster, each under write load and judged by the history
+//! checker (`history/`): every acknowledged id on every member, nothing twice, never two
+//! primaries acknowledging at once, and the cluster heals by itself.
+//!
+//! `zombie_leader_*` runs once here; `DALP_SOAK_ROUNDS=20 cargo test --release -p dalp-ops
+//! --test ha_faults -- --ignored zombie_soak --nocapture` is the soak (docs/benchmarks.md).
+
+mod history;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dalp_db::MIGRATOR_ROLE;
+use dalp_ops::{HaCluster, HaOptions};
+use history::{History, Writer};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+fn cluster_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("dalp-haf-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+async fn healthy(c: &HaCluster, within: Duration) {
+    let n = c.nodes().len();
+    c.wait_for(within, "a healthy cluster", |s| {
+        s.leader().is_some() && s.healthy_replicas() == n - 1 && s.sync_standby().is_some()
+    })
+    .await
+    .unwrap();
+}
+
+/// Resumes a stopped process when dropped, so a failing test never leaves it frozen.
+struct Frozen(i32);
+impl Frozen {
+    fn stop(pid: i32) -> Frozen {
+        kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+        Frozen(pid)
+    }
+}
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
+    }
+}
+
+/// Figures of one zombie round.
+#[derive(Debug)]
+struct ZombieRound {
+    promoted: String,
+    unavailable: Duration,
+    healed: Duration,
+    verdict: history::Verdict,
+}
+
+/// Freezes the leader's Patroni past ttl (its PostgreSQL keeps running and accepting
+/// connections), lets the synchronous standby be promoted and take writes, then resumes the
+/// old Patroni. Two writers: one that knows nothing of Patroni (every host, read-write), one
+/// pointed at the promoted node as soon as it leads.
+async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
+    healthy(cluster, Duration::from_secs(120)).await;
+    let status = cluster.status().await.unwrap();
+    let old = status.leader().unwrap().name.clone();
+    let standby = status.sync_standby().unwrap().name.clone();
+    let migrator = cluster.connect_options(MIGRATOR_ROLE).unwrap();
+    migrator
+        .connect()
+        .await
+        .unwrap()
+        .batch_execute(history::SETUP_SQL)
+        .await
+        .unwrap();
+    let ids = Arc::new(AtomicI64::new(1));
+    let hist = Arc::new(Mutex::new(History::default()));
+    let (pause, limit) = (Duration::from_millis(20), Duration::from_secs(3));
+    let plain = Writer::spawn(migrator.clone(), ids.clone(), hist.clone(), pause, limit);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !hist.lock().unwrap().acks.is_empty(),
+        "no write before the fault"
+    );
+
+    let frozen_at = Instant::now();
+    let frozen = Frozen::stop(cluster.patroni_pid(&old).expect("leader's Patroni runs"));
+    // The standby is promoted once the frozen leader's key expires.
+    let promoted = cluster.node_options(&standby, MIGRATOR_ROLE).unwrap();
+    let deadline = Instant::now() + cluster.ttl() * 4;
+    loop {
+        let primary = match promoted.connect().await {
+            Ok(c) => c
+                .query_one("SELECT NOT pg_is_in_recovery()", &[])
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .unwrap_or(false),
+            Err(_) => false,
+        };
+        if primary {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{standby} was not promoted while {old}'s Patroni was frozen"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let aware = Writer::spawn(promoted, ids.clone(), hist.clone(), pause, limit);
+    // Writes on the promoted primary for a while (the bug took the key back right away).
+    let promoted_at = Instant::now();
+    while hist.lock().unwrap().first_ack_after(promoted_at).is_none() {
+        assert!(
+            promoted_at.elapsed() < Duration::from_secs(60),
+            "the promoted primary acknowledged nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(frozen); // SIGCONT: the zombie resumes
+    let resumed = Instant::now();
+    // It must step down and rejoin; the writers keep going meanwhile.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    healthy(cluster, Duration::from_secs(180)).await;
+    let healed = resumed.elapsed();
+    let unavailable = hist.lock().unwrap().longest_gap(frozen_at, Instant::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    aware.stop().await;
+    plain.stop().await;
+
+    let members: Vec<(String, dalp_db::ConnectOptions)> = cluster
+        .nodes()
+        .iter()
+        .map(|n| (n.name.clone(), cluster.superuser_options(&n.name, "dalp")))
+        .collect();
+    let h = std::mem::take(&mut *hist.lock().unwrap());
+    let verdict = history::check(&h, &members, Duration::from_secs(30)).await;
+    let leader = cluster.leader().await.unwrap();
+    // Clean slate for the next round.
+    migrator
+        .connect()
+        .await
+        .unwrap()
+        .batch_execute("TRUNCATE ha_history.writes")
+        .await
+        .unwrap();
+    eprintln!(
+        "zombie: {old} frozen, {standby} promoted; writes unavailable {:.2} s; healed {:.1} s after resume; leader now {leader}; {verdict:?}",
+        unavailable.as_secs_f64(),
+        healed.as_secs_f64()
+    );
+    assert_eq!(
+        leader, standby,
+        "the resumed old leader took the leader key back"
+    );
+    ZombieRound {
+        promoted: standby,
+        unavailable,
+        healed,
+        verdict,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_leader_resumed_after_failover_loses_no_acknowledged_write() {
+    let dir = cluster_dir();
+    let cluster = HaCluster::up(
+        dir.path(),
+        HaOptions {
+            archive: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .stop_on_drop(true);
+    let round = zombie_round(&cluster).await;
+    round.verdict.assert_clean();
+    assert!(round.verdict.acked > 0 && !round.promoted.is_empty());
+    assert!(
+        round.unavailable < cluster.ttl() + Duration::from_secs(15),
+        "write outage {:?}",
+        round.unavailable
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: DALP_SOAK_ROUNDS rounds of the zombie fault (a minute each)"]
+async fn zombie_soak() {
+    let rounds: usize = std::env::var("DALP_SOAK_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let dir = cluster_dir();
+    let cluster = HaCluster::up(
+        dir.path(),
+        HaOptions {
+            archive: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .stop_on_drop(true);
+    let mut results = Vec::new();
+    for i in 1..=rounds {
+        let r = zombie_round(&cluster).await;
+        eprintln!("round {i}/{rounds}: {r:?}");
+        r.verdict.assert_clean();
+        results.push(r);
+    }
+    let secs = |f: fn(&ZombieRound) -> Duration| {
+        let mut v: Vec<f64> = results.iter().map(|r| f(r).as_secs_f64()).collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (v[0], v[v.len() / 2], v[v.len() - 1])
+    };
+    let acked: usize = results.iter().map(|r| r.verdict.acked).sum();
+    let unknown: usize = results.iter().map(|r| r.verdict.unknown).sum();
+    let landed: usize = results.iter().map(|r| r.verdict.unknown_landed).sum();
+    let failed: usize = results.iter().map(|r| r.verdict.failed).sum();
+    eprintln!(
+        "zombie soak: {rounds} rounds, {acked} acknowledged, 0 lost, {unknown} unknown ({landed} landed), {failed} failed before COMMIT; unavailable min/median/max {:?} s; healed after resume {:?} s",
+        secs(|r| r.unavailable),
+        secs(|r| r.healed)
+    );
+}

@@ -1,0 +1,251 @@
+//! A Jepsen-style history for HA fault tests: writers record, per id, whether the insert was
+//! acknowledged (COMMIT returned), failed before COMMIT, or has an unknown outcome (the
+//! connection broke or stalled during COMMIT); after the cluster heals, [`History::check`]
+//! reads every member and fails on any acknowledged id missing, any id stored twice, or two
+//! primaries acknowledging writes at the same time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dalp_db::ConnectOptions;
+
+/// The table the writers append to: no unique key, so a duplicate would be visible.
+pub const SETUP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS ha_history;
+     CREATE TABLE IF NOT EXISTS ha_history.writes (n bigint NOT NULL, port int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Acked,
+    Failed,
+    Unknown,
+}
+
+#[derive(Default)]
+pub struct History {
+    outcomes: BTreeMap<i64, Outcome>,
+    /// (when, id, server port) of every acknowledgement, in order.
+    pub acks: Vec<(Instant, i64, u16)>,
+    pub failures: Vec<(i64, String)>,
+}
+
+impl History {
+    pub fn acked(&self) -> BTreeSet<i64> {
+        self.ids(Outcome::Acked)
+    }
+    pub fn unknown(&self) -> BTreeSet<i64> {
+        self.ids(Outcome::Unknown)
+    }
+    fn ids(&self, o: Outcome) -> BTreeSet<i64> {
+        self.outcomes
+            .iter()
+            .filter(|(_, v)| **v == o)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+    /// The first acknowledgement after `t`.
+    pub fn first_ack_after(&self, t: Instant) -> Option<Instant> {
+        self.acks.iter().map(|a| a.0).find(|at| *at > t)
+    }
+    /// The longest time without any acknowledgement between `from` and `to` (the write
+    /// outage a fault in that span caused).
+    pub fn longest_gap(&self, from: Instant, to: Instant) -> Duration {
+        let mut times: Vec<Instant> = vec![from];
+        times.extend(
+            self.acks
+                .iter()
+                .map(|a| a.0)
+                .filter(|t| *t > from && *t < to),
+        );
+        times.push(to);
+        times
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// What the check found (all empty = the history is clean).
+#[derive(Debug, Default)]
+pub struct Verdict {
+    pub acked: usize,
+    pub unknown: usize,
+    pub unknown_landed: usize,
+    pub failed: usize,
+    /// (member, acknowledged ids it lacks)
+    pub lost: Vec<(String, Vec<i64>)>,
+    /// (member, ids stored more than once)
+    pub duplicates: Vec<(String, Vec<i64>)>,
+    /// Acknowledgements from a primary after another primary had acknowledged later writes.
+    pub interleaved_primaries: Vec<String>,
+}
+
+impl Verdict {
+    pub fn assert_clean(&self) {
+        assert!(
+            self.lost.is_empty(),
+            "acknowledged writes lost: {:?}",
+            self.lost
+        );
+        assert!(
+            self.duplicates.is_empty(),
+            "ids stored twice: {:?}",
+            self.duplicates
+        );
+        assert!(
+            self.interleaved_primaries.is_empty(),
+            "two primaries acknowledged writes at once: {:?}",
+            self.interleaved_primaries
+        );
+    }
+}
+
+/// A writer inserting ids from a shared counter, one connection per write (a client that
+/// knows nothing of Patroni: `target_session_attrs=read-write` over the hosts it is given).
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    pub fn spawn(
+        opts: ConnectOptions,
+        ids: Arc<AtomicI64>,
+        history: Arc<Mutex<History>>,
+        pause: Duration,
+        write_timeout: Duration,
+    ) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = tokio::spawn(async move {
+            while !flag.load(Ordering::Relaxed) {
+                let n = ids.fetch_add(1, Ordering::Relaxed);
+                let outcome = write_one(&opts, n, write_timeout).await;
+                {
+                    let mut h = history.lock().unwrap();
+                    match outcome {
+                        Ok(port) => {
+                            h.outcomes.insert(n, Outcome::Acked);
+                            h.acks.push((Instant::now(), n, port));
+                        }
+                        Err((o, e)) => {
+                            h.outcomes.insert(n, o);
+                            if o == Outcome::Failed {
+                                h.failures.push((n, e));
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(pause).await;
+            }
+        });
+        Writer { stop, handle }
+    }
+
+    pub async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.await.unwrap();
+    }
+}
+
+async fn write_one(
+    opts: &ConnectOptions,
+    n: i64,
+    limit: Duration,
+) -> Result<u16, (Outcome, String)> {
+    let failed = |e: String| (Outcome::Failed, e);
+    let client = tokio::time::timeout(limit, opts.connect())
+        .await
+        .map_err(|_| failed("connect timed out".into()))?
+        .map_err(|e| failed(e.to_string()))?;
+    let before = async {
+        client.batch_execute("BEGIN").await?;
+        let row = client
+            .query_one(
+                "INSERT INTO ha_history.writes (n, port) VALUES ($1, inet_server_port()) RETURNING port",
+                &[&n],
+            )
+            .await?;
+        Ok::<i32, tokio_postgres::Error>(row.get(0))
+    };
+    let port = tokio::time::timeout(limit, before)
+        .await
+        .map_err(|_| failed("insert timed out".into()))?
+        .map_err(|e| failed(e.to_string()))?;
+    // Once COMMIT is sent, anything but its answer leaves the outcome unknown.
+    match tokio::time::timeout(limit, client.batch_execute("COMMIT")).await {
+        Ok(Ok(())) => Ok(port as u16),
+        Ok(Err(e)) if e.code().is_some() && !dalp_db::ha::is_failover_error(&e) => {
+            Err(failed(e.to_string()))
+        }
+        Ok(Err(e)) => Err((Outcome::Unknown, e.to_string())),
+        Err(_) => Err((Outcome::Unknown, "COMMIT timed out".into())),
+    }
+}
+
+/// Reads every member (name, options that reach it whatever its role) until each holds every
+/// acknowledged id or `within` passes (replicas replay a moment behind), and judges the history.
+pub async fn check(
+    history: &History,
+    members: &[(String, ConnectOptions)],
+    within: Duration,
+) -> Verdict {
+    let acked = history.acked();
+    let unknown = history.unknown();
+    let mut v = Verdict {
+        acked: acked.len(),
+        unknown: unknown.len(),
+        failed: history.failures.len(),
+        ..Default::default()
+    };
+    let mut landed = BTreeSet::new();
+    for (name, opts) in members {
+        let deadline = Instant::now() + within;
+        let (rows, missing) = loop {
+            let rows: Vec<i64> = match opts.connect().await {
+                Ok(c) => match c.query("SELECT n FROM ha_history.writes", &[]).await {
+                    Ok(r) => r.iter().map(|r| r.get(0)).collect(),
+                    Err(_) => Vec::new(),
+                },
+                Err(_) => Vec::new(),
+            };
+            let present: BTreeSet<i64> = rows.iter().copied().collect();
+            let missing: Vec<i64> = acked.difference(&present).copied().collect();
+            if missing.is_empty() || Instant::now() > deadline {
+                break (rows, missing);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        if !missing.is_empty() {
+            v.lost.push((name.clone(), missing));
+        }
+        let mut seen = BTreeSet::new();
+        let dups: BTreeSet<i64> = rows.iter().copied().filter(|n| !seen.insert(*n)).collect();
+        if !dups.is_empty() {
+            v.duplicates
+                .push((name.clone(), dups.into_iter().collect()));
+        }
+        landed.extend(rows.into_iter().filter(|n| unknown.contains(n)));
+    }
+    v.unknown_landed = landed.len();
+    // Acknowledging primaries must form runs: once a primary acknowledged, an earlier one
+    // acknowledging again means both accepted writes in the same period.
+    let mut retired = BTreeSet::new();
+    let mut current: Option<u16> = None;
+    for (_, n, port) in &history.acks {
+        if current != Some(*port) {
+            if retired.contains(port) {
+                v.interleaved_primaries.push(format!(
+                    "port {port} acknowledged id {n} after being replaced"
+                ));
+            }
+            if let Some(c) = current {
+                retired.insert(c);
+            }
+            current = Some(*port);
+        }
+    }
+    v
+}
