@@ -582,9 +582,8 @@ pub enum UsersCommand {
     /// The password is read from standard input when it is not a terminal, else prompted twice.
     /// The admin must enrol TOTP at first login (POST /api/v1/mfa/totp).
     CreateAdmin {
-        /// Data directory of the embedded instance (it must be running).
-        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        instance: InstanceArgs,
         /// The administrator's email address.
         #[arg(long)]
         email: String,
@@ -599,10 +598,22 @@ pub enum KeysCommand {
     /// Create a new key-encryption key, make it active and re-wrap every data key under it.
     /// Records stay readable throughout; the old key stays in the key file.
     Rotate {
-        /// Data directory of the embedded instance (it must be running).
-        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        instance: InstanceArgs,
     },
+}
+
+/// Which running dalp to act on as its component roles: the embedded instance (or local HA
+/// cluster) in a data directory, or an external cluster described by `dalp serve`'s config.
+#[derive(Debug, Args, Clone)]
+pub struct InstanceArgs {
+    /// Data directory of the embedded instance (it must be running).
+    #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+    pub data_dir: PathBuf,
+    /// `dalp serve`'s configuration file: an external or managed cluster (hosts, CA, role
+    /// passwords, keys.dir). Takes precedence over --data-dir.
+    #[arg(long, env = "DALP_CONFIG")]
+    pub config: Option<PathBuf>,
 }
 
 /// Where the audit signing key is.

@@ -11,7 +11,8 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-const DALP: &str = env!("CARGO_BIN_EXE_dalp");
+mod common;
+use common::{dalp, dalp_with_stdin, free_port, text, totp_now, DALP};
 
 /// A CA that did not sign our server certificate (public certificate only, no key).
 const FOREIGN_CA: &str = "-----BEGIN CERTIFICATE-----
@@ -28,22 +29,6 @@ zJ/9EjuRHJujgzPgIkmgdT/T
 
 fn data_dir() -> tempfile::TempDir {
     dalp_testkit::server_dir("dalp-cli-")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn dalp(args: &[&str]) -> Output {
-    Command::new(DALP).args(args).output().expect("run dalp")
-}
-
-fn text(o: &Output) -> String {
-    dalp_testkit::output_text(o)
 }
 
 /// A running `dalp up`, stopped (SIGTERM, then SIGKILL) when dropped, also on test failure.
@@ -428,32 +413,6 @@ mod reqwest {
             .unwrap();
         rt.block_on(async { ::reqwest::get(url).await.unwrap().status().as_u16() })
     }
-}
-
-fn dalp_with_stdin(args: &[&str], input: &str) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(DALP)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn totp_now(secret_b32: &str, offset: i64) -> String {
-    let secret = data_encoding::BASE32_NOPAD
-        .decode(secret_b32.as_bytes())
-        .unwrap();
-    let step = dalp_identity::totp::step_at(chrono::Utc::now().timestamp() as u64) as i64 + offset;
-    format!("{:06}", dalp_identity::totp::hotp(&secret, step as u64, 6))
 }
 
 #[test]

@@ -184,6 +184,10 @@ pub struct StartOptions {
     pub max_connections: Option<u32>,
     /// Archive WAL with this `archive_command` (see [`crate::backup::Backups`]); default off.
     pub archive_command: Option<String>,
+    /// Start a bare server the way a managed service hands one over (tests emulate RDS &c.
+    /// with it): no dalp roles or database are created and nothing is preloaded (no pgAudit,
+    /// pg_stat_statements or auto_explain). Default off.
+    pub managed: bool,
 }
 
 /// Server connections unless configured (a pooler lets far more clients share them).
@@ -529,6 +533,7 @@ impl Instance {
             opts.slow_query_ms.unwrap_or(DEFAULT_SLOW_QUERY_MS),
             opts.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             opts.archive_command.as_deref(),
+            opts.managed,
         )?;
 
         let log_path = self.layout.log_file();
@@ -559,7 +564,9 @@ impl Instance {
             child: Mutex::new(Some(child)),
         };
         running.wait_ready(Duration::from_secs(60)).await?;
-        running.bootstrap().await?;
+        if !opts.managed {
+            running.bootstrap().await?;
+        }
         Ok(running)
     }
 
@@ -636,6 +643,7 @@ impl Instance {
         slow_ms: u32,
         max_connections: u32,
         archive_command: Option<&str>,
+        managed: bool,
     ) -> Result<(), OpsError> {
         let pgdata = self.layout.pgdata();
         let socket_dir = self.layout.socket_dir();
@@ -679,6 +687,14 @@ impl Instance {
             max_connections,
             archive_command,
         }));
+        if managed {
+            settings.retain(|(k, _)| {
+                *k != "shared_preload_libraries"
+                    && !["pgaudit.", "auto_explain.", "pg_stat_statements."]
+                        .iter()
+                        .any(|p| k.starts_with(p))
+            });
+        }
         let mut conf =
             String::from("# Written by dalp at every start; local edits are overwritten.\n");
         for (k, v) in settings {

@@ -5,6 +5,7 @@
 //! [`migrated_database`] (a copy of a template with every migration applied).
 
 pub mod anvil;
+pub mod managed;
 
 /// A temporary directory under /tmp that the `postgres` user can enter (0755), removed
 /// when dropped: for tests that start their own servers in it.

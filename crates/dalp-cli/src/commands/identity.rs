@@ -1,31 +1,44 @@
 //! `dalp users create-admin` and `dalp keys rotate`: the identity store, driven from the
 //! command line as the identity service role.
 
-use std::io::{IsTerminal, Read};
-use std::path::Path;
+use std::io::{BufRead, IsTerminal};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use dalp_db::{Component, ComponentPools, MIGRATOR_ROLE};
+use dalp_db::{Component, ComponentPools, Config, MIGRATOR_ROLE};
 use dalp_identity::crypto::FileKeyProvider;
 use dalp_identity::store::NewUser;
 use dalp_identity::types::{Email, Password, PlatformRole};
 use dalp_identity::{IdentityStore, RequestContext};
 use dalp_ops::Layout;
 
-/// The identity store of the embedded instance, without a cache (the CLI is short-lived).
-fn store(data_dir: &Path) -> anyhow::Result<IdentityStore> {
-    let layout = Layout::new(data_dir);
-    let base = layout
-        .connect_options(MIGRATOR_ROLE)
-        .with_context(|| format!("instance in {}", data_dir.display()))?;
-    let secrets = dalp_db::Secrets::load(&layout.secrets_file())?;
-    let pools = ComponentPools::build(&base, &secrets, 2, Duration::from_secs(5))?;
-    let keys = Arc::new(FileKeyProvider::open_or_create(
-        &layout.keys_dir().join(dalp_api::KEK_FILE),
-    )?);
+use crate::cli::InstanceArgs;
+
+/// The identity store of the instance, without a cache (the CLI is short-lived): the
+/// embedded one in `--data-dir`, or the external cluster of `--config`.
+fn store(instance: &InstanceArgs) -> anyhow::Result<IdentityStore> {
+    let (pools, kek_file) = match &instance.config {
+        Some(path) => {
+            let config = Config::load(Some(path), std::env::vars())?;
+            let pools = super::serve::config_pools(&config, 2)?;
+            (
+                pools,
+                super::serve::config_keys_dir(&config)?.join(dalp_api::KEK_FILE),
+            )
+        }
+        None => {
+            let layout = Layout::new(&instance.data_dir);
+            let base = layout
+                .connect_options(MIGRATOR_ROLE)
+                .with_context(|| format!("instance in {}", instance.data_dir.display()))?;
+            let secrets = dalp_db::Secrets::load(&layout.secrets_file())?;
+            let pools = ComponentPools::build(&base, &secrets, 2, Duration::from_secs(5))?;
+            (pools, layout.keys_dir().join(dalp_api::KEK_FILE))
+        }
+    };
+    let keys = Arc::new(FileKeyProvider::open_or_create(&kek_file)?);
     Ok(IdentityStore::new(
         pools.get(Component::Identity).clone(),
         keys,
@@ -49,9 +62,12 @@ fn read_password() -> anyhow::Result<Password> {
         }
         a
     } else {
+        // One line: the password ends at the first newline, whatever follows (a script
+        // that pipes it twice, as for the prompt, must not get a password with a newline).
         let mut s = String::new();
         std::io::stdin()
-            .read_to_string(&mut s)
+            .lock()
+            .read_line(&mut s)
             .context("read password from stdin")?;
         s.trim_end_matches(['\n', '\r']).to_string()
     };
@@ -59,7 +75,7 @@ fn read_password() -> anyhow::Result<Password> {
 }
 
 pub async fn create_admin(
-    data_dir: &Path,
+    instance: &InstanceArgs,
     email: &str,
     name: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
@@ -73,7 +89,7 @@ pub async fn create_admin(
             .unwrap_or("admin")
             .to_string()
     });
-    let store = store(data_dir)?;
+    let store = store(instance)?;
     let user = store
         .create_user(
             &cli_context(),
@@ -92,8 +108,8 @@ pub async fn create_admin(
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn rotate_keys(data_dir: &Path) -> anyhow::Result<ExitCode> {
-    let store = store(data_dir)?;
+pub async fn rotate_keys(instance: &InstanceArgs) -> anyhow::Result<ExitCode> {
+    let store = store(instance)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("re-wrapping data keys {bar:30} {pos}/{len}")

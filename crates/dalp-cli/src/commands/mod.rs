@@ -201,13 +201,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Users {
             command:
                 UsersCommand::CreateAdmin {
-                    data_dir,
+                    instance,
                     email,
                     name,
                 },
-        } => identity::create_admin(&data_dir, &email, name.as_deref()).await,
+        } => identity::create_admin(&instance, &email, name.as_deref()).await,
         Command::Keys {
-            command: KeysCommand::Rotate { data_dir },
-        } => identity::rotate_keys(&data_dir).await,
+            command: KeysCommand::Rotate { instance },
+        } => identity::rotate_keys(&instance).await,
     }
 }

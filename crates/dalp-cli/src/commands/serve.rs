@@ -11,8 +11,8 @@ use dalp_db::{ComponentPools, Config, Secrets, MIGRATOR_ROLE};
 
 use super::up::shutdown_signal;
 
-pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = Config::load(Some(path), std::env::vars())?;
+/// The component pools a configuration describes (through its pooler when it names one).
+pub fn config_pools(config: &Config, pool_size: usize) -> anyhow::Result<ComponentPools> {
     let mut secrets = match &config.database.secrets_file {
         Some(f) => Secrets::load(f)?,
         None => Secrets::default(),
@@ -22,20 +22,31 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let pooled = config
         .pooler_options(MIGRATOR_ROLE, "dalp")
         .unwrap_or_else(|| base.clone());
-    let pools = ComponentPools::build_via(
+    Ok(ComponentPools::build_via(
         &pooled,
         &base,
         &secrets,
-        config.database.pool_max_size,
+        pool_size,
         Duration::from_millis(config.database.pool_wait_timeout_ms),
-    )?;
+    )?)
+}
+
+/// `keys.dir` of a configuration, which every verb that reads or writes PII needs.
+pub fn config_keys_dir(config: &Config) -> anyhow::Result<&Path> {
+    config
+        .keys
+        .dir
+        .as_deref()
+        .context("keys.dir is not set: dalp needs its key files (PII encryption, audit signing)")
+}
+
+pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(Some(path), std::env::vars())?;
+    let pools = config_pools(&config, config.database.pool_max_size)?;
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .with_context(|| format!("bind the API to {}", config.api.listen))?;
-    let keys_dir =
-        config.keys.dir.as_deref().context(
-            "keys.dir is not set: dalp needs its key files (PII encryption, audit signing)",
-        )?;
+    let keys_dir = config_keys_dir(&config)?;
     let services = Services::start(
         Arc::new(pools),
         keys_dir,

@@ -195,6 +195,7 @@ impl Backend {
             slow_query_ms: Some(args.slow_query_ms),
             max_connections: Some(args.max_connections),
             archive_command: None,
+            managed: false,
         };
         // WAL archiving to pgBackRest unless turned off.
         let cluster = if !args.ha_opts.no_archive && dalp_ops::backup::available() {

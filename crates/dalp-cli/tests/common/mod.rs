@@ -1,0 +1,50 @@
+//! Helpers shared by the CLI's end-to-end tests: running the `dalp` binary, free ports,
+//! feeding standard input, TOTP codes.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::process::{Command, Output, Stdio};
+
+pub const DALP: &str = env!("CARGO_BIN_EXE_dalp");
+
+pub fn free_port() -> u16 {
+    TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn dalp(args: &[&str]) -> Output {
+    Command::new(DALP).args(args).output().expect("run dalp")
+}
+
+pub fn text(o: &Output) -> String {
+    dalp_testkit::output_text(o)
+}
+
+pub fn dalp_with_stdin(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(DALP)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+pub fn totp_now(secret_b32: &str, offset: i64) -> String {
+    let secret = data_encoding::BASE32_NOPAD
+        .decode(secret_b32.as_bytes())
+        .unwrap();
+    let step = dalp_identity::totp::step_at(chrono::Utc::now().timestamp() as u64) as i64 + offset;
+    format!("{:06}", dalp_identity::totp::hotp(&secret, step as u64, 6))
+}

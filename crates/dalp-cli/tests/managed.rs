@@ -1,0 +1,169 @@
+//! dalp on a managed-style PostgreSQL (as on RDS, Cloud SQL, Azure): the only access is a
+//! `NOSUPERUSER CREATEROLE CREATEDB` administrator, nothing is preloaded, the server's CA is
+//! handed over as a file. From `dalp roles create` to a served API with an MFA-enrolled
+//! administrator, no superuser is ever used.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{dalp, dalp_with_stdin, free_port, text, totp_now, DALP};
+use dalp_testkit::managed::ManagedCluster;
+
+/// `dalp serve`, killed by pid when dropped (also when the test fails).
+struct Serve(Child);
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_migrate_serve_and_first_admin_without_a_superuser() {
+    let m = ManagedCluster::start().await;
+    let work = dalp_testkit::server_dir("dalp-managed-cfg-");
+    let secrets = work.path().join("secrets.json");
+    let admin_url = m.admin_url();
+
+    // Roles, twice: the second run changes nothing and must not fail either.
+    for run in 1..=2 {
+        let o = dalp(&[
+            "roles",
+            "create",
+            "--database-url",
+            &admin_url,
+            "--secrets-file",
+            secrets.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "roles create run {run}: {}", text(&o));
+    }
+    let passwords: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&secrets).unwrap()).unwrap();
+    let migrator_url = m.url(
+        "dalp_migrator",
+        passwords["roles"]["dalp_migrator"].as_str().unwrap(),
+    );
+    let o = dalp(&["migrate", "--database-url", &migrator_url]);
+    assert!(o.status.success(), "migrate: {}", text(&o));
+    let o = dalp(&["roles", "check", "--database-url", &migrator_url]);
+    assert!(o.status.success(), "roles check: {}", text(&o));
+
+    // No role dalp created has an attribute it must not have.
+    let admin = dalp_db::ConnectOptions::from_url(&admin_url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let privileged: Vec<String> = admin
+        .query(
+            "SELECT rolname::text FROM pg_roles WHERE rolname LIKE 'dalp%'
+               AND (rolsuper OR rolcreaterole OR rolcreatedb OR rolreplication OR rolbypassrls)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(privileged.is_empty(), "{privileged:?}");
+
+    // `dalp serve` with a config naming the provider's CA and the secrets file.
+    let api_port = free_port();
+    let keys = work.path().join("keys");
+    let config = work.path().join("dalp.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nhosts = [\"127.0.0.1:{}\"]\nname = \"dalp\"\nca_file = \"{}\"\nsecrets_file = \"{}\"\n\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n\n[keys]\ndir = \"{}\"\n",
+            m.port(),
+            m.ca_file().display(),
+            secrets.display(),
+            keys.display()
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    // The first administrator, through the config; the password piped twice as for the
+    // prompt: only the first line counts.
+    let o = dalp_with_stdin(
+        &[
+            "users",
+            "create-admin",
+            "--config",
+            cfg,
+            "--email",
+            "ops@bank.example",
+        ],
+        "correct horse battery staple\ncorrect horse battery staple\n",
+    );
+    assert!(o.status.success(), "create-admin: {}", text(&o));
+    let _serve = Serve(
+        Command::new(DALP)
+            .args(["serve", "--config", cfg])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{api_port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dalp serve not ready within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let login: serde_json::Value = http
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&serde_json::json!({"email": "ops@bank.example", "password": "correct horse battery staple"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(login["mfa_required"], true, "{login}");
+    let token = login["token"].as_str().unwrap().to_string();
+    let enrol: serde_json::Value = http
+        .post(format!("{base}/api/v1/mfa/totp"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = http
+        .post(format!("{base}/api/v1/mfa/totp/confirm"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"code": totp_now(enrol["secret"].as_str().unwrap(), 0)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let me = http
+        .get(format!("{base}/api/v1/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 200);
+
+    // Keys rotate through the config too.
+    let o = dalp(&["keys", "rotate", "--config", cfg]);
+    assert!(o.status.success(), "keys rotate: {}", text(&o));
+    assert!(
+        text(&o).contains("1 data key(s) re-wrapped"),
+        "{}",
+        text(&o)
+    );
+}
