@@ -11,6 +11,20 @@ use std::time::{Duration, Instant};
 use common::{dalp, dalp_with_stdin, free_port, text, totp_now, DALP};
 use dalp_testkit::managed::ManagedCluster;
 
+/// The audit partitions after `this_month`'s, by name.
+async fn audit_partitions_after(c: &tokio_postgres::Client, this_month: &str) -> Vec<String> {
+    c.query(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+          WHERE i.inhparent = 'dalp_audit.events'::regclass AND c.relname::text > $1 ORDER BY 1",
+        &[&this_month],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 /// `dalp serve`, killed by pid when dropped (also when the test fails).
 struct Serve(Child);
 impl Drop for Serve {
@@ -76,7 +90,7 @@ async fn roles_migrate_serve_and_first_admin_without_a_superuser() {
     std::fs::write(
         &config,
         format!(
-            "[database]\nhosts = [\"127.0.0.1:{}\"]\nname = \"dalp\"\nca_file = \"{}\"\nsecrets_file = \"{}\"\n\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n\n[keys]\ndir = \"{}\"\n",
+            "[database]\nhosts = [\"127.0.0.1:{}\"]\nname = \"dalp\"\nca_file = \"{}\"\nsecrets_file = \"{}\"\n\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n\n[keys]\ndir = \"{}\"\n\n[maintenance]\npartition_interval_secs = 2\n",
             m.port(),
             m.ca_file().display(),
             secrets.display(),
@@ -157,6 +171,41 @@ async fn roles_migrate_serve_and_first_admin_without_a_superuser() {
         .await
         .unwrap();
     assert_eq!(me.status(), 200);
+
+    // `serve` keeps partitions ahead: drop the audit partitions of the coming months (as
+    // the migrator, not a superuser) and they are back within a minute.
+    let mut migrator = dalp_db::ConnectOptions::from_url(&migrator_url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let this_month = chrono::Utc::now().format("events_p%Y%m").to_string();
+    let ahead = audit_partitions_after(&migrator, &this_month).await;
+    assert!(
+        !ahead.is_empty(),
+        "no audit partition ahead of {this_month}"
+    );
+    {
+        let tx = migrator.transaction().await.unwrap();
+        tx.batch_execute("SET LOCAL ROLE dalp_owner").await.unwrap();
+        for p in &ahead {
+            tx.batch_execute(&format!("DROP TABLE dalp_audit.{p}"))
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    assert!(audit_partitions_after(&migrator, &this_month)
+        .await
+        .is_empty());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while audit_partitions_after(&migrator, &this_month).await != ahead {
+        assert!(
+            Instant::now() < deadline,
+            "serve did not recreate {ahead:?} within a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // Keys rotate through the config too.
     let o = dalp(&["keys", "rotate", "--config", cfg]);

@@ -20,6 +20,32 @@ pub struct Config {
     pub api: ApiConfig,
     /// Key-encryption keys for PII.
     pub keys: KeysConfig,
+    /// Background duties every serving process runs.
+    pub maintenance: MaintenanceConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceConfig {
+    /// Seconds between partition maintenance rounds (create partitions ahead, drop those past
+    /// retention). Several API processes may run: an advisory lock lets one do each round.
+    /// The first round runs at start. Default: 3600.
+    pub partition_interval_secs: u64,
+    /// Months audit partitions are kept (the data-protection policy: 7 years). Default: 84.
+    pub audit_retention_months: u32,
+    /// Months indexed chain data is kept. Default: none (kept forever; re-readable from the
+    /// chain).
+    pub indexed_retention_months: Option<u32>,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            partition_interval_secs: 3600,
+            audit_retention_months: 84,
+            indexed_retention_months: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -234,6 +260,30 @@ impl Config {
                 field: "database.connect_timeout_ms",
                 message: "must be at least 1".into(),
             });
+        }
+        let m = &self.maintenance;
+        if m.partition_interval_secs == 0 {
+            return Err(ConfigError::Invalid {
+                field: "maintenance.partition_interval_secs",
+                message: "must be at least 1".into(),
+            });
+        }
+        for (field, months) in [
+            (
+                "maintenance.audit_retention_months",
+                Some(m.audit_retention_months),
+            ),
+            (
+                "maintenance.indexed_retention_months",
+                m.indexed_retention_months,
+            ),
+        ] {
+            if months.is_some_and(|n| !(1..=1200).contains(&n)) {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: "must be 1 to 1200 months".into(),
+                });
+            }
         }
         Ok(())
     }

@@ -526,15 +526,7 @@ impl Instance {
         let port = self.choose_port(opts.pg_port)?;
         let pgaudit_log =
             parse_pgaudit_classes(opts.pgaudit_log.as_deref().unwrap_or(DEFAULT_PGAUDIT_LOG))?;
-        self.write_config(
-            &bin,
-            port,
-            &pgaudit_log,
-            opts.slow_query_ms.unwrap_or(DEFAULT_SLOW_QUERY_MS),
-            opts.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
-            opts.archive_command.as_deref(),
-            opts.managed,
-        )?;
+        self.write_config(&bin, port, &pgaudit_log, &opts)?;
 
         let log_path = self.layout.log_file();
         let log_dir = log_path.parent().expect("log file has a parent");
@@ -640,10 +632,7 @@ impl Instance {
         bin: &Path,
         port: u16,
         pgaudit_log: &str,
-        slow_ms: u32,
-        max_connections: u32,
-        archive_command: Option<&str>,
-        managed: bool,
+        opts: &StartOptions,
     ) -> Result<(), OpsError> {
         let pgdata = self.layout.pgdata();
         let socket_dir = self.layout.socket_dir();
@@ -683,11 +672,11 @@ impl Instance {
             tls_dir: &tls,
             log_dir: &log_dir,
             pgaudit_log,
-            slow_ms,
-            max_connections,
-            archive_command,
+            slow_ms: opts.slow_query_ms.unwrap_or(DEFAULT_SLOW_QUERY_MS),
+            max_connections: opts.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            archive_command: opts.archive_command.as_deref(),
         }));
-        if managed {
+        if opts.managed {
             settings.retain(|(k, _)| {
                 *k != "shared_preload_libraries"
                     && !["pgaudit.", "auto_explain.", "pg_stat_statements."]

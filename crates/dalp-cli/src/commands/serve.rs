@@ -11,13 +11,19 @@ use dalp_db::{ComponentPools, Config, Secrets, MIGRATOR_ROLE};
 
 use super::up::shutdown_signal;
 
-/// The component pools a configuration describes (through its pooler when it names one).
-pub fn config_pools(config: &Config, pool_size: usize) -> anyhow::Result<ComponentPools> {
+/// The role passwords a configuration points at (file, environment, secrets command).
+pub fn config_secrets(config: &Config) -> anyhow::Result<Secrets> {
     let mut secrets = match &config.database.secrets_file {
         Some(f) => Secrets::load(f)?,
         None => Secrets::default(),
     };
     secrets.command = config.database.secrets_command.clone();
+    Ok(secrets)
+}
+
+/// The component pools a configuration describes (through its pooler when it names one).
+pub fn config_pools(config: &Config, pool_size: usize) -> anyhow::Result<ComponentPools> {
+    let secrets = config_secrets(config)?;
     let base = config.connect_options(MIGRATOR_ROLE, "dalp");
     let pooled = config
         .pooler_options(MIGRATOR_ROLE, "dalp")
@@ -55,6 +61,23 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
             login_attempts_per_minute: config.api.login_attempts_per_minute,
         },
     )?;
+    // Background duties: partitions kept ahead (every serving process; one per round).
+    let m = &config.maintenance;
+    let mut owner = config.connect_options(MIGRATOR_ROLE, "dalp-maintenance");
+    owner.password = Some(
+        config_secrets(&config)?
+            .password(MIGRATOR_ROLE)
+            .context("partition maintenance connects as dalp_migrator")?,
+    );
+    let maintenance = tokio::spawn(super::maintenance::partition_maintenance(
+        owner,
+        dalp_api::catalog::Retention {
+            audit_months: m.audit_retention_months,
+            indexed_months: m.indexed_retention_months,
+        },
+        Duration::from_secs(m.partition_interval_secs),
+        true,
+    ));
     let app = services.router();
     match (&config.api.tls_cert, &config.api.tls_key) {
         (Some(cert), Some(key)) => {
@@ -67,5 +90,6 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
             dalp_api::serve(listener, app, shutdown_signal()).await?;
         }
     }
+    maintenance.abort();
     Ok(ExitCode::SUCCESS)
 }

@@ -14,6 +14,7 @@ use dalp_ops::embedded::DATABASE;
 use dalp_ops::{HaCluster, Instance, OpsError, RunningCluster, StartOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::maintenance::{maintain_partitions, partition_maintenance};
 use crate::cli::UpArgs;
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -76,6 +77,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let maintenance = tokio::spawn(partition_maintenance(
         migrator.clone(),
         args.retention.retention(),
+        Duration::from_secs(3600),
+        false,
     ));
 
     let pools = Arc::new(ComponentPools::build(
@@ -356,45 +359,6 @@ pub async fn apply_migrations(client: &mut tokio_postgres::Client) -> anyhow::Re
         report.already_applied
     );
     Ok(())
-}
-
-/// Creates partitions ahead and drops those past retention, for every partitioned table.
-async fn maintain_partitions(
-    owner: &mut tokio_postgres::Client,
-    retention: dalp_api::catalog::Retention,
-) -> anyhow::Result<()> {
-    for policy in &dalp_api::catalog::partition_policies(retention) {
-        let m = dalp_db::partitions::maintain(owner, policy, chrono::Utc::now())
-            .await
-            .with_context(|| {
-                format!("maintain partitions of {}.{}", policy.schema, policy.table)
-            })?;
-        if !m.created.is_empty() || !m.dropped.is_empty() {
-            eprintln!(
-                "partitions of {}: created {:?}, dropped {:?}",
-                m.table, m.created, m.dropped
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Hourly partition maintenance, as the migrator (owner) on a connection of its own.
-async fn partition_maintenance(
-    migrator: dalp_db::ConnectOptions,
-    retention: dalp_api::catalog::Retention,
-) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(3600)).await;
-        let result = async {
-            let mut c = migrator.connect().await?;
-            maintain_partitions(&mut c, retention).await
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %format!("{e:#}"), "partition maintenance failed; retrying in an hour");
-        }
-    }
 }
 
 /// Polls `GET /readyz` until it answers 200.

@@ -1,0 +1,82 @@
+//! Partition maintenance, the background duty of every serving process (`dalp up` and
+//! `dalp serve`): partitions created ahead, those past retention dropped. Several processes
+//! may serve one database; a session advisory lock lets one of them do each round.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use dalp_api::catalog::Retention;
+
+/// Key of the advisory lock a maintenance round holds.
+pub const PARTITION_MAINTENANCE_LOCK: i64 = 0x6461_6c70_7061_7274; // "dalppart"
+
+/// Creates partitions ahead and drops those past retention, for every partitioned table.
+pub async fn maintain_partitions(
+    owner: &mut tokio_postgres::Client,
+    retention: Retention,
+) -> anyhow::Result<()> {
+    for policy in &dalp_api::catalog::partition_policies(retention) {
+        let m = dalp_db::partitions::maintain(owner, policy, chrono::Utc::now())
+            .await
+            .with_context(|| {
+                format!("maintain partitions of {}.{}", policy.schema, policy.table)
+            })?;
+        if !m.created.is_empty() || !m.dropped.is_empty() {
+            eprintln!(
+                "partitions of {}: created {:?}, dropped {:?}",
+                m.table, m.created, m.dropped
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One round on a connection of its own, unless another process holds the lock (it is doing
+/// the same round). Returns whether this process did it.
+pub async fn maintenance_round(
+    migrator: &dalp_db::ConnectOptions,
+    retention: Retention,
+) -> anyhow::Result<bool> {
+    let mut c = migrator
+        .connect()
+        .await
+        .context("connect as the migrator for partition maintenance")?;
+    let locked: bool = c
+        .query_one(
+            "SELECT pg_try_advisory_lock($1)",
+            &[&PARTITION_MAINTENANCE_LOCK],
+        )
+        .await?
+        .get(0);
+    if !locked {
+        return Ok(false);
+    }
+    // The lock is the session's: it goes with the connection.
+    maintain_partitions(&mut c, retention).await?;
+    Ok(true)
+}
+
+/// Maintenance every `interval`, as the migrator (owner); with `now`, the first round runs at
+/// once. Failures are logged and retried at the next round.
+pub async fn partition_maintenance(
+    migrator: dalp_db::ConnectOptions,
+    retention: Retention,
+    interval: Duration,
+    now: bool,
+) {
+    if !now {
+        tokio::time::sleep(interval).await;
+    }
+    loop {
+        match maintenance_round(&migrator, retention).await {
+            Ok(true) => tracing::debug!("partition maintenance done"),
+            Ok(false) => {
+                tracing::debug!("partition maintenance skipped: another process holds the lock")
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "partition maintenance failed; retrying at the next round")
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
