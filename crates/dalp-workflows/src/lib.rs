@@ -9,7 +9,10 @@ pub mod txreq;
 pub mod worker;
 
 pub use engine::{NewRun, Outcome, Run, WorkflowError, WorkflowStore};
-pub use txreq::{NewTxRequest, TransitionInput, TxRequest, TxStatus};
+pub use txreq::{
+    stranded_per_signer, NewTxRequest, SignerStrands, StrandedNonce, TransitionInput, TxRequest,
+    TxStatus,
+};
 
 use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
 
@@ -30,6 +33,11 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             name: "engine",
             sql: include_str!("../migrations/0002_engine.sql"),
         },
+        Migration {
+            version: 3,
+            name: "nonce_bindings",
+            sql: include_str!("../migrations/0003_nonce_bindings.sql"),
+        },
     ],
 };
 
@@ -40,7 +48,8 @@ pub const ACCESS: SchemaAccess = SchemaAccess {
         RoleGrant {
             role: "dalp_workflows_svc",
             tables: Privs::READ_WRITE,
-            overrides: &[],
+            // Broadcast nonces only grow.
+            overrides: &[("broadcast_nonces", Privs::SELECT.union(Privs::INSERT))],
         },
         RoleGrant {
             role: "dalp_readonly",

@@ -65,7 +65,9 @@ impl TxStatus {
         }
     }
 
-    /// Holding a nonce that never reached the chain: returned to the pool when it ends.
+    /// Holding a nonce that has not reached the chain from this state: returned to the pool
+    /// when the request ends here, unless the nonce was broadcast before (a re-queued request
+    /// or a replacement), which binds it for good.
     fn before_broadcast(self) -> bool {
         matches!(
             self,
@@ -122,6 +124,9 @@ pub struct TxRequest {
     pub recheck_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The request whose stranded nonce this one fills (a no-op self-transfer the store
+    /// queued when that request ended after broadcasting without being mined).
+    pub replaces: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -133,7 +138,7 @@ pub struct Transition {
     pub at: DateTime<Utc>,
 }
 
-const TX_COLUMNS: &str = "id, organisation_id, chain_id, sender, to_address, value::text, data, idempotency_key, status, nonce, gas_limit, tx_hash, error, recheck_at, created_at, updated_at";
+const TX_COLUMNS: &str = "id, organisation_id, chain_id, sender, to_address, value::text, data, idempotency_key, status, nonce, gas_limit, tx_hash, error, recheck_at, created_at, updated_at, replaces";
 
 fn tx_row(r: &Row) -> TxRequest {
     TxRequest {
@@ -153,6 +158,7 @@ fn tx_row(r: &Row) -> TxRequest {
         recheck_at: r.get(13),
         created_at: r.get(14),
         updated_at: r.get(15),
+        replaces: r.get(16),
     }
 }
 
@@ -310,11 +316,24 @@ impl WorkflowStore {
             nonce = Some(n);
             detail["nonce"] = json!(n);
         }
-        if matches!(
+        // Whether this request's nonce ever reached the chain (from this request or one it
+        // replaces): then it is never released, and ending here strands it.
+        let broadcast = match nonce {
+            Some(n) => tx
+                .typed_query_one(
+                    "SELECT EXISTS (SELECT 1 FROM dalp_workflows.broadcast_nonces
+                                     WHERE chain_id = $1 AND signer = $2 AND nonce = $3)",
+                    &[&current.chain_id, &sender, &n],
+                )
+                .await?
+                .get::<_, bool>(0),
+            None => false,
+        };
+        let ends = matches!(
             to,
             TxStatus::Failed | TxStatus::Cancelled | TxStatus::DeadLetter
-        ) && current.status.before_broadcast()
-        {
+        );
+        if ends && !broadcast && current.status.before_broadcast() {
             if let Some(n) = nonce.take() {
                 tx.typed_execute(
                     "INSERT INTO dalp_workflows.released_nonces (chain_id, signer, nonce) VALUES ($1, $2, $3)",
@@ -324,6 +343,20 @@ impl WorkflowStore {
                 detail["released_nonce"] = json!(n);
             }
         }
+        if to == TxStatus::Broadcasting {
+            let n = nonce.expect("a request past PREPARING holds a nonce");
+            // Bound for good (the database refuses a second, non-replacement broadcaster).
+            tx.typed_execute(
+                "INSERT INTO dalp_workflows.broadcast_nonces (chain_id, signer, nonce, request_id)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[&current.chain_id, &sender, &n, &id],
+            )
+            .await?;
+            detail["nonce"] = json!(n);
+        }
+        let stranded = (broadcast || to == TxStatus::Broadcasting)
+            && matches!(to, TxStatus::Failed | TxStatus::Cancelled)
+            && nonce.is_some();
         if let Some(e) = &input.error {
             detail["error"] = json!(e.chars().take(500).collect::<String>());
         }
@@ -350,9 +383,42 @@ impl WorkflowStore {
             )
             .await?;
         let req = tx_row(&row);
+        if stranded {
+            let replacement = create_replacement(&tx, ctx, &req).await?;
+            detail["stranded_nonce"] = json!(req.nonce);
+            detail["replacement"] = json!(replacement);
+        }
         record_transition(&tx, ctx, &req, Some(current.status), detail).await?;
         tx.commit().await?;
         Ok(req)
+    }
+
+    /// Nonces that reached the chain from a request that ended without being mined, and the
+    /// replacement now filling each (oldest first).
+    #[tracing::instrument(target = "dalp_store", name = "workflows.stranded_nonces", skip_all)]
+    pub async fn stranded_nonces(&self) -> Result<Vec<StrandedNonce>, WorkflowError> {
+        let client = dalp_db::pool::checkout(self.pool(), "workflows").await?;
+        Ok(client
+            .query_typed(
+                "SELECT chain_id, sender, nonce, id, replaces, status,
+                        extract(epoch FROM now() - created_at)::float8
+                   FROM dalp_workflows.tx_requests
+                  WHERE replaces IS NOT NULL AND status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')
+                  ORDER BY created_at",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| StrandedNonce {
+                chain_id: r.get(0),
+                signer: hex0x(r.get::<_, &[u8]>(1)),
+                nonce: r.get(2),
+                replacement: r.get(3),
+                replaces: r.get(4),
+                replacement_status: TxStatus::parse(r.get(5)).expect("CHECK status"),
+                age_seconds: r.get(6),
+            })
+            .collect())
     }
 
     /// A confirmation that timed out is not a failure: the request stays CONFIRMING and is
@@ -498,6 +564,91 @@ async fn allocate_nonce(
         )
         .await?
         .get(0))
+}
+
+/// A nonce that was broadcast by a request that then ended without being mined, and the
+/// replacement request in flight for it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StrandedNonce {
+    pub chain_id: i64,
+    pub signer: String,
+    pub nonce: i64,
+    pub replacement: Uuid,
+    pub replaces: Uuid,
+    pub replacement_status: TxStatus,
+    pub age_seconds: f64,
+}
+
+/// Stranded nonces of one (chain, signer): how many, and the oldest.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SignerStrands {
+    pub chain_id: i64,
+    pub signer: String,
+    pub count: usize,
+    pub oldest_nonce: i64,
+    pub oldest_age_seconds: f64,
+}
+
+/// Groups stranded nonces (as [`WorkflowStore::stranded_nonces`] lists them) by signer.
+pub fn stranded_per_signer(list: &[StrandedNonce]) -> Vec<SignerStrands> {
+    let mut by: std::collections::BTreeMap<(i64, &str), SignerStrands> = Default::default();
+    for s in list {
+        let e = by
+            .entry((s.chain_id, s.signer.as_str()))
+            .or_insert_with(|| SignerStrands {
+                chain_id: s.chain_id,
+                signer: s.signer.clone(),
+                count: 0,
+                oldest_nonce: s.nonce,
+                oldest_age_seconds: s.age_seconds,
+            });
+        e.count += 1;
+        if s.age_seconds > e.oldest_age_seconds {
+            e.oldest_nonce = s.nonce;
+            e.oldest_age_seconds = s.age_seconds;
+        }
+    }
+    by.into_values().collect()
+}
+
+/// Queues a replacement for `ended`, whose broadcast nonce is now stranded: a no-op
+/// self-transfer (value 0, no data) with the same nonce, so the signer's later nonces can be
+/// mined. Returns its id.
+async fn create_replacement(
+    tx: &Transaction<'_>,
+    ctx: &RequestContext,
+    ended: &TxRequest,
+) -> Result<Uuid, WorkflowError> {
+    let sender = parse_hex("sender", &ended.sender, 20)?;
+    let row = tx
+        .typed_query_one(
+            &format!(
+                "INSERT INTO dalp_workflows.tx_requests
+                     (organisation_id, chain_id, sender, to_address, value, data, idempotency_key,
+                      status, nonce, replaces, created_by)
+                 VALUES ($1, $2, $3, $3, 0, '', $4, 'QUEUED', $5, $6, $7) RETURNING {TX_COLUMNS}"
+            ),
+            &[
+                &ended.organisation_id,
+                &ended.chain_id,
+                &sender,
+                &format!("nonce-replacement:{}", ended.id),
+                &ended.nonce,
+                &ended.id,
+                &ctx.actor,
+            ],
+        )
+        .await?;
+    let replacement = tx_row(&row);
+    record_transition(
+        tx,
+        ctx,
+        &replacement,
+        None,
+        json!({ "replaces": ended.id, "nonce": ended.nonce, "reason": "stranded nonce" }),
+    )
+    .await?;
+    Ok(replacement.id)
 }
 
 async fn record_transition(

@@ -94,6 +94,19 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         }
         Err(e) => tracing::warn!(error = %e, "workflow metrics unavailable"),
     }
+    match state.workflows.stranded_nonces().await {
+        Ok(list) => {
+            out.push_str("# HELP dalp_tx_stranded_nonces Nonces broadcast by a request that ended unmined, with a replacement in flight, per signer.\n# TYPE dalp_tx_stranded_nonces gauge\n# HELP dalp_tx_stranded_nonce_oldest_seconds Age of the oldest stranded nonce's replacement, per signer.\n# TYPE dalp_tx_stranded_nonce_oldest_seconds gauge\n");
+            for s in dalp_workflows::stranded_per_signer(&list) {
+                let labels = format!("chain_id=\"{}\",signer=\"{}\"", s.chain_id, s.signer);
+                out.push_str(&format!(
+                    "dalp_tx_stranded_nonces{{{labels}}} {}\ndalp_tx_stranded_nonce_oldest_seconds{{{labels}}} {:.3}\n",
+                    s.count, s.oldest_age_seconds
+                ));
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "stranded-nonce metrics unavailable"),
+    }
     if let Ok(chains) = state.indexed.chains().await {
         out.push_str("# HELP dalp_indexer_lag_blocks Blocks between the reported head and the checkpoint, per chain.\n# TYPE dalp_indexer_lag_blocks gauge\n");
         for c in chains {

@@ -71,6 +71,39 @@ async fn metrics_expose_every_family_with_plausible_values() {
         .await;
     assert_eq!(s, StatusCode::CREATED);
 
+    // A stranded nonce: broadcast, then failed unmined; its replacement is queued.
+    {
+        use dalp_workflows::{NewTxRequest, TransitionInput, TxStatus::*};
+        let ctx = dalp_audit::RequestContext::service("metrics-test");
+        let wf = &app.services.state.workflows;
+        let (r, _) = wf
+            .create_tx_request(
+                &ctx,
+                &NewTxRequest {
+                    organisation_id: uuid::Uuid::nil(),
+                    chain_id: 31337,
+                    sender: "0x5fbdb2315678afecb367f032d93f642f64180aa3".into(),
+                    to: None,
+                    value: None,
+                    data: None,
+                    idempotency_key: "strand".into(),
+                },
+            )
+            .await
+            .unwrap();
+        for to in [
+            Queued,
+            Preparing,
+            PendingApproval,
+            Signing,
+            Broadcasting,
+            Failed,
+        ] {
+            wf.transition(&ctx, r.id, to, &TransitionInput::default())
+                .await
+                .unwrap();
+        }
+    }
     // A statement that fails on the server, through the same typed path the stores use.
     {
         use dalp_db::TypedClient;
@@ -121,6 +154,19 @@ async fn metrics_expose_every_family_with_plausible_values() {
     let ready = find(&scrape, "dalp_workflow_runs", &[("state", "ready")]);
     assert!(ready.len() == 1 && value(ready[0]) == 0.0);
     assert!(!find(&scrape, "dalp_workflow_claim_latency_seconds", &[]).is_empty());
+    let stranded = find(
+        &scrape,
+        "dalp_tx_stranded_nonces",
+        &[
+            ("chain_id", "31337"),
+            ("signer", "0x5fbdb2315678afecb367f032d93f642f64180aa3"),
+        ],
+    );
+    assert!(stranded.len() == 1 && value(stranded[0]) == 1.0, "{text}");
+    assert_eq!(
+        find(&scrape, "dalp_tx_stranded_nonce_oldest_seconds", &[]).len(),
+        1
+    );
     assert_eq!(
         find(&scrape, "dalp_indexer_lag_blocks", &[("chain_id", "7")]).len(),
         1

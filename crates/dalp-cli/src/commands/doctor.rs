@@ -592,4 +592,30 @@ async fn component_checks(pools: &ComponentPools, checks: &mut Vec<Check>) {
         )),
         Err(e) => checks.push(check("workflows", "error", e.to_string(), "")),
     }
+    match wf.stranded_nonces().await {
+        Ok(list) => {
+            let signers = dalp_workflows::stranded_per_signer(&list);
+            if signers.is_empty() {
+                checks.push(check("nonces", "ok", "no stranded nonce", ""));
+            }
+            for s in signers {
+                // A replacement normally lands within minutes; older means it is stuck too.
+                let level = if s.oldest_age_seconds > 600.0 {
+                    "warning"
+                } else {
+                    "info"
+                };
+                checks.push(check(
+                    "nonces",
+                    level,
+                    format!(
+                        "chain {} signer {}: {} stranded nonce(s), oldest {} waiting {:.0} s for its replacement",
+                        s.chain_id, s.signer, s.count, s.oldest_nonce, s.oldest_age_seconds
+                    ),
+                    "every later nonce of this signer is unmineable until the replacement is mined; see `dalp workflows status` and drive the replacement request",
+                ));
+            }
+        }
+        Err(e) => checks.push(check("nonces", "error", e.to_string(), "")),
+    }
 }

@@ -84,9 +84,13 @@ pub async fn run(command: WorkflowsCommand) -> anyhow::Result<ExitCode> {
             }
         }
         WorkflowsCommand::Status { target, json } => {
-            let stats = store(&target)?.stats().await?;
+            let store = store(&target)?;
+            let stats = store.stats().await?;
+            let stranded = dalp_workflows::stranded_per_signer(&store.stranded_nonces().await?);
             if json {
-                println!("{}", serde_json::to_string(&stats)?);
+                let mut v = serde_json::to_value(&stats)?;
+                v["stranded_nonces"] = serde_json::to_value(&stranded)?;
+                println!("{v}");
             } else {
                 println!("ready        {}", stats.ready);
                 println!(
@@ -102,6 +106,15 @@ pub async fn run(command: WorkflowsCommand) -> anyhow::Result<ExitCode> {
                     "claim latency p50 {:.3} s, p99 {:.3} s (last 5 minutes)",
                     stats.claim_latency_p50_seconds, stats.claim_latency_p99_seconds
                 );
+                if stranded.is_empty() {
+                    println!("stranded nonces: none");
+                }
+                for s in &stranded {
+                    println!(
+                        "stranded nonces: chain {} signer {}: {} (oldest nonce {}, replacement queued {:.0} s ago)",
+                        s.chain_id, s.signer, s.count, s.oldest_nonce, s.oldest_age_seconds
+                    );
+                }
             }
             if stats.stalled > 0 || stats.dead_letter > 0 {
                 eprintln!("attention: stalled or dead-lettered runs; see `dalp workflows runs --status dead_letter|stalled`");
