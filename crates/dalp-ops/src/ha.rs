@@ -50,6 +50,9 @@ pub const DEFAULT_PATRONI_BIN: &str = "/opt/dalp/venv/bin/patroni";
 /// promoted primary are lost. Releases before this one are refused.
 pub const MIN_PATRONI: (u32, u32, u32) = (3, 0, 3);
 const ETCD_BIN: &str = "/usr/bin/etcd";
+/// The kernel watchdog Patroni would use to fence a stalled primary (`dalp doctor` reports
+/// its absence).
+pub const WATCHDOG_DEVICE: &str = "/dev/watchdog";
 
 /// The Patroni executable: `DALP_PATRONI`, else the project's pinned virtualenv.
 pub fn patroni_bin() -> PathBuf {

@@ -277,6 +277,9 @@ async fn replication_checks(
     } else {
         None
     };
+    if ha.is_some() {
+        checks.push(watchdog_check(Path::new(dalp_ops::ha::WATCHDOG_DEVICE)));
+    }
     let rows = match c
         .query(
             "SELECT application_name, state, sync_state, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), 0)::bigint FROM pg_stat_replication ORDER BY 1",
@@ -388,6 +391,25 @@ async fn replication_checks(
             format!("synchronous_standby_names is `{sync_names}` but no synchronous standby is connected: commits wait (strict mode) or are not replicated"),
             "bring a replica back (`dalp cluster status`)",
         ));
+    }
+}
+
+/// Whether Patroni can fence a stalled primary with a kernel watchdog.
+fn watchdog_check(device: &Path) -> Check {
+    if device.exists() {
+        check(
+            "watchdog",
+            "ok",
+            format!("{} is present", device.display()),
+            "",
+        )
+    } else {
+        check(
+            "watchdog",
+            "info",
+            format!("no {}: Patroni runs without a watchdog", device.display()),
+            "a primary whose Patroni is stalled (frozen VM, SIGSTOP) keeps accepting connections until Patroni resumes and demotes it; synchronous replication keeps those writes unacknowledged once the standby is promoted, but clients still see errors or unknown outcomes. Load the softdog module (modprobe softdog) or give the host a hardware watchdog to fence it",
+        )
     }
 }
 
@@ -617,5 +639,23 @@ async fn component_checks(pools: &ComponentPools, checks: &mut Vec<Check>) {
             }
         }
         Err(e) => checks.push(check("nonces", "error", e.to_string(), "")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_watchdog_is_reported_with_the_risk_and_the_remedy() {
+        let c = watchdog_check(Path::new("/nonexistent/watchdog"));
+        assert_eq!((c.check, c.status), ("watchdog", "info"));
+        assert!(
+            c.next.contains("softdog") && c.next.contains("stalled"),
+            "{}",
+            c.next
+        );
+        let present = tempfile::NamedTempFile::new().unwrap();
+        assert_eq!(watchdog_check(present.path()).status, "ok");
     }
 }
