@@ -121,6 +121,8 @@ impl ApiError {
                 I::InvalidCredentials => (StatusCode::UNAUTHORIZED, "invalid_credentials"),
                 I::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
                 I::InvalidCode => (StatusCode::UNAUTHORIZED, "invalid_code"),
+                I::MfaSessionRevoked => (StatusCode::UNAUTHORIZED, "session_revoked"),
+                I::MfaLocked { .. } => (StatusCode::TOO_MANY_REQUESTS, "mfa_locked"),
                 I::Reauthenticate => (StatusCode::UNAUTHORIZED, "reauthentication_required"),
                 I::MfaRequired => (StatusCode::FORBIDDEN, "mfa_required"),
                 I::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
@@ -144,7 +146,13 @@ impl IntoResponse for ApiError {
         } else {
             self.to_string()
         };
-        (
+        let retry_after = match &self {
+            ApiError::Identity(IdentityError::MfaLocked { until }) => {
+                Some((*until - chrono::Utc::now()).num_seconds().max(1))
+            }
+            _ => None,
+        };
+        let mut r = (
             status,
             Json(Body {
                 error: Detail {
@@ -154,7 +162,12 @@ impl IntoResponse for ApiError {
                 },
             }),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        r
     }
 }
 

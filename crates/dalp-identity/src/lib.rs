@@ -35,6 +35,11 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             name: "pgaudit_objects",
             sql: include_str!("../migrations/0003_pgaudit_objects.sql"),
         },
+        Migration {
+            version: 4,
+            name: "mfa_attempts",
+            sql: include_str!("../migrations/0004_mfa_attempts.sql"),
+        },
     ],
 };
 

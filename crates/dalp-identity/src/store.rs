@@ -30,6 +30,13 @@ pub const SESSION_REFRESH_AFTER: Duration = Duration::hours(24);
 pub const FRESH_FOR: Duration = Duration::minutes(5);
 /// A session waiting for its second factor lives this long.
 pub const PENDING_TTL: Duration = Duration::minutes(10);
+/// Wrong second-factor codes a pending session may send; the last one revokes it.
+pub const MFA_SESSION_ATTEMPTS: i32 = 5;
+/// Consecutive wrong second-factor codes (over all sessions) that lock the user out of
+/// second-factor checks: for 1 minute, doubling with each further lockout, at most
+/// [`MFA_MAX_LOCKOUT_MINUTES`], until a code is accepted.
+pub const MFA_USER_ATTEMPTS: i32 = 5;
+pub const MFA_MAX_LOCKOUT_MINUTES: i64 = 24 * 60;
 pub const SESSION_PREFIX: &str = "dalps_";
 pub const API_KEY_PREFIX: &str = "dalp_";
 
@@ -55,6 +62,10 @@ pub enum IdentityError {
     Conflict(String),
     #[error("the code is wrong, expired or already used")]
     InvalidCode,
+    #[error("{MFA_SESSION_ATTEMPTS} wrong codes: this login is revoked; log in again")]
+    MfaSessionRevoked,
+    #[error("too many wrong second-factor codes: checks are locked until {until}")]
+    MfaLocked { until: DateTime<Utc> },
     #[error("encryption: {0}")]
     Crypto(#[from] CryptoError),
     #[error("database unavailable: {0}")]
@@ -1172,12 +1183,38 @@ impl IdentityStore {
                 "this session needs no second factor".into(),
             ));
         };
-        if code.len() > 64 {
-            return Err(IdentityError::InvalidCode);
-        }
+        let Credential::Session { id: session, .. } = &p.credential else {
+            unreachable!("matched above")
+        };
         let totp_state = self.load_totp(p.user_id).await?;
         let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let tx = client.transaction().await?;
+        // Attempts of one user are serialised on their lockout row, so concurrent guesses
+        // cannot slip past the limit; the limit holds for every API process.
+        tx.typed_execute(
+            "INSERT INTO dalp_identity.mfa_lockouts (user_id) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&p.user_id],
+        )
+        .await?;
+        let until: Option<DateTime<Utc>> = tx
+            .typed_query_one(
+                "SELECT locked_until FROM dalp_identity.mfa_lockouts WHERE user_id = $1 FOR UPDATE",
+                &[&p.user_id],
+            )
+            .await?
+            .get::<_, Option<DateTime<Utc>>>(0)
+            .filter(|u| *u > Utc::now());
+        if let Some(until) = until {
+            drop(tx);
+            self.audit_alone(
+                ctx.event("identity.mfa.verify", "user")
+                    .outcome(Outcome::Denied)
+                    .details(json!({ "reason": "locked", "locked_until": until })),
+                Some(p.user_id),
+            )
+            .await?;
+            return Err(IdentityError::MfaLocked { until });
+        }
         let mut method = None;
         if let Some((secret, true, last)) = &totp_state {
             if let Some(step) = totp::verify(
@@ -1210,15 +1247,13 @@ impl IdentityStore {
             }
         }
         let Some(method) = method else {
-            drop(tx);
-            self.audit_alone(
-                ctx.event("identity.mfa.verify", "user")
-                    .outcome(Outcome::Denied),
-                Some(p.user_id),
-            )
-            .await?;
-            return Err(IdentityError::InvalidCode);
+            return self.mfa_failure(ctx, tx, p, *session).await;
         };
+        tx.typed_execute(
+            "DELETE FROM dalp_identity.mfa_lockouts WHERE user_id = $1",
+            &[&p.user_id],
+        )
+        .await?;
         Self::complete_pending(&tx, p).await?;
         dalp_audit::record(
             &*tx,
@@ -1229,6 +1264,87 @@ impl IdentityStore {
         .await?;
         self.commit_invalidating(tx, p.tags()).await?;
         Ok(())
+    }
+
+    /// Counts a wrong second-factor code in `tx` (which holds the user's lockout row):
+    /// audits it, revokes the session at its last attempt and locks the user out after
+    /// [`MFA_USER_ATTEMPTS`] in a row. Always an error.
+    async fn mfa_failure(
+        &self,
+        ctx: &RequestContext,
+        tx: Transaction<'_>,
+        p: &Principal,
+        session: Uuid,
+    ) -> Result<()> {
+        let session_failures: i32 = tx
+            .typed_query_one(
+                "UPDATE dalp_identity.sessions SET mfa_failures = mfa_failures + 1 WHERE id = $1 RETURNING mfa_failures",
+                &[&session],
+            )
+            .await?
+            .get(0);
+        let row = tx
+            .typed_query_one(
+                "UPDATE dalp_identity.mfa_lockouts SET failures = failures + 1, updated_at = now()
+                  WHERE user_id = $1 RETURNING failures, lockouts",
+                &[&p.user_id],
+            )
+            .await?;
+        let (failures, lockouts): (i32, i32) = (row.get(0), row.get(1));
+        let mut details = json!({ "reason": "invalid_code", "session_failures": session_failures, "user_failures": failures });
+        let mut tags = Vec::new();
+        if failures >= MFA_USER_ATTEMPTS {
+            let minutes = (1i64 << lockouts.min(20)).min(MFA_MAX_LOCKOUT_MINUTES);
+            let until: DateTime<Utc> = tx
+                .typed_query_one(
+                    "UPDATE dalp_identity.mfa_lockouts
+                        SET failures = 0, lockouts = lockouts + 1,
+                            locked_until = now() + $2 * interval '1 minute', updated_at = now()
+                      WHERE user_id = $1 RETURNING locked_until",
+                    &[&p.user_id, &(minutes as f64)],
+                )
+                .await?
+                .get(0);
+            dalp_audit::record(
+                &*tx,
+                &ctx.event("identity.mfa.lockout", "user")
+                    .resource(p.user_id)
+                    .outcome(Outcome::Denied)
+                    .details(json!({ "locked_until": until, "minutes": minutes, "lockout": lockouts + 1 })),
+            )
+            .await?;
+            details["locked_until"] = json!(until);
+        }
+        let revoked = session_failures >= MFA_SESSION_ATTEMPTS;
+        if revoked {
+            tx.typed_execute(
+                "UPDATE dalp_identity.sessions SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+                &[&session],
+            )
+            .await?;
+            dalp_audit::record(
+                &*tx,
+                &ctx.event("identity.session.revoke", "session")
+                    .resource(session)
+                    .details(json!({ "reason": "too many wrong second-factor codes" })),
+            )
+            .await?;
+            tags.push(format!("session:{session}"));
+        }
+        dalp_audit::record(
+            &*tx,
+            &ctx.event("identity.mfa.verify", "user")
+                .resource(p.user_id)
+                .outcome(Outcome::Denied)
+                .details(details),
+        )
+        .await?;
+        self.commit_invalidating(tx, tags).await?;
+        Err(if revoked {
+            IdentityError::MfaSessionRevoked
+        } else {
+            IdentityError::InvalidCode
+        })
     }
 
     // ---- API keys ---------------------------------------------------------------------

@@ -720,3 +720,130 @@ async fn openapi_describes_every_route() {
         );
     }
 }
+
+#[tokio::test]
+async fn second_factor_guessing_revokes_the_session_and_locks_the_user_out() {
+    let app = spawn_app().await;
+    app.create_user("guess@bank.example", &[PlatformRole::Admin])
+        .await;
+    // Enrol TOTP once (as admin_token does), keeping the secret.
+    let (_, b) = app.login("guess@bank.example", PASSWORD).await;
+    let first = b["token"].as_str().unwrap().to_string();
+    let (_, e) = app
+        .call(Method::POST, "/api/v1/mfa/totp", Cred::Token(&first), None)
+        .await;
+    let secret = e["secret"].as_str().unwrap().to_string();
+    let (s, _) = app
+        .call(
+            Method::POST,
+            "/api/v1/mfa/totp/confirm",
+            Cred::Token(&first),
+            Some(json!({"code": totp_code(&secret, 0)})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let verify = |token: String, code: String| {
+        let app = &app;
+        async move {
+            app.call(
+                Method::POST,
+                "/api/v1/auth/mfa/verify",
+                Cred::Token(&token),
+                Some(json!({ "code": code })),
+            )
+            .await
+        }
+    };
+    let wrong = |k: u32| format!("{:06}", (k * 7919) % 1_000_000);
+
+    // Four wrong codes are refused as wrong; the fifth revokes the pending session.
+    let (_, b) = app.login("guess@bank.example", PASSWORD).await;
+    let pending = b["token"].as_str().unwrap().to_string();
+    for k in 1..=4 {
+        let (s, b) = verify(pending.clone(), wrong(k)).await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("invalid_code")),
+            "{b}"
+        );
+    }
+    let (s, b) = verify(pending.clone(), wrong(5)).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("session_revoked")),
+        "{b}"
+    );
+    // The revoked session is gone, even with the right code.
+    let (s, _) = verify(pending.clone(), totp_code(&secret, 1)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // Five wrong codes in a row also locked the user out: a new login's right code is
+    // refused with 429 and Retry-After until the lockout ends.
+    let (_, b) = app.login("guess@bank.example", PASSWORD).await;
+    let next = b["token"].as_str().unwrap().to_string();
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/auth/mfa/verify", app.base))
+        .bearer_auth(&next)
+        .json(&json!({"code": totp_code(&secret, 1)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: i64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let b: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["code"], "mfa_locked", "{b}");
+    let audited = app
+        .scalar_i64("SELECT count(*) FROM dalp_audit.events WHERE action = 'identity.mfa.lockout'")
+        .await;
+    assert_eq!(audited, 1);
+    let denied = app
+        .scalar_i64("SELECT count(*) FROM dalp_audit.events WHERE action = 'identity.mfa.verify' AND outcome = 'denied'")
+        .await;
+    assert_eq!(
+        denied, 6,
+        "five wrong codes and one locked attempt, each audited"
+    );
+
+    // The lockout ends (moved into the past here rather than waited for); then the right
+    // code is accepted and the counters start over.
+    app.superuser_exec(
+        "UPDATE dalp_identity.mfa_lockouts SET locked_until = now() - interval '1 second'",
+    )
+    .await;
+    let (s, b) = verify(next.clone(), totp_code(&secret, 1)).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(
+        app.scalar_i64("SELECT count(*) FROM dalp_identity.mfa_lockouts")
+            .await,
+        0
+    );
+
+    // Counted per user over all its sessions: five wrong codes over two logins lock for a
+    // minute again (the counters restarted), the next five for two.
+    let mut k = 10;
+    for expected_minutes in [1, 2] {
+        let (_, b) = app.login("guess@bank.example", PASSWORD).await;
+        let a = b["token"].as_str().unwrap().to_string();
+        let (_, b) = app.login("guess@bank.example", PASSWORD).await;
+        let c = b["token"].as_str().unwrap().to_string();
+        for n in 0..5 {
+            let t = if n % 2 == 0 { a.clone() } else { c.clone() };
+            k += 1;
+            let (s, b) = verify(t, wrong(k)).await;
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
+        }
+        let minutes = app
+            .scalar_i64("SELECT round(extract(epoch FROM locked_until - now()) / 60)::bigint FROM dalp_identity.mfa_lockouts")
+            .await;
+        assert_eq!(minutes, expected_minutes);
+        app.superuser_exec(
+            "UPDATE dalp_identity.mfa_lockouts SET locked_until = now() - interval '1 second'",
+        )
+        .await;
+    }
+}
