@@ -19,13 +19,33 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::Unsupported(
+                "send Content-Type: application/json".into(),
+            ));
+        }
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::TooLarge)
+            }
+            Err(r) => {
+                return Err(ApiError::BadRequest(format!(
+                    "unreadable body: {}",
+                    r.body_text()
+                )))
+            }
+        };
+        // PostgreSQL text cannot hold U+0000: refuse it here, for every field and every
+        // free-form JSON payload, instead of failing deep in a store.
+        if has_nul_escape(&bytes) {
+            return Err(ApiError::Unprocessable(
+                "text must not contain U+0000 (NUL), in any field or nested JSON value".into(),
+            ));
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(Json(v)),
             Err(rejection) => Err(match rejection.status() {
-                StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge,
-                StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-                    ApiError::Unsupported("send Content-Type: application/json".into())
-                }
                 StatusCode::UNPROCESSABLE_ENTITY => match &rejection {
                     JsonRejection::JsonDataError(e) => ApiError::Unprocessable(e.body_text()),
                     _ => ApiError::Unprocessable(rejection.body_text()),
@@ -33,6 +53,62 @@ where
                 _ => ApiError::BadRequest(format!("malformed JSON: {}", rejection.body_text())),
             }),
         }
+    }
+}
+
+/// `application/json` or `application/*+json`, as axum's own extractor accepts.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Whether a JSON text encodes U+0000 (`\u0000`; a raw NUL byte is malformed JSON anyway).
+/// Escapes are skipped whole, so an escaped backslash followed by `u0000` is not one.
+pub(crate) fn has_nul_escape(json: &[u8]) -> bool {
+    let mut i = 0;
+    while i < json.len() {
+        if json[i] == b'\\' {
+            if json.get(i + 1) == Some(&b'u') {
+                if json.get(i + 2..i + 6) == Some(b"0000".as_slice()) {
+                    return true;
+                }
+                i += 6;
+            } else {
+                i += 2;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_nul_escape;
+
+    #[test]
+    fn finds_encoded_nul_only_where_it_is_one() {
+        assert!(has_nul_escape(br#"{"name":"a\u0000b"}"#));
+        assert!(has_nul_escape(br#"{"x":{"y":["\u0000"]}}"#));
+        assert!(
+            !has_nul_escape(br#"{"name":"a\\u0000b"}"#),
+            "an escaped backslash"
+        );
+        assert!(!has_nul_escape(br#"{"name":"\u00e9\n"}"#));
+        assert!(has_nul_escape(br#"{"k\u0000":1}"#), "keys too");
     }
 }
 

@@ -183,6 +183,7 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(
             state.settings.max_body_bytes,
         ))
+        .layer(axum::middleware::from_fn(routes::reject_bad_target))
         .with_state(state)
 }
 

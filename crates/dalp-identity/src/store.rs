@@ -1357,7 +1357,11 @@ impl IdentityStore {
         p: &Principal,
         new: NewApiKey,
     ) -> Result<(String, ApiKeyInfo)> {
-        let name = parse_name("name", &new.name)?;
+        let name = crate::types::parse_bounded_name(
+            "name",
+            &new.name,
+            crate::types::API_KEY_NAME_MAX_CHARS,
+        )?;
         if !(1..=100_000).contains(&new.rate_limit_per_minute) {
             return Err(Invalid {
                 field: "rate_limit_per_minute",

@@ -72,11 +72,23 @@ impl Password {
     }
 }
 
-/// A display name: 1 to 200 characters, no control characters.
+/// Longest user or organisation name: the `CHECK (length(name) BETWEEN 1 AND 200)` of
+/// their tables (a test compares the two).
+pub const NAME_MAX_CHARS: usize = 200;
+/// Longest API-key name: the `CHECK (length(name) BETWEEN 1 AND 100)` of `api_keys`.
+pub const API_KEY_NAME_MAX_CHARS: usize = 100;
+
+/// A display name: 1 to [`NAME_MAX_CHARS`] characters, no control characters.
 pub fn parse_name(field: &'static str, s: &str) -> Result<String, Invalid> {
+    parse_bounded_name(field, s, NAME_MAX_CHARS)
+}
+
+/// A name of 1 to `max` characters (as the column's CHECK counts them), no control
+/// characters (U+0000 included, which PostgreSQL text cannot hold).
+pub fn parse_bounded_name(field: &'static str, s: &str, max: usize) -> Result<String, Invalid> {
     let s = s.trim();
-    if s.is_empty() || s.chars().count() > 200 {
-        return Err(invalid(field, "must be 1 to 200 characters"));
+    if s.is_empty() || s.chars().count() > max {
+        return Err(invalid(field, format!("must be 1 to {max} characters")));
     }
     if s.chars().any(char::is_control) {
         return Err(invalid(field, "must not contain control characters"));
@@ -242,5 +254,43 @@ mod tests {
         assert!(Password::parse(&"x".repeat(257)).is_err());
         let p = Password::parse("correct horse battery").unwrap();
         assert!(!format!("{p:?}").contains("horse"));
+    }
+}
+
+#[cfg(test)]
+mod bounds {
+    use super::*;
+
+    /// The validators' bounds are the columns' CHECKs.
+    #[test]
+    fn name_bounds_match_the_table_checks() {
+        let init = include_str!("../migrations/0001_init.sql");
+        let access = include_str!("../migrations/0002_access.sql");
+        let check = |n: usize| {
+            format!("name       text        NOT NULL CHECK (length(name) BETWEEN 1 AND {n})")
+        };
+        assert_eq!(
+            init.matches(&check(NAME_MAX_CHARS)).count(),
+            2,
+            "users and organisations"
+        );
+        let api_keys = &access[access.find("CREATE TABLE dalp_identity.api_keys").unwrap()..];
+        assert!(api_keys.contains(&format!(
+            "CHECK (length(name) BETWEEN 1 AND {API_KEY_NAME_MAX_CHARS})"
+        )));
+        assert!(parse_bounded_name(
+            "name",
+            &"k".repeat(API_KEY_NAME_MAX_CHARS),
+            API_KEY_NAME_MAX_CHARS
+        )
+        .is_ok());
+        let e = parse_bounded_name(
+            "name",
+            &"k".repeat(API_KEY_NAME_MAX_CHARS + 1),
+            API_KEY_NAME_MAX_CHARS,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("1 to 100"), "{}", e.message);
+        assert!(parse_name("name", "a\u{0}b").is_err());
     }
 }

@@ -899,12 +899,19 @@ impl HaCluster {
                 Err(e) => e.to_string(),
             };
             if Instant::now() > deadline {
+                // The end of each node's Patroni log says why a member is stuck.
+                let logs: String = self
+                    .state
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        let log = self.node_dir(&n.name).join("patroni.log");
+                        format!("\n--- {} ---\n{}", log.display(), process::log_tail(&log, 15))
+                    })
+                    .collect();
                 return Err(err(
                     format!("waiting for {what} ({timeout:?})"),
-                    format!(
-                        "last seen: {last}; see the patroni.log of each node under {}",
-                        self.root.display()
-                    ),
+                    format!("last seen: {last}{logs}"),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;

@@ -39,6 +39,60 @@ pub(crate) fn router() -> Router<AppState> {
         .merge(metrics::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+}
+
+/// Refuses a request target that PostgreSQL text could not hold or that is not UTF-8 once
+/// percent-decoded (`%00`, `%FF`), in the one JSON error shape, before any handler runs.
+pub(crate) async fn reject_bad_target(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let uri = req.uri();
+    for (part, raw) in [("path", Some(uri.path())), ("query", uri.query())] {
+        let Some(raw) = raw else { continue };
+        match percent_decode(raw) {
+            Some(text) if text.contains('\0') => {
+                return ApiError::BadRequest(format!("the {part} must not contain %00 (NUL)"))
+                    .into_response()
+            }
+            Some(_) => {}
+            None => {
+                return ApiError::BadRequest(format!(
+                    "the {part} is not valid UTF-8 once percent-decoded"
+                ))
+                .into_response()
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// Percent-decodes `s` (a malformed escape stays as it is); `None` when the bytes are not
+/// UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `?limit=`: 1 to 1000 rows a page, 100 when absent.

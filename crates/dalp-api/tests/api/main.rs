@@ -2,6 +2,7 @@
 
 mod assets;
 mod audit;
+mod boundaries;
 mod cache;
 mod helpers;
 mod identity;

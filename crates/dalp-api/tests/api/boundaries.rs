@@ -1,0 +1,112 @@
+//! The request boundary: text PostgreSQL cannot hold, names longer than their column, methods
+//! and targets no route takes — each refused with a precise 4xx in the one JSON error shape,
+//! nothing stored.
+
+use dalp_identity::types::PlatformRole;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::helpers::{spawn_app, Cred};
+
+#[tokio::test]
+async fn nul_in_any_json_text_is_422_and_stores_nothing() {
+    let app = spawn_app().await;
+    app.create_user("ops@bank.example", &[PlatformRole::SystemManager])
+        .await;
+    let t = app.token("ops@bank.example").await;
+    let cases = [
+        (
+            "/api/v1/indexed/chains",
+            json!({"chain_id": 8, "name": "eight\u{0}"}),
+        ),
+        (
+            "/api/v1/workflows/runs",
+            json!({"kind": "selftest", "idempotency_key": "k\u{0}", "input": {}}),
+        ),
+        (
+            "/api/v1/workflows/runs",
+            json!({"kind": "selftest", "idempotency_key": "k", "input": {"deep": ["\u{0}"]}}),
+        ),
+        (
+            "/api/v1/api-keys",
+            json!({"name": "n\u{0}", "scope": "read"}),
+        ),
+    ];
+    for (path, body) in cases {
+        let (s, b) = app
+            .call(Method::POST, path, Cred::Token(&t), Some(body.clone()))
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{path} {body}: {b}");
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains("U+0000"),
+            "{b}"
+        );
+    }
+    for table in [
+        "dalp_indexed.chains",
+        "dalp_workflows.runs",
+        "dalp_identity.api_keys",
+    ] {
+        assert_eq!(
+            app.scalar_i64(&format!("SELECT count(*) FROM {table}"))
+                .await,
+            0,
+            "{table}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_targets_methods_and_overlong_names_get_precise_json_errors() {
+    let app = spawn_app().await;
+    app.create_user("ops@bank.example", &[PlatformRole::SystemManager])
+        .await;
+    let t = app.token("ops@bank.example").await;
+    // %00 in a query or path, bytes that are not UTF-8 in a path: 400, before any handler.
+    for path in [
+        "/api/v1/audit/events?actor=a%00b",
+        "/api/v1/users/%00",
+        "/api/v1/users/%FF%FE",
+    ] {
+        let (s, b) = app.call(Method::GET, path, Cred::Token(&t), None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path}: {b}");
+    }
+    // A method the route does not take: 405 in the JSON shape (no longer an empty body).
+    let (s, b) = app
+        .call(
+            Method::DELETE,
+            "/api/v1/workflows/stats",
+            Cred::Token(&t),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(b["error"]["code"], "method_not_allowed");
+    let (s, b) = app
+        .call(Method::GET, "/api/v1/no/such/thing", Cred::None, None)
+        .await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    // An API-key name longer than its column (100) is 422 naming the field, not a 500.
+    let (s, b) = app
+        .call(
+            Method::POST,
+            "/api/v1/api-keys",
+            Cred::Token(&t),
+            Some(json!({"name": "k".repeat(150), "scope": "read"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert_eq!(b["error"]["field"], "name");
+    let (s, _) = app
+        .call(
+            Method::POST,
+            "/api/v1/api-keys",
+            Cred::Token(&t),
+            Some(json!({"name": "k".repeat(100), "scope": "read"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+}
