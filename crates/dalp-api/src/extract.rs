@@ -95,6 +95,12 @@ pub(crate) fn has_nul_escape(json: &[u8]) -> bool {
     false
 }
 
+impl<T: serde::Serialize> axum::response::IntoResponse for Json<T> {
+    fn into_response(self) -> axum::response::Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::has_nul_escape;
@@ -109,11 +115,5 @@ mod tests {
         );
         assert!(!has_nul_escape(br#"{"name":"\u00e9\n"}"#));
         assert!(has_nul_escape(br#"{"k\u0000":1}"#), "keys too");
-    }
-}
-
-impl<T: serde::Serialize> axum::response::IntoResponse for Json<T> {
-    fn into_response(self) -> axum::response::Response {
-        axum::Json(self.0).into_response()
     }
 }

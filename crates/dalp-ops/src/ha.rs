@@ -906,7 +906,11 @@ impl HaCluster {
                     .iter()
                     .map(|n| {
                         let log = self.node_dir(&n.name).join("patroni.log");
-                        format!("\n--- {} ---\n{}", log.display(), process::log_tail(&log, 15))
+                        format!(
+                            "\n--- {} ---\n{}",
+                            log.display(),
+                            process::log_tail(&log, 15)
+                        )
                     })
                     .collect();
                 return Err(err(
