@@ -64,6 +64,26 @@ async fn roles_migrate_serve_and_first_admin_without_a_superuser() {
     let o = dalp(&["roles", "check", "--database-url", &migrator_url]);
     assert!(o.status.success(), "roles check: {}", text(&o));
 
+    // Doctor names what the provider must preload, and where to set it.
+    let o = dalp(&["doctor", "--database-url", &migrator_url, "--json"]);
+    let checks: Vec<serde_json::Value> =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    let pgaudit = checks
+        .iter()
+        .find(|c| {
+            c["check"] == "extensions" && c["detail"].as_str().unwrap().starts_with("pgaudit")
+        })
+        .unwrap_or_else(|| panic!("{checks:?}"));
+    assert_eq!(pgaudit["status"], "warning", "{pgaudit}");
+    assert!(
+        pgaudit["next"]
+            .as_str()
+            .unwrap()
+            .contains("shared_preload_libraries"),
+        "{pgaudit}"
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+
     // No role dalp created has an attribute it must not have.
     let admin = dalp_db::ConnectOptions::from_url(&admin_url)
         .unwrap()

@@ -237,6 +237,7 @@ pub async fn run(
         }
         replication_checks(&client, &target.data_dir, embedded, &mut checks).await;
         archiving_checks(&client, embedded, &mut checks).await;
+        extension_checks(&client, embedded, &mut checks).await;
     }
     if embedded {
         backup_checks(&target.data_dir, now, &mut checks).await;
@@ -391,6 +392,52 @@ async fn replication_checks(
             format!("synchronous_standby_names is `{sync_names}` but no synchronous standby is connected: commits wait (strict mode) or are not replicated"),
             "bring a replica back (`dalp cluster status`)",
         ));
+    }
+}
+
+/// Whether pgAudit (database-level audit of data access) and pg_stat_statements (`dalp db
+/// top`) are loaded. Their settings show in pg_settings only when the library is preloaded,
+/// which any role may read (`shared_preload_libraries` itself is superuser-only).
+async fn extension_checks(c: &tokio_postgres::Client, embedded: bool, checks: &mut Vec<Check>) {
+    for (lib, probe, what) in [
+        (
+            "pgaudit",
+            "pgaudit.log",
+            "database-level audit of writes, DDL, role changes and reads",
+        ),
+        (
+            "pg_stat_statements",
+            "pg_stat_statements.max",
+            "statement statistics for `dalp db top|explain`",
+        ),
+    ] {
+        let loaded = match c
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_settings WHERE name = $1",
+                &[&probe],
+            )
+            .await
+        {
+            Ok(r) => r.get::<_, bool>(0),
+            Err(e) => {
+                checks.push(check("extensions", "warning", e.to_string(), ""));
+                continue;
+            }
+        };
+        checks.push(if loaded {
+            check("extensions", "ok", format!("{lib} is loaded"), "")
+        } else {
+            check(
+                "extensions",
+                "warning",
+                format!("{lib} is not loaded: no {what}"),
+                if embedded {
+                    format!("install Debian's postgresql-15-{} (scripts/deps.sh) and restart `dalp up`", if lib == "pgaudit" { "pgaudit" } else { "contrib" })
+                } else {
+                    format!("add {lib} to shared_preload_libraries: RDS parameter group, Cloud SQL flag (cloudsql.enable_pgaudit for pgAudit), Azure server parameter (and azure.extensions); then restart the instance (docs/deploy-managed.md)")
+                },
+            )
+        });
     }
 }
 
