@@ -41,7 +41,7 @@ async fn http_throughput(app: axum::Router, token: &str) -> (f64, u64) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
-        dalp_api::serve(listener, app, std::future::pending())
+        dalp_api::serve(listener, app, Default::default(), std::future::pending())
             .await
             .unwrap();
     });

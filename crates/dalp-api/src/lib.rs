@@ -13,10 +13,10 @@ pub mod extract;
 pub mod limit;
 pub mod request_audit;
 mod routes;
+pub mod server;
 pub mod telemetry;
 pub mod tls;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -191,14 +191,10 @@ pub fn router(state: AppState) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    limits: server::ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    server::serve_on(listener, app, limits, shutdown).await
 }
 
 /// Like [`serve`], over TLS with `config` (see [`tls::server_config`]).
@@ -206,14 +202,9 @@ pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     config: std::sync::Arc<rustls::ServerConfig>,
     app: Router,
+    limits: server::ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = tls::TlsListener::new(listener, config)?.tap_io(|_| {});
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let listener = tls::TlsListener::new(listener, config)?;
+    server::serve_on(listener, app, limits, shutdown).await
 }

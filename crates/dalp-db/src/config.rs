@@ -120,6 +120,13 @@ pub struct ApiConfig {
     pub tls_cert: Option<std::path::PathBuf>,
     /// PEM private key of `tls_cert`. Default: none.
     pub tls_key: Option<std::path::PathBuf>,
+    /// A client must send its whole request head within this; slower ones are dropped.
+    /// Default: 10000.
+    pub header_read_timeout_ms: u64,
+    /// A request must be answered within this (503 otherwise). Default: 30000.
+    pub request_timeout_ms: u64,
+    /// Open client connections at most; more wait in the listen backlog. Default: 1024.
+    pub max_connections: usize,
 }
 
 impl Default for ApiConfig {
@@ -130,6 +137,9 @@ impl Default for ApiConfig {
             login_attempts_per_minute: 10,
             tls_cert: None,
             tls_key: None,
+            header_read_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            max_connections: 1024,
         }
     }
 }
@@ -260,6 +270,21 @@ impl Config {
                 field: "database.connect_timeout_ms",
                 message: "must be at least 1".into(),
             });
+        }
+        for (field, v) in [
+            (
+                "api.header_read_timeout_ms",
+                self.api.header_read_timeout_ms,
+            ),
+            ("api.request_timeout_ms", self.api.request_timeout_ms),
+            ("api.max_connections", self.api.max_connections as u64),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: "must be at least 1".into(),
+                });
+            }
         }
         let m = &self.maintenance;
         if m.partition_interval_secs == 0 {

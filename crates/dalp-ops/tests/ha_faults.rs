@@ -54,7 +54,12 @@ impl Drop for Frozen {
 #[derive(Debug)]
 struct ZombieRound {
     promoted: String,
+    /// Longest gap between acknowledgements to any writer (the Patroni-aware one moves to
+    /// the promoted node as soon as it leads).
     unavailable: Duration,
+    /// The same for the writer that only knows the host list (`target_session_attrs`): it
+    /// keeps reaching the frozen leader's PostgreSQL until Patroni resumes and demotes it.
+    unaware_unavailable: Duration,
     healed: Duration,
     verdict: history::Verdict,
 }
@@ -79,7 +84,14 @@ async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
     let ids = Arc::new(AtomicI64::new(1));
     let hist = Arc::new(Mutex::new(History::default()));
     let (pause, limit) = (Duration::from_millis(20), Duration::from_secs(3));
-    let plain = Writer::spawn(migrator.clone(), ids.clone(), hist.clone(), pause, limit);
+    let plain = Writer::spawn(
+        "unaware",
+        migrator.clone(),
+        ids.clone(),
+        hist.clone(),
+        pause,
+        limit,
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         !hist.lock().unwrap().acks.is_empty(),
@@ -109,7 +121,7 @@ async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let aware = Writer::spawn(promoted, ids.clone(), hist.clone(), pause, limit);
+    let aware = Writer::spawn("aware", promoted, ids.clone(), hist.clone(), pause, limit);
     // Writes on the promoted primary for a while (the bug took the key back right away).
     let promoted_at = Instant::now();
     while hist.lock().unwrap().first_ack_after(promoted_at).is_none() {
@@ -126,7 +138,14 @@ async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
     tokio::time::sleep(Duration::from_secs(5)).await;
     healthy(cluster, Duration::from_secs(180)).await;
     let healed = resumed.elapsed();
-    let unavailable = hist.lock().unwrap().longest_gap(frozen_at, Instant::now());
+    let (unavailable, unaware_unavailable) = {
+        let h = hist.lock().unwrap();
+        let now = Instant::now();
+        (
+            h.longest_gap(frozen_at, now, None),
+            h.longest_gap(frozen_at, now, Some("unaware")),
+        )
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
     aware.stop().await;
     plain.stop().await;
@@ -148,8 +167,9 @@ async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
         .await
         .unwrap();
     eprintln!(
-        "zombie: {old} frozen, {standby} promoted; writes unavailable {:.2} s; healed {:.1} s after resume; leader now {leader}; {verdict:?}",
+        "zombie: {old} frozen, {standby} promoted; writes unavailable {:.2} s (Patroni-unaware client {:.2} s); healed {:.1} s after resume; leader now {leader}; {verdict:?}",
         unavailable.as_secs_f64(),
+        unaware_unavailable.as_secs_f64(),
         healed.as_secs_f64()
     );
     assert_eq!(
@@ -159,6 +179,7 @@ async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
     ZombieRound {
         promoted: standby,
         unavailable,
+        unaware_unavailable,
         healed,
         verdict,
     }
@@ -222,8 +243,9 @@ async fn zombie_soak() {
     let landed: usize = results.iter().map(|r| r.verdict.unknown_landed).sum();
     let failed: usize = results.iter().map(|r| r.verdict.failed).sum();
     eprintln!(
-        "zombie soak: {rounds} rounds, {acked} acknowledged, 0 lost, {unknown} unknown ({landed} landed), {failed} failed before COMMIT; unavailable min/median/max {:?} s; healed after resume {:?} s",
+        "zombie soak: {rounds} rounds, {acked} acknowledged, 0 lost, {unknown} unknown ({landed} landed), {failed} failed before COMMIT; unavailable min/median/max {:?} s (Patroni-unaware client {:?} s); healed after resume {:?} s",
         secs(|r| r.unavailable),
+        secs(|r| r.unaware_unavailable),
         secs(|r| r.healed)
     );
 }

@@ -58,7 +58,7 @@ pub async fn spawn_app_on(
     let addr = listener.local_addr().unwrap();
     let app = services.router();
     let server = tokio::spawn(async move {
-        dalp_api::serve(listener, app, std::future::pending())
+        dalp_api::serve(listener, app, Default::default(), std::future::pending())
             .await
             .unwrap();
     });

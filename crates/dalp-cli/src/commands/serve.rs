@@ -79,15 +79,16 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         true,
     ));
     let app = services.router();
+    let limits = dalp_api::server::ConnectionLimits::from_config(&config.api);
     match (&config.api.tls_cert, &config.api.tls_key) {
         (Some(cert), Some(key)) => {
             let tls = dalp_api::tls::server_config(cert, key)?;
             eprintln!("serving the API on https://{}", config.api.listen);
-            dalp_api::serve_tls(listener, tls, app, shutdown_signal()).await?;
+            dalp_api::serve_tls(listener, tls, app, limits, shutdown_signal()).await?;
         }
         _ => {
             eprintln!("serving the API on http://{}", config.api.listen);
-            dalp_api::serve(listener, app, shutdown_signal()).await?;
+            dalp_api::serve(listener, app, limits, shutdown_signal()).await?;
         }
     }
     maintenance.abort();

@@ -104,8 +104,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_rx.await;
     };
     let mut server = match &tls {
-        Some(config) => tokio::spawn(dalp_api::serve_tls(listener, config.clone(), app, stop)),
-        None => tokio::spawn(dalp_api::serve(listener, app, stop)),
+        Some(config) => tokio::spawn(dalp_api::serve_tls(
+            listener,
+            config.clone(),
+            app,
+            Default::default(),
+            stop,
+        )),
+        None => tokio::spawn(dalp_api::serve(listener, app, Default::default(), stop)),
     };
 
     // "ready" only once the API really answers and the database is current.

@@ -25,8 +25,8 @@ pub enum Outcome {
 #[derive(Default)]
 pub struct History {
     outcomes: BTreeMap<i64, Outcome>,
-    /// (when, id, server port) of every acknowledgement, in order.
-    pub acks: Vec<(Instant, i64, u16)>,
+    /// (when, id, server port, writer) of every acknowledgement, in order.
+    pub acks: Vec<(Instant, i64, u16, &'static str)>,
     pub failures: Vec<(i64, String)>,
 }
 
@@ -48,13 +48,14 @@ impl History {
     pub fn first_ack_after(&self, t: Instant) -> Option<Instant> {
         self.acks.iter().map(|a| a.0).find(|at| *at > t)
     }
-    /// The longest time without any acknowledgement between `from` and `to` (the write
-    /// outage a fault in that span caused).
-    pub fn longest_gap(&self, from: Instant, to: Instant) -> Duration {
+    /// The longest time without an acknowledgement to `writer` (any writer: `None`) between
+    /// `from` and `to`: the write outage a fault in that span caused for that client.
+    pub fn longest_gap(&self, from: Instant, to: Instant, writer: Option<&str>) -> Duration {
         let mut times: Vec<Instant> = vec![from];
         times.extend(
             self.acks
                 .iter()
+                .filter(|a| writer.is_none_or(|w| a.3 == w))
                 .map(|a| a.0)
                 .filter(|t| *t > from && *t < to),
         );
@@ -111,6 +112,7 @@ pub struct Writer {
 
 impl Writer {
     pub fn spawn(
+        name: &'static str,
         opts: ConnectOptions,
         ids: Arc<AtomicI64>,
         history: Arc<Mutex<History>>,
@@ -128,7 +130,7 @@ impl Writer {
                     match outcome {
                         Ok(port) => {
                             h.outcomes.insert(n, Outcome::Acked);
-                            h.acks.push((Instant::now(), n, port));
+                            h.acks.push((Instant::now(), n, port, name));
                         }
                         Err((o, e)) => {
                             h.outcomes.insert(n, o);
@@ -234,7 +236,7 @@ pub async fn check(
     // acknowledging again means both accepted writes in the same period.
     let mut retired = BTreeSet::new();
     let mut current: Option<u16> = None;
-    for (_, n, port) in &history.acks {
+    for (_, n, port, _) in &history.acks {
         if current != Some(*port) {
             if retired.contains(port) {
                 v.interleaved_primaries.push(format!(
