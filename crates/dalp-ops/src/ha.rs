@@ -520,6 +520,25 @@ impl HaCluster {
         self.live_pid(name)
     }
 
+    /// The pid of etcd, when it runs.
+    pub fn etcd_pid(&self) -> Option<i32> {
+        self.live_pid("etcd")
+    }
+
+    /// Starts etcd again (after it stopped or was killed); with `wipe`, its data directory is
+    /// emptied first, as when the member's disk is lost. Patroni re-creates its keys.
+    pub async fn restart_etcd(&self, wipe: bool) -> Result<(), OpsError> {
+        if self.etcd_pid().is_some() {
+            return Ok(());
+        }
+        if wipe {
+            let data = self.root.join("etcd");
+            std::fs::remove_dir_all(&data)
+                .map_err(OpsError::io(format!("remove {}", data.display())))?;
+        }
+        self.start_etcd().await
+    }
+
     /// The postmaster of node `name`, when it runs.
     pub fn postmaster_pid(&self, name: &str) -> Option<i32> {
         let text =
@@ -873,6 +892,30 @@ impl HaCluster {
             "cluster status",
             format!("{last}; is the cluster running? (`dalp cluster up`)"),
         ))
+    }
+
+    /// The leader as etcd records it (Patroni's `leader` key), `None` when there is no key.
+    /// Fails when etcd does not answer.
+    pub async fn dcs_leader(&self) -> Result<Option<String>, OpsError> {
+        use data_encoding::BASE64;
+        let key = format!("/dalp/{SCOPE}/leader");
+        let url = format!(
+            "http://127.0.0.1:{}/v3/kv/range",
+            self.state.etcd_client_port
+        );
+        let r: Value = http()
+            .post(&url)
+            .json(&json!({ "key": BASE64.encode(key.as_bytes()) }))
+            .send()
+            .await
+            .map_err(|e| err("etcd", e))?
+            .json()
+            .await
+            .map_err(|e| err("etcd", e))?;
+        Ok(r["kvs"][0]["value"]
+            .as_str()
+            .and_then(|v| BASE64.decode(v.as_bytes()).ok())
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     /// The current leader's name.

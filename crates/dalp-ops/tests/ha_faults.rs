@@ -249,3 +249,106 @@ async fn zombie_soak() {
         secs(|r| r.healed)
     );
 }
+
+/// etcd (the DCS) killed under load: with failsafe mode the primary keeps taking writes while
+/// every member still answers its REST API; etcd then comes back with its data lost, and the
+/// cluster re-creates its keys and heals without anyone stepping in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_etcd_and_its_data_keeps_writes_going_and_heals() {
+    let dir = cluster_dir();
+    let cluster = HaCluster::up(
+        dir.path(),
+        HaOptions {
+            archive: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .stop_on_drop(true);
+    healthy(&cluster, Duration::from_secs(120)).await;
+    let leader = cluster.leader().await.unwrap();
+    let migrator = cluster.connect_options(MIGRATOR_ROLE).unwrap();
+    migrator
+        .connect()
+        .await
+        .unwrap()
+        .batch_execute(history::SETUP_SQL)
+        .await
+        .unwrap();
+    let ids = Arc::new(AtomicI64::new(1));
+    let hist = Arc::new(Mutex::new(History::default()));
+    let writer = Writer::spawn(
+        "unaware",
+        migrator.clone(),
+        ids,
+        hist.clone(),
+        Duration::from_millis(20),
+        Duration::from_secs(3),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let etcd = cluster.etcd_pid().expect("etcd runs");
+    kill(Pid::from_raw(etcd), Signal::SIGKILL).unwrap();
+    let down_at = Instant::now();
+    // Twice the leader key's ttl without a DCS: a primary without failsafe mode demotes
+    // itself within ttl.
+    let outage = cluster.ttl() * 2;
+    while down_at.elapsed() < outage {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let gap = hist
+        .lock()
+        .unwrap()
+        .longest_gap(down_at, Instant::now(), None);
+    let acked_during = hist
+        .lock()
+        .unwrap()
+        .acks
+        .iter()
+        .filter(|a| a.0 > down_at)
+        .count();
+    eprintln!(
+        "etcd down {:.0} s: {acked_during} writes acknowledged meanwhile, longest gap {:.2} s",
+        outage.as_secs_f64(),
+        gap.as_secs_f64()
+    );
+    assert!(acked_during > 0, "writes stopped while etcd was down");
+    assert!(
+        gap < cluster.ttl() / 2,
+        "writes stalled {gap:?} while etcd was down (failsafe mode should keep the primary)"
+    );
+    // etcd returns with nothing: the cluster re-creates its keys and heals by itself.
+    cluster.restart_etcd(true).await.unwrap();
+    let back = Instant::now();
+    healthy(&cluster, Duration::from_secs(180)).await;
+    // Healed in etcd itself, not only in Patroni's cached view: the leader key is back.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let dcs_leader = loop {
+        if let Ok(Some(l)) = cluster.dcs_leader().await {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader key in etcd after it came back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    healthy(&cluster, Duration::from_secs(180)).await;
+    assert_eq!(dcs_leader, cluster.leader().await.unwrap());
+    eprintln!(
+        "etcd back with its data lost: leader key re-created after {:.1} s, leader {dcs_leader}",
+        back.elapsed().as_secs_f64(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    writer.stop().await;
+    let members: Vec<(String, dalp_db::ConnectOptions)> = cluster
+        .nodes()
+        .iter()
+        .map(|n| (n.name.clone(), cluster.superuser_options(&n.name, "dalp")))
+        .collect();
+    let h = std::mem::take(&mut *hist.lock().unwrap());
+    let verdict = history::check(&h, &members, Duration::from_secs(30)).await;
+    eprintln!("etcd loss: leader before {leader}; {verdict:?}");
+    verdict.assert_clean();
+}
