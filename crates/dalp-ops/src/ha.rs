@@ -231,6 +231,28 @@ impl ClusterStatus {
     }
 }
 
+/// What one node says for itself, asked directly (works while etcd is down).
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeProbe {
+    pub name: String,
+    /// Patroni's own view (`GET /patroni`): role and state; `None` when it does not answer.
+    pub patroni: Option<(String, String)>,
+    /// Whether PostgreSQL takes a new connection within the probe's deadline, and whether it
+    /// then runs as a primary (`Ok(true)`) or a replica (`Ok(false)`).
+    pub postgres: Result<bool, String>,
+}
+
+/// The cluster as Patroni reports it, checked against what each node and etcd say directly.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterReport {
+    /// Patroni's view (`GET /cluster` of the first node that answers), when one answers.
+    pub status: Option<ClusterStatus>,
+    pub nodes: Vec<NodeProbe>,
+    pub etcd_up: bool,
+    /// Everything that is wrong, each in a sentence; empty when healthy.
+    pub problems: Vec<String>,
+}
+
 /// A local HA cluster's directory, its processes and its settings.
 pub struct HaCluster {
     root: PathBuf,
@@ -916,6 +938,116 @@ impl HaCluster {
             .as_str()
             .and_then(|v| BASE64.decode(v.as_bytes()).ok())
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Asks Patroni, then every node and etcd directly (in parallel, each bounded by a
+    /// couple of seconds), and says what disagrees: a leader whose PostgreSQL takes no new
+    /// connection (a frozen postmaster), a primary that is not the leader (deposed), a node
+    /// whose Patroni does not answer (stopped, stalled or partitioned), etcd down.
+    pub async fn inspect(&self) -> ClusterReport {
+        const PROBE: Duration = Duration::from_secs(3);
+        let status = self.status().await.ok();
+        let probes = self.state.nodes.iter().map(|n| async move {
+            let patroni = async {
+                let r: Value = http()
+                    .get(format!("http://127.0.0.1:{}/patroni", n.api_port))
+                    .timeout(PROBE)
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                Some((
+                    r["role"].as_str().unwrap_or("").to_string(),
+                    r["state"].as_str().unwrap_or("").to_string(),
+                ))
+            };
+            let postgres = async {
+                let mut opts = self
+                    .node_options(&n.name, dalp_db::Component::Monitor.role())
+                    .map_err(|e| e.to_string())?;
+                // The maintenance database exists on every node from the start (a replica
+                // may still be replaying dalp's CREATE DATABASE).
+                opts.dbname = "postgres".into();
+                let probe = async {
+                    let c = opts.connect().await.map_err(|e| e.to_string())?;
+                    c.query_one("SELECT NOT pg_is_in_recovery()", &[])
+                        .await
+                        .map(|r| r.get::<_, bool>(0))
+                        .map_err(|e| e.to_string())
+                };
+                tokio::time::timeout(PROBE, probe)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {PROBE:?}")))
+            };
+            let (patroni, postgres) = tokio::join!(patroni, postgres);
+            NodeProbe {
+                name: n.name.clone(),
+                patroni,
+                postgres,
+            }
+        });
+        let (nodes, etcd_up) = tokio::join!(futures_util::future::join_all(probes), async {
+            http()
+                .get(format!(
+                    "http://127.0.0.1:{}/health",
+                    self.state.etcd_client_port
+                ))
+                .timeout(PROBE)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        });
+        let mut problems = Vec::new();
+        let leader = status
+            .as_ref()
+            .and_then(|s| s.leader())
+            .map(|m| m.name.clone());
+        match &status {
+            None => problems.push(
+                "no Patroni answers GET /cluster: is the cluster running? (`dalp cluster up`)"
+                    .to_string(),
+            ),
+            Some(_) if leader.is_none() => problems.push("there is no leader".to_string()),
+            Some(_) => {}
+        }
+        for n in &nodes {
+            let is_leader = leader.as_deref() == Some(n.name.as_str());
+            if n.patroni.is_none() {
+                problems.push(format!(
+                    "{}: Patroni does not answer (stopped, stalled or cut off)",
+                    n.name
+                ));
+            }
+            match &n.postgres {
+                Err(e) if is_leader => problems.push(format!(
+                    "{}: the leader's PostgreSQL takes no new connection ({e}): writes are failing",
+                    n.name
+                )),
+                Err(e) => problems.push(format!(
+                    "{}: PostgreSQL takes no new connection ({e})",
+                    n.name
+                )),
+                Ok(true) if !is_leader => problems.push(format!(
+                    "{}: runs as a primary but is not the leader (deposed or split off): it must not take writes",
+                    n.name
+                )),
+                Ok(_) => {}
+            }
+        }
+        if !etcd_up {
+            problems.push(
+                "etcd does not answer: failsafe mode keeps the primary only while every member reaches it; restart etcd"
+                    .to_string(),
+            );
+        }
+        ClusterReport {
+            status,
+            nodes,
+            etcd_up,
+            problems,
+        }
     }
 
     /// The current leader's name.

@@ -122,6 +122,18 @@ async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let aware = Writer::spawn("aware", promoted, ids.clone(), hist.clone(), pause, limit);
+    // (After the aware writer started, so the probes' deadlines do not delay it.)
+    // Status tells the truth meanwhile: the frozen leader's PostgreSQL still runs as a
+    // primary that is no longer the leader.
+    let report = cluster.inspect().await;
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.starts_with(&format!("{old}: runs as a primary but is not the leader"))),
+        "{:?}",
+        report.problems
+    );
     // Writes on the promoted primary for a while (the bug took the key back right away).
     let promoted_at = Instant::now();
     while hist.lock().unwrap().first_ack_after(promoted_at).is_none() {
@@ -351,4 +363,100 @@ async fn losing_etcd_and_its_data_keeps_writes_going_and_heals() {
     let verdict = history::check(&h, &members, Duration::from_secs(30)).await;
     eprintln!("etcd loss: leader before {leader}; {verdict:?}");
     verdict.assert_clean();
+}
+
+/// `inspect` (behind `dalp cluster status`) names what Patroni's own view hides: a leader
+/// whose postmaster takes no new connection, a member whose Patroni is stalled, etcd down —
+/// and still answers while etcd is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_a_frozen_postmaster_a_stalled_patroni_and_a_dead_etcd() {
+    let dir = cluster_dir();
+    let cluster = HaCluster::up(
+        dir.path(),
+        HaOptions {
+            archive: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .stop_on_drop(true);
+    healthy(&cluster, Duration::from_secs(120)).await;
+    let report = cluster.inspect().await;
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let leader = cluster.leader().await.unwrap();
+    let replica = cluster
+        .nodes()
+        .iter()
+        .find(|n| n.name != leader)
+        .unwrap()
+        .name
+        .clone();
+
+    // A frozen postmaster: Patroni still calls the node healthy.
+    {
+        let _frozen = Frozen::stop(cluster.postmaster_pid(&leader).unwrap());
+        let report = cluster.inspect().await;
+        let patroni_view = report
+            .status
+            .as_ref()
+            .and_then(|s| s.leader())
+            .map(|m| m.name.clone());
+        assert_eq!(
+            patroni_view.as_deref(),
+            Some(leader.as_str()),
+            "Patroni's view"
+        );
+        assert!(
+            report.problems.iter().any(|p| p.starts_with(&format!(
+                "{leader}: the leader's PostgreSQL takes no new connection"
+            ))),
+            "{:?}",
+            report.problems
+        );
+    }
+    // A stalled Patroni on a replica.
+    {
+        let _frozen = Frozen::stop(cluster.patroni_pid(&replica).unwrap());
+        let report = cluster.inspect().await;
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.starts_with(&format!("{replica}: Patroni does not answer"))),
+            "{:?}",
+            report.problems
+        );
+    }
+    // etcd down: every node still answers for itself.
+    kill(Pid::from_raw(cluster.etcd_pid().unwrap()), Signal::SIGKILL).unwrap();
+    let report = cluster.inspect().await;
+    assert!(!report.etcd_up);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.starts_with("etcd does not answer")),
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        report
+            .nodes
+            .iter()
+            .all(|n| n.patroni.is_some() && n.postgres.is_ok()),
+        "{:?}",
+        report.nodes
+    );
+    cluster.restart_etcd(false).await.unwrap();
+    healthy(&cluster, Duration::from_secs(120)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let report = cluster.inspect().await;
+        if report.problems.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still: {:?}", report.problems);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

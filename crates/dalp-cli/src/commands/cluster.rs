@@ -83,42 +83,78 @@ pub async fn up(dir: &Path, opts: HaOptions) -> anyhow::Result<HaCluster> {
 }
 
 async fn print_status(cluster: &HaCluster, json: bool) -> anyhow::Result<ExitCode> {
-    let status = cluster.status().await?;
+    // Patroni's view, checked against each node and etcd asked directly: answers also while
+    // etcd is down, and names a leader that takes no connection or a deposed primary.
+    let report = cluster.inspect().await;
+    let mut problems = report.problems.clone();
+    if let Some(status) = &report.status {
+        if !status.missing.is_empty() {
+            problems.push(format!("not running: {}", status.missing.join(", ")));
+        }
+        if cluster.nodes().len() > 1 && status.sync_standby().is_none() {
+            problems.push("no synchronous standby: commits are not protected".into());
+        }
+    }
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        // Patroni's fields at the top (as before), the direct probes beside them.
+        let mut v = match &report.status {
+            Some(s) => serde_json::to_value(s)?,
+            None => serde_json::json!({}),
+        };
+        v["nodes"] = serde_json::to_value(&report.nodes)?;
+        v["etcd_up"] = report.etcd_up.into();
+        v["problems"] = serde_json::to_value(&problems)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "{:<8} {:<13} {:<10} {:<17} {:>8} {:>12}",
-            "member", "role", "state", "address", "timeline", "lag (bytes)"
+            "{:<8} {:<13} {:<10} {:<17} {:>8} {:>12}  {}",
+            "member", "role", "state", "address", "timeline", "lag (bytes)", "postgres"
         );
-        for m in &status.members {
+        let members = report
+            .status
+            .as_ref()
+            .map(|s| s.members.clone())
+            .unwrap_or_default();
+        for n in &report.nodes {
+            let m = members.iter().find(|m| m.name == n.name);
+            let (role, state) = match (m, &n.patroni) {
+                (Some(m), _) => (m.role.clone(), m.state.clone()),
+                (None, Some((r, s))) => (r.clone(), s.clone()),
+                (None, None) => ("-".into(), "no answer".into()),
+            };
+            let postgres = match &n.postgres {
+                Ok(true) => "primary".to_string(),
+                Ok(false) => "replica".to_string(),
+                Err(_) => "no connection".to_string(),
+            };
             println!(
-                "{:<8} {:<13} {:<10} {:<17} {:>8} {:>12}",
-                m.name,
-                m.role,
-                m.state,
-                format!("{}:{}", m.host, m.port),
-                m.timeline.map(|t| t.to_string()).unwrap_or_default(),
-                m.lag.map(|l| l.to_string()).unwrap_or_else(|| {
-                    if m.role == "leader" {
+                "{:<8} {:<13} {:<10} {:<17} {:>8} {:>12}  {}",
+                n.name,
+                role,
+                state,
+                m.map(|m| format!("{}:{}", m.host, m.port))
+                    .unwrap_or_default(),
+                m.and_then(|m| m.timeline)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+                m.map(|m| m
+                    .lag
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| if m.role == "leader" {
                         String::new()
                     } else {
                         "unknown".into()
-                    }
-                }),
+                    }))
+                .unwrap_or_default(),
+                postgres
             );
         }
-        for n in &status.missing {
-            println!("{n:<8} {:<13} {:<10}", "-", "not running");
+        println!("etcd     {}", if report.etcd_up { "up" } else { "DOWN" });
+        for p in &problems {
+            eprintln!("problem: {p}");
         }
     }
-    let healthy = status.leader().is_some()
-        && status.missing.is_empty()
-        && (cluster.nodes().len() == 1 || status.sync_standby().is_some());
-    if !healthy && !json {
-        eprintln!("the cluster is degraded: no leader, a missing node, or no synchronous standby");
-    }
-    Ok(if healthy {
+    Ok(if problems.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
