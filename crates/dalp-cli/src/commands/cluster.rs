@@ -107,8 +107,8 @@ async fn print_status(cluster: &HaCluster, json: bool) -> anyhow::Result<ExitCod
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "{:<8} {:<13} {:<10} {:<17} {:>8} {:>12}  {}",
-            "member", "role", "state", "address", "timeline", "lag (bytes)", "postgres"
+            "{:<8} {:<13} {:<10} {:<17} {:>8} {:>12}  postgres",
+            "member", "role", "state", "address", "timeline", "lag (bytes)"
         );
         let members = report
             .status
