@@ -337,7 +337,7 @@ async fn a_full_repository_fails_the_backup_clearly_and_leaves_the_source_alone(
     std::fs::write(
         dir.path().join("backup.toml"),
         format!(
-            "archive_timeout_secs = 10\n[repo1]\ntype = \"posix\"\npath = \"{}\"\n",
+            "archive_timeout_secs = 10\nrpo_secs = 15\n[repo1]\ntype = \"posix\"\npath = \"{}\"\n",
             tiny.display()
         ),
     )
@@ -350,6 +350,13 @@ async fn a_full_repository_fails_the_backup_clearly_and_leaves_the_source_alone(
         .connect()
         .await
         .unwrap();
+    // The policy's RPO is the server's archive_timeout.
+    let timeout: String = db
+        .query_one("SHOW archive_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(timeout, "15s");
     db.batch_execute(
         "CREATE SCHEMA keep; CREATE TABLE keep.t AS SELECT g AS n, md5(g::text) AS v FROM generate_series(1, 200000) g",
     )

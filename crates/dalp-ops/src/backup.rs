@@ -101,6 +101,10 @@ pub struct Policy {
     pub compress_type: String,
     /// Seconds a backup waits for its WAL to be archived before failing. Default 60.
     pub archive_timeout_secs: u32,
+    /// Recovery point objective of WAL archiving, in seconds: the server switches WAL
+    /// segments at least this often (`archive_timeout`), so losing the server loses at most
+    /// this much committed work that the archive lacks. 1 to 3600. Default 60.
+    pub rpo_secs: u32,
 }
 
 impl Default for Policy {
@@ -116,6 +120,7 @@ impl Default for Policy {
             process_max: 2,
             compress_type: "lz4".into(),
             archive_timeout_secs: 60,
+            rpo_secs: 60,
         }
     }
 }
@@ -168,6 +173,12 @@ impl Policy {
         }
         if self.archive_timeout_secs == 0 {
             return bad("archive_timeout_secs must be at least 1".into());
+        }
+        if !(1..=3600).contains(&self.rpo_secs) {
+            return bad(format!(
+                "rpo_secs ({}) must be 1 to 3600 (the server's archive_timeout)",
+                self.rpo_secs
+            ));
         }
         if self.process_max == 0 || self.process_max > 64 {
             return bad("process_max must be 1 to 64".into());
@@ -834,6 +845,7 @@ pub async fn start_archiving(
     let before = embedded_backups(instance.layout())?;
     before.write_config()?;
     opts.archive_command = Some(before.archive_command());
+    opts.archive_timeout_secs = Some(before.policy().rpo_secs);
     let cluster = instance.start(opts).await?;
     // Now the port is known: pgBackRest reaches the server through its socket.
     let b = embedded_backups(cluster.layout())?;
@@ -1024,5 +1036,38 @@ impl RestoredServer {
 impl Drop for RestoredServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rpo_is_validated_and_read_from_the_policy_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backup.toml");
+        assert_eq!(Policy::load(&path).unwrap().rpo_secs, 60, "default");
+        std::fs::write(&path, "rpo_secs = 5\n").unwrap();
+        assert_eq!(Policy::load(&path).unwrap().rpo_secs, 5);
+        for bad in ["rpo_secs = 0\n", "rpo_secs = 7200\n"] {
+            std::fs::write(&path, bad).unwrap();
+            let e = Policy::load(&path).unwrap_err().to_string();
+            assert!(e.contains("rpo_secs"), "{e}");
+        }
+        let conf = |secs| {
+            crate::embedded::server_settings(&crate::embedded::ServerConf {
+                bin: Path::new("/nonexistent/bin"),
+                socket_dir: Path::new("/run"),
+                tls_dir: Path::new("/tls"),
+                log_dir: Path::new("/log"),
+                pgaudit_log: "write",
+                slow_ms: 500,
+                max_connections: 100,
+                archive_command: Some("true"),
+                archive_timeout_secs: secs,
+            })
+        };
+        assert!(conf(5).contains(&("archive_timeout", "5s".to_string())));
     }
 }

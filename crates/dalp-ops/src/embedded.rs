@@ -184,6 +184,8 @@ pub struct StartOptions {
     pub max_connections: Option<u32>,
     /// Archive WAL with this `archive_command` (see [`crate::backup::Backups`]); default off.
     pub archive_command: Option<String>,
+    /// With archiving: switch WAL segments at least this often (the policy's RPO); default 60.
+    pub archive_timeout_secs: Option<u32>,
     /// Start a bare server the way a managed service hands one over (tests emulate RDS &c.
     /// with it): no dalp roles or database are created and nothing is preloaded (no pgAudit,
     /// pg_stat_statements or auto_explain). Default off.
@@ -284,6 +286,8 @@ pub(crate) struct ServerConf<'a> {
     pub max_connections: u32,
     /// WAL archiving: the `archive_command` (pgBackRest's archive-push), or none.
     pub archive_command: Option<&'a str>,
+    /// With archiving, the longest a committed transaction waits to be archived (`archive_timeout`).
+    pub archive_timeout_secs: u32,
 }
 
 /// The server settings every dalp-run PostgreSQL gets (embedded and HA nodes): TLS only,
@@ -336,12 +340,12 @@ pub(crate) fn server_settings(c: &ServerConf<'_>) -> Vec<(&'static str, String)>
         ("log_file_mode", "0640".into()),
     ];
     if let Some(cmd) = c.archive_command {
-        // Continuous archiving; a quiet server still archives at least once a minute, so
-        // the point-in-time window trails now by at most that.
+        // Continuous archiving; a quiet server still switches segments every RPO seconds,
+        // so the archive trails now by at most that.
         s.extend([
             ("archive_mode", "on".to_string()),
             ("archive_command", cmd.to_string()),
-            ("archive_timeout", "60s".into()),
+            ("archive_timeout", format!("{}s", c.archive_timeout_secs)),
         ]);
     }
     if preload.contains(&"auto_explain") {
@@ -675,6 +679,7 @@ impl Instance {
             slow_ms: opts.slow_query_ms.unwrap_or(DEFAULT_SLOW_QUERY_MS),
             max_connections: opts.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
             archive_command: opts.archive_command.as_deref(),
+            archive_timeout_secs: opts.archive_timeout_secs.unwrap_or(60),
         }));
         if opts.managed {
             settings.retain(|(k, _)| {

@@ -455,7 +455,8 @@ impl HaCluster {
             let archive_command = backups
                 .as_ref()
                 .map(|b| b.archive_command_for(&cluster.node_dir(&node.name).join("pgdata")));
-            cluster.write_node_config(&node, &opts, archive_command.as_deref())?;
+            let rpo = backups.as_ref().map_or(60, |b| b.policy().rpo_secs);
+            cluster.write_node_config(&node, &opts, archive_command.as_deref(), rpo)?;
         }
         // A new cluster: the first node bootstraps and the others join once it leads, so
         // they clone from it instead of racing to initdb. A restart: all at once, since in
@@ -675,6 +676,7 @@ impl HaCluster {
         node: &NodeSpec,
         opts: &HaOptions,
         archive_command: Option<&str>,
+        archive_timeout_secs: u32,
     ) -> Result<(), OpsError> {
         let dir = self.node_dir(&node.name);
         let run = dir.join("run");
@@ -715,6 +717,7 @@ impl HaCluster {
                 .unwrap_or(embedded::DEFAULT_SLOW_QUERY_MS),
             max_connections: embedded::DEFAULT_MAX_CONNECTIONS,
             archive_command,
+            archive_timeout_secs,
         }) {
             // Patroni insists these are the same everywhere (its dynamic configuration).
             if k == "max_connections" || k == "archive_mode" {

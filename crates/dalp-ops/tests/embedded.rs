@@ -213,6 +213,7 @@ async fn a_busy_port_is_refused_before_anything_starts() {
             slow_query_ms: None,
             max_connections: None,
             archive_command: None,
+            archive_timeout_secs: None,
             managed: false,
         })
         .await
@@ -238,6 +239,7 @@ async fn a_missing_binary_dir_says_what_to_install() {
             slow_query_ms: None,
             max_connections: None,
             archive_command: None,
+            archive_timeout_secs: None,
             managed: false,
         })
         .await

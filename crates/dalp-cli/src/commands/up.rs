@@ -204,6 +204,7 @@ impl Backend {
             slow_query_ms: Some(args.slow_query_ms),
             max_connections: Some(args.max_connections),
             archive_command: None,
+            archive_timeout_secs: None,
             managed: false,
         };
         // WAL archiving to pgBackRest unless turned off.
