@@ -105,6 +105,7 @@ impl ApiError {
                 IndexError::Gap { .. } => (StatusCode::CONFLICT, "gap"),
                 IndexError::ParentMismatch { .. } => (StatusCode::CONFLICT, "parent_mismatch"),
                 IndexError::DeepReorg { .. } => (StatusCode::CONFLICT, "reorg_too_deep"),
+                IndexError::NotIndexedYet { .. } => (StatusCode::CONFLICT, "not_indexed_yet"),
                 IndexError::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
                 IndexError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },

@@ -456,3 +456,95 @@ async fn a_dead_node_is_a_clear_error_and_a_non_zero_exit_with_nothing_stored() 
         String::from_utf8_lossy(&out.stderr).contains("the node is on chain 5, not chain 31337")
     );
 }
+
+/// Reorgs that add no block above the checkpoint — onto a shorter branch, and onto one of
+/// equal length — are caught by the next poll; reads at blocks the index has not reached are
+/// refused instead of answered with older state.
+#[tokio::test]
+async fn shorter_and_equal_length_reorgs_are_caught_and_future_reads_refused() {
+    let db = migrated_database().await;
+    let anvil = Anvil::start(CHAIN as u64);
+    let node = Node::new(&anvil).await;
+    let token = node.deploy().await;
+    node.mint(&token, 1, 1_000_000).await;
+    node.mint(&token, 2, 2_000_000).await;
+    follow_once(&db, &anvil, &token);
+    let store = store_for(&db);
+    let head = node.head().await;
+    let matches_node = |n: u64| {
+        let store = &store;
+        let node = &node;
+        async move {
+            let stored = store.block_hash(CHAIN, n as i64).await.unwrap().unwrap();
+            let on_node = node.rpc.block_hash(n).await.unwrap().unwrap();
+            format!("0x{}", hex::encode(stored.0)) == on_node
+        }
+    };
+
+    // Shorter: 3 blocks indexed, then the node goes back and has only 1 other block.
+    let snapshot = node.rpc.call("evm_snapshot", json!([])).await.unwrap();
+    for _ in 0..3 {
+        node.transfer(&token, 1, 3, 77).await;
+    }
+    follow_once(&db, &anvil, &token);
+    assert_eq!(
+        store.status(CHAIN).await.unwrap().checkpoint,
+        Some(head as i64 + 3)
+    );
+    node.rpc
+        .call("evm_revert", json!([snapshot]))
+        .await
+        .unwrap();
+    node.transfer(&token, 2, 4, 5).await;
+    assert_eq!(node.head().await, head + 1);
+    let out = follow_once(&db, &anvil, &token);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("reorg: rolled back"), "{stderr}");
+    assert_eq!(
+        store.status(CHAIN).await.unwrap().checkpoint,
+        Some(head as i64 + 1)
+    );
+    assert!(
+        matches_node(head + 1).await,
+        "block {} is the node's",
+        head + 1
+    );
+    let every: Vec<u64> = (0..=head + 1).collect();
+    assert_index_matches(&store, &node, &token, &every, head + 1).await;
+
+    // Equal length: 2 blocks indexed, replaced by 2 other blocks.
+    let snapshot = node.rpc.call("evm_snapshot", json!([])).await.unwrap();
+    node.transfer(&token, 1, 2, 11).await;
+    node.transfer(&token, 1, 2, 12).await;
+    follow_once(&db, &anvil, &token);
+    node.rpc
+        .call("evm_revert", json!([snapshot]))
+        .await
+        .unwrap();
+    node.transfer(&token, 2, 1, 21).await;
+    node.transfer(&token, 2, 1, 22).await;
+    let h = node.head().await;
+    assert_eq!(h, head + 3);
+    let out = follow_once(&db, &anvil, &token);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("reorg: rolled back"), "{stderr}");
+    for n in head + 2..=h {
+        assert!(matches_node(n).await, "block {n} is the node's");
+    }
+    let every: Vec<u64> = (0..=h).collect();
+    assert_index_matches(&store, &node, &token, &every, h).await;
+
+    // A read at a block beyond the checkpoint is refused, naming the checkpoint.
+    let t = parse_address("token", "test", &token).unwrap();
+    let a = parse_address("account", "test", &node.accounts[1]).unwrap();
+    let e = store
+        .balance_at(CHAIN, &t, &a, h as i64 + 10)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("indexed up to block {h}")),
+        "{e}"
+    );
+    let e = store.supply_at(CHAIN, &t, h as i64 + 1).await.unwrap_err();
+    assert!(e.to_string().contains("not indexed yet"), "{e}");
+}

@@ -151,7 +151,13 @@ impl<'a> Follower<'a> {
                     Duration::ZERO
                 }
                 Ok(Step::CaughtUp) if self.opts.until_caught_up => return Ok(()),
-                Ok(Step::CaughtUp) => self.opts.poll_interval,
+                Ok(Step::CaughtUp) => {
+                    // A poll that worked: failures are counted consecutively, and the
+                    // backoff starts over.
+                    backoff = Duration::from_millis(250);
+                    failures = 0;
+                    self.opts.poll_interval
+                }
                 Err(e) if e.is_transient() && !self.gave_up(failures + 1) => {
                     failures += 1;
                     let asked = match &e {
@@ -180,6 +186,19 @@ impl<'a> Follower<'a> {
     async fn step(&self) -> Result<Step, FollowError> {
         let head = self.rpc.block_number().await?;
         let status = self.store.status(self.opts.chain_id).await?;
+        // Every poll: does the node still have our checkpoint? A reorg onto a shorter or
+        // equal-length branch adds no block above it, so only this notices it.
+        if let Some(cp) = status.checkpoint {
+            if let Some(reorg) = self.rewind_if_replaced(cp, head).await? {
+                return Ok(Step::Batch(Progress {
+                    checkpoint: reorg.fork,
+                    head,
+                    applied: 0,
+                    logs: 0,
+                    reorg: Some(reorg),
+                }));
+            }
+        }
         let next = status
             .checkpoint
             .map(|c| c as u64 + 1)
@@ -220,6 +239,45 @@ impl<'a> Follower<'a> {
             logs: outcome.logs,
             reorg: outcome.reorg,
         }))
+    }
+
+    /// When the node's block at the checkpoint (or the node's whole chain above its head) is
+    /// no longer ours, rolls back to the fork point.
+    async fn rewind_if_replaced(
+        &self,
+        checkpoint: i64,
+        head: u64,
+    ) -> Result<Option<Reorg>, FollowError> {
+        let Some(stored) = self
+            .store
+            .block_hash(self.opts.chain_id, checkpoint)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let node = if checkpoint as u64 > head {
+            None
+        } else {
+            self.rpc.block_hash(checkpoint as u64).await?
+        };
+        if node.as_deref() == Some(hex0x(&stored).as_str()) {
+            return Ok(None);
+        }
+        let depth = i64::from(self.store.status(self.opts.chain_id).await?.finality_depth);
+        let below = checkpoint.min(head as i64);
+        let fork = self.find_fork(below, depth).await?;
+        let reorg = self
+            .store
+            .rewind(&self.ctx, self.opts.chain_id, fork)
+            .await?;
+        tracing::warn!(
+            chain_id = self.opts.chain_id,
+            fork,
+            checkpoint,
+            head,
+            "the node replaced our checkpoint's block (a reorg onto a shorter or equal branch); rolled back to the fork point"
+        );
+        Ok(Some(reorg))
     }
 
     /// The newest stored block at or below `below` whose hash the node agrees with.

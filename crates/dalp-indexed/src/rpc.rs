@@ -21,6 +21,10 @@ pub enum RpcError {
     Rpc { code: i64, message: String },
     #[error("malformed node answer: {0}")]
     Malformed(String),
+    /// The node announced a head it does not serve yet (normal behind load balancers and
+    /// right after a block is mined): retried.
+    #[error("the node has no block {0} yet (its head was announced before the block is served)")]
+    NotYetServed(u64),
 }
 
 impl RpcError {
@@ -188,7 +192,7 @@ impl RpcClient {
         let mut out = Vec::with_capacity(answers.len());
         for (n, b) in (from..=to).zip(answers) {
             if b.is_null() {
-                return Err(malformed(format!("node has no block {n} (yet)")));
+                return Err(RpcError::NotYetServed(n));
             }
             let number = quantity(&b["number"], "block number")?;
             if number != n {

@@ -53,8 +53,15 @@ pub enum IndexError {
     NotFound(String),
     #[error("database unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("database error: {0}")]
+    #[error("database error: {}", dalp_db::connect::describe_error(.0))]
     Db(#[from] tokio_postgres::Error),
+    /// A read "at" a block the index has not reached: answering would pretend.
+    #[error("block {block} is not indexed yet: chain {chain} is indexed up to block {}", checkpoint.map(|c| c.to_string()).unwrap_or_else(|| "none".into()))]
+    NotIndexedYet {
+        chain: i64,
+        block: i64,
+        checkpoint: Option<i64>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -249,6 +256,32 @@ impl IndexedStore {
         .await?;
         tx.commit().await?;
         Ok(chain)
+    }
+
+    /// Refuses `block` when the index has not reached it (a read "at" it would answer with
+    /// the state of an older block).
+    async fn indexed_up_to<C: GenericClient>(
+        &self,
+        client: &C,
+        chain_id: i64,
+        block: i64,
+    ) -> Result<(), IndexError> {
+        let checkpoint: Option<i64> = client
+            .query_typed(
+                "SELECT block_number FROM dalp_indexed.checkpoints WHERE chain_id = $1",
+                &[(&chain_id, Type::INT8)],
+            )
+            .await?
+            .first()
+            .map(|r| r.get(0));
+        if checkpoint.is_none_or(|c| block > c) {
+            return Err(IndexError::NotIndexedYet {
+                chain: chain_id,
+                block,
+                checkpoint,
+            });
+        }
+        Ok(())
     }
 
     async fn chain_in<C: GenericClient>(
@@ -1056,6 +1089,7 @@ impl IndexedStore {
     ) -> Result<String, IndexError> {
         let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         self.chain_in(&**client, chain_id).await?;
+        self.indexed_up_to(&**client, chain_id, block).await?;
         let row = client
             .query_typed(
                 "SELECT balance::text FROM dalp_indexed.balance_history
@@ -1082,6 +1116,7 @@ impl IndexedStore {
     ) -> Result<String, IndexError> {
         let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         self.chain_in(&**client, chain_id).await?;
+        self.indexed_up_to(&**client, chain_id, block).await?;
         let row = client
             .query_typed(
                 "SELECT total_supply::text FROM dalp_indexed.supply_history
