@@ -169,6 +169,21 @@ fn month_key(t: DateTime<Utc>) -> i32 {
     t.year() * 12 + t.month0() as i32
 }
 
+/// The first instant of the month `key` ([`month_key`]) names.
+fn month_start(key: i32) -> DateTime<Utc> {
+    use chrono::TimeZone;
+    Utc.with_ymd_and_hms(
+        key.div_euclid(12),
+        key.rem_euclid(12) as u32 + 1,
+        1,
+        0,
+        0,
+        0,
+    )
+    .single()
+    .expect("a valid month")
+}
+
 fn parse_big(s: &str) -> BigInt {
     // Values come from numeric(…, 0) columns cast to text: always plain integers.
     BigInt::from_str(s).expect("numeric text is an integer")
@@ -366,36 +381,40 @@ impl IndexedStore {
         })
     }
 
-    /// Makes sure the partitions for `[from, to]` exist (cached per month).
+    /// Makes sure the partitions of `months` ([`month_key`]s) exist (cached per month).
     async fn ensure_partitions(
         &self,
         tx: &Transaction<'_>,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
+        months: &[i32],
     ) -> Result<(), IndexError> {
-        let wanted: Vec<i32> = (month_key(from)..=month_key(to)).collect();
-        let missing = {
+        let missing: Vec<i32> = {
             let known = self.months.lock().expect("months lock");
-            wanted.iter().any(|m| !known.contains(m))
+            months
+                .iter()
+                .copied()
+                .filter(|m| !known.contains(m))
+                .collect()
         };
-        if !missing {
-            return Ok(());
-        }
-        for table in PARTITIONED {
-            tx.typed_execute(
-                "SELECT dalp_indexed.ensure_partitions($1, $2, $3)",
-                &[&table, &from, &to],
-            )
-            .await?;
+        for m in missing {
+            let start = month_start(m);
+            for table in PARTITIONED {
+                tx.typed_execute(
+                    "SELECT dalp_indexed.ensure_partitions($1, $2, $3)",
+                    &[&table, &start, &start],
+                )
+                .await?;
+            }
         }
         // Remembered by `remember_months` once the transaction commits: a rolled-back
         // transaction takes its partitions with it.
         Ok(())
     }
 
-    fn remember_months(&self, from: DateTime<Utc>, to: DateTime<Utc>) {
-        let mut known = self.months.lock().expect("months lock");
-        known.extend(month_key(from)..=month_key(to));
+    fn remember_months(&self, months: &[i32]) {
+        self.months
+            .lock()
+            .expect("months lock")
+            .extend(months.iter().copied());
     }
 
     /// Forgets which partitions exist (after the partition manager dropped some).
@@ -551,9 +570,14 @@ impl IndexedStore {
             }
         }
         let new = &blocks[start..];
-        let months = new.first().map(|f| (f.time, new[new.len() - 1].time));
-        if let Some((from, to)) = months {
-            self.ensure_partitions(&tx, from, to).await?;
+        // The months the new blocks fall in, not every month between the first and the
+        // last: a dev chain's genesis at time 0 (or years before block 1) needs one
+        // partition for it, not one per month since.
+        let mut months: Vec<i32> = new.iter().map(|b| month_key(b.time)).collect();
+        months.sort_unstable();
+        months.dedup();
+        if !new.is_empty() {
+            self.ensure_partitions(&tx, &months).await?;
             let written = self.write_blocks(&tx, chain_id, new).await?;
             outcome.logs = written.0;
             outcome.transfers = written.1;
@@ -601,9 +625,7 @@ impl IndexedStore {
             .await?;
         }
         tx.commit().await?;
-        if let Some((from, to)) = months {
-            self.remember_months(from, to);
-        }
+        self.remember_months(&months);
         if let Some(r) = &outcome.reorg {
             tracing::warn!(
                 chain_id,

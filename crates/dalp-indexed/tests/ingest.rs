@@ -457,3 +457,38 @@ async fn old_blocks_get_partitions_time_bounded_queries_prune_and_retention_drop
     assert_eq!(left, 0);
     assert!(report.horizon.unwrap() > Utc::now() + chrono::Duration::days(60));
 }
+
+/// A dev chain's genesis at time 0, then blocks of today: one partition for January 1970
+/// and today's month, not one per month in between (and no "bad range" error).
+#[tokio::test]
+async fn a_genesis_at_time_zero_gets_one_partition_not_fifty_years_of_them() {
+    let db = migrated_database().await;
+    let store = store(&db, 64).await;
+    let s = Synth::new(4, 1, Utc::now());
+    let mut blocks = s.blocks(0, 3, 0);
+    blocks[0].time = Utc.timestamp_opt(0, 0).unwrap();
+    let su = db.superuser().await;
+    let count = |c: tokio_postgres::Client| async move {
+        c.query_one(
+            "SELECT count(*) FROM pg_inherits i WHERE i.inhparent = 'dalp_indexed.transfers'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    let before = count(db.superuser().await).await;
+    store.ingest(&ctx(), CHAIN, &blocks, None).await.unwrap();
+    let after = count(db.superuser().await).await;
+    assert_eq!(after - before, 1, "only January 1970 is new");
+    let has_1970: bool = su
+        .query_one(
+            "SELECT to_regclass('dalp_indexed.transfers_p197001') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(has_1970);
+    assert_eq!(store.status(CHAIN).await.unwrap().checkpoint, Some(3));
+}
