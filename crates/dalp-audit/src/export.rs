@@ -315,6 +315,33 @@ pub struct Forwarder {
     pub pgaudit_dir: Option<std::path::PathBuf>,
 }
 
+/// A cursor's position, creating its row (at 0) only when it does not exist yet.
+async fn read_or_create_cursor(
+    c: &deadpool_postgres::Object,
+    name: &str,
+) -> Result<i64, ExportError> {
+    if let Some(r) = c
+        .typed_query_opt(
+            "SELECT last_seq FROM dalp_audit.forward_cursors WHERE name = $1",
+            &[&name],
+        )
+        .await?
+    {
+        return Ok(r.get(0));
+    }
+    c.typed_execute(
+        "INSERT INTO dalp_audit.forward_cursors (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+        &[&name],
+    )
+    .await?;
+    Ok(c.typed_query_one(
+        "SELECT last_seq FROM dalp_audit.forward_cursors WHERE name = $1",
+        &[&name],
+    )
+    .await?
+    .get(0))
+}
+
 /// Cursor name of one server log file: `<forwarder>-pgaudit-<file>` in cursor syntax.
 fn log_cursor_name(forwarder: &str, file: &str) -> String {
     let f: String = file
@@ -328,19 +355,11 @@ fn log_cursor_name(forwarder: &str, file: &str) -> String {
 }
 
 impl Forwarder {
+    /// The durable cursor (read; the row is created the first time only, so an idle
+    /// forwarder writes nothing that pgAudit would log).
     pub async fn cursor(&self) -> Result<i64, ExportError> {
         let c = dalp_db::pool::checkout(&self.pool, "audit").await?;
-        c.typed_execute(
-            "INSERT INTO dalp_audit.forward_cursors (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
-            &[&self.name],
-        )
-        .await?;
-        Ok(c.typed_query_one(
-            "SELECT last_seq FROM dalp_audit.forward_cursors WHERE name = $1",
-            &[&self.name],
-        )
-        .await?
-        .get(0))
+        read_or_create_cursor(&c, &self.name).await
     }
 
     /// Sends one batch after the cursor and then records it; returns how many were sent.
@@ -366,7 +385,15 @@ impl Forwarder {
     }
 
     /// Ships new AUDIT lines of the server's JSON logs; returns how many were sent.
-    pub async fn step_pgaudit(&self, sink: &mut SyslogSink) -> Result<usize, ExportError> {
+    /// `offsets` keeps each file's position between rounds: the durable cursor is written
+    /// only after lines were shipped, and the forwarder's own cursor statements (pgAudit
+    /// logs them as writes naming `dalp_audit.forward_cursors`) are skipped, never shipped — else
+    /// each cursor write would log a line that needs another cursor write.
+    pub async fn step_pgaudit(
+        &self,
+        sink: &mut SyslogSink,
+        offsets: &mut std::collections::HashMap<String, i64>,
+    ) -> Result<usize, ExportError> {
         use std::io::{Read, Seek, SeekFrom};
         let Some(dir) = &self.pgaudit_dir else {
             return Ok(0);
@@ -384,24 +411,17 @@ impl Forwarder {
                 .map(|f| f.to_string_lossy().to_string())
                 .unwrap_or_default();
             let cursor = log_cursor_name(&self.name, &file_name);
-            c.typed_execute(
-                "INSERT INTO dalp_audit.forward_cursors (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
-                &[&cursor],
-            )
-            .await?;
-            let offset: i64 = c
-                .typed_query_one(
-                    "SELECT last_seq FROM dalp_audit.forward_cursors WHERE name = $1",
-                    &[&cursor],
-                )
-                .await?
-                .get(0);
+            let offset = match offsets.get(&cursor) {
+                Some(o) => *o,
+                None => read_or_create_cursor(&c, &cursor).await?,
+            };
             let mut f = std::fs::File::open(&path)?;
             f.seek(SeekFrom::Start(offset as u64))?;
             let mut buf = Vec::new();
             f.take(4 << 20).read_to_end(&mut buf)?;
             // Only whole lines; a line still being written waits for the next round.
             let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
+                offsets.insert(cursor, offset);
                 continue;
             };
             let text = String::from_utf8_lossy(&buf[..=end]);
@@ -409,17 +429,20 @@ impl Forwarder {
             let lines: Vec<String> = text
                 .lines()
                 .filter(|l| l.contains("\"message\":\"AUDIT: "))
+                .filter(|l| !l.contains("dalp_audit.forward_cursors"))
                 .map(|l| format!("<110>1 {now} {} dalp - pgaudit - {l}", self.hostname))
                 .collect();
+            let next = offset + end as i64 + 1;
             if !lines.is_empty() {
                 sink.send(&lines).await?;
                 sent += lines.len();
+                c.typed_execute(
+                    "UPDATE dalp_audit.forward_cursors SET last_seq = $2, updated_at = now() WHERE name = $1",
+                    &[&cursor, &next],
+                )
+                .await?;
             }
-            c.typed_execute(
-                "UPDATE dalp_audit.forward_cursors SET last_seq = $2, updated_at = now() WHERE name = $1",
-                &[&cursor, &(offset + end as i64 + 1)],
-            )
-            .await?;
+            offsets.insert(cursor, next);
         }
         Ok(sent)
     }
@@ -439,8 +462,10 @@ impl Forwarder {
                 }
             };
             backoff = Duration::from_millis(200);
+            // Log positions read since the last durable write (see `step_pgaudit`).
+            let mut offsets = std::collections::HashMap::new();
             loop {
-                let logs = match self.step_pgaudit(&mut sink).await {
+                let logs = match self.step_pgaudit(&mut sink, &mut offsets).await {
                     Ok(n) => n,
                     Err(e) => {
                         tracing::warn!(error = %e, "forwarding server audit logs failed; reconnecting");

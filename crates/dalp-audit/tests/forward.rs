@@ -12,6 +12,10 @@ use dalp_ops::process::ServerUser;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 /// Accepts TLS connections and records every framed message.
+/// The tests here share the test cluster's server log, which the idle-forwarder test watches
+/// for writes: they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn receiver(
     dir: &std::path::Path,
 ) -> (u16, Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
@@ -79,6 +83,7 @@ fn seqs(lines: &[String]) -> BTreeSet<i64> {
 
 #[tokio::test]
 async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
+    let _serial = SERIAL.lock().await;
     let db = dalp_testkit::migrated_database().await;
     let pools = db.pools();
     let dir = tempfile::tempdir().unwrap();
@@ -176,6 +181,7 @@ async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
 
 #[tokio::test]
 async fn a_receiver_with_an_untrusted_certificate_is_refused() {
+    let _serial = SERIAL.lock().await;
     let db = dalp_testkit::migrated_database().await;
     let pools = db.pools();
     let dir = tempfile::tempdir().unwrap();
@@ -194,6 +200,7 @@ async fn a_receiver_with_an_untrusted_certificate_is_refused() {
 
 #[tokio::test]
 async fn pgaudit_lines_from_the_json_server_log_are_shipped_too() {
+    let _serial = SERIAL.lock().await;
     let cluster = dalp_testkit::cluster();
     let log_dir = cluster.layout().log_file().parent().unwrap().to_path_buf();
     let db = dalp_testkit::migrated_database().await;
@@ -246,4 +253,72 @@ async fn pgaudit_lines_from_the_json_server_log_are_shipped_too() {
     let json = line.splitn(8, ' ').nth(7).unwrap();
     let v: serde_json::Value = serde_json::from_str(json).unwrap();
     assert!(v["message"].as_str().unwrap().starts_with("AUDIT: "));
+}
+
+/// Lines of the JSON server logs that pgAudit wrote for database `db` about the forwarding
+/// cursors.
+fn cursor_audit_lines(log_dir: &std::path::Path, db: &str) -> Vec<String> {
+    std::fs::read_dir(log_dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    l.contains(&format!("\"dbname\":\"{db}\""))
+                        && l.contains("AUDIT: ")
+                        && l.contains("dalp_audit.forward_cursors")
+                })
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// An idle forwarder writes nothing (its cursor rows exist; nothing moved), so pgAudit logs
+/// nothing for it, and it never ships its own bookkeeping.
+#[tokio::test]
+async fn an_idle_forwarder_adds_no_audit_lines_and_ships_none_of_its_own() {
+    let _serial = SERIAL.lock().await;
+    let cluster = dalp_testkit::cluster();
+    let log_dir = cluster.layout().log_file().parent().unwrap().to_path_buf();
+    let db = dalp_testkit::migrated_database().await;
+    let pools = db.pools();
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    let (port, got, _rx) = receiver(&tls_dir).await;
+    let forwarder = Forwarder {
+        pool: pools.get(Component::AuditSealer).clone(),
+        name: "idle".into(),
+        format: Format::Rfc5424,
+        target: SyslogTarget::parse(&format!("syslog+tls://localhost:{port}")).unwrap(),
+        ca_file: tls_dir.join("ca.crt"),
+        batch: 100,
+        hostname: "test".into(),
+        pace: Duration::ZERO,
+        pgaudit_dir: Some(log_dir.clone()),
+    };
+    let task = tokio::spawn(async move { forwarder.run(|_, _| {}).await });
+    // Settle: cursor rows created, the backlog of log files read.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = cursor_audit_lines(&log_dir, &db.name);
+    // A dozen idle rounds (250 ms each).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = cursor_audit_lines(&log_dir, &db.name);
+    task.abort();
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "an idle forwarder wrote its cursors: {:?}",
+        &after[before.len().min(after.len())..]
+    );
+    assert!(
+        !got.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("dalp_audit.forward_cursors")),
+        "the forwarder shipped its own cursor statements"
+    );
 }
