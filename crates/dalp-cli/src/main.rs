@@ -27,8 +27,11 @@ fn main() -> ExitCode {
             .with_filter(filter)
             .boxed()
     } else {
+        // Colours only for a terminal: redirected logs stay plain text.
+        use std::io::IsTerminal;
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_filter(filter)
             .boxed()
     };

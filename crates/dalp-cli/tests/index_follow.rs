@@ -439,6 +439,12 @@ async fn a_dead_node_is_a_clear_error_and_a_non_zero_exit_with_nothing_stored() 
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot reach the node"), "{stderr}");
+    // The retry warnings went to a pipe: plain text, no colour codes.
+    assert!(stderr.contains("retrying"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a redirected log: {stderr:?}"
+    );
     let store = store_for(&db);
     assert!(store.status(CHAIN).await.unwrap().checkpoint.is_none());
     // A node on another chain is refused at once.
