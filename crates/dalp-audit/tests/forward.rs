@@ -12,6 +12,27 @@ use dalp_ops::process::ServerUser;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 /// Accepts TLS connections and records every framed message.
+/// A forwarder as the sealer role to the receiver on `port`, RFC 5424, one event a batch
+/// unpaced, no server logs; tests override what they need.
+fn forwarder_to(
+    pools: &dalp_db::ComponentPools,
+    name: &str,
+    port: u16,
+    tls_dir: &std::path::Path,
+) -> Forwarder {
+    Forwarder {
+        pool: pools.get(Component::AuditSealer).clone(),
+        name: name.into(),
+        format: Format::Rfc5424,
+        target: SyslogTarget::parse(&format!("syslog+tls://localhost:{port}")).unwrap(),
+        ca_file: tls_dir.join("ca.crt"),
+        batch: 1,
+        hostname: "test".into(),
+        pace: Duration::ZERO,
+        pgaudit_dir: None,
+    }
+}
+
 /// The tests here share the test cluster's server log, which the idle-forwarder test watches
 /// for writes: they run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -112,15 +133,10 @@ async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
     let tls_dir = dir.path().join("tls");
     let (port, got, _rx) = receiver(&tls_dir).await;
     let forwarder = Arc::new(Forwarder {
-        pool: pools.get(Component::AuditSealer).clone(),
-        name: "siem".into(),
-        format: Format::Rfc5424,
-        target: SyslogTarget::parse(&format!("syslog+tls://localhost:{port}")).unwrap(),
-        ca_file: tls_dir.join("ca.crt"),
         batch: 10,
-        hostname: "test".into(),
         pace: Duration::from_millis(20),
         pgaudit_dir: None,
+        ..forwarder_to(&pools, "siem", port, &tls_dir)
     });
     let f = forwarder.clone();
     let first = tokio::spawn(async move { f.run(|_, _| {}).await });
@@ -217,15 +233,10 @@ async fn pgaudit_lines_from_the_json_server_log_are_shipped_too() {
     let tls_dir = dir.path().join("tls");
     let (port, got, _rx) = receiver(&tls_dir).await;
     let forwarder = Forwarder {
-        pool: pools.get(Component::AuditSealer).clone(),
-        name: "pga".into(),
-        format: Format::Rfc5424,
-        target: SyslogTarget::parse(&format!("syslog+tls://localhost:{port}")).unwrap(),
-        ca_file: tls_dir.join("ca.crt"),
         batch: 100,
-        hostname: "test".into(),
         pace: Duration::ZERO,
         pgaudit_dir: Some(log_dir),
+        ..forwarder_to(&pools, "pga", port, &tls_dir)
     };
     let task = tokio::spawn(async move { forwarder.run(|_, _| {}).await });
     let mut found = false;
@@ -290,15 +301,10 @@ async fn an_idle_forwarder_adds_no_audit_lines_and_ships_none_of_its_own() {
     let tls_dir = dir.path().join("tls");
     let (port, got, _rx) = receiver(&tls_dir).await;
     let forwarder = Forwarder {
-        pool: pools.get(Component::AuditSealer).clone(),
-        name: "idle".into(),
-        format: Format::Rfc5424,
-        target: SyslogTarget::parse(&format!("syslog+tls://localhost:{port}")).unwrap(),
-        ca_file: tls_dir.join("ca.crt"),
         batch: 100,
-        hostname: "test".into(),
         pace: Duration::ZERO,
         pgaudit_dir: Some(log_dir.clone()),
+        ..forwarder_to(&pools, "idle", port, &tls_dir)
     };
     let task = tokio::spawn(async move { forwarder.run(|_, _| {}).await });
     // Settle: cursor rows created, the backlog of log files read.

@@ -8,7 +8,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{dalp, dalp_with_stdin, free_port, text, totp_now, DALP};
+use common::{confirm_totp, dalp, dalp_with_stdin, free_port, login_and_enrol, text, DALP};
 use dalp_testkit::managed::ManagedCluster;
 
 /// The audit partitions after `this_month`'s, by name.
@@ -156,41 +156,15 @@ async fn roles_migrate_serve_and_first_admin_without_a_superuser() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let login: serde_json::Value = http
-        .post(format!("{base}/api/v1/auth/login"))
-        .json(&serde_json::json!({"email": "ops@bank.example", "password": "correct horse battery staple"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(login["mfa_required"], true, "{login}");
-    let token = login["token"].as_str().unwrap().to_string();
-    let enrol: serde_json::Value = http
-        .post(format!("{base}/api/v1/mfa/totp"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let r = http
-        .post(format!("{base}/api/v1/mfa/totp/confirm"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"code": totp_now(enrol["secret"].as_str().unwrap(), 0)}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let me = http
-        .get(format!("{base}/api/v1/me"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(me.status(), 200);
+    let api = format!("{base}/api/v1");
+    let (token, secret) = login_and_enrol(
+        &http,
+        &api,
+        "ops@bank.example",
+        "correct horse battery staple",
+    )
+    .await;
+    confirm_totp(&http, &api, &token, &secret).await;
 
     // `serve` keeps partitions ahead: drop the audit partitions of the coming months (as
     // the migrator, not a superuser) and they are back within a minute.

@@ -12,7 +12,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod common;
-use common::{dalp, dalp_with_stdin, free_port, text, totp_now, DALP};
+use common::{confirm_totp, dalp, dalp_with_stdin, free_port, login_and_enrol, text, DALP};
 
 /// A CA that did not sign our server certificate (public certificate only, no key).
 const FOREIGN_CA: &str = "-----BEGIN CERTIFICATE-----
@@ -456,43 +456,24 @@ fn create_admin_then_rotate_keys_while_the_server_keeps_reading() {
     rt.block_on(async {
         let http = ::reqwest::Client::new();
         let base = format!("http://127.0.0.1:{api_port}/api/v1");
-        let login: serde_json::Value = http
-            .post(format!("{base}/auth/login"))
-            .json(&serde_json::json!({"email": "root@bank.example", "password": "correct horse battery staple"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(login["mfa_required"], true, "{login}");
-        let token = login["token"].as_str().unwrap().to_string();
-        let enrol: serde_json::Value = http
-            .post(format!("{base}/mfa/totp"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let secret = enrol["secret"].as_str().unwrap().to_string();
+        let (token, secret) = login_and_enrol(
+            &http,
+            &base,
+            "root@bank.example",
+            "correct horse battery staple",
+        )
+        .await;
 
         // Rotate while the server runs: the TOTP secret's data key moves to the new KEK and
         // the server, holding the old key file in memory, still decrypts it.
         let o = dalp(&["keys", "rotate", "--data-dir", d]);
         assert!(o.status.success(), "{}", text(&o));
-        assert!(text(&o).contains("1 data key(s) re-wrapped"), "{}", text(&o));
-        let r = http
-            .post(format!("{base}/mfa/totp/confirm"))
-            .bearer_auth(&token)
-            .json(&serde_json::json!({"code": totp_now(&secret, 0)}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-        let me = http.get(format!("{base}/me")).bearer_auth(&token).send().await.unwrap();
-        assert_eq!(me.status(), 200);
+        assert!(
+            text(&o).contains("1 data key(s) re-wrapped"),
+            "{}",
+            text(&o)
+        );
+        confirm_totp(&http, &base, &token, &secret).await;
     });
     let keyfile = std::fs::metadata(dir.path().join("keys/kek.json")).unwrap();
     assert_eq!(keyfile.permissions().mode() & 0o777, 0o600);

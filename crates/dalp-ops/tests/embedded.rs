@@ -92,12 +92,7 @@ async fn restart_reuses_data_port_and_passwords() {
             .unwrap();
         let mut found = false;
         for _ in 0..50 {
-            let logs: String = std::fs::read_dir(dir.path().join("log"))
-                .unwrap()
-                .filter_map(|e| e.ok())
-                .filter(|e| e.path().extension().map(|x| x == "json").unwrap_or(false))
-                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-                .collect();
+            let logs = json_logs(&dir.path().join("log"));
             if logs
                 .lines()
                 .any(|l| l.contains("AUDIT: SESSION") && l.contains("keep.t"))
@@ -139,12 +134,7 @@ async fn restart_reuses_data_port_and_passwords() {
         reader.query("SELECT v FROM keep.t", &[]).await.unwrap();
         let mut read_logged = false;
         for _ in 0..50 {
-            let logs: String = std::fs::read_dir(dir.path().join("log"))
-                .unwrap()
-                .filter_map(|e| e.ok())
-                .filter(|e| e.path().extension().map(|x| x == "json").unwrap_or(false))
-                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-                .collect();
+            let logs = json_logs(&dir.path().join("log"));
             read_logged = logs.lines().any(|l| {
                 l.contains("AUDIT: SESSION")
                     && l.contains(",READ,SELECT,")
@@ -267,4 +257,14 @@ fn a_private_parent_directory_is_reported_up_front() {
         msg.contains("postgres") && msg.contains("chmod o+x"),
         "{msg}"
     );
+}
+
+/// Every JSON server log in `dir`, concatenated.
+fn json_logs(dir: &std::path::Path) -> String {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().map(|x| x == "json").unwrap_or(false))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect()
 }

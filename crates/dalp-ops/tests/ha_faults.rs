@@ -36,6 +36,45 @@ async fn healthy(c: &HaCluster, within: Duration) {
     .unwrap();
 }
 
+/// A three-node cluster without archiving (stopped when dropped), once healthy.
+async fn started_cluster() -> (tempfile::TempDir, HaCluster) {
+    let dir = cluster_dir();
+    let cluster = HaCluster::up(
+        dir.path(),
+        HaOptions {
+            archive: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+    .stop_on_drop(true);
+    healthy(&cluster, Duration::from_secs(120)).await;
+    (dir, cluster)
+}
+
+/// The history table, created through the primary; returns the migrator's options.
+async fn history_table(cluster: &HaCluster) -> dalp_db::ConnectOptions {
+    let migrator = cluster.connect_options(MIGRATOR_ROLE).unwrap();
+    migrator
+        .connect()
+        .await
+        .unwrap()
+        .batch_execute(history::SETUP_SQL)
+        .await
+        .unwrap();
+    migrator
+}
+
+/// Every member, reached as the superuser on its socket whatever its role.
+fn members(cluster: &HaCluster) -> Vec<(String, dalp_db::ConnectOptions)> {
+    cluster
+        .nodes()
+        .iter()
+        .map(|n| (n.name.clone(), cluster.superuser_options(&n.name, "dalp")))
+        .collect()
+}
+
 /// Resumes a stopped process when dropped, so a failing test never leaves it frozen.
 struct Frozen(i32);
 impl Frozen {
@@ -73,14 +112,7 @@ async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
     let status = cluster.status().await.unwrap();
     let old = status.leader().unwrap().name.clone();
     let standby = status.sync_standby().unwrap().name.clone();
-    let migrator = cluster.connect_options(MIGRATOR_ROLE).unwrap();
-    migrator
-        .connect()
-        .await
-        .unwrap()
-        .batch_execute(history::SETUP_SQL)
-        .await
-        .unwrap();
+    let migrator = history_table(cluster).await;
     let ids = Arc::new(AtomicI64::new(1));
     let hist = Arc::new(Mutex::new(History::default()));
     let (pause, limit) = (Duration::from_millis(20), Duration::from_secs(3));
@@ -162,13 +194,8 @@ async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
     aware.stop().await;
     plain.stop().await;
 
-    let members: Vec<(String, dalp_db::ConnectOptions)> = cluster
-        .nodes()
-        .iter()
-        .map(|n| (n.name.clone(), cluster.superuser_options(&n.name, "dalp")))
-        .collect();
     let h = std::mem::take(&mut *hist.lock().unwrap());
-    let verdict = history::check(&h, &members, Duration::from_secs(30)).await;
+    let verdict = history::check(&h, &members(cluster), Duration::from_secs(30)).await;
     let leader = cluster.leader().await.unwrap();
     // Clean slate for the next round.
     migrator
@@ -199,17 +226,7 @@ async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zombie_leader_resumed_after_failover_loses_no_acknowledged_write() {
-    let dir = cluster_dir();
-    let cluster = HaCluster::up(
-        dir.path(),
-        HaOptions {
-            archive: false,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-    .stop_on_drop(true);
+    let (_dir, cluster) = started_cluster().await;
     let round = zombie_round(&cluster).await;
     round.verdict.assert_clean();
     assert!(round.verdict.acked > 0 && !round.promoted.is_empty());
@@ -227,17 +244,7 @@ async fn zombie_soak() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let dir = cluster_dir();
-    let cluster = HaCluster::up(
-        dir.path(),
-        HaOptions {
-            archive: false,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-    .stop_on_drop(true);
+    let (_dir, cluster) = started_cluster().await;
     let mut results = Vec::new();
     for i in 1..=rounds {
         let r = zombie_round(&cluster).await;
@@ -267,27 +274,10 @@ async fn zombie_soak() {
 /// cluster re-creates its keys and heals without anyone stepping in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_etcd_and_its_data_keeps_writes_going_and_heals() {
-    let dir = cluster_dir();
-    let cluster = HaCluster::up(
-        dir.path(),
-        HaOptions {
-            archive: false,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-    .stop_on_drop(true);
+    let (_dir, cluster) = started_cluster().await;
     healthy(&cluster, Duration::from_secs(120)).await;
     let leader = cluster.leader().await.unwrap();
-    let migrator = cluster.connect_options(MIGRATOR_ROLE).unwrap();
-    migrator
-        .connect()
-        .await
-        .unwrap()
-        .batch_execute(history::SETUP_SQL)
-        .await
-        .unwrap();
+    let migrator = history_table(&cluster).await;
     let ids = Arc::new(AtomicI64::new(1));
     let hist = Arc::new(Mutex::new(History::default()));
     let writer = Writer::spawn(
@@ -354,13 +344,8 @@ async fn losing_etcd_and_its_data_keeps_writes_going_and_heals() {
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     writer.stop().await;
-    let members: Vec<(String, dalp_db::ConnectOptions)> = cluster
-        .nodes()
-        .iter()
-        .map(|n| (n.name.clone(), cluster.superuser_options(&n.name, "dalp")))
-        .collect();
     let h = std::mem::take(&mut *hist.lock().unwrap());
-    let verdict = history::check(&h, &members, Duration::from_secs(30)).await;
+    let verdict = history::check(&h, &members(&cluster), Duration::from_secs(30)).await;
     eprintln!("etcd loss: leader before {leader}; {verdict:?}");
     verdict.assert_clean();
 }
@@ -370,17 +355,7 @@ async fn losing_etcd_and_its_data_keeps_writes_going_and_heals() {
 /// and still answers while etcd is down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_names_a_frozen_postmaster_a_stalled_patroni_and_a_dead_etcd() {
-    let dir = cluster_dir();
-    let cluster = HaCluster::up(
-        dir.path(),
-        HaOptions {
-            archive: false,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-    .stop_on_drop(true);
+    let (_dir, cluster) = started_cluster().await;
     healthy(&cluster, Duration::from_secs(120)).await;
     let report = cluster.inspect().await;
     assert!(report.problems.is_empty(), "{:?}", report.problems);
