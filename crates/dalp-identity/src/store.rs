@@ -353,6 +353,20 @@ impl IdentityStore {
     #[tracing::instrument(target = "dalp_store", name = "identity.create_user", skip_all)]
     pub async fn create_user(&self, ctx: &RequestContext, new: NewUser) -> Result<User> {
         let name = parse_name("name", &new.name)?;
+        // A role listed twice is a mistake in the request, not an email conflict.
+        if let Some(r) = new
+            .roles
+            .iter()
+            .enumerate()
+            .find(|(i, r)| new.roles[..*i].contains(r))
+            .map(|(_, r)| r)
+        {
+            return Err(Invalid {
+                field: "roles",
+                message: format!("lists {} more than once", r.as_str()),
+            }
+            .into());
+        }
         let hash = match &new.password {
             Some(p) => Some(hash_password(p).await?),
             None => None,
@@ -486,6 +500,14 @@ impl IdentityStore {
                 return Err(Invalid {
                     field: "banned_reason",
                     message: "at most 500 characters".into(),
+                }
+                .into());
+            }
+            // A ban that has already ended would read as banned yet not be in effect.
+            if until.is_some_and(|u| u <= Utc::now()) {
+                return Err(Invalid {
+                    field: "until",
+                    message: "must be in the future (leave it out for a ban without end; `unban` lifts one)".into(),
                 }
                 .into());
             }

@@ -110,3 +110,52 @@ async fn bad_targets_methods_and_overlong_names_get_precise_json_errors() {
         .await;
     assert_eq!(s, StatusCode::CREATED);
 }
+
+#[tokio::test]
+async fn duplicate_roles_and_bans_that_already_ended_are_refused_naming_the_field() {
+    let app = spawn_app().await;
+    app.create_user("root@bank.example", &[PlatformRole::Admin])
+        .await;
+    let t = app.admin_token("root@bank.example").await;
+    let (s, b) = app
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            Cred::Token(&t),
+            Some(json!({"email": "dup@bank.example", "name": "Dup", "roles": ["auditor", "auditor"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert_eq!(b["error"]["field"], "roles", "{b}");
+    assert_eq!(
+        app.scalar_i64("SELECT count(*) FROM dalp_identity.users WHERE email = 'dup@bank.example'")
+            .await,
+        0
+    );
+    let target = app.create_user("someone@bank.example", &[]).await;
+    let (s, b) = app
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/users/{target}"),
+            Cred::Token(&t),
+            Some(json!({"ban": {"reason": "fraud", "until": "2020-01-01T00:00:00Z"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert_eq!(b["error"]["field"], "until", "{b}");
+    assert_eq!(
+        app.scalar_i64("SELECT count(*) FROM dalp_identity.users WHERE banned")
+            .await,
+        0
+    );
+    // A ban into the future is taken.
+    let (s, b) = app
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/users/{target}"),
+            Cred::Token(&t),
+            Some(json!({"ban": {"reason": "fraud", "until": "2099-01-01T00:00:00Z"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+}
