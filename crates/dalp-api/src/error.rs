@@ -85,7 +85,7 @@ impl ApiError {
             }
             ApiError::Asset(e) => match e {
                 AssetError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
-                AssetError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+                AssetError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 AssetError::Conflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
                 AssetError::Duplicate(_) => (StatusCode::CONFLICT, "conflict"),
                 AssetError::FourEyes => (StatusCode::FORBIDDEN, "four_eyes"),

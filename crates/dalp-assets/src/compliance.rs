@@ -228,7 +228,7 @@ impl AssetStore {
             .await?
             .is_none()
         {
-            return Err(AssetError::NotFound);
+            return Err(AssetError::NotFound("asset"));
         }
         let row = client
             .typed_query_opt(
@@ -268,7 +268,7 @@ impl AssetStore {
                 &[&asset_id],
             )
             .await?
-            .ok_or(AssetError::NotFound)?
+            .ok_or(AssetError::NotFound("asset"))?
             .get(0);
         let current = current_version(&tx, asset_id).await?;
         if current.0 != expected_version {
@@ -317,7 +317,7 @@ impl AssetStore {
                 &[&change_id],
             )
             .await?
-            .ok_or(AssetError::NotFound)?;
+            .ok_or(AssetError::NotFound("compliance change"))?;
         let (asset_id, base, modules, proposer, status): (Uuid, i32, Value, String, String) =
             (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
         if status != "pending" {

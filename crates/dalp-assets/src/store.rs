@@ -25,8 +25,9 @@ use crate::types::AssetSpec;
 pub enum AssetError {
     #[error(transparent)]
     Invalid(#[from] Invalid),
-    #[error("asset not found")]
-    NotFound,
+    /// What was looked for: asset, template, compliance change, …
+    #[error("{0} not found")]
+    NotFound(&'static str),
     #[error("asset {id} is at version {current}, not {expected}: read it again and retry")]
     Conflict {
         id: Uuid,
@@ -52,7 +53,25 @@ pub enum AssetError {
 impl From<tokio_postgres::Error> for AssetError {
     fn from(e: tokio_postgres::Error) -> Self {
         if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
-            AssetError::Duplicate("an asset with this ISIN or contract already exists".into())
+            // Say which uniqueness rule: a duplicate template slug is not an ISIN clash.
+            let constraint = e
+                .as_db_error()
+                .and_then(|d| d.constraint())
+                .unwrap_or_default();
+            AssetError::Duplicate(
+                match constraint {
+                    "assets_isin_key" => "an asset with this ISIN already exists",
+                    "assets_contract_unique" => {
+                        "an asset with this contract address on this chain already exists"
+                    }
+                    "templates_organisation_id_slug_key" => {
+                        "a template with this slug already exists in this organisation"
+                    }
+                    "fx_rates_pkey" => "a rate for this pair, provider and time already exists",
+                    _ => "this already exists",
+                }
+                .into(),
+            )
         } else {
             AssetError::Db(e)
         }
@@ -296,7 +315,7 @@ impl AssetStore {
                 &[&id],
             )
             .await?
-            .ok_or(AssetError::NotFound)?;
+            .ok_or(AssetError::NotFound("asset"))?;
         Ok(asset_from(&row))
     }
 
@@ -308,7 +327,7 @@ impl AssetStore {
                 &[&id],
             )
             .await?
-            .ok_or(AssetError::NotFound)?;
+            .ok_or(AssetError::NotFound("asset"))?;
         let current: i32 = row.get(0);
         if current != expected {
             return Err(AssetError::Conflict {
@@ -424,10 +443,14 @@ impl AssetStore {
     /// The version rows of one templated, settings or compliance record, oldest first.
     #[tracing::instrument(target = "dalp_store", name = "assets.versions_of", skip_all)]
     pub async fn versions_of(&self, kind: VersionedKind, id: Uuid) -> Result<Vec<Value>> {
-        let (table, key) = match kind {
-            VersionedKind::Template => ("template_versions", "template_id"),
-            VersionedKind::Settings => ("settings_versions", "organisation_id"),
-            VersionedKind::Compliance => ("compliance_versions", "asset_id"),
+        let (table, key, what) = match kind {
+            VersionedKind::Template => ("template_versions", "template_id", "template"),
+            VersionedKind::Settings => ("settings_versions", "organisation_id", "settings"),
+            VersionedKind::Compliance => (
+                "compliance_versions",
+                "asset_id",
+                "compliance configuration",
+            ),
         };
         let client = dalp_db::pool::checkout(&self.pool, "assets").await?;
         // Table and column names come from the match above, never from input.
@@ -438,7 +461,7 @@ impl AssetStore {
             )
             .await?;
         if rows.is_empty() {
-            return Err(AssetError::NotFound);
+            return Err(AssetError::NotFound(what));
         }
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
@@ -455,7 +478,7 @@ impl AssetStore {
             )
             .await?;
         if rows.is_empty() {
-            return Err(AssetError::NotFound);
+            return Err(AssetError::NotFound("asset"));
         }
         Ok(rows
             .iter()

@@ -358,7 +358,7 @@ impl AssetStore {
                 &[&id],
             )
             .await?
-            .ok_or(AssetError::NotFound)?;
+            .ok_or(AssetError::NotFound("template"))?;
         Ok(template_from(&row))
     }
 
@@ -378,7 +378,7 @@ impl AssetStore {
         let cur = tx
             .typed_query_opt(&format!("SELECT {COLUMNS}, to_jsonb(t) FROM dalp_assets.templates t WHERE id = $1 FOR UPDATE"), &[&id])
             .await?
-            .ok_or(AssetError::NotFound)?;
+            .ok_or(AssetError::NotFound("template"))?;
         let current = template_from(&cur);
         if current.version != expected_version {
             return Err(AssetError::Conflict {
@@ -426,7 +426,7 @@ impl AssetStore {
         let cur = tx
             .typed_query_opt("SELECT version, status, to_jsonb(t) FROM dalp_assets.templates t WHERE id = $1 FOR UPDATE", &[&id])
             .await?
-            .ok_or(AssetError::NotFound)?;
+            .ok_or(AssetError::NotFound("template"))?;
         let (version, status): (i32, String) = (cur.get(0), cur.get(1));
         if version != expected_version {
             return Err(AssetError::Conflict {
@@ -484,7 +484,7 @@ impl AssetStore {
             .await?
             .is_none()
         {
-            return Err(AssetError::NotFound);
+            return Err(AssetError::NotFound("template"));
         }
         if hidden {
             tx.typed_execute(
@@ -516,7 +516,7 @@ impl AssetStore {
         previous: Option<&Value>,
     ) -> Result<(), AssetError> {
         let t = self.template(template_id).await.map_err(|e| match e {
-            AssetError::NotFound => Invalid::new("template_id", "no such template").into(),
+            AssetError::NotFound(_) => Invalid::new("template_id", "no such template").into(),
             e => e,
         })?;
         if t.status != "published" {

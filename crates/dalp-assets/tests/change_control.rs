@@ -61,7 +61,10 @@ async fn every_change_leaves_a_version_and_an_audit_record() {
         .delete(&ctx("user:carol", "r3"), a.id, 2)
         .await
         .unwrap();
-    assert!(matches!(store.get(a.id).await, Err(AssetError::NotFound)));
+    assert!(matches!(
+        store.get(a.id).await,
+        Err(AssetError::NotFound("asset"))
+    ));
 
     let h = store.history(a.id).await.unwrap();
     let ops: Vec<(&str, &str)> = h
@@ -199,4 +202,29 @@ async fn duplicates_and_history_edits_are_refused() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
+}
+
+/// The uniqueness constraints `AssetError::Duplicate` names by their constraint exist under
+/// those names (a renamed constraint would silently fall back to a vague message).
+#[tokio::test]
+async fn duplicate_messages_name_constraints_that_exist() {
+    let db = migrated_database().await;
+    let su = db.superuser().await;
+    for name in [
+        "assets_isin_key",
+        "assets_contract_unique",
+        "templates_organisation_id_slug_key",
+        "fx_rates_pkey",
+    ] {
+        let n: i64 = su
+            .query_one(
+                "SELECT count(*) FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+                  WHERE n.nspname = 'dalp_assets' AND c.conname = $1 AND c.contype IN ('u', 'p')",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "constraint {name}");
+    }
 }
