@@ -308,6 +308,15 @@ impl Backups {
         )
     }
 
+    /// The `restore_command` of one node of several (see [`Backups::archive_command_for`]).
+    pub fn restore_command_for(&self, data_dir: &Path) -> String {
+        format!(
+            "{PGBACKREST_BIN} --config={} --stanza={STANZA} --pg1-path={} archive-get %f \"%p\"",
+            self.config_path().display(),
+            data_dir.display()
+        )
+    }
+
     /// The `restore_command` a replica or restored copy fetches WAL with.
     pub fn restore_command(&self) -> String {
         format!(

@@ -231,6 +231,14 @@ impl ClusterStatus {
     }
 }
 
+/// How one node archives WAL and fetches it back (pgBackRest, with its own data directory).
+struct NodeArchiving {
+    archive_command: String,
+    restore_command: String,
+    /// The policy's RPO: the server's `archive_timeout`.
+    timeout_secs: u32,
+}
+
 /// What one node says for itself, asked directly (works while etcd is down).
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeProbe {
@@ -452,11 +460,13 @@ impl HaCluster {
             b.write_config()?;
         }
         for node in cluster.state.nodes.clone() {
-            let archive_command = backups
-                .as_ref()
-                .map(|b| b.archive_command_for(&cluster.node_dir(&node.name).join("pgdata")));
-            let rpo = backups.as_ref().map_or(60, |b| b.policy().rpo_secs);
-            cluster.write_node_config(&node, &opts, archive_command.as_deref(), rpo)?;
+            let pgdata = cluster.node_dir(&node.name).join("pgdata");
+            let archiving = backups.as_ref().map(|b| NodeArchiving {
+                archive_command: b.archive_command_for(&pgdata),
+                restore_command: b.restore_command_for(&pgdata),
+                timeout_secs: b.policy().rpo_secs,
+            });
+            cluster.write_node_config(&node, &opts, archiving.as_ref())?;
         }
         // A new cluster: the first node bootstraps and the others join once it leads, so
         // they clone from it instead of racing to initdb. A restart: all at once, since in
@@ -675,8 +685,7 @@ impl HaCluster {
         &self,
         node: &NodeSpec,
         opts: &HaOptions,
-        archive_command: Option<&str>,
-        archive_timeout_secs: u32,
+        archiving: Option<&NodeArchiving>,
     ) -> Result<(), OpsError> {
         let dir = self.node_dir(&node.name);
         let run = dir.join("run");
@@ -716,8 +725,8 @@ impl HaCluster {
                 .slow_query_ms
                 .unwrap_or(embedded::DEFAULT_SLOW_QUERY_MS),
             max_connections: embedded::DEFAULT_MAX_CONNECTIONS,
-            archive_command,
-            archive_timeout_secs,
+            archive_command: archiving.map(|a| a.archive_command.as_str()),
+            archive_timeout_secs: archiving.map_or(60, |a| a.timeout_secs),
         }) {
             // Patroni insists these are the same everywhere (its dynamic configuration).
             if k == "max_connections" || k == "archive_mode" {
@@ -797,6 +806,12 @@ impl HaCluster {
                     "rewind": auth(REWIND_ROLE),
                 },
                 "parameters": local,
+                // A replica that cannot stream what it needs (its upstream died while it was
+                // restarting, or the new primary lacks the segments) fetches WAL from the
+                // archive instead of waiting for ever.
+                "recovery_conf": archiving
+                    .map(|a| json!({ "restore_command": a.restore_command }))
+                    .unwrap_or_else(|| json!({})),
                 "pg_hba": hba_lines(Some(REPLICATION_ROLE)),
                 "pg_ident": ident_lines(),
             },
@@ -1084,10 +1099,24 @@ impl HaCluster {
                     .iter()
                     .map(|n| {
                         let log = self.node_dir(&n.name).join("patroni.log");
+                        // And PostgreSQL's own newest log: why a server does not start.
+                        let pg_log = std::fs::read_dir(self.node_dir(&n.name).join("log"))
+                            .into_iter()
+                            .flatten()
+                            .flatten()
+                            .map(|e| e.path())
+                            .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
                         format!(
-                            "\n--- {} ---\n{}",
+                            "\n--- {} ---\n{}{}",
                             log.display(),
-                            process::log_tail(&log, 15)
+                            process::log_tail(&log, 15),
+                            pg_log
+                                .map(|p| format!(
+                                    "\n--- {} ---\n{}",
+                                    p.display(),
+                                    process::log_tail(&p, 8)
+                                ))
+                                .unwrap_or_default()
                         )
                     })
                     .collect();

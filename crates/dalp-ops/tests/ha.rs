@@ -24,13 +24,14 @@ fn cluster_dir() -> tempfile::TempDir {
     d
 }
 
-async fn healthy(c: &HaCluster) {
+/// Waits for a leader, every replica streaming and a synchronous standby; returns that view.
+async fn healthy(c: &HaCluster) -> dalp_ops::ha::ClusterStatus {
     let n = c.nodes().len();
     c.wait_for(Duration::from_secs(120), "a healthy cluster", |s| {
         s.leader().is_some() && s.healthy_replicas() == n - 1 && s.sync_standby().is_some()
     })
     .await
-    .unwrap();
+    .unwrap()
 }
 
 /// Options for every node except the current leader, as the router's replicas.
@@ -327,19 +328,26 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
     for kill in 1..=5 {
         healthy(&cluster).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let leader = cluster.leader().await.unwrap();
-        let acked_before = ledger.lock().unwrap().acks.len();
+        // The leader as a healthy view names it right now (a restarted node can be listed
+        // from the DCS a moment before its PostgreSQL runs again).
+        let leader = healthy(&cluster).await.leader().unwrap().name.clone();
+        let (acked_before, last_acked) = {
+            let l = ledger.lock().unwrap();
+            (l.acks.len(), l.acks.last().map(|a| a.1).unwrap_or(0))
+        };
         assert!(acked_before > 0);
         let killed_at = Instant::now();
         cluster.kill_node(&leader);
-        // Writes resume once a new leader is promoted.
+        // Writes resume once a new leader is promoted: the first acknowledgement of an id
+        // written after the kill (the one write in flight may still be acknowledged by the
+        // killed server).
         let resumed = loop {
             if let Some((at, _)) = ledger
                 .lock()
                 .unwrap()
                 .acks
                 .iter()
-                .find(|(at, _)| *at > killed_at)
+                .find(|(at, n)| *at > killed_at && *n > last_acked + 1)
             {
                 break *at;
             }
