@@ -173,6 +173,16 @@ impl AssetStore {
         if targets.len() > 32 {
             return Err(Invalid::new("target_currencies", "at most 32").into());
         }
+        if let Some(dup) = targets
+            .iter()
+            .enumerate()
+            .find(|(i, c)| targets[..*i].contains(c))
+            .map(|(_, c)| c)
+        {
+            return Err(
+                Invalid::new("target_currencies", format!("lists {dup} more than once")).into(),
+            );
+        }
         if !self
             .unknown_currencies(std::slice::from_ref(&base))
             .await?

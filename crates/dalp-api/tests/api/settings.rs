@@ -122,6 +122,20 @@ async fn a_saved_setting_is_never_served_stale_by_a_second_process() {
     )
     .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    // A currency listed twice is refused, naming the field (it was stored twice).
+    let (s, body) = put_settings(
+        &a,
+        &admin,
+        "\"2\"",
+        json!({ "base_currency": "EUR", "target_currencies": ["CHF", "USD", "CHF"] }),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["field"], "target_currencies", "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("CHF"),
+        "{body}"
+    );
     let r = a
         .http
         .put(format!("{}/api/v1/settings/{ORG}", a.base))
