@@ -449,6 +449,12 @@ pub enum ClusterCommand {
         #[arg(long)]
         candidate: Option<String>,
     },
+    /// Start whatever piece of a running cluster has stopped (etcd, a node's Patroni), leaving
+    /// the running ones alone, and wait until the cluster is healthy again.
+    Heal {
+        #[arg(long, default_value = ".dalp-ha")]
+        dir: PathBuf,
+    },
     /// Stop every process of the cluster (Patroni stops its PostgreSQL first, then etcd).
     /// The data stays; `dalp cluster up` restarts it.
     Down {

@@ -735,7 +735,14 @@ fn up_ha_serves_the_api_on_patroni_and_the_cluster_verbs_manage_it() {
         doc.contains("error    replication") && doc.contains(&format!("not streaming: {replica}")),
         "{doc}"
     );
-    ha.start_node(replica).unwrap();
+    // `cluster heal` starts only what stopped and waits for health.
+    let o = dalp(&["cluster", "heal", "--dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("started patroni {replica};")),
+        "{}",
+        text(&o)
+    );
     let o = dalp(&["cluster", "status", "--dir", d]);
     let mut healthy = o.status.success();
     for _ in 0..120 {

@@ -558,6 +558,24 @@ impl HaCluster {
         self.live_pid("etcd")
     }
 
+    /// Starts every piece that is not running — etcd, then each node's Patroni (which starts
+    /// or recovers its PostgreSQL) — leaving running ones alone; returns what it started.
+    /// The caller waits for health (`wait_for`).
+    pub async fn start_missing(&self) -> Result<Vec<String>, OpsError> {
+        let mut started = Vec::new();
+        if self.etcd_pid().is_none() {
+            self.start_etcd().await?;
+            started.push("etcd".to_string());
+        }
+        for n in self.state.nodes.clone() {
+            if self.live_pid(&n.name).is_none() {
+                self.start_node(&n.name)?;
+                started.push(format!("patroni {}", n.name));
+            }
+        }
+        Ok(started)
+    }
+
     /// Starts etcd again (after it stopped or was killed); with `wipe`, its data directory is
     /// emptied first, as when the member's disk is lost. Patroni re-creates its keys.
     pub async fn restart_etcd(&self, wipe: bool) -> Result<(), OpsError> {

@@ -38,6 +38,31 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
             println!("leader is now {after} (was {before})");
             Ok(ExitCode::SUCCESS)
         }
+        ClusterCommand::Heal { dir } => {
+            let cluster = HaCluster::open(&dir)?;
+            let started = cluster.start_missing().await?;
+            if started.is_empty() {
+                eprintln!("every process runs; waiting for the cluster to be healthy …");
+            } else {
+                eprintln!(
+                    "started {}; waiting for the cluster to be healthy …",
+                    started.join(", ")
+                );
+            }
+            let n = cluster.nodes().len();
+            cluster
+                .wait_for(
+                    std::time::Duration::from_secs(180),
+                    "a healthy cluster",
+                    |s| {
+                        s.leader().is_some()
+                            && s.healthy_replicas() == n - 1
+                            && (n == 1 || s.sync_standby().is_some())
+                    },
+                )
+                .await?;
+            print_status(&cluster, false).await
+        }
         ClusterCommand::Down { dir } => {
             let cluster = HaCluster::open(&dir)?;
             let running = cluster.running_processes();
