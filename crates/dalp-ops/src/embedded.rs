@@ -256,22 +256,39 @@ pub fn port_is_free(port: u16) -> bool {
         }
 }
 
-/// A port that is free right now on loopback.
+/// The kernel's range for outgoing connections' source ports (`ip_local_port_range`).
+fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// A port that is free right now on loopback, outside the kernel's ephemeral range: a
+/// server is started on it later (and again after every restart), and meanwhile any
+/// outgoing connection could take an ephemeral port as its source port — a replica then
+/// failed to start with "Address already in use" and stayed "starting".
 pub fn free_port() -> Result<u16, OpsError> {
-    for _ in 0..50 {
-        let l = TcpListener::bind(("127.0.0.1", 0)).map_err(OpsError::io("find a free port"))?;
-        let port = l
-            .local_addr()
-            .map_err(OpsError::io("find a free port"))?
-            .port();
-        drop(l);
+    use rand::Rng;
+    let (lo, hi) = ephemeral_ports();
+    let (from, to) = if lo > 11_000 {
+        (10_000, lo - 1)
+    } else {
+        (hi.saturating_add(1).max(1024), u16::MAX)
+    };
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(from..=to);
         if port_is_free(port) {
             return Ok(port);
         }
     }
     Err(OpsError::Io {
         context: "find a free port".into(),
-        source: std::io::Error::other("no free port after 50 tries"),
+        source: std::io::Error::other(format!("no free port in {from}..={to} after 200 tries")),
     })
 }
 
@@ -936,5 +953,20 @@ pub fn inspect(dir: &Path) -> InstanceInfo {
             .map(|s| s.trim().to_string()),
         ca_file: layout.ca_cert(),
         data_dir: layout.root().to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_outside_the_ephemeral_range_and_bindable() {
+        let (lo, hi) = ephemeral_ports();
+        for _ in 0..20 {
+            let p = free_port().unwrap();
+            assert!(!(lo..=hi).contains(&p), "{p} is in {lo}..={hi}");
+            TcpListener::bind(("127.0.0.1", p)).unwrap();
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! installed into `.tools/` by `scripts/deps.sh`, or `DALP_ANVIL`), on a free loopback port,
 //! killed by pid when dropped, also when the test fails.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,10 +30,8 @@ pub fn anvil_binary() -> PathBuf {
 impl Anvil {
     /// Starts anvil with `chain_id`, auto-mining one block per transaction.
     pub fn start(chain_id: u64) -> Anvil {
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        // Outside the ephemeral range: anvil binds it a moment later.
+        let port = dalp_ops::embedded::free_port().expect("free port");
         let child = Command::new(anvil_binary())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--chain-id", &chain_id.to_string(), "--silent"])

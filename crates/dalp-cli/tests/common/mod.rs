@@ -2,17 +2,14 @@
 //! feeding standard input, TOTP codes.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 
 pub const DALP: &str = env!("CARGO_BIN_EXE_dalp");
 
+/// A free loopback port outside the ephemeral range (a server binds it later; an outgoing
+/// connection must not take it meanwhile).
 pub fn free_port() -> u16 {
-    TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    dalp_ops::embedded::free_port().unwrap()
 }
 
 pub fn dalp(args: &[&str]) -> Output {
