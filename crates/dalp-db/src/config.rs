@@ -123,7 +123,8 @@ pub struct ApiConfig {
     /// A client must send its whole request head within this; slower ones are dropped.
     /// Default: 10000.
     pub header_read_timeout_ms: u64,
-    /// A request must be answered within this (503 otherwise). Default: 30000.
+    /// A request must be answered within this (503 otherwise); above the statements'
+    /// `statement_timeout`, so a slow statement reports itself first. Default: 60000.
     pub request_timeout_ms: u64,
     /// Open client connections at most; more wait in the listen backlog. Default: 1024.
     pub max_connections: usize,
@@ -138,7 +139,7 @@ impl Default for ApiConfig {
             tls_cert: None,
             tls_key: None,
             header_read_timeout_ms: 10_000,
-            request_timeout_ms: 30_000,
+            request_timeout_ms: 60_000,
             max_connections: 1024,
         }
     }
