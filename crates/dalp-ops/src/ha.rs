@@ -222,6 +222,13 @@ impl ClusterStatus {
     pub fn sync_standby(&self) -> Option<&Member> {
         self.members.iter().find(|m| m.role == "sync_standby")
     }
+    /// A leader, every other of `nodes` streaming, and a synchronous standby when there are
+    /// replicas at all.
+    pub fn is_healthy(&self, nodes: usize) -> bool {
+        self.leader().is_some()
+            && self.healthy_replicas() == nodes - 1
+            && (nodes == 1 || self.sync_standby().is_some())
+    }
     /// Replicas that stream from the leader (state `running` or `streaming`).
     pub fn healthy_replicas(&self) -> usize {
         self.members
@@ -488,18 +495,7 @@ impl HaCluster {
         for node in cluster.state.nodes.iter().skip(1) {
             cluster.start_node(&node.name)?;
         }
-        let n = cluster.state.nodes.len();
-        cluster
-            .wait_for(
-                Duration::from_secs(180),
-                "every replica streaming with a synchronous standby",
-                |s| {
-                    s.leader().is_some()
-                        && s.healthy_replicas() == n - 1
-                        && (n == 1 || s.sync_standby().is_some())
-                },
-            )
-            .await?;
+        cluster.wait_healthy(Duration::from_secs(180)).await?;
         let leader = cluster.leader().await?;
         bootstrap_roles_and_database(
             &|db| cluster.superuser_options(&leader, db),
@@ -1045,8 +1041,17 @@ impl HaCluster {
                 "no Patroni answers GET /cluster: is the cluster running? (`dalp cluster up`)"
                     .to_string(),
             ),
-            Some(_) if leader.is_none() => problems.push("there is no leader".to_string()),
-            Some(_) => {}
+            Some(s) => {
+                if leader.is_none() {
+                    problems.push("there is no leader".to_string());
+                }
+                if !s.missing.is_empty() {
+                    problems.push(format!("not running: {}", s.missing.join(", ")));
+                }
+                if self.state.nodes.len() > 1 && s.sync_standby().is_none() {
+                    problems.push("no synchronous standby: commits are not protected".into());
+                }
+            }
         }
         for n in &nodes {
             let is_leader = leader.as_deref() == Some(n.name.as_str());
@@ -1084,6 +1089,18 @@ impl HaCluster {
             etcd_up,
             problems,
         }
+    }
+
+    /// Waits until there is a leader, every replica streams and (with more than one node) a
+    /// synchronous standby exists; returns that view.
+    pub async fn wait_healthy(&self, timeout: Duration) -> Result<ClusterStatus, OpsError> {
+        let n = self.state.nodes.len();
+        self.wait_for(
+            timeout,
+            "every replica streaming with a synchronous standby",
+            |s| s.is_healthy(n),
+        )
+        .await
     }
 
     /// The current leader's name.

@@ -26,12 +26,7 @@ fn cluster_dir() -> tempfile::TempDir {
 
 /// Waits for a leader, every replica streaming and a synchronous standby; returns that view.
 async fn healthy(c: &HaCluster) -> dalp_ops::ha::ClusterStatus {
-    let n = c.nodes().len();
-    c.wait_for(Duration::from_secs(120), "a healthy cluster", |s| {
-        s.leader().is_some() && s.healthy_replicas() == n - 1 && s.sync_standby().is_some()
-    })
-    .await
-    .unwrap()
+    c.wait_healthy(Duration::from_secs(120)).await.unwrap()
 }
 
 /// Options for every node except the current leader, as the router's replicas.

@@ -28,12 +28,7 @@ fn cluster_dir() -> tempfile::TempDir {
 }
 
 async fn healthy(c: &HaCluster, within: Duration) {
-    let n = c.nodes().len();
-    c.wait_for(within, "a healthy cluster", |s| {
-        s.leader().is_some() && s.healthy_replicas() == n - 1 && s.sync_standby().is_some()
-    })
-    .await
-    .unwrap();
+    c.wait_healthy(within).await.unwrap();
 }
 
 /// A three-node cluster without archiving (stopped when dropped), once healthy.

@@ -354,9 +354,8 @@ impl WorkflowStore {
             .await?;
             detail["nonce"] = json!(n);
         }
-        let stranded = (broadcast || to == TxStatus::Broadcasting)
-            && matches!(to, TxStatus::Failed | TxStatus::Cancelled)
-            && nonce.is_some();
+        // `broadcast` implies a nonce; BROADCASTING itself never ends a request.
+        let stranded = broadcast && matches!(to, TxStatus::Failed | TxStatus::Cancelled);
         if let Some(e) = &input.error {
             detail["error"] = json!(e.chars().take(500).collect::<String>());
         }

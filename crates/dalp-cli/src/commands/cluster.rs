@@ -49,17 +49,8 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
                     started.join(", ")
                 );
             }
-            let n = cluster.nodes().len();
             cluster
-                .wait_for(
-                    std::time::Duration::from_secs(180),
-                    "a healthy cluster",
-                    |s| {
-                        s.leader().is_some()
-                            && s.healthy_replicas() == n - 1
-                            && (n == 1 || s.sync_standby().is_some())
-                    },
-                )
+                .wait_healthy(std::time::Duration::from_secs(180))
                 .await?;
             print_status(&cluster, false).await
         }
@@ -111,15 +102,7 @@ async fn print_status(cluster: &HaCluster, json: bool) -> anyhow::Result<ExitCod
     // Patroni's view, checked against each node and etcd asked directly: answers also while
     // etcd is down, and names a leader that takes no connection or a deposed primary.
     let report = cluster.inspect().await;
-    let mut problems = report.problems.clone();
-    if let Some(status) = &report.status {
-        if !status.missing.is_empty() {
-            problems.push(format!("not running: {}", status.missing.join(", ")));
-        }
-        if cluster.nodes().len() > 1 && status.sync_standby().is_none() {
-            problems.push("no synchronous standby: commits are not protected".into());
-        }
-    }
+    let problems = &report.problems;
     if json {
         // Patroni's fields at the top (as before), the direct probes beside them.
         let mut v = match &report.status {
@@ -128,7 +111,7 @@ async fn print_status(cluster: &HaCluster, json: bool) -> anyhow::Result<ExitCod
         };
         v["nodes"] = serde_json::to_value(&report.nodes)?;
         v["etcd_up"] = report.etcd_up.into();
-        v["problems"] = serde_json::to_value(&problems)?;
+        v["problems"] = serde_json::to_value(problems)?;
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -175,7 +158,7 @@ async fn print_status(cluster: &HaCluster, json: bool) -> anyhow::Result<ExitCod
             );
         }
         println!("etcd     {}", if report.etcd_up { "up" } else { "DOWN" });
-        for p in &problems {
+        for p in problems {
             eprintln!("problem: {p}");
         }
     }
