@@ -3,10 +3,17 @@
 #   PostgreSQL 15 server + client, pgAudit (preloaded by the embedded cluster when present),
 #   etcd (the HA cluster's DCS), PgBouncer (pooling), pgBackRest (backups).
 #   Patroni pinned from PyPI into a virtualenv at /opt/dalp/venv (DALP_VENV), not Debian's 3.0.2.
-#   anvil (npm @foundry-rs/anvil-linux-amd64) into .tools/ for the indexer tests (with DALP_DEPS_ANVIL=1).
+#   Test tools only with DALP_DEPS_TEST=1 (set by test.sh; DALP_DEPS_ANVIL=1 is the old name):
+#   anvil (npm @foundry-rs/anvil-linux-amd64) into .tools/ for the indexer tests, and rsyslog
+#   with its TLS and RELP modules as the real syslog receiver of the SIEM tests (each test
+#   starts its own instance; the package's system service is not needed).
 set -euo pipefail
 
+DALP_DEPS_TEST="${DALP_DEPS_TEST:-${DALP_DEPS_ANVIL:-0}}"
 DALP_DEB_PACKAGES=(postgresql-15 postgresql-client-15 postgresql-15-pgaudit etcd-server pgbouncer pgbackrest openssl python3-venv)
+if [ "$DALP_DEPS_TEST" = 1 ]; then
+  DALP_DEB_PACKAGES+=(rsyslog rsyslog-gnutls rsyslog-relp)
+fi
 
 missing=()
 for p in "${DALP_DEB_PACKAGES[@]}"; do
@@ -57,10 +64,10 @@ if [ "$("$DALP_VENV/bin/patroni" --version 2>/dev/null)" != "patroni $DALP_PATRO
 fi
 
 # anvil (a real EVM node for the indexer's tests), from the npm registry, into .tools/.
-# Only the test suite needs it (DALP_DEPS_ANVIL=1, set by test.sh); `dalp up` does not.
+# Only the test suite needs it (DALP_DEPS_TEST=1, set by test.sh); `dalp up` does not.
 DALP_ANVIL_VERSION=1.7.1
 DALP_TOOLS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.tools"
-if [ "${DALP_DEPS_ANVIL:-0}" = 1 ] && [ ! -x "$DALP_TOOLS/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil" ]; then
+if [ "$DALP_DEPS_TEST" = 1 ] && [ ! -x "$DALP_TOOLS/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil" ]; then
   command -v npm >/dev/null 2>&1 || { echo "error: npm is needed to install anvil (@foundry-rs/anvil-linux-amd64)" >&2; exit 1; }
   echo "installing anvil $DALP_ANVIL_VERSION from npm into $DALP_TOOLS" >&2
   mkdir -p "$DALP_TOOLS"

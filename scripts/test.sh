@@ -3,7 +3,7 @@
 # (each test binary starts its own PostgreSQL; nothing depends on a running server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DALP_DEPS_ANVIL=1 bash scripts/deps.sh
+DALP_DEPS_TEST=1 bash scripts/deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 

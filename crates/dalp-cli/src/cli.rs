@@ -622,6 +622,33 @@ pub struct InstanceArgs {
     pub config: Option<PathBuf>,
 }
 
+/// How messages reach a SIEM.
+#[derive(Debug, Args, Clone)]
+pub struct SiemArgs {
+    /// CA bundle the receiver's certificate must chain to (required for a SIEM target).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// The SD-ID of the structured data carrying each event's context, NAME@PEN. The
+    /// default uses 32473, the documentation-only enterprise number (RFC 5612); set your
+    /// organisation's Private Enterprise Number.
+    #[arg(long, default_value = dalp_audit::export::DEFAULT_SD_ID)]
+    pub sd_id: String,
+    /// Largest message in octets (at least 480); larger events have their details replaced
+    /// by a size marker. rsyslog's default maxMessageSize is 8192.
+    #[arg(long, default_value_t = dalp_audit::export::DEFAULT_MAX_FRAME)]
+    pub max_frame: usize,
+    /// HOSTNAME in each message [default: this machine's host name].
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Client certificate (PEM) for receivers that require mutual TLS, such as rsyslog's
+    /// imrelp; with --client-key.
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
 /// Where the audit signing key is.
 #[derive(Debug, Args, Clone)]
 pub struct AuditKeyArgs {
@@ -654,43 +681,52 @@ pub enum AuditCommand {
         json: bool,
     },
     /// Export sealed events in sequence order to a file (or standard output) or a SIEM,
-    /// with progress.
+    /// with progress. To a SIEM the connection ends with TLS close_notify and the export
+    /// fails (exit 1) unless the receiver confirms it read everything.
     Export {
         #[command(flatten)]
         target: TargetArgs,
-        /// jsonl, csv, cef or rfc5424.
+        /// jsonl, csv, cef or rfc5424 (to a SIEM: the body inside the RFC 5424 message;
+        /// csv is for files only).
         #[arg(long, default_value = "jsonl")]
         format: String,
         /// Only events at or after this time (RFC 3339).
         #[arg(long)]
         since: Option<String>,
-        /// A file, or syslog+tls://HOST:PORT [default: standard output].
+        /// A file, syslog+tls://HOST:PORT or relp+tls://HOST:PORT [default: standard output].
         #[arg(long)]
         to: Option<String>,
-        /// CA bundle the syslog receiver's certificate must chain to (with syslog+tls://).
-        #[arg(long)]
-        ca: Option<PathBuf>,
+        #[command(flatten)]
+        siem: SiemArgs,
     },
-    /// Ship sealed events to a SIEM over syslog/TLS continuously, resuming from a durable
-    /// cursor after any restart (at-least-once). Runs until Ctrl-C.
+    /// Ship sealed events to a SIEM continuously, resuming from a durable cursor after any
+    /// restart. At-least-once: the cursor moves only past what the receiver is known to hold
+    /// (RELP: acknowledged by the receiver; syslog: acknowledged by its TCP stack with the
+    /// connection still open --settle-ms later); after a reconnect what was in flight is sent
+    /// again, each message carrying its sequence number (seq=) for the SIEM to drop
+    /// duplicates. Runs until Ctrl-C, then closes with TLS close_notify.
     Forward {
         #[command(flatten)]
         target: TargetArgs,
-        /// syslog+tls://HOST:PORT
+        /// syslog+tls://HOST:PORT (RFC 5425) or relp+tls://HOST:PORT (acknowledged delivery).
         #[arg(long)]
         to: String,
-        /// CA bundle the receiver's certificate must chain to.
-        #[arg(long)]
-        ca: PathBuf,
+        #[command(flatten)]
+        siem: SiemArgs,
         /// Cursor name; each destination keeps its own.
         #[arg(long, default_value = "default")]
         name: String,
-        /// rfc5424 or cef.
+        /// The message body inside the RFC 5424 header: rfc5424 (the event's details as
+        /// JSON), cef or jsonl.
         #[arg(long, default_value = "rfc5424")]
         format: String,
-        /// Events per frame batch.
+        /// Events per batch.
         #[arg(long, default_value_t = 500)]
         batch: i64,
+        /// Syslog only: milliseconds the connection must stay open after the receiver's TCP
+        /// stack acknowledged a batch before the batch counts as delivered.
+        #[arg(long, default_value_t = 2000)]
+        settle_ms: u64,
         /// Also ship pgAudit's AUDIT entries from the JSON server logs in this directory
         /// (the embedded instance's is DATA_DIR/log).
         #[arg(long)]

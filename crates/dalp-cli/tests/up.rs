@@ -577,6 +577,35 @@ fn create_admin_then_rotate_keys_while_the_server_keeps_reading() {
         "{}",
         text(&o)
     );
+    // SIEM settings that cannot work are refused before anything is sent.
+    let siem = [
+        "audit",
+        "export",
+        "--data-dir",
+        d,
+        "--to",
+        "syslog+tls://localhost:9",
+    ];
+    for (extra, says) in [
+        (&["--format", "cef"][..], "--ca is required"),
+        (
+            &["--format", "csv", "--ca", "x"][..],
+            "csv cannot be sent to a SIEM",
+        ),
+        (&["--sd-id", "dalp", "--ca", "x"][..], "is not an SD-ID"),
+        (&["--max-frame", "100", "--ca", "x"][..], "at least 480"),
+        (
+            &["--ca", "/nonexistent/ca.crt"][..],
+            "CA bundle /nonexistent/ca.crt",
+        ),
+    ] {
+        let o = dalp(&[&siem[..], extra].concat());
+        assert!(
+            !o.status.success() && text(&o).contains(says),
+            "{extra:?}: {}",
+            text(&o)
+        );
+    }
 
     // The superuser (local socket, peer) edits a sealed event: verify fails and says where.
     let socket = dir.path().join("run");

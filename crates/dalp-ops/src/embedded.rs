@@ -355,6 +355,8 @@ pub(crate) fn server_settings(c: &ServerConf<'_>) -> Vec<(&'static str, String)>
         ("log_directory", c.log_dir.display().to_string()),
         ("log_filename", "postgresql-%Y-%m-%d.log".into()),
         ("log_file_mode", "0640".into()),
+        // Log times in UTC: shipped pgAudit lines carry them as their RFC 5424 time.
+        ("log_timezone", "UTC".into()),
     ];
     if let Some(cmd) = c.archive_command {
         // Continuous archiving; a quiet server still switches segments every RPO seconds,

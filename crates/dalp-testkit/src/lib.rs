@@ -6,6 +6,7 @@
 
 pub mod anvil;
 pub mod managed;
+pub mod rsyslog;
 
 /// A temporary directory under /tmp that the `postgres` user can enter (0755), removed
 /// when dropped: for tests that start their own servers in it.

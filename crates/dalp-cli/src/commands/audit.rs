@@ -10,8 +10,9 @@ use dalp_db::partitions;
 use dalp_ops::Layout;
 use tokio_postgres::Client;
 
-use crate::cli::{AuditKeyArgs, TargetArgs};
+use crate::cli::{AuditKeyArgs, SiemArgs, TargetArgs};
 use crate::target::connect_admin;
+use dalp_audit::export::{self, Format, Framer, SiemTls, SyslogSink, SyslogTarget};
 
 /// Options for `role` on an embedded instance, or the URL's user.
 fn audit_options(target: &TargetArgs, role: &str) -> anyhow::Result<ConnectOptions> {
@@ -28,42 +29,59 @@ async fn connect_auditor(target: &TargetArgs) -> anyhow::Result<Client> {
     Ok(audit_options(target, "dalp_auditor")?.connect().await?)
 }
 
+/// The framing a SIEM target gets from `--format` and the SIEM flags.
+fn framer(format: Format, siem: &SiemArgs) -> anyhow::Result<Framer> {
+    let host = siem.hostname.clone().unwrap_or_else(hostname);
+    Framer::new(format, &host, &siem.sd_id, siem.max_frame).map_err(anyhow::Error::msg)
+}
+
+fn siem_tls(siem: &SiemArgs) -> anyhow::Result<SiemTls> {
+    let ca = siem
+        .ca
+        .clone()
+        .context("--ca is required with a SIEM target: the CA bundle its certificate chains to")?;
+    Ok(SiemTls {
+        ca_file: ca,
+        client: siem.client_cert.clone().zip(siem.client_key.clone()),
+    })
+}
+
 pub async fn export(
     target: &TargetArgs,
     format: &str,
     since: Option<&str>,
     to: Option<&str>,
-    ca: Option<&Path>,
+    siem: &SiemArgs,
 ) -> anyhow::Result<ExitCode> {
-    use dalp_audit::export::{self, Format, SyslogSink, SyslogTarget};
     use std::io::Write;
     let format = Format::parse(format).map_err(anyhow::Error::msg)?;
     let since = since
         .map(|s| chrono::DateTime::parse_from_rfc3339(s).map(|d| d.with_timezone(&chrono::Utc)))
         .transpose()
         .context("--since must be an RFC 3339 time, e.g. 2026-11-01T00:00:00Z")?;
-    let client = connect_auditor(target).await?;
-    let total = Sealer::checkpoint(&client)
-        .await?
-        .map(|c| c.last_seq)
-        .unwrap_or(0);
     enum Out {
         Writer(Box<dyn Write>),
-        Syslog(Box<SyslogSink>),
+        Siem(Box<SyslogSink>, Framer),
     }
     let mut out = match to {
-        Some(t) if t.starts_with("syslog+tls://") => {
-            let ca = ca.context("--ca is required with syslog+tls://")?;
-            Out::Syslog(Box::new(
-                SyslogSink::connect(&SyslogTarget::parse(t).map_err(anyhow::Error::msg)?, ca)
-                    .await?,
-            ))
+        Some(t) if SyslogTarget::is_target(t) => {
+            let framer = framer(format, siem)?;
+            let target = SyslogTarget::parse(t).map_err(anyhow::Error::msg)?;
+            let sink = SyslogSink::connect(&target, &siem_tls(siem)?)
+                .await
+                .with_context(|| format!("connect to {t}"))?;
+            Out::Siem(Box::new(sink), framer)
         }
         Some(path) => Out::Writer(Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("create {path}"))?,
         ))),
         None => Out::Writer(Box::new(std::io::BufWriter::new(std::io::stdout()))),
     };
+    let client = connect_auditor(target).await?;
+    let total = Sealer::checkpoint(&client)
+        .await?
+        .map(|c| c.last_seq)
+        .unwrap_or(0);
     if let (Out::Writer(w), Format::Csv) = (&mut out, format) {
         writeln!(w, "{}", export::CSV_HEADER)?;
     }
@@ -75,32 +93,39 @@ pub async fn export(
     if to.is_none() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let host = hostname();
+    let host = siem.hostname.clone().unwrap_or_else(hostname);
     let mut after = 0;
     let mut n = 0u64;
     loop {
         let events = export::read_sealed(&client, after, since, 1000).await?;
         let Some(last) = events.last() else { break };
         after = last.seq;
-        let lines: Vec<String> = events
-            .iter()
-            .map(|e| export::render(format, e, &host))
-            .collect();
         match &mut out {
             Out::Writer(w) => {
-                for l in &lines {
-                    writeln!(w, "{l}")?;
+                for e in &events {
+                    writeln!(w, "{}", export::render(format, e, &host))?;
                 }
             }
-            Out::Syslog(s) => s.send(&lines).await?,
+            Out::Siem(sink, framer) => {
+                let messages: Vec<String> = events.iter().map(|e| framer.event(e)).collect();
+                sink.send(&messages).await?;
+            }
         }
-        n += lines.len() as u64;
+        n += events.len() as u64;
         bar.set_position(after as u64);
     }
-    if let Out::Writer(w) = &mut out {
-        w.flush()?;
-    }
     bar.finish_and_clear();
+    match out {
+        Out::Writer(mut w) => w.flush()?,
+        Out::Siem(sink, _) => {
+            if !sink.close().await {
+                anyhow::bail!(
+                    "sent {n} events, but the SIEM did not confirm the end of the stream \
+                     (no close after TLS close_notify): it may not have read them all; export again"
+                );
+            }
+        }
+    }
     eprintln!("exported {n} events");
     Ok(ExitCode::SUCCESS)
 }
@@ -113,20 +138,27 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// `dalp audit forward`'s own settings.
+pub struct ForwardOptions {
+    pub name: String,
+    pub format: String,
+    pub batch: i64,
+    pub settle: std::time::Duration,
+    pub pgaudit_logs: Option<std::path::PathBuf>,
+}
+
 pub async fn forward(
     target: &TargetArgs,
     to: &str,
-    ca: &Path,
-    name: &str,
-    format: &str,
-    batch: i64,
-    pgaudit_dir: Option<&Path>,
+    siem: &SiemArgs,
+    o: ForwardOptions,
 ) -> anyhow::Result<ExitCode> {
-    use dalp_audit::export::{Format, Forwarder, SyslogTarget};
-    let format = Format::parse(format).map_err(anyhow::Error::msg)?;
-    if !(1..=10_000).contains(&batch) {
+    use dalp_audit::export::{Forwarder, Progress};
+    let format = Format::parse(&o.format).map_err(anyhow::Error::msg)?;
+    if !(1..=10_000).contains(&o.batch) {
         anyhow::bail!("--batch must be 1 to 10000");
     }
+    let framer = framer(format, siem)?;
     let opts = audit_options(target, "dalp_audit_sealer")?;
     let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::from_config(
         opts.pg_config(),
@@ -140,24 +172,42 @@ pub async fn forward(
     .build()?;
     let f = Forwarder {
         pool,
-        name: name.to_string(),
-        format,
+        name: o.name.clone(),
+        framer,
         target: SyslogTarget::parse(to).map_err(anyhow::Error::msg)?,
-        ca_file: ca.to_path_buf(),
-        batch,
-        hostname: hostname(),
+        tls: siem_tls(siem)?,
+        batch: o.batch,
         pace: std::time::Duration::ZERO,
-        pgaudit_dir: pgaudit_dir.map(Path::to_path_buf),
+        pgaudit_dir: o.pgaudit_logs,
+        settle: o.settle,
     };
     let start = f.cursor().await.context("read the forwarding cursor")?;
     eprintln!(
-        "forwarding to {to} from sequence {} (cursor `{name}`); Ctrl-C stops",
-        start + 1
+        "forwarding to {to} from sequence {} (cursor `{}`); Ctrl-C stops",
+        start + 1,
+        o.name
     );
-    tokio::select! {
-        _ = f.run(|n, cursor| eprintln!("sent {n} events, delivered through sequence {cursor}")) => {},
-        _ = super::up::shutdown_signal() => eprintln!("stopped"),
-    }
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        super::up::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    f.run(stop, |p| match p {
+        Progress::Sent { messages } => tracing::debug!(messages, "sent"),
+        Progress::Delivered { through } => {
+            eprintln!("delivered through sequence {through}")
+        }
+        Progress::Problem {
+            message,
+            certificate: true,
+        } => tracing::error!(
+            "{message}; retrying until the receiver presents a certificate the CA signed"
+        ),
+        Progress::Problem { message, .. } => tracing::warn!("{message}; retrying"),
+        Progress::Recovered => tracing::info!("the SIEM is reachable again"),
+    })
+    .await?;
+    eprintln!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -158,38 +158,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     format,
                     since,
                     to,
-                    ca,
+                    siem,
                 },
-        } => {
-            audit::export(
-                &target,
-                &format,
-                since.as_deref(),
-                to.as_deref(),
-                ca.as_deref(),
-            )
-            .await
-        }
+        } => audit::export(&target, &format, since.as_deref(), to.as_deref(), &siem).await,
         Command::Audit {
             command:
                 AuditCommand::Forward {
                     target,
                     to,
-                    ca,
+                    siem,
                     name,
                     format,
                     batch,
+                    settle_ms,
                     pgaudit_logs,
                 },
         } => {
             audit::forward(
                 &target,
                 &to,
-                &ca,
-                &name,
-                &format,
-                batch,
-                pgaudit_logs.as_deref(),
+                &siem,
+                audit::ForwardOptions {
+                    name,
+                    format,
+                    batch,
+                    settle: std::time::Duration::from_millis(settle_ms),
+                    pgaudit_logs,
+                },
             )
             .await
         }
