@@ -49,8 +49,10 @@ pub struct AppState {
     pub identity: IdentityStore,
     pub limits: Arc<limit::RateLimiter>,
     pub settings: Arc<ApiSettings>,
-    /// Verifies the audit chain's signatures.
-    pub audit_public: Option<ed25519_dalek::VerifyingKey>,
+    /// The keys audit batches may be signed by.
+    pub audit_keys: Option<dalp_audit::TrustedKeys>,
+    /// Where the sealer witnesses the chain head; verification checks every head there.
+    pub audit_witness: Option<dalp_audit::Witness>,
     pub assets: dalp_assets::AssetStore,
     pub indexed: Arc<dalp_indexed::IndexedStore>,
     pub workflows: dalp_workflows::WorkflowStore,
@@ -85,7 +87,8 @@ impl AppState {
             identity,
             limits: Arc::new(limit::RateLimiter::default()),
             settings: Arc::new(settings),
-            audit_public: None,
+            audit_keys: None,
+            audit_witness: None,
         }
     }
 }
@@ -116,6 +119,13 @@ pub enum StartError {
 /// File names inside the keys directory.
 pub const KEK_FILE: &str = "kek.json";
 pub const AUDIT_KEY_FILE: &str = "audit-ed25519.json";
+/// The public half of the audit key, for verifiers that must not hold the signing key.
+pub const AUDIT_PUBLIC_KEY_FILE: &str = "audit-ed25519.pub.json";
+/// The directory (inside the keys directory, which is kept outside the database and backed
+/// up with the key bundle) where the sealer witnesses the signed chain head.
+pub const AUDIT_WITNESS_DIR: &str = "audit-witness";
+/// How often the sealer witnesses the chain head (when it moved).
+pub const WITNESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often the sealer runs; keeps seal lag well under a second.
 pub const SEAL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -131,11 +141,16 @@ impl Services {
         let keys = Arc::new(dalp_identity::crypto::FileKeyProvider::open_or_create(
             &keys_dir.join(KEK_FILE),
         )?);
+        // A missing key file gets a new key, but a new key never continues an existing
+        // chain: the sealer refuses (and says so) until the original key is restored.
         let audit_key = Arc::new(dalp_audit::AuditKey::open_or_create(
             &keys_dir.join(AUDIT_KEY_FILE),
         )?);
+        audit_key.write_public(&keys_dir.join(AUDIT_PUBLIC_KEY_FILE))?;
+        let witness = dalp_audit::Witness::new(keys_dir.join(AUDIT_WITNESS_DIR));
         let sealer =
             dalp_audit::Sealer::new(pools.get(Component::AuditSealer).clone(), audit_key.clone())
+                .with_witness(witness.clone(), WITNESS_INTERVAL)
                 .spawn(SEAL_INTERVAL);
         let cache = dalp_db::cache::InvalidatingCache::new(100_000);
         let mut listen = pools.options(Component::Identity).clone();
@@ -159,7 +174,8 @@ impl Services {
         let mut state = AppState::new(pools.clone(), identity, settings);
         state.assets =
             dalp_assets::AssetStore::with_cache(pools.get(Component::Assets).clone(), assets_cache);
-        state.audit_public = Some(audit_key.public());
+        state.audit_keys = Some(dalp_audit::TrustedKeys::one(audit_key.public()));
+        state.audit_witness = Some(witness);
         Ok(Services {
             state,
             _identity_listener: listener,

@@ -101,6 +101,71 @@ struct KeyFile {
     secret: String,
 }
 
+/// The public half, for verifiers: `{"key_id": …, "public": hex}`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublicKeyFile {
+    key_id: String,
+    public: String,
+}
+
+/// The public keys a verifier trusts, by key id. Every batch names the key that signed it;
+/// a batch signed by a key not in this set is refused, whatever its signature says.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedKeys {
+    keys: std::collections::HashMap<String, VerifyingKey>,
+}
+
+impl TrustedKeys {
+    pub fn one(public: VerifyingKey) -> TrustedKeys {
+        let mut t = TrustedKeys::default();
+        t.add(public);
+        t
+    }
+
+    pub fn add(&mut self, public: VerifyingKey) {
+        self.keys.insert(key_id(&public), public);
+    }
+
+    pub fn get(&self, key_id: &str) -> Option<&VerifyingKey> {
+        self.keys.get(key_id)
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.keys.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Loads a key file: a public key file, or a signing key file (only its public half is
+    /// kept). The key id in the file must match the key.
+    pub fn load(&mut self, path: &Path) -> Result<(), KeyError> {
+        let err = |message: String| KeyError::File {
+            path: path.display().to_string(),
+            message,
+        };
+        if !path.exists() {
+            return Err(err(
+                "no such file: give a trusted audit key (public or signing) with --audit-key"
+                    .into(),
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        if let Ok(p) = serde_json::from_str::<PublicKeyFile>(&text) {
+            let mut bytes = [0u8; 32];
+            hex::decode_to_slice(&p.public, &mut bytes).map_err(|e| err(e.to_string()))?;
+            let public = VerifyingKey::from_bytes(&bytes).map_err(|e| err(e.to_string()))?;
+            if key_id(&public) != p.key_id {
+                return Err(err("key_id does not match the key".into()));
+            }
+            self.add(public);
+            return Ok(());
+        }
+        self.add(AuditKey::open(path)?.public());
+        Ok(())
+    }
+}
+
 /// The Ed25519 key that signs batch heads. Kept in a 0600 file outside the database, so
 /// whoever can rewrite the database still cannot forge a signed head.
 pub struct AuditKey {
@@ -116,12 +181,13 @@ fn key_id(public: &VerifyingKey) -> String {
 }
 
 impl AuditKey {
-    /// Opens an existing key; never creates one (verifiers must not invent keys).
+    /// Opens an existing key; never creates one (verifiers and sealers of an existing chain
+    /// must not invent keys).
     pub fn open(path: &Path) -> Result<AuditKey, KeyError> {
         if !path.exists() {
             return Err(KeyError::File {
                 path: path.display().to_string(),
-                message: "no such file: give the key with --audit-key".into(),
+                message: "no such file: restore the audit signing key from the key bundle (or give it with --audit-key)".into(),
             });
         }
         AuditKey::open_or_create(path)
@@ -164,6 +230,20 @@ impl AuditKey {
 
     pub fn public(&self) -> VerifyingKey {
         self.signing.verifying_key()
+    }
+
+    /// Writes the public half to `path` (0644), for verifiers that must not hold the
+    /// signing key.
+    pub fn write_public(&self, path: &Path) -> Result<(), KeyError> {
+        let text = serde_json::to_string_pretty(&PublicKeyFile {
+            key_id: self.key_id.clone(),
+            public: hex::encode(self.public().as_bytes()),
+        })
+        .expect("serialize");
+        std::fs::write(path, format!("{text}\n")).map_err(|e| KeyError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
     }
 
     pub fn sign(&self, msg: &[u8]) -> Vec<u8> {
@@ -220,5 +300,30 @@ mod tests {
         assert!(!signature_ok(&again.public(), b"other", &sig));
         let other = AuditKey::open_or_create(&dir.path().join("other.json")).unwrap();
         assert!(!signature_ok(&other.public(), b"head", &sig));
+    }
+
+    #[test]
+    fn trusted_keys_load_public_and_secret_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = AuditKey::open_or_create(&dir.path().join("k.json")).unwrap();
+        k.write_public(&dir.path().join("k.pub.json")).unwrap();
+        let mut t = TrustedKeys::default();
+        t.load(&dir.path().join("k.pub.json")).unwrap();
+        assert_eq!(t.ids(), vec![k.key_id.clone()]);
+        assert_eq!(t.get(&k.key_id), Some(&k.public()));
+        let other = AuditKey::open_or_create(&dir.path().join("o.json")).unwrap();
+        t.load(&dir.path().join("o.json")).unwrap();
+        assert_eq!(t.ids().len(), 2);
+        // A public file whose id was edited is refused.
+        let text = std::fs::read_to_string(dir.path().join("k.pub.json")).unwrap();
+        std::fs::write(
+            dir.path().join("bad.json"),
+            text.replace(&k.key_id, &other.key_id),
+        )
+        .unwrap();
+        assert!(TrustedKeys::default()
+            .load(&dir.path().join("bad.json"))
+            .is_err());
+        assert!(AuditKey::open(&dir.path().join("missing.json")).is_err());
     }
 }

@@ -9,11 +9,13 @@ mod event;
 pub mod export;
 pub mod seal;
 pub mod verify;
+pub mod witness;
 
-pub use chain::{AuditKey, Checkpoint};
+pub use chain::{AuditKey, Checkpoint, TrustedKeys};
 pub use event::{record, AuditEvent, Outcome, RequestContext};
 pub use seal::Sealer;
-pub use verify::{verify, verify_window, Problem, VerifyReport};
+pub use verify::{verify, verify_window, verify_with, Problem, VerifyOptions, VerifyReport};
+pub use witness::Witness;
 
 use dalp_db::{Migration, MigrationSet, Privs, RoleGrant, SchemaAccess};
 
@@ -43,6 +45,11 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             version: 4,
             name: "forwarding",
             sql: include_str!("../migrations/0004_forwarding.sql"),
+        },
+        Migration {
+            version: 5,
+            name: "writer_metadata",
+            sql: include_str!("../migrations/0005_writer_metadata.sql"),
         },
     ],
 };

@@ -16,6 +16,7 @@ use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 
 use crate::chain::{self, AuditKey, Checkpoint, EVENT_COLUMNS};
+use crate::witness::Witness;
 
 /// Advisory lock key ("dalpseal") that keeps two sealers from racing each other (writers
 /// never take it).
@@ -31,6 +32,14 @@ pub enum SealError {
     Corrupt(String),
     #[error("{0}")]
     Behind(String),
+    #[error("batch {batch} is signed by audit key {chain_key}, but this sealer holds {own_key}: the signing key was replaced; restore the original key file (a new key never continues an existing chain)")]
+    KeyMismatch {
+        batch: i64,
+        chain_key: String,
+        own_key: String,
+    },
+    #[error(transparent)]
+    Witness(#[from] crate::witness::WitnessError),
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +55,8 @@ pub struct Sealer {
     key: Arc<AuditKey>,
     /// Most events per batch.
     pub max_batch: usize,
+    /// Where the signed head is witnessed, and how often.
+    witness: Option<(Witness, Duration)>,
 }
 
 fn parse_xid(s: &str) -> Result<u64, SealError> {
@@ -59,7 +70,27 @@ impl Sealer {
             pool,
             key,
             max_batch: 5_000,
+            witness: None,
         }
+    }
+
+    /// Also publishes the signed chain head to `witness` (when it moved) every `every`.
+    pub fn with_witness(mut self, witness: Witness, every: Duration) -> Sealer {
+        self.witness = Some((witness, every));
+        self
+    }
+
+    /// Appends the current head to the witness, if one is configured and the head moved.
+    /// Returns the head witnessed.
+    pub async fn witness_now(&self) -> Result<Option<Checkpoint>, SealError> {
+        let Some((witness, _)) = &self.witness else {
+            return Ok(None);
+        };
+        let client = dalp_db::pool::checkout(&self.pool, "audit").await?;
+        let Some(head) = Sealer::checkpoint(&client).await? else {
+            return Ok(None);
+        };
+        Ok(witness.append(&head)?.then_some(head))
     }
 
     /// Seals what is sealable now, as one batch (or nothing). Returns the batch written.
@@ -76,11 +107,21 @@ impl Sealer {
         )?;
         let last = tx
             .typed_query_opt(
-                "SELECT batch_no, last_seq, batch_hash, xmin_upper::text FROM dalp_audit.seal_batches
+                "SELECT batch_no, last_seq, batch_hash, xmin_upper::text, key_id FROM dalp_audit.seal_batches
                   ORDER BY batch_no DESC LIMIT 1",
                 &[],
             )
             .await?;
+        if let Some(r) = &last {
+            let chain_key: String = r.get(4);
+            if chain_key != self.key.key_id {
+                return Err(SealError::KeyMismatch {
+                    batch: r.get(0),
+                    chain_key,
+                    own_key: self.key.key_id.clone(),
+                });
+            }
+        }
         let (batch_no, first_seq, prev_hash, from) = match &last {
             Some(r) => (
                 r.get::<_, i64>(0) + 1,
@@ -201,13 +242,32 @@ impl Sealer {
         Ok(n)
     }
 
-    /// Seals every `interval` until the task is aborted.
+    /// Seals every `interval` (and witnesses the head at the witness interval) until the
+    /// task is aborted. A replaced signing key stops sealing, loudly, until it is restored.
     pub fn spawn(self, interval: Duration) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
+            let mut last_problem: Option<String> = None;
+            let mut witnessed_at: Option<tokio::time::Instant> = None;
             loop {
-                match self.seal_all().await {
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "sealing failed; retrying"),
+                let mut result = self.seal_all().await.map(|_| ());
+                if let (Ok(()), Some((_, every))) = (&result, &self.witness) {
+                    if witnessed_at.is_none_or(|t| t.elapsed() >= *every) {
+                        result = self.witness_now().await.map(|_| ());
+                        witnessed_at = Some(tokio::time::Instant::now());
+                    }
+                }
+                match result {
+                    Ok(()) => last_problem = None,
+                    Err(e) => {
+                        let message = e.to_string();
+                        if last_problem.as_deref() != Some(&message) {
+                            match e {
+                                SealError::KeyMismatch { .. } => tracing::error!("{message}"),
+                                _ => tracing::warn!(error = %message, "sealing failed; retrying"),
+                            }
+                            last_problem = Some(message);
+                        }
+                    }
                 }
                 tokio::time::sleep(interval).await;
             }

@@ -1,7 +1,10 @@
-//! Recomputing the chain: every batch's link, hash and signature; every sealed event's hash
-//! against the database; events missing only where a recorded retention drop explains them;
-//! no unsealed event below the seal watermark; and, given a checkpoint exported earlier, that
-//! the chain still reaches it.
+//! Recomputing the chain: every batch's link, hash and signature under a trusted key named by
+//! the batch; every sealed event's hash against the row with the sealed id and time; events
+//! missing only where a recorded retention drop old enough under the policy explains them,
+//! each drop's count matching; no unsealed event below the seal watermark, no second row
+//! with a sealed id, no event with a transaction id that cannot exist; no protective trigger
+//! disabled; and every head witnessed outside the database (or exported as a checkpoint)
+//! still in the chain, unchanged.
 
 use dalp_db::TypedClient;
 use std::collections::{HashMap, HashSet};
@@ -12,24 +15,76 @@ use futures_util::TryStreamExt;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::chain::{self, Checkpoint, EVENT_COLUMNS};
+use crate::chain::{self, Checkpoint, TrustedKeys, EVENT_COLUMNS};
 
 /// The first thing found wrong.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Problem {
-    BatchMissing { expected_batch: i64 },
-    SequenceGap { batch: i64, expected_first_seq: i64 },
-    BrokenLink { batch: i64 },
-    BatchHashMismatch { batch: i64 },
-    BadSignature { batch: i64 },
-    EventDeleted { batch: i64, seq: i64, event_id: i64 },
-    EventChanged { batch: i64, seq: i64, event_id: i64 },
-    MerkleMismatch { batch: i64 },
-    UnsealedEvent { event_id: i64 },
-    CheckpointMissing { batch: i64 },
-    CheckpointMismatch { batch: i64 },
-    CheckpointForged { batch: i64 },
+    BatchMissing {
+        expected_batch: i64,
+    },
+    SequenceGap {
+        batch: i64,
+        expected_first_seq: i64,
+    },
+    BrokenLink {
+        batch: i64,
+    },
+    BatchHashMismatch {
+        batch: i64,
+    },
+    BadSignature {
+        batch: i64,
+    },
+    EventDeleted {
+        batch: i64,
+        seq: i64,
+        event_id: i64,
+    },
+    EventChanged {
+        batch: i64,
+        seq: i64,
+        event_id: i64,
+    },
+    MerkleMismatch {
+        batch: i64,
+    },
+    UnsealedEvent {
+        event_id: i64,
+    },
+    CheckpointMissing {
+        batch: i64,
+    },
+    CheckpointMismatch {
+        batch: i64,
+    },
+    CheckpointForged {
+        batch: i64,
+    },
+    UnknownKey {
+        batch: i64,
+        key_id: String,
+    },
+    DuplicateEventId {
+        event_id: i64,
+    },
+    ImpossibleTxid {
+        event_id: i64,
+    },
+    RetentionTooYoung {
+        partition: String,
+        range_to: DateTime<Utc>,
+    },
+    RetentionMismatch {
+        partition: String,
+        recorded: i64,
+        missing: i64,
+    },
+    TriggerDisabled {
+        table: String,
+        trigger: String,
+    },
 }
 
 impl std::fmt::Display for Problem {
@@ -45,9 +100,15 @@ impl std::fmt::Display for Problem {
             EventChanged { batch, seq, event_id } => write!(f, "event {event_id} (sequence {seq}, batch {batch}) was changed after sealing"),
             MerkleMismatch { batch } => write!(f, "batch {batch}'s event hashes do not give its Merkle root (events reordered?)"),
             UnsealedEvent { event_id } => write!(f, "event {event_id} sits below the seal watermark but is in no batch (inserted afterwards)"),
-            CheckpointMissing { batch } => write!(f, "the checkpoint's batch {batch} is not in the chain (chain truncated)"),
-            CheckpointMismatch { batch } => write!(f, "batch {batch} differs from the checkpoint"),
-            CheckpointForged { batch } => write!(f, "the checkpoint for batch {batch} is not signed by the audit key"),
+            CheckpointMissing { batch } => write!(f, "the witnessed head at batch {batch} is not in the chain (chain truncated or wiped)"),
+            CheckpointMismatch { batch } => write!(f, "batch {batch} differs from its witnessed head (chain rewritten or re-signed)"),
+            CheckpointForged { batch } => write!(f, "the witnessed head for batch {batch} is not signed by a trusted audit key"),
+            UnknownKey { batch, key_id } => write!(f, "batch {batch} is signed by {key_id}, which is not a trusted audit key"),
+            DuplicateEventId { event_id } => write!(f, "a second event row carries the sealed id {event_id} (forged copy)"),
+            ImpossibleTxid { event_id } => write!(f, "event {event_id} carries a transaction id that has not been issued yet (forged)"),
+            RetentionTooYoung { partition, range_to } => write!(f, "retention entry for {partition} covers time up to {range_to}, younger than the retention policy allows (forged retention)"),
+            RetentionMismatch { partition, recorded, missing } => write!(f, "retention entry for {partition} records {recorded} rows dropped, but {missing} sealed events are missing in its range"),
+            TriggerDisabled { table, trigger } => write!(f, "protective trigger {trigger} on dalp_audit.{table} is disabled"),
         }
     }
 }
@@ -58,7 +119,38 @@ pub struct VerifyReport {
     pub events_checked: u64,
     pub events_retained: u64,
     pub last_seq: i64,
+    /// Witnessed heads (and checkpoints) checked against the chain.
+    pub heads_checked: u64,
+    /// Heads outside a verified window, not checked.
+    pub heads_skipped: u64,
     pub problem: Option<Problem>,
+}
+
+/// What to verify against.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions<'a> {
+    /// The keys batches may be signed by.
+    pub keys: &'a TrustedKeys,
+    /// Heads witnessed outside the database and checkpoints exported by hand: the chain must
+    /// contain each, unchanged.
+    pub heads: &'a [Checkpoint],
+    /// Only batches sealed in `[from, to)` (either end open), linked to the batch before.
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    /// The retention policy: no retention drop may cover anything younger.
+    pub retention_months: u32,
+}
+
+impl<'a> VerifyOptions<'a> {
+    pub fn new(keys: &'a TrustedKeys) -> VerifyOptions<'a> {
+        VerifyOptions {
+            keys,
+            heads: &[],
+            from: None,
+            to: None,
+            retention_months: crate::PARTITIONS.retention_months.unwrap_or(84),
+        }
+    }
 }
 
 impl VerifyReport {
@@ -67,7 +159,8 @@ impl VerifyReport {
     }
 }
 
-/// Verifies the whole chain. `client` needs SELECT on the audit tables (the auditor role).
+/// Verifies the whole chain under one key. `client` needs SELECT on the audit tables (the
+/// auditor role).
 pub async fn verify(
     client: &Client,
     public: &VerifyingKey,
@@ -76,9 +169,7 @@ pub async fn verify(
     verify_window(client, public, checkpoint, None, None).await
 }
 
-/// Verifies the batches sealed in `[from, to)` (either end open), linked to the batch just
-/// before the window. The scan for unsealed events below the watermark needs the whole
-/// chain, so it runs only without a window.
+/// [`verify_with`] under one key, with at most one checkpoint.
 pub async fn verify_window(
     client: &Client,
     public: &VerifyingKey,
@@ -86,20 +177,88 @@ pub async fn verify_window(
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
 ) -> Result<VerifyReport, tokio_postgres::Error> {
+    let keys = TrustedKeys::one(*public);
+    let heads: Vec<Checkpoint> = checkpoint.into_iter().cloned().collect();
+    verify_with(
+        client,
+        &VerifyOptions {
+            heads: &heads,
+            from,
+            to,
+            ..VerifyOptions::new(&keys)
+        },
+    )
+    .await
+}
+
+/// One retention drop of an events partition.
+struct Retained {
+    partition: String,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    rows: i64,
+    missing: i64,
+}
+
+/// Verifies the chain (or a window of it; the scans for unsealed, duplicated and forged
+/// events and the retention counts need the whole chain, so they run only without one).
+pub async fn verify_with(
+    client: &Client,
+    opts: &VerifyOptions<'_>,
+) -> Result<VerifyReport, tokio_postgres::Error> {
+    let (from, to) = (opts.from, opts.to);
     let whole = from.is_none() && to.is_none();
     let mut report = VerifyReport::default();
-    // Times before this were dropped under retention; events there may be missing.
-    let retained_before: Option<DateTime<Utc>> = client
-        .typed_query_one(
-            "SELECT max(range_to) FROM dalp_audit.retention_log WHERE table_name = 'dalp_audit.events'",
+    // The owner could switch the append-only triggers off and on again around an edit; the
+    // edit itself shows in the hashes, a trigger left off shows here.
+    if let Some(r) = client
+        .typed_query_opt(
+            "SELECT c.relname::text, t.tgname::text FROM pg_trigger t
+               JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'dalp_audit' AND NOT t.tgisinternal AND t.tgenabled = 'D'
+              ORDER BY 1, 2 LIMIT 1",
             &[],
         )
         .await?
-        .get(0);
+    {
+        report.problem = Some(Problem::TriggerDisabled {
+            table: r.get(0),
+            trigger: r.get(1),
+        });
+        return Ok(report);
+    }
+    // Partitions dropped under retention: events in their ranges may be missing, as many as
+    // each drop recorded, and only in ranges older than the policy.
+    let oldest_allowed = Utc::now()
+        .checked_sub_months(chrono::Months::new(opts.retention_months))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let mut retained: Vec<Retained> = client
+        .typed_query(
+            "SELECT partition_name, range_from, range_to, rows_dropped FROM dalp_audit.retention_log
+              WHERE table_name = 'dalp_audit.events' ORDER BY range_from",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| Retained {
+            partition: r.get(0),
+            from: r.get(1),
+            to: r.get(2),
+            rows: r.get(3),
+            missing: 0,
+        })
+        .collect();
+    if let Some(r) = retained.iter().find(|r| r.to > oldest_allowed) {
+        report.problem = Some(Problem::RetentionTooYoung {
+            partition: r.partition.clone(),
+            range_to: r.to,
+        });
+        return Ok(report);
+    }
     let batches = client
         .typed_query(
             "SELECT batch_no, first_seq, last_seq, event_ids, event_times, event_hashes, xmin_upper::text,
-                    merkle_root, prev_hash, batch_hash, signature
+                    merkle_root, prev_hash, batch_hash, signature, key_id
                FROM dalp_audit.seal_batches
               WHERE ($1::timestamptz IS NULL OR sealed_at >= $1) AND ($2::timestamptz IS NULL OR sealed_at < $2)
               ORDER BY batch_no",
@@ -136,7 +295,9 @@ pub async fn verify_window(
             }
         }
     }
-    let mut sealed: HashSet<i64> = HashSet::new();
+    // Sealed events by (id, time in µs), and their ids.
+    let mut sealed: HashSet<(i64, i64)> = HashSet::new();
+    let mut sealed_ids: HashSet<i64> = HashSet::new();
     let mut watermark = 0u64;
     let mut hashes_by_batch: HashMap<i64, Vec<u8>> = HashMap::new();
     for (i, b) in batches.iter().enumerate() {
@@ -181,6 +342,11 @@ pub async fn verify_window(
             fail(&mut report, Problem::BatchHashMismatch { batch: no });
             return Ok(report);
         }
+        let key_id: String = b.get(11);
+        let Some(public) = opts.keys.get(&key_id) else {
+            fail(&mut report, Problem::UnknownKey { batch: no, key_id });
+            return Ok(report);
+        };
         if !chain::signature_ok(public, &head, &sig) {
             fail(&mut report, Problem::BadSignature { batch: no });
             return Ok(report);
@@ -193,20 +359,31 @@ pub async fn verify_window(
             fail(&mut report, Problem::MerkleMismatch { batch: no });
             return Ok(report);
         }
-        // The events themselves, as they are now.
+        // The events themselves, as they are now: the rows with the sealed id and time (a
+        // forged copy of an id elsewhere is not looked at here; the scan below finds it).
         let rows = client
             .typed_query(
-                &format!("SELECT {EVENT_COLUMNS} FROM dalp_audit.events WHERE id = ANY($1)"),
-                &[&ids],
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM dalp_audit.events
+                      WHERE (id, occurred_at) IN (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]))"
+                ),
+                &[&ids, &times],
             )
             .await?;
-        let now: HashMap<i64, [u8; 32]> = rows
+        let now: HashMap<(i64, i64), [u8; 32]> = rows
             .iter()
-            .map(|r| (r.get(0), chain::event_hash(r)))
+            .map(|r| {
+                let at: DateTime<Utc> = r.get(1);
+                ((r.get(0), at.timestamp_micros()), chain::event_hash(r))
+            })
             .collect();
         for (k, id) in ids.iter().enumerate() {
             let seq = first + k as i64;
-            match now.get(id) {
+            let key = (*id, times[k].timestamp_micros());
+            let covering = retained
+                .iter_mut()
+                .find(|r| r.from <= times[k] && times[k] < r.to);
+            match now.get(&key) {
                 Some(h) if h.as_slice() == stored[k].as_slice() => report.events_checked += 1,
                 Some(_) => {
                     fail(
@@ -219,22 +396,43 @@ pub async fn verify_window(
                     );
                     return Ok(report);
                 }
-                None if retained_before.map(|t| times[k] < t).unwrap_or(false) => {
+                None if covering.is_some() => {
+                    if let Some(r) = covering {
+                        r.missing += 1;
+                    }
                     report.events_retained += 1
                 }
                 None => {
+                    // Gone, or still there under another time (the row's time or the
+                    // batch's list was edited).
+                    let elsewhere = client
+                        .typed_query_opt(
+                            "SELECT 1 FROM dalp_audit.events WHERE id = $1 LIMIT 1",
+                            &[id],
+                        )
+                        .await?
+                        .is_some();
+                    let (batch, event_id) = (no, *id);
                     fail(
                         &mut report,
-                        Problem::EventDeleted {
-                            batch: no,
-                            seq,
-                            event_id: *id,
+                        if elsewhere {
+                            Problem::EventChanged {
+                                batch,
+                                seq,
+                                event_id,
+                            }
+                        } else {
+                            Problem::EventDeleted {
+                                batch,
+                                seq,
+                                event_id,
+                            }
                         },
                     );
                     return Ok(report);
                 }
             }
-            if !sealed.insert(*id) {
+            if !sealed.insert(key) || !sealed_ids.insert(*id) {
                 fail(
                     &mut report,
                     Problem::EventChanged {
@@ -255,39 +453,91 @@ pub async fn verify_window(
     }
 
     if !whole {
+        check_heads(opts, &hashes_by_batch, &mut report);
         return Ok(report);
     }
-    // Nothing may sit below the watermark outside the chain.
-    let params: Vec<String> = vec![watermark.to_string()];
+    // Each retention drop removed exactly what it recorded.
+    if let Some(r) = retained.iter().find(|r| r.missing != r.rows) {
+        report.problem = Some(Problem::RetentionMismatch {
+            partition: r.partition.clone(),
+            recorded: r.rows,
+            missing: r.missing,
+        });
+        return Ok(report);
+    }
+    // Every row outside the chain: none below the watermark (inserted afterwards), none
+    // carrying a sealed id (a forged copy), none with a transaction id not issued yet (it
+    // could never be sealed). The snapshot's xmax comes from the same statement, so every
+    // genuinely committed row is below it.
     let stream = client
         .query_raw(
-            "SELECT id FROM dalp_audit.events WHERE txid < $1::text::xid8",
-            params.iter(),
+            "SELECT id, occurred_at, txid::text, (SELECT pg_snapshot_xmax(pg_current_snapshot()))::text
+               FROM dalp_audit.events",
+            std::iter::empty::<String>(),
         )
         .await?;
     futures_util::pin_mut!(stream);
     while let Some(row) = stream.try_next().await? {
         let id: i64 = row.get(0);
-        if !sealed.contains(&id) {
-            report.problem = Some(Problem::UnsealedEvent { event_id: id });
-            return Ok(report);
+        let at: DateTime<Utc> = row.get(1);
+        if sealed.contains(&(id, at.timestamp_micros())) {
+            continue;
         }
-    }
-
-    if let Some(cp) = checkpoint {
-        let cp_hash = hex::decode(&cp.batch_hash).unwrap_or_default();
-        let cp_sig = hex::decode(&cp.signature).unwrap_or_default();
-        if !chain::signature_ok(public, &cp_hash, &cp_sig) {
-            report.problem = Some(Problem::CheckpointForged { batch: cp.batch_no });
+        let txid: u64 = row.get::<_, &str>(2).parse().unwrap_or(u64::MAX);
+        let xmax: u64 = row.get::<_, &str>(3).parse().unwrap_or(0);
+        report.problem = if txid >= xmax {
+            Some(Problem::ImpossibleTxid { event_id: id })
+        } else if sealed_ids.contains(&id) {
+            Some(Problem::DuplicateEventId { event_id: id })
+        } else if txid < watermark {
+            Some(Problem::UnsealedEvent { event_id: id })
         } else {
-            match hashes_by_batch.get(&cp.batch_no) {
-                None => report.problem = Some(Problem::CheckpointMissing { batch: cp.batch_no }),
-                Some(h) if *h != cp_hash => {
-                    report.problem = Some(Problem::CheckpointMismatch { batch: cp.batch_no })
-                }
-                Some(_) => {}
-            }
-        }
+            continue;
+        };
+        return Ok(report);
     }
+    check_heads(opts, &hashes_by_batch, &mut report);
     Ok(report)
+}
+
+/// Every witnessed head: signed by a trusted key, in the chain, unchanged. In a window only
+/// the heads of verified batches can be checked; the others are counted as skipped.
+fn check_heads(
+    opts: &VerifyOptions<'_>,
+    hashes_by_batch: &HashMap<i64, Vec<u8>>,
+    report: &mut VerifyReport,
+) {
+    let whole = opts.from.is_none() && opts.to.is_none();
+    for head in opts.heads {
+        let hash = hex::decode(&head.batch_hash).unwrap_or_default();
+        let sig = hex::decode(&head.signature).unwrap_or_default();
+        let signed = opts
+            .keys
+            .get(&head.key_id)
+            .is_some_and(|k| chain::signature_ok(k, &hash, &sig));
+        let problem = if !signed {
+            Some(Problem::CheckpointForged {
+                batch: head.batch_no,
+            })
+        } else {
+            match hashes_by_batch.get(&head.batch_no) {
+                None if !whole => {
+                    report.heads_skipped += 1;
+                    continue;
+                }
+                None => Some(Problem::CheckpointMissing {
+                    batch: head.batch_no,
+                }),
+                Some(h) if *h != hash => Some(Problem::CheckpointMismatch {
+                    batch: head.batch_no,
+                }),
+                Some(_) => None,
+            }
+        };
+        if problem.is_some() {
+            report.problem = problem;
+            return;
+        }
+        report.heads_checked += 1;
+    }
 }

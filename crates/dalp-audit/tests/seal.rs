@@ -196,7 +196,7 @@ async fn every_kind_of_tampering_is_detected() {
 
     let s = sealed(5).await;
     s.tamper(
-        "INSERT INTO dalp_audit.events (txid, actor, action, resource_type, outcome) VALUES ('2', 'forger', 'x', 'y', 'success')",
+        "INSERT INTO dalp_audit.events (id, txid, actor, action, resource_type, outcome) VALUES (nextval('dalp_audit.event_ids'), '2', 'forger', 'x', 'y', 'success')",
     )
     .await;
     let r = s.verify(None).await;
@@ -294,10 +294,15 @@ async fn a_dropped_partition_is_tampering_unless_retention_dropped_it() {
     partitions::maintain(&mut owner, &dalp_audit::PARTITIONS, long_ago)
         .await
         .unwrap();
-    let c = s.pools.get(Component::Identity).get().await.unwrap();
+    // Events from 2010: writers cannot backdate, so they are planted as they would have
+    // been written back then (the superuser, triggers off).
+    let su = s.db.superuser().await;
+    su.batch_execute("SET session_replication_role = replica")
+        .await
+        .unwrap();
     for i in 0..4 {
-        c.execute(
-            "INSERT INTO dalp_audit.events (occurred_at, actor, action, resource_type, outcome) VALUES ($1, 'old', 'x', 'y', 'success')",
+        su.execute(
+            "INSERT INTO dalp_audit.events (id, occurred_at, actor, action, resource_type, outcome) VALUES (nextval('dalp_audit.event_ids'), $1, 'old', 'x', 'y', 'success')",
             &[&(long_ago + chrono::Duration::days(i))],
         )
         .await

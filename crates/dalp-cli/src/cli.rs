@@ -652,9 +652,21 @@ pub struct SiemArgs {
 /// Where the audit signing key is.
 #[derive(Debug, Args, Clone)]
 pub struct AuditKeyArgs {
-    /// Audit signing key file [default: DATA_DIR/keys/audit-ed25519.json].
+    /// Trusted audit key files: public (audit-ed25519.pub.json) or signing keys; repeat for
+    /// keys of earlier periods. A batch signed by any other key fails verification
+    /// [default: DATA_DIR/keys/audit-ed25519.pub.json, else the signing key beside it].
     #[arg(long)]
-    pub audit_key: Option<PathBuf>,
+    pub audit_key: Vec<PathBuf>,
+    /// Directory of witnessed chain heads (heads.jsonl) to check the chain against
+    /// [default: DATA_DIR/keys/audit-witness].
+    #[arg(long)]
+    pub witness: Option<PathBuf>,
+    /// Check no witnessed heads (only the chain itself and any --checkpoint).
+    #[arg(long, conflicts_with = "witness")]
+    pub no_witness: bool,
+    /// The retention policy in months: a retention drop of anything younger is forgery.
+    #[arg(long, default_value_t = 84)]
+    pub retention_months: u32,
 }
 
 #[derive(Debug, Subcommand)]

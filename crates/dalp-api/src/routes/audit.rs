@@ -135,17 +135,31 @@ async fn events(
 async fn verify(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
     auth.require_role(&state, PlatformRole::Auditor, "audit.verify")
         .await?;
-    let public = state
-        .audit_public
+    let keys = state
+        .audit_keys
+        .as_ref()
         .ok_or_else(|| ApiError::NotReady("no audit signing key configured".into()))?;
+    // Every head the sealer witnessed outside the database: truncation, wipes and re-signing
+    // are caught without anyone exporting a checkpoint.
+    let heads = match &state.audit_witness {
+        Some(w) => w.heads().map_err(|e| ApiError::Internal(e.to_string()))?,
+        None => Vec::new(),
+    };
     let client = auditor_client(&state).await?;
-    let report = dalp_audit::verify(&client, &public, None)
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let report = dalp_audit::verify_with(
+        &client,
+        &dalp_audit::VerifyOptions {
+            heads: &heads,
+            ..dalp_audit::VerifyOptions::new(keys)
+        },
+    )
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(json!({
         "ok": report.ok(),
         "problem": report.problem.as_ref().map(|p| json!({ "detail": p, "message": p.to_string() })),
         "batches": report.batches, "events_checked": report.events_checked,
         "events_retained": report.events_retained, "last_seq": report.last_seq,
+        "witnessed_heads_checked": report.heads_checked,
     })))
 }

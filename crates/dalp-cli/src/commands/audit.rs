@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use dalp_audit::{AuditKey, Checkpoint, Sealer};
+use dalp_audit::{Checkpoint, Sealer, TrustedKeys};
 use dalp_db::connect::ConnectOptions;
 use dalp_db::partitions;
 use dalp_ops::Layout;
@@ -232,23 +232,51 @@ pub async fn verify(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let (from, to) = (parse_time("--from", from)?, parse_time("--to", to)?);
-    let key_path = key.audit_key.clone().unwrap_or_else(|| {
-        Layout::new(&target.data_dir)
-            .keys_dir()
-            .join(dalp_api::AUDIT_KEY_FILE)
-    });
-    let key = AuditKey::open(&key_path)?;
-    let cp: Option<Checkpoint> = match checkpoint {
-        Some(p) => Some(
+    let keys_dir = Layout::new(&target.data_dir).keys_dir();
+    let mut keys = TrustedKeys::default();
+    if key.audit_key.is_empty() {
+        let public = keys_dir.join(dalp_api::AUDIT_PUBLIC_KEY_FILE);
+        if public.exists() {
+            keys.load(&public)?;
+        } else {
+            keys.load(&keys_dir.join(dalp_api::AUDIT_KEY_FILE))?;
+        }
+    }
+    for p in &key.audit_key {
+        keys.load(p)?;
+    }
+    let mut heads: Vec<Checkpoint> = Vec::new();
+    if !key.no_witness {
+        let dir = key
+            .witness
+            .clone()
+            .unwrap_or_else(|| keys_dir.join(dalp_api::AUDIT_WITNESS_DIR));
+        if key.witness.is_some() && !dir.exists() {
+            anyhow::bail!("witness directory {} does not exist", dir.display());
+        }
+        heads = dalp_audit::Witness::new(dir).heads()?;
+    }
+    let witnessed = heads.len();
+    if let Some(p) = checkpoint {
+        heads.push(
             serde_json::from_str(
                 &std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?,
             )
             .with_context(|| format!("{} is not a dalp checkpoint", p.display()))?,
-        ),
-        None => None,
-    };
+        );
+    }
     let client = connect_auditor(target).await?;
-    let report = dalp_audit::verify_window(&client, &key.public(), cp.as_ref(), from, to).await?;
+    let report = dalp_audit::verify_with(
+        &client,
+        &dalp_audit::VerifyOptions {
+            heads: &heads,
+            from,
+            to,
+            retention_months: key.retention_months,
+            ..dalp_audit::VerifyOptions::new(&keys)
+        },
+    )
+    .await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -256,15 +284,28 @@ pub async fn verify(
             "{} batches, {} events checked, {} removed by retention, last sequence {}",
             report.batches, report.events_checked, report.events_retained, report.last_seq
         );
+        println!(
+            "keys trusted: {}; heads checked: {} of {} ({} witnessed{}){}",
+            keys.ids().join(", "),
+            report.heads_checked,
+            heads.len(),
+            witnessed,
+            if checkpoint.is_some() {
+                " + the checkpoint"
+            } else {
+                ""
+            },
+            if report.heads_skipped > 0 {
+                format!(
+                    "; {} outside the verified window not checked",
+                    report.heads_skipped
+                )
+            } else {
+                String::new()
+            }
+        );
         match &report.problem {
-            None => println!(
-                "ok: the audit chain is intact{}",
-                if cp.is_some() {
-                    " and reaches the checkpoint"
-                } else {
-                    ""
-                }
-            ),
+            None => println!("ok: the audit chain is intact"),
             Some(p) => println!("TAMPERED: {p}"),
         }
     }
