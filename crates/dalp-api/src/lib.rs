@@ -119,7 +119,8 @@ pub enum StartError {
 /// File names inside the keys directory.
 pub const KEK_FILE: &str = "kek.json";
 pub const AUDIT_KEY_FILE: &str = "audit-ed25519.json";
-/// The public half of the audit key, for verifiers that must not hold the signing key.
+/// The public half of the chain's first audit key: the verifiers' trust anchor (later keys
+/// are trusted through rotation batches), for verifiers that must not hold a signing key.
 pub const AUDIT_PUBLIC_KEY_FILE: &str = "audit-ed25519.pub.json";
 /// The directory (inside the keys directory, which is kept outside the database and backed
 /// up with the key bundle) where the sealer witnesses the signed chain head.
@@ -146,11 +147,19 @@ impl Services {
         let audit_key = Arc::new(dalp_audit::AuditKey::open_or_create(
             &keys_dir.join(AUDIT_KEY_FILE),
         )?);
-        audit_key.write_public(&keys_dir.join(AUDIT_PUBLIC_KEY_FILE))?;
+        // The public key of the chain's first key is the verifiers' trust anchor; later
+        // keys are trusted through the rotation batches, so the file is never rewritten.
+        let anchor = keys_dir.join(AUDIT_PUBLIC_KEY_FILE);
+        if !anchor.exists() {
+            audit_key.write_public(&anchor)?;
+        }
+        let mut audit_keys = dalp_audit::TrustedKeys::default();
+        audit_keys.load(&anchor)?;
         let witness = dalp_audit::Witness::new(keys_dir.join(AUDIT_WITNESS_DIR));
         let sealer =
             dalp_audit::Sealer::new(pools.get(Component::AuditSealer).clone(), audit_key.clone())
                 .with_witness(witness.clone(), WITNESS_INTERVAL)
+                .with_key_file(keys_dir.join(AUDIT_KEY_FILE))
                 .spawn(SEAL_INTERVAL);
         let cache = dalp_db::cache::InvalidatingCache::new(100_000);
         let mut listen = pools.options(Component::Identity).clone();
@@ -174,7 +183,7 @@ impl Services {
         let mut state = AppState::new(pools.clone(), identity, settings);
         state.assets =
             dalp_assets::AssetStore::with_cache(pools.get(Component::Assets).clone(), assets_cache);
-        state.audit_keys = Some(dalp_audit::TrustedKeys::one(audit_key.public()));
+        state.audit_keys = Some(audit_keys);
         state.audit_witness = Some(witness);
         Ok(Services {
             state,

@@ -68,7 +68,15 @@ pub fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
     level[0]
 }
 
-/// What a batch commits to.
+/// The key a rotation batch hands over to: its id and public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextKey {
+    pub key_id: String,
+    pub public: Vec<u8>,
+}
+
+/// What a batch commits to (a rotation batch also to the next key; batches without one
+/// hash exactly as before rotation existed).
 pub fn batch_hash(
     prev_hash: &[u8],
     batch_no: i64,
@@ -76,16 +84,30 @@ pub fn batch_hash(
     last_seq: i64,
     merkle_root: &[u8],
     xmin_upper: u64,
+    next_key: Option<&NextKey>,
 ) -> [u8; 32] {
-    Sha256::new()
+    let mut h = Sha256::new()
         .chain_update(prev_hash)
         .chain_update(batch_no.to_be_bytes())
         .chain_update(first_seq.to_be_bytes())
         .chain_update(last_seq.to_be_bytes())
         .chain_update(merkle_root)
-        .chain_update(xmin_upper.to_be_bytes())
-        .finalize()
-        .into()
+        .chain_update(xmin_upper.to_be_bytes());
+    if let Some(k) = next_key {
+        h = h
+            .chain_update(b"dalp-audit-next-key")
+            .chain_update((k.key_id.len() as u64).to_be_bytes())
+            .chain_update(k.key_id.as_bytes())
+            .chain_update(&k.public);
+    }
+    h.finalize().into()
+}
+
+/// The public key a rotation batch names, if its id matches it.
+pub fn next_public(next: &NextKey) -> Option<VerifyingKey> {
+    let bytes: [u8; 32] = next.public.as_slice().try_into().ok()?;
+    let public = VerifyingKey::from_bytes(&bytes).ok()?;
+    (key_id(&public) == next.key_id).then_some(public)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +252,14 @@ impl AuditKey {
 
     pub fn public(&self) -> VerifyingKey {
         self.signing.verifying_key()
+    }
+
+    /// This key as the next key of a rotation batch.
+    pub fn as_next(&self) -> NextKey {
+        NextKey {
+            key_id: self.key_id.clone(),
+            public: self.public().as_bytes().to_vec(),
+        }
     }
 
     /// Writes the public half to `path` (0644), for verifiers that must not hold the

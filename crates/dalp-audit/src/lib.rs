@@ -51,6 +51,11 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             name: "writer_metadata",
             sql: include_str!("../migrations/0005_writer_metadata.sql"),
         },
+        Migration {
+            version: 6,
+            name: "key_rotation",
+            sql: include_str!("../migrations/0006_key_rotation.sql"),
+        },
     ],
 };
 

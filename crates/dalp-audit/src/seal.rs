@@ -52,7 +52,10 @@ pub struct SealReport {
 /// Seals as the `dalp_audit_sealer` role.
 pub struct Sealer {
     pool: Pool,
-    key: Arc<AuditKey>,
+    key: std::sync::RwLock<Arc<AuditKey>>,
+    /// Where the signing key lives: after a rotation the running sealer picks up the next
+    /// key from here.
+    key_file: Option<std::path::PathBuf>,
     /// Most events per batch.
     pub max_batch: usize,
     /// Where the signed head is witnessed, and how often.
@@ -68,10 +71,46 @@ impl Sealer {
     pub fn new(pool: Pool, key: Arc<AuditKey>) -> Sealer {
         Sealer {
             pool,
-            key,
+            key: std::sync::RwLock::new(key),
+            key_file: None,
             max_batch: 5_000,
             witness: None,
         }
+    }
+
+    /// Re-reads the signing key from `path` when the chain has rotated to the key there.
+    pub fn with_key_file(mut self, path: impl Into<std::path::PathBuf>) -> Sealer {
+        self.key_file = Some(path.into());
+        self
+    }
+
+    fn key(&self) -> Arc<AuditKey> {
+        self.key.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The key that must sign the next batch: the one the chain rotated to, else the one
+    /// that signed the last batch. Ours, or the key file's after a rotation (then it
+    /// becomes ours); anything else stops sealing.
+    fn signer_for(&self, batch: i64, expected: String) -> Result<Arc<AuditKey>, SealError> {
+        let own = self.key();
+        if own.key_id == expected {
+            return Ok(own);
+        }
+        if let Some(path) = &self.key_file {
+            if let Ok(k) = AuditKey::open(path) {
+                if k.key_id == expected {
+                    let k = Arc::new(k);
+                    *self.key.write().unwrap_or_else(|e| e.into_inner()) = k.clone();
+                    tracing::info!(key_id = %k.key_id, "audit signing key rotated");
+                    return Ok(k);
+                }
+            }
+        }
+        Err(SealError::KeyMismatch {
+            batch,
+            chain_key: expected,
+            own_key: own.key_id.clone(),
+        })
     }
 
     /// Also publishes the signed chain head to `witness` (when it moved) every `every`.
@@ -107,21 +146,15 @@ impl Sealer {
         )?;
         let last = tx
             .typed_query_opt(
-                "SELECT batch_no, last_seq, batch_hash, xmin_upper::text, key_id FROM dalp_audit.seal_batches
-                  ORDER BY batch_no DESC LIMIT 1",
+                "SELECT batch_no, last_seq, batch_hash, xmin_upper::text, coalesce(next_key_id, key_id)
+                   FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1",
                 &[],
             )
             .await?;
-        if let Some(r) = &last {
-            let chain_key: String = r.get(4);
-            if chain_key != self.key.key_id {
-                return Err(SealError::KeyMismatch {
-                    batch: r.get(0),
-                    chain_key,
-                    own_key: self.key.key_id.clone(),
-                });
-            }
-        }
+        let key = match &last {
+            Some(r) => self.signer_for(r.get(0), r.get(4))?,
+            None => self.key(),
+        };
         let (batch_no, first_seq, prev_hash, from) = match &last {
             Some(r) => (
                 r.get::<_, i64>(0) + 1,
@@ -171,8 +204,10 @@ impl Sealer {
         let hashes: Vec<[u8; 32]> = rows.iter().map(chain::event_hash).collect();
         let root = chain::merkle_root(&hashes);
         let last_seq = first_seq + ids.len() as i64 - 1;
-        let head = chain::batch_hash(&prev_hash, batch_no, first_seq, last_seq, &root, upper);
-        let signature = self.key.sign(&head);
+        let head = chain::batch_hash(
+            &prev_hash, batch_no, first_seq, last_seq, &root, upper, None,
+        );
+        let signature = key.sign(&head);
         let hash_vecs: Vec<Vec<u8>> = hashes.iter().map(|h| h.to_vec()).collect();
         tx.typed_execute(
             "INSERT INTO dalp_audit.seal_batches (batch_no, first_seq, last_seq, event_ids, event_times, event_hashes,
@@ -189,7 +224,7 @@ impl Sealer {
                 &root.to_vec(),
                 &prev_hash,
                 &head.to_vec(),
-                &self.key.key_id,
+                &key.key_id,
                 &signature,
             ],
         )
@@ -200,6 +235,73 @@ impl Sealer {
             events: ids.len(),
             last_seq,
         }))
+    }
+
+    /// Rotates the signing key: seals what is sealable, then appends an event-less batch,
+    /// signed by the current key, that names `next` (inside its hash). From then on only
+    /// `next` may sign. Returns the rotation batch's number.
+    pub async fn rotate(&self, next: &AuditKey) -> Result<i64, SealError> {
+        self.seal_all().await?;
+        let mut client = dalp_db::pool::checkout(&self.pool, "audit").await?;
+        let tx = client.transaction().await?;
+        tx.typed_execute("SELECT pg_advisory_xact_lock($1)", &[&SEAL_LOCK])
+            .await?;
+        let last = tx
+            .typed_query_opt(
+                "SELECT batch_no, last_seq, batch_hash, xmin_upper::text, coalesce(next_key_id, key_id)
+                   FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1",
+                &[],
+            )
+            .await?;
+        let (batch_no, last_seq, prev_hash, upper, key) = match &last {
+            Some(r) => (
+                r.get::<_, i64>(0) + 1,
+                r.get::<_, i64>(1),
+                r.get::<_, Vec<u8>>(2),
+                parse_xid(r.get(3))?,
+                self.signer_for(r.get(0), r.get(4))?,
+            ),
+            None => (1, 0, vec![0u8; 32], 0, self.key()),
+        };
+        let root = chain::merkle_root(&[]);
+        let next_key = next.as_next();
+        let head = chain::batch_hash(
+            &prev_hash,
+            batch_no,
+            last_seq + 1,
+            last_seq,
+            &root,
+            upper,
+            Some(&next_key),
+        );
+        let signature = key.sign(&head);
+        let empty_ids: Vec<i64> = Vec::new();
+        let empty_times: Vec<DateTime<Utc>> = Vec::new();
+        let empty_hashes: Vec<Vec<u8>> = Vec::new();
+        tx.typed_execute(
+            "INSERT INTO dalp_audit.seal_batches (batch_no, first_seq, last_seq, event_ids, event_times, event_hashes,
+                 xmin_upper, merkle_root, prev_hash, batch_hash, key_id, signature, next_key_id, next_public)
+             VALUES ($1, $2, $3, $4, $5, $6, $7::text::xid8, $8, $9, $10, $11, $12, $13, $14)",
+            &[
+                &batch_no,
+                &(last_seq + 1),
+                &last_seq,
+                &empty_ids,
+                &empty_times,
+                &empty_hashes,
+                &upper.to_string(),
+                &root.to_vec(),
+                &prev_hash,
+                &head.to_vec(),
+                &key.key_id,
+                &signature,
+                &next_key.key_id,
+                &next_key.public,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(batch_no)
     }
 
     /// Seals until nothing is left (for tests, exports and shutdown).
@@ -278,11 +380,27 @@ impl Sealer {
     pub async fn checkpoint(
         client: &tokio_postgres::Client,
     ) -> Result<Option<Checkpoint>, SealError> {
+        Sealer::checkpoint_where(client, None).await
+    }
+
+    /// The signed head of batch `batch_no`, if it exists.
+    pub async fn checkpoint_of(
+        client: &tokio_postgres::Client,
+        batch_no: i64,
+    ) -> Result<Option<Checkpoint>, SealError> {
+        Sealer::checkpoint_where(client, Some(batch_no)).await
+    }
+
+    async fn checkpoint_where(
+        client: &tokio_postgres::Client,
+        batch_no: Option<i64>,
+    ) -> Result<Option<Checkpoint>, SealError> {
         let row = client
             .typed_query_opt(
                 "SELECT batch_no, last_seq, batch_hash, key_id, signature, sealed_at FROM dalp_audit.seal_batches
+                  WHERE $1::bigint IS NULL OR batch_no = $1
                   ORDER BY batch_no DESC LIMIT 1",
-                &[],
+                &[&batch_no],
             )
             .await?;
         Ok(row.map(|r| Checkpoint {

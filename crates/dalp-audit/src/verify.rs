@@ -85,6 +85,14 @@ pub enum Problem {
         table: String,
         trigger: String,
     },
+    WrongSigner {
+        batch: i64,
+        key_id: String,
+        expected: String,
+    },
+    BadRotation {
+        batch: i64,
+    },
 }
 
 impl std::fmt::Display for Problem {
@@ -109,6 +117,8 @@ impl std::fmt::Display for Problem {
             RetentionTooYoung { partition, range_to } => write!(f, "retention entry for {partition} covers time up to {range_to}, younger than the retention policy allows (forged retention)"),
             RetentionMismatch { partition, recorded, missing } => write!(f, "retention entry for {partition} records {recorded} rows dropped, but {missing} sealed events are missing in its range"),
             TriggerDisabled { table, trigger } => write!(f, "protective trigger {trigger} on dalp_audit.{table} is disabled"),
+            WrongSigner { batch, key_id, expected } => write!(f, "batch {batch} is signed by {key_id}, but only {expected} may sign it (keys change only by a rotation batch)"),
+            BadRotation { batch } => write!(f, "rotation batch {batch} names a next key whose id does not match it"),
         }
     }
 }
@@ -121,8 +131,11 @@ pub struct VerifyReport {
     pub last_seq: i64,
     /// Witnessed heads (and checkpoints) checked against the chain.
     pub heads_checked: u64,
-    /// Heads outside a verified window, not checked.
+    /// Heads outside a verified window (or before an incremental start), not checked.
     pub heads_skipped: u64,
+    /// The newest batch verified and its hash (hex): where the next incremental run starts.
+    pub last_batch: i64,
+    pub last_hash: String,
     pub problem: Option<Problem>,
 }
 
@@ -139,6 +152,11 @@ pub struct VerifyOptions<'a> {
     pub to: Option<DateTime<Utc>>,
     /// The retention policy: no retention drop may cover anything younger.
     pub retention_months: u32,
+    /// Incremental: a head an earlier verification found intact. Only the batches after it
+    /// are recomputed (anchored on its hash) and only events written since are scanned — in
+    /// time proportional to what is new. Rewrites of older history that keep that batch's
+    /// row are left to the next full verification.
+    pub after: Option<&'a Checkpoint>,
 }
 
 impl<'a> VerifyOptions<'a> {
@@ -149,6 +167,7 @@ impl<'a> VerifyOptions<'a> {
             from: None,
             to: None,
             retention_months: crate::PARTITIONS.retention_months.unwrap_or(84),
+            after: None,
         }
     }
 }
@@ -207,7 +226,8 @@ pub async fn verify_with(
     opts: &VerifyOptions<'_>,
 ) -> Result<VerifyReport, tokio_postgres::Error> {
     let (from, to) = (opts.from, opts.to);
-    let whole = from.is_none() && to.is_none();
+    let windowed = from.is_some() || to.is_some();
+    let whole = !windowed && opts.after.is_none();
     let mut report = VerifyReport::default();
     // The owner could switch the append-only triggers off and on again around an edit; the
     // edit itself shows in the hashes, a trigger left off shows here.
@@ -258,17 +278,81 @@ pub async fn verify_with(
     let batches = client
         .typed_query(
             "SELECT batch_no, first_seq, last_seq, event_ids, event_times, event_hashes, xmin_upper::text,
-                    merkle_root, prev_hash, batch_hash, signature, key_id
+                    merkle_root, prev_hash, batch_hash, signature, key_id, next_key_id, next_public
                FROM dalp_audit.seal_batches
               WHERE ($1::timestamptz IS NULL OR sealed_at >= $1) AND ($2::timestamptz IS NULL OR sealed_at < $2)
+                AND ($3::bigint IS NULL OR batch_no > $3)
               ORDER BY batch_no",
-            &[&from, &to],
+            &[&from, &to, &opts.after.map(|a| a.batch_no)],
         )
         .await?;
     let mut prev_hash = vec![0u8; 32];
     let mut expected_seq = 1i64;
     let mut base = 1i64;
-    if let Some(first) = batches.first() {
+    // Events of transactions from here on are scanned (0: all).
+    let mut scan_from = 0u64;
+    // Trusted keys grow along rotation batches; each batch must be signed by the key the
+    // one before it handed over to (or that signed it).
+    let mut keys = opts.keys.clone();
+    let mut signer: Option<String> = None;
+    if let Some(a) = opts.after {
+        // The verified head must still be there, unchanged; the chain continues from it.
+        let row = client
+            .typed_query_opt(
+                "SELECT batch_hash, last_seq, xmin_upper::text FROM dalp_audit.seal_batches WHERE batch_no = $1",
+                &[&a.batch_no],
+            )
+            .await?;
+        let Some(r) = row else {
+            report.problem = Some(Problem::CheckpointMissing { batch: a.batch_no });
+            return Ok(report);
+        };
+        prev_hash = r.get(0);
+        if hex::encode(&prev_hash) != a.batch_hash {
+            report.problem = Some(Problem::CheckpointMismatch { batch: a.batch_no });
+            return Ok(report);
+        }
+        expected_seq = r.get::<_, i64>(1) + 1;
+        base = a.batch_no + 1;
+        scan_from = r.get::<_, &str>(2).parse().unwrap_or(0);
+        // Rotations up to the anchor (verified before): each signed by a key trusted so far.
+        for r in client
+            .typed_query(
+                "SELECT batch_no, key_id, batch_hash, signature, next_key_id, next_public
+                   FROM dalp_audit.seal_batches WHERE batch_no <= $1 AND next_key_id IS NOT NULL
+                  ORDER BY batch_no",
+                &[&a.batch_no],
+            )
+            .await?
+        {
+            let (no, by): (i64, String) = (r.get(0), r.get(1));
+            let (hash, sig): (Vec<u8>, Vec<u8>) = (r.get(2), r.get(3));
+            let next = chain::NextKey {
+                key_id: r.get(4),
+                public: r.get(5),
+            };
+            let signed = keys
+                .get(&by)
+                .is_some_and(|k| chain::signature_ok(k, &hash, &sig));
+            match (signed, chain::next_public(&next)) {
+                (true, Some(public)) => keys.add(public),
+                _ => {
+                    report.problem = Some(Problem::BadRotation { batch: no });
+                    return Ok(report);
+                }
+            }
+        }
+        signer = client
+            .typed_query_one(
+                "SELECT coalesce(next_key_id, key_id) FROM dalp_audit.seal_batches WHERE batch_no = $1",
+                &[&a.batch_no],
+            )
+            .await?
+            .get(0);
+        report.last_batch = a.batch_no;
+        report.last_hash = a.batch_hash.clone();
+        report.last_seq = a.last_seq;
+    } else if let Some(first) = batches.first() {
         let no: i64 = first.get(0);
         if no > 1 && !whole {
             // Anchor on the batch before the window.
@@ -298,7 +382,7 @@ pub async fn verify_with(
     // Sealed events by (id, time in µs), and their ids.
     let mut sealed: HashSet<(i64, i64)> = HashSet::new();
     let mut sealed_ids: HashSet<i64> = HashSet::new();
-    let mut watermark = 0u64;
+    let mut watermark = scan_from;
     let mut hashes_by_batch: HashMap<i64, Vec<u8>> = HashMap::new();
     for (i, b) in batches.iter().enumerate() {
         let no: i64 = b.get(0);
@@ -337,13 +421,30 @@ pub async fn verify_with(
             fail(&mut report, Problem::BrokenLink { batch: no });
             return Ok(report);
         }
-        let recomputed = chain::batch_hash(&link, no, first, last, &root, upper);
+        let next: Option<chain::NextKey> =
+            b.get::<_, Option<String>>(12).map(|key_id| chain::NextKey {
+                key_id,
+                public: b.get::<_, Option<Vec<u8>>>(13).unwrap_or_default(),
+            });
+        let recomputed = chain::batch_hash(&link, no, first, last, &root, upper, next.as_ref());
         if recomputed.as_slice() != head.as_slice() {
             fail(&mut report, Problem::BatchHashMismatch { batch: no });
             return Ok(report);
         }
         let key_id: String = b.get(11);
-        let Some(public) = opts.keys.get(&key_id) else {
+        if let Some(expected) = signer.as_ref().filter(|e| **e != key_id) {
+            let expected = expected.clone();
+            fail(
+                &mut report,
+                Problem::WrongSigner {
+                    batch: no,
+                    key_id,
+                    expected,
+                },
+            );
+            return Ok(report);
+        }
+        let Some(public) = keys.get(&key_id) else {
             fail(&mut report, Problem::UnknownKey { batch: no, key_id });
             return Ok(report);
         };
@@ -351,6 +452,17 @@ pub async fn verify_with(
             fail(&mut report, Problem::BadSignature { batch: no });
             return Ok(report);
         }
+        signer = Some(match &next {
+            Some(n) => {
+                let Some(public) = chain::next_public(n) else {
+                    fail(&mut report, Problem::BadRotation { batch: no });
+                    return Ok(report);
+                };
+                keys.add(public);
+                n.key_id.clone()
+            }
+            None => key_id,
+        });
         let leaves: Vec<[u8; 32]> = stored
             .iter()
             .map(|h| h.as_slice().try_into().unwrap_or([0u8; 32]))
@@ -445,6 +557,8 @@ pub async fn verify_with(
             }
         }
         hashes_by_batch.insert(no, head.clone());
+        report.last_batch = no;
+        report.last_hash = hex::encode(&head);
         prev_hash = head;
         expected_seq = last + 1;
         watermark = upper;
@@ -452,12 +566,12 @@ pub async fn verify_with(
         report.last_seq = last;
     }
 
-    if !whole {
-        check_heads(opts, &hashes_by_batch, &mut report);
+    if windowed {
+        check_heads(opts, &keys, &hashes_by_batch, &mut report);
         return Ok(report);
     }
     // Each retention drop removed exactly what it recorded.
-    if let Some(r) = retained.iter().find(|r| r.missing != r.rows) {
+    if let Some(r) = retained.iter().find(|r| whole && r.missing != r.rows) {
         report.problem = Some(Problem::RetentionMismatch {
             partition: r.partition.clone(),
             recorded: r.rows,
@@ -472,8 +586,8 @@ pub async fn verify_with(
     let stream = client
         .query_raw(
             "SELECT id, occurred_at, txid::text, (SELECT pg_snapshot_xmax(pg_current_snapshot()))::text
-               FROM dalp_audit.events",
-            std::iter::empty::<String>(),
+               FROM dalp_audit.events WHERE txid >= $1::text::xid8",
+            [scan_from.to_string()],
         )
         .await?;
     futures_util::pin_mut!(stream);
@@ -496,7 +610,7 @@ pub async fn verify_with(
         };
         return Ok(report);
     }
-    check_heads(opts, &hashes_by_batch, &mut report);
+    check_heads(opts, &keys, &hashes_by_batch, &mut report);
     Ok(report)
 }
 
@@ -504,15 +618,16 @@ pub async fn verify_with(
 /// the heads of verified batches can be checked; the others are counted as skipped.
 fn check_heads(
     opts: &VerifyOptions<'_>,
+    keys: &TrustedKeys,
     hashes_by_batch: &HashMap<i64, Vec<u8>>,
     report: &mut VerifyReport,
 ) {
     let whole = opts.from.is_none() && opts.to.is_none();
+    let verified_before = opts.after.map(|a| a.batch_no).unwrap_or(0);
     for head in opts.heads {
         let hash = hex::decode(&head.batch_hash).unwrap_or_default();
         let sig = hex::decode(&head.signature).unwrap_or_default();
-        let signed = opts
-            .keys
+        let signed = keys
             .get(&head.key_id)
             .is_some_and(|k| chain::signature_ok(k, &hash, &sig));
         let problem = if !signed {
@@ -521,7 +636,7 @@ fn check_heads(
             })
         } else {
             match hashes_by_batch.get(&head.batch_no) {
-                None if !whole => {
+                None if !whole || head.batch_no <= verified_before => {
                     report.heads_skipped += 1;
                     continue;
                 }

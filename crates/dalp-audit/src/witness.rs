@@ -14,6 +14,8 @@ use crate::chain::Checkpoint;
 
 /// The file of witnessed heads inside a witness directory.
 pub const HEADS_FILE: &str = "heads.jsonl";
+/// The head the last successful verification reached (where an incremental one starts).
+pub const VERIFIED_FILE: &str = "verified.json";
 
 #[derive(Debug, Clone)]
 pub struct Witness {
@@ -73,6 +75,31 @@ impl Witness {
                 })
             })
             .collect()
+    }
+
+    /// The head the last successful verification reached, if one was recorded.
+    pub fn verified(&self) -> Result<Option<Checkpoint>, WitnessError> {
+        let path = self.dir.join(VERIFIED_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| WitnessError::Malformed {
+                    path: path.display().to_string(),
+                    line: 1,
+                    message: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    /// Records `head` as verified (written to a temporary file, then renamed).
+    pub fn record_verified(&self, head: &Checkpoint) -> Result<(), WitnessError> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| self.io(e))?;
+        let tmp = self.dir.join(format!("{VERIFIED_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_string_pretty(head).expect("serialize"))
+            .and_then(|_| std::fs::rename(&tmp, self.dir.join(VERIFIED_FILE)))
+            .map_err(|e| self.io(e))
     }
 
     /// Appends `head` when it is newer than the last head witnessed; true when it did. The

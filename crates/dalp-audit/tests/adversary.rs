@@ -379,3 +379,83 @@ async fn a_new_key_never_continues_an_existing_chain() {
     t.seal().await;
     assert!(t.verify().await.ok());
 }
+
+#[tokio::test]
+async fn incremental_verification_covers_what_is_new_and_its_anchor() {
+    let t = Trail::sealed(4).await;
+    let full = t.verify().await;
+    let auditor = t.db.connect_as(Component::Auditor).await;
+    let anchor = Sealer::checkpoint_of(&auditor, full.last_batch)
+        .await
+        .unwrap()
+        .unwrap();
+    t.write(3).await;
+    t.seal().await;
+    let keys = TrustedKeys::one(t.key.public());
+    let heads = t.witness.heads().unwrap();
+    let incremental = || async {
+        verify_with(
+            &auditor,
+            &VerifyOptions {
+                heads: &heads,
+                after: Some(&anchor),
+                ..VerifyOptions::new(&keys)
+            },
+        )
+        .await
+        .unwrap()
+    };
+    let r = incremental().await;
+    assert!(r.ok(), "{:?}", r.problem);
+    assert_eq!(r.events_checked, 3, "only the new events: {r:?}");
+    assert_eq!(r.last_seq, 7);
+    // A new event edited: caught.
+    t.as_owner_unguarded(
+        "events",
+        "UPDATE dalp_audit.events SET actor = 'x' WHERE id = (SELECT max(id) FROM dalp_audit.events)",
+    )
+    .await;
+    let (p, m) = problem(&incremental().await);
+    assert!(matches!(p, Problem::EventChanged { .. }), "{m}");
+    // The anchor rewritten: caught.
+    t.as_owner_unguarded(
+        "seal_batches",
+        &format!(
+            "UPDATE dalp_audit.seal_batches SET batch_hash = sha256(batch_hash) WHERE batch_no = {}",
+            anchor.batch_no
+        ),
+    )
+    .await;
+    let (p, m) = problem(&incremental().await);
+    assert!(matches!(p, Problem::CheckpointMismatch { .. }), "{m}");
+}
+
+#[tokio::test]
+async fn a_rotated_key_is_followed_from_the_first_key_and_picked_up_by_a_running_sealer() {
+    let t = Trail::sealed(3).await;
+    let next_file = t.dir.path().join("next.json");
+    let next = Arc::new(AuditKey::open_or_create(&next_file).unwrap());
+    let rotation = t.sealer_with(t.key.clone()).rotate(&next).await.unwrap();
+    assert_eq!(rotation, 2);
+    // The running sealer still holds the old key; its key file now has the new one.
+    t.write(2).await;
+    let running = t.sealer_with(t.key.clone()).with_key_file(&next_file);
+    running
+        .seal_caught_up(Duration::from_secs(30))
+        .await
+        .unwrap();
+    running.witness_now().await.unwrap();
+    // Verification trusts only the first key's public half and follows the rotation; the
+    // heads witnessed after it are signed by the new key.
+    let r = t.verify().await;
+    assert!(r.ok(), "{:?}", r.problem);
+    assert_eq!((r.batches, r.events_checked), (3, 5));
+    // The old key cannot continue the chain any more.
+    t.write(1).await;
+    let err = t
+        .sealer_with(t.key.clone())
+        .seal_once()
+        .await
+        .expect_err("the retired key sealed");
+    assert!(err.to_string().contains(&next.key_id), "{err}");
+}

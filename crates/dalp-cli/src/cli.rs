@@ -667,6 +667,11 @@ pub struct AuditKeyArgs {
     /// The retention policy in months: a retention drop of anything younger is forgery.
     #[arg(long, default_value_t = 84)]
     pub retention_months: u32,
+    /// Start from the head the last successful verification reached (recorded in the
+    /// witness directory): only what is new is recomputed. Run a full verification
+    /// regularly as well; an incremental one does not re-read older history.
+    #[arg(long, conflicts_with = "no_witness")]
+    pub incremental: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -743,6 +748,14 @@ pub enum AuditCommand {
         /// (the embedded instance's is DATA_DIR/log).
         #[arg(long)]
         pgaudit_logs: Option<PathBuf>,
+    },
+    /// Rotate the audit signing key: seal what is pending, append a batch signed by the
+    /// current key that names the new one (so verifiers trusting the first key follow it),
+    /// install the new key and keep the old one as audit-ed25519.<id>.retired.json. A
+    /// running dalp picks the new key up at its next seal. Safe to run again if interrupted.
+    RotateKey {
+        #[command(flatten)]
+        instance: InstanceArgs,
     },
     /// Print (or write) the latest signed batch head, to anchor the chain outside the database.
     Checkpoint {

@@ -607,6 +607,22 @@ fn create_admin_then_rotate_keys_while_the_server_keeps_reading() {
         );
     }
 
+    // The signing key rotates while dalp runs: the chain hands over inside itself, verify
+    // (trusting only the first key's public half) follows, the old key is kept aside.
+    let o = dalp(&["audit", "rotate-key", "--data-dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("hands the chain over"), "{}", text(&o));
+    let keys = dir.path().join("keys");
+    assert!(
+        std::fs::read_dir(&keys)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".retired.json")),
+        "no retired key kept"
+    );
+    let o = dalp(&["audit", "verify", "--data-dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+
     // The superuser (local socket, peer) edits a sealed event: verify fails and says where.
     let socket = dir.path().join("run");
     let port = serde_json::from_str::<serde_json::Value>(

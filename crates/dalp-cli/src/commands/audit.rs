@@ -246,6 +246,7 @@ pub async fn verify(
         keys.load(p)?;
     }
     let mut heads: Vec<Checkpoint> = Vec::new();
+    let mut witness = None;
     if !key.no_witness {
         let dir = key
             .witness
@@ -254,7 +255,16 @@ pub async fn verify(
         if key.witness.is_some() && !dir.exists() {
             anyhow::bail!("witness directory {} does not exist", dir.display());
         }
-        heads = dalp_audit::Witness::new(dir).heads()?;
+        let w = dalp_audit::Witness::new(dir);
+        heads = w.heads()?;
+        witness = Some(w);
+    }
+    let after = match (&witness, key.incremental) {
+        (Some(w), true) => w.verified()?,
+        _ => None,
+    };
+    if key.incremental && after.is_none() {
+        eprintln!("no earlier verification recorded: verifying the whole chain");
     }
     let witnessed = heads.len();
     if let Some(p) = checkpoint {
@@ -273,10 +283,21 @@ pub async fn verify(
             from,
             to,
             retention_months: key.retention_months,
+            after: after.as_ref(),
             ..dalp_audit::VerifyOptions::new(&keys)
         },
     )
     .await?;
+    // A whole or incremental run that found nothing wrong moves the incremental start.
+    if let (Some(w), true, None, None) = (&witness, report.ok(), from, to) {
+        if report.last_batch > 0 {
+            if let Some(head) = Sealer::checkpoint_of(&client, report.last_batch).await? {
+                if head.batch_hash == report.last_hash {
+                    w.record_verified(&head)?;
+                }
+            }
+        }
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -304,6 +325,12 @@ pub async fn verify(
                 String::new()
             }
         );
+        if let Some(a) = &after {
+            println!(
+                "incremental: from batch {} (verified before) to batch {}",
+                a.batch_no, report.last_batch
+            );
+        }
         match &report.problem {
             None => println!("ok: the audit chain is intact"),
             Some(p) => println!("TAMPERED: {p}"),
@@ -314,6 +341,59 @@ pub async fn verify(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `dalp audit rotate-key`: a new signing key, handed over inside the chain.
+pub async fn rotate_key(instance: &crate::cli::InstanceArgs) -> anyhow::Result<ExitCode> {
+    use dalp_audit::AuditKey;
+    let (pools, keys_dir) = super::identity::instance_pools(instance)?;
+    let current_file = keys_dir.join(dalp_api::AUDIT_KEY_FILE);
+    let next_file = keys_dir.join("audit-ed25519.next.json");
+    let current = std::sync::Arc::new(AuditKey::open(&current_file)?);
+    // The trust anchor must exist before the first key is retired.
+    let anchor = keys_dir.join(dalp_api::AUDIT_PUBLIC_KEY_FILE);
+    if !anchor.exists() {
+        current.write_public(&anchor)?;
+    }
+    // Reused when an earlier run stopped between the rotation batch and the renames.
+    let next = AuditKey::open_or_create(&next_file)?;
+    let pool = pools.get(dalp_db::Component::AuditSealer).clone();
+    let client = dalp_db::pool::checkout(&pool, "audit").await?;
+    let signer: Option<String> = client
+        .query_opt(
+            "SELECT coalesce(next_key_id, key_id) FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1",
+            &[],
+        )
+        .await?
+        .map(|r| r.get(0));
+    drop(client);
+    if signer.as_deref() != Some(next.key_id.as_str()) {
+        let batch = Sealer::new(pool, current.clone()).rotate(&next).await?;
+        eprintln!(
+            "batch {batch} hands the chain over from {} to {}",
+            current.key_id, next.key_id
+        );
+    } else {
+        eprintln!(
+            "the chain was already handed over to {}: finishing",
+            next.key_id
+        );
+    }
+    let short = current.key_id.trim_start_matches("ed25519:");
+    let retired = keys_dir.join(format!("audit-ed25519.{short}.retired.json"));
+    std::fs::rename(&current_file, &retired)
+        .with_context(|| format!("keep the old key as {}", retired.display()))?;
+    std::fs::rename(&next_file, &current_file)
+        .with_context(|| format!("install the new key as {}", current_file.display()))?;
+    eprintln!(
+        "new signing key {} in {}; the old one is kept as {} (signatures need only the trust \
+         anchor {}); a running dalp signs with the new key from its next seal",
+        next.key_id,
+        current_file.display(),
+        retired.display(),
+        anchor.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn checkpoint(target: &TargetArgs, out: Option<&Path>) -> anyhow::Result<ExitCode> {

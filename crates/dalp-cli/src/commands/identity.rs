@@ -16,17 +16,16 @@ use dalp_ops::Layout;
 
 use crate::cli::InstanceArgs;
 
-/// The identity store of the instance, without a cache (the CLI is short-lived): the
-/// embedded one in `--data-dir`, or the external cluster of `--config`.
-fn store(instance: &InstanceArgs) -> anyhow::Result<IdentityStore> {
-    let (pools, kek_file) = match &instance.config {
+/// The component pools and keys directory of the instance: the embedded one in
+/// `--data-dir`, or the external cluster of `--config`.
+pub fn instance_pools(
+    instance: &InstanceArgs,
+) -> anyhow::Result<(ComponentPools, std::path::PathBuf)> {
+    Ok(match &instance.config {
         Some(path) => {
             let config = Config::load(Some(path), std::env::vars())?;
             let pools = super::serve::config_pools(&config, 2)?;
-            (
-                pools,
-                super::serve::config_keys_dir(&config)?.join(dalp_api::KEK_FILE),
-            )
+            (pools, super::serve::config_keys_dir(&config)?.to_path_buf())
         }
         None => {
             let layout = Layout::new(&instance.data_dir);
@@ -35,10 +34,17 @@ fn store(instance: &InstanceArgs) -> anyhow::Result<IdentityStore> {
                 .with_context(|| format!("instance in {}", instance.data_dir.display()))?;
             let secrets = dalp_db::Secrets::load(&layout.secrets_file())?;
             let pools = ComponentPools::build(&base, &secrets, 2, Duration::from_secs(5))?;
-            (pools, layout.keys_dir().join(dalp_api::KEK_FILE))
+            (pools, layout.keys_dir())
         }
-    };
-    let keys = Arc::new(FileKeyProvider::open_or_create(&kek_file)?);
+    })
+}
+
+/// The identity store of the instance, without a cache (the CLI is short-lived).
+fn store(instance: &InstanceArgs) -> anyhow::Result<IdentityStore> {
+    let (pools, keys_dir) = instance_pools(instance)?;
+    let keys = Arc::new(FileKeyProvider::open_or_create(
+        &keys_dir.join(dalp_api::KEK_FILE),
+    )?);
     Ok(IdentityStore::new(
         pools.get(Component::Identity).clone(),
         keys,

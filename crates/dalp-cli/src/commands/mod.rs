@@ -152,6 +152,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: AuditCommand::Checkpoint { target, out },
         } => audit::checkpoint(&target, out.as_deref()).await,
         Command::Audit {
+            command: AuditCommand::RotateKey { instance },
+        } => audit::rotate_key(&instance).await,
+        Command::Audit {
             command:
                 AuditCommand::Export {
                     target,
