@@ -188,8 +188,18 @@ async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
         want.difference(&seqs(&lines)).collect::<Vec<_>>()
     );
     assert_eq!(forwarder.cursor().await.unwrap(), 150);
-    // Every line is RFC 5424: <PRI>1 TIMESTAMP HOST APP PROCID MSGID [SD] MSG
-    for l in &lines {
+    // The signed chain head travels with the events: the SIEM witnesses the chain.
+    let heads: Vec<dalp_audit::Checkpoint> = lines
+        .iter()
+        .filter(|l| l.contains(" dalp - chainhead "))
+        .map(|l| serde_json::from_str(l.splitn(2, "] ").nth(1).unwrap()).unwrap())
+        .collect();
+    assert!(
+        heads.iter().any(|h| h.last_seq == 150),
+        "no head covering the last event: {heads:?}"
+    );
+    // Every event line is RFC 5424: <PRI>1 TIMESTAMP HOST APP PROCID MSGID [SD] MSG
+    for l in lines.iter().filter(|l| !l.contains(" dalp - chainhead ")) {
         let parts: Vec<&str> = l.splitn(7, ' ').collect();
         assert!(parts[0].starts_with('<') && parts[0].ends_with(">1"), "{l}");
         assert!(

@@ -11,6 +11,9 @@
 //! - after any reconnect, sending resumes from the durable cursor, so what was in flight is
 //!   sent again (a duplicate carries its sequence number for the SIEM to drop).
 //!
+//! With the events goes the signed chain head that covers them (MSGID `chainhead`), so the
+//! SIEM keeps witnessed heads outside the database, as the witness directory does.
+//!
 //! Cursors are written only when they move: an idle forwarder issues no writes, so pgAudit
 //! logs nothing for it, and its own cursor statements are never shipped.
 
@@ -61,6 +64,8 @@ struct Session {
     sent: HashMap<String, i64>,
     /// Sent and acknowledged by the transport, not yet known to be held.
     pending: VecDeque<(String, i64, Instant)>,
+    /// The newest chain head sent on this connection.
+    head_sent: i64,
 }
 
 /// A cursor's position, creating its row (at 0) only when it does not exist yet.
@@ -186,7 +191,17 @@ impl Forwarder {
         let Some(last) = events.last().map(|e| e.seq) else {
             return Ok(0);
         };
-        let messages: Vec<String> = events.iter().map(|e| self.framer.event(e)).collect();
+        let mut messages: Vec<String> = events.iter().map(|e| self.framer.event(e)).collect();
+        // The signed head covering what was sent goes along: the SIEM witnesses the chain.
+        if let Some(head) = crate::Sealer::checkpoint(&c)
+            .await
+            .map_err(|e| ExportError::Chain(e.to_string()))?
+        {
+            if head.batch_no > session.head_sent && head.last_seq >= last {
+                messages.push(self.framer.head(&head));
+                session.head_sent = head.batch_no;
+            }
+        }
         sink.send(&messages).await?;
         session.sent.insert(self.name.clone(), last);
         session

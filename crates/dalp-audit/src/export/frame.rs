@@ -118,6 +118,22 @@ impl Framer {
         cut(format!("{head}{}", self.body(&smaller)), self.max_frame)
     }
 
+    /// The signed chain head as an RFC 5424 message (MSGID `chainhead`, the checkpoint as
+    /// JSON): shipped beside the events, the SIEM becomes a witness of the chain that
+    /// `dalp audit verify --checkpoint` can check against.
+    pub fn head(&self, head: &crate::Checkpoint) -> String {
+        format!(
+            "<110>1 {} {} dalp - chainhead [{} batch=\"{}\" lastSeq=\"{}\" keyId=\"{}\"] {}",
+            head.sealed_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            self.hostname,
+            self.sd_id,
+            head.batch_no,
+            head.last_seq,
+            sd_value(&head.key_id),
+            serde_json::to_string(head).expect("serialize")
+        )
+    }
+
     /// One AUDIT line of PostgreSQL's JSON log as an RFC 5424 message, stamped with the
     /// line's own time (the forwarding time only when the line has none that parses). An
     /// oversized line keeps its JSON shape: the statement text is shortened and

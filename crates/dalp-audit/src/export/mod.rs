@@ -222,6 +222,8 @@ pub enum ExportError {
     Io(#[from] std::io::Error),
     #[error("database: {0}")]
     Db(#[from] tokio_postgres::Error),
+    #[error("reading the chain head: {0}")]
+    Chain(String),
     #[error("database unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
 }
