@@ -192,7 +192,7 @@ async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
     let heads: Vec<dalp_audit::Checkpoint> = lines
         .iter()
         .filter(|l| l.contains(" dalp - chainhead "))
-        .map(|l| serde_json::from_str(l.splitn(2, "] ").nth(1).unwrap()).unwrap())
+        .map(|l| serde_json::from_str(l.split_once("] ").unwrap().1).unwrap())
         .collect();
     assert!(
         heads.iter().any(|h| h.last_seq == 150),
