@@ -358,6 +358,32 @@ async fn forwarding_throughput_from_a_backlog() {
         .unwrap_or(100_000);
     let mut s = Setup::new().await;
     s.write_sealed(n).await;
+    // Baseline: the same messages, framed beforehand, written over one syslog/TLS
+    // connection in a single send (no database reads, no cursor, no per-batch wait).
+    let framer = Framer::new(Format::Rfc5424, "dalp-test", DEFAULT_SD_ID, 8192).unwrap();
+    let c = s.pools.get(Component::AuditSealer).get().await.unwrap();
+    let mut messages = Vec::with_capacity(n);
+    let mut after = 0;
+    loop {
+        let page = read_sealed(&c, after, None, 10_000).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        messages.extend(page.iter().map(|e| framer.event(e)));
+    }
+    drop(c);
+    let target =
+        SyslogTarget::parse(&format!("syslog+tls://localhost:{}", s.rsyslog.syslog_port)).unwrap();
+    let before = s.rsyslog.received().len();
+    let t = Instant::now();
+    let mut sink = SyslogSink::connect(&target, &s.tls()).await.unwrap();
+    sink.send(&messages).await.unwrap();
+    s.wait_received(before + n).await;
+    let secs = t.elapsed().as_secs_f64();
+    assert!(sink.close().await);
+    eprintln!(
+        "baseline, one write of pre-framed messages: {n} events in {secs:.2} s = {:.0} events/s",
+        n as f64 / secs
+    );
     for target in ["syslog", "relp"] {
         let f = Arc::new(Forwarder {
             pace: Duration::ZERO,
