@@ -73,6 +73,9 @@ pub async fn read_sealed(
               CROSS JOIN LATERAL unnest(b.event_ids, b.event_times) WITH ORDINALITY AS x(id, at, ord)
                JOIN dalp_audit.events e ON e.id = x.id AND e.occurred_at = x.at
               WHERE b.last_seq > $1 AND b.first_seq + x.ord - 1 > $1
+                -- Without a time filter the next `limit` events are the sequence numbers
+                -- right after `after`: only the batches holding them are read.
+                AND ($2::timestamptz IS NOT NULL OR (b.first_seq <= $1 + $3 AND b.first_seq + x.ord - 1 <= $1 + $3))
                 AND ($2::timestamptz IS NULL OR x.at >= $2)
               ORDER BY seq
               LIMIT $3",
