@@ -233,7 +233,10 @@ pub async fn run(
         };
         match pools {
             None => checks.push(check("components", "info", "audit, indexer and workflow checks skipped: they connect as the component roles, whose passwords only the embedded instance keeps", "run `dalp doctor` with --data-dir on the instance, or watch /metrics")),
-            Some(pools) => component_checks(&pools, &mut checks).await,
+            Some(pools) => {
+                component_checks(&pools, &mut checks).await;
+                audit_key_checks(&pools, &layout.keys_dir(), &mut checks).await;
+            }
         }
         replication_checks(&client, &target.data_dir, embedded, &mut checks).await;
         archiving_checks(&client, embedded, &mut checks).await;
@@ -588,6 +591,67 @@ async fn backup_checks(data_dir: &Path, now: DateTime<Utc>, checks: &mut Vec<Che
             ),
             Some(t) => check("backups", "ok", format!("repo{repo}: newest full backup ended {}", t.to_rfc3339()), ""),
         });
+    }
+}
+
+/// The signing key the sealer holds must be the one the chain expects (else sealing has
+/// stopped), and the witnessed head must keep up with the chain.
+async fn audit_key_checks(pools: &ComponentPools, keys_dir: &Path, checks: &mut Vec<Check>) {
+    let key = match dalp_audit::AuditKey::open(&keys_dir.join(dalp_api::AUDIT_KEY_FILE)) {
+        Ok(k) => k,
+        Err(e) => {
+            checks.push(check(
+                "audit_key",
+                "error",
+                e.to_string(),
+                "restore the audit signing key from the key bundle",
+            ));
+            return;
+        }
+    };
+    let Ok(client) = pools.get(Component::Auditor).get().await else {
+        return;
+    };
+    let expected: Option<String> = match client
+        .query_opt(
+            "SELECT coalesce(next_key_id, key_id) FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => r.map(|r| r.get(0)),
+        Err(e) => {
+            checks.push(check("audit_key", "error", e.to_string(), ""));
+            return;
+        }
+    };
+    match expected {
+        Some(k) if k != key.key_id => checks.push(check(
+            "audit_key",
+            "error",
+            format!("the chain expects signing key {k}, the key file holds {}: sealing has stopped", key.key_id),
+            "restore the original audit-ed25519.json from the key bundle (a new key never continues a chain)",
+        )),
+        _ => checks.push(check("audit_key", "ok", format!("signing key {}", key.key_id), "")),
+    }
+    let witness = dalp_audit::Witness::new(keys_dir.join(dalp_api::AUDIT_WITNESS_DIR));
+    let head = dalp_audit::Sealer::checkpoint(&client).await.ok().flatten();
+    match (witness.heads().map(|h| h.last().cloned()), head) {
+        (Err(e), _) => checks.push(check("audit_witness", "error", e.to_string(), "")),
+        (Ok(_), None) => checks.push(check("audit_witness", "ok", "nothing sealed yet", "")),
+        (Ok(None), Some(_)) => checks.push(check(
+            "audit_witness",
+            "warning",
+            format!("no head witnessed in {} yet", witness.dir().display()),
+            "a running dalp witnesses the chain head every 10 s",
+        )),
+        (Ok(Some(w)), Some(h)) if h.sealed_at - w.sealed_at > chrono::Duration::minutes(5) => checks.push(check(
+            "audit_witness",
+            "warning",
+            format!("the last witnessed head (batch {}) is {} min older than the chain's (batch {})", w.batch_no, (h.sealed_at - w.sealed_at).num_minutes(), h.batch_no),
+            "is dalp running? can it write the witness directory?",
+        )),
+        (Ok(Some(w)), Some(_)) => checks.push(check("audit_witness", "ok", format!("head witnessed at batch {} in {}", w.batch_no, witness.dir().display()), "")),
     }
 }
 
