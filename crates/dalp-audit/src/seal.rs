@@ -49,6 +49,95 @@ pub struct SealReport {
     pub last_seq: i64,
 }
 
+/// Where the chain ends: what the next batch continues from.
+struct Tail {
+    batch_no: i64,
+    last_seq: i64,
+    hash: Vec<u8>,
+    xmin_upper: u64,
+    /// The key that must sign the next batch.
+    signer: String,
+}
+
+/// The chain's last batch, read inside the sealing transaction.
+async fn tail(tx: &tokio_postgres::Transaction<'_>) -> Result<Option<Tail>, SealError> {
+    let row = tx
+        .typed_query_opt(
+            "SELECT batch_no, last_seq, batch_hash, xmin_upper::text, coalesce(next_key_id, key_id)
+               FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1",
+            &[],
+        )
+        .await?;
+    row.map(|r| {
+        Ok(Tail {
+            batch_no: r.get(0),
+            last_seq: r.get(1),
+            hash: r.get(2),
+            xmin_upper: parse_xid(r.get(3))?,
+            signer: r.get(4),
+        })
+    })
+    .transpose()
+}
+
+/// One batch as stored.
+struct NewBatch<'a> {
+    batch_no: i64,
+    first_seq: i64,
+    last_seq: i64,
+    ids: &'a [i64],
+    times: &'a [DateTime<Utc>],
+    hashes: &'a [[u8; 32]],
+    upper: u64,
+    prev_hash: &'a [u8],
+    next_key: Option<&'a chain::NextKey>,
+}
+
+impl NewBatch<'_> {
+    /// Hashes, signs with `key` and inserts the batch.
+    async fn append(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        key: &AuditKey,
+    ) -> Result<(), SealError> {
+        let root = chain::merkle_root(self.hashes);
+        let head = chain::batch_hash(
+            self.prev_hash,
+            self.batch_no,
+            self.first_seq,
+            self.last_seq,
+            &root,
+            self.upper,
+            self.next_key,
+        );
+        let signature = key.sign(&head);
+        let hash_vecs: Vec<Vec<u8>> = self.hashes.iter().map(|h| h.to_vec()).collect();
+        tx.typed_execute(
+            "INSERT INTO dalp_audit.seal_batches (batch_no, first_seq, last_seq, event_ids, event_times, event_hashes,
+                 xmin_upper, merkle_root, prev_hash, batch_hash, key_id, signature, next_key_id, next_public)
+             VALUES ($1, $2, $3, $4, $5, $6, $7::text::xid8, $8, $9, $10, $11, $12, $13, $14)",
+            &[
+                &self.batch_no,
+                &self.first_seq,
+                &self.last_seq,
+                &self.ids,
+                &self.times,
+                &hash_vecs,
+                &self.upper.to_string(),
+                &root.to_vec(),
+                &self.prev_hash,
+                &head.to_vec(),
+                &key.key_id,
+                &signature,
+                &self.next_key.map(|k| k.key_id.clone()),
+                &self.next_key.map(|k| k.public.clone()),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
 /// Seals as the `dalp_audit_sealer` role.
 pub struct Sealer {
     pool: Pool,
@@ -144,25 +233,16 @@ impl Sealer {
                 .await?
                 .get(0),
         )?;
-        let last = tx
-            .typed_query_opt(
-                "SELECT batch_no, last_seq, batch_hash, xmin_upper::text, coalesce(next_key_id, key_id)
-                   FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1",
-                &[],
-            )
-            .await?;
-        let key = match &last {
-            Some(r) => self.signer_for(r.get(0), r.get(4))?,
-            None => self.key(),
-        };
-        let (batch_no, first_seq, prev_hash, from) = match &last {
-            Some(r) => (
-                r.get::<_, i64>(0) + 1,
-                r.get::<_, i64>(1) + 1,
-                r.get::<_, Vec<u8>>(2),
-                parse_xid(r.get(3))?,
+        let last = tail(&tx).await?;
+        let (batch_no, first_seq, prev_hash, from, key) = match last {
+            Some(t) => (
+                t.batch_no + 1,
+                t.last_seq + 1,
+                t.hash,
+                t.xmin_upper,
+                self.signer_for(t.batch_no, t.signer)?,
             ),
-            None => (1, 1, vec![0u8; 32], 0),
+            None => (1, 1, vec![0u8; 32], 0, self.key()),
         };
         if xmin <= from {
             return Ok(None);
@@ -202,32 +282,19 @@ impl Sealer {
         let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         let times: Vec<DateTime<Utc>> = rows.iter().map(|r| r.get(1)).collect();
         let hashes: Vec<[u8; 32]> = rows.iter().map(chain::event_hash).collect();
-        let root = chain::merkle_root(&hashes);
         let last_seq = first_seq + ids.len() as i64 - 1;
-        let head = chain::batch_hash(
-            &prev_hash, batch_no, first_seq, last_seq, &root, upper, None,
-        );
-        let signature = key.sign(&head);
-        let hash_vecs: Vec<Vec<u8>> = hashes.iter().map(|h| h.to_vec()).collect();
-        tx.typed_execute(
-            "INSERT INTO dalp_audit.seal_batches (batch_no, first_seq, last_seq, event_ids, event_times, event_hashes,
-                 xmin_upper, merkle_root, prev_hash, batch_hash, key_id, signature)
-             VALUES ($1, $2, $3, $4, $5, $6, $7::text::xid8, $8, $9, $10, $11, $12)",
-            &[
-                &batch_no,
-                &first_seq,
-                &last_seq,
-                &ids,
-                &times,
-                &hash_vecs,
-                &upper.to_string(),
-                &root.to_vec(),
-                &prev_hash,
-                &head.to_vec(),
-                &key.key_id,
-                &signature,
-            ],
-        )
+        NewBatch {
+            batch_no,
+            first_seq,
+            last_seq,
+            ids: &ids,
+            times: &times,
+            hashes: &hashes,
+            upper,
+            prev_hash: &prev_hash,
+            next_key: None,
+        }
+        .append(&tx, &key)
         .await?;
         tx.commit().await?;
         Ok(Some(SealReport {
@@ -246,59 +313,28 @@ impl Sealer {
         let tx = client.transaction().await?;
         tx.typed_execute("SELECT pg_advisory_xact_lock($1)", &[&SEAL_LOCK])
             .await?;
-        let last = tx
-            .typed_query_opt(
-                "SELECT batch_no, last_seq, batch_hash, xmin_upper::text, coalesce(next_key_id, key_id)
-                   FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1",
-                &[],
-            )
-            .await?;
-        let (batch_no, last_seq, prev_hash, upper, key) = match &last {
-            Some(r) => (
-                r.get::<_, i64>(0) + 1,
-                r.get::<_, i64>(1),
-                r.get::<_, Vec<u8>>(2),
-                parse_xid(r.get(3))?,
-                self.signer_for(r.get(0), r.get(4))?,
+        let (batch_no, last_seq, prev_hash, upper, key) = match tail(&tx).await? {
+            Some(t) => (
+                t.batch_no + 1,
+                t.last_seq,
+                t.hash,
+                t.xmin_upper,
+                self.signer_for(t.batch_no, t.signer)?,
             ),
             None => (1, 0, vec![0u8; 32], 0, self.key()),
         };
-        let root = chain::merkle_root(&[]);
-        let next_key = next.as_next();
-        let head = chain::batch_hash(
-            &prev_hash,
+        NewBatch {
             batch_no,
-            last_seq + 1,
+            first_seq: last_seq + 1,
             last_seq,
-            &root,
+            ids: &[],
+            times: &[],
+            hashes: &[],
             upper,
-            Some(&next_key),
-        );
-        let signature = key.sign(&head);
-        let empty_ids: Vec<i64> = Vec::new();
-        let empty_times: Vec<DateTime<Utc>> = Vec::new();
-        let empty_hashes: Vec<Vec<u8>> = Vec::new();
-        tx.typed_execute(
-            "INSERT INTO dalp_audit.seal_batches (batch_no, first_seq, last_seq, event_ids, event_times, event_hashes,
-                 xmin_upper, merkle_root, prev_hash, batch_hash, key_id, signature, next_key_id, next_public)
-             VALUES ($1, $2, $3, $4, $5, $6, $7::text::xid8, $8, $9, $10, $11, $12, $13, $14)",
-            &[
-                &batch_no,
-                &(last_seq + 1),
-                &last_seq,
-                &empty_ids,
-                &empty_times,
-                &empty_hashes,
-                &upper.to_string(),
-                &root.to_vec(),
-                &prev_hash,
-                &head.to_vec(),
-                &key.key_id,
-                &signature,
-                &next_key.key_id,
-                &next_key.public,
-            ],
-        )
+            prev_hash: &prev_hash,
+            next_key: Some(&next.as_next()),
+        }
+        .append(&tx, &key)
         .await?;
         tx.commit().await?;
         Ok(batch_no)

@@ -226,24 +226,14 @@ fn cut(message: String, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::DateTime;
 
     fn ev(outcome: &str, details: Value) -> SealedEvent {
         SealedEvent {
-            seq: 7,
-            id: 42,
-            occurred_at: DateTime::parse_from_rfc3339("2026-11-23T10:00:00.5Z")
-                .unwrap()
-                .with_timezone(&Utc),
             actor: "user:a".into(),
             organisation_id: Some("0191f1a0-0000-7000-8000-000000000001".into()),
-            action: "identity.login".into(),
-            resource_type: "session".into(),
-            resource_id: Some("x\"]y".into()),
-            outcome: outcome.into(),
-            request_id: Some("r1".into()),
             source_ip: Some("192.0.2.7".into()),
             details,
+            ..crate::export::tests::ev(outcome)
         }
     }
 

@@ -239,10 +239,11 @@ impl ExportError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn ev(outcome: &str) -> SealedEvent {
+    /// A sealed event with characters every format must escape.
+    pub(crate) fn ev(outcome: &str) -> SealedEvent {
         SealedEvent {
             seq: 7,
             id: 42,
