@@ -59,6 +59,8 @@ pub struct AppState {
     pub http_metrics: Arc<telemetry::HttpMetrics>,
     /// The newest backups as last read from the repositories (kept fresh by `dalp up`).
     pub backups: Arc<std::sync::RwLock<Option<BackupSnapshot>>>,
+    /// Appends the per-request `api.request` events with group commit.
+    pub request_audit: Arc<dalp_audit::GroupWriter>,
 }
 
 /// What `/metrics` knows about backups: per repository, the end of its newest backup.
@@ -74,6 +76,11 @@ impl AppState {
         settings: ApiSettings,
     ) -> AppState {
         AppState {
+            request_audit: Arc::new(dalp_audit::GroupWriter::new(
+                pools.get(dalp_db::Component::Identity).clone(),
+                REQUEST_AUDIT_BATCH,
+                REQUEST_AUDIT_QUEUE,
+            )),
             assets: dalp_assets::AssetStore::new(pools.get(dalp_db::Component::Assets).clone()),
             http_metrics: Arc::default(),
             backups: Arc::default(),
@@ -115,6 +122,11 @@ pub enum StartError {
     #[error(transparent)]
     AuditKey(#[from] dalp_audit::chain::KeyError),
 }
+
+/// Most `api.request` events in one commit, and how many may wait for the writer before
+/// requests wait for room (backpressure).
+pub const REQUEST_AUDIT_BATCH: usize = 512;
+pub const REQUEST_AUDIT_QUEUE: usize = 8192;
 
 /// File names inside the keys directory.
 pub const KEK_FILE: &str = "kek.json";

@@ -1,5 +1,6 @@
 //! One audit event per API request that touches data (`api.request`: method, route, status,
-//! actor, request id, client address), recorded before the response leaves. Domain writes
+//! actor, request id, client address), committed before the response leaves, through the
+//! group-commit writer (`dalp_audit::group`): concurrent requests share one commit. Domain writes
 //! additionally record their own events inside their transactions.
 
 use std::net::SocketAddr;
@@ -80,7 +81,9 @@ pub async fn record(State(state): State<AppState>, mut req: Request, next: Next)
         .details(serde_json::json!({ "method": method, "path": path, "status": status.as_u16() }));
     event.request_id = Some(request_id.clone());
     event.source_ip = ip;
-    if let Err(e) = state.identity.record_event(event).await {
+    // Group commit: this waits for the commit that holds the event (shared with the other
+    // requests waiting at that moment), so the event is durable before the answer leaves.
+    if let Err(e) = state.request_audit.record(event).await {
         // Refuse to answer a data request we could not record.
         tracing::error!(error = %e, "recording the request's audit event failed");
         return crate::ApiError::NotReady("the audit trail is unavailable".into())

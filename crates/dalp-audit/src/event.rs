@@ -105,6 +105,44 @@ impl RequestContext {
     }
 }
 
+/// Inserts `events` in one statement (one commit when `client` is not in a transaction).
+#[tracing::instrument(target = "dalp_store", name = "audit.record_many", skip_all)]
+pub async fn record_many<C: TypedClient>(
+    client: &C,
+    events: &[AuditEvent],
+) -> Result<(), tokio_postgres::Error> {
+    let col = |f: fn(&AuditEvent) -> Option<String>| events.iter().map(f).collect::<Vec<_>>();
+    let actors = col(|e| Some(e.actor.clone()));
+    let actions = col(|e| Some(e.action.to_string()));
+    let types = col(|e| Some(e.resource_type.to_string()));
+    let resources = col(|e| e.resource_id.clone());
+    let outcomes = col(|e| Some(e.outcome.as_str().to_string()));
+    let request_ids = col(|e| e.request_id.clone());
+    let orgs: Vec<Option<uuid::Uuid>> = events.iter().map(|e| e.organisation_id).collect();
+    let ips: Vec<Option<IpAddr>> = events.iter().map(|e| e.source_ip).collect();
+    let details: Vec<Value> = events.iter().map(|e| e.details.clone()).collect();
+    client
+        .typed_execute(
+            "INSERT INTO dalp_audit.events
+                 (actor, organisation_id, action, resource_type, resource_id, outcome, request_id, source_ip, details)
+             SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                  $7::text[], $8::inet[], $9::jsonb[])",
+            &[
+                &actors,
+                &orgs,
+                &actions,
+                &types,
+                &resources,
+                &outcomes,
+                &request_ids,
+                &ips,
+                &details,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Inserts `event` through `client` — pass the caller's transaction.
 #[tracing::instrument(target = "dalp_store", name = "audit.record", skip_all)]
 pub async fn record<C: TypedClient>(

@@ -7,12 +7,14 @@
 pub mod chain;
 mod event;
 pub mod export;
+pub mod group;
 pub mod seal;
 pub mod verify;
 pub mod witness;
 
 pub use chain::{AuditKey, Checkpoint, TrustedKeys};
-pub use event::{record, AuditEvent, Outcome, RequestContext};
+pub use event::{record, record_many, AuditEvent, Outcome, RequestContext};
+pub use group::GroupWriter;
 pub use seal::Sealer;
 pub use verify::{verify, verify_window, verify_with, Problem, VerifyOptions, VerifyReport};
 pub use witness::Witness;

@@ -812,12 +812,6 @@ impl IdentityStore {
         Ok(())
     }
 
-    /// Records one event in a transaction of its own (e.g. the API's per-request record).
-    #[tracing::instrument(target = "dalp_store", name = "identity.record_event", skip_all)]
-    pub async fn record_event(&self, event: AuditEvent) -> Result<()> {
-        self.audit_alone(event, None).await
-    }
-
     /// Records a denied access (missing role, wrong scope …) against the caller.
     #[tracing::instrument(target = "dalp_store", name = "identity.audit_denied", skip_all)]
     pub async fn audit_denied(

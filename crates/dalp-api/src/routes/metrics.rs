@@ -31,6 +31,46 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         lag.map(|l| format!("{l:.3}"))
             .unwrap_or_else(|_| "NaN".into()),
     );
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let g = state.request_audit.stats();
+        for (name, help, v) in [
+            (
+                "dalp_request_audit_events_total",
+                "api.request audit events committed or failed.",
+                g.events.load(Relaxed),
+            ),
+            (
+                "dalp_request_audit_batches_total",
+                "Group commits of api.request events.",
+                g.batches.load(Relaxed),
+            ),
+            (
+                "dalp_request_audit_failed_batches_total",
+                "Group commits that failed (their events were retried one by one).",
+                g.failed_batches.load(Relaxed),
+            ),
+            (
+                "dalp_request_audit_max_batch",
+                "The largest group commit so far.",
+                g.max_batch.load(Relaxed),
+            ),
+        ] {
+            gauge(name, help, "counter", v.to_string());
+        }
+        gauge(
+            "dalp_request_audit_wait_seconds_sum",
+            "Sum over api.request events of the time from hand-over to commit.",
+            "counter",
+            format!("{:.6}", g.wait_micros.load(Relaxed) as f64 / 1e6),
+        );
+        gauge(
+            "dalp_request_audit_queued",
+            "api.request events waiting for the group-commit writer.",
+            "gauge",
+            state.request_audit.queued().to_string(),
+        );
+    }
     let cache = state.identity.cache();
     let stats = cache.stats();
     gauge(
