@@ -4,6 +4,9 @@
 //!    uncached database lookup of the same token, in the same run; prints p50/p99 and ratio.
 //! 2. Authenticated `GET /api/v1/me` throughput with 64 concurrent clients, with the cache on
 //!    and (baseline) with a server whose cache is off.
+//! 3. The same with the cache on and the request audit event committed one per request (a
+//!    group-commit writer limited to batches of one) against group commit (our path); p99
+//!    latency and the largest batch are printed.
 //!
 //! Runs against the test harness's ephemeral cluster (real PostgreSQL, TLS), bounded in time.
 
@@ -38,6 +41,12 @@ async fn measure(store: &IdentityStore, token: &str) -> Vec<Duration> {
 }
 
 async fn http_throughput(app: axum::Router, token: &str) -> (f64, u64) {
+    let (rps, failed, _) = http_run(app, token).await;
+    (rps, failed)
+}
+
+/// Requests per second, failures and the p99 latency.
+async fn http_run(app: axum::Router, token: &str) -> (f64, u64, Duration) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move {
@@ -57,25 +66,29 @@ async fn http_throughput(app: axum::Router, token: &str) -> (f64, u64) {
         let url = format!("http://{addr}/api/v1/me");
         let token = token.to_string();
         tasks.push(tokio::spawn(async move {
-            let (mut ok, mut failed) = (0u64, 0u64);
+            let (mut ok, mut failed, mut lat) = (0u64, 0u64, Vec::new());
             while Instant::now() < deadline {
+                let t = Instant::now();
                 match client.get(&url).bearer_auth(&token).send().await {
                     Ok(r) if r.status().is_success() => ok += 1,
                     _ => failed += 1,
                 }
+                lat.push(t.elapsed());
             }
-            (ok, failed)
+            (ok, failed, lat)
         }));
     }
-    let (mut ok, mut failed) = (0, 0);
+    let (mut ok, mut failed, mut lat) = (0, 0, Vec::new());
     for t in tasks {
-        let (o, f) = t.await.unwrap();
+        let (o, f, l) = t.await.unwrap();
         ok += o;
         failed += f;
+        lat.extend(l);
     }
     let secs = started.elapsed().as_secs_f64();
     server.abort();
-    (ok as f64 / secs, failed)
+    lat.sort();
+    (ok as f64 / secs, failed, percentile(&lat, 0.99))
 }
 
 fn main() {
@@ -154,5 +167,31 @@ fn main() {
         println!("  cache on   {rps_cached:>9.0} req/s  ({f1} failed)");
         println!("  cache off  {rps_uncached:>9.0} req/s  ({f2} failed)");
         println!("  ratio on/off {:.2}x", rps_cached / rps_uncached);
+
+        // Request audit: one commit per request against group commit, cache on.
+        let mut one_each = services.state.clone();
+        one_each.request_audit = Arc::new(dalp_audit::GroupWriter::new(
+            pools.get(Component::Identity).clone(),
+            1,
+            dalp_api::REQUEST_AUDIT_QUEUE,
+        ));
+        let (rps_one, f3, p99_one) = http_run(dalp_api::router(one_each), &token).await;
+        let (rps_group, f4, p99_group) = http_run(services.router(), &token).await;
+        let max_batch = services
+            .state
+            .request_audit
+            .stats()
+            .max_batch
+            .load(std::sync::atomic::Ordering::Relaxed);
+        println!("GET /api/v1/me, request audit event, {CLIENTS} clients, cache on:");
+        println!(
+            "  one commit per request  {rps_one:>9.0} req/s  p99 {:>7.1} ms  ({f3} failed)",
+            p99_one.as_secs_f64() * 1e3
+        );
+        println!(
+            "  group commit            {rps_group:>9.0} req/s  p99 {:>7.1} ms  ({f4} failed, largest batch {max_batch})",
+            p99_group.as_secs_f64() * 1e3
+        );
+        println!("  ratio group/one         {:.2}x", rps_group / rps_one);
     });
 }

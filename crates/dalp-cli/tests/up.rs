@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -1249,4 +1249,103 @@ async fn the_api_serves_tls_with_a_configured_certificate_and_refuses_plain_http
     assert!(!o.status.success());
     assert!(text(&o).contains("go together"), "{}", text(&o));
     drop(up);
+}
+
+/// Group-committed request audit under a crash: clients read `/me` concurrently while dalp
+/// is killed (SIGKILL); after a restart, every request that got a 2xx has its `api.request`
+/// event (the answer waited for the commit that holds it).
+#[test]
+fn no_2xx_answer_lacks_its_audit_event_after_a_kill() {
+    let dir = data_dir();
+    let api_port = free_port();
+    let up = Up::start_with(dir.path(), api_port, &["--demo"]);
+    let password = up
+        .ready_line
+        .split("password ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{}", up.ready_line))
+        .to_string();
+    let api = format!("http://127.0.0.1:{api_port}/api/v1");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let answered: Vec<String> = rt.block_on(async {
+        let http = ::reqwest::Client::new();
+        let (token, secret) =
+            login_and_enrol(&http, &api, "admin@demo.dalp.example", &password).await;
+        confirm_totp(&http, &api, &token, &secret).await;
+        let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for c in 0..16 {
+            let (http, api, token, answered) =
+                (http.clone(), api.clone(), token.clone(), answered.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut errors = 0;
+                for n in 0.. {
+                    let id = format!("kill-{c}-{n}");
+                    match http
+                        .get(format!("{api}/me"))
+                        .bearer_auth(&token)
+                        .header("x-request-id", &id)
+                        .timeout(Duration::from_secs(5))
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status().is_success() => {
+                            answered.lock().unwrap().push(id);
+                            errors = 0;
+                        }
+                        _ => {
+                            errors += 1;
+                            if errors > 20 {
+                                return;
+                            }
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }));
+        }
+        // Kill once the load is well under way.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while answered.lock().unwrap().len() < 300 {
+            assert!(Instant::now() < deadline, "the load did not get going");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kill(Pid::from_raw(up.pid()), Signal::SIGKILL).unwrap();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let v = answered.lock().unwrap().clone();
+        v
+    });
+    drop(up);
+    let up = Up::start(dir.path(), api_port);
+    let auditor = db_url(dir.path(), "dalp_auditor");
+    let o = psql(
+        &auditor,
+        "SELECT request_id FROM dalp_audit.events WHERE action = 'api.request' AND request_id LIKE 'kill-%'",
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let recorded: std::collections::HashSet<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let missing: Vec<&String> = answered
+        .iter()
+        .filter(|id| !recorded.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} answered requests have no audit event, e.g. {:?}",
+        missing.len(),
+        answered.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(answered.len() >= 300);
+    let (status, _) = up.terminate();
+    assert!(status.success());
 }
