@@ -37,6 +37,7 @@ pub struct GroupWriter {
     pool: Pool,
     max_batch: usize,
     queue: usize,
+    writers: usize,
     sender: OnceCell<mpsc::Sender<Job>>,
     stats: Arc<GroupStats>,
 }
@@ -50,9 +51,18 @@ impl GroupWriter {
             pool,
             max_batch: max_batch.max(1),
             queue: queue.max(1),
+            writers: 1,
             sender: OnceCell::new(),
             stats: Arc::default(),
         }
+    }
+
+    /// Up to `n` batches committing at once (each takes the events waiting when it
+    /// starts); one by default. With batches of one and as many writers as clients this is
+    /// one commit per event, concurrently — the path group commit replaces.
+    pub fn with_writers(mut self, n: usize) -> GroupWriter {
+        self.writers = n.max(1);
+        self
     }
 
     pub fn stats(&self) -> &GroupStats {
@@ -71,12 +81,15 @@ impl GroupWriter {
         self.sender
             .get_or_init(|| async {
                 let (tx, rx) = mpsc::channel(self.queue);
-                tokio::spawn(run(
-                    self.pool.clone(),
-                    rx,
-                    self.max_batch,
-                    self.stats.clone(),
-                ));
+                let rx = Arc::new(tokio::sync::Mutex::new(rx));
+                for _ in 0..self.writers {
+                    tokio::spawn(run(
+                        self.pool.clone(),
+                        rx.clone(),
+                        self.max_batch,
+                        self.stats.clone(),
+                    ));
+                }
                 tx
             })
             .await
@@ -106,14 +119,26 @@ async fn append(pool: &Pool, events: &[AuditEvent]) -> Result<(), String> {
         .map_err(|e| dalp_db::connect::describe_error(&e))
 }
 
-async fn run(pool: Pool, mut rx: mpsc::Receiver<Job>, max_batch: usize, stats: Arc<GroupStats>) {
+async fn run(
+    pool: Pool,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    max_batch: usize,
+    stats: Arc<GroupStats>,
+) {
     let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+    loop {
+        {
+            // Take what waits now; other writers wait for the receiver meanwhile.
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            batch.push(first);
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
             }
         }
         let events: Vec<AuditEvent> = batch.iter().map(|(e, _, _)| e.clone()).collect();
