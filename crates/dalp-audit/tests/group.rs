@@ -37,29 +37,45 @@ async fn wait_submitted(w: &GroupWriter, n: u64) {
     }
 }
 
+/// Hands `events` to a writer over a one-connection pool whose connection is held until all
+/// were handed over (so they queue behind the first), then releases it; returns each
+/// caller's result and the writer.
+async fn record_queued(
+    db: &dalp_testkit::TestDb,
+    events: Vec<AuditEvent>,
+) -> (Vec<Result<(), String>>, Arc<GroupWriter>) {
+    let pools = db.pools_sized(1);
+    let pool = pools.get(Component::Identity).clone();
+    let held = pool.get().await.unwrap();
+    let w = Arc::new(GroupWriter::new(pool.clone(), 256, 1024));
+    let n = events.len() as u64;
+    let tasks: Vec<_> = events
+        .into_iter()
+        .map(|e| {
+            let w = w.clone();
+            tokio::spawn(async move { w.record(e).await })
+        })
+        .collect();
+    wait_submitted(&w, n).await;
+    drop(held);
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    (results, w)
+}
+
 #[tokio::test]
 async fn waiting_events_share_one_commit_and_each_caller_sees_it_committed() {
     let db = dalp_testkit::migrated_database().await;
-    let pools = db.pools_sized(1);
-    let pool = pools.get(Component::Identity).clone();
-    // Hold the only connection: the writer takes what is there, then waits for the
-    // connection while the rest queue up behind: two commits at most for all 50.
-    let held = pool.get().await.unwrap();
-    let w = Arc::new(GroupWriter::new(pool.clone(), 256, 1024));
-    let mut tasks = Vec::new();
-    for i in 0..50 {
-        let w = w.clone();
-        tasks.push(tokio::spawn(async move {
-            w.record(AuditEvent::new("service:test", "test.group", "thing").resource(i))
-                .await
-        }));
-    }
-    wait_submitted(&w, 50).await;
-    drop(held);
-    for t in tasks {
-        t.await.unwrap().unwrap();
-    }
-    // Returned means committed: all 50 are there, in two commits.
+    // The writer takes what is there, then waits for the connection while the rest queue
+    // up behind: two commits at most for all 50.
+    let events = (0..50)
+        .map(|i| AuditEvent::new("service:test", "test.group", "thing").resource(i))
+        .collect();
+    let (results, w) = record_queued(&db, events).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    // Returned means committed: all 50 are there.
     assert_eq!(count(&db, "test.group").await, 50);
     let s = w.stats();
     use std::sync::atomic::Ordering::Relaxed;
@@ -71,33 +87,20 @@ async fn waiting_events_share_one_commit_and_each_caller_sees_it_committed() {
 #[tokio::test]
 async fn a_bad_event_fails_alone() {
     let db = dalp_testkit::migrated_database().await;
-    let pools = db.pools_sized(1);
-    let pool = pools.get(Component::Identity).clone();
-    let held = pool.get().await.unwrap();
-    let w = Arc::new(GroupWriter::new(pool.clone(), 256, 1024));
-    let mut tasks = Vec::new();
-    for i in 0..10 {
-        let w = w.clone();
-        // Event 5's actor is over the column's 200-character limit.
-        let actor = if i == 5 {
-            "x".repeat(300)
-        } else {
-            "service:test".into()
-        };
-        tasks.push(tokio::spawn(async move {
-            w.record(AuditEvent::new(actor, "test.bad", "thing").resource(i))
-                .await
-        }));
-    }
-    wait_submitted(&w, 10).await;
-    drop(held);
-    let mut failed = 0;
-    for t in tasks {
-        if let Err(e) = t.await.unwrap() {
-            assert!(e.contains("check"), "{e}");
-            failed += 1;
-        }
-    }
-    assert_eq!(failed, 1);
+    // Event 5's actor is over the column's 200-character limit.
+    let events = (0..10)
+        .map(|i| {
+            let actor = if i == 5 {
+                "x".repeat(300)
+            } else {
+                "service:test".into()
+            };
+            AuditEvent::new(actor, "test.bad", "thing").resource(i)
+        })
+        .collect();
+    let (results, _) = record_queued(&db, events).await;
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(failed.len(), 1, "{results:?}");
+    assert!(failed[0].contains("check"), "{}", failed[0]);
     assert_eq!(count(&db, "test.bad").await, 9);
 }

@@ -138,6 +138,18 @@ impl Setup {
         }
     }
 
+    /// Seals 1,500 more events and, once 200 of them arrived, stops the receiver with
+    /// `stop`, starts it again and waits until every event arrived.
+    async fn interrupt_mid_stream(&mut self, stop: fn(&mut Rsyslog)) {
+        let before = self.rsyslog.received().len();
+        self.write_sealed(1500).await;
+        self.wait_received(before + 200).await;
+        stop(&mut self.rsyslog);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.rsyslog.restart();
+        self.wait_all_delivered().await;
+    }
+
     /// Waits until at least `n` messages arrived.
     async fn wait_received(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -195,22 +207,9 @@ async fn syslog_delivery_survives_receiver_stops_restarts_and_resets() {
     s.wait_all_delivered().await;
 
     // 2. Stopped and restarted mid-stream.
-    let before = s.rsyslog.received().len();
-    s.write_sealed(1500).await;
-    s.wait_received(before + 200).await;
-    s.rsyslog.stop();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    s.rsyslog.restart();
-    s.wait_all_delivered().await;
-
+    s.interrupt_mid_stream(Rsyslog::stop).await;
     // 3. Killed mid-stream: the connection is reset, whatever it had not read is lost.
-    let before = s.rsyslog.received().len();
-    s.write_sealed(1500).await;
-    s.wait_received(before + 200).await;
-    s.rsyslog.kill();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    s.rsyslog.restart();
-    s.wait_all_delivered().await;
+    s.interrupt_mid_stream(Rsyslog::kill).await;
     wait_cursor(&f, s.written).await;
 
     stop.send(true).unwrap();
