@@ -143,6 +143,22 @@ pub const AUDIT_PUBLIC_KEY_FILE: &str = "audit-ed25519.pub.json";
 /// The directory (inside the keys directory, which is kept outside the database and backed
 /// up with the key bundle) where the sealer witnesses the signed chain head.
 pub const AUDIT_WITNESS_DIR: &str = "audit-witness";
+/// The audit keys a verifier trusts for the keys directory `keys_dir`: the trust anchor
+/// (the first key's public half) when it exists, else the signing key's public half.
+/// Later keys are trusted through the chain's rotation batches.
+pub fn trusted_audit_keys(
+    keys_dir: &std::path::Path,
+) -> Result<dalp_audit::TrustedKeys, dalp_audit::chain::KeyError> {
+    let mut keys = dalp_audit::TrustedKeys::default();
+    let anchor = keys_dir.join(AUDIT_PUBLIC_KEY_FILE);
+    if anchor.exists() {
+        keys.load(&anchor)?;
+    } else {
+        keys.load(&keys_dir.join(AUDIT_KEY_FILE))?;
+    }
+    Ok(keys)
+}
+
 /// How often the sealer witnesses the chain head (when it moved).
 pub const WITNESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often the sealer runs; keeps seal lag well under a second.
@@ -171,8 +187,7 @@ impl Services {
         if !anchor.exists() {
             audit_key.write_public(&anchor)?;
         }
-        let mut audit_keys = dalp_audit::TrustedKeys::default();
-        audit_keys.load(&anchor)?;
+        let audit_keys = trusted_audit_keys(keys_dir)?;
         let witness = dalp_audit::Witness::new(keys_dir.join(AUDIT_WITNESS_DIR));
         let sealer =
             dalp_audit::Sealer::new(pools.get(Component::AuditSealer).clone(), audit_key.clone())

@@ -233,15 +233,11 @@ pub async fn verify(
 ) -> anyhow::Result<ExitCode> {
     let (from, to) = (parse_time("--from", from)?, parse_time("--to", to)?);
     let keys_dir = Layout::new(&target.data_dir).keys_dir();
-    let mut keys = TrustedKeys::default();
-    if key.audit_key.is_empty() {
-        let public = keys_dir.join(dalp_api::AUDIT_PUBLIC_KEY_FILE);
-        if public.exists() {
-            keys.load(&public)?;
-        } else {
-            keys.load(&keys_dir.join(dalp_api::AUDIT_KEY_FILE))?;
-        }
-    }
+    let mut keys = if key.audit_key.is_empty() {
+        dalp_api::trusted_audit_keys(&keys_dir)?
+    } else {
+        TrustedKeys::default()
+    };
     for p in &key.audit_key {
         keys.load(p)?;
     }

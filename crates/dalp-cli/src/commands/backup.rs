@@ -412,9 +412,13 @@ async fn verify(data_dir: &Path, repo: u8, keep: bool, json: bool) -> anyhow::Re
         .await?
         .iter()
         .all(|s| s.applied_version == s.latest_version);
-    let audit_chain_ok = match dalp_audit::AuditKey::open(&keys_dir.join(dalp_api::AUDIT_KEY_FILE))
-    {
-        Ok(key) => Some(dalp_audit::verify(&copy, &key.public(), None).await?.ok()),
+    // Verified from the trust anchor, so a chain whose key was rotated still verifies.
+    let audit_chain_ok = match dalp_api::trusted_audit_keys(&keys_dir) {
+        Ok(keys) => Some(
+            dalp_audit::verify_with(&copy, &dalp_audit::VerifyOptions::new(&keys))
+                .await?
+                .ok(),
+        ),
         Err(_) => None,
     };
     let restored = table_sums(&copy, &tables).await?;
