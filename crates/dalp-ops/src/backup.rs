@@ -989,8 +989,13 @@ impl RestoredServer {
                 .and_then(|c| c.try_wait().ok().flatten());
             let tail = || process::log_tail(log, 12);
             if let Some(status) = exited {
+                // The server's own reason, e.g. "recovery ended before configured recovery
+                // target was reached" for a target past the archived WAL.
+                let why = process::last_fatal(log)
+                    .map(|f| format!(": {f}"))
+                    .unwrap_or_default();
                 return Err(OpsError::StartFailed {
-                    reason: format!("the restored copy stopped during recovery ({status})"),
+                    reason: format!("the restored copy stopped during recovery ({status}){why}"),
                     log: log.to_path_buf(),
                     tail: tail(),
                 });

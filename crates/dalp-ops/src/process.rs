@@ -175,6 +175,21 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The server's own explanation of why it stopped: the last `FATAL:` or `PANIC:` line of the
+/// log file at `path`, from the level on (none when there is none or it cannot be read).
+pub fn last_fatal(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    fatal_in(&text)
+}
+
+fn fatal_in(text: &str) -> Option<String> {
+    text.lines().rev().find_map(|l| {
+        ["FATAL:", "PANIC:"]
+            .iter()
+            .find_map(|level| l.find(level).map(|i| l[i..].trim().to_string()))
+    })
+}
+
 /// Whether a process with `pid` exists (signal 0).
 pub fn alive(pid: i32) -> bool {
     match kill(Pid::from_raw(pid), None) {
@@ -201,4 +216,21 @@ pub fn stop_child(child: &mut Child, first: Signal, grace: Duration) -> io::Resu
     }
     let _ = kill(pid, Signal::SIGKILL);
     child.wait().map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_fatal_line_is_the_reason() {
+        let log = "2026-11-29 LOG:  starting\n\
+                   2026-11-29 FATAL:  recovery ended before configured recovery target was reached\n\
+                   2026-11-29 LOG:  startup process (PID 7) exited with exit code 1\n";
+        assert_eq!(
+            fatal_in(log).as_deref(),
+            Some("FATAL:  recovery ended before configured recovery target was reached")
+        );
+        assert_eq!(fatal_in("LOG: fine\n"), None);
+    }
 }

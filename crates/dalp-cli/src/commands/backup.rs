@@ -233,16 +233,57 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let into = args.into.clone();
+    let into_existed = into.exists();
+    // A restore or recovery that fails leaves nothing half-done behind (restore only writes
+    // into an empty or new directory, so all of it is ours).
+    let clean_up = |into: &Path| {
+        if into_existed {
+            for entry in std::fs::read_dir(into).into_iter().flatten().flatten() {
+                let p = entry.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        } else {
+            let _ = std::fs::remove_dir_all(into);
+        }
+    };
     let started = Instant::now();
     {
         let (target, into) = (target.clone(), into.clone());
-        with_progress("restore", move |p| b.restore(&target, &into, args.repo, p)).await?;
+        let empty_before = !into_existed
+            || std::fs::read_dir(&into)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+        let restored = with_progress("restore", {
+            let into = into.clone();
+            move |p| b.restore(&target, &into, args.repo, p)
+        })
+        .await;
+        if let Err(e) = restored {
+            if empty_before && into.join("pgdata").exists() {
+                clean_up(&into);
+            }
+            return Err(e);
+        }
     }
     eprintln!(
         "restored into {}; recovering to the target …",
         into.display()
     );
-    let server = RestoredServer::start(&into, &pg_bin(), true, Duration::from_secs(1800)).await?;
+    let server =
+        match RestoredServer::start(&into, &pg_bin(), true, Duration::from_secs(1800)).await {
+            Ok(s) => s,
+            Err(e) => {
+                clean_up(&into);
+                return Err(anyhow::Error::new(e).context(format!(
+                    "the restored copy in {} did not recover (removed it)",
+                    into.display()
+                )));
+            }
+        };
     let recovered = server.recovered().await?;
     println!(
         "recovered to {}: last transaction {}, LSN {}, timeline {} ({:.1} s)",
