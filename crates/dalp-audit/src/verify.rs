@@ -295,37 +295,56 @@ pub async fn verify_with(
     // one before it handed over to (or that signed it).
     let mut keys = opts.keys.clone();
     let mut signer: Option<String> = None;
-    if let Some(a) = opts.after {
-        // The verified head must still be there, unchanged; the chain continues from it.
+    // Where the batches read continue from: the head verified before (incremental) or the
+    // batch just before the window.
+    let anchor_no = match (opts.after, batches.first()) {
+        (Some(a), _) => Some(a.batch_no),
+        (None, Some(first)) if !whole && first.get::<_, i64>(0) > 1 => {
+            Some(first.get::<_, i64>(0) - 1)
+        }
+        _ => None,
+    };
+    if let Some(no) = anchor_no {
         let row = client
             .typed_query_opt(
-                "SELECT batch_hash, last_seq, xmin_upper::text FROM dalp_audit.seal_batches WHERE batch_no = $1",
-                &[&a.batch_no],
+                "SELECT batch_hash, last_seq, xmin_upper::text, coalesce(next_key_id, key_id)
+                   FROM dalp_audit.seal_batches WHERE batch_no = $1",
+                &[&no],
             )
             .await?;
         let Some(r) = row else {
-            report.problem = Some(Problem::CheckpointMissing { batch: a.batch_no });
+            report.problem = Some(match opts.after {
+                Some(_) => Problem::CheckpointMissing { batch: no },
+                None => Problem::BatchMissing { expected_batch: no },
+            });
             return Ok(report);
         };
         prev_hash = r.get(0);
-        if hex::encode(&prev_hash) != a.batch_hash {
-            report.problem = Some(Problem::CheckpointMismatch { batch: a.batch_no });
-            return Ok(report);
-        }
         expected_seq = r.get::<_, i64>(1) + 1;
-        base = a.batch_no + 1;
-        scan_from = r.get::<_, &str>(2).parse().unwrap_or(0);
-        // Rotations up to the anchor (verified before): each signed by a key trusted so far.
+        base = no + 1;
+        signer = Some(r.get(3));
+        if let Some(a) = opts.after {
+            // The verified head must still be there, unchanged; the chain continues from it.
+            if hex::encode(&prev_hash) != a.batch_hash {
+                report.problem = Some(Problem::CheckpointMismatch { batch: no });
+                return Ok(report);
+            }
+            scan_from = r.get::<_, &str>(2).parse().unwrap_or(0);
+            report.last_batch = no;
+            report.last_hash = a.batch_hash.clone();
+            report.last_seq = a.last_seq;
+        }
+        // Keys handed over up to the anchor: each rotation signed by a key trusted so far.
         for r in client
             .typed_query(
                 "SELECT batch_no, key_id, batch_hash, signature, next_key_id, next_public
                    FROM dalp_audit.seal_batches WHERE batch_no <= $1 AND next_key_id IS NOT NULL
                   ORDER BY batch_no",
-                &[&a.batch_no],
+                &[&no],
             )
             .await?
         {
-            let (no, by): (i64, String) = (r.get(0), r.get(1));
+            let (rotation, by): (i64, String) = (r.get(0), r.get(1));
             let (hash, sig): (Vec<u8>, Vec<u8>) = (r.get(2), r.get(3));
             let next = chain::NextKey {
                 key_id: r.get(4),
@@ -337,44 +356,8 @@ pub async fn verify_with(
             match (signed, chain::next_public(&next)) {
                 (true, Some(public)) => keys.add(public),
                 _ => {
-                    report.problem = Some(Problem::BadRotation { batch: no });
+                    report.problem = Some(Problem::BadRotation { batch: rotation });
                     return Ok(report);
-                }
-            }
-        }
-        signer = client
-            .typed_query_one(
-                "SELECT coalesce(next_key_id, key_id) FROM dalp_audit.seal_batches WHERE batch_no = $1",
-                &[&a.batch_no],
-            )
-            .await?
-            .get(0);
-        report.last_batch = a.batch_no;
-        report.last_hash = a.batch_hash.clone();
-        report.last_seq = a.last_seq;
-    } else if let Some(first) = batches.first() {
-        let no: i64 = first.get(0);
-        if no > 1 && !whole {
-            // Anchor on the batch before the window.
-            match client
-                .typed_query_opt(
-                    "SELECT batch_hash, last_seq FROM dalp_audit.seal_batches WHERE batch_no = $1",
-                    &[&(no - 1)],
-                )
-                .await?
-            {
-                Some(r) => {
-                    prev_hash = r.get(0);
-                    expected_seq = r.get::<_, i64>(1) + 1;
-                    base = no;
-                }
-                None => {
-                    return Ok(VerifyReport {
-                        problem: Some(Problem::BatchMissing {
-                            expected_batch: no - 1,
-                        }),
-                        ..Default::default()
-                    })
                 }
             }
         }

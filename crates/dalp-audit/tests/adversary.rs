@@ -450,6 +450,21 @@ async fn a_rotated_key_is_followed_from_the_first_key_and_picked_up_by_a_running
     let r = t.verify().await;
     assert!(r.ok(), "{:?}", r.problem);
     assert_eq!((r.batches, r.events_checked), (3, 5));
+    // A window after the rotation verifies too: the hand-over before it is followed.
+    let auditor = t.db.connect_as(Component::Auditor).await;
+    let after_rotation = Sealer::checkpoint_of(&auditor, 3).await.unwrap().unwrap();
+    let keys = TrustedKeys::one(t.key.public());
+    let r = verify_with(
+        &auditor,
+        &VerifyOptions {
+            from: Some(after_rotation.sealed_at),
+            ..VerifyOptions::new(&keys)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(r.ok(), "{:?}", r.problem);
+    assert_eq!((r.batches, r.events_checked), (1, 2));
     // The old key cannot continue the chain any more.
     t.write(1).await;
     let err = t
