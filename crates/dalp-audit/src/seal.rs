@@ -419,6 +419,20 @@ impl Sealer {
         Sealer::checkpoint_where(client, None).await
     }
 
+    /// The key that must sign the next batch (the one the chain last handed over to, or
+    /// that signed its last batch); none before the first batch. Any role that reads
+    /// `seal_batches` may ask.
+    pub async fn next_signer(client: &tokio_postgres::Client) -> Result<Option<String>, SealError> {
+        Ok(client
+            .typed_query_opt(
+                "SELECT coalesce(next_key_id, key_id) FROM dalp_audit.seal_batches
+                  ORDER BY batch_no DESC LIMIT 1",
+                &[],
+            )
+            .await?
+            .map(|r| r.get(0)))
+    }
+
     /// The signed head of batch `batch_no`, if it exists.
     pub async fn checkpoint_of(
         client: &tokio_postgres::Client,

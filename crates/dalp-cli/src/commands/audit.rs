@@ -355,13 +355,7 @@ pub async fn rotate_key(instance: &crate::cli::InstanceArgs) -> anyhow::Result<E
     let next = AuditKey::open_or_create(&next_file)?;
     let pool = pools.get(dalp_db::Component::AuditSealer).clone();
     let client = dalp_db::pool::checkout(&pool, "audit").await?;
-    let signer: Option<String> = client
-        .query_opt(
-            "SELECT coalesce(next_key_id, key_id) FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1",
-            &[],
-        )
-        .await?
-        .map(|r| r.get(0));
+    let signer = Sealer::next_signer(&client).await?;
     drop(client);
     if signer.as_deref() != Some(next.key_id.as_str()) {
         let batch = Sealer::new(pool, current.clone()).rotate(&next).await?;

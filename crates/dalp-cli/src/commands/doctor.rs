@@ -612,14 +612,8 @@ async fn audit_key_checks(pools: &ComponentPools, keys_dir: &Path, checks: &mut 
     let Ok(client) = pools.get(Component::Auditor).get().await else {
         return;
     };
-    let expected: Option<String> = match client
-        .query_opt(
-            "SELECT coalesce(next_key_id, key_id) FROM dalp_audit.seal_batches ORDER BY batch_no DESC LIMIT 1",
-            &[],
-        )
-        .await
-    {
-        Ok(r) => r.map(|r| r.get(0)),
+    let expected = match dalp_audit::Sealer::next_signer(&client).await {
+        Ok(k) => k,
         Err(e) => {
             checks.push(check("audit_key", "error", e.to_string(), ""));
             return;
