@@ -111,16 +111,16 @@ pub async fn record_many<C: TypedClient>(
     client: &C,
     events: &[AuditEvent],
 ) -> Result<(), tokio_postgres::Error> {
-    let col = |f: fn(&AuditEvent) -> Option<String>| events.iter().map(f).collect::<Vec<_>>();
-    let actors = col(|e| Some(e.actor.clone()));
-    let actions = col(|e| Some(e.action.to_string()));
-    let types = col(|e| Some(e.resource_type.to_string()));
-    let resources = col(|e| e.resource_id.clone());
-    let outcomes = col(|e| Some(e.outcome.as_str().to_string()));
-    let request_ids = col(|e| e.request_id.clone());
+    // One array per column, borrowing from the events.
+    let actors: Vec<&str> = events.iter().map(|e| e.actor.as_str()).collect();
     let orgs: Vec<Option<uuid::Uuid>> = events.iter().map(|e| e.organisation_id).collect();
+    let actions: Vec<&str> = events.iter().map(|e| e.action).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.resource_type).collect();
+    let resources: Vec<Option<&str>> = events.iter().map(|e| e.resource_id.as_deref()).collect();
+    let outcomes: Vec<&str> = events.iter().map(|e| e.outcome.as_str()).collect();
+    let request_ids: Vec<Option<&str>> = events.iter().map(|e| e.request_id.as_deref()).collect();
     let ips: Vec<Option<IpAddr>> = events.iter().map(|e| e.source_ip).collect();
-    let details: Vec<Value> = events.iter().map(|e| e.details.clone()).collect();
+    let details: Vec<&Value> = events.iter().map(|e| &e.details).collect();
     client
         .typed_execute(
             "INSERT INTO dalp_audit.events

@@ -125,23 +125,29 @@ async fn run(
     max_batch: usize,
     stats: Arc<GroupStats>,
 ) {
-    let mut batch: Vec<Job> = Vec::with_capacity(max_batch);
+    // The events of a batch, and who waits for each (same order).
+    let mut events: Vec<AuditEvent> = Vec::with_capacity(max_batch);
+    let mut waiting: Vec<(Instant, Reply)> = Vec::with_capacity(max_batch);
     loop {
         {
             // Take what waits now; other writers wait for the receiver meanwhile.
             let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else {
+            let Some(mut job) = rx.recv().await else {
                 return;
             };
-            batch.push(first);
-            while batch.len() < max_batch {
+            loop {
+                let (event, at, reply) = job;
+                events.push(event);
+                waiting.push((at, reply));
+                if waiting.len() >= max_batch {
+                    break;
+                }
                 match rx.try_recv() {
-                    Ok(next) => batch.push(next),
+                    Ok(next) => job = next,
                     Err(_) => break,
                 }
             }
         }
-        let events: Vec<AuditEvent> = batch.iter().map(|(e, _, _)| e.clone()).collect();
         let mut results = vec![append(&pool, &events).await];
         if results[0].is_err() {
             stats.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -157,11 +163,12 @@ async fn run(
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats
             .events
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
         stats
             .max_batch
-            .fetch_max(batch.len() as u64, Ordering::Relaxed);
-        for (i, (_, at, reply)) in batch.drain(..).enumerate() {
+            .fetch_max(events.len() as u64, Ordering::Relaxed);
+        events.clear();
+        for (i, (at, reply)) in waiting.drain(..).enumerate() {
             stats
                 .wait_micros
                 .fetch_add(at.elapsed().as_micros() as u64, Ordering::Relaxed);
