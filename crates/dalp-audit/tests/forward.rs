@@ -319,9 +319,23 @@ async fn an_idle_forwarder_adds_no_audit_lines_and_ships_none_of_its_own() {
         pgaudit_dir: Some(log_dir.clone()),
         ..forwarder_to(&pools, "idle", port, &tls_dir)
     }));
-    // Settle: cursor rows created, the backlog of log files read and confirmed.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let before = cursor_audit_lines(&log_dir, &db.name);
+    // Settle: cursor rows created, the backlog of log files read and confirmed — until the
+    // cursor writes stop (however long that takes on a busy machine), at least 3 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut before = cursor_audit_lines(&log_dir, &db.name);
+    let mut quiet_since = std::time::Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(3) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the forwarder never went idle"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = cursor_audit_lines(&log_dir, &db.name);
+        if now.len() != before.len() {
+            before = now;
+            quiet_since = std::time::Instant::now();
+        }
+    }
     // A minute of idle rounds (250 ms each).
     tokio::time::sleep(Duration::from_secs(60)).await;
     let after = cursor_audit_lines(&log_dir, &db.name);
