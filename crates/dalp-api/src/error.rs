@@ -106,6 +106,7 @@ impl ApiError {
                 IndexError::ParentMismatch { .. } => (StatusCode::CONFLICT, "parent_mismatch"),
                 IndexError::DeepReorg { .. } => (StatusCode::CONFLICT, "reorg_too_deep"),
                 IndexError::NotIndexedYet { .. } => (StatusCode::CONFLICT, "not_indexed_yet"),
+                IndexError::Diverged { .. } => (StatusCode::CONFLICT, "chain_diverged"),
                 IndexError::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
                 IndexError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },

@@ -811,8 +811,17 @@ pub enum IndexCommand {
         /// Reorgs deeper than this many blocks are refused (set when registering the chain).
         #[arg(long, default_value_t = 64)]
         finality_depth: i32,
+        /// Seconds between reconciliation rounds while following (compare indexed supply
+        /// and sampled balances with the contracts at the finalized block; see `dalp index
+        /// reconcile`); 0 turns it off. Not run with --once.
+        #[arg(long, default_value_t = 600)]
+        reconcile_every_secs: u64,
+        #[command(flatten)]
+        reconcile: ReconcileArgs,
     },
-    /// Show a chain's sync status: checkpoint, finalized block, head and lag, row counts.
+    /// Show a chain's sync status: checkpoint, finalized block, head and lag, whether it
+    /// diverged from its node, the last reconciliation per token, row counts. Exit 1 when
+    /// the chain is diverged or a token disagrees with its contract.
     Status {
         #[command(flatten)]
         target: TargetArgs,
@@ -822,6 +831,60 @@ pub enum IndexCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Roll a chain's index back to a block (everything above it is removed and re-indexed
+    /// by the next `dalp index follow`). Within the finality depth by default; with
+    /// --beyond-finality any block, or -1 to empty the chain's index and re-index from
+    /// scratch. This also ends a divergence (the operator decides where indexing resumes).
+    Rewind {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long)]
+        chain_id: i64,
+        /// The last block to keep (-1: keep nothing).
+        #[arg(long, allow_hyphen_values = true)]
+        to: i64,
+        /// Allow going below the finalized block (after a divergence, e.g. a node reset).
+        #[arg(long)]
+        beyond_finality: bool,
+    },
+    /// One reconciliation round: at the finalized block, compare each token's indexed supply
+    /// with `totalSupply()` and a random sample of indexed balances with `balanceOf()` on the
+    /// node; the result is kept per token (status, /metrics, doctor). Exit 1 when a token
+    /// disagrees.
+    Reconcile {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// JSON-RPC endpoint of the node.
+        #[arg(long)]
+        rpc: String,
+        #[arg(long)]
+        chain_id: i64,
+        #[command(flatten)]
+        reconcile: ReconcileArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How much one reconciliation round compares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReconcileArgs {
+    /// Balances compared per token (a random sample of its holders).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub reconcile_sample: u32,
+    /// Tokens per round (the least recently checked first).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub reconcile_tokens: u32,
+}
+
+impl ReconcileArgs {
+    pub fn options(&self) -> dalp_indexed::reconcile::ReconcileOptions {
+        dalp_indexed::reconcile::ReconcileOptions {
+            sample: self.reconcile_sample as usize,
+            max_tokens: self.reconcile_tokens as usize,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

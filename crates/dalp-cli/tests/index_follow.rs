@@ -554,3 +554,335 @@ async fn shorter_and_equal_length_reorgs_are_caught_and_future_reads_refused() {
     let e = store.supply_at(CHAIN, &t, h as i64 + 1).await.unwrap_err();
     assert!(e.to_string().contains("not indexed yet"), "{e}");
 }
+
+/// `dalp index <args>` as the indexer role.
+fn dalp_index(db: &TestDb, args: &[&str]) -> Output {
+    Command::new(DALP)
+        .arg("index")
+        .args(args)
+        .env("DALP_DATABASE_URL", indexer_url(db))
+        .env_remove("DALP_DATA_DIR")
+        .output()
+        .unwrap()
+}
+
+fn stderr_of(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Registers the chain with `depth` before the first follow (follow only registers with
+/// its own default).
+async fn register(db: &TestDb, depth: i32) -> IndexedStore {
+    let store = store_for(db);
+    store
+        .register_chain(
+            &dalp_audit::RequestContext::service("test"),
+            CHAIN,
+            "anvil",
+            depth,
+        )
+        .await
+        .unwrap();
+    store
+}
+
+/// The node changing chains under a running follower, and a node reset with its state
+/// lost, are recorded divergences: the follower stops with the reason, ingest is refused,
+/// status says `diverged` (exit 1) with what to do, until an operator rewinds; after
+/// `rewind --to -1 --beyond-finality` the new chain is indexed from scratch and matches.
+#[tokio::test]
+async fn a_node_that_lost_the_chain_is_a_recorded_divergence_until_an_operator_rewinds() {
+    let db = migrated_database().await;
+    let store = register(&db, 2).await;
+    let anvil = Anvil::start(CHAIN as u64);
+    let node = Node::new(&anvil).await;
+    let token = node.deploy().await;
+    for i in 1..=4 {
+        node.mint(&token, i, 1000 * i as u128).await;
+    }
+    follow_once(&db, &anvil, &token);
+    let checkpoint = node.head().await as i64;
+    assert_eq!(
+        store.status(CHAIN).await.unwrap().checkpoint,
+        Some(checkpoint)
+    );
+
+    // 1. Another chain id behind the same URL, mid-stream.
+    let mut running = Reaped(
+        follow_command(&db, &anvil, &token, &["--poll-ms", "100"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.rpc
+        .call("anvil_setChainId", json!([999]))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(s) = running.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the follower kept running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!exit.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(running.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains("diverged") && err.contains("chain 999"),
+        "{err}"
+    );
+    let s = store.status(CHAIN).await.unwrap();
+    assert_eq!(s.state, "diverged");
+    assert!(s.diverged.as_ref().unwrap().reason.contains("chain 999"));
+    let o = dalp_index(&db, &["status", "--chain-id", "31337"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert!(stderr_of(&o).contains("DIVERGED"), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("dalp index rewind"),
+        "{}",
+        stderr_of(&o)
+    );
+    // The store refuses to move a diverged chain, whoever asks.
+    let e = store
+        .rewind(
+            &dalp_audit::RequestContext::service("test"),
+            CHAIN,
+            checkpoint - 1,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, dalp_indexed::IndexError::Diverged { .. }),
+        "{e}"
+    );
+    // The node goes back to the right chain; the operator keeps the index as it is.
+    node.rpc
+        .call("anvil_setChainId", json!([CHAIN]))
+        .await
+        .unwrap();
+    let o = dalp_index(
+        &db,
+        &[
+            "rewind",
+            "--chain-id",
+            "31337",
+            "--to",
+            &checkpoint.to_string(),
+            "--beyond-finality",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(store.status(CHAIN).await.unwrap().state, "following");
+    node.transfer(&token, 1, 2, 5).await;
+    follow_once(&db, &anvil, &token);
+    assert_eq!(
+        store.status(CHAIN).await.unwrap().checkpoint,
+        Some(checkpoint + 1)
+    );
+
+    // 2. The node restarts with its state lost: its head is below our finality window.
+    node.rpc.call("anvil_reset", json!([])).await.unwrap();
+    node.rpc.call("anvil_mine", json!(["0x2"])).await.unwrap();
+    let o = follow_command(&db, &anvil, &token, &["--once"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr_of(&o).contains("diverged"), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains("no common ancestor"),
+        "{}",
+        stderr_of(&o)
+    );
+    let s = store.status(CHAIN).await.unwrap();
+    assert_eq!(s.state, "diverged");
+    assert_eq!(
+        s.checkpoint,
+        Some(checkpoint + 1),
+        "nothing was rolled back"
+    );
+    // A second follower does not touch it either.
+    let o = follow_command(&db, &anvil, &token, &["--once"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert_eq!(
+        store.status(CHAIN).await.unwrap().checkpoint,
+        Some(checkpoint + 1)
+    );
+    // Rewind below finality is refused without --beyond-finality.
+    let o = dalp_index(&db, &["rewind", "--chain-id", "31337", "--to", "-1"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr_of(&o).contains("--beyond-finality"),
+        "{}",
+        stderr_of(&o)
+    );
+    let o = dalp_index(
+        &db,
+        &[
+            "rewind",
+            "--chain-id",
+            "31337",
+            "--to",
+            "-1",
+            "--beyond-finality",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let s = store.status(CHAIN).await.unwrap();
+    assert_eq!((s.state, s.checkpoint), ("following", None));
+    // The new chain, from scratch.
+    let token = node.deploy().await;
+    node.mint(&token, 3, 77).await;
+    follow_once(&db, &anvil, &token);
+    let h = node.head().await;
+    let every: Vec<u64> = (0..=h).collect();
+    assert_index_matches(&store, &node, &token, &every, h).await;
+    // Both findings and both rewinds are on the audit record.
+    let su = db.superuser().await;
+    let n: i64 = su
+        .query_one(
+            "SELECT count(*) FROM dalp_audit.events WHERE action = 'indexed.chain.diverged'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+}
+
+/// A token whose contract disagrees with the transfers dalp indexed — its totalSupply, or
+/// one holder's balance, changed without a Transfer event — is named with the block by
+/// `dalp index reconcile` and `dalp index status` (exit 1), and the finding is audited.
+#[tokio::test]
+async fn reconciliation_names_a_token_whose_contract_disagrees() {
+    let db = migrated_database().await;
+    register(&db, 0).await;
+    let anvil = Anvil::start(CHAIN as u64);
+    let node = Node::new(&anvil).await;
+    let token = node.deploy().await;
+    node.mint(&token, 1, 1_000).await;
+    node.mint(&token, 2, 2_000).await;
+    node.transfer(&token, 1, 3, 300).await;
+    follow_once(&db, &anvil, &token);
+    let reconcile = |db: &TestDb, anvil: &Anvil| {
+        dalp_index(
+            db,
+            &[
+                "reconcile",
+                "--rpc",
+                &anvil.url(),
+                "--chain-id",
+                "31337",
+                "--json",
+            ],
+        )
+    };
+    let o = reconcile(&db, &anvil);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &v["reconciliations"][0];
+    assert_eq!(r["in_agreement"], true, "{v}");
+    assert_eq!(r["node_supply"], "3000", "{v}");
+    assert_eq!(r["balances_checked"], 3, "{v}");
+
+    // totalSupply is ERC-20 storage slot 2 (checked before it is changed).
+    let slot = |n: u64| format!("0x{n:064x}");
+    let at = node
+        .rpc
+        .call("eth_getStorageAt", json!([token, slot(2), "latest"]))
+        .await
+        .unwrap();
+    assert_eq!(at, json!(format!("0x{:064x}", 3000)));
+    node.rpc
+        .call(
+            "anvil_setStorageAt",
+            json!([token, slot(2), format!("0x{:064x}", 3500)]),
+        )
+        .await
+        .unwrap();
+    node.rpc.call("evm_mine", json!([])).await.unwrap();
+    follow_once(&db, &anvil, &token);
+    let block = node.head().await;
+    let o = reconcile(&db, &anvil);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &v["reconciliations"][0];
+    assert_eq!(r["token"], json!(token), "{v}");
+    assert_eq!(r["block"], json!(block), "{v}");
+    assert_eq!(
+        (r["indexed_supply"].as_str(), r["node_supply"].as_str()),
+        (Some("3000"), Some("3500")),
+        "{v}"
+    );
+    assert_eq!(r["in_agreement"], false);
+    let o = dalp_index(&db, &["status", "--chain-id", "31337"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert!(
+        stderr_of(&o).contains(&format!("{token} at block {block}: DISAGREES")),
+        "{}",
+        stderr_of(&o)
+    );
+
+    // Supply put right, one holder's balance changed instead (mapping at slot 0).
+    node.rpc
+        .call(
+            "anvil_setStorageAt",
+            json!([token, slot(2), format!("0x{:064x}", 3000)]),
+        )
+        .await
+        .unwrap();
+    let holder = &node.accounts[2];
+    let key = format!(
+        "0x{}",
+        hex::encode(Keccak256::digest(
+            hex::decode(format!(
+                "{}{}",
+                word_addr(holder),
+                slot(0).trim_start_matches("0x")
+            ))
+            .unwrap(),
+        ))
+    );
+    node.rpc
+        .call(
+            "anvil_setStorageAt",
+            json!([token, key, format!("0x{:064x}", 1)]),
+        )
+        .await
+        .unwrap();
+    node.rpc.call("evm_mine", json!([])).await.unwrap();
+    follow_once(&db, &anvil, &token);
+    assert_eq!(
+        node.balance_of(&token, 2, node.head().await)
+            .await
+            .to_string(),
+        "1"
+    );
+    let o = reconcile(&db, &anvil);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &v["reconciliations"][0];
+    assert_eq!(r["node_supply"], "3000", "{v}");
+    assert_eq!(r["drifted_accounts"], json!([holder]), "{v}");
+    // One audit event per finding that started a disagreement (the second round found the
+    // token still disagreeing).
+    let su = db.superuser().await;
+    let n: i64 = su
+        .query_one(
+            "SELECT count(*) FROM dalp_audit.events WHERE action = 'indexed.reconcile.drift'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}

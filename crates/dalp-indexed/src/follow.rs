@@ -3,8 +3,16 @@
 //! checkpoint with nothing missing or duplicated. A batch whose parent does not match the
 //! stored chain makes it walk back block by block to the fork point and re-ingest from there
 //! (the store rolls the old branch back); node and database errors are retried with
-//! exponential backoff and jitter (honouring `Retry-After`); a reorg deeper than the
-//! finality depth, or a node on another chain, stops it with an error.
+//! exponential backoff and jitter (honouring `Retry-After`).
+//!
+//! While behind, it fetches the next range from the node while the previous one is written
+//! (one batch ahead; a prefetched batch whose parent no longer matches is re-fetched through
+//! the fork logic, so the guarantees are those of one batch at a time).
+//!
+//! When the node no longer has dalp's chain within the finality depth (a node reset with its
+//! state lost, another chain behind the same URL, a reorg deeper than finality), the chain is
+//! marked diverged in the database and the follower stops: status, reads, metrics and
+//! `dalp doctor` say so until an operator re-points or rewinds.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -35,6 +43,8 @@ pub struct FollowOptions {
     /// Give up after this many consecutive failed attempts (node or database down);
     /// `None` retries forever.
     pub give_up_after: Option<u32>,
+    /// Fetch the next range while the previous one is written (off only to measure).
+    pub pipeline: bool,
 }
 
 impl FollowOptions {
@@ -48,6 +58,7 @@ impl FollowOptions {
             until_caught_up: false,
             max_backoff: Duration::from_secs(30),
             give_up_after: None,
+            pipeline: true,
         }
     }
 }
@@ -91,6 +102,13 @@ impl FollowError {
 enum Step {
     Batch(Progress),
     CaughtUp,
+}
+
+/// A range fetched ahead while the previous one was written.
+struct Fetched {
+    from: u64,
+    to: u64,
+    blocks: Vec<Block>,
 }
 
 pub struct Follower<'a> {
@@ -142,8 +160,9 @@ impl<'a> Follower<'a> {
             });
         }
         let mut backoff = Duration::from_millis(250);
+        let mut ahead: Option<Fetched> = None;
         loop {
-            let wait = match self.step().await {
+            let wait = match self.step(&mut ahead).await {
                 Ok(Step::Batch(p)) => {
                     backoff = Duration::from_millis(250);
                     failures = 0;
@@ -183,13 +202,42 @@ impl<'a> Follower<'a> {
         self.opts.give_up_after.is_some_and(|n| failures >= n)
     }
 
-    async fn step(&self) -> Result<Step, FollowError> {
-        let head = self.rpc.block_number().await?;
-        let status = self.store.status(self.opts.chain_id).await?;
+    async fn step(&self, ahead: &mut Option<Fetched>) -> Result<Step, FollowError> {
+        let chain_id = self.opts.chain_id;
+        let status = self.store.status(chain_id).await?;
+        if let Some(d) = status.diverged {
+            *ahead = None;
+            return Err(IndexError::Diverged {
+                chain: chain_id,
+                block: d.block,
+                reason: d.reason,
+            }
+            .into());
+        }
+        let depth = i64::from(status.finality_depth);
+        // One round trip: chain id, head and the node's hash at our checkpoint.
+        let (node_chain, head, node_hash) =
+            self.rpc.poll(status.checkpoint.map(|c| c as u64)).await?;
+        if node_chain as i64 != chain_id {
+            *ahead = None;
+            let at = status.checkpoint.unwrap_or(-1);
+            return Err(self
+                .diverge(
+                    at,
+                    format!("the node at the RPC URL is now on chain {node_chain}, not {chain_id}"),
+                )
+                .await);
+        }
         // Every poll: does the node still have our checkpoint? A reorg onto a shorter or
         // equal-length branch adds no block above it, so only this notices it.
         if let Some(cp) = status.checkpoint {
-            if let Some(reorg) = self.rewind_if_replaced(cp, head).await? {
+            let stored = status.checkpoint_hash.as_deref();
+            if node_hash.as_deref().map(str::to_ascii_lowercase).as_deref() != stored {
+                *ahead = None;
+                let reorg = match self.rewind_replaced(cp, head, depth).await {
+                    Ok(r) => r,
+                    Err(e) => return Err(self.diverge_on(e, cp).await),
+                };
                 return Ok(Step::Batch(Progress {
                     checkpoint: reorg.fork,
                     head,
@@ -204,21 +252,49 @@ impl<'a> Follower<'a> {
             .map(|c| c as u64 + 1)
             .unwrap_or(self.opts.from_block);
         if next > head {
+            *ahead = None;
             return Ok(Step::CaughtUp);
         }
-        let to = head.min(next + self.opts.batch_blocks - 1);
-        let blocks = self.fetch(next, to).await?;
-        let outcome = match self
+        let (to, blocks) = match ahead.take() {
+            Some(f) if f.from == next => (f.to, f.blocks),
+            _ => {
+                let to = head.min(next + self.opts.batch_blocks - 1);
+                (to, self.fetch(next, to).await?)
+            }
+        };
+        let ingest = self
             .store
-            .ingest(&self.ctx, self.opts.chain_id, &blocks, Some(head as i64))
-            .await
-        {
+            .ingest(&self.ctx, chain_id, &blocks, Some(head as i64));
+        let after = to + 1;
+        let outcome = if self.opts.pipeline && after <= head {
+            let until = head.min(after + self.opts.batch_blocks - 1);
+            let (outcome, fetched) = tokio::join!(ingest, self.fetch(after, until));
+            match fetched {
+                Ok(blocks) if outcome.is_ok() => {
+                    *ahead = Some(Fetched {
+                        from: after,
+                        to: until,
+                        blocks,
+                    })
+                }
+                Ok(_) => {}
+                // Fetched again next step, where a lasting failure is retried and reported.
+                Err(e) => tracing::debug!(error = %e, "prefetch failed"),
+            }
+            outcome
+        } else {
+            ingest.await
+        };
+        let outcome = match outcome {
             Err(IndexError::ParentMismatch { number }) => {
-                let fork = self
-                    .find_fork(number - 1, i64::from(status.finality_depth))
-                    .await?;
+                *ahead = None;
+                let cp = status.checkpoint.unwrap_or(number - 1);
+                let fork = match self.find_fork(number - 1, cp, depth).await {
+                    Ok(f) => f,
+                    Err(e) => return Err(self.diverge_on(e, cp).await),
+                };
                 tracing::warn!(
-                    chain_id = self.opts.chain_id,
+                    chain_id,
                     fork,
                     "parent hash mismatch; re-ingesting from the fork point"
                 );
@@ -226,9 +302,21 @@ impl<'a> Follower<'a> {
                 let blocks = self
                     .fetch(from, head.min(from + self.opts.batch_blocks - 1))
                     .await?;
-                self.store
-                    .ingest(&self.ctx, self.opts.chain_id, &blocks, Some(head as i64))
-                    .await?
+                match self
+                    .store
+                    .ingest(&self.ctx, chain_id, &blocks, Some(head as i64))
+                    .await
+                {
+                    Err(e @ IndexError::DeepReorg { .. }) => {
+                        return Err(self.diverge_on(e.into(), cp).await)
+                    }
+                    other => other?,
+                }
+            }
+            Err(e @ IndexError::DeepReorg { .. }) => {
+                *ahead = None;
+                let cp = status.checkpoint.unwrap_or(-1);
+                return Err(self.diverge_on(e.into(), cp).await);
             }
             other => other?,
         };
@@ -241,31 +329,54 @@ impl<'a> Follower<'a> {
         }))
     }
 
-    /// When the node's block at the checkpoint (or the node's whole chain above its head) is
-    /// no longer ours, rolls back to the fork point.
-    async fn rewind_if_replaced(
+    /// Errors that mean the node no longer has our chain become a recorded divergence;
+    /// others pass through.
+    async fn diverge_on(&self, e: FollowError, checkpoint: i64) -> FollowError {
+        match e {
+            FollowError::NoCommonAncestor { .. }
+            | FollowError::Index(IndexError::DeepReorg { .. }) => {
+                self.diverge(checkpoint, e.to_string()).await
+            }
+            other => other,
+        }
+    }
+
+    /// Records the divergence; the follower then stops (the error is not transient).
+    async fn diverge(&self, block: i64, reason: String) -> FollowError {
+        let chain = self.opts.chain_id;
+        match self
+            .store
+            .mark_diverged(&self.ctx, chain, block, &reason)
+            .await
+        {
+            Ok(()) => {
+                tracing::error!(
+                    chain_id = chain,
+                    block,
+                    %reason,
+                    "the node no longer has the indexed chain: marked diverged, ingest stopped"
+                );
+                FollowError::Index(IndexError::Diverged {
+                    chain,
+                    block,
+                    reason,
+                })
+            }
+            // Not recorded (database trouble): retried, and the next poll finds it again.
+            Err(e) => e.into(),
+        }
+    }
+
+    /// The node replaced our checkpoint's block (or no longer has it): roll back to the
+    /// fork point, which must lie within the finality depth below the checkpoint.
+    async fn rewind_replaced(
         &self,
         checkpoint: i64,
         head: u64,
-    ) -> Result<Option<Reorg>, FollowError> {
-        let Some(stored) = self
-            .store
-            .block_hash(self.opts.chain_id, checkpoint)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let node = if checkpoint as u64 > head {
-            None
-        } else {
-            self.rpc.block_hash(checkpoint as u64).await?
-        };
-        if node.as_deref() == Some(hex0x(&stored).as_str()) {
-            return Ok(None);
-        }
-        let depth = i64::from(self.store.status(self.opts.chain_id).await?.finality_depth);
+        depth: i64,
+    ) -> Result<Reorg, FollowError> {
         let below = checkpoint.min(head as i64);
-        let fork = self.find_fork(below, depth).await?;
+        let fork = self.find_fork(below, checkpoint, depth).await?;
         let reorg = self
             .store
             .rewind(&self.ctx, self.opts.chain_id, fork)
@@ -277,12 +388,13 @@ impl<'a> Follower<'a> {
             head,
             "the node replaced our checkpoint's block (a reorg onto a shorter or equal branch); rolled back to the fork point"
         );
-        Ok(Some(reorg))
+        Ok(reorg)
     }
 
-    /// The newest stored block at or below `below` whose hash the node agrees with.
-    async fn find_fork(&self, below: i64, depth: i64) -> Result<i64, FollowError> {
-        let lowest = (below - depth).max(0);
+    /// The newest stored block at or below `below` whose hash the node agrees with, no
+    /// deeper than the finality depth under `checkpoint`.
+    async fn find_fork(&self, below: i64, checkpoint: i64, depth: i64) -> Result<i64, FollowError> {
+        let lowest = (checkpoint - depth).max(0);
         let mut k = below;
         while k >= lowest {
             let Some(stored) = self.store.block_hash(self.opts.chain_id, k).await? else {
@@ -294,10 +406,7 @@ impl<'a> Follower<'a> {
             }
             k -= 1;
         }
-        Err(FollowError::NoCommonAncestor {
-            checkpoint: below + 1,
-            depth,
-        })
+        Err(FollowError::NoCommonAncestor { checkpoint, depth })
     }
 
     /// Blocks `from..=to` with their (filtered) transactions and logs, parsed.

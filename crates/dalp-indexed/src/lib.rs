@@ -11,6 +11,7 @@
 pub mod decode;
 pub mod follow;
 pub mod numeric;
+pub mod reconcile;
 pub mod rpc;
 pub mod store;
 pub mod synth;
@@ -37,6 +38,11 @@ pub const MIGRATIONS: MigrationSet = MigrationSet {
             version: 2,
             name: "chain_data",
             sql: include_str!("../migrations/0002_chain_data.sql"),
+        },
+        Migration {
+            version: 3,
+            name: "divergence_and_reconciliation",
+            sql: include_str!("../migrations/0003_divergence_and_reconciliation.sql"),
         },
     ],
 };

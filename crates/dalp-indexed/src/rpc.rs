@@ -172,6 +172,24 @@ impl RpcClient {
         )
     }
 
+    /// One round trip per poll: the node's chain id, its head, and its hash of block `at`
+    /// (if it has that block).
+    pub async fn poll(&self, at: Option<u64>) -> Result<(u64, u64, Option<String>), RpcError> {
+        let mut calls: Vec<(&str, Value)> =
+            vec![("eth_chainId", json!([])), ("eth_blockNumber", json!([]))];
+        if let Some(n) = at {
+            calls.push(("eth_getBlockByNumber", json!([format!("0x{n:x}"), false])));
+        }
+        let answers = self.batch(&calls).await?;
+        let chain = quantity(&answers[0], "eth_chainId")?;
+        let head = quantity(&answers[1], "eth_blockNumber")?;
+        let hash = match answers.get(2) {
+            Some(b) if !b.is_null() => Some(string(&b["hash"], "block hash")?),
+            _ => None,
+        };
+        Ok((chain, head, hash))
+    }
+
     /// The hash of block `n`, if the node has it.
     pub async fn block_hash(&self, n: u64) -> Result<Option<String>, RpcError> {
         let b = self

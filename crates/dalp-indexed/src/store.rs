@@ -55,6 +55,14 @@ pub enum IndexError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("database error: {}", dalp_db::connect::describe_error(.0))]
     Db(#[from] tokio_postgres::Error),
+    /// The node no longer has this chain's blocks within the finality depth: ingest stays
+    /// stopped until an operator re-points the indexer or rewinds.
+    #[error("chain {chain} diverged from its node at block {block} ({reason}); ingest is stopped. {}", divergence_next_step(*.chain))]
+    Diverged {
+        chain: i64,
+        block: i64,
+        reason: String,
+    },
     /// A read "at" a block the index has not reached: answering would pretend.
     #[error("block {block} is not indexed yet: chain {chain} is indexed up to block {}", checkpoint.map(|c| c.to_string()).unwrap_or_else(|| "none".into()))]
     NotIndexedYet {
@@ -62,6 +70,24 @@ pub enum IndexError {
         block: i64,
         checkpoint: Option<i64>,
     },
+}
+
+/// What an operator does about a diverged chain.
+pub fn divergence_next_step(chain: i64) -> String {
+    format!(
+        "Point the indexer at a node on the indexed chain (same chain id and history), or roll the index back: `dalp index rewind --chain-id {chain} --to <last good block> --beyond-finality`, or `--to -1` to re-index from scratch"
+    )
+}
+
+/// Why and since when a chain is diverged (see [`IndexError::Diverged`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Divergence {
+    pub since: DateTime<Utc>,
+    /// The checkpoint when the divergence was found.
+    pub block: i64,
+    pub reason: String,
+    /// What to do about it.
+    pub next: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -86,6 +112,15 @@ pub struct SyncStatus {
     /// `head - checkpoint`.
     pub lag: Option<i64>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// `following`, or `diverged` (ingest stopped; see `diverged`).
+    pub state: &'static str,
+    pub diverged: Option<Divergence>,
+}
+
+impl SyncStatus {
+    pub fn is_diverged(&self) -> bool {
+        self.diverged.is_some()
+    }
 }
 
 /// What one ingest call did.
@@ -368,6 +403,20 @@ impl IndexedStore {
         let cp = cp.first();
         let checkpoint: Option<i64> = cp.map(|r| r.get(0));
         let head: Option<i64> = cp.and_then(|r| r.get(3));
+        let diverged = client
+            .query_typed(
+                "SELECT diverged_at, diverged_block, diverged_reason FROM dalp_indexed.chains
+                  WHERE chain_id = $1 AND diverged_at IS NOT NULL",
+                &[(&chain_id, Type::INT8)],
+            )
+            .await?
+            .first()
+            .map(|r| Divergence {
+                since: r.get(0),
+                block: r.get::<_, Option<i64>>(1).unwrap_or(-1),
+                reason: r.get(2),
+                next: divergence_next_step(chain_id),
+            });
         Ok(SyncStatus {
             chain_id,
             name: chain.name,
@@ -378,6 +427,12 @@ impl IndexedStore {
             head,
             lag: head.zip(checkpoint).map(|(h, c)| (h - c).max(0)),
             updated_at: cp.map(|r| r.get(4)),
+            state: if diverged.is_some() {
+                "diverged"
+            } else {
+                "following"
+            },
+            diverged,
         })
     }
 
@@ -448,7 +503,8 @@ impl IndexedStore {
 
     /// Rolls the stored chain back to block `fork` (everything above it goes: rows,
     /// balances, supply, checkpoint), e.g. to re-index from there. Refused below the
-    /// finalized block, like a reorg that deep.
+    /// finalized block, like a reorg that deep, and on a diverged chain (the follower must
+    /// not quietly carry on).
     #[tracing::instrument(target = "dalp_store", name = "indexed.rewind", skip_all)]
     pub async fn rewind(
         &self,
@@ -456,22 +512,99 @@ impl IndexedStore {
         chain_id: i64,
         fork: i64,
     ) -> Result<Reorg, IndexError> {
+        self.rewind_with(ctx, chain_id, fork, false).await
+    }
+
+    /// An operator's rewind (`dalp index rewind`): with `beyond_finality` it may go below the
+    /// finalized block — down to `-1`, which empties the chain's index for a re-index — and
+    /// it ends a divergence, since the operator has decided where the index resumes.
+    #[tracing::instrument(target = "dalp_store", name = "indexed.rewind", skip_all)]
+    pub async fn rewind_with(
+        &self,
+        ctx: &RequestContext,
+        chain_id: i64,
+        fork: i64,
+        beyond_finality: bool,
+    ) -> Result<Reorg, IndexError> {
+        if fork < -1 {
+            return Err(Invalid::new("to", "must be -1 (re-index) or a block number").into());
+        }
         let mut client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
         let tx = client.transaction().await?;
-        let (finality_depth, cp) = lock_chain(&tx, chain_id).await?;
+        let (finality_depth, cp) = lock_chain_any(&tx, chain_id).await?;
+        if !beyond_finality {
+            refuse_if_diverged(&tx, chain_id).await?;
+        }
         let (n, _, finalized) =
             cp.ok_or_else(|| IndexError::NotFound(format!("a checkpoint of chain {chain_id}")))?;
-        let depth = reorg_depth(fork, n, finalized, finality_depth)?;
-        self.rollback(&tx, chain_id, fork).await?;
+        let depth = if beyond_finality {
+            (n - fork).max(0)
+        } else {
+            reorg_depth(fork, n, finalized, finality_depth)?
+        };
+        // Below the first indexed block, everything goes.
+        let lowest: i64 = tx
+            .typed_query_one(
+                "SELECT coalesce(min(number), 0) FROM dalp_indexed.blocks WHERE chain_id = $1",
+                &[&chain_id],
+            )
+            .await?
+            .get(0);
+        self.rollback(&tx, chain_id, fork.max(lowest - 1)).await?;
+        let cleared = tx
+            .typed_execute(
+                "UPDATE dalp_indexed.chains SET diverged_at = NULL, diverged_block = NULL, diverged_reason = NULL
+                  WHERE chain_id = $1 AND diverged_at IS NOT NULL",
+                &[&chain_id],
+            )
+            .await?;
         dalp_audit::record(
             &*tx,
             &ctx.event("indexed.blocks.rewind", "chain")
                 .resource(chain_id)
-                .details(json!({ "fork": fork, "depth": depth })),
+                .details(json!({
+                    "fork": fork,
+                    "depth": depth,
+                    "beyond_finality": beyond_finality,
+                    "divergence_cleared": cleared > 0,
+                })),
         )
         .await?;
         tx.commit().await?;
         Ok(Reorg { fork, depth })
+    }
+
+    /// Marks the chain diverged (see [`IndexError::Diverged`]); the first finding stays.
+    #[tracing::instrument(target = "dalp_store", name = "indexed.mark_diverged", skip_all)]
+    pub async fn mark_diverged(
+        &self,
+        ctx: &RequestContext,
+        chain_id: i64,
+        block: i64,
+        reason: &str,
+    ) -> Result<(), IndexError> {
+        let reason: String = reason.chars().filter(|c| *c != '\0').take(1000).collect();
+        let mut client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
+        let tx = client.transaction().await?;
+        let n = tx
+            .typed_execute(
+                "UPDATE dalp_indexed.chains SET diverged_at = now(), diverged_block = $2, diverged_reason = $3
+                  WHERE chain_id = $1 AND diverged_at IS NULL",
+                &[&chain_id, &block, &reason],
+            )
+            .await?;
+        if n > 0 {
+            dalp_audit::record(
+                &*tx,
+                &ctx.event("indexed.chain.diverged", "chain")
+                    .resource(chain_id)
+                    .outcome(dalp_audit::Outcome::Error)
+                    .details(json!({ "block": block, "reason": reason })),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn ingest_once(
@@ -1154,6 +1287,172 @@ impl IndexedStore {
         Ok(row.first().map(|r| r.get(0)).unwrap_or_else(|| "0".into()))
     }
 
+    /// Tokens with indexed balances or supply at or below `block`, least recently
+    /// reconciled first (never reconciled before all others).
+    #[tracing::instrument(target = "dalp_store", name = "indexed.reconcile_candidates", skip_all)]
+    pub async fn reconcile_candidates(
+        &self,
+        chain_id: i64,
+        block: i64,
+        limit: i64,
+    ) -> Result<Vec<Address>, IndexError> {
+        let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
+        let rows = client
+            .query_typed(
+                "SELECT t.token FROM (SELECT DISTINCT token FROM dalp_indexed.supply_history
+                                        WHERE chain_id = $1 AND block_number <= $2) t
+                   LEFT JOIN dalp_indexed.reconciliations r ON r.chain_id = $1 AND r.token = t.token
+                  ORDER BY r.checked_at NULLS FIRST, t.token LIMIT $3",
+                &[
+                    (&chain_id, Type::INT8),
+                    (&block, Type::INT8),
+                    (&limit, Type::INT8),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::reconcile::address(r.get::<_, &[u8]>(0)))
+            .collect())
+    }
+
+    /// Up to `n` random holders of `token` (ever), each with its indexed balance after
+    /// `block`.
+    #[tracing::instrument(target = "dalp_store", name = "indexed.sample_balances", skip_all)]
+    pub async fn sample_balances(
+        &self,
+        chain_id: i64,
+        token: &Address,
+        block: i64,
+        n: i64,
+    ) -> Result<Vec<(Address, String)>, IndexError> {
+        let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
+        let rows = client
+            .query_typed(
+                "SELECT s.account, coalesce(h.balance, 0)::text
+                   FROM (SELECT account FROM dalp_indexed.balances
+                          WHERE chain_id = $1 AND token = $2 ORDER BY random() LIMIT $4) s
+                   LEFT JOIN LATERAL (
+                        SELECT balance FROM dalp_indexed.balance_history h
+                         WHERE h.chain_id = $1 AND h.token = $2 AND h.account = s.account
+                           AND h.block_number <= $3
+                         ORDER BY h.block_number DESC LIMIT 1) h ON true",
+                &[
+                    (&chain_id, Type::INT8),
+                    (&token, Type::BYTEA),
+                    (&block, Type::INT8),
+                    (&n, Type::INT8),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (crate::reconcile::address(r.get::<_, &[u8]>(0)), r.get(1)))
+            .collect())
+    }
+
+    /// Keeps `r` as the token's newest reconciliation; a newly found disagreement is
+    /// audited.
+    #[tracing::instrument(
+        target = "dalp_store",
+        name = "indexed.record_reconciliation",
+        skip_all
+    )]
+    pub async fn record_reconciliation(
+        &self,
+        chain_id: i64,
+        token: &Address,
+        r: &crate::reconcile::TokenReconciliation,
+        drifted: &[Address],
+    ) -> Result<(), IndexError> {
+        let mut client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
+        let tx = client.transaction().await?;
+        let drifted: Vec<Vec<u8>> = drifted.iter().map(|a| a.to_vec()).collect();
+        let balances_checked = r.balances_checked as i32;
+        let was_in_agreement: Option<bool> = tx
+            .typed_query_one(
+                "WITH old AS (SELECT in_agreement FROM dalp_indexed.reconciliations
+                               WHERE chain_id = $1 AND token = $2 FOR UPDATE),
+                      up AS (INSERT INTO dalp_indexed.reconciliations AS c
+                               (chain_id, token, block_number, checked_at, indexed_supply, node_supply,
+                                balances_checked, drifted_accounts, in_agreement)
+                             VALUES ($1, $2, $3, now(), $4::text::numeric, $5::text::numeric, $6, $7, $8)
+                             ON CONFLICT (chain_id, token) DO UPDATE SET
+                                block_number = EXCLUDED.block_number, checked_at = EXCLUDED.checked_at,
+                                indexed_supply = EXCLUDED.indexed_supply, node_supply = EXCLUDED.node_supply,
+                                balances_checked = EXCLUDED.balances_checked,
+                                drifted_accounts = EXCLUDED.drifted_accounts,
+                                in_agreement = EXCLUDED.in_agreement)
+                 SELECT (SELECT in_agreement FROM old)",
+                &[
+                    &chain_id,
+                    &token,
+                    &r.block,
+                    &r.indexed_supply,
+                    &r.node_supply,
+                    &balances_checked,
+                    &drifted,
+                    &r.in_agreement,
+                ],
+            )
+            .await?
+            .get(0);
+        if !r.in_agreement && was_in_agreement != Some(false) {
+            dalp_audit::record(
+                &*tx,
+                &RequestContext::service("indexer")
+                    .event("indexed.reconcile.drift", "token")
+                    .resource(&r.token)
+                    .outcome(dalp_audit::Outcome::Error)
+                    .details(json!({
+                        "chain_id": chain_id,
+                        "block": r.block,
+                        "indexed_supply": r.indexed_supply,
+                        "node_supply": r.node_supply,
+                        "drifted_accounts": r.drifted_accounts,
+                    })),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The newest reconciliation of every token of `chain_id`, disagreements first.
+    #[tracing::instrument(target = "dalp_store", name = "indexed.reconciliations", skip_all)]
+    pub async fn reconciliations(
+        &self,
+        chain_id: i64,
+    ) -> Result<Vec<crate::reconcile::TokenReconciliation>, IndexError> {
+        let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
+        let rows = client
+            .query_typed(
+                "SELECT token, block_number, indexed_supply::text, node_supply::text, balances_checked,
+                        drifted_accounts, in_agreement, checked_at
+                   FROM dalp_indexed.reconciliations WHERE chain_id = $1
+                  ORDER BY in_agreement, token",
+                &[(&chain_id, Type::INT8)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::reconcile::TokenReconciliation {
+                token: hex0x(r.get::<_, &[u8]>(0)),
+                block: r.get(1),
+                indexed_supply: r.get(2),
+                node_supply: r.get(3),
+                balances_checked: r.get::<_, i32>(4) as usize,
+                drifted_accounts: r
+                    .get::<_, Vec<Vec<u8>>>(5)
+                    .iter()
+                    .map(|a| hex0x(a))
+                    .collect(),
+                in_agreement: r.get(6),
+                checked_at: Some(r.get(7)),
+            })
+            .collect())
+    }
+
     /// Row counts of every table for `chain_id` (tests and `dalp index status`).
     #[tracing::instrument(target = "dalp_store", name = "indexed.counts", skip_all)]
     pub async fn counts(&self, chain_id: i64) -> Result<Vec<(String, i64)>, IndexError> {
@@ -1183,8 +1482,36 @@ impl IndexedStore {
 }
 
 /// Locks the chain row (one ingest or rewind per chain at a time) and reads its finality
-/// depth and checkpoint `(block, hash, finalized)`.
+/// depth and checkpoint `(block, hash, finalized)`; a diverged chain is refused.
 async fn lock_chain(
+    tx: &Transaction<'_>,
+    chain_id: i64,
+) -> Result<(i32, Option<(i64, Vec<u8>, i64)>), IndexError> {
+    let locked = lock_chain_any(tx, chain_id).await?;
+    refuse_if_diverged(tx, chain_id).await?;
+    Ok(locked)
+}
+
+async fn refuse_if_diverged(tx: &Transaction<'_>, chain_id: i64) -> Result<(), IndexError> {
+    if let Some(r) = tx
+        .typed_query_opt(
+            "SELECT diverged_block, diverged_reason FROM dalp_indexed.chains
+              WHERE chain_id = $1 AND diverged_at IS NOT NULL",
+            &[&chain_id],
+        )
+        .await?
+    {
+        return Err(IndexError::Diverged {
+            chain: chain_id,
+            block: r.get::<_, Option<i64>>(0).unwrap_or(-1),
+            reason: r.get(1),
+        });
+    }
+    Ok(())
+}
+
+/// [`lock_chain`] without the divergence check.
+async fn lock_chain_any(
     tx: &Transaction<'_>,
     chain_id: i64,
 ) -> Result<(i32, Option<(i64, Vec<u8>, i64)>), IndexError> {

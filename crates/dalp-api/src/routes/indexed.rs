@@ -2,11 +2,15 @@
 //! (`admin` or `systemManager`; API keys need scope `read-write`), and reads for anyone
 //! signed in (chain data is public): balances, holders, transfers, balance and supply at a
 //! block, sync status.
+//!
+//! Every read says what it reflects: `x-dalp-indexed-block` (the checkpoint when the read
+//! began; `none` before the first block) and `x-dalp-chain-state` (`following`, or
+//! `diverged` when the node no longer has the indexed chain and ingest is stopped).
 
 use std::collections::HashMap;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use axum::Router;
 use dalp_identity::types::PlatformRole;
@@ -56,6 +60,31 @@ pub(crate) fn router() -> Router<AppState> {
             "/api/v1/indexed/{chain}/tokens/{token}/supply",
             get(supply_at),
         )
+}
+
+/// The headers every read carries (see the module docs).
+type Reflecting = [(HeaderName, HeaderValue); 2];
+
+pub const INDEXED_BLOCK_HEADER: &str = "x-dalp-indexed-block";
+pub const CHAIN_STATE_HEADER: &str = "x-dalp-chain-state";
+
+/// Where the chain's index stands as a read begins (unknown chains are 404 here).
+async fn reflecting(state: &AppState, chain: i64) -> Result<Reflecting, ApiError> {
+    let status = state.indexed.status(chain).await?;
+    let block = status
+        .checkpoint
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| "none".into());
+    Ok([
+        (
+            HeaderName::from_static(INDEXED_BLOCK_HEADER),
+            HeaderValue::from_str(&block).expect("digits"),
+        ),
+        (
+            HeaderName::from_static(CHAIN_STATE_HEADER),
+            HeaderValue::from_static(status.state),
+        ),
+    ])
 }
 
 fn chain_param(s: &str) -> Result<i64, ApiError> {
@@ -152,9 +181,15 @@ async fn status(
     State(state): State<AppState>,
     _auth: Auth,
     Path(chain): Path<String>,
-) -> Result<axum::Json<Value>, ApiError> {
-    let status = state.indexed.status(chain_param(&chain)?).await?;
-    Ok(axum::Json(json!({ "status": status })))
+) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
+    let chain = chain_param(&chain)?;
+    let headers = reflecting(&state, chain).await?;
+    let status = state.indexed.status(chain).await?;
+    let reconciliations = state.indexed.reconciliations(chain).await?;
+    Ok((
+        headers,
+        axum::Json(json!({ "status": status, "reconciliations": reconciliations })),
+    ))
 }
 
 #[tracing::instrument(skip_all)]
@@ -162,11 +197,12 @@ async fn account_balances(
     State(state): State<AppState>,
     _auth: Auth,
     Path((chain, account)): Path<(String, String)>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
     let chain = chain_param(&chain)?;
     let account = address_param("account", &account)?;
+    let headers = reflecting(&state, chain).await?;
     let balances = state.indexed.balances_of(chain, &account).await?;
-    Ok(axum::Json(json!({ "balances": balances })))
+    Ok((headers, axum::Json(json!({ "balances": balances }))))
 }
 
 #[tracing::instrument(skip_all)]
@@ -175,10 +211,11 @@ async fn holders(
     _auth: Auth,
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
     let chain = chain_param(&chain)?;
     let token = address_param("token", &token)?;
     let limit = page_limit(&q)?;
+    let headers = reflecting(&state, chain).await?;
     // Cursor: "<balance>:<account>" of the previous page's last holder.
     let after = match q.get("after") {
         None => None,
@@ -208,7 +245,10 @@ async fn holders(
     let next = (page.len() as i64 == limit)
         .then(|| page.last().map(|h| format!("{}:{}", h.balance, h.account)))
         .flatten();
-    Ok(axum::Json(json!({ "holders": page, "next": next })))
+    Ok((
+        headers,
+        axum::Json(json!({ "holders": page, "next": next })),
+    ))
 }
 
 async fn transfers(
@@ -216,7 +256,7 @@ async fn transfers(
     chain: &str,
     filter: TransferFilter<'_>,
     q: &HashMap<String, String>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
     let chain = chain_param(chain)?;
     let before = match q.get("before") {
         None => None,
@@ -238,6 +278,7 @@ async fn transfers(
         before,
         limit: page_limit(q)?,
     };
+    let headers = reflecting(state, chain).await?;
     let page = state.indexed.transfers(chain, filter, &query).await?;
     let next = (page.len() as i64 == query.limit)
         .then(|| {
@@ -245,7 +286,10 @@ async fn transfers(
                 .map(|t| format!("{}:{}", t.block_number, t.log_index))
         })
         .flatten();
-    Ok(axum::Json(json!({ "transfers": page, "next": next })))
+    Ok((
+        headers,
+        axum::Json(json!({ "transfers": page, "next": next })),
+    ))
 }
 
 #[tracing::instrument(skip_all)]
@@ -254,7 +298,7 @@ async fn token_transfers(
     _auth: Auth,
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
     let token = address_param("token", &token)?;
     transfers(&state, &chain, TransferFilter::Token(&token), &q).await
 }
@@ -265,25 +309,32 @@ async fn account_transfers(
     _auth: Auth,
     Path((chain, account)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
     let account = address_param("account", &account)?;
     transfers(&state, &chain, TransferFilter::Account(&account), &q).await
 }
 
-/// Chain and token from the path, and `?block=N` (default: the checkpoint).
+/// Chain and token from the path, `?block=N` (default: the checkpoint), and the read's
+/// headers.
 async fn token_at_block(
     state: &AppState,
     chain: &str,
     token: &str,
     q: &HashMap<String, String>,
-) -> Result<(i64, Address, i64), ApiError> {
+) -> Result<(i64, Address, i64, Reflecting), ApiError> {
     let chain = chain_param(chain)?;
     let token = address_param("token", token)?;
+    let headers = reflecting(state, chain).await?;
     let block = match int_param(q, "block")? {
         Some(b) => b,
-        None => state.indexed.status(chain).await?.checkpoint.unwrap_or(0),
+        None => headers[0]
+            .1
+            .to_str()
+            .ok()
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(0),
     };
-    Ok((chain, token, block))
+    Ok((chain, token, block, headers))
 }
 #[tracing::instrument(skip_all)]
 async fn balance_at(
@@ -291,14 +342,17 @@ async fn balance_at(
     _auth: Auth,
     Path((chain, token, account)): Path<(String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<axum::Json<Value>, ApiError> {
-    let (chain, token, block) = token_at_block(&state, &chain, &token, &q).await?;
+) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
+    let (chain, token, block, headers) = token_at_block(&state, &chain, &token, &q).await?;
     let account = address_param("account", &account)?;
     let balance = state
         .indexed
         .balance_at(chain, &token, &account, block)
         .await?;
-    Ok(axum::Json(json!({ "block": block, "balance": balance })))
+    Ok((
+        headers,
+        axum::Json(json!({ "block": block, "balance": balance })),
+    ))
 }
 
 #[tracing::instrument(skip_all)]
@@ -307,10 +361,11 @@ async fn supply_at(
     _auth: Auth,
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<axum::Json<Value>, ApiError> {
-    let (chain, token, block) = token_at_block(&state, &chain, &token, &q).await?;
+) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
+    let (chain, token, block, headers) = token_at_block(&state, &chain, &token, &q).await?;
     let supply = state.indexed.supply_at(chain, &token, block).await?;
-    Ok(axum::Json(
-        json!({ "block": block, "total_supply": supply }),
+    Ok((
+        headers,
+        axum::Json(json!({ "block": block, "total_supply": supply })),
     ))
 }

@@ -148,16 +148,40 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         Err(e) => tracing::warn!(error = %e, "stranded-nonce metrics unavailable"),
     }
     if let Ok(chains) = state.indexed.chains().await {
-        out.push_str("# HELP dalp_indexer_lag_blocks Blocks between the reported head and the checkpoint, per chain.\n# TYPE dalp_indexer_lag_blocks gauge\n");
+        let mut lag_lines = String::new();
+        let mut diverged_lines = String::new();
+        let mut drift_lines = String::new();
         for c in chains {
             if let Ok(s) = state.indexed.status(c.chain_id).await {
                 let lag = s.lag.map(|l| l.to_string()).unwrap_or_else(|| "NaN".into());
-                out.push_str(&format!(
+                lag_lines.push_str(&format!(
                     "dalp_indexer_lag_blocks{{chain_id=\"{}\"}} {lag}\n",
                     c.chain_id
                 ));
+                diverged_lines.push_str(&format!(
+                    "dalp_indexer_diverged{{chain_id=\"{}\"}} {}\n",
+                    c.chain_id,
+                    s.is_diverged() as u8
+                ));
+            }
+            if let Ok(list) = state.indexed.reconciliations(c.chain_id).await {
+                for r in list {
+                    drift_lines.push_str(&format!(
+                        "dalp_indexer_reconcile_disagreement{{chain_id=\"{}\",token=\"{}\",block=\"{}\"}} {}\n",
+                        c.chain_id,
+                        r.token,
+                        r.block,
+                        (!r.in_agreement) as u8
+                    ));
+                }
             }
         }
+        out.push_str("# HELP dalp_indexer_lag_blocks Blocks between the reported head and the checkpoint, per chain.\n# TYPE dalp_indexer_lag_blocks gauge\n");
+        out.push_str(&lag_lines);
+        out.push_str("# HELP dalp_indexer_diverged 1 when the node no longer has the indexed chain and ingest is stopped (see dalp index status).\n# TYPE dalp_indexer_diverged gauge\n");
+        out.push_str(&diverged_lines);
+        out.push_str("# HELP dalp_indexer_reconcile_disagreement 1 when the token's indexed supply or a sampled balance differs from the contract at the labelled block (last reconciliation).\n# TYPE dalp_indexer_reconcile_disagreement gauge\n");
+        out.push_str(&drift_lines);
     }
     state.http_metrics.render(&mut out);
     // Connection pools per component.

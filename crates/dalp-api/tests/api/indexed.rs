@@ -406,3 +406,111 @@ async fn an_oversized_ingest_body_is_refused() {
         .await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
 }
+
+/// Every read says which block it reflects and whether the chain is diverged; a diverged
+/// chain refuses ingest (409 `chain_diverged`) and shows in status and `/metrics`.
+#[tokio::test]
+async fn reads_name_their_block_and_a_diverged_chain_says_so_everywhere() {
+    let app = spawn_app().await;
+    app.create_user("indexer@bank.example", &[PlatformRole::SystemManager])
+        .await;
+    let w = app.token("indexer@bank.example").await;
+    let (s, b) = app
+        .call(
+            Method::POST,
+            "/api/v1/indexed/chains",
+            Cred::Token(&w),
+            Some(json!({"chain_id": 31337, "name": "anvil", "finality_depth": 4})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let synth = Synth::new(8, 4, Utc::now() - chrono::Duration::hours(1));
+    let path = "/api/v1/indexed/31337/blocks";
+    let (s, b) = app
+        .call(
+            Method::POST,
+            path,
+            Cred::Token(&w),
+            Some(batch(&synth, 0, 9, 0)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let token = format!("0x{}", hex::encode(synth.token.0));
+    let get = |p: String| {
+        let req = app.http.get(format!("{}{p}", app.base)).bearer_auth(&w);
+        async move {
+            let r = req.send().await.unwrap();
+            let h = |k: &str| r.headers().get(k).map(|v| v.to_str().unwrap().to_string());
+            let out = (
+                r.status(),
+                h("x-dalp-indexed-block"),
+                h("x-dalp-chain-state"),
+            );
+            (out, r.json::<Value>().await.unwrap())
+        }
+    };
+    for p in [
+        "/api/v1/indexed/31337/status".to_string(),
+        format!("/api/v1/indexed/31337/tokens/{token}/supply"),
+        format!("/api/v1/indexed/31337/tokens/{token}/holders"),
+        format!("/api/v1/indexed/31337/tokens/{token}/transfers"),
+    ] {
+        let ((s, block, state), b) = get(p.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{p}: {b}");
+        assert_eq!(block.as_deref(), Some("9"), "{p}");
+        assert_eq!(state.as_deref(), Some("following"), "{p}");
+    }
+
+    app.services
+        .state
+        .indexed
+        .mark_diverged(
+            &dalp_audit::RequestContext::service("test"),
+            31337,
+            9,
+            "the node at the RPC URL is now on chain 5, not 31337",
+        )
+        .await
+        .unwrap();
+    let ((s, block, state), b) = get("/api/v1/indexed/31337/status".into()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        (block.as_deref(), state.as_deref()),
+        (Some("9"), Some("diverged"))
+    );
+    assert_eq!(b["status"]["state"], "diverged", "{b}");
+    assert!(
+        b["status"]["diverged"]["next"]
+            .as_str()
+            .unwrap()
+            .contains("dalp index rewind"),
+        "{b}"
+    );
+    let ((_, _, state), _) = get(format!("/api/v1/indexed/31337/tokens/{token}/supply")).await;
+    assert_eq!(state.as_deref(), Some("diverged"));
+    let before = counts(&app).await;
+    let (s, b) = app
+        .call(
+            Method::POST,
+            path,
+            Cred::Token(&w),
+            Some(batch(&synth, 10, 12, 0)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    assert_eq!(b["error"]["code"], "chain_diverged", "{b}");
+    assert_eq!(counts(&app).await, before, "nothing ingested");
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("dalp_indexer_diverged{chain_id=\"31337\"} 1"),
+        "{metrics}"
+    );
+}

@@ -668,6 +668,40 @@ async fn component_checks(pools: &ComponentPools, checks: &mut Vec<Check>) {
                             .updated_at
                             .is_some_and(|u| Utc::now() - u > chrono::Duration::minutes(10));
                         let lag = s.lag.unwrap_or(0);
+                        if let Some(d) = &s.diverged {
+                            checks.push(check(
+                                "indexer",
+                                "error",
+                                format!(
+                                    "chain {}: diverged from its node at block {} since {}: {}",
+                                    c.chain_id,
+                                    d.block,
+                                    d.since.to_rfc3339(),
+                                    d.reason
+                                ),
+                                d.next.clone(),
+                            ));
+                            continue;
+                        }
+                        if let Ok(list) = indexed.reconciliations(c.chain_id).await {
+                            for r in dalp_indexed::reconcile::drifting(&list) {
+                                checks.push(check(
+                                    "indexer",
+                                    "warning",
+                                    format!(
+                                        "chain {}: token {} disagrees with its contract at block {}: supply indexed {} node {}, {} of {} sampled balance(s) differ",
+                                        c.chain_id,
+                                        r.token,
+                                        r.block,
+                                        r.indexed_supply,
+                                        r.node_supply.as_deref().unwrap_or("-"),
+                                        r.drifted_accounts.len(),
+                                        r.balances_checked
+                                    ),
+                                    "the token moves value without Transfer events, or indexing began after its deployment (--from-block); compare `dalp index status`, and re-index it with `dalp index rewind --beyond-finality` if events were missed",
+                                ));
+                            }
+                        }
                         checks.push(if lag > 100 || (stale && lag > 0) {
                             check(
                                 "indexer",

@@ -1,19 +1,97 @@
-//! `dalp index follow|status`.
+//! `dalp index follow|status|rewind|reconcile`.
 
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use dalp_audit::RequestContext;
 use dalp_db::Component;
 use dalp_indexed::follow::{FollowOptions, Follower};
+use dalp_indexed::reconcile::{reconcile, ReconcileOptions, TokenReconciliation};
 use dalp_indexed::rpc::RpcClient;
 use dalp_indexed::types::parse_address;
 use dalp_indexed::{IndexError, IndexedStore};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::TargetArgs;
+use crate::cli::{IndexCommand, TargetArgs};
 use crate::target::component_pool;
+
+pub async fn run(command: IndexCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        IndexCommand::Status {
+            target,
+            chain_id,
+            json,
+        } => status(&target, chain_id, json).await,
+        IndexCommand::Follow {
+            target,
+            rpc,
+            chain_id,
+            from_block,
+            contracts,
+            batch,
+            poll_ms,
+            once,
+            give_up_after,
+            name,
+            finality_depth,
+            reconcile_every_secs,
+            reconcile,
+        } => {
+            let mut opts = FollowOptions::new(chain_id);
+            opts.from_block = from_block;
+            opts.batch_blocks = batch;
+            opts.poll_interval = Duration::from_millis(poll_ms);
+            opts.until_caught_up = once;
+            opts.give_up_after = give_up_after.or(once.then_some(8));
+            let every = (!once && reconcile_every_secs > 0).then(|| {
+                (
+                    Duration::from_secs(reconcile_every_secs),
+                    reconcile.options(),
+                )
+            });
+            follow(&target, &rpc, opts, &contracts, name, finality_depth, every).await
+        }
+        IndexCommand::Rewind {
+            target,
+            chain_id,
+            to,
+            beyond_finality,
+        } => rewind(&target, chain_id, to, beyond_finality).await,
+        IndexCommand::Reconcile {
+            target,
+            rpc,
+            chain_id,
+            reconcile,
+            json,
+        } => reconcile_once(&target, &rpc, chain_id, &reconcile.options(), json).await,
+    }
+}
+
+/// Reconciliation rounds every `every` until dropped; failures are logged and retried at
+/// the next round.
+async fn reconcile_loop(
+    store: &IndexedStore,
+    rpc: &RpcClient,
+    chain_id: i64,
+    every: Duration,
+    opts: &ReconcileOptions,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        match reconcile(store, rpc, chain_id, opts).await {
+            Ok(list) => tracing::info!(
+                chain_id,
+                tokens = list.len(),
+                drifting = dalp_indexed::reconcile::drifting(&list).count(),
+                "reconciliation round"
+            ),
+            Err(e) => {
+                tracing::warn!(chain_id, error = %e, "reconciliation round failed; next round retries")
+            }
+        }
+    }
+}
 
 pub async fn follow(
     target: &TargetArgs,
@@ -22,6 +100,7 @@ pub async fn follow(
     contracts: &[String],
     name: Option<String>,
     finality_depth: i32,
+    reconcile_every: Option<(Duration, ReconcileOptions)>,
 ) -> anyhow::Result<ExitCode> {
     for c in contracts {
         opts.contracts.push(
@@ -55,7 +134,13 @@ pub async fn follow(
         Err(e) => return Err(e).context("read the chain's checkpoint"),
     }
     let rpc = RpcClient::new(rpc_url)?;
-    let follower = Follower::new(&store, rpc, opts);
+    let follower = Follower::new(&store, rpc.clone(), opts);
+    let reconciling = async {
+        match &reconcile_every {
+            Some((every, ropts)) => reconcile_loop(&store, &rpc, chain_id, *every, ropts).await,
+            None => std::future::pending().await,
+        }
+    };
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} block {pos}/{len} ({per_sec}, eta {eta}) {msg}")
@@ -63,27 +148,29 @@ pub async fn follow(
     );
     let started = Instant::now();
     let mut first: Option<i64> = None;
-    let result = follower
-        .run(
-            |p| {
-                let start = *first.get_or_insert(p.checkpoint - p.applied as i64);
-                bar.set_length(p.head.saturating_sub(start.max(0) as u64));
-                bar.set_position((p.checkpoint - start).max(0) as u64);
-                if let Some(r) = &p.reorg {
-                    bar.suspend(|| {
-                        eprintln!(
-                            "reorg: rolled back {} block(s) above block {}",
-                            r.depth, r.fork
-                        )
-                    });
-                }
-                bar.set_message(format!("checkpoint {} head {}", p.checkpoint, p.head));
-            },
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
-        )
-        .await;
+    let following = follower.run(
+        |p| {
+            let start = *first.get_or_insert(p.checkpoint - p.applied as i64);
+            bar.set_length(p.head.saturating_sub(start.max(0) as u64));
+            bar.set_position((p.checkpoint - start).max(0) as u64);
+            if let Some(r) = &p.reorg {
+                bar.suspend(|| {
+                    eprintln!(
+                        "reorg: rolled back {} block(s) above block {}",
+                        r.depth, r.fork
+                    )
+                });
+            }
+            bar.set_message(format!("checkpoint {} head {}", p.checkpoint, p.head));
+        },
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+    );
+    let result = tokio::select! {
+        r = following => r,
+        () = reconciling => Ok(()),
+    };
     bar.finish_and_clear();
     let status = store.status(chain_id).await?;
     eprintln!(
@@ -101,12 +188,17 @@ pub async fn status(target: &TargetArgs, chain_id: i64, json: bool) -> anyhow::R
     let store = IndexedStore::new(component_pool(target, Component::Indexer)?);
     let status = store.status(chain_id).await?;
     let counts = store.counts(chain_id).await?;
+    let reconciled = store.reconciliations(chain_id).await?;
+    let healthy = !status.is_diverged()
+        && dalp_indexed::reconcile::drifting(&reconciled)
+            .next()
+            .is_none();
     if json {
         let counts: serde_json::Map<String, serde_json::Value> =
             counts.into_iter().map(|(t, n)| (t, n.into())).collect();
         println!(
             "{}",
-            serde_json::json!({ "status": status, "rows": counts })
+            serde_json::json!({ "status": status, "reconciliations": reconciled, "rows": counts })
         );
     } else {
         println!("chain       {} ({})", status.chain_id, status.name);
@@ -123,9 +215,107 @@ pub async fn status(target: &TargetArgs, chain_id: i64, json: bool) -> anyhow::R
         );
         println!("head        {}", show(status.head));
         println!("lag         {}", show(status.lag));
+        match &status.diverged {
+            None => println!("state       following"),
+            Some(d) => {
+                println!(
+                    "state       DIVERGED since {} at block {}: {}",
+                    d.since.format("%Y-%m-%d %H:%M:%S UTC"),
+                    d.block,
+                    d.reason
+                );
+                println!("            {}", d.next);
+            }
+        }
+        for r in &reconciled {
+            print_reconciliation(r);
+        }
         for (table, n) in counts {
             println!("rows        {table:<16} {n}");
         }
     }
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_reconciliation(r: &TokenReconciliation) {
+    let verdict = if r.in_agreement {
+        "agrees"
+    } else {
+        "DISAGREES"
+    };
+    println!(
+        "reconciled  {} at block {}: {verdict}; supply indexed {} node {}; {} balance(s) compared, {} differ{}",
+        r.token,
+        r.block,
+        r.indexed_supply,
+        r.node_supply.as_deref().unwrap_or("(no totalSupply)"),
+        r.balances_checked,
+        r.drifted_accounts.len(),
+        if r.drifted_accounts.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", r.drifted_accounts.join(", "))
+        }
+    );
+}
+
+async fn rewind(
+    target: &TargetArgs,
+    chain_id: i64,
+    to: i64,
+    beyond_finality: bool,
+) -> anyhow::Result<ExitCode> {
+    let store = IndexedStore::new(component_pool(target, Component::Indexer)?);
+    let reorg = store
+        .rewind_with(
+            &RequestContext::service("cli"),
+            chain_id,
+            to,
+            beyond_finality,
+        )
+        .await
+        .map_err(|e| match e {
+            IndexError::DeepReorg { .. } => anyhow::anyhow!(
+                "{e}\nadd --beyond-finality to roll back below the finalized block anyway"
+            ),
+            e => e.into(),
+        })?;
+    eprintln!(
+        "chain {chain_id}: rolled back {} block(s); the index now ends at block {} (the next `dalp index follow` continues from there)",
+        reorg.depth,
+        if to < 0 { "none".to_string() } else { to.to_string() }
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+async fn reconcile_once(
+    target: &TargetArgs,
+    rpc_url: &str,
+    chain_id: i64,
+    opts: &ReconcileOptions,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let store = IndexedStore::new(component_pool(target, Component::Indexer)?);
+    let rpc = RpcClient::new(rpc_url)?;
+    let list = reconcile(&store, &rpc, chain_id, opts).await?;
+    if json {
+        println!("{}", serde_json::json!({ "reconciliations": list }));
+    } else if list.is_empty() {
+        println!("nothing to reconcile yet (no finalized block with token activity)");
+    } else {
+        for r in &list {
+            print_reconciliation(r);
+        }
+    }
+    Ok(
+        if dalp_indexed::reconcile::drifting(&list).next().is_none() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        },
+    )
 }

@@ -22,8 +22,7 @@ mod workflows;
 use std::process::ExitCode;
 
 use crate::cli::{
-    AuditCommand, Cli, Command, ConfigCommand, DbCommand, IndexCommand, KeysCommand, RolesCommand,
-    UsersCommand,
+    AuditCommand, Cli, Command, ConfigCommand, DbCommand, KeysCommand, RolesCommand, UsersCommand,
 };
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -95,38 +94,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => doctor::run(&target, &cert, warn_days, json).await,
         Command::Workflows { command } => workflows::run(command).await,
-        Command::Index {
-            command:
-                IndexCommand::Status {
-                    target,
-                    chain_id,
-                    json,
-                },
-        } => index::status(&target, chain_id, json).await,
-        Command::Index {
-            command:
-                IndexCommand::Follow {
-                    target,
-                    rpc,
-                    chain_id,
-                    from_block,
-                    contracts,
-                    batch,
-                    poll_ms,
-                    once,
-                    give_up_after,
-                    name,
-                    finality_depth,
-                },
-        } => {
-            let mut opts = dalp_indexed::follow::FollowOptions::new(chain_id);
-            opts.from_block = from_block;
-            opts.batch_blocks = batch;
-            opts.poll_interval = std::time::Duration::from_millis(poll_ms);
-            opts.until_caught_up = once;
-            opts.give_up_after = give_up_after.or(once.then_some(8));
-            index::follow(&target, &rpc, opts, &contracts, name, finality_depth).await
-        }
+        Command::Index { command } => index::run(command).await,
         Command::Audit {
             command:
                 AuditCommand::Verify {
