@@ -56,16 +56,21 @@ impl Trail {
         s.witness_now().await.unwrap();
     }
 
+    /// `n` events in one transaction: a batch never splits a transaction, so each
+    /// `write` + `seal` adds exactly one batch however other tests' transactions in the
+    /// shared cluster hold the seal watermark back.
     async fn write(&self, n: usize) {
-        let c = self.pools.get(Component::Identity).get().await.unwrap();
+        let mut c = self.pools.get(Component::Identity).get().await.unwrap();
+        let tx = c.transaction().await.unwrap();
         for i in 0..n {
             dalp_audit::record(
-                &**c,
+                &*tx,
                 &AuditEvent::new("service:test", "test.write", "thing").resource(i),
             )
             .await
             .unwrap();
         }
+        tx.commit().await.unwrap();
     }
 
     /// Verification as `dalp audit verify` runs it: the public key only, every witnessed

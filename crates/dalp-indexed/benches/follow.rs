@@ -1,0 +1,205 @@
+//! `cargo bench -p dalp-indexed --bench follow`
+//!
+//! The follower against a real node (anvil), in one run on one chain:
+//!
+//! 1. **fetch only** (the ceiling): the follower's own fetch of every batch — blocks with
+//!    their transactions, the token's logs, receipts where needed — parsed, written nowhere.
+//! 2. **follow, one batch at a time** (the baseline, how the follower worked before): fetch,
+//!    then write, then fetch the next.
+//! 3. **follow, pipelined** (the product): the next batch is fetched while the previous one
+//!    is written.
+//!
+//! Each follow starts from an empty, freshly migrated database and ends when the checkpoint
+//! reaches the node's head; the result is checked (every block and transfer indexed).
+//! The chain: `DALP_BENCH_BLOCKS` (default 2,500) blocks of `DALP_BENCH_PER_BLOCK` (6)
+//! ERC-20 transfers among 10 accounts, made before timing starts.
+
+use std::time::{Duration, Instant};
+
+use dalp_db::Component;
+use dalp_indexed::follow::{FollowOptions, Follower};
+use dalp_indexed::rpc::RpcClient;
+use dalp_indexed::types::parse_address;
+use dalp_indexed::IndexedStore;
+use dalp_testkit::anvil::Anvil;
+use serde_json::json;
+use sha3::{Digest, Keccak256};
+
+const CHAIN: i64 = 31337;
+const BATCH: u64 = 100;
+const TOKEN_BIN: &str = include_str!("../tests/contracts/DalpTestToken.bin");
+
+fn env_u64(k: &str, default: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn call_data(sig: &str, addr: &str, amount: u64) -> String {
+    format!(
+        "0x{}{:0>64}{amount:064x}",
+        hex::encode(&Keccak256::digest(sig.as_bytes())[..4]),
+        addr.trim_start_matches("0x")
+    )
+}
+
+/// Deploys the token, mints to 10 accounts, then `blocks` blocks of `per_block` transfers.
+/// Returns the token address.
+async fn build_chain(rpc: &RpcClient, blocks: u64, per_block: u64) -> String {
+    let accounts: Vec<String> = rpc
+        .call("eth_accounts", json!([]))
+        .await
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let send = |from: &str, to: Option<&str>, data: String| {
+        let mut tx = json!({"from": from, "data": data, "gas": "0x500000"});
+        if let Some(to) = to {
+            tx["to"] = json!(to);
+        }
+        rpc.call("eth_sendTransaction", json!([tx]))
+    };
+    let hash = send(&accounts[0], None, format!("0x{}", TOKEN_BIN.trim()))
+        .await
+        .unwrap();
+    let mut receipt = serde_json::Value::Null;
+    while receipt.is_null() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        receipt = rpc
+            .call("eth_getTransactionReceipt", json!([hash]))
+            .await
+            .unwrap();
+    }
+    let token = receipt["contractAddress"].as_str().unwrap().to_string();
+    for a in &accounts {
+        send(
+            &accounts[0],
+            Some(&token),
+            call_data("mint(address,uint256)", a, 1_000_000_000),
+        )
+        .await
+        .unwrap();
+    }
+    rpc.call("evm_setAutomine", json!([false])).await.unwrap();
+    let mut k = 0usize;
+    for b in 0..blocks {
+        for _ in 0..per_block {
+            let from = &accounts[k % accounts.len()];
+            let to = &accounts[(k * 7 + 3) % accounts.len()];
+            send(
+                from,
+                Some(&token),
+                call_data("transfer(address,uint256)", to, 1 + k as u64 % 1000),
+            )
+            .await
+            .unwrap();
+            k += 1;
+        }
+        rpc.call("evm_mine", json!([])).await.unwrap();
+        if b % 500 == 499 {
+            println!("  built {} blocks", b + 1);
+        }
+    }
+    token
+}
+
+fn options(token: &str, pipeline: bool) -> FollowOptions {
+    let mut o = FollowOptions::new(CHAIN);
+    o.contracts = vec![parse_address("token", "bench", token).unwrap()];
+    o.batch_blocks = BATCH;
+    o.until_caught_up = true;
+    o.give_up_after = Some(3);
+    o.pipeline = pipeline;
+    o
+}
+
+/// Follows into a fresh database; returns (seconds, blocks, logs, transfers).
+async fn follow(url: &str, token: &str, pipeline: bool) -> (f64, i64, i64, i64) {
+    let db = dalp_testkit::migrated_database().await;
+    let store = IndexedStore::new(db.pools_sized(2).get(Component::Indexer).clone());
+    store
+        .register_chain(
+            &dalp_audit::RequestContext::service("bench"),
+            CHAIN,
+            "anvil",
+            64,
+        )
+        .await
+        .unwrap();
+    let rpc = RpcClient::new(url).unwrap();
+    let follower = Follower::new(&store, rpc, options(token, pipeline));
+    let started = Instant::now();
+    follower
+        .run(|_| {}, std::future::pending::<()>())
+        .await
+        .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    let counts: std::collections::HashMap<String, i64> =
+        store.counts(CHAIN).await.unwrap().into_iter().collect();
+    (secs, counts["blocks"], counts["logs"], counts["transfers"])
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let blocks = env_u64("DALP_BENCH_BLOCKS", 2500);
+    let per_block = env_u64("DALP_BENCH_PER_BLOCK", 6);
+    let anvil = Anvil::start(CHAIN as u64);
+    let rpc = RpcClient::new(&anvil.url()).unwrap();
+    let built = Instant::now();
+    let token = build_chain(&rpc, blocks, per_block).await;
+    let head = rpc.block_number().await.unwrap();
+    println!(
+        "chain: {} blocks, {} transfers planned, built in {:.1} s",
+        head + 1,
+        blocks * per_block,
+        built.elapsed().as_secs_f64()
+    );
+
+    // 1. Fetch only, same batches.
+    let db = dalp_testkit::migrated_database().await;
+    let store = IndexedStore::new(db.pools_sized(1).get(Component::Indexer).clone());
+    let fetcher = Follower::new(&store, rpc.clone(), options(&token, false));
+    let started = Instant::now();
+    let mut fetched_blocks = 0usize;
+    let mut logs = 0usize;
+    let mut from = 0;
+    while from <= head {
+        let to = head.min(from + BATCH - 1);
+        let b = fetcher.fetch(from, to).await.unwrap();
+        fetched_blocks += b.len();
+        logs += b.iter().map(|b| b.logs.len()).sum::<usize>();
+        from = to + 1;
+    }
+    let fetch_secs = started.elapsed().as_secs_f64();
+    drop(db);
+    println!(
+        "fetch only:            {fetched_blocks} blocks, {logs} logs in {fetch_secs:.2} s = {:.0} blocks/s",
+        fetched_blocks as f64 / fetch_secs
+    );
+
+    let mut results = Vec::new();
+    for (name, pipeline) in [("one batch at a time", false), ("pipelined", true)] {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (secs, n, stored_logs, transfers) = follow(&anvil.url(), &token, pipeline).await;
+        assert_eq!(n as u64, head + 1, "every block indexed");
+        assert_eq!(stored_logs as usize, logs, "every log indexed");
+        println!(
+            "follow, {name:<20} {n} blocks, {transfers} transfers in {secs:.2} s = {:.0} blocks/s, {:.0} transfers/s",
+            n as f64 / secs,
+            transfers as f64 / secs
+        );
+        results.push(secs);
+    }
+    println!(
+        "pipelined / fetch-only ceiling: {:.2}x (goal >= 0.8x)",
+        fetch_secs / results[1]
+    );
+    println!(
+        "pipelined / one batch at a time: {:.2}x",
+        results[0] / results[1]
+    );
+}
