@@ -811,6 +811,11 @@ pub enum IndexCommand {
         /// Reorgs deeper than this many blocks are refused (set when registering the chain).
         #[arg(long, default_value_t = 64)]
         finality_depth: i32,
+        /// Read blocks as full transaction objects plus `eth_getLogs` instead of headers
+        /// plus `eth_getBlockReceipts` (used by default, and given up automatically on a
+        /// node without it).
+        #[arg(long)]
+        no_block_receipts: bool,
         /// Seconds between reconciliation rounds while following (compare indexed supply
         /// and sampled balances with the contracts at the finalized block; see `dalp index
         /// reconcile`); 0 turns it off. Not run with --once.

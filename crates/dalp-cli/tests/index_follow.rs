@@ -371,11 +371,18 @@ async fn a_follower_killed_mid_stream_resumes_with_nothing_missing_or_duplicated
     let head = node.head().await;
 
     let mut child = Reaped(
-        follow_command(&db, &anvil, &token, &["--batch", "3", "--poll-ms", "200"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+        // The fallback fetch path (full blocks and eth_getLogs) is the one killed here;
+        // the other tests use block receipts.
+        follow_command(
+            &db,
+            &anvil,
+            &token,
+            &["--batch", "3", "--poll-ms", "200", "--no-block-receipts"],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
     );
     let store = store_for(&db);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -885,4 +892,125 @@ async fn reconciliation_names_a_token_whose_contract_disagrees() {
         .unwrap()
         .get(0);
     assert_eq!(n, 1);
+}
+
+/// A JSON-RPC proxy in front of the node that, for its first `lies` answers to
+/// `eth_blockNumber`, announces a head 2 blocks above what the node serves — as a load
+/// balancer does when one backend is ahead of another. Returns its URL; it runs until the
+/// test ends.
+async fn lagging_head_proxy(node_url: String, lies: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let told = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let (http, node_url, told) = (http.clone(), node_url.clone(), told.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let body = loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map(|v| v.trim().parse().unwrap())
+                        .unwrap_or(0);
+                    if buf.len() >= end + 4 + len {
+                        break buf[end + 4..end + 4 + len].to_vec();
+                    }
+                };
+                let request: Value = serde_json::from_slice(&body).unwrap();
+                let mut answer: Value = http
+                    .post(&node_url)
+                    .json(&request)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let calls: Vec<&Value> = match &request {
+                    Value::Array(a) => a.iter().collect(),
+                    one => vec![one],
+                };
+                for call in calls {
+                    if call["method"] != "eth_blockNumber"
+                        || told.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= lies
+                    {
+                        continue;
+                    }
+                    let slot = match &mut answer {
+                        Value::Array(items) => items.iter_mut().find(|i| i["id"] == call["id"]),
+                        one => Some(one),
+                    };
+                    if let Some(slot) = slot {
+                        let h = u64::from_str_radix(
+                            slot["result"].as_str().unwrap().trim_start_matches("0x"),
+                            16,
+                        )
+                        .unwrap();
+                        slot["result"] = json!(format!("0x{:x}", h + 2));
+                    }
+                }
+                let out = answer.to_string();
+                let _ = sock
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                            out.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    url
+}
+
+/// A head announced before its block is served (the node answers null for the newest
+/// blocks of a batch) is retried, not fatal, and the index ends equal to the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_announced_before_its_block_is_served_is_retried() {
+    let db = migrated_database().await;
+    let anvil = Anvil::start(CHAIN as u64);
+    let node = Node::new(&anvil).await;
+    let token = node.deploy().await;
+    node.mint(&token, 1, 500).await;
+    node.transfer(&token, 1, 2, 200).await;
+    let proxy = lagging_head_proxy(anvil.url(), 3).await;
+    let out = Command::new(DALP)
+        .args(["index", "follow", "--rpc", &proxy, "--chain-id", "31337"])
+        .args(["--contracts", &token, "--once", "--give-up-after", "8"])
+        .env("DALP_DATABASE_URL", indexer_url(&db))
+        .env_remove("DALP_DATA_DIR")
+        .output()
+        .unwrap();
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("has no block") && err.contains("retrying"),
+        "{err}"
+    );
+    let store = store_for(&db);
+    let h = node.head().await;
+    assert_eq!(
+        store.status(CHAIN).await.unwrap().checkpoint,
+        Some(h as i64)
+    );
+    let every: Vec<u64> = (0..=h).collect();
+    assert_index_matches(&store, &node, &token, &every, h).await;
 }

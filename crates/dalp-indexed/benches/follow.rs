@@ -10,7 +10,10 @@
 //!    is written.
 //!
 //! Each follow starts from an empty, freshly migrated database and ends when the checkpoint
-//! reaches the node's head; the result is checked (every block and transfer indexed).
+//! reaches the node's head; the result is checked (every block and log indexed).
+//!
+//! `DALP_BENCH_CLI=name=/path/to/dalp,...` also times `dalp index follow --once` of each
+//! named binary on the same chain (e.g. a build of an older commit, for "today's rate").
 //! The chain: `DALP_BENCH_BLOCKS` (default 2,500) blocks of `DALP_BENCH_PER_BLOCK` (6)
 //! ERC-20 transfers among 10 accounts, made before timing starts.
 
@@ -26,7 +29,8 @@ use serde_json::json;
 use sha3::{Digest, Keccak256};
 
 const CHAIN: i64 = 31337;
-const BATCH: u64 = 100;
+static BATCH: std::sync::LazyLock<u64> =
+    std::sync::LazyLock::new(|| env_u64("DALP_BENCH_BATCH", 100));
 const TOKEN_BIN: &str = include_str!("../tests/contracts/DalpTestToken.bin");
 
 fn env_u64(k: &str, default: u64) -> u64 {
@@ -107,10 +111,11 @@ async fn build_chain(rpc: &RpcClient, blocks: u64, per_block: u64) -> String {
     token
 }
 
-fn options(token: &str, pipeline: bool) -> FollowOptions {
+fn options(token: &str, pipeline: bool, receipts: bool) -> FollowOptions {
     let mut o = FollowOptions::new(CHAIN);
+    o.block_receipts = receipts;
     o.contracts = vec![parse_address("token", "bench", token).unwrap()];
-    o.batch_blocks = BATCH;
+    o.batch_blocks = *BATCH;
     o.until_caught_up = true;
     o.give_up_after = Some(3);
     o.pipeline = pipeline;
@@ -118,7 +123,7 @@ fn options(token: &str, pipeline: bool) -> FollowOptions {
 }
 
 /// Follows into a fresh database; returns (seconds, blocks, logs, transfers).
-async fn follow(url: &str, token: &str, pipeline: bool) -> (f64, i64, i64, i64) {
+async fn follow(url: &str, token: &str, pipeline: bool, receipts: bool) -> (f64, i64, i64, i64) {
     let db = dalp_testkit::migrated_database().await;
     let store = IndexedStore::new(db.pools_sized(2).get(Component::Indexer).clone());
     store
@@ -131,7 +136,7 @@ async fn follow(url: &str, token: &str, pipeline: bool) -> (f64, i64, i64, i64) 
         .await
         .unwrap();
     let rpc = RpcClient::new(url).unwrap();
-    let follower = Follower::new(&store, rpc, options(token, pipeline));
+    let follower = Follower::new(&store, rpc, options(token, pipeline, receipts));
     let started = Instant::now();
     follower
         .run(|_| {}, std::future::pending::<()>())
@@ -159,47 +164,134 @@ async fn main() {
         built.elapsed().as_secs_f64()
     );
 
-    // 1. Fetch only, same batches.
-    let db = dalp_testkit::migrated_database().await;
-    let store = IndexedStore::new(db.pools_sized(1).get(Component::Indexer).clone());
-    let fetcher = Follower::new(&store, rpc.clone(), options(&token, false));
-    let started = Instant::now();
-    let mut fetched_blocks = 0usize;
-    let mut logs = 0usize;
-    let mut from = 0;
-    while from <= head {
-        let to = head.min(from + BATCH - 1);
-        let b = fetcher.fetch(from, to).await.unwrap();
-        fetched_blocks += b.len();
-        logs += b.iter().map(|b| b.logs.len()).sum::<usize>();
-        from = to + 1;
-    }
-    let fetch_secs = started.elapsed().as_secs_f64();
-    drop(db);
-    println!(
-        "fetch only:            {fetched_blocks} blocks, {logs} logs in {fetch_secs:.2} s = {:.0} blocks/s",
-        fetched_blocks as f64 / fetch_secs
-    );
-
-    let mut results = Vec::new();
-    for (name, pipeline) in [("one batch at a time", false), ("pipelined", true)] {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let (secs, n, stored_logs, transfers) = follow(&anvil.url(), &token, pipeline).await;
-        assert_eq!(n as u64, head + 1, "every block indexed");
-        assert_eq!(stored_logs as usize, logs, "every log indexed");
+    // Where the fetch time goes: each request kind alone over the same ranges.
+    {
+        let contracts = vec![parse_address("token", "bench", &token).unwrap()];
+        let mut ranges = Vec::new();
+        let mut from = 0;
+        while from <= head {
+            let to = head.min(from + *BATCH - 1);
+            ranges.push((from, to));
+            from = to + 1;
+        }
+        let t = Instant::now();
+        for &(a, b) in &ranges {
+            rpc.blocks(a, b).await.unwrap();
+        }
+        let full = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for &(a, b) in &ranges {
+            let calls: Vec<(&str, serde_json::Value)> = (a..=b)
+                .map(|n| ("eth_getBlockByNumber", json!([format!("0x{n:x}"), false])))
+                .collect();
+            rpc.batch(&calls).await.unwrap();
+        }
+        let headers = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for &(a, b) in &ranges {
+            rpc.logs(a, b, &contracts).await.unwrap();
+        }
+        let logs = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for &(a, b) in &ranges {
+            let calls: Vec<(&str, serde_json::Value)> = (a..=b)
+                .map(|n| ("eth_getBlockReceipts", json!([format!("0x{n:x}")])))
+                .collect();
+            rpc.batch(&calls).await.unwrap();
+        }
+        let receipts = t.elapsed().as_secs_f64();
         println!(
-            "follow, {name:<20} {n} blocks, {transfers} transfers in {secs:.2} s = {:.0} blocks/s, {:.0} transfers/s",
-            n as f64 / secs,
-            transfers as f64 / secs
+            "fetch parts alone:     blocks with transactions {full:.2} s, headers only {headers:.2} s, logs {logs:.2} s, block receipts {receipts:.2} s"
         );
-        results.push(secs);
     }
-    println!(
-        "pipelined / fetch-only ceiling: {:.2}x (goal >= 0.8x)",
-        fetch_secs / results[1]
-    );
-    println!(
-        "pipelined / one batch at a time: {:.2}x",
-        results[0] / results[1]
-    );
+
+    // Per fetch path: fetch only (same batches), then follow one batch at a time, then
+    // pipelined.
+    let mut summary = Vec::new();
+    for (path, receipts) in [
+        ("full blocks + eth_getLogs", false),
+        ("block receipts", true),
+    ] {
+        let db = dalp_testkit::migrated_database().await;
+        let store = IndexedStore::new(db.pools_sized(1).get(Component::Indexer).clone());
+        let fetcher = Follower::new(&store, rpc.clone(), options(&token, false, receipts));
+        let started = Instant::now();
+        let mut fetched_blocks = 0usize;
+        let mut logs = 0usize;
+        let mut from = 0;
+        while from <= head {
+            let to = head.min(from + *BATCH - 1);
+            let b = fetcher.fetch(from, to).await.unwrap();
+            fetched_blocks += b.len();
+            logs += b.iter().map(|b| b.logs.len()).sum::<usize>();
+            from = to + 1;
+        }
+        let fetch_secs = started.elapsed().as_secs_f64();
+        drop(db);
+        println!("{path}:");
+        println!(
+            "  fetch only            {fetched_blocks} blocks, {logs} logs in {fetch_secs:.2} s = {:.0} blocks/s",
+            fetched_blocks as f64 / fetch_secs
+        );
+        let mut results = Vec::new();
+        for (name, pipeline) in [("one batch at a time", false), ("pipelined", true)] {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (secs, n, stored_logs, transfers) =
+                follow(&anvil.url(), &token, pipeline, receipts).await;
+            assert_eq!(n as u64, head + 1, "every block indexed");
+            assert_eq!(stored_logs as usize, logs, "every log indexed");
+            println!(
+                "  follow, {name:<20} {n} blocks, {transfers} transfers in {secs:.2} s = {:.0} blocks/s, {:.0} transfers/s",
+                n as f64 / secs,
+                transfers as f64 / secs
+            );
+            results.push(secs);
+        }
+        summary.push(format!(
+            "{path}: pipelined / fetch-only {:.2}x, pipelined / one batch at a time {:.2}x, pipelined {:.2} s",
+            fetch_secs / results[1],
+            results[0] / results[1],
+            results[1]
+        ));
+    }
+    for spec in std::env::var("DALP_BENCH_CLI")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        let (name, bin) = spec.split_once('=').expect("name=/path/to/dalp");
+        let db = dalp_testkit::migrated_database().await;
+        let started = Instant::now();
+        let out = std::process::Command::new(bin)
+            .args(["index", "follow", "--once", "--rpc", &anvil.url()])
+            .args(["--chain-id", &CHAIN.to_string(), "--contracts", &token])
+            .args(["--batch", &BATCH.to_string()])
+            .env(
+                "DALP_DATABASE_URL",
+                db.options(Component::Indexer.role()).to_url(),
+            )
+            .env_remove("DALP_DATA_DIR")
+            .output()
+            .unwrap();
+        let secs = started.elapsed().as_secs_f64();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let store = IndexedStore::new(db.pools_sized(1).get(Component::Indexer).clone());
+        let counts: std::collections::HashMap<String, i64> =
+            store.counts(CHAIN).await.unwrap().into_iter().collect();
+        assert_eq!(counts["blocks"] as u64, head + 1);
+        println!(
+            "cli {name:<22} {} blocks, {} transfers in {secs:.2} s = {:.0} blocks/s, {:.0} transfers/s (process start included)",
+            counts["blocks"],
+            counts["transfers"],
+            counts["blocks"] as f64 / secs,
+            counts["transfers"] as f64 / secs
+        );
+    }
+    for line in summary {
+        println!("{line}");
+    }
 }

@@ -16,6 +16,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dalp_audit::RequestContext;
@@ -45,6 +46,9 @@ pub struct FollowOptions {
     pub give_up_after: Option<u32>,
     /// Fetch the next range while the previous one is written (off only to measure).
     pub pipeline: bool,
+    /// Read transactions and logs from `eth_getBlockReceipts` (falls back by itself when
+    /// the node lacks it); off: full blocks and `eth_getLogs`.
+    pub block_receipts: bool,
 }
 
 impl FollowOptions {
@@ -59,6 +63,7 @@ impl FollowOptions {
             max_backoff: Duration::from_secs(30),
             give_up_after: None,
             pipeline: true,
+            block_receipts: true,
         }
     }
 }
@@ -116,15 +121,19 @@ pub struct Follower<'a> {
     rpc: RpcClient,
     ctx: RequestContext,
     opts: FollowOptions,
+    /// Set once the node said it has no `eth_getBlockReceipts`.
+    no_block_receipts: AtomicBool,
 }
 
 impl<'a> Follower<'a> {
     pub fn new(store: &'a IndexedStore, rpc: RpcClient, opts: FollowOptions) -> Follower<'a> {
+        let no_block_receipts = AtomicBool::new(!opts.block_receipts);
         Follower {
             store,
             rpc,
             ctx: RequestContext::service("indexer"),
             opts,
+            no_block_receipts,
         }
     }
 
@@ -410,9 +419,68 @@ impl<'a> Follower<'a> {
     }
 
     /// Blocks `from..=to` with their (filtered) transactions and logs, parsed (public for
-    /// the benchmark's fetch-only ceiling). Blocks and logs are asked for at once.
+    /// the benchmark's fetch-only ceiling). Headers with block receipts when the node has
+    /// `eth_getBlockReceipts`; otherwise full blocks and `eth_getLogs`.
     pub async fn fetch(&self, from: u64, to: u64) -> Result<Vec<Block>, FollowError> {
         let started = Instant::now();
+        let mut inputs = None;
+        if !self.no_block_receipts.load(Ordering::Relaxed) {
+            match self.rpc.blocks_with_receipts(from, to).await {
+                Ok(blocks) => inputs = Some(self.keep_ours(blocks)),
+                Err(e) if e.is_unsupported_method() => {
+                    tracing::info!(error = %e, "the node has no eth_getBlockReceipts; fetching full blocks and logs instead");
+                    self.no_block_receipts.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let inputs = match inputs {
+            Some(i) => i,
+            None => self.fetch_blocks_and_logs(from, to).await?,
+        };
+        let blocks = parse_batch(&inputs).map_err(IndexError::from)?;
+        tracing::debug!(
+            from,
+            to,
+            ms = started.elapsed().as_millis() as u64,
+            "fetched"
+        );
+        Ok(blocks)
+    }
+
+    /// With `--contracts`: only their logs, and only the transactions that left one of
+    /// those logs or called one of them.
+    fn keep_ours(&self, mut blocks: Vec<BlockInput>) -> Vec<BlockInput> {
+        if self.opts.contracts.is_empty() {
+            return blocks;
+        }
+        let contracts: HashSet<String> = self.opts.contracts.iter().map(|a| hex0x(a)).collect();
+        for b in &mut blocks {
+            b.logs
+                .retain(|l| contracts.contains(&l.address.to_ascii_lowercase()));
+            b.logs.sort_by_key(|l| l.log_index);
+            let with_logs: HashSet<String> = b
+                .logs
+                .iter()
+                .map(|l| l.tx_hash.to_ascii_lowercase())
+                .collect();
+            b.transactions.retain(|t| {
+                with_logs.contains(&t.hash.to_ascii_lowercase())
+                    || t.to
+                        .as_ref()
+                        .is_some_and(|to| contracts.contains(&to.to_ascii_lowercase()))
+            });
+        }
+        blocks
+    }
+
+    /// Full blocks and (filtered) `eth_getLogs`, asked for at once, then receipts for kept
+    /// transactions that left no log.
+    async fn fetch_blocks_and_logs(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<BlockInput>, FollowError> {
         let (inputs, logs) = tokio::join!(self.rpc.blocks(from, to), self.logs_chunked(from, to));
         let mut inputs: Vec<BlockInput> = inputs?;
         let logs = logs?;
@@ -460,14 +528,7 @@ impl<'a> Follower<'a> {
                 }
             }
         }
-        let blocks = parse_batch(&inputs).map_err(IndexError::from)?;
-        tracing::debug!(
-            from,
-            to,
-            ms = started.elapsed().as_millis() as u64,
-            "fetched"
-        );
-        Ok(blocks)
+        Ok(inputs)
     }
 
     /// `eth_getLogs` over `from..=to`, halving the range while the node says it is too large.

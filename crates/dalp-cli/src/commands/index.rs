@@ -35,10 +35,12 @@ pub async fn run(command: IndexCommand) -> anyhow::Result<ExitCode> {
             give_up_after,
             name,
             finality_depth,
+            no_block_receipts,
             reconcile_every_secs,
             reconcile,
         } => {
             let mut opts = FollowOptions::new(chain_id);
+            opts.block_receipts = !no_block_receipts;
             opts.from_block = from_block;
             opts.batch_blocks = batch;
             opts.poll_interval = Duration::from_millis(poll_ms);
