@@ -1014,3 +1014,43 @@ async fn a_head_announced_before_its_block_is_served_is_retried() {
     let every: Vec<u64> = (0..=h).collect();
     assert_index_matches(&store, &node, &token, &every, h).await;
 }
+
+/// A dev chain whose genesis is at time 0 (anvil --timestamp 0) is indexed from block 0,
+/// with one partition for January 1970 rather than one per month since.
+#[tokio::test]
+async fn a_chain_with_its_genesis_at_time_zero_is_indexed_from_block_zero() {
+    let db = migrated_database().await;
+    let anvil = Anvil::start_with(CHAIN as u64, &["--timestamp", "0"]);
+    let node = Node::new(&anvil).await;
+    let genesis = node
+        .rpc
+        .call("eth_getBlockByNumber", json!(["0x0", false]))
+        .await
+        .unwrap();
+    assert_eq!(genesis["timestamp"], "0x0", "{genesis}");
+    let token = node.deploy().await;
+    node.mint(&token, 1, 42).await;
+    follow_once(&db, &anvil, &token);
+    let store = store_for(&db);
+    assert!(
+        store.block_hash(CHAIN, 0).await.unwrap().is_some(),
+        "block 0 indexed"
+    );
+    let h = node.head().await;
+    let every: Vec<u64> = (0..=h).collect();
+    assert_index_matches(&store, &node, &token, &every, h).await;
+    let su = db.superuser().await;
+    let parts: i64 = su
+        .query_one(
+            "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+              WHERE i.inhparent = 'dalp_indexed.transfers'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        parts <= 8,
+        "{parts} transfer partitions for a two-month chain"
+    );
+}

@@ -30,11 +30,18 @@ pub fn anvil_binary() -> PathBuf {
 impl Anvil {
     /// Starts anvil with `chain_id`, auto-mining one block per transaction.
     pub fn start(chain_id: u64) -> Anvil {
+        Anvil::start_with(chain_id, &[])
+    }
+
+    /// [`Anvil::start`] with more anvil arguments (e.g. `--timestamp 0` for a genesis at
+    /// time 0, as dev chains have).
+    pub fn start_with(chain_id: u64, extra: &[&str]) -> Anvil {
         // Outside the ephemeral range: anvil binds it a moment later.
         let port = dalp_ops::embedded::free_port().expect("free port");
         let child = Command::new(anvil_binary())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--chain-id", &chain_id.to_string(), "--silent"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

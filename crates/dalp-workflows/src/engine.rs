@@ -468,6 +468,34 @@ impl WorkflowStore {
         Ok(ids.iter().filter(|i| !held.contains(i)).copied().collect())
     }
 
+    /// Hands back runs `worker` claimed but never started (a stopping worker's local queue):
+    /// pending again at once, the attempt not counted, their concurrency slots freed.
+    #[tracing::instrument(target = "dalp_store", name = "workflows.release", skip_all)]
+    pub async fn release(&self, worker: &str, ids: &[Uuid]) -> Result<u64, WorkflowError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
+        let n: i64 = client
+            .typed_query_one(
+                "WITH upd AS (
+                     UPDATE dalp_workflows.runs
+                        SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,
+                            attempts = attempts - 1,
+                            started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END,
+                            updated_at = now()
+                      WHERE id = ANY($1) AND status = 'running' AND lease_owner = $2
+                  RETURNING id),
+                 freed AS (
+                     DELETE FROM dalp_workflows.concurrency_slots s USING upd WHERE s.run_id = upd.id)
+                 SELECT count(*) FROM upd",
+                &[&ids, &worker],
+            )
+            .await?
+            .get(0);
+        Ok(n as u64)
+    }
+
     /// Ends attempts of runs `worker` holds, in one transaction. Runs whose lease was lost
     /// are left alone and returned.
     #[tracing::instrument(target = "dalp_store", name = "workflows.finish", skip_all)]

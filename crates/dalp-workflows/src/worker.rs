@@ -1,10 +1,14 @@
 //! The worker: claims runs of its kinds in batches, runs their handlers with at most
-//! `concurrency` in flight, renews leases by heartbeat and ends attempts in batches. Steps are
+//! `concurrency` in flight, renews leases by heartbeat and ends attempts in batches. The
+//! claim size adapts to the backlog: a claim that comes back full doubles the next one (up
+//! to `max_batch`), one that comes back less than half full halves it; runs claimed beyond
+//! the free slots wait in the worker (leases renewed) and go back to the queue, attempt
+//! uncounted, when the worker stops. Steps are
 //! journaled in the transaction that performs them, fenced by the lease, so a run resumed
 //! after a crash replays completed steps and never executes one twice.
 
 use dalp_db::TypedClient;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -92,7 +96,10 @@ pub struct WorkerOptions {
     /// Unique per worker process (lease owner).
     pub id: String,
     pub concurrency: usize,
+    /// The first claim size (and the smallest the adaptive size goes back to).
     pub batch: i64,
+    /// The largest claim under a backlog.
+    pub max_batch: i64,
     pub lease: Duration,
     pub poll_interval: Duration,
     pub retry_base: Duration,
@@ -105,6 +112,7 @@ impl Default for WorkerOptions {
             id: format!("worker-{}-{}", std::process::id(), Uuid::new_v4().simple()),
             concurrency: 8,
             batch: 8,
+            max_batch: 128,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(500),
             retry_base: Duration::from_secs(1),
@@ -191,43 +199,72 @@ impl Worker {
             })
         };
         let mut tasks: JoinSet<(Uuid, Outcome)> = JoinSet::new();
+        let mut queued: VecDeque<Run> = VecDeque::new();
         let mut done: Vec<(Uuid, Outcome)> = Vec::new();
         let mut finishing: Option<tokio::task::JoinHandle<()>> = None;
         let mut stopping = false;
+        let concurrency = self.opts.concurrency.max(1);
+        let floor = self.opts.batch.max(1);
+        let ceiling = self.opts.max_batch.max(floor);
+        let mut want = floor;
         let result = loop {
             let mut claimed = 0;
-            let free = self.opts.concurrency.saturating_sub(tasks.len());
-            if !stopping && free > 0 {
+            // Claim when what is queued here would not keep every slot busy.
+            let held = tasks.len() + queued.len();
+            if !stopping && queued.len() < concurrency && held < concurrency + want as usize {
+                let ask = want.min((concurrency + want as usize - held) as i64);
                 match self
                     .store
-                    .claim(
-                        &self.opts.id,
-                        &kinds,
-                        self.opts.batch.min(free as i64),
-                        self.opts.lease,
-                    )
+                    .claim(&self.opts.id, &kinds, ask, self.opts.lease)
                     .await
                 {
                     Ok(runs) => {
                         claimed = runs.len();
+                        if claimed as i64 >= ask {
+                            want = (want * 2).min(ceiling);
+                        } else if (claimed as i64) < ask / 2 {
+                            want = (want / 2).max(floor);
+                        }
+                        let mut a = active.lock().expect("active");
                         for run in runs {
-                            let Some(handler) = self.handlers.get(&run.kind).cloned() else {
-                                continue;
-                            };
-                            active.lock().expect("active").insert(run.id);
-                            let ctx = RunContext {
-                                store: self.store.clone(),
-                                worker: self.opts.id.clone(),
-                                run,
-                            };
-                            tasks.spawn(async move {
-                                let id = ctx.run.id;
-                                (id, handler(ctx).await)
-                            });
+                            a.insert(run.id);
+                            queued.push_back(run);
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "claim failed"),
                 }
+            }
+            if stopping && !queued.is_empty() {
+                // Not started: back to the queue at once for another worker.
+                let ids: Vec<Uuid> = queued.drain(..).map(|r| r.id).collect();
+                match self.store.release(&self.opts.id, &ids).await {
+                    Ok(_) => {
+                        let mut a = active.lock().expect("active");
+                        for i in &ids {
+                            a.remove(i);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "releasing unstarted runs failed; their leases will expire")
+                    }
+                }
+            }
+            while tasks.len() < concurrency {
+                let Some(run) = queued.pop_front() else {
+                    break;
+                };
+                let Some(handler) = self.handlers.get(&run.kind).cloned() else {
+                    continue;
+                };
+                let ctx = RunContext {
+                    store: self.store.clone(),
+                    worker: self.opts.id.clone(),
+                    run,
+                };
+                tasks.spawn(async move {
+                    let id = ctx.run.id;
+                    (id, handler(ctx).await)
+                });
             }
             drain(&mut tasks, &mut done);
             if done.is_empty() && claimed == 0 {

@@ -26,6 +26,7 @@ fn fast(id: &str) -> WorkerOptions {
         id: id.into(),
         concurrency: 4,
         batch: 4,
+        max_batch: 16,
         lease: Duration::from_secs(2),
         poll_interval: Duration::from_millis(20),
         retry_base: Duration::from_millis(30),
@@ -405,5 +406,87 @@ async fn priorities_order_claims_and_a_concurrency_key_runs_one_at_a_time() {
     assert_eq!(
         scalar(&db, "SELECT count(*) FROM dalp_workflows.concurrency_slots").await,
         0
+    );
+}
+
+/// Under a backlog the worker claims more than it can start (the claim size doubles while
+/// claims come back full); a worker that stops hands the runs it never started back at once,
+/// attempt uncounted, and another worker completes them: every run ends with one attempt.
+#[tokio::test]
+async fn a_stopping_worker_hands_back_the_runs_it_claimed_but_never_started() {
+    let db = migrated_database().await;
+    let store = store(&db);
+    let org = Uuid::new_v4();
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let n = NewRun::new(
+            org,
+            "dalp.selftest",
+            &format!("slow-{i}"),
+            json!({"steps": 1, "step_ms": 200}),
+        );
+        ids.push(store.start(&ctx(), &n).await.unwrap().0.id);
+    }
+    let mut opts = fast("hoarder");
+    opts.concurrency = 2;
+    opts.batch = 2;
+    let worker = Worker::new(store.clone(), opts).handle("dalp.selftest", selftest_handler());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        worker
+            .run(async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap();
+    });
+    // Wait until it holds more runs than it has slots.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = scalar(
+            &db,
+            "SELECT count(*) FROM dalp_workflows.runs WHERE status = 'running' AND lease_owner = 'hoarder'",
+        )
+        .await;
+        if held > 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker never claimed ahead");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = stop_tx.send(());
+    handle.await.unwrap();
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT count(*) FROM dalp_workflows.runs WHERE status = 'running'"
+        )
+        .await,
+        0,
+        "nothing left leased to a stopped worker"
+    );
+    let handed_back = scalar(
+        &db,
+        "SELECT count(*) FROM dalp_workflows.runs WHERE status = 'pending' AND attempts = 0 AND started_at IS NULL AND lease_owner IS NULL",
+    )
+    .await;
+    let completed = scalar(
+        &db,
+        "SELECT count(*) FROM dalp_workflows.runs WHERE status = 'completed'",
+    )
+    .await;
+    assert!(handed_back > 0, "the runs it never started went back");
+    assert_eq!(handed_back + completed, 24);
+    let other =
+        Worker::new(store.clone(), fast("other")).handle("dalp.selftest", selftest_handler());
+    work_until(other, || all_in(&store, &ids, "completed")).await;
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT count(*) FROM dalp_workflows.runs WHERE attempts <> 1"
+        )
+        .await,
+        0,
+        "no attempt was spent on a run that never started"
     );
 }
