@@ -89,6 +89,21 @@ async fn five_hundred_clients_share_twenty_server_connections() {
         .unwrap()
         .get(0);
     assert!(n <= 20, "{n} server connections");
+    // The pooler sits beside the server: its server connections come over the Unix socket
+    // (no client address); two PgBouncer processes share the port.
+    let (over_socket, over_tcp): (i64, i64) = {
+        let r = su
+            .query_one(
+                "SELECT count(*) FILTER (WHERE client_addr IS NULL), count(*) FILTER (WHERE client_addr IS NOT NULL)
+                   FROM pg_stat_activity WHERE usename = $1 AND datname = $2",
+                &[&Component::Workflows.role(), &db.name],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(over_socket > 0 && over_tcp == 0, "socket {over_socket}, tcp {over_tcp}");
+    assert_eq!(pooler().pids().len(), 2);
 }
 
 #[tokio::test]

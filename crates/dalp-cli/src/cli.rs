@@ -413,6 +413,10 @@ pub enum PoolCommand {
         /// Client connections accepted in all.
         #[arg(long, default_value_t = 1000)]
         max_client_conn: u32,
+        /// PgBouncer processes sharing the port (each single-threaded, with its own server
+        /// pool); 0: one per CPU.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+        processes: u32,
     },
 }
 

@@ -858,6 +858,8 @@ fn pool_up_serves_the_embedded_instance_through_pgbouncer() {
         ready.contains("pool ready") && ready.contains(&port.to_string()),
         "{ready}"
     );
+    // Beside the embedded instance it uses the server's Unix socket, one process per CPU.
+    assert!(ready.contains("Unix socket"), "{ready}");
     let o = dalp(&[
         "db",
         "url",

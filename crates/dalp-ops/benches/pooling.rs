@@ -3,7 +3,9 @@
 //! Short read/write transactions from 200 concurrent clients, directly against PostgreSQL
 //! (200 server connections) and through PgBouncer in transaction mode (20 server
 //! connections), on the same instance in the same run, then the same with a new
-//! connection (TLS + SCRAM) per transaction. Prints throughput, latency and the ratios.
+//! connection (TLS + SCRAM) per transaction. Two poolers: the previous setup (one process,
+//! TCP + TLS to the server) and the product's (one process per CPU on the port with
+//! `so_reuseport`, the server's Unix socket). Prints throughput, latency and the ratios.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -114,6 +116,13 @@ async fn run(opts: &ConnectOptions, reconnect: bool, seconds: u64) -> Outcome {
     }
 }
 
+fn pool_total() -> u32 {
+    std::env::var("DALP_BENCH_POOL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
 fn print(label: &str, o: &Outcome) {
     println!(
         "  {label:<34} {:>9.0} tx/s   p50 {:>7.2} ms   p99 {:>8.2} ms   errors {}",
@@ -162,40 +171,76 @@ async fn main() {
         dalp_ops::pooler::scram_verifiers(&cluster.superuser_options("postgres"), &[MIGRATOR_ROLE])
             .await
             .unwrap();
-    let pooler = Pooler::start(PoolerSpec {
-        dir: dir.path().join("pgbouncer"),
-        tls_dir: cluster.layout().tls_dir(),
-        server_port: cluster.port(),
-        port: None,
-        pool_size: 20,
-        max_client_conn: 1000,
-        users,
-    })
-    .await
-    .unwrap();
-    let via = pooler.client_options(&direct);
+    let start_pooler = |name: &str, socket: bool, processes: u32| {
+        let spec = PoolerSpec {
+            dir: dir.path().join(name),
+            tls_dir: cluster.layout().tls_dir(),
+            server_port: cluster.port(),
+            server_socket_dir: socket.then(|| cluster.layout().socket_dir()),
+            processes,
+            port: None,
+            // The same server connections in all (20, or DALP_BENCH_POOL), however many
+            // processes share them.
+            pool_size: (pool_total() / processes.max(1)).max(1),
+            max_client_conn: 1000,
+            users: users.clone(),
+        };
+        Pooler::start(spec)
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    let old = start_pooler("pgbouncer-tcp", false, 1).await.unwrap();
+    let new = start_pooler("pgbouncer-socket", true, cpus).await.unwrap();
+    let via_old = old.client_options(&direct);
+    let via_new = new.client_options(&direct);
+    let new_name = format!("PgBouncer ×{cpus}, Unix socket to the server");
 
-    println!("{CLIENTS} clients, {SECONDS} s each, transaction = UPDATE one row + SELECT another, TLS everywhere");
-    println!("persistent client connections:");
-    let d = run(&direct, false, SECONDS).await;
-    print("direct (200 server connections)", &d);
-    let p = run(&via, false, SECONDS).await;
-    print("PgBouncer (20 server connections)", &p);
-    println!(
-        "  ratio PgBouncer / direct: {:.2}× throughput, p99 {:.2}×",
-        p.tps / d.tps,
-        p.p99_ms / d.p99_ms
-    );
-    println!("a new connection (TLS + SCRAM) per transaction:");
-    let d2 = run(&direct, true, SECONDS / 2).await;
-    print("direct", &d2);
-    let p2 = run(&via, true, SECONDS / 2).await;
-    print("PgBouncer", &p2);
-    println!(
-        "  ratio PgBouncer / direct: {:.2}× throughput, p99 {:.2}×",
-        p2.tps / d2.tps,
-        p2.p99_ms / d2.p99_ms
-    );
-    drop(pooler);
+    println!("{CLIENTS} clients, {SECONDS} s each, transaction = UPDATE one row + SELECT another, TLS from every client; {} server connections through either pooler", pool_total());
+    // Rounds alternate the order (direct, ×1, ×N, then the reverse), so no mode always
+    // runs first or last; throughput is the mean over rounds, latency the worst round's.
+    let rounds: usize = std::env::var("DALP_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    for (title, reconnect, secs) in [
+        ("persistent client connections:", false, SECONDS),
+        ("a new connection (TLS + SCRAM) per transaction:", true, SECONDS / 2),
+    ] {
+        println!("{title}");
+        let modes: [(&str, &ConnectOptions); 3] = [
+            ("direct (200 server connections)", &direct),
+            ("PgBouncer ×1, TCP + TLS to the server", &via_old),
+            (&new_name, &via_new),
+        ];
+        let mut runs: Vec<Vec<Outcome>> = vec![Vec::new(), Vec::new(), Vec::new()];
+        for round in 0..rounds {
+            let order: Vec<usize> = if round % 2 == 0 { vec![0, 1, 2] } else { vec![2, 1, 0] };
+            for m in order {
+                runs[m].push(run(modes[m].1, reconnect, secs).await);
+            }
+        }
+        let merged: Vec<Outcome> = runs
+            .iter()
+            .map(|r| Outcome {
+                tps: r.iter().map(|o| o.tps).sum::<f64>() / r.len() as f64,
+                p50_ms: r.iter().map(|o| o.p50_ms).fold(0.0, f64::max),
+                p99_ms: r.iter().map(|o| o.p99_ms).fold(0.0, f64::max),
+                errors: r.iter().map(|o| o.errors).sum(),
+            })
+            .collect();
+        for (m, o) in merged.iter().enumerate() {
+            let each: Vec<String> = runs[m].iter().map(|o| format!("{:.0}", o.tps)).collect();
+            print(modes[m].0, o);
+            println!("      rounds: {} tx/s", each.join(", "));
+        }
+        let (d, o, n) = (&merged[0], &merged[1], &merged[2]);
+        println!(
+            "  ratio {new_name} / direct: {:.2}× throughput, p99 {:.2}×; ×1 TCP + TLS / direct: {:.2}×",
+            n.tps / d.tps,
+            n.p99_ms / d.p99_ms,
+            o.tps / d.tps
+        );
+    }
+    drop(old);
+    drop(new);
     cluster.shutdown().unwrap();
 }

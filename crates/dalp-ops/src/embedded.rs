@@ -411,7 +411,12 @@ pub(crate) fn hba_lines(replication: Option<&str>) -> Vec<String> {
         format!("local all {su} peer map=dalp_superuser"),
         // pg_basebackup and other physical tools, for the superuser on the socket only.
         format!("local replication {su} peer map=dalp_superuser"),
-        "local all all reject".to_string(),
+        // The pooler beside the server connects over the socket (mode 0700: only the
+        // server's OS user, which runs PgBouncer, reaches it), with SCRAM; never the
+        // administrator, who must present a client certificate over TCP.
+        format!("local all {} reject", dalp_db::component::ADMIN_ROLE),
+        "local replication all reject".to_string(),
+        "local all all scram-sha-256".to_string(),
         "hostnossl all all 0.0.0.0/0 reject".into(),
         "hostnossl all all ::/0 reject".into(),
         format!("hostssl all {su} 127.0.0.1/32 reject"),

@@ -6,8 +6,14 @@
 //! SCRAM verifier as PostgreSQL stores it, and PgBouncer reuses the keys of the client's
 //! SCRAM exchange to log into the server.
 //!
-//! Layout under the pooler directory: `pgbouncer.ini`, `userlist.txt` (0600), `pgbouncer.log`,
-//! `pgbouncer.pid`.
+//! Beside the server (the embedded instance) it connects over the server's Unix socket: no
+//! second TLS hop, and the socket (mode 0700 in a 0700 directory) is reachable only by the
+//! server's OS user, which PgBouncer runs as; SCRAM still applies there. PgBouncer is
+//! single-threaded, so `processes` copies share the listening port with `so_reuseport` (the
+//! kernel spreads new client connections over them); each has its own server pool.
+//!
+//! Layout under the pooler directory: `pgbouncer-N.ini` per process, `userlist.txt` (0600),
+//! `pgbouncer.log` (shared), `pgbouncer-N.pid`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -36,9 +42,14 @@ pub struct PoolerSpec {
     pub tls_dir: PathBuf,
     /// The PostgreSQL server to pool (the primary).
     pub server_port: u16,
+    /// The server's Unix socket directory when it runs on this machine: server
+    /// connections use it instead of TCP + TLS.
+    pub server_socket_dir: Option<PathBuf>,
+    /// PgBouncer processes sharing the port (`so_reuseport`); 0: one per CPU.
+    pub processes: u32,
     /// Port to listen on (127.0.0.1); default: a free one.
     pub port: Option<u16>,
-    /// Server connections per database × role.
+    /// Server connections per database × role (per process).
     pub pool_size: u32,
     /// Client connections accepted in all.
     pub max_client_conn: u32,
@@ -58,6 +69,12 @@ impl PoolerSpec {
             return Err(OpsError::Bootstrap {
                 context: "pooler options".into(),
                 message: "--max-client-conn must be at least --pool-size".into(),
+            });
+        }
+        if self.processes > 64 {
+            return Err(OpsError::Bootstrap {
+                context: "pooler options".into(),
+                message: format!("--processes {} must be at most 64", self.processes),
             });
         }
         if self.users.is_empty() {
@@ -103,26 +120,46 @@ pub async fn scram_verifiers(
         .collect())
 }
 
-/// Makes a PgBouncer running from `dir` (its pid file) re-read its configuration and TLS
-/// files. Returns whether one was running.
+/// Makes the PgBouncer processes running from `dir` (their pid files) re-read their
+/// configuration and TLS files. Returns whether any was running.
 pub fn reload_if_running(dir: &Path) -> bool {
-    let pid = std::fs::read_to_string(dir.join("pgbouncer.pid"))
-        .ok()
-        .and_then(|p| p.trim().parse::<i32>().ok())
-        .filter(|p| process::alive(*p));
-    match pid {
-        Some(pid) => kill(Pid::from_raw(pid), Signal::SIGHUP).is_ok(),
-        None => false,
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let mut any = false;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !(name.starts_with("pgbouncer") && name.ends_with(".pid")) {
+            continue;
+        }
+        let pid = std::fs::read_to_string(e.path())
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .filter(|p| process::alive(*p));
+        if let Some(pid) = pid {
+            any |= kill(Pid::from_raw(pid), Signal::SIGHUP).is_ok();
+        }
+    }
+    any
+}
+
+/// How many PgBouncer processes `processes` (0: one per CPU) means.
+fn process_count(processes: u32) -> usize {
+    match processes {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n as usize,
     }
 }
 
-/// A running PgBouncer; stopped when dropped.
+/// Running PgBouncer processes; stopped when dropped.
 pub struct Pooler {
     dir: PathBuf,
     port: u16,
     spec: PoolerSpec,
     user: ServerUser,
-    child: Mutex<Option<Child>>,
+    children: Mutex<Vec<Child>>,
+    /// The server the configuration points at: `(socket dir or None for TCP, port)`.
+    server: Mutex<(Option<PathBuf>, u16)>,
 }
 
 fn ini_quote(s: &str) -> String {
@@ -158,21 +195,35 @@ impl Pooler {
             Some(p) => p,
             None => free_port()?,
         };
+        let server = (spec.server_socket_dir.clone(), spec.server_port);
         let pooler = Pooler {
             dir: spec.dir.clone(),
             port,
             spec,
             user,
-            child: Mutex::new(None),
+            children: Mutex::new(Vec::new()),
+            server: Mutex::new(server),
         };
-        pooler.write_config(pooler.spec.server_port)?;
-        let log = pooler.dir.join("pgbouncer.log");
+        pooler.write_config()?;
+        for i in 0..process_count(pooler.spec.processes) {
+            pooler.spawn(i)?;
+        }
+        pooler.wait_listening(Duration::from_secs(20)).await?;
+        Ok(pooler)
+    }
+
+    fn ini(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("pgbouncer-{i}.ini"))
+    }
+
+    fn spawn(&self, i: usize) -> Result<(), OpsError> {
+        let log = self.dir.join("pgbouncer.log");
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .map_err(OpsError::io(format!("open {}", log.display())))?;
-        pooler.user.chown(&log)?;
+        self.user.chown(&log)?;
         let err = out.try_clone().map_err(OpsError::io("open log"))?;
         let mut cmd = Command::new(PGBOUNCER_BIN);
         // Every client and server connection is a file descriptor: raise the soft limit to
@@ -192,28 +243,37 @@ impl Pooler {
                 Ok(())
             });
         }
-        cmd.arg(pooler.dir.join("pgbouncer.ini"))
-            .current_dir(&pooler.dir)
+        cmd.arg(self.ini(i))
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        pooler.user.configure(&mut cmd);
+        self.user.configure(&mut cmd);
         let child = process::spawn(cmd).map_err(OpsError::io("start pgbouncer"))?;
-        *pooler.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
-        pooler.wait_listening(Duration::from_secs(20)).await?;
-        Ok(pooler)
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child);
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// The first process's pid.
     pub fn pid(&self) -> Option<u32> {
-        self.child
+        self.pids().first().copied()
+    }
+
+    /// Every PgBouncer process's pid.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
+            .iter()
             .map(|c| c.id())
+            .collect()
     }
 
     /// `base` (role, password, CA, database) pointed at the pooler instead of the server.
@@ -226,8 +286,17 @@ impl Pooler {
         o
     }
 
-    fn write_config(&self, server_port: u16) -> Result<(), OpsError> {
+    fn write_config(&self) -> Result<(), OpsError> {
         let s = &self.spec;
+        let (socket_dir, server_port) = self
+            .server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let server_host = match &socket_dir {
+            Some(d) => ini_quote(&d.display().to_string()),
+            None => "127.0.0.1".into(),
+        };
         let mut users = String::new();
         for (role, verifier) in &s.users {
             users.push_str(&format!(
@@ -240,14 +309,18 @@ impl Pooler {
         pki::write_private(&userlist, &users)?;
         self.user.chown(&userlist)?;
         let tls = |f: &str| ini_quote(&s.tls_dir.join(f).display().to_string());
+        for i in 0..process_count(s.processes) {
         let ini = format!(
             "; Written by dalp; rewritten at every start and on a leader change.\n\
              [databases]\n\
-             * = host=127.0.0.1 port={server_port}\n\
+             * = host={server_host} port={server_port}\n\
              \n\
              [pgbouncer]\n\
              listen_addr = 127.0.0.1\n\
              listen_port = {port}\n\
+             ; every process listens on the port; the kernel spreads connections\n\
+             so_reuseport = 1\n\
+             pkt_buf = 16384\n\
              unix_socket_dir =\n\
              auth_type = scram-sha-256\n\
              auth_file = {userlist}\n\
@@ -261,7 +334,8 @@ impl Pooler {
              client_tls_cert_file = {cert}\n\
              client_tls_key_file = {key}\n\
              client_tls_protocols = secure\n\
-             ; servers: TLS with full certificate verification\n\
+             ; servers: TLS with full certificate verification over TCP (a Unix socket\n\
+             ; to a server on this machine carries no TLS)\n\
              server_tls_sslmode = verify-full\n\
              server_tls_ca_file = {ca}\n\
              server_tls_protocols = secure\n\
@@ -283,19 +357,28 @@ impl Pooler {
             key = tls(pki::SERVER_KEY),
             ca = tls(pki::CA_CERT),
             log = ini_quote(&self.dir.join("pgbouncer.log").display().to_string()),
-            pid = ini_quote(&self.dir.join("pgbouncer.pid").display().to_string()),
+            pid = ini_quote(
+                &self
+                    .dir
+                    .join(format!("pgbouncer-{i}.pid"))
+                    .display()
+                    .to_string()
+            ),
         );
-        let path = self.dir.join("pgbouncer.ini");
+        let path = self.ini(i);
         std::fs::write(&path, ini).map_err(OpsError::io(format!("write {}", path.display())))?;
         self.user.chown(&path)?;
+        }
         Ok(())
     }
 
-    /// Points the pooler at another server (after a failover) and reloads it: new server
-    /// connections go there; connections to the old one are closed as they are released.
+    /// Points the pooler at another server over TCP (after a failover) and reloads every
+    /// process: new server connections go there; connections to the old one are closed as
+    /// they are released.
     pub fn retarget(&self, server_port: u16) -> Result<(), OpsError> {
-        self.write_config(server_port)?;
-        if let Some(pid) = self.pid() {
+        *self.server.lock().unwrap_or_else(|e| e.into_inner()) = (None, server_port);
+        self.write_config()?;
+        for pid in self.pids() {
             kill(Pid::from_raw(pid as i32), Signal::SIGHUP)
                 .map_err(|e| OpsError::io("reload pgbouncer")(e.into()))?;
         }
@@ -337,11 +420,11 @@ impl Pooler {
                 return Ok(());
             }
             let exited = self
-                .child
+                .children
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
+                .iter_mut()
+                .find_map(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
                 return Err(OpsError::StartFailed {
                     reason: match exited {
@@ -356,9 +439,12 @@ impl Pooler {
         }
     }
 
-    /// Stops PgBouncer (SIGTERM: immediate shutdown, clients are disconnected).
+    /// Stops every PgBouncer process (SIGTERM: immediate shutdown, clients are
+    /// disconnected).
     pub fn stop(&self) {
-        if let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let children: Vec<Child> =
+            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
+        for mut child in children {
             let _ = process::stop_child(&mut child, Signal::SIGTERM, Duration::from_secs(10));
         }
     }

@@ -228,6 +228,9 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
         dir: dir.path().join("pgbouncer"),
         tls_dir: dir.path().join("tls"),
         server_port: cluster.pg_port(&before).unwrap(),
+        // The leader moves between nodes: TCP, and two processes that must both follow.
+        server_socket_dir: None,
+        processes: 2,
         port: None,
         pool_size: 5,
         max_client_conn: 50,

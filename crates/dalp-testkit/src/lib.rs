@@ -142,8 +142,11 @@ pub fn pooler() -> &'static Pooler {
                     dir: harness.dir.path().join("pgbouncer"),
                     tls_dir: harness.cluster.layout().tls_dir(),
                     server_port: harness.cluster.port(),
+                    server_socket_dir: Some(harness.cluster.layout().socket_dir()),
+                    // Two processes on the port, 20 server connections per role in all.
+                    processes: 2,
                     port: None,
-                    pool_size: 20,
+                    pool_size: 10,
                     max_client_conn: 1000,
                     users,
                 })

@@ -17,13 +17,15 @@ pub async fn run(command: PoolCommand) -> anyhow::Result<ExitCode> {
         port,
         pool_size,
         max_client_conn,
+        processes,
     } = command;
     let ha = if dalp_ops::HaCluster::is_cluster_dir(&data_dir) {
         Some(HaCluster::open(&data_dir)?)
     } else {
         None
     };
-    let (root, su_options, server_port) = match &ha {
+    // Beside the embedded instance: its Unix socket; an HA leader moves, so TCP.
+    let (root, su_options, server_port, socket_dir) = match &ha {
         Some(c) => {
             let leader = c
                 .leader()
@@ -33,13 +35,14 @@ pub async fn run(command: PoolCommand) -> anyhow::Result<ExitCode> {
                 c.root().to_path_buf(),
                 c.superuser_options(&leader, "postgres"),
                 c.pg_port(&leader).expect("leader is a node"),
+                None,
             )
         }
         None => {
             let layout = Layout::new(&data_dir);
             let su = layout.superuser_options("postgres")?;
             let port = layout.port().expect("instance has a port");
-            (layout.root().to_path_buf(), su, port)
+            (layout.root().to_path_buf(), su, port, Some(layout.socket_dir()))
         }
     };
     let roles: Vec<&str> = login_roles().collect();
@@ -50,15 +53,22 @@ pub async fn run(command: PoolCommand) -> anyhow::Result<ExitCode> {
         dir: root.join("pgbouncer"),
         tls_dir: root.join("tls"),
         server_port,
+        server_socket_dir: socket_dir.clone(),
+        processes,
         port,
         pool_size,
         max_client_conn,
         users,
     })
     .await?;
+    let server = match &socket_dir {
+        Some(d) => format!("the server's Unix socket in {}", d.display()),
+        None => format!("127.0.0.1:{server_port} over TLS"),
+    };
     println!(
-        "pool ready: 127.0.0.1:{} → 127.0.0.1:{server_port} (transaction mode, {pool_size} server connections per role, TLS required)",
-        pooler.port()
+        "pool ready: 127.0.0.1:{} → {server} ({} PgBouncer process(es) on the port, transaction mode, {pool_size} server connections per role and process, TLS required from clients)",
+        pooler.port(),
+        pooler.pids().len()
     );
     println!(
         "  connect: psql \"$(dalp db url --data-dir {} --role dalp_readonly --port {})\"   stop: Ctrl-C",
