@@ -102,7 +102,10 @@ async fn five_hundred_clients_share_twenty_server_connections() {
             .unwrap();
         (r.get(0), r.get(1))
     };
-    assert!(over_socket > 0 && over_tcp == 0, "socket {over_socket}, tcp {over_tcp}");
+    assert!(
+        over_socket > 0 && over_tcp == 0,
+        "socket {over_socket}, tcp {over_tcp}"
+    );
     assert_eq!(pooler().pids().len(), 2);
 }
 

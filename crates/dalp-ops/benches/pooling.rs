@@ -203,7 +203,11 @@ async fn main() {
         .unwrap_or(2);
     for (title, reconnect, secs) in [
         ("persistent client connections:", false, SECONDS),
-        ("a new connection (TLS + SCRAM) per transaction:", true, SECONDS / 2),
+        (
+            "a new connection (TLS + SCRAM) per transaction:",
+            true,
+            SECONDS / 2,
+        ),
     ] {
         println!("{title}");
         let modes: [(&str, &ConnectOptions); 3] = [
@@ -213,7 +217,11 @@ async fn main() {
         ];
         let mut runs: Vec<Vec<Outcome>> = vec![Vec::new(), Vec::new(), Vec::new()];
         for round in 0..rounds {
-            let order: Vec<usize> = if round % 2 == 0 { vec![0, 1, 2] } else { vec![2, 1, 0] };
+            let order: Vec<usize> = if round % 2 == 0 {
+                vec![0, 1, 2]
+            } else {
+                vec![2, 1, 0]
+            };
             for m in order {
                 runs[m].push(run(modes[m].1, reconnect, secs).await);
             }

@@ -310,8 +310,8 @@ impl Pooler {
         self.user.chown(&userlist)?;
         let tls = |f: &str| ini_quote(&s.tls_dir.join(f).display().to_string());
         for i in 0..process_count(s.processes) {
-        let ini = format!(
-            "; Written by dalp; rewritten at every start and on a leader change.\n\
+            let ini = format!(
+                "; Written by dalp; rewritten at every start and on a leader change.\n\
              [databases]\n\
              * = host={server_host} port={server_port}\n\
              \n\
@@ -349,25 +349,26 @@ impl Pooler {
              pidfile = {pid}\n\
              log_connections = 0\n\
              log_disconnections = 0\n",
-            port = self.port,
-            userlist = ini_quote(&userlist.display().to_string()),
-            pool = s.pool_size,
-            maxc = s.max_client_conn,
-            cert = tls(pki::SERVER_CERT),
-            key = tls(pki::SERVER_KEY),
-            ca = tls(pki::CA_CERT),
-            log = ini_quote(&self.dir.join("pgbouncer.log").display().to_string()),
-            pid = ini_quote(
-                &self
-                    .dir
-                    .join(format!("pgbouncer-{i}.pid"))
-                    .display()
-                    .to_string()
-            ),
-        );
-        let path = self.ini(i);
-        std::fs::write(&path, ini).map_err(OpsError::io(format!("write {}", path.display())))?;
-        self.user.chown(&path)?;
+                port = self.port,
+                userlist = ini_quote(&userlist.display().to_string()),
+                pool = s.pool_size,
+                maxc = s.max_client_conn,
+                cert = tls(pki::SERVER_CERT),
+                key = tls(pki::SERVER_KEY),
+                ca = tls(pki::CA_CERT),
+                log = ini_quote(&self.dir.join("pgbouncer.log").display().to_string()),
+                pid = ini_quote(
+                    &self
+                        .dir
+                        .join(format!("pgbouncer-{i}.pid"))
+                        .display()
+                        .to_string()
+                ),
+            );
+            let path = self.ini(i);
+            std::fs::write(&path, ini)
+                .map_err(OpsError::io(format!("write {}", path.display())))?;
+            self.user.chown(&path)?;
         }
         Ok(())
     }

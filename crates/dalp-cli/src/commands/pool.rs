@@ -42,7 +42,12 @@ pub async fn run(command: PoolCommand) -> anyhow::Result<ExitCode> {
             let layout = Layout::new(&data_dir);
             let su = layout.superuser_options("postgres")?;
             let port = layout.port().expect("instance has a port");
-            (layout.root().to_path_buf(), su, port, Some(layout.socket_dir()))
+            (
+                layout.root().to_path_buf(),
+                su,
+                port,
+                Some(layout.socket_dir()),
+            )
         }
     };
     let roles: Vec<&str> = login_roles().collect();
