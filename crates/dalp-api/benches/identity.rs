@@ -97,9 +97,9 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let db = dalp_testkit::migrated_database().await;
+        let db = dalp_testkit::migrated_database(&dalp_app::catalog::MIGRATIONS).await;
         let key_dir = tempfile::tempdir().unwrap();
-        let key_file = key_dir.path().join(dalp_api::KEK_FILE);
+        let key_file = key_dir.path().join(dalp_app::keys::KEK_FILE);
         let pools = Arc::new(db.pools_sized(CLIENTS));
         let services =
             Services::start(pools.clone(), key_dir.path(), ApiSettings::default()).unwrap();

@@ -1,13 +1,14 @@
-//! The HTTP service: composes the domain stores behind one axum router under `/api/v1`, with
-//! one JSON error shape ([`error::ApiError`]), our own JSON extractor so rejected bodies use
-//! it too, and authentication by session token or API key. Each endpoint group lives in its
-//! own file under `routes/`.
+//! The HTTP service: puts the stores of a [`dalp_app::App`] behind one axum router under
+//! `/api/v1`, with one JSON error shape ([`error::ApiError`]), our own JSON extractor so
+//! rejected bodies use it too, authentication by session token or API key, rate limits, the
+//! group-committed request audit and TLS for the listener. Each endpoint group lives in its
+//! own file under `routes/`. What a running dalp is beyond HTTP (catalog, key files, stores,
+//! sealer, caches) is `dalp-app`.
 
 // The OpenAPI document is one large json! literal.
 #![recursion_limit = "512"]
 
 pub mod auth;
-pub mod catalog;
 pub mod error;
 pub mod extract;
 pub mod limit;
@@ -63,11 +64,7 @@ pub struct AppState {
     pub request_audit: Arc<dalp_audit::GroupWriter>,
 }
 
-/// What `/metrics` knows about backups: per repository, the end of its newest backup.
-#[derive(Debug, Clone, Default)]
-pub struct BackupSnapshot {
-    pub newest_by_repo: Vec<(u8, chrono::DateTime<chrono::Utc>)>,
-}
+pub use dalp_app::BackupSnapshot;
 
 impl AppState {
     pub fn new(
@@ -103,27 +100,12 @@ impl AppState {
     }
 }
 
-/// Everything a serving process runs: the shared state, the identity cache's LISTEN
-/// connection and the audit sealer (both stopped when this is dropped).
+/// Everything a serving process runs: the [`dalp_app::App`] (stores, caches and their
+/// LISTEN connections, the audit sealer; stopped when this is dropped) and the HTTP state
+/// over it.
 pub struct Services {
+    pub app: dalp_app::App,
     pub state: AppState,
-    _identity_listener: dalp_db::cache::ListenerHandle,
-    _assets_listener: dalp_db::cache::ListenerHandle,
-    sealer: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Services {
-    fn drop(&mut self) {
-        self.sealer.abort();
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Keys(#[from] dalp_identity::crypto::CryptoError),
-    #[error(transparent)]
-    AuditKey(#[from] dalp_audit::chain::KeyError),
 }
 
 /// Most `api.request` events in one commit, and how many may wait for the writer before
@@ -134,96 +116,31 @@ pub const REQUEST_AUDIT_QUEUE: usize = 8192;
 /// vs 3796 req/s on `GET /me`, docs/benchmarks.md).
 pub const REQUEST_AUDIT_WRITERS: usize = 1;
 
-/// File names inside the keys directory.
-pub const KEK_FILE: &str = "kek.json";
-pub const AUDIT_KEY_FILE: &str = "audit-ed25519.json";
-/// The public half of the chain's first audit key: the verifiers' trust anchor (later keys
-/// are trusted through rotation batches), for verifiers that must not hold a signing key.
-pub const AUDIT_PUBLIC_KEY_FILE: &str = "audit-ed25519.pub.json";
-/// The directory (inside the keys directory, which is kept outside the database and backed
-/// up with the key bundle) where the sealer witnesses the signed chain head.
-pub const AUDIT_WITNESS_DIR: &str = "audit-witness";
-/// The audit keys a verifier trusts for the keys directory `keys_dir`: the trust anchor
-/// (the first key's public half) when it exists, else the signing key's public half.
-/// Later keys are trusted through the chain's rotation batches.
-pub fn trusted_audit_keys(
-    keys_dir: &std::path::Path,
-) -> Result<dalp_audit::TrustedKeys, dalp_audit::chain::KeyError> {
-    let mut keys = dalp_audit::TrustedKeys::default();
-    let anchor = keys_dir.join(AUDIT_PUBLIC_KEY_FILE);
-    if anchor.exists() {
-        keys.load(&anchor)?;
-    } else {
-        keys.load(&keys_dir.join(AUDIT_KEY_FILE))?;
+impl AppState {
+    /// The HTTP state over `app`'s stores.
+    pub fn over(app: &dalp_app::App, settings: ApiSettings) -> AppState {
+        let mut state = AppState::new(app.pools.clone(), app.identity.clone(), settings);
+        state.assets = app.assets.clone();
+        state.indexed = app.indexed.clone();
+        state.workflows = app.workflows.clone();
+        state.audit_keys = Some(app.audit_keys.clone());
+        state.audit_witness = Some(app.audit_witness.clone());
+        state.backups = app.backups.clone();
+        state
     }
-    Ok(keys)
 }
 
-/// How often the sealer witnesses the chain head (when it moved).
-pub const WITNESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-/// How often the sealer runs; keeps seal lag well under a second.
-pub const SEAL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
-
 impl Services {
-    /// Builds the stores over `pools` with the key files in `keys_dir`, starts the identity
-    /// cache listener (a direct connection as the identity role) and the audit sealer.
+    /// Starts the [`dalp_app::App`] over `pools` with the key files in `keys_dir`, and the
+    /// HTTP state over it.
     pub fn start(
         pools: Arc<ComponentPools>,
         keys_dir: &std::path::Path,
         settings: ApiSettings,
-    ) -> Result<Services, StartError> {
-        use dalp_db::Component;
-        let keys = Arc::new(dalp_identity::crypto::FileKeyProvider::open_or_create(
-            &keys_dir.join(KEK_FILE),
-        )?);
-        // A missing key file gets a new key, but a new key never continues an existing
-        // chain: the sealer refuses (and says so) until the original key is restored.
-        let audit_key = Arc::new(dalp_audit::AuditKey::open_or_create(
-            &keys_dir.join(AUDIT_KEY_FILE),
-        )?);
-        // The public key of the chain's first key is the verifiers' trust anchor; later
-        // keys are trusted through the rotation batches, so the file is never rewritten.
-        let anchor = keys_dir.join(AUDIT_PUBLIC_KEY_FILE);
-        if !anchor.exists() {
-            audit_key.write_public(&anchor)?;
-        }
-        let audit_keys = trusted_audit_keys(keys_dir)?;
-        let witness = dalp_audit::Witness::new(keys_dir.join(AUDIT_WITNESS_DIR));
-        let sealer =
-            dalp_audit::Sealer::new(pools.get(Component::AuditSealer).clone(), audit_key.clone())
-                .with_witness(witness.clone(), WITNESS_INTERVAL)
-                .with_key_file(keys_dir.join(AUDIT_KEY_FILE))
-                .spawn(SEAL_INTERVAL);
-        let cache = dalp_db::cache::InvalidatingCache::new(100_000);
-        let mut listen = pools.options(Component::Identity).clone();
-        listen.application_name = "dalp-identity-cache".into();
-        listen.statement_timeout = None;
-        let listener = dalp_db::cache::spawn_listener(
-            listen,
-            dalp_identity::store::CACHE_CHANNEL,
-            cache.clone(),
-        );
-        let identity = IdentityStore::new(pools.get(Component::Identity).clone(), keys, cache);
-        let assets_cache = dalp_db::cache::InvalidatingCache::new(10_000);
-        let mut assets_listen = pools.options(Component::Assets).clone();
-        assets_listen.application_name = "dalp-assets-cache".into();
-        assets_listen.statement_timeout = None;
-        let assets_listener = dalp_db::cache::spawn_listener(
-            assets_listen,
-            dalp_assets::settings::CACHE_CHANNEL,
-            assets_cache.clone(),
-        );
-        let mut state = AppState::new(pools.clone(), identity, settings);
-        state.assets =
-            dalp_assets::AssetStore::with_cache(pools.get(Component::Assets).clone(), assets_cache);
-        state.audit_keys = Some(audit_keys);
-        state.audit_witness = Some(witness);
-        Ok(Services {
-            state,
-            _identity_listener: listener,
-            _assets_listener: assets_listener,
-            sealer,
-        })
+    ) -> Result<Services, dalp_app::StartError> {
+        let app = dalp_app::App::start(pools, keys_dir)?;
+        let state = AppState::over(&app, settings);
+        Ok(Services { app, state })
     }
 
     pub fn router(&self) -> Router {

@@ -10,7 +10,7 @@ use tokio::sync::Barrier;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_clients_share_twenty_server_connections() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let direct = db.options(Component::Workflows.role());
     let via = pooler().client_options(&direct);
     const CLIENTS: usize = 500;
@@ -111,7 +111,7 @@ async fn five_hundred_clients_share_twenty_server_connections() {
 
 #[tokio::test]
 async fn the_pooler_refuses_plaintext_and_wrong_passwords_and_serves_tls() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let direct = db.options(Component::Identity.role());
     let via = pooler().client_options(&direct);
     let url = via.to_url();

@@ -7,6 +7,9 @@ use dalp_db::Component;
 use dalp_testkit::migrated_database;
 use uuid::Uuid;
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 2] = [dalp_assets::MIGRATIONS, dalp_audit::MIGRATIONS];
+
 fn input(isin: &str) -> AssetInput {
     AssetInput {
         organisation_id: Uuid::new_v4(),
@@ -36,7 +39,7 @@ fn ctx(who: &str, req: &str) -> RequestContext {
 
 #[tokio::test]
 async fn every_change_leaves_a_version_and_an_audit_record() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = AssetStore::new(db.pools().get(Component::Assets).clone());
     let a = store
         .create(
@@ -118,7 +121,7 @@ async fn every_change_leaves_a_version_and_an_audit_record() {
 
 #[tokio::test]
 async fn of_two_concurrent_updates_exactly_one_wins() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let pools = db.pools();
     let store = AssetStore::new(pools.get(Component::Assets).clone());
     let a = store
@@ -168,7 +171,7 @@ async fn of_two_concurrent_updates_exactly_one_wins() {
 
 #[tokio::test]
 async fn duplicates_and_history_edits_are_refused() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = AssetStore::new(db.pools().get(Component::Assets).clone());
     let a = store
         .create(&ctx("user:a", "x"), &input("AU0000XVGZA3").parse().unwrap())
@@ -208,7 +211,7 @@ async fn duplicates_and_history_edits_are_refused() {
 /// those names (a renamed constraint would silently fall back to a vague message).
 #[tokio::test]
 async fn duplicate_messages_name_constraints_that_exist() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let su = db.superuser().await;
     for name in [
         "assets_isin_key",

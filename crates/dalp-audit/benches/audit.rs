@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 use dalp_audit::{AuditEvent, AuditKey, Sealer};
 use dalp_db::Component;
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 1] = [dalp_audit::MIGRATIONS];
+
 const WRITERS: usize = 8;
 const SECONDS: u64 = 8;
 
@@ -34,7 +37,7 @@ enum Mode {
 
 async fn run(mode: Mode) -> (f64, Vec<f64>, u64) {
     let sealing = mode == Mode::Sealed;
-    let db = dalp_testkit::migrated_database().await;
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     if mode == Mode::Plain {
         db.superuser()
             .await

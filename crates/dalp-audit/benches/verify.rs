@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use dalp_audit::{verify_with, AuditKey, Sealer, TrustedKeys, VerifyOptions, Witness};
 use dalp_db::Component;
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 1] = [dalp_audit::MIGRATIONS];
+
 const TX_ROWS: i64 = 5_000;
 
 async fn write(db: &dalp_testkit::TestDb, n: i64) {
@@ -41,7 +44,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let db = dalp_testkit::migrated_database().await;
+        let db = dalp_testkit::migrated_database(&SCHEMAS).await;
         let pools = db.pools();
         let dir = tempfile::tempdir().unwrap();
         let key = Arc::new(AuditKey::open_or_create(&dir.path().join("k.json")).unwrap());

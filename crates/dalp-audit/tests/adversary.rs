@@ -13,6 +13,9 @@ use dalp_audit::{
 use dalp_db::{Component, MIGRATOR_ROLE};
 use dalp_testkit::{migrated_database, TestDb};
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 1] = [dalp_audit::MIGRATIONS];
+
 struct Trail {
     db: TestDb,
     pools: dalp_db::ComponentPools,
@@ -24,7 +27,7 @@ struct Trail {
 impl Trail {
     /// A trail of `n` events, sealed, its head witnessed; verification passes.
     async fn sealed(n: usize) -> Trail {
-        let db = migrated_database().await;
+        let db = migrated_database(&SCHEMAS).await;
         let pools = db.pools();
         let dir = tempfile::tempdir().unwrap();
         let key = Arc::new(AuditKey::open_or_create(&dir.path().join("audit.json")).unwrap());

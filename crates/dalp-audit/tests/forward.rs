@@ -11,6 +11,9 @@ use dalp_db::Component;
 use dalp_ops::process::ServerUser;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 1] = [dalp_audit::MIGRATIONS];
+
 /// Accepts TLS connections and records every framed message.
 /// A forwarder as the sealer role to the receiver on `port`, RFC 5424, one event a batch
 /// unpaced, no server logs; tests override what they need.
@@ -113,7 +116,7 @@ fn seqs(lines: &[String]) -> BTreeSet<i64> {
 #[tokio::test]
 async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
     let _serial = SERIAL.lock().await;
-    let db = dalp_testkit::migrated_database().await;
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     let pools = db.pools();
     let dir = tempfile::tempdir().unwrap();
     let key = Arc::new(AuditKey::open_or_create(&dir.path().join("audit.json")).unwrap());
@@ -214,7 +217,7 @@ async fn a_killed_forwarder_resumes_and_delivers_everything_at_least_once() {
 #[tokio::test]
 async fn a_receiver_with_an_untrusted_certificate_is_refused() {
     let _serial = SERIAL.lock().await;
-    let db = dalp_testkit::migrated_database().await;
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     let pools = db.pools();
     let dir = tempfile::tempdir().unwrap();
     let (port, got, _rx) = receiver(&dir.path().join("tls")).await;
@@ -235,7 +238,7 @@ async fn pgaudit_lines_from_the_json_server_log_are_shipped_too() {
     let _serial = SERIAL.lock().await;
     let cluster = dalp_testkit::cluster();
     let log_dir = cluster.layout().log_file().parent().unwrap().to_path_buf();
-    let db = dalp_testkit::migrated_database().await;
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     let pools = db.pools();
     // A write: pgAudit's WRITE class logs it.
     let w = pools.get(Component::Identity).get().await.unwrap();
@@ -309,7 +312,7 @@ async fn an_idle_forwarder_adds_no_audit_lines_and_ships_none_of_its_own() {
     let _serial = SERIAL.lock().await;
     let cluster = dalp_testkit::cluster();
     let log_dir = cluster.layout().log_file().parent().unwrap().to_path_buf();
-    let db = dalp_testkit::migrated_database().await;
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     let pools = db.pools();
     let dir = tempfile::tempdir().unwrap();
     let tls_dir = dir.path().join("tls");

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 use dalp_audit::{AuditEvent, GroupWriter};
 use dalp_db::Component;
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 1] = [dalp_audit::MIGRATIONS];
+
 async fn count(db: &dalp_testkit::TestDb, action: &str) -> i64 {
     db.superuser()
         .await
@@ -67,7 +70,7 @@ async fn record_queued(
 
 #[tokio::test]
 async fn waiting_events_share_one_commit_and_each_caller_sees_it_committed() {
-    let db = dalp_testkit::migrated_database().await;
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     // The writer takes what is there, then waits for the connection while the rest queue
     // up behind: two commits at most for all 50.
     let events = (0..50)
@@ -86,7 +89,7 @@ async fn waiting_events_share_one_commit_and_each_caller_sees_it_committed() {
 
 #[tokio::test]
 async fn a_bad_event_fails_alone() {
-    let db = dalp_testkit::migrated_database().await;
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     // Event 5's actor is over the column's 200-character limit.
     let events = (0..10)
         .map(|i| {

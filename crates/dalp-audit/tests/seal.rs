@@ -9,6 +9,9 @@ use dalp_audit::{verify, AuditEvent, AuditKey, Problem, Sealer};
 use dalp_db::{partitions, Component, MIGRATOR_ROLE};
 use dalp_testkit::{migrated_database, TestDb};
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 1] = [dalp_audit::MIGRATIONS];
+
 struct Setup {
     db: TestDb,
     pools: dalp_db::ComponentPools,
@@ -17,7 +20,7 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let pools = db.pools_sized(20);
     let dir = tempfile::tempdir().unwrap();
     let key = Arc::new(AuditKey::open_or_create(&dir.path().join("audit.json")).unwrap());

@@ -16,6 +16,9 @@ use dalp_db::{Component, ComponentPools};
 use dalp_testkit::rsyslog::{Received, Rsyslog};
 use tokio::sync::watch;
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 1] = [dalp_audit::MIGRATIONS];
+
 struct Setup {
     _db: dalp_testkit::TestDb,
     pools: ComponentPools,
@@ -28,7 +31,7 @@ struct Setup {
 
 impl Setup {
     async fn new() -> Setup {
-        let db = dalp_testkit::migrated_database().await;
+        let db = dalp_testkit::migrated_database(&SCHEMAS).await;
         let pools = db.pools();
         let dir = dalp_testkit::server_dir("dalp-siem-");
         let key = Arc::new(AuditKey::open_or_create(&dir.path().join("audit.json")).unwrap());

@@ -51,7 +51,7 @@ async fn main() {
         .connect()
         .await
         .unwrap();
-    dalp_db::migrate::migrate(&mut db, &dalp_api::catalog::MIGRATIONS, false)
+    dalp_db::migrate::migrate(&mut db, &dalp_app::catalog::MIGRATIONS, false)
         .await
         .unwrap();
     let t = Instant::now();

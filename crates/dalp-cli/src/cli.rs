@@ -481,8 +481,8 @@ pub struct RetentionArgs {
 }
 
 impl RetentionArgs {
-    pub fn retention(self) -> dalp_api::catalog::Retention {
-        dalp_api::catalog::Retention {
+    pub fn retention(self) -> dalp_app::catalog::Retention {
+        dalp_app::catalog::Retention {
             audit_months: self.audit_retention_months,
             indexed_months: self.indexed_retention_months,
         }

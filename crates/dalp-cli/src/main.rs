@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     };
     // Store-operation latency for /metrics, whatever the log level.
     let store =
-        dalp_api::telemetry::StoreLayer.with_filter(dalp_api::telemetry::store_layer_filter());
+        dalp_app::telemetry::StoreLayer.with_filter(dalp_app::telemetry::store_layer_filter());
     tracing_subscriber::registry().with(logs).with(store).init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

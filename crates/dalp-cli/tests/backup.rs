@@ -110,7 +110,7 @@ async fn point_in_time_recovery_to_a_time_an_lsn_and_the_latest() {
         .connect()
         .await
         .unwrap();
-    dalp_db::migrate::migrate(&mut migrator, &dalp_api::catalog::MIGRATIONS, false)
+    dalp_db::migrate::migrate(&mut migrator, &dalp_app::catalog::MIGRATIONS, false)
         .await
         .unwrap();
     drop(migrator);

@@ -18,7 +18,7 @@ fn dalp(db: &TestDb, args: &[&str]) -> Output {
 
 #[tokio::test]
 async fn lint_passes_on_our_schema_and_finds_a_planted_unindexed_foreign_key() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let out = dalp(&db, &["db", "lint", "--fail-on", "info"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -68,7 +68,7 @@ async fn lint_passes_on_our_schema_and_finds_a_planted_unindexed_foreign_key() {
 
 #[tokio::test]
 async fn top_lists_statements_by_component() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let indexer = db.connect(dalp_db::Component::Indexer.role()).await;
     for _ in 0..20 {
         indexer
@@ -139,7 +139,7 @@ async fn top_lists_statements_by_component() {
 
 #[tokio::test]
 async fn doctor_is_clean_on_a_healthy_database_and_flags_an_expired_certificate() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let out = dalp(&db, &["doctor"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(

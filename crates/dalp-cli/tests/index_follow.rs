@@ -230,7 +230,7 @@ fn store_for(db: &TestDb) -> IndexedStore {
 
 #[tokio::test]
 async fn follower_matches_the_contract_at_head_past_blocks_and_after_a_reorg() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let anvil = Anvil::start(CHAIN as u64);
     let node = Node::new(&anvil).await;
     let token = node.deploy().await;
@@ -356,7 +356,7 @@ async fn follower_matches_the_contract_at_head_past_blocks_and_after_a_reorg() {
 
 #[tokio::test]
 async fn a_follower_killed_mid_stream_resumes_with_nothing_missing_or_duplicated() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let anvil = Anvil::start(CHAIN as u64);
     let node = Node::new(&anvil).await;
     let token = node.deploy().await;
@@ -422,7 +422,7 @@ async fn a_follower_killed_mid_stream_resumes_with_nothing_missing_or_duplicated
 
 #[tokio::test]
 async fn a_dead_node_is_a_clear_error_and_a_non_zero_exit_with_nothing_stored() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     // A port nobody listens on.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -475,7 +475,7 @@ async fn a_dead_node_is_a_clear_error_and_a_non_zero_exit_with_nothing_stored() 
 /// refused instead of answered with older state.
 #[tokio::test]
 async fn shorter_and_equal_length_reorgs_are_caught_and_future_reads_refused() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let anvil = Anvil::start(CHAIN as u64);
     let node = Node::new(&anvil).await;
     let token = node.deploy().await;
@@ -603,7 +603,7 @@ async fn register(db: &TestDb, depth: i32) -> IndexedStore {
 /// `rewind --to -1 --beyond-finality` the new chain is indexed from scratch and matches.
 #[tokio::test]
 async fn a_node_that_lost_the_chain_is_a_recorded_divergence_until_an_operator_rewinds() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let store = register(&db, 2).await;
     let anvil = Anvil::start(CHAIN as u64);
     let node = Node::new(&anvil).await;
@@ -753,17 +753,22 @@ async fn a_node_that_lost_the_chain_is_a_recorded_divergence_until_an_operator_r
     let h = node.head().await;
     let every: Vec<u64> = (0..=h).collect();
     assert_index_matches(&store, &node, &token, &every, h).await;
-    // Both findings and both rewinds are on the audit record.
-    let su = db.superuser().await;
-    let n: i64 = su
+    // Both findings and both operator rewinds are on the audit record.
+    assert_eq!(audit_count(&db, "indexed.chain.diverged").await, 2);
+    assert_eq!(audit_count(&db, "indexed.blocks.rewind").await, 2);
+}
+
+/// Audit events with `action` in the test's database.
+async fn audit_count(db: &TestDb, action: &str) -> i64 {
+    db.superuser()
+        .await
         .query_one(
-            "SELECT count(*) FROM dalp_audit.events WHERE action = 'indexed.chain.diverged'",
-            &[],
+            "SELECT count(*) FROM dalp_audit.events WHERE action = $1",
+            &[&action],
         )
         .await
         .unwrap()
-        .get(0);
-    assert_eq!(n, 2);
+        .get(0)
 }
 
 /// A token whose contract disagrees with the transfers dalp indexed — its totalSupply, or
@@ -771,7 +776,7 @@ async fn a_node_that_lost_the_chain_is_a_recorded_divergence_until_an_operator_r
 /// `dalp index reconcile` and `dalp index status` (exit 1), and the finding is audited.
 #[tokio::test]
 async fn reconciliation_names_a_token_whose_contract_disagrees() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     register(&db, 0).await;
     let anvil = Anvil::start(CHAIN as u64);
     let node = Node::new(&anvil).await;
@@ -882,16 +887,7 @@ async fn reconciliation_names_a_token_whose_contract_disagrees() {
     assert_eq!(r["drifted_accounts"], json!([holder]), "{v}");
     // One audit event per finding that started a disagreement (the second round found the
     // token still disagreeing).
-    let su = db.superuser().await;
-    let n: i64 = su
-        .query_one(
-            "SELECT count(*) FROM dalp_audit.events WHERE action = 'indexed.reconcile.drift'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 1);
+    assert_eq!(audit_count(&db, "indexed.reconcile.drift").await, 1);
 }
 
 /// A JSON-RPC proxy in front of the node that, for its first `lies` answers to
@@ -985,7 +981,7 @@ async fn lagging_head_proxy(node_url: String, lies: usize) -> String {
 /// blocks of a batch) is retried, not fatal, and the index ends equal to the node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_announced_before_its_block_is_served_is_retried() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let anvil = Anvil::start(CHAIN as u64);
     let node = Node::new(&anvil).await;
     let token = node.deploy().await;
@@ -1019,7 +1015,7 @@ async fn a_head_announced_before_its_block_is_served_is_retried() {
 /// with one partition for January 1970 rather than one per month since.
 #[tokio::test]
 async fn a_chain_with_its_genesis_at_time_zero_is_indexed_from_block_zero() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let anvil = Anvil::start_with(CHAIN as u64, &["--timestamp", "0"]);
     let node = Node::new(&anvil).await;
     let genesis = node

@@ -314,7 +314,7 @@ fn up_serves_a_tls_only_least_privilege_cluster_and_restarts_with_its_data() {
     );
     let (status, log) = up.terminate();
     assert!(status.success());
-    let total: usize = dalp_api::catalog::MIGRATIONS
+    let total: usize = dalp_app::catalog::MIGRATIONS
         .iter()
         .map(|s| s.migrations.len())
         .sum();

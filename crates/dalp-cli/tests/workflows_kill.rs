@@ -50,7 +50,7 @@ async fn scalar(db: &TestDb, sql: &str) -> i64 {
 
 #[tokio::test]
 async fn a_worker_killed_mid_run_is_replaced_and_no_step_runs_twice() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let store = WorkflowStore::new(db.pools_sized(2).get(Component::Workflows).clone());
     let mut ids = Vec::new();
     for i in 0..RUNS {

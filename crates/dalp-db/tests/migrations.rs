@@ -1,6 +1,6 @@
 //! The migration runner against a real cluster.
 
-use dalp_api::catalog::MIGRATIONS;
+use dalp_app::catalog::MIGRATIONS;
 use dalp_db::migrate::{self, MigrateError};
 use dalp_db::{Component, Migration, MigrationSet, MIGRATOR_ROLE};
 use dalp_testkit::{fresh_database, TestDb};

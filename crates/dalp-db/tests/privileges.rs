@@ -1,13 +1,13 @@
 //! The role × schema × privilege matrix produced by the real migrations.
 
-use dalp_api::catalog::{ACCESS, MIGRATIONS};
+use dalp_app::catalog::{ACCESS, MIGRATIONS};
 use dalp_db::{access, migrate, Component, MIGRATOR_ROLE};
 use dalp_testkit::migrated_database;
 use tokio_postgres::error::SqlState;
 
 #[tokio::test]
 async fn migrated_database_matches_the_declared_matrix() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let c = db.connect(MIGRATOR_ROLE).await;
     let report = access::check(&c, &ACCESS).await.unwrap();
     assert!(
@@ -47,7 +47,7 @@ async fn migrated_database_matches_the_declared_matrix() {
 
 #[tokio::test]
 async fn a_manual_grant_is_reported_as_drift() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let su = db.superuser().await;
     su.batch_execute("GRANT SELECT ON dalp_identity.users TO dalp_indexer_svc")
         .await
@@ -63,7 +63,7 @@ async fn a_manual_grant_is_reported_as_drift() {
         report.drift
     );
     // A grant to PUBLIC reaches every role and is caught too.
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     db.superuser()
         .await
         .batch_execute("GRANT USAGE ON SCHEMA dalp_identity TO PUBLIC")
@@ -84,7 +84,7 @@ async fn a_manual_grant_is_reported_as_drift() {
 
 #[tokio::test]
 async fn indexer_cannot_read_identity_and_auditor_cannot_change_audit() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let indexer = db.connect_as(Component::Indexer).await;
     let err = indexer
         .query("SELECT * FROM dalp_identity.users", &[])
@@ -139,7 +139,7 @@ async fn indexer_cannot_read_identity_and_auditor_cannot_change_audit() {
 
 #[tokio::test]
 async fn no_component_may_create_in_public_or_connect_without_tls() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     for c in Component::ALL {
         let client = db.connect_as(c).await;
         let err = client
@@ -170,7 +170,7 @@ async fn no_component_may_create_in_public_or_connect_without_tls() {
 /// a privilege that slipped through would still change nothing).
 #[tokio::test]
 async fn every_undeclared_privilege_is_refused_in_practice() {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let owner = db.connect(MIGRATOR_ROLE).await;
     let mut schemas: Vec<&access::SchemaAccess> = ACCESS.iter().collect();
     schemas.push(&access::META_ACCESS);

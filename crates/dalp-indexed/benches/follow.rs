@@ -28,6 +28,9 @@ use dalp_testkit::anvil::Anvil;
 use serde_json::json;
 use sha3::{Digest, Keccak256};
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 2] = [dalp_indexed::MIGRATIONS, dalp_audit::MIGRATIONS];
+
 const CHAIN: i64 = 31337;
 static BATCH: std::sync::LazyLock<u64> =
     std::sync::LazyLock::new(|| env_u64("DALP_BENCH_BATCH", 100));
@@ -124,7 +127,7 @@ fn options(token: &str, pipeline: bool, receipts: bool) -> FollowOptions {
 
 /// Follows into a fresh database; returns (seconds, blocks, logs, transfers).
 async fn follow(url: &str, token: &str, pipeline: bool, receipts: bool) -> (f64, i64, i64, i64) {
-    let db = dalp_testkit::migrated_database().await;
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     let store = IndexedStore::new(db.pools_sized(2).get(Component::Indexer).clone());
     store
         .register_chain(
@@ -212,7 +215,7 @@ async fn main() {
         ("full blocks + eth_getLogs", false),
         ("block receipts", true),
     ] {
-        let db = dalp_testkit::migrated_database().await;
+        let db = dalp_testkit::migrated_database(&SCHEMAS).await;
         let store = IndexedStore::new(db.pools_sized(1).get(Component::Indexer).clone());
         let fetcher = Follower::new(&store, rpc.clone(), options(&token, false, receipts));
         let started = Instant::now();
@@ -260,7 +263,7 @@ async fn main() {
         .filter(|s| !s.is_empty())
     {
         let (name, bin) = spec.split_once('=').expect("name=/path/to/dalp");
-        let db = dalp_testkit::migrated_database().await;
+        let db = dalp_testkit::migrated_database(&SCHEMAS).await;
         let started = Instant::now();
         let out = std::process::Command::new(bin)
             .args(["index", "follow", "--once", "--rpc", &anvil.url()])

@@ -28,6 +28,9 @@ use dalp_indexed::synth::Synth;
 use dalp_indexed::IndexedStore;
 use futures_util::{SinkExt, TryStreamExt};
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 2] = [dalp_indexed::MIGRATIONS, dalp_audit::MIGRATIONS];
+
 const CHAIN: i64 = 1;
 const PER_BLOCK: usize = 1000;
 const BATCH_BLOCKS: i64 = 20;
@@ -49,7 +52,7 @@ fn env_usize(k: &str, default: usize) -> usize {
 }
 
 async fn fresh_store(mode: WriteMode) -> (dalp_testkit::TestDb, IndexedStore) {
-    let db = dalp_testkit::migrated_database().await;
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     let store =
         IndexedStore::new(db.pools_sized(2).get(Component::Indexer).clone()).with_write_mode(mode);
     store

@@ -14,6 +14,9 @@ use dalp_indexed::{IndexError, IndexedStore};
 use dalp_testkit::{migrated_database, TestDb};
 use num_bigint::BigInt;
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 2] = [dalp_indexed::MIGRATIONS, dalp_audit::MIGRATIONS];
+
 const CHAIN: i64 = 31337;
 
 async fn store(db: &TestDb, finality_depth: i32) -> IndexedStore {
@@ -91,7 +94,7 @@ async fn counts(store: &IndexedStore) -> Vec<(String, i64)> {
 
 #[tokio::test]
 async fn ingest_is_idempotent_and_balances_hold_at_every_block() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db, 64).await;
     let s = synth();
     let blocks = s.blocks(0, 30, 0);
@@ -169,7 +172,7 @@ async fn ingest_is_idempotent_and_balances_hold_at_every_block() {
 
 #[tokio::test]
 async fn gaps_and_foreign_parents_are_refused_without_change() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db, 64).await;
     let s = synth();
     store
@@ -220,7 +223,7 @@ async fn gaps_and_foreign_parents_are_refused_without_change() {
 
 #[tokio::test]
 async fn a_reorg_within_the_finality_depth_rolls_back_and_applies_the_new_branch() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db, 10).await;
     let s = synth();
     let main = s.blocks(0, 25, 0);
@@ -293,7 +296,7 @@ fn block_input(logs: Vec<LogInput>) -> BlockInput {
 
 #[tokio::test]
 async fn malformed_input_is_refused_with_the_field_named_and_nothing_stored() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db, 64).await;
     let token = "0x5fbdb2315678afecb367f032d93f642f64180aa3";
     let one = format!("0x{}01", "00".repeat(31));
@@ -362,7 +365,7 @@ async fn malformed_input_is_refused_with_the_field_named_and_nothing_stored() {
 
 #[tokio::test]
 async fn old_blocks_get_partitions_time_bounded_queries_prune_and_retention_drops() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db, 64).await;
     // Genesis in January 2020: 12 s blocks, so 300 blocks stay in that month.
     let mut s = Synth::new(10, 3, Utc.with_ymd_and_hms(2020, 1, 31, 23, 0, 0).unwrap());
@@ -462,7 +465,7 @@ async fn old_blocks_get_partitions_time_bounded_queries_prune_and_retention_drop
 /// and today's month, not one per month in between (and no "bad range" error).
 #[tokio::test]
 async fn a_genesis_at_time_zero_gets_one_partition_not_fifty_years_of_them() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db, 64).await;
     let s = Synth::new(4, 1, Utc::now());
     let mut blocks = s.blocks(0, 3, 0);

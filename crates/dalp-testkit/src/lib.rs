@@ -2,7 +2,9 @@
 //! embedded cluster of `dalp-ops`, in a temp dir, on a free port), started on first use and
 //! stopped by pid when the binary exits, also after a failed test. Each test then asks for
 //! its own database: [`fresh_database`] (roles and grants, no schemas) or
-//! [`migrated_database`] (a copy of a template with every migration applied).
+//! [`migrated_database`] (a copy of a template with the given migration sets applied: a
+//! domain crate's tests pass its own schema and the audit schema, the composed service's
+//! tests `dalp_app::catalog::MIGRATIONS`). The kit depends on no domain and no HTTP code.
 
 pub mod anvil;
 pub mod managed;
@@ -60,7 +62,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use dalp_db::connect::ConnectOptions;
-use dalp_db::{migrate, roles, Component, ComponentPools, MIGRATOR_ROLE};
+use dalp_db::{migrate, roles, Component, ComponentPools, MigrationSet, MIGRATOR_ROLE};
 use dalp_ops::{Instance, Pooler, PoolerSpec, RunningCluster, StartOptions};
 use tokio_postgres::Client;
 
@@ -70,8 +72,8 @@ struct Harness {
 }
 
 static HARNESS: OnceLock<Harness> = OnceLock::new();
-static TEMPLATE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-const TEMPLATE_DB: &str = "dalp_template";
+/// Template databases made so far, by the schemas migrated into them.
+static TEMPLATES: tokio::sync::Mutex<Vec<String>> = tokio::sync::Mutex::const_new(Vec::new());
 
 static POOLER: OnceLock<Pooler> = OnceLock::new();
 
@@ -200,27 +202,37 @@ pub async fn fresh_database() -> TestDb {
     TestDb { name }
 }
 
-/// A database with every migration applied (cloned from a template migrated once).
-pub async fn migrated_database() -> TestDb {
-    TEMPLATE
-        .get_or_init(|| async {
+/// A database with the migration sets `sets` applied, in order (cloned from a template
+/// migrated once per combination of sets).
+pub async fn migrated_database(sets: &[MigrationSet]) -> TestDb {
+    let template = format!(
+        "dalp_template_{}",
+        sets.iter()
+            .map(|m| m.schema.trim_start_matches("dalp_"))
+            .collect::<Vec<_>>()
+            .join("_")
+    );
+    {
+        let mut made = TEMPLATES.lock().await;
+        if !made.contains(&template) {
             let su = superuser("postgres").await;
             cluster()
-                .create_database(&su, TEMPLATE_DB)
+                .create_database(&su, &template)
                 .await
                 .expect("create template database");
             let db = TestDb {
-                name: TEMPLATE_DB.into(),
+                name: template.clone(),
             };
             let mut migrator = db.connect(MIGRATOR_ROLE).await;
-            migrate::migrate(&mut migrator, &dalp_api::catalog::MIGRATIONS, false)
+            migrate::migrate(&mut migrator, sets, false)
                 .await
                 .expect("migrate template");
-        })
-        .await;
+            made.push(template.clone());
+        }
+    }
     let name = next_name("m");
     let su = superuser("postgres").await;
-    let sql = format!("CREATE DATABASE \"{name}\" TEMPLATE {TEMPLATE_DB}");
+    let sql = format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\"");
     let mut tries = 0;
     // The template's last session may still be closing; CREATE DATABASE refuses until it has.
     while let Err(e) = su.batch_execute(&sql).await {

@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 2] = [dalp_workflows::MIGRATIONS, dalp_audit::MIGRATIONS];
+
 const CONCURRENCY: usize = 8;
 const ENQUEUERS: usize = 4;
 
@@ -106,7 +109,7 @@ fn summarise(name: &'static str, secs: f64, n: u64) -> Result_ {
 }
 
 async fn graphile(n: u64) -> Result_ {
-    let db = dalp_testkit::migrated_database().await;
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     let url = db.options(dalp_db::MIGRATOR_ROLE).to_url();
     let worker = Arc::new(
         graphile_worker::WorkerOptions::default()
@@ -157,7 +160,7 @@ fn noop_handler() -> Handler {
 }
 
 async fn ours(n: u64) -> Result_ {
-    let db = dalp_testkit::migrated_database().await;
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     let pools = db.pools_sized(CONCURRENCY + ENQUEUERS + 2);
     let store = WorkflowStore::new(pools.get(Component::Workflows).clone());
     let worker = Worker::new(

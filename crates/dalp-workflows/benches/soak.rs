@@ -17,6 +17,9 @@ use dalp_workflows::{NewRun, WorkflowStore};
 use serde_json::json;
 use uuid::Uuid;
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 2] = [dalp_workflows::MIGRATIONS, dalp_audit::MIGRATIONS];
+
 fn env_u64(k: &str, d: u64) -> u64 {
     std::env::var(k)
         .ok()
@@ -28,7 +31,7 @@ fn env_u64(k: &str, d: u64) -> u64 {
 async fn main() {
     let seconds = env_u64("DALP_SOAK_SECONDS", 600);
     let rate = env_u64("DALP_SOAK_RATE", 100);
-    let db = dalp_testkit::migrated_database().await;
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     let pools = db.pools_sized(12);
     let store = WorkflowStore::new(pools.get(Component::Workflows).clone());
     let worker = Worker::new(

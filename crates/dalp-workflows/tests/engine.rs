@@ -13,6 +13,9 @@ use dalp_workflows::{NewRun, Outcome, WorkflowError, WorkflowStore};
 use serde_json::json;
 use uuid::Uuid;
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 2] = [dalp_workflows::MIGRATIONS, dalp_audit::MIGRATIONS];
+
 fn ctx() -> RequestContext {
     RequestContext::service("workflows-test")
 }
@@ -34,28 +37,46 @@ fn fast(id: &str) -> WorkerOptions {
     }
 }
 
+/// A worker running in a task until [`Running::stop`].
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn spawn(worker: Worker) -> Running {
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            worker
+                .run(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Running { stop, handle }
+    }
+
+    /// Asks the worker to stop and waits until it has.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.handle.await.unwrap();
+    }
+}
+
 /// Runs `worker` until `done` holds (checked every 20 ms), at most 30 s.
 async fn work_until<F, Fut>(worker: Worker, done: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        worker
-            .run(async {
-                let _ = stop_rx.await;
-            })
-            .await
-            .unwrap();
-    });
+    let running = Running::spawn(worker);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !done().await {
         assert!(Instant::now() < deadline, "work did not finish in time");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = stop_tx.send(());
-    handle.await.unwrap();
+    running.stop().await;
 }
 
 async fn all_in(store: &WorkflowStore, ids: &[Uuid], status: &str) -> bool {
@@ -78,7 +99,7 @@ async fn scalar(db: &TestDb, sql: &str) -> i64 {
 
 #[tokio::test]
 async fn starting_twice_returns_the_first_run_and_steps_run_exactly_once() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db);
     let org = Uuid::new_v4();
     let new = NewRun::new(org, "dalp.selftest", "order-1", json!({"steps": 4}));
@@ -138,7 +159,7 @@ async fn starting_twice_returns_the_first_run_and_steps_run_exactly_once() {
 
 #[tokio::test]
 async fn an_expired_lease_makes_the_run_claimable_and_fences_the_old_worker() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db);
     let (run, _) = store
         .start(
@@ -191,7 +212,7 @@ async fn an_expired_lease_makes_the_run_claimable_and_fences_the_old_worker() {
 
 #[tokio::test]
 async fn failures_back_off_then_dead_letter_and_an_operator_can_retry_or_cancel() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db);
     let mut new = NewRun::new(
         Uuid::new_v4(),
@@ -285,7 +306,7 @@ fn timer_and_signal() -> Handler {
 
 #[tokio::test]
 async fn timers_and_signals_resume_runs() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db);
     let (run, _) = store
         .start(
@@ -329,7 +350,7 @@ async fn timers_and_signals_resume_runs() {
 
 #[tokio::test]
 async fn priorities_order_claims_and_a_concurrency_key_runs_one_at_a_time() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db);
     let org = Uuid::new_v4();
     let kinds = vec!["dalp.selftest".to_string()];
@@ -375,15 +396,7 @@ async fn priorities_order_claims_and_a_concurrency_key_runs_one_at_a_time() {
         ids.push(store.start(&ctx(), &n).await.unwrap().0.id);
     }
     let worker = Worker::new(store.clone(), fast("w1")).handle("dalp.selftest", selftest_handler());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        worker
-            .run(async {
-                let _ = stop_rx.await;
-            })
-            .await
-            .unwrap();
-    });
+    let running = Running::spawn(worker);
     let su = db.superuser().await;
     let mut max_running = 0i64;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -400,8 +413,7 @@ async fn priorities_order_claims_and_a_concurrency_key_runs_one_at_a_time() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let _ = stop_tx.send(());
-    handle.await.unwrap();
+    running.stop().await;
     assert_eq!(max_running, 1, "one run at a time per key");
     assert_eq!(
         scalar(&db, "SELECT count(*) FROM dalp_workflows.concurrency_slots").await,
@@ -414,7 +426,7 @@ async fn priorities_order_claims_and_a_concurrency_key_runs_one_at_a_time() {
 /// attempt uncounted, and another worker completes them: every run ends with one attempt.
 #[tokio::test]
 async fn a_stopping_worker_hands_back_the_runs_it_claimed_but_never_started() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db);
     let org = Uuid::new_v4();
     let mut ids = Vec::new();
@@ -431,15 +443,7 @@ async fn a_stopping_worker_hands_back_the_runs_it_claimed_but_never_started() {
     opts.concurrency = 2;
     opts.batch = 2;
     let worker = Worker::new(store.clone(), opts).handle("dalp.selftest", selftest_handler());
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(async move {
-        worker
-            .run(async {
-                let _ = stop_rx.await;
-            })
-            .await
-            .unwrap();
-    });
+    let running = Running::spawn(worker);
     // Wait until it holds more runs than it has slots.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -454,8 +458,7 @@ async fn a_stopping_worker_hands_back_the_runs_it_claimed_but_never_started() {
         assert!(Instant::now() < deadline, "the worker never claimed ahead");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let _ = stop_tx.send(());
-    handle.await.unwrap();
+    running.stop().await;
     assert_eq!(
         scalar(
             &db,

@@ -10,6 +10,9 @@ use dalp_testkit::{migrated_database, TestDb};
 use dalp_workflows::{NewTxRequest, TransitionInput, TxStatus, WorkflowError, WorkflowStore};
 use uuid::Uuid;
 
+/// The schemas these tests need: their own and the audit trail every write records into.
+const SCHEMAS: [dalp_db::MigrationSet; 2] = [dalp_workflows::MIGRATIONS, dalp_audit::MIGRATIONS];
+
 fn ctx() -> RequestContext {
     RequestContext::service("workflows-test")
 }
@@ -47,7 +50,7 @@ fn none() -> TransitionInput {
 
 #[tokio::test]
 async fn a_request_walks_the_lifecycle_and_illegal_moves_change_nothing() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db, 4);
     let (req, created) = store
         .create_tx_request(&ctx(), &request("pay-1"))
@@ -207,7 +210,7 @@ async fn a_request_walks_the_lifecycle_and_illegal_moves_change_nothing() {
 
 #[tokio::test]
 async fn sixteen_concurrent_allocations_get_distinct_gap_free_nonces_and_released_ones_return() {
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db, 16);
     let mut ids = Vec::new();
     for i in 0..16 {
@@ -311,7 +314,7 @@ async fn step(
 #[tokio::test]
 async fn a_broadcast_nonce_is_never_handed_out_again_and_a_stranded_one_is_replaced() {
     use TxStatus::*;
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = store(&db, 4);
     let (a, _) = store
         .create_tx_request(&ctx(), &request("strand-a"))
@@ -450,7 +453,7 @@ async fn random_concurrent_lifecycles_never_share_or_strand_a_nonce() {
     const CLIENTS: usize = 16;
     const PER_CLIENT: usize = 64;
     const SIGNERS: [&str; 2] = [SIGNER, "0x70997970c51812dc3a010c7d01b50e0d17dc79c8"];
-    let db = migrated_database().await;
+    let db = migrated_database(&SCHEMAS).await;
     let store = std::sync::Arc::new(store(&db, CLIENTS));
     let seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     // A random walk of legal transitions from the current status; at most `max` steps.

@@ -8,8 +8,8 @@ use dalp_db::migrate::{self, SchemaStatus};
 use dalp_db::Component;
 use serde_json::{json, Value};
 
-use crate::catalog::MIGRATIONS;
 use crate::{ApiError, AppState};
+use dalp_app::catalog::MIGRATIONS;
 
 pub(crate) fn router() -> Router<AppState> {
     Router::new()

@@ -204,7 +204,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     // How far ahead partitions exist.
     if let Ok(client) = state.pools.get(Component::Readonly).get().await {
         out.push_str("# HELP dalp_partition_horizon_seconds Seconds until the end of the last partition, per partitioned table.\n# TYPE dalp_partition_horizon_seconds gauge\n");
-        for p in crate::catalog::PARTITIONS {
+        for p in dalp_app::catalog::PARTITIONS {
             if let Ok(parts) = dalp_db::partitions::list(&client, &p).await {
                 let secs = parts
                     .last()
@@ -232,7 +232,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             ));
         }
     }
-    crate::telemetry::store_metrics().render(&mut out);
+    dalp_app::telemetry::store_metrics().render(&mut out);
     dalp_db::pool::render_waits(&mut out);
     dalp_db::typed::render_errors(&mut out);
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out)

@@ -30,7 +30,7 @@ impl Drop for TestApp {
 }
 
 pub async fn spawn_app() -> TestApp {
-    let db = migrated_database().await;
+    let db = migrated_database(&dalp_app::catalog::MIGRATIONS).await;
     let key_dir = Arc::new(tempfile::tempdir().unwrap());
     spawn_app_on(db, key_dir, ApiSettings::default()).await
 }

@@ -30,12 +30,12 @@ async fn metrics_expose_every_family_with_plausible_values() {
         use tracing_subscriber::layer::SubscriberExt;
         use tracing_subscriber::Layer;
         let subscriber = tracing_subscriber::registry().with(
-            dalp_api::telemetry::StoreLayer.with_filter(dalp_api::telemetry::store_layer_filter()),
+            dalp_app::telemetry::StoreLayer.with_filter(dalp_app::telemetry::store_layer_filter()),
         );
         let _ = tracing::subscriber::set_global_default(subscriber);
     }
     let app = spawn_app().await;
-    *app.services.state.backups.write().unwrap() = Some(dalp_api::BackupSnapshot {
+    *app.services.state.backups.write().unwrap() = Some(dalp_app::BackupSnapshot {
         newest_by_repo: vec![(1, chrono::Utc::now() - chrono::Duration::hours(2))],
     });
     app.create_user("ops@bank.example", &[PlatformRole::SystemManager])

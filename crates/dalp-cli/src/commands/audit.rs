@@ -189,7 +189,7 @@ pub async fn forward(
     );
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        super::up::shutdown_signal().await;
+        super::lifecycle::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     f.run(stop, |p| match p {
@@ -234,7 +234,7 @@ pub async fn verify(
     let (from, to) = (parse_time("--from", from)?, parse_time("--to", to)?);
     let keys_dir = Layout::new(&target.data_dir).keys_dir();
     let mut keys = if key.audit_key.is_empty() {
-        dalp_api::trusted_audit_keys(&keys_dir)?
+        dalp_app::keys::trusted_audit_keys(&keys_dir)?
     } else {
         TrustedKeys::default()
     };
@@ -247,7 +247,7 @@ pub async fn verify(
         let dir = key
             .witness
             .clone()
-            .unwrap_or_else(|| keys_dir.join(dalp_api::AUDIT_WITNESS_DIR));
+            .unwrap_or_else(|| keys_dir.join(dalp_app::keys::AUDIT_WITNESS_DIR));
         if key.witness.is_some() && !dir.exists() {
             anyhow::bail!("witness directory {} does not exist", dir.display());
         }
@@ -343,11 +343,11 @@ pub async fn verify(
 pub async fn rotate_key(instance: &crate::cli::InstanceArgs) -> anyhow::Result<ExitCode> {
     use dalp_audit::AuditKey;
     let (pools, keys_dir) = super::identity::instance_pools(instance)?;
-    let current_file = keys_dir.join(dalp_api::AUDIT_KEY_FILE);
+    let current_file = keys_dir.join(dalp_app::keys::AUDIT_KEY_FILE);
     let next_file = keys_dir.join("audit-ed25519.next.json");
     let current = std::sync::Arc::new(AuditKey::open(&current_file)?);
     // The trust anchor must exist before the first key is retired.
-    let anchor = keys_dir.join(dalp_api::AUDIT_PUBLIC_KEY_FILE);
+    let anchor = keys_dir.join(dalp_app::keys::AUDIT_PUBLIC_KEY_FILE);
     if !anchor.exists() {
         current.write_public(&anchor)?;
     }
@@ -411,12 +411,12 @@ pub async fn checkpoint(target: &TargetArgs, out: Option<&Path>) -> anyhow::Resu
 pub async fn partitions(
     target: &TargetArgs,
     apply: bool,
-    retention: dalp_api::catalog::Retention,
+    retention: dalp_app::catalog::Retention,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut client = connect_admin(target).await?;
     let mut out = Vec::new();
-    for policy in &dalp_api::catalog::partition_policies(retention) {
+    for policy in &dalp_app::catalog::partition_policies(retention) {
         let table = format!("{}.{}", policy.schema, policy.table);
         if apply {
             let m = partitions::maintain(&mut client, policy, chrono::Utc::now()).await?;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use chrono::{DateTime, NaiveDateTime, Utc};
-use dalp_api::catalog::MIGRATIONS;
+use dalp_app::catalog::MIGRATIONS;
 use dalp_ops::backup::{self, RestoredServer, Target};
 use dalp_ops::embedded::{DATABASE, DEFAULT_PG_BIN};
 use dalp_ops::{HaCluster, Layout};
@@ -454,7 +454,7 @@ async fn verify(data_dir: &Path, repo: u8, keep: bool, json: bool) -> anyhow::Re
         .iter()
         .all(|s| s.applied_version == s.latest_version);
     // Verified from the trust anchor, so a chain whose key was rotated still verifies.
-    let audit_chain_ok = match dalp_api::trusted_audit_keys(&keys_dir) {
+    let audit_chain_ok = match dalp_app::keys::trusted_audit_keys(&keys_dir) {
         Ok(keys) => Some(
             dalp_audit::verify_with(&copy, &dalp_audit::VerifyOptions::new(&keys))
                 .await?

@@ -94,7 +94,7 @@ pub async fn up(dir: &Path, opts: HaOptions) -> anyhow::Result<HaCluster> {
         .connect()
         .await
         .context("connect to the primary as the migrator")?;
-    super::up::apply_migrations(&mut client).await?;
+    super::lifecycle::apply_migrations(&mut client).await?;
     Ok(cluster)
 }
 

@@ -93,7 +93,7 @@ pub async fn lint(target: &TargetArgs, fail_on: &str, json: bool) -> anyhow::Res
     let threshold = Severity::parse(fail_on)
         .with_context(|| format!("--fail-on {fail_on}: use info, warning or error"))?;
     let client = connect_admin(target).await?;
-    let opts = dalp_api::catalog::lint_options();
+    let opts = dalp_app::catalog::lint_options();
     let findings = analysis::lint(&client, &opts, chrono::Utc::now()).await?;
     if json {
         println!("{}", serde_json::to_string(&findings)?);

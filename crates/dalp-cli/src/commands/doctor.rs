@@ -152,7 +152,7 @@ pub async fn run(
 
     if let Some(client) = client {
         // Migrations.
-        match dalp_db::migrate::status(&client, &dalp_api::catalog::MIGRATIONS).await {
+        match dalp_db::migrate::status(&client, &dalp_app::catalog::MIGRATIONS).await {
             Ok(st) => {
                 let behind: Vec<String> = st
                     .iter()
@@ -178,7 +178,7 @@ pub async fn run(
             )),
         }
         // Roles.
-        match dalp_db::access::check(&client, &dalp_api::catalog::ACCESS).await {
+        match dalp_db::access::check(&client, &dalp_app::catalog::ACCESS).await {
             Ok(r) if r.is_clean() => checks.push(check(
                 "roles",
                 "ok",
@@ -194,7 +194,7 @@ pub async fn run(
             Err(e) => checks.push(check("roles", "error", e.to_string(), "")),
         }
         // Index coverage and partitions.
-        let lint = dalp_api::catalog::lint_options();
+        let lint = dalp_app::catalog::lint_options();
         match analysis::lint(&client, &lint, now).await {
             Ok(f) if f.is_empty() => checks.push(check(
                 "schema_health",
@@ -597,7 +597,7 @@ async fn backup_checks(data_dir: &Path, now: DateTime<Utc>, checks: &mut Vec<Che
 /// The signing key the sealer holds must be the one the chain expects (else sealing has
 /// stopped), and the witnessed head must keep up with the chain.
 async fn audit_key_checks(pools: &ComponentPools, keys_dir: &Path, checks: &mut Vec<Check>) {
-    let key = match dalp_audit::AuditKey::open(&keys_dir.join(dalp_api::AUDIT_KEY_FILE)) {
+    let key = match dalp_audit::AuditKey::open(&keys_dir.join(dalp_app::keys::AUDIT_KEY_FILE)) {
         Ok(k) => k,
         Err(e) => {
             checks.push(check(
@@ -628,7 +628,7 @@ async fn audit_key_checks(pools: &ComponentPools, keys_dir: &Path, checks: &mut 
         )),
         _ => checks.push(check("audit_key", "ok", format!("signing key {}", key.key_id), "")),
     }
-    let witness = dalp_audit::Witness::new(keys_dir.join(dalp_api::AUDIT_WITNESS_DIR));
+    let witness = dalp_audit::Witness::new(keys_dir.join(dalp_app::keys::AUDIT_WITNESS_DIR));
     let head = dalp_audit::Sealer::checkpoint(&client).await.ok().flatten();
     match (witness.heads().map(|h| h.last().cloned()), head) {
         (Err(e), _) => checks.push(check("audit_witness", "error", e.to_string(), "")),

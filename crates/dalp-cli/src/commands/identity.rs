@@ -43,7 +43,7 @@ pub fn instance_pools(
 fn store(instance: &InstanceArgs) -> anyhow::Result<IdentityStore> {
     let (pools, keys_dir) = instance_pools(instance)?;
     let keys = Arc::new(FileKeyProvider::open_or_create(
-        &keys_dir.join(dalp_api::KEK_FILE),
+        &keys_dir.join(dalp_app::keys::KEK_FILE),
     )?);
     Ok(IdentityStore::new(
         pools.get(Component::Identity).clone(),

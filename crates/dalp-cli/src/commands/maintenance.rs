@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use dalp_api::catalog::Retention;
+use dalp_app::catalog::Retention;
 
 /// Key of the advisory lock a maintenance round holds.
 pub const PARTITION_MAINTENANCE_LOCK: i64 = 0x6461_6c70_7061_7274; // "dalppart"
@@ -15,7 +15,7 @@ pub async fn maintain_partitions(
     owner: &mut tokio_postgres::Client,
     retention: Retention,
 ) -> anyhow::Result<()> {
-    for policy in &dalp_api::catalog::partition_policies(retention) {
+    for policy in &dalp_app::catalog::partition_policies(retention) {
         let m = dalp_db::partitions::maintain(owner, policy, chrono::Utc::now())
             .await
             .with_context(|| {

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use dalp_api::catalog::MIGRATIONS;
+use dalp_app::catalog::MIGRATIONS;
 use dalp_db::migrate;
 
 use crate::cli::TargetArgs;

@@ -10,6 +10,7 @@ pub mod demo;
 mod doctor;
 mod identity;
 mod index;
+mod lifecycle;
 mod maintenance;
 mod migrate;
 mod pool;

@@ -8,7 +8,7 @@ use dalp_db::component::login_roles;
 use dalp_ops::pooler::scram_verifiers;
 use dalp_ops::{HaCluster, Layout, Pooler, PoolerSpec};
 
-use super::up::shutdown_signal;
+use super::lifecycle::shutdown_signal;
 use crate::cli::PoolCommand;
 
 pub async fn run(command: PoolCommand) -> anyhow::Result<ExitCode> {

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use dalp_api::catalog::ACCESS;
+use dalp_app::catalog::ACCESS;
 use dalp_db::connect::ConnectOptions;
 use dalp_db::{access, roles, Secrets};
 

@@ -9,7 +9,7 @@ use anyhow::Context;
 use dalp_api::{ApiSettings, Services};
 use dalp_db::{ComponentPools, Config, Secrets, MIGRATOR_ROLE};
 
-use super::up::shutdown_signal;
+use super::lifecycle::shutdown_signal;
 
 /// The role passwords a configuration points at (file, environment, secrets command).
 pub fn config_secrets(config: &Config) -> anyhow::Result<Secrets> {
@@ -71,7 +71,7 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
     );
     let maintenance = tokio::spawn(super::maintenance::partition_maintenance(
         owner,
-        dalp_api::catalog::Retention {
+        dalp_app::catalog::Retention {
             audit_months: m.audit_retention_months,
             indexed_months: m.indexed_retention_months,
         },

@@ -7,26 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use dalp_api::catalog::MIGRATIONS;
 use dalp_api::{ApiSettings, Services};
-use dalp_db::{migrate, ComponentPools, MIGRATOR_ROLE};
+use dalp_db::{ComponentPools, MIGRATOR_ROLE};
 use dalp_ops::embedded::DATABASE;
 use dalp_ops::{HaCluster, Instance, OpsError, RunningCluster, StartOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::lifecycle::{apply_migrations, shutdown_signal};
 use super::maintenance::{maintain_partitions, partition_maintenance};
 use crate::cli::UpArgs;
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term.recv() => {},
-    }
-}
 
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     // Claim the API port before anything else, so a busy port fails fast and clearly.
@@ -81,10 +70,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         false,
     ));
 
+    // The same pool size `dalp serve` uses when its config does not set one.
     let pools = Arc::new(ComponentPools::build(
         &migrator,
         backend.secrets(),
-        8,
+        dalp_db::config::DatabaseConfig::default().pool_max_size,
         Duration::from_secs(5),
     )?);
     let services = Services::start(pools.clone(), &backend.keys_dir(), ApiSettings::default())?;
@@ -329,7 +319,7 @@ impl Backend {
 /// Reads the repositories every minute so `/metrics` can show the age of the newest backup.
 async fn watch_backups(
     backups: dalp_ops::backup::Backups,
-    into: std::sync::Arc<std::sync::RwLock<Option<dalp_api::BackupSnapshot>>>,
+    into: std::sync::Arc<std::sync::RwLock<Option<dalp_app::BackupSnapshot>>>,
 ) {
     loop {
         let b = backups.clone();
@@ -344,7 +334,7 @@ async fn watch_backups(
                     }
                 }
                 newest.sort();
-                *into.write().unwrap_or_else(|e| e.into_inner()) = Some(dalp_api::BackupSnapshot {
+                *into.write().unwrap_or_else(|e| e.into_inner()) = Some(dalp_app::BackupSnapshot {
                     newest_by_repo: newest,
                 });
             }
@@ -353,19 +343,6 @@ async fn watch_backups(
         }
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
-}
-
-/// Applies every pending migration through `client` (the migrator) and says how many.
-pub async fn apply_migrations(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
-    let report = migrate::migrate(client, &MIGRATIONS, false)
-        .await
-        .context("apply migrations")?;
-    eprintln!(
-        "migrations: {} applied now, {} already applied",
-        report.applied.len(),
-        report.already_applied
-    );
-    Ok(())
 }
 
 /// Polls `GET /readyz` until it answers 200.
