@@ -108,6 +108,12 @@ pub enum Command {
         /// Warn when a certificate expires within this many days.
         #[arg(long, default_value_t = 30)]
         warn_days: i64,
+        /// The target is a managed service (RDS, Cloud SQL, Azure): high availability,
+        /// backups and point-in-time recovery are the provider's, reported as info with what
+        /// to confirm in its console. Detected by itself from the provider's settings
+        /// (rds.*, cloudsql.*, azure.*) when they are visible.
+        #[arg(long, env = "DALP_MANAGED")]
+        managed: bool,
         #[arg(long)]
         json: bool,
     },

@@ -64,10 +64,32 @@ async fn roles_migrate_serve_and_first_admin_without_a_superuser() {
     let o = dalp(&["roles", "check", "--database-url", &migrator_url]);
     assert!(o.status.success(), "roles check: {}", text(&o));
 
-    // Doctor names what the provider must preload, and where to set it.
-    let o = dalp(&["doctor", "--database-url", &migrator_url, "--json"]);
+    // Doctor names what the provider must preload, and where to set it; HA, archiving and
+    // backups are the provider's (info, not warnings).
+    let o = dalp(&[
+        "doctor",
+        "--database-url",
+        &migrator_url,
+        "--managed",
+        "--json",
+    ]);
     let checks: Vec<serde_json::Value> =
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    for name in ["replication", "archiving", "backups"] {
+        let c = checks
+            .iter()
+            .find(|c| c["check"] == name)
+            .unwrap_or_else(|| panic!("no {name} check: {checks:?}"));
+        assert_eq!(c["status"], "info", "{c}");
+        assert!(
+            c["detail"].as_str().unwrap().contains("the provider"),
+            "{c}"
+        );
+        assert!(
+            c["next"].as_str().unwrap().contains("deploy-managed.md"),
+            "{c}"
+        );
+    }
     let pgaudit = checks
         .iter()
         .find(|c| {

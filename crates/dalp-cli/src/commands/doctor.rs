@@ -88,6 +88,7 @@ pub async fn run(
     target: &TargetArgs,
     certs: &[PathBuf],
     warn_days: i64,
+    managed: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let now = Utc::now();
@@ -238,8 +239,20 @@ pub async fn run(
                 audit_key_checks(&pools, &layout.keys_dir(), &mut checks).await;
             }
         }
-        replication_checks(&client, &target.data_dir, embedded, &mut checks).await;
-        archiving_checks(&client, embedded, &mut checks).await;
+        let provider = if embedded {
+            None
+        } else {
+            managed_provider(&client)
+                .await
+                .or(managed.then(|| "the provider".to_string()))
+        };
+        match &provider {
+            Some(p) => provider_checks(p, &mut checks),
+            None => {
+                replication_checks(&client, &target.data_dir, embedded, &mut checks).await;
+                archiving_checks(&client, embedded, &mut checks).await;
+            }
+        }
         extension_checks(&client, embedded, &mut checks).await;
     }
     if embedded {
@@ -442,6 +455,50 @@ async fn extension_checks(c: &tokio_postgres::Client, embedded: bool, checks: &m
             )
         });
     }
+}
+
+/// The managed service behind a URL target, from the settings only it has.
+async fn managed_provider(c: &tokio_postgres::Client) -> Option<String> {
+    let row = c
+        .query_one(
+            "SELECT bool_or(name LIKE 'rds.%'), bool_or(name LIKE 'cloudsql.%'), bool_or(name LIKE 'azure.%')
+               FROM pg_settings",
+            &[],
+        )
+        .await
+        .ok()?;
+    let named = |i: usize| row.get::<_, Option<bool>>(i).unwrap_or(false);
+    [
+        (0, "AWS RDS"),
+        (1, "GCP Cloud SQL"),
+        (2, "Azure Database for PostgreSQL"),
+    ]
+    .into_iter()
+    .find(|(i, _)| named(*i))
+    .map(|(_, p)| p.to_string())
+}
+
+/// On a managed service, high availability, backups and point-in-time recovery are the
+/// provider's: reported as info, saying what to confirm in its console.
+fn provider_checks(provider: &str, checks: &mut Vec<Check>) {
+    checks.push(check(
+        "replication",
+        "info",
+        format!("high availability is {provider}'s (RDS Multi-AZ, Cloud SQL regional HA, Azure zone-redundant HA); its standbys are not visible to dalp"),
+        "confirm HA is enabled for the instance in the provider's console (docs/deploy-managed.md)",
+    ));
+    checks.push(check(
+        "archiving",
+        "info",
+        format!("WAL archiving and point-in-time recovery are {provider}'s"),
+        "keep automated backups with a point-in-time window of at least 30 days (docs/deploy-managed.md)",
+    ));
+    checks.push(check(
+        "backups",
+        "info",
+        format!("backups are {provider}'s"),
+        "keep snapshots 90 days and export to an archive kept 7 years, with customer-managed keys (docs/deploy-managed.md)",
+    ));
 }
 
 /// Whether Patroni can fence a stalled primary with a kernel watchdog.

@@ -92,8 +92,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             cert,
             warn_days,
+            managed,
             json,
-        } => doctor::run(&target, &cert, warn_days, json).await,
+        } => doctor::run(&target, &cert, warn_days, managed, json).await,
         Command::Workflows { command } => workflows::run(command).await,
         Command::Index { command } => index::run(command).await,
         Command::Audit {
