@@ -10,7 +10,7 @@ use dalp_indexed::rpc::RpcClient;
 use dalp_indexed::types::parse_address;
 use dalp_indexed::IndexedStore;
 use dalp_testkit::anvil::Anvil;
-use dalp_testkit::{migrated_database, Reaped, TestDb};
+use dalp_testkit::{migrated_database, output_text, Reaped, TestDb};
 use num_bigint::BigUint;
 use serde_json::{json, Value};
 use sha3::{Digest, Keccak256};
@@ -573,14 +573,6 @@ fn dalp_index(db: &TestDb, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn stderr_of(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// Registers the chain with `depth` before the first follow (follow only registers with
 /// its own default).
 async fn register(db: &TestDb, depth: i32) -> IndexedStore {
@@ -650,12 +642,12 @@ async fn a_node_that_lost_the_chain_is_a_recorded_divergence_until_an_operator_r
     assert_eq!(s.state, "diverged");
     assert!(s.diverged.as_ref().unwrap().reason.contains("chain 999"));
     let o = dalp_index(&db, &["status", "--chain-id", "31337"]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
-    assert!(stderr_of(&o).contains("DIVERGED"), "{}", stderr_of(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
+    assert!(output_text(&o).contains("DIVERGED"), "{}", output_text(&o));
     assert!(
-        stderr_of(&o).contains("dalp index rewind"),
+        output_text(&o).contains("dalp index rewind"),
         "{}",
-        stderr_of(&o)
+        output_text(&o)
     );
     // The store refuses to move a diverged chain, whoever asks.
     let e = store
@@ -686,7 +678,7 @@ async fn a_node_that_lost_the_chain_is_a_recorded_divergence_until_an_operator_r
             "--beyond-finality",
         ],
     );
-    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     assert_eq!(store.status(CHAIN).await.unwrap().state, "following");
     node.transfer(&token, 1, 2, 5).await;
     follow_once(&db, &anvil, &token);
@@ -702,11 +694,11 @@ async fn a_node_that_lost_the_chain_is_a_recorded_divergence_until_an_operator_r
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(stderr_of(&o).contains("diverged"), "{}", stderr_of(&o));
+    assert!(output_text(&o).contains("diverged"), "{}", output_text(&o));
     assert!(
-        stderr_of(&o).contains("no common ancestor"),
+        output_text(&o).contains("no common ancestor"),
         "{}",
-        stderr_of(&o)
+        output_text(&o)
     );
     let s = store.status(CHAIN).await.unwrap();
     assert_eq!(s.state, "diverged");
@@ -728,9 +720,9 @@ async fn a_node_that_lost_the_chain_is_a_recorded_divergence_until_an_operator_r
     let o = dalp_index(&db, &["rewind", "--chain-id", "31337", "--to", "-1"]);
     assert!(!o.status.success());
     assert!(
-        stderr_of(&o).contains("--beyond-finality"),
+        output_text(&o).contains("--beyond-finality"),
         "{}",
-        stderr_of(&o)
+        output_text(&o)
     );
     let o = dalp_index(
         &db,
@@ -743,7 +735,7 @@ async fn a_node_that_lost_the_chain_is_a_recorded_divergence_until_an_operator_r
             "--beyond-finality",
         ],
     );
-    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let s = store.status(CHAIN).await.unwrap();
     assert_eq!((s.state, s.checkpoint), ("following", None));
     // The new chain, from scratch.
@@ -799,7 +791,7 @@ async fn reconciliation_names_a_token_whose_contract_disagrees() {
         )
     };
     let o = reconcile(&db, &anvil);
-    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     let r = &v["reconciliations"][0];
     assert_eq!(r["in_agreement"], true, "{v}");
@@ -825,7 +817,7 @@ async fn reconciliation_names_a_token_whose_contract_disagrees() {
     follow_once(&db, &anvil, &token);
     let block = node.head().await;
     let o = reconcile(&db, &anvil);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     let r = &v["reconciliations"][0];
     assert_eq!(r["token"], json!(token), "{v}");
@@ -837,11 +829,11 @@ async fn reconciliation_names_a_token_whose_contract_disagrees() {
     );
     assert_eq!(r["in_agreement"], false);
     let o = dalp_index(&db, &["status", "--chain-id", "31337"]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
     assert!(
-        stderr_of(&o).contains(&format!("{token} at block {block}: DISAGREES")),
+        output_text(&o).contains(&format!("{token} at block {block}: DISAGREES")),
         "{}",
-        stderr_of(&o)
+        output_text(&o)
     );
 
     // Supply put right, one holder's balance changed instead (mapping at slot 0).
@@ -880,7 +872,7 @@ async fn reconciliation_names_a_token_whose_contract_disagrees() {
         "1"
     );
     let o = reconcile(&db, &anvil);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr_of(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     let r = &v["reconciliations"][0];
     assert_eq!(r["node_supply"], "3000", "{v}");
@@ -995,7 +987,7 @@ async fn a_head_announced_before_its_block_is_served_is_retried() {
         .env_remove("DALP_DATA_DIR")
         .output()
         .unwrap();
-    let err = stderr_of(&out);
+    let err = output_text(&out);
     assert!(out.status.success(), "{err}");
     assert!(
         err.contains("has no block") && err.contains("retrying"),

@@ -211,11 +211,13 @@ impl<'a> Follower<'a> {
         self.opts.give_up_after.is_some_and(|n| failures >= n)
     }
 
+    /// One poll. `ahead` holds the batch prefetched by the previous step; it is used only
+    /// when it starts right after the checkpoint, and replaced only by a new prefetch.
     async fn step(&self, ahead: &mut Option<Fetched>) -> Result<Step, FollowError> {
+        let prefetched = ahead.take();
         let chain_id = self.opts.chain_id;
         let status = self.store.status(chain_id).await?;
         if let Some(d) = status.diverged {
-            *ahead = None;
             return Err(IndexError::Diverged {
                 chain: chain_id,
                 block: d.block,
@@ -228,7 +230,6 @@ impl<'a> Follower<'a> {
         let (node_chain, head, node_hash) =
             self.rpc.poll(status.checkpoint.map(|c| c as u64)).await?;
         if node_chain as i64 != chain_id {
-            *ahead = None;
             let at = status.checkpoint.unwrap_or(-1);
             return Err(self
                 .diverge(
@@ -242,7 +243,6 @@ impl<'a> Follower<'a> {
         if let Some(cp) = status.checkpoint {
             let stored = status.checkpoint_hash.as_deref();
             if node_hash.as_deref().map(str::to_ascii_lowercase).as_deref() != stored {
-                *ahead = None;
                 let reorg = match self.rewind_replaced(cp, head, depth).await {
                     Ok(r) => r,
                     Err(e) => return Err(self.diverge_on(e, cp).await),
@@ -261,10 +261,9 @@ impl<'a> Follower<'a> {
             .map(|c| c as u64 + 1)
             .unwrap_or(self.opts.from_block);
         if next > head {
-            *ahead = None;
             return Ok(Step::CaughtUp);
         }
-        let (to, blocks) = match ahead.take() {
+        let (to, blocks) = match prefetched {
             Some(f) if f.from == next => (f.to, f.blocks),
             _ => {
                 let to = head.min(next + self.opts.batch_blocks - 1);
@@ -295,8 +294,8 @@ impl<'a> Follower<'a> {
             ingest.await
         };
         let outcome = match outcome {
+            Ok(o) => o,
             Err(IndexError::ParentMismatch { number }) => {
-                *ahead = None;
                 let cp = status.checkpoint.unwrap_or(number - 1);
                 let fork = match self.find_fork(number - 1, cp, depth).await {
                     Ok(f) => f,
@@ -316,18 +315,14 @@ impl<'a> Follower<'a> {
                     .ingest(&self.ctx, chain_id, &blocks, Some(head as i64))
                     .await
                 {
-                    Err(e @ IndexError::DeepReorg { .. }) => {
-                        return Err(self.diverge_on(e.into(), cp).await)
-                    }
-                    other => other?,
+                    Ok(o) => o,
+                    Err(e) => return Err(self.diverge_on(e.into(), cp).await),
                 }
             }
-            Err(e @ IndexError::DeepReorg { .. }) => {
-                *ahead = None;
+            Err(e) => {
                 let cp = status.checkpoint.unwrap_or(-1);
                 return Err(self.diverge_on(e.into(), cp).await);
             }
-            other => other?,
         };
         Ok(Step::Batch(Progress {
             checkpoint: outcome.checkpoint,
@@ -448,9 +443,12 @@ impl<'a> Follower<'a> {
         Ok(blocks)
     }
 
-    /// With `--contracts`: only their logs, and only the transactions that left one of
-    /// those logs or called one of them.
+    /// Logs in log-index order and, with `--contracts`, only their logs and only the
+    /// transactions that left one of those logs or called one of them. (Both fetch paths.)
     fn keep_ours(&self, mut blocks: Vec<BlockInput>) -> Vec<BlockInput> {
+        for b in &mut blocks {
+            b.logs.sort_by_key(|l| l.log_index);
+        }
         if self.opts.contracts.is_empty() {
             return blocks;
         }
@@ -458,7 +456,6 @@ impl<'a> Follower<'a> {
         for b in &mut blocks {
             b.logs
                 .retain(|l| contracts.contains(&l.address.to_ascii_lowercase()));
-            b.logs.sort_by_key(|l| l.log_index);
             let with_logs: HashSet<String> = b
                 .logs
                 .iter()
@@ -474,8 +471,8 @@ impl<'a> Follower<'a> {
         blocks
     }
 
-    /// Full blocks and (filtered) `eth_getLogs`, asked for at once, then receipts for kept
-    /// transactions that left no log.
+    /// Full blocks and (filtered) `eth_getLogs`, asked for at once, kept as [`keep_ours`]
+    /// says, then receipts for kept transactions that left no log.
     async fn fetch_blocks_and_logs(
         &self,
         from: u64,
@@ -499,17 +496,9 @@ impl<'a> Follower<'a> {
             with_logs.insert(log.tx_hash.to_ascii_lowercase());
             block.logs.push(log);
         }
-        let contracts: HashSet<String> = self.opts.contracts.iter().map(|a| hex0x(a)).collect();
+        let mut inputs = self.keep_ours(inputs);
         let mut unknown = Vec::new();
         for b in &mut inputs {
-            b.logs.sort_by_key(|l| l.log_index);
-            b.transactions.retain(|t| {
-                contracts.is_empty()
-                    || with_logs.contains(&t.hash.to_ascii_lowercase())
-                    || t.to
-                        .as_ref()
-                        .is_some_and(|to| contracts.contains(&to.to_ascii_lowercase()))
-            });
             for t in &mut b.transactions {
                 if with_logs.contains(&t.hash.to_ascii_lowercase()) {
                     t.status = Some(1); // only successful transactions leave logs

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::rpc::{RpcClient, RpcError};
 use crate::store::{IndexError, IndexedStore};
-use crate::types::{hex0x, Address};
+use crate::types::hex0x;
 
 /// `totalSupply()`.
 const TOTAL_SUPPLY: &str = "0x18160ddd";
@@ -78,8 +78,9 @@ fn word(v: &Value) -> Result<String, RpcError> {
         .ok_or_else(|| RpcError::Malformed(format!("eth_call answer {s} is not hex")))
 }
 
-fn call(to: &str, data: String, block: &str) -> (&'static str, Value) {
-    ("eth_call", json!([{ "to": to, "data": data }, block]))
+/// The parameters of `eth_call` of `data` on `to` at `block`.
+fn call_params(to: &str, data: String, block: &str) -> Value {
+    json!([{ "to": to, "data": data }, block])
 }
 
 /// One round over `chain_id`: up to `max_tokens` tokens, each compared at the finalized
@@ -107,7 +108,7 @@ pub async fn reconcile(
         let to = hex0x(&token);
         let indexed_supply = store.supply_at(chain_id, &token, block).await?;
         let node_supply = match rpc
-            .call("eth_call", call(&to, TOTAL_SUPPLY.into(), &tag).1)
+            .call("eth_call", call_params(&to, TOTAL_SUPPLY.into(), &tag))
             .await
         {
             Ok(v) => word(&v).ok(),
@@ -121,11 +122,8 @@ pub async fn reconcile(
         let calls: Vec<(&str, Value)> = sample
             .iter()
             .map(|(account, _)| {
-                call(
-                    &to,
-                    format!("{BALANCE_OF}{:0>64}", hex::encode(account.0)),
-                    &tag,
-                )
+                let data = format!("{BALANCE_OF}{:0>64}", hex::encode(account.0));
+                ("eth_call", call_params(&to, data, &tag))
             })
             .collect();
         let (checked, drifted) = match rpc.batch(&calls).await {
@@ -175,9 +173,4 @@ pub async fn reconcile(
 /// Tokens whose last reconciliation disagreed.
 pub fn drifting(list: &[TokenReconciliation]) -> impl Iterator<Item = &TokenReconciliation> {
     list.iter().filter(|r| !r.in_agreement)
-}
-
-/// Parses a stored token address (20 bytes).
-pub(crate) fn address(bytes: &[u8]) -> Address {
-    Address::try_from(bytes).expect("CHECK length(token) = 20")
 }

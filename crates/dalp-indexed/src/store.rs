@@ -392,41 +392,40 @@ impl IndexedStore {
     #[tracing::instrument(target = "dalp_store", name = "indexed.status", skip_all)]
     pub async fn status(&self, chain_id: i64) -> Result<SyncStatus, IndexError> {
         let client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
-        let chain = self.chain_in(&**client, chain_id).await?;
-        let cp = client
+        // One round trip: the chain row (with its divergence) and its checkpoint, if any.
+        let r = client
             .query_typed(
-                "SELECT block_number, block_hash, finalized_number, head_number, updated_at
-                   FROM dalp_indexed.checkpoints WHERE chain_id = $1",
-                &[(&chain_id, Type::INT8)],
-            )
-            .await?;
-        let cp = cp.first();
-        let checkpoint: Option<i64> = cp.map(|r| r.get(0));
-        let head: Option<i64> = cp.and_then(|r| r.get(3));
-        let diverged = client
-            .query_typed(
-                "SELECT diverged_at, diverged_block, diverged_reason FROM dalp_indexed.chains
-                  WHERE chain_id = $1 AND diverged_at IS NOT NULL",
+                "SELECT c.name, c.finality_depth, c.diverged_at, c.diverged_block, c.diverged_reason,
+                        p.block_number, p.block_hash, p.finalized_number, p.head_number, p.updated_at
+                   FROM dalp_indexed.chains c
+                   LEFT JOIN dalp_indexed.checkpoints p ON p.chain_id = c.chain_id
+                  WHERE c.chain_id = $1",
                 &[(&chain_id, Type::INT8)],
             )
             .await?
-            .first()
-            .map(|r| Divergence {
-                since: r.get(0),
-                block: r.get::<_, Option<i64>>(1).unwrap_or(-1),
-                reason: r.get(2),
+            .into_iter()
+            .next()
+            .ok_or(IndexError::UnknownChain(chain_id))?;
+        let diverged = r
+            .get::<_, Option<DateTime<Utc>>>(2)
+            .map(|since| Divergence {
+                since,
+                block: r.get::<_, Option<i64>>(3).unwrap_or(-1),
+                reason: r.get(4),
                 next: divergence_next_step(chain_id),
             });
+        let checkpoint: Option<i64> = r.get(5);
+        let head: Option<i64> = r.get(8);
         Ok(SyncStatus {
             chain_id,
-            name: chain.name,
-            finality_depth: chain.finality_depth,
+            name: r.get(0),
+            finality_depth: r.get(1),
             checkpoint,
-            checkpoint_hash: cp.map(|r| hex0x(r.get::<_, &[u8]>(1))),
-            finalized: cp.map(|r| r.get(2)),
+            checkpoint_hash: r.get::<_, Option<&[u8]>>(6).map(hex0x),
+            finalized: r.get(7),
             head,
             lag: head.zip(checkpoint).map(|(h, c)| (h - c).max(0)),
-            updated_at: cp.map(|r| r.get(4)),
+            updated_at: r.get(9),
             state: if diverged.is_some() {
                 "diverged"
             } else {
@@ -505,7 +504,6 @@ impl IndexedStore {
     /// balances, supply, checkpoint), e.g. to re-index from there. Refused below the
     /// finalized block, like a reorg that deep, and on a diverged chain (the follower must
     /// not quietly carry on).
-    #[tracing::instrument(target = "dalp_store", name = "indexed.rewind", skip_all)]
     pub async fn rewind(
         &self,
         ctx: &RequestContext,
@@ -1310,10 +1308,7 @@ impl IndexedStore {
                 ],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| crate::reconcile::address(r.get::<_, &[u8]>(0)))
-            .collect())
+        Ok(rows.iter().map(|r| to20(r.get::<_, &[u8]>(0))).collect())
     }
 
     /// Up to `n` random holders of `token` (ever), each with its indexed balance after
@@ -1347,7 +1342,7 @@ impl IndexedStore {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| (crate::reconcile::address(r.get::<_, &[u8]>(0)), r.get(1)))
+            .map(|r| (to20(r.get::<_, &[u8]>(0)), r.get(1)))
             .collect())
     }
 

@@ -70,12 +70,16 @@ pub const CHAIN_STATE_HEADER: &str = "x-dalp-chain-state";
 
 /// Where the chain's index stands as a read begins (unknown chains are 404 here).
 async fn reflecting(state: &AppState, chain: i64) -> Result<Reflecting, ApiError> {
-    let status = state.indexed.status(chain).await?;
+    Ok(headers_of(&state.indexed.status(chain).await?))
+}
+
+/// The read headers for `status`.
+fn headers_of(status: &dalp_indexed::store::SyncStatus) -> Reflecting {
     let block = status
         .checkpoint
         .map(|c| c.to_string())
         .unwrap_or_else(|| "none".into());
-    Ok([
+    [
         (
             HeaderName::from_static(INDEXED_BLOCK_HEADER),
             HeaderValue::from_str(&block).expect("digits"),
@@ -84,7 +88,7 @@ async fn reflecting(state: &AppState, chain: i64) -> Result<Reflecting, ApiError
             HeaderName::from_static(CHAIN_STATE_HEADER),
             HeaderValue::from_static(status.state),
         ),
-    ])
+    ]
 }
 
 fn chain_param(s: &str) -> Result<i64, ApiError> {
@@ -183,8 +187,8 @@ async fn status(
     Path(chain): Path<String>,
 ) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
     let chain = chain_param(&chain)?;
-    let headers = reflecting(&state, chain).await?;
     let status = state.indexed.status(chain).await?;
+    let headers = headers_of(&status);
     let reconciliations = state.indexed.reconciliations(chain).await?;
     Ok((
         headers,
@@ -324,17 +328,12 @@ async fn token_at_block(
 ) -> Result<(i64, Address, i64, Reflecting), ApiError> {
     let chain = chain_param(chain)?;
     let token = address_param("token", token)?;
-    let headers = reflecting(state, chain).await?;
+    let status = state.indexed.status(chain).await?;
     let block = match int_param(q, "block")? {
         Some(b) => b,
-        None => headers[0]
-            .1
-            .to_str()
-            .ok()
-            .and_then(|b| b.parse().ok())
-            .unwrap_or(0),
+        None => status.checkpoint.unwrap_or(0),
     };
-    Ok((chain, token, block, headers))
+    Ok((chain, token, block, headers_of(&status)))
 }
 #[tracing::instrument(skip_all)]
 async fn balance_at(
