@@ -434,31 +434,47 @@ async fn a_stopping_worker_hands_back_the_runs_it_claimed_but_never_started() {
         let n = NewRun::new(
             org,
             "dalp.selftest",
-            &format!("slow-{i}"),
-            json!({"steps": 1, "step_ms": 200}),
+            &format!("gated-{i}"),
+            json!({"steps": 1, "step_ms": 1}),
         );
         ids.push(store.start(&ctx(), &n).await.unwrap().0.id);
     }
+    // The hoarder's handlers wait for the test to open the gate, so nothing it queued can
+    // start however the machine schedules it: what it holds beyond its slots stays queued.
+    let (gate, opened) = tokio::sync::watch::channel(false);
+    let gated: Handler = Arc::new(move |_ctx: RunContext| {
+        let mut opened = opened.clone();
+        Box::pin(async move {
+            let _ = opened.wait_for(|open| *open).await;
+            Outcome::Completed(json!(null))
+        })
+    });
     let mut opts = fast("hoarder");
     opts.concurrency = 2;
     opts.batch = 2;
-    let worker = Worker::new(store.clone(), opts).handle("dalp.selftest", selftest_handler());
-    let running = Running::spawn(worker);
+    let worker = Worker::new(store.clone(), opts).handle("dalp.selftest", gated);
+    let Running { stop, handle } = Running::spawn(worker);
+    let held = "SELECT count(*) FROM dalp_workflows.runs WHERE status = 'running' AND lease_owner = 'hoarder'";
+    let handed_back_sql = "SELECT count(*) FROM dalp_workflows.runs WHERE status = 'pending' AND attempts = 0 AND started_at IS NULL AND lease_owner IS NULL";
     // Wait until it holds more runs than it has slots.
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let held = scalar(
-            &db,
-            "SELECT count(*) FROM dalp_workflows.runs WHERE status = 'running' AND lease_owner = 'hoarder'",
-        )
-        .await;
-        if held > 2 {
-            break;
-        }
+    while scalar(&db, held).await <= 2 {
         assert!(Instant::now() < deadline, "the worker never claimed ahead");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    running.stop().await;
+    // Stop: the two running handlers are still held at the gate, so the runs it claimed
+    // beyond them go back before any of them could start.
+    let _ = stop.send(());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scalar(&db, held).await > 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the unstarted runs were not handed back"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = gate.send(true);
+    handle.await.unwrap();
     assert_eq!(
         scalar(
             &db,
@@ -468,17 +484,14 @@ async fn a_stopping_worker_hands_back_the_runs_it_claimed_but_never_started() {
         0,
         "nothing left leased to a stopped worker"
     );
-    let handed_back = scalar(
-        &db,
-        "SELECT count(*) FROM dalp_workflows.runs WHERE status = 'pending' AND attempts = 0 AND started_at IS NULL AND lease_owner IS NULL",
-    )
-    .await;
+    let handed_back = scalar(&db, handed_back_sql).await;
     let completed = scalar(
         &db,
         "SELECT count(*) FROM dalp_workflows.runs WHERE status = 'completed'",
     )
     .await;
     assert!(handed_back > 0, "the runs it never started went back");
+    assert_eq!(completed, 2, "only the two runs in its slots ran");
     assert_eq!(handed_back + completed, 24);
     let other =
         Worker::new(store.clone(), fast("other")).handle("dalp.selftest", selftest_handler());
