@@ -618,7 +618,17 @@ async fn a_node_that_lost_the_chain_is_a_recorded_divergence_until_an_operator_r
             .spawn()
             .unwrap(),
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Wait until it is past its start-up chain check and polling: it indexes a new block.
+    node.transfer(&token, 1, 2, 1).await;
+    let checkpoint = node.head().await as i64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.status(CHAIN).await.unwrap().checkpoint != Some(checkpoint) {
+        assert!(
+            Instant::now() < deadline,
+            "the running follower never indexed block {checkpoint}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     node.rpc
         .call("anvil_setChainId", json!([999]))
         .await
