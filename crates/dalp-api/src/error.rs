@@ -48,14 +48,19 @@ pub enum ApiError {
     Workflow(#[from] WorkflowError),
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// The one error shape: `{"error": {"code", "message", "field"?}}`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub(crate) struct Body<'a> {
     error: Detail<'a>,
 }
 
-#[derive(Serialize)]
-struct Detail<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorDetail)]
+pub(crate) struct Detail<'a> {
+    /// Machine-readable: `invalid`, `not_found`, `version_conflict`, `rate_limited`, ...
     code: &'a str,
+    /// What went wrong and what to do next.
     message: String,
     /// The offending field, for validation failures (422).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -25,6 +25,7 @@ use dalp_db::ComponentPools;
 use dalp_identity::IdentityStore;
 
 pub use error::ApiError;
+pub use routes::document as openapi_document;
 
 /// HTTP-level settings.
 #[derive(Debug, Clone)]

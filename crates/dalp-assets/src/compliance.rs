@@ -14,7 +14,7 @@ use crate::store::{AssetError, AssetStore};
 
 /// One compliance module with its parameters. Unknown modules and unknown parameters are
 /// refused.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", deny_unknown_fields)]
 pub enum Module {
     AddressBlockList {
@@ -199,7 +199,7 @@ pub fn validate(modules: Vec<Module>) -> Result<Vec<Module>, Invalid> {
     Ok(out)
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ComplianceConfig {
     pub asset_id: Uuid,
     pub modules: Value,

@@ -18,7 +18,7 @@ pub const CACHE_CHANNEL: &str = "dalp_assets_cache";
 /// Base currency of an organisation that has saved no settings.
 pub const DEFAULT_BASE_CURRENCY: &str = "EUR";
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct OrgSettings {
     pub organisation_id: Uuid,
     pub base_currency: String,
@@ -31,7 +31,7 @@ pub struct OrgSettings {
     pub updated_by: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettingsInput {
     pub base_currency: String,
@@ -43,7 +43,7 @@ pub struct SettingsInput {
     pub features: serde_json::Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FxInput {
     pub base: String,
@@ -54,7 +54,7 @@ pub struct FxInput {
     pub rate: String,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct FxRate {
     pub base: String,
     pub quote: String,

@@ -80,7 +80,7 @@ impl From<tokio_postgres::Error> for AssetError {
 
 type Result<T> = std::result::Result<T, AssetError>;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Asset {
     pub id: Uuid,
     pub organisation_id: Uuid,
@@ -103,7 +103,7 @@ pub struct Asset {
     pub updated_by: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AssetVersion {
     pub version: i32,
     pub operation: String,

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::store::{AssetError, AssetStore};
 use crate::types::BaseType;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AssetClass {
     FixedIncome,
@@ -47,7 +47,7 @@ pub const FEATURES: [&str; 8] = [
     "permit",
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FieldType {
     String,
@@ -58,7 +58,7 @@ pub enum FieldType {
     Address,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Constraints {
     pub max_length: Option<usize>,
@@ -70,7 +70,7 @@ pub struct Constraints {
 }
 
 /// One metadata field a template prescribes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FieldSpec {
     pub key: String,
@@ -90,7 +90,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateInput {
     /// Absent for a system template.
@@ -105,7 +105,7 @@ pub struct TemplateInput {
     pub metadata_schema: Vec<FieldSpec>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Template {
     pub id: Uuid,
     pub organisation_id: Option<Uuid>,

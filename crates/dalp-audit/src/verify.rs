@@ -18,7 +18,7 @@ use tokio_postgres::Client;
 use crate::chain::{self, Checkpoint, TrustedKeys, EVENT_COLUMNS};
 
 /// The first thing found wrong.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Problem {
     BatchMissing {
@@ -123,7 +123,7 @@ impl std::fmt::Display for Problem {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct VerifyReport {
     pub batches: u64,
     pub events_checked: u64,

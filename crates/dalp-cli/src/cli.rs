@@ -167,6 +167,9 @@ pub enum Command {
         #[arg(long, env = "DALP_CONFIG")]
         config: PathBuf,
     },
+    /// Print the HTTP API's OpenAPI 3.1 document (the one GET /api/v1/openapi.json serves,
+    /// generated from the handlers), e.g. to generate a client; needs no database.
+    Openapi,
 }
 
 #[derive(Debug, Args)]

@@ -94,7 +94,7 @@ enum Revocable {
 }
 
 /// How a request authenticated.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Credential {
     Session {
@@ -113,7 +113,7 @@ pub enum Credential {
 }
 
 /// An authenticated caller.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Principal {
     pub user_id: Uuid,
     pub email: String,
@@ -154,7 +154,7 @@ impl Principal {
 
 pub use dalp_audit::RequestContext;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct User {
     pub id: Uuid,
     pub email: String,
@@ -186,7 +186,7 @@ pub struct UserPatch {
     pub unban: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct LoginResult {
     pub token: String,
     pub session_id: Uuid,
@@ -194,7 +194,7 @@ pub struct LoginResult {
     pub mfa_required: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SessionInfo {
     pub id: Uuid,
     pub created_at: DateTime<Utc>,
@@ -205,7 +205,7 @@ pub struct SessionInfo {
     pub current: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ApiKeyInfo {
     pub id: Uuid,
     pub name: String,
@@ -224,7 +224,7 @@ pub struct NewApiKey {
     pub rate_limit_per_minute: i32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TotpEnrolment {
     pub secret: String,
     pub otpauth_uri: String,

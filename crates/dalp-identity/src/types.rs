@@ -124,6 +124,17 @@ macro_rules! string_enum {
             }
         }
 
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .enum_values(Some([$($text),+]))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
+
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
                 let s = String::deserialize(d)?;
@@ -171,14 +182,18 @@ string_enum!(
 });
 
 /// KYC data; stored only encrypted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KycProfile {
+    #[schema(min_length = 1, max_length = 200)]
     pub first_name: String,
+    #[schema(min_length = 1, max_length = 200)]
     pub last_name: String,
     /// ISO 8601 date, e.g. 1980-02-29.
+    #[schema(format = Date)]
     pub date_of_birth: String,
     /// ISO 3166-1 alpha-2, upper case.
+    #[schema(pattern = "^[A-Z]{2}$")]
     pub country: String,
     pub residency_status: ResidencyStatus,
     pub national_id: String,

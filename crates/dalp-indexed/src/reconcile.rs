@@ -36,7 +36,7 @@ impl Default for ReconcileOptions {
 }
 
 /// One token's comparison.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TokenReconciliation {
     pub token: String,
     pub block: i64,

@@ -80,7 +80,7 @@ pub fn divergence_next_step(chain: i64) -> String {
 }
 
 /// Why and since when a chain is diverged (see [`IndexError::Diverged`]).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Divergence {
     pub since: DateTime<Utc>,
     /// The checkpoint when the divergence was found.
@@ -90,7 +90,7 @@ pub struct Divergence {
     pub next: String,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Chain {
     pub chain_id: i64,
     pub name: String,
@@ -98,7 +98,7 @@ pub struct Chain {
 }
 
 /// Where a chain's index stands.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SyncStatus {
     pub chain_id: i64,
     pub name: String,
@@ -124,7 +124,7 @@ impl SyncStatus {
 }
 
 /// What one ingest call did.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct IngestOutcome {
     /// Blocks written.
     pub applied: usize,
@@ -137,7 +137,7 @@ pub struct IngestOutcome {
     pub checkpoint: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Reorg {
     /// Last block both branches share.
     pub fork: i64,
@@ -145,7 +145,7 @@ pub struct Reorg {
     pub depth: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Balance {
     pub token: String,
     pub account: String,
@@ -155,7 +155,7 @@ pub struct Balance {
     pub block_number: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TransferRow {
     pub block_number: i64,
     pub block_time: DateTime<Utc>,

@@ -13,7 +13,7 @@ pub const MAX_BATCH_BLOCKS: usize = 10_000;
 /// The most bytes of data one log may carry.
 pub const MAX_LOG_DATA: usize = 64 * 1024;
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BlockInput {
     pub number: u64,
@@ -27,7 +27,7 @@ pub struct BlockInput {
     pub logs: Vec<LogInput>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TxInput {
     pub hash: String,
@@ -40,7 +40,7 @@ pub struct TxInput {
     pub status: Option<u8>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogInput {
     pub tx_hash: String,

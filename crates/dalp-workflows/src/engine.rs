@@ -112,7 +112,7 @@ impl NewRun {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Run {
     pub id: Uuid,
     pub organisation_id: Uuid,
@@ -182,7 +182,7 @@ pub enum Outcome {
 }
 
 /// Queue state for metrics and `dalp workflows status`.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Default, utoipa::ToSchema)]
 pub struct QueueStats {
     pub ready: i64,
     pub running: i64,

@@ -17,7 +17,7 @@ use crate::engine::{WorkflowError, WorkflowStore};
 
 macro_rules! statuses {
     ($($v:ident => $s:literal),+ $(,)?) => {
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
         pub enum TxStatus { $(#[serde(rename = $s)] $v),+ }
         impl TxStatus {
             pub const ALL: &'static [TxStatus] = &[$(TxStatus::$v),+];
@@ -76,7 +76,7 @@ impl TxStatus {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTxRequest {
     pub organisation_id: Uuid,
@@ -94,7 +94,7 @@ pub struct NewTxRequest {
 }
 
 /// Details a transition may carry.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransitionInput {
     #[serde(default)]
@@ -106,7 +106,7 @@ pub struct TransitionInput {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TxRequest {
     pub id: Uuid,
     pub organisation_id: Uuid,
@@ -129,7 +129,7 @@ pub struct TxRequest {
     pub replaces: Option<Uuid>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Transition {
     pub from: Option<String>,
     pub to: String,

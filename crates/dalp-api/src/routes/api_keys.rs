@@ -2,40 +2,64 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, post};
-use axum::Router;
 use chrono::{Duration, Utc};
-use dalp_identity::store::NewApiKey;
+use dalp_identity::store::{ApiKeyInfo, NewApiKey};
 use dalp_identity::types::Scope;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::parse_id;
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/api-keys", post(create).get(list))
-        .route("/api/v1/api-keys/{id}", delete(revoke))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(revoke))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = NewApiKey)]
 struct CreateBody {
+    #[schema(min_length = 1, max_length = 100)]
     name: String,
     scope: Scope,
+    #[schema(minimum = 1, maximum = 3650)]
     expires_in_days: Option<u32>,
+    /// Requests a minute the key may make (default 600).
+    #[schema(minimum = 1, maximum = 100000)]
     rate_limit_per_minute: Option<i32>,
 }
 
+#[derive(Serialize, ToSchema)]
+struct CreatedKey {
+    /// The key itself, shown only now.
+    key: String,
+    api_key: ApiKeyInfo,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ApiKeys {
+    api_keys: Vec<ApiKeyInfo>,
+}
+
+/// Create an API key for the caller. Needs a login within the last 5 minutes.
+#[utoipa::path(post, path = "/api/v1/api-keys", tag = "auth",
+    request_body = CreateBody,
+    responses(
+        (status = 201, description = "The key, shown once", body = CreatedKey),
+        (status = 401, description = "Not authenticated, or the login is older than 5 minutes (log in again)", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn create(
     State(state): State<AppState>,
     auth: Auth,
     Json(body): Json<CreateBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
     auth.principal.require_fresh()?;
     if body
         .expires_in_days
@@ -63,16 +87,23 @@ async fn create(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "key": key, "api_key": info })),
+        Json(CreatedKey { key, api_key: info }),
     ))
 }
 
+/// The caller's API keys (never the keys themselves).
+#[utoipa::path(get, path = "/api/v1/api-keys", tag = "auth",
+    responses((status = 200, description = "The caller's keys", body = ApiKeys)))]
 #[tracing::instrument(skip_all)]
-async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
-    let keys = state.identity.list_api_keys(auth.principal.user_id).await?;
-    Ok(Json(json!({ "api_keys": keys })))
+async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<ApiKeys>, ApiError> {
+    let api_keys = state.identity.list_api_keys(auth.principal.user_id).await?;
+    Ok(Json(ApiKeys { api_keys }))
 }
 
+/// Revoke one of the caller's API keys.
+#[utoipa::path(delete, path = "/api/v1/api-keys/{id}", tag = "auth",
+    params(("id" = String, Path, description = "API key id (UUID)")),
+    responses((status = 204, description = "Revoked")))]
 #[tracing::instrument(skip_all)]
 async fn revoke(
     State(state): State<AppState>,

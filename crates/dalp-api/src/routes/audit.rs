@@ -5,22 +5,70 @@ use dalp_db::TypedClient;
 use std::collections::HashMap;
 
 use axum::extract::{Query, State};
-use axum::routing::get;
-use axum::Router;
 use chrono::{DateTime, Duration, Utc};
 use dalp_db::Component;
 use dalp_identity::types::PlatformRole;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::{page_limit, time_param};
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/audit/events", get(events))
-        .route("/api/v1/audit/verify", get(verify))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(events))
+        .routes(routes!(verify))
+}
+
+/// One audit record.
+#[derive(Serialize, ToSchema)]
+struct AuditEvent {
+    id: i64,
+    occurred_at: DateTime<Utc>,
+    actor: String,
+    organisation_id: Option<String>,
+    action: String,
+    resource_type: String,
+    resource_id: Option<String>,
+    /// `success`, `denied` or `error`.
+    outcome: String,
+    request_id: Option<String>,
+    source_ip: Option<String>,
+    details: Value,
+}
+
+#[derive(Serialize, ToSchema)]
+struct AuditEvents {
+    /// Newest first.
+    events: Vec<AuditEvent>,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    /// Pass as `before_id` for the next page; absent on the last page.
+    next_before_id: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ProblemReport {
+    detail: dalp_audit::verify::Problem,
+    message: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct VerifyResult {
+    /// True when nothing was found wrong.
+    ok: bool,
+    /// The first thing found wrong.
+    problem: Option<ProblemReport>,
+    batches: u64,
+    events_checked: u64,
+    events_retained: u64,
+    last_seq: i64,
+    witnessed_heads_checked: u64,
 }
 
 /// A pooled connection as the read-only auditor role.
@@ -40,12 +88,26 @@ fn text_param(q: &HashMap<String, String>, k: &str) -> Result<Option<String>, Ap
     }
 }
 
+/// Audit events (auditor), newest first, always bounded in time (default: the last 30 days).
+#[utoipa::path(get, path = "/api/v1/audit/events", tag = "audit",
+    params(
+        ("from" = Option<DateTime<Utc>>, Query, description = "RFC 3339; default `to` minus 30 days"),
+        ("to" = Option<DateTime<Utc>>, Query, description = "RFC 3339, exclusive; default now"),
+        ("actor" = Option<String>, Query, max_length = 200),
+        ("action" = Option<String>, Query, max_length = 200),
+        ("resource_type" = Option<String>, Query, max_length = 200),
+        ("resource_id" = Option<String>, Query, max_length = 200),
+        ("outcome" = Option<String>, Query, description = "success, denied or error"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
+        ("before_id" = Option<i64>, Query, description = "Only events older than this id (the previous page's next_before_id)"),
+    ),
+    responses((status = 200, description = "A page of events", body = AuditEvents)))]
 #[tracing::instrument(skip_all)]
 async fn events(
     State(state): State<AppState>,
     auth: Auth,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditEvents>, ApiError> {
     auth.require_role(&state, PlatformRole::Auditor, "audit.events.read")
         .await?;
     const KNOWN: [&str; 9] = [
@@ -111,28 +173,41 @@ async fn events(
         )
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let events: Vec<Value> = rows
+    let events: Vec<AuditEvent> = rows
         .iter()
-        .map(|r| {
-            json!({
-                "id": r.get::<_, i64>(0), "occurred_at": r.get::<_, DateTime<Utc>>(1), "actor": r.get::<_, String>(2),
-                "organisation_id": r.get::<_, Option<String>>(3), "action": r.get::<_, String>(4),
-                "resource_type": r.get::<_, String>(5), "resource_id": r.get::<_, Option<String>>(6),
-                "outcome": r.get::<_, String>(7), "request_id": r.get::<_, Option<String>>(8),
-                "source_ip": r.get::<_, Option<String>>(9), "details": r.get::<_, Value>(10),
-            })
+        .map(|r| AuditEvent {
+            id: r.get(0),
+            occurred_at: r.get(1),
+            actor: r.get(2),
+            organisation_id: r.get(3),
+            action: r.get(4),
+            resource_type: r.get(5),
+            resource_id: r.get(6),
+            outcome: r.get(7),
+            request_id: r.get(8),
+            source_ip: r.get(9),
+            details: r.get(10),
         })
         .collect();
-    let next = (events.len() as i64 == limit)
-        .then(|| events.last().map(|e| e["id"].clone()))
+    let next_before_id = (events.len() as i64 == limit)
+        .then(|| events.last().map(|e| e.id))
         .flatten();
-    Ok(Json(
-        json!({ "events": events, "from": from, "to": to, "next_before_id": next }),
-    ))
+    Ok(Json(AuditEvents {
+        events,
+        from,
+        to,
+        next_before_id,
+    }))
 }
 
+/// Recompute the audit hash chain and check its signatures and witnessed heads (auditor).
+#[utoipa::path(get, path = "/api/v1/audit/verify", tag = "audit",
+    responses((status = 200, description = "The report; `ok` false names the first problem", body = VerifyResult)))]
 #[tracing::instrument(skip_all)]
-async fn verify(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+async fn verify(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<VerifyResult>, ApiError> {
     auth.require_role(&state, PlatformRole::Auditor, "audit.verify")
         .await?;
     let keys = state
@@ -155,11 +230,16 @@ async fn verify(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>
     )
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(json!({
-        "ok": report.ok(),
-        "problem": report.problem.as_ref().map(|p| json!({ "detail": p, "message": p.to_string() })),
-        "batches": report.batches, "events_checked": report.events_checked,
-        "events_retained": report.events_retained, "last_seq": report.last_seq,
-        "witnessed_heads_checked": report.heads_checked,
-    })))
+    Ok(Json(VerifyResult {
+        ok: report.ok(),
+        problem: report.problem.as_ref().map(|p| ProblemReport {
+            detail: p.clone(),
+            message: p.to_string(),
+        }),
+        batches: report.batches,
+        events_checked: report.events_checked,
+        events_retained: report.events_retained,
+        last_seq: report.last_seq,
+        witnessed_heads_checked: report.heads_checked,
+    }))
 }

@@ -2,27 +2,49 @@
 //! schema's migrations are current).
 
 use axum::extract::State;
-use axum::routing::get;
-use axum::Router;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use dalp_db::migrate::{self, SchemaStatus};
 use dalp_db::Component;
-use serde_json::{json, Value};
 
 use crate::{ApiError, AppState};
 use dalp_app::catalog::MIGRATIONS;
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
 }
 
-async fn healthz() -> axum::Json<Value> {
-    axum::Json(json!({ "status": "ok" }))
+#[derive(Serialize, ToSchema)]
+struct Health {
+    /// `ok`.
+    status: &'static str,
 }
 
+#[derive(Serialize, ToSchema)]
+struct Ready {
+    /// `ready`.
+    status: &'static str,
+    /// Each schema's applied and latest migration.
+    #[schema(value_type = Vec<Object>)]
+    schemas: Vec<SchemaStatus>,
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "meta", security(()),
+    responses((status = 200, description = "Up", body = Health)))]
+async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok" })
+}
+
+/// The database answers and every schema's migrations are current.
+#[utoipa::path(get, path = "/readyz", tag = "meta", security(()),
+    responses((status = 200, description = "Ready", body = Ready)))]
 #[tracing::instrument(skip_all)]
-async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Value>, ApiError> {
+async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Ready>, ApiError> {
     // The reporting role can read the migration bookkeeping and nothing sensitive.
     let client = state
         .pools
@@ -49,5 +71,8 @@ async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Value>, ApiE
             behind.join(", ")
         )));
     }
-    Ok(axum::Json(json!({ "status": "ready", "schemas": schemas })))
+    Ok(axum::Json(Ready {
+        status: "ready",
+        schemas,
+    }))
 }

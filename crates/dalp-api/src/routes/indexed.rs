@@ -11,13 +11,16 @@ use std::collections::HashMap;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
-use axum::routing::{get, post};
-use axum::Router;
 use dalp_identity::types::PlatformRole;
-use dalp_indexed::store::{TransferFilter, TransferQuery};
+use dalp_indexed::reconcile::TokenReconciliation;
+use dalp_indexed::store::{
+    Balance, Chain, IngestOutcome, SyncStatus, TransferFilter, TransferQuery, TransferRow,
+};
 use dalp_indexed::types::{parse_address, parse_batch, Address, BlockInput};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::{page_limit, time_param};
 use crate::auth::Auth;
@@ -28,38 +31,78 @@ use crate::{ApiError, AppState};
 pub const MAX_INGEST_BYTES: usize = 32 * 1024 * 1024;
 const WRITERS: &[PlatformRole] = &[PlatformRole::Admin, PlatformRole::SystemManager];
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/indexed/chains", get(chains).post(register))
-        .route(
-            "/api/v1/indexed/{chain}/blocks",
-            post(ingest).layer(DefaultBodyLimit::max(MAX_INGEST_BYTES)),
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(chains, register))
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(ingest))
+                .layer(DefaultBodyLimit::max(MAX_INGEST_BYTES)),
         )
-        .route("/api/v1/indexed/{chain}/status", get(status))
-        .route(
-            "/api/v1/indexed/{chain}/accounts/{account}/balances",
-            get(account_balances),
-        )
-        .route(
-            "/api/v1/indexed/{chain}/accounts/{account}/transfers",
-            get(account_transfers),
-        )
-        .route(
-            "/api/v1/indexed/{chain}/tokens/{token}/holders",
-            get(holders),
-        )
-        .route(
-            "/api/v1/indexed/{chain}/tokens/{token}/transfers",
-            get(token_transfers),
-        )
-        .route(
-            "/api/v1/indexed/{chain}/tokens/{token}/balances/{account}",
-            get(balance_at),
-        )
-        .route(
-            "/api/v1/indexed/{chain}/tokens/{token}/supply",
-            get(supply_at),
-        )
+        .routes(routes!(status))
+        .routes(routes!(account_balances))
+        .routes(routes!(account_transfers))
+        .routes(routes!(holders))
+        .routes(routes!(token_transfers))
+        .routes(routes!(balance_at))
+        .routes(routes!(supply_at))
+}
+
+#[derive(Serialize, ToSchema)]
+struct ChainBody {
+    chain: Chain,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Chains {
+    chains: Vec<Chain>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct IngestResult {
+    ingest: IngestOutcome,
+}
+
+#[derive(Serialize, ToSchema)]
+struct StatusBody {
+    status: SyncStatus,
+    /// The newest comparison with the node per token.
+    reconciliations: Vec<TokenReconciliation>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Balances {
+    balances: Vec<Balance>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Holders {
+    /// Largest balance first.
+    holders: Vec<Balance>,
+    /// Pass as `after` for the next page; absent on the last page.
+    next: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Transfers {
+    /// Newest first.
+    transfers: Vec<TransferRow>,
+    /// Pass as `before` for the next page; absent on the last page.
+    next: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct BalanceAt {
+    block: i64,
+    /// Exact decimal.
+    balance: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct SupplyAt {
+    block: i64,
+    /// Exact decimal.
+    total_supply: String,
 }
 
 /// The headers every read carries (see the module docs).
@@ -114,12 +157,17 @@ fn int_param(q: &HashMap<String, String>, k: &str) -> Result<Option<i64>, ApiErr
         .transpose()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = NewChain)]
 struct RegisterBody {
+    #[schema(minimum = 1)]
     chain_id: i64,
+    #[schema(min_length = 1, max_length = 100)]
     name: String,
+    /// Blocks below the head that can no longer be reorganised (default 64).
     #[serde(default = "default_finality")]
+    #[schema(minimum = 0, maximum = 10000)]
     finality_depth: i32,
 }
 
@@ -127,44 +175,68 @@ fn default_finality() -> i32 {
     64
 }
 
+/// Register a chain (admin, systemManager).
+#[utoipa::path(post, path = "/api/v1/indexed/chains", tag = "indexed",
+    request_body = RegisterBody,
+    responses(
+        (status = 201, description = "Registered", body = ChainBody),
+        (status = 409, description = "The chain id is registered with another name or depth", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn register(
     State(state): State<AppState>,
     auth: Auth,
     Json(body): Json<RegisterBody>,
-) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+) -> Result<(StatusCode, axum::Json<ChainBody>), ApiError> {
     auth.require_any_role(&state, WRITERS, "indexed.chain.register")
         .await?;
     let chain = state
         .indexed
         .register_chain(&auth.ctx, body.chain_id, &body.name, body.finality_depth)
         .await?;
-    Ok((StatusCode::CREATED, axum::Json(json!({ "chain": chain }))))
+    Ok((StatusCode::CREATED, axum::Json(ChainBody { chain })))
 }
 
+/// Registered chains.
+#[utoipa::path(get, path = "/api/v1/indexed/chains", tag = "indexed",
+    responses((status = 200, description = "Chains", body = Chains)))]
 #[tracing::instrument(skip_all)]
-async fn chains(State(state): State<AppState>, _auth: Auth) -> Result<axum::Json<Value>, ApiError> {
-    Ok(axum::Json(
-        json!({ "chains": state.indexed.chains().await? }),
-    ))
+async fn chains(
+    State(state): State<AppState>,
+    _auth: Auth,
+) -> Result<axum::Json<Chains>, ApiError> {
+    Ok(axum::Json(Chains {
+        chains: state.indexed.chains().await?,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = BlockBatch)]
 struct IngestBody {
     blocks: Vec<BlockInput>,
     /// Newest block the sender has seen, for lag reporting.
     #[serde(default)]
+    #[schema(maximum = 9223372036854775807_u64)]
     head: Option<u64>,
 }
 
+/// Ingest consecutive blocks with their transactions and logs (admin, systemManager).
+/// Idempotent; a reorganisation within the finality depth is rolled back first.
+#[utoipa::path(post, path = "/api/v1/indexed/{chain}/blocks", tag = "indexed",
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id")),
+    request_body = IngestBody,
+    responses(
+        (status = 200, description = "What the batch did", body = IngestResult),
+        (status = 409, description = "A gap, a parent mismatch, a reorganisation deeper than finality, or the chain is diverged", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn ingest(
     State(state): State<AppState>,
     auth: Auth,
     Path(chain): Path<String>,
     Json(body): Json<IngestBody>,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<IngestResult>, ApiError> {
     auth.require_any_role(&state, WRITERS, "indexed.blocks.ingest")
         .await?;
     let chain = chain_param(&chain)?;
@@ -177,45 +249,63 @@ async fn ingest(
         .indexed
         .ingest(&auth.ctx, chain, &blocks, head)
         .await?;
-    Ok(axum::Json(json!({ "ingest": outcome })))
+    Ok(axum::Json(IngestResult { ingest: outcome }))
 }
 
+/// Sync status: checkpoint, finalized block, head, lag, divergence, reconciliations.
+#[utoipa::path(get, path = "/api/v1/indexed/{chain}/status", tag = "indexed",
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id")),
+    responses((status = 200, description = "The status", body = StatusBody, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
 #[tracing::instrument(skip_all)]
 async fn status(
     State(state): State<AppState>,
     _auth: Auth,
     Path(chain): Path<String>,
-) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
+) -> Result<(Reflecting, axum::Json<StatusBody>), ApiError> {
     let chain = chain_param(&chain)?;
     let status = state.indexed.status(chain).await?;
     let headers = headers_of(&status);
     let reconciliations = state.indexed.reconciliations(chain).await?;
     Ok((
         headers,
-        axum::Json(json!({ "status": status, "reconciliations": reconciliations })),
+        axum::Json(StatusBody {
+            status,
+            reconciliations,
+        }),
     ))
 }
 
+/// An account's current token balances.
+#[utoipa::path(get, path = "/api/v1/indexed/{chain}/accounts/{account}/balances", tag = "indexed",
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("account" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Account address")),
+    responses((status = 200, description = "Balances", body = Balances, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
 #[tracing::instrument(skip_all)]
 async fn account_balances(
     State(state): State<AppState>,
     _auth: Auth,
     Path((chain, account)): Path<(String, String)>,
-) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
+) -> Result<(Reflecting, axum::Json<Balances>), ApiError> {
     let chain = chain_param(&chain)?;
     let account = address_param("account", &account)?;
     let headers = reflecting(&state, chain).await?;
     let balances = state.indexed.balances_of(chain, &account).await?;
-    Ok((headers, axum::Json(json!({ "balances": balances }))))
+    Ok((headers, axum::Json(Balances { balances })))
 }
 
+/// A token's holders, largest balance first.
+#[utoipa::path(get, path = "/api/v1/indexed/{chain}/tokens/{token}/holders", tag = "indexed",
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Token contract address"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
+        ("after" = Option<String>, Query, pattern = "^[0-9]{1,80}:0x[0-9a-fA-F]{40}$", description = "<balance>:<account>: the previous page's `next`"),
+    ),
+    responses((status = 200, description = "A page of holders", body = Holders, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
 #[tracing::instrument(skip_all)]
 async fn holders(
     State(state): State<AppState>,
     _auth: Auth,
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
+) -> Result<(Reflecting, axum::Json<Holders>), ApiError> {
     let chain = chain_param(&chain)?;
     let token = address_param("token", &token)?;
     let limit = page_limit(&q)?;
@@ -251,7 +341,10 @@ async fn holders(
         .flatten();
     Ok((
         headers,
-        axum::Json(json!({ "holders": page, "next": next })),
+        axum::Json(Holders {
+            holders: page,
+            next,
+        }),
     ))
 }
 
@@ -260,7 +353,7 @@ async fn transfers(
     chain: &str,
     filter: TransferFilter<'_>,
     q: &HashMap<String, String>,
-) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
+) -> Result<(Reflecting, axum::Json<Transfers>), ApiError> {
     let chain = chain_param(chain)?;
     let before = match q.get("before") {
         None => None,
@@ -292,28 +385,49 @@ async fn transfers(
         .flatten();
     Ok((
         headers,
-        axum::Json(json!({ "transfers": page, "next": next })),
+        axum::Json(Transfers {
+            transfers: page,
+            next,
+        }),
     ))
 }
 
+/// Transfers of a token, newest first.
+#[utoipa::path(get, path = "/api/v1/indexed/{chain}/tokens/{token}/transfers", tag = "indexed",
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Token contract address"),
+        ("since" = Option<DateTime<Utc>>, Query, description = "RFC 3339; older partitions are not scanned"),
+        ("until" = Option<DateTime<Utc>>, Query, description = "RFC 3339, exclusive"),
+        ("before" = Option<String>, Query, pattern = "^[0-9]+:[0-9]+$", description = "<block>:<log index>: the previous page's `next`"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
+    ),
+    responses((status = 200, description = "A page of transfers", body = Transfers, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
 #[tracing::instrument(skip_all)]
 async fn token_transfers(
     State(state): State<AppState>,
     _auth: Auth,
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
+) -> Result<(Reflecting, axum::Json<Transfers>), ApiError> {
     let token = address_param("token", &token)?;
     transfers(&state, &chain, TransferFilter::Token(&token), &q).await
 }
 
+/// Transfers from or to an account, newest first.
+#[utoipa::path(get, path = "/api/v1/indexed/{chain}/accounts/{account}/transfers", tag = "indexed",
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("account" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Account address"),
+        ("since" = Option<DateTime<Utc>>, Query, description = "RFC 3339; older partitions are not scanned"),
+        ("until" = Option<DateTime<Utc>>, Query, description = "RFC 3339, exclusive"),
+        ("before" = Option<String>, Query, pattern = "^[0-9]+:[0-9]+$", description = "<block>:<log index>: the previous page's `next`"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
+    ),
+    responses((status = 200, description = "A page of transfers", body = Transfers, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
 #[tracing::instrument(skip_all)]
 async fn account_transfers(
     State(state): State<AppState>,
     _auth: Auth,
     Path((chain, account)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
+) -> Result<(Reflecting, axum::Json<Transfers>), ApiError> {
     let account = address_param("account", &account)?;
     transfers(&state, &chain, TransferFilter::Account(&account), &q).await
 }
@@ -335,13 +449,22 @@ async fn token_at_block(
     };
     Ok((chain, token, block, headers_of(&status)))
 }
+/// An account's balance of a token after a block.
+#[utoipa::path(get, path = "/api/v1/indexed/{chain}/tokens/{token}/balances/{account}", tag = "indexed",
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Token contract address"), ("account" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Account address"),
+        ("block" = Option<i64>, Query, minimum = 0, description = "Default: the checkpoint"),
+    ),
+    responses(
+        (status = 200, description = "The balance", body = BalanceAt, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped"))),
+        (status = 409, description = "The block is not indexed yet", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn balance_at(
     State(state): State<AppState>,
     _auth: Auth,
     Path((chain, token, account)): Path<(String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
+) -> Result<(Reflecting, axum::Json<BalanceAt>), ApiError> {
     let (chain, token, block, headers) = token_at_block(&state, &chain, &token, &q).await?;
     let account = address_param("account", &account)?;
     let balance = state
@@ -350,21 +473,33 @@ async fn balance_at(
         .await?;
     Ok((
         headers,
-        axum::Json(json!({ "block": block, "balance": balance })),
+        axum::Json(BalanceAt { block, balance }),
     ))
 }
 
+/// A token's total supply after a block.
+#[utoipa::path(get, path = "/api/v1/indexed/{chain}/tokens/{token}/supply", tag = "indexed",
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Token contract address"),
+        ("block" = Option<i64>, Query, minimum = 0, description = "Default: the checkpoint"),
+    ),
+    responses(
+        (status = 200, description = "The supply", body = SupplyAt, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped"))),
+        (status = 409, description = "The block is not indexed yet", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn supply_at(
     State(state): State<AppState>,
     _auth: Auth,
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<(Reflecting, axum::Json<Value>), ApiError> {
+) -> Result<(Reflecting, axum::Json<SupplyAt>), ApiError> {
     let (chain, token, block, headers) = token_at_block(&state, &chain, &token, &q).await?;
     let supply = state.indexed.supply_at(chain, &token, block).await?;
     Ok((
         headers,
-        axum::Json(json!({ "block": block, "total_supply": supply })),
+        axum::Json(SupplyAt {
+            block,
+            total_supply: supply,
+        }),
     ))
 }

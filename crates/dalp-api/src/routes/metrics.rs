@@ -6,16 +6,20 @@
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use dalp_db::Component;
 
 use crate::AppState;
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new().route("/metrics", get(metrics))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(metrics))
 }
 
+/// Prometheus metrics: replication, archiving, backups, audit seal lag, caches, pools,
+/// indexer, workflows, HTTP and store latency.
+#[utoipa::path(get, path = "/metrics", tag = "meta", security(()),
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain; version=0.0.4", body = String)))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, kind: &str, value: String| {

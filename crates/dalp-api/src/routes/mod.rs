@@ -18,13 +18,15 @@ mod workflows;
 use std::collections::HashMap;
 
 use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::{ApiError, AppState};
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
+/// Every route, each registered with its OpenAPI description (see [`openapi`]).
+fn openapi_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
         .merge(health::router())
         .merge(auth::router())
         .merge(mfa::router())
@@ -38,9 +40,16 @@ pub(crate) fn router() -> Router<AppState> {
         .merge(workflows::router())
         .merge(metrics::router())
         .merge(openapi::router())
+}
+
+pub(crate) fn router() -> Router<AppState> {
+    let (router, _) = openapi_router().split_for_parts();
+    router
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
+
+pub use openapi::document;
 
 /// Refuses a request target that PostgreSQL text could not hold or that is not UTF-8 once
 /// percent-decoded (`%00`, `%FF`), in the one JSON error shape, before any handler runs.

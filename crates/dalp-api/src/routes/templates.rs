@@ -6,34 +6,49 @@ use std::collections::HashMap;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::Router;
-use dalp_assets::templates::TemplateInput;
+use dalp_assets::templates::{Template, TemplateInput};
 use dalp_identity::types::PlatformRole;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::assets::Versions;
 use super::parse_id;
-use super::versioning::{if_match, with_etag};
+use super::versioning::{if_match, with_etag, IfMatch};
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/templates", get(list).post(create))
-        .route("/api/v1/templates/{id}", get(show).put(replace))
-        .route("/api/v1/templates/{id}/publish", post(publish))
-        .route("/api/v1/templates/{id}/visibility", post(visibility))
-        .route("/api/v1/templates/{id}/history", get(history))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show, replace))
+        .routes(routes!(publish))
+        .routes(routes!(visibility))
+        .routes(routes!(history))
 }
 
+#[derive(Serialize, ToSchema)]
+struct TemplateBody {
+    template: Template,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Templates {
+    templates: Vec<Template>,
+}
+
+/// Every version of a template.
+#[utoipa::path(get, path = "/api/v1/templates/{id}/history", tag = "templates",
+    params(("id" = String, Path, description = "Template id (UUID)")),
+    responses((status = 200, description = "Versions, oldest first", body = Versions)))]
 #[tracing::instrument(skip_all)]
 async fn history(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Versions>, ApiError> {
     auth.require_any_role(&state, READERS, "assets.template.history")
         .await?;
     let v = state
@@ -43,12 +58,19 @@ async fn history(
             parse_id(&id, "template")?,
         )
         .await?;
-    Ok(Json(json!({ "versions": v })))
+    Ok(Json(Versions::of(v)))
 }
 
 /// Who may read templates: those who manage them and auditors.
 const READERS: &[PlatformRole] = &[PlatformRole::TokenManager, PlatformRole::Auditor];
 
+/// Create an instrument template, as a draft (tokenManager).
+#[utoipa::path(post, path = "/api/v1/templates", tag = "templates",
+    request_body = TemplateInput,
+    responses(
+        (status = 201, description = "Created", body = TemplateBody, headers(("ETag" = String, description = "The version"))),
+        (status = 409, description = "The slug is taken", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn create(
     State(state): State<AppState>,
@@ -61,16 +83,20 @@ async fn create(
     Ok(with_etag(
         StatusCode::CREATED,
         t.version,
-        json!({ "template": t }),
+        TemplateBody { template: t },
     ))
 }
 
+/// Templates an organisation may use: the system's and its own, minus those it hid.
+#[utoipa::path(get, path = "/api/v1/templates", tag = "templates",
+    params(("organisation_id" = uuid::Uuid, Query, description = "The organisation whose view to list")),
+    responses((status = 200, description = "Templates", body = Templates)))]
 #[tracing::instrument(skip_all)]
 async fn list(
     State(state): State<AppState>,
     auth: Auth,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Templates>, ApiError> {
     auth.require_any_role(&state, READERS, "assets.template.list")
         .await?;
     let org = q
@@ -85,11 +111,15 @@ async fn list(
             uuid::Uuid::parse_str(s)
                 .map_err(|_| ApiError::BadRequest("organisation_id must be a UUID".into()))
         })?;
-    Ok(Json(
-        json!({ "templates": state.assets.templates_for(org).await? }),
-    ))
+    Ok(Json(Templates {
+        templates: state.assets.templates_for(org).await?,
+    }))
 }
 
+/// Read a template; the ETag is its version.
+#[utoipa::path(get, path = "/api/v1/templates/{id}", tag = "templates",
+    params(("id" = String, Path, description = "Template id (UUID)")),
+    responses((status = 200, description = "The template", body = TemplateBody, headers(("ETag" = String, description = "The version")))))]
 #[tracing::instrument(skip_all)]
 async fn show(
     State(state): State<AppState>,
@@ -99,13 +129,18 @@ async fn show(
     auth.require_any_role(&state, READERS, "assets.template.read")
         .await?;
     let t = state.assets.template(parse_id(&id, "template")?).await?;
-    Ok(with_etag(
-        StatusCode::OK,
-        t.version,
-        json!({ "template": t }),
-    ))
+    Ok(with_etag(StatusCode::OK, t.version, TemplateBody { template: t }))
 }
 
+/// Replace a template (tokenManager, If-Match); once published only the name may change.
+#[utoipa::path(put, path = "/api/v1/templates/{id}", tag = "templates",
+    params(("id" = String, Path, description = "Template id (UUID)"), IfMatch),
+    request_body = TemplateInput,
+    responses(
+        (status = 200, description = "Replaced", body = TemplateBody, headers(("ETag" = String, description = "The new version"))),
+        (status = 409, description = "Changed by someone else first, or published and more than the name changed", body = crate::error::Body),
+        (status = 428, description = "If-Match missing", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn replace(
     State(state): State<AppState>,
@@ -125,13 +160,17 @@ async fn replace(
             body,
         )
         .await?;
-    Ok(with_etag(
-        StatusCode::OK,
-        t.version,
-        json!({ "template": t }),
-    ))
+    Ok(with_etag(StatusCode::OK, t.version, TemplateBody { template: t }))
 }
 
+/// Publish a draft template (tokenManager, If-Match).
+#[utoipa::path(post, path = "/api/v1/templates/{id}/publish", tag = "templates",
+    params(("id" = String, Path, description = "Template id (UUID)"), IfMatch),
+    responses(
+        (status = 200, description = "Published", body = TemplateBody, headers(("ETag" = String, description = "The new version"))),
+        (status = 409, description = "Changed by someone else first, or already published", body = crate::error::Body),
+        (status = 428, description = "If-Match missing", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn publish(
     State(state): State<AppState>,
@@ -149,20 +188,21 @@ async fn publish(
         .assets
         .publish_template(&auth.ctx, parse_id(&id, "template")?, if_match(&headers)?)
         .await?;
-    Ok(with_etag(
-        StatusCode::OK,
-        t.version,
-        json!({ "template": t }),
-    ))
+    Ok(with_etag(StatusCode::OK, t.version, TemplateBody { template: t }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Visibility {
     organisation_id: uuid::Uuid,
     hidden: bool,
 }
 
+/// Hide a template from an organisation's list, or show it again (tokenManager).
+#[utoipa::path(post, path = "/api/v1/templates/{id}/visibility", tag = "templates",
+    params(("id" = String, Path, description = "Template id (UUID)")),
+    request_body = Visibility,
+    responses((status = 204, description = "Done")))]
 #[tracing::instrument(skip_all)]
 async fn visibility(
     State(state): State<AppState>,

@@ -5,54 +5,106 @@ use std::collections::HashMap;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
-use axum::Router;
 use chrono::{DateTime, Utc};
-use dalp_identity::store::{NewUser, UserPatch};
+use dalp_identity::store::{Credential, NewUser, User, UserPatch};
 use dalp_identity::types::{Email, EvmAddress, KycProfile, Password, PlatformRole};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::parse_id;
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
 
-pub(crate) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/me", get(me))
-        .route("/api/v1/users", post(create).get(list))
-        .route("/api/v1/users/{id}", get(show).patch(update).delete(remove))
-        .route("/api/v1/users/{id}/roles", post(grant))
-        .route("/api/v1/users/{id}/roles/{role}", delete(revoke))
-        .route("/api/v1/users/{id}/kyc", get(kyc_read).put(kyc_write))
+pub(crate) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(me))
+        .routes(routes!(create, list))
+        .routes(routes!(show, update, remove))
+        .routes(routes!(grant))
+        .routes(routes!(revoke))
+        .routes(routes!(kyc_read, kyc_write))
 }
 
+#[derive(Serialize, ToSchema)]
+struct Me {
+    user: User,
+    /// How this request authenticated.
+    credential: Credential,
+}
+
+#[derive(Serialize, ToSchema)]
+struct UserBody {
+    user: User,
+}
+
+#[derive(Serialize, ToSchema)]
+struct UserPage {
+    users: Vec<User>,
+    limit: i64,
+    offset: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+struct KycBody {
+    kyc: KycProfile,
+}
+
+/// The caller's own profile and how the request authenticated.
+#[utoipa::path(get, path = "/api/v1/me", tag = "users",
+    responses((status = 200, description = "The caller", body = Me)))]
 #[tracing::instrument(skip_all)]
-async fn me(State(state): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+async fn me(State(state): State<AppState>, auth: Auth) -> Result<Json<Me>, ApiError> {
     let user = state.identity.get_user(auth.principal.user_id).await?;
-    Ok(Json(
-        json!({ "user": user, "credential": auth.principal.credential }),
-    ))
+    Ok(Json(Me {
+        user,
+        credential: auth.principal.credential,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = NewUser)]
 struct CreateBody {
+    #[schema(max_length = 254)]
     email: String,
+    #[schema(min_length = 1, max_length = 200)]
     name: String,
+    /// 12 to 256 characters; absent: the user cannot log in with a password.
+    #[schema(min_length = 12, max_length = 256)]
     password: Option<String>,
+    #[schema(pattern = "^0x[0-9a-fA-F]{40}$")]
     wallet_address: Option<String>,
+    /// No role twice. Granting any needs a login within the last 5 minutes.
     #[serde(default)]
+    #[schema(schema_with = distinct_roles)]
     roles: Vec<PlatformRole>,
 }
 
+/// A list of platform roles, none twice.
+pub(crate) fn distinct_roles() -> utoipa::openapi::schema::Array {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(<PlatformRole as utoipa::PartialSchema>::schema())
+        .unique_items(true)
+        .build()
+}
+
+/// Create a user (admin).
+#[utoipa::path(post, path = "/api/v1/users", tag = "users",
+    request_body = CreateBody,
+    responses(
+        (status = 201, description = "Created", body = UserBody),
+        (status = 409, description = "The email or wallet address is taken", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn create(
     State(state): State<AppState>,
     auth: Auth,
     Json(body): Json<CreateBody>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<UserBody>), ApiError> {
     auth.require_role(&state, PlatformRole::Admin, "identity.user.create")
         .await?;
     if !body.roles.is_empty() {
@@ -77,15 +129,22 @@ async fn create(
         roles: body.roles,
     };
     let user = state.identity.create_user(&auth.ctx, new).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "user": user }))))
+    Ok((StatusCode::CREATED, Json(UserBody { user })))
 }
 
+/// Users, oldest first (admin).
+#[utoipa::path(get, path = "/api/v1/users", tag = "users",
+    params(
+        ("limit" = Option<i64>, Query, minimum = 0, maximum = 500, description = "Page size (default 50)"),
+        ("offset" = Option<i64>, Query, minimum = 0, description = "Rows to skip"),
+    ),
+    responses((status = 200, description = "A page of users", body = UserPage)))]
 #[tracing::instrument(skip_all)]
 async fn list(
     State(state): State<AppState>,
     auth: Auth,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UserPage>, ApiError> {
     auth.require_role(&state, PlatformRole::Admin, "identity.user.list")
         .await?;
     let num = |k: &str, default: i64, max: i64| -> Result<i64, ApiError> {
@@ -103,49 +162,70 @@ async fn list(
     let limit = num("limit", 50, 500)?;
     let offset = num("offset", 0, i64::MAX)?;
     let users = state.identity.list_users(limit, offset).await?;
-    Ok(Json(
-        json!({ "users": users, "limit": limit, "offset": offset }),
-    ))
+    Ok(Json(UserPage {
+        users,
+        limit,
+        offset,
+    }))
 }
 
+/// Read a user (admin).
+#[utoipa::path(get, path = "/api/v1/users/{id}", tag = "users",
+    params(("id" = String, Path, description = "User id (UUID)")),
+    responses((status = 200, description = "The user", body = UserBody)))]
 #[tracing::instrument(skip_all)]
 async fn show(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UserBody>, ApiError> {
     auth.require_role(&state, PlatformRole::Admin, "identity.user.read")
         .await?;
     let user = state.identity.get_user(parse_id(&id, "user")?).await?;
-    Ok(Json(json!({ "user": user })))
+    Ok(Json(UserBody { user }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Ban {
+    #[schema(min_length = 1, max_length = 500)]
     reason: String,
+    /// Must be in the future; absent: until lifted.
     until: Option<DateTime<Utc>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = UserPatch)]
 struct PatchBody {
+    #[schema(min_length = 1, max_length = 200)]
     name: Option<String>,
     /// A string sets it, `null` clears it, absent leaves it.
     #[serde(default)]
+    #[schema(value_type = Option<String>, pattern = "^0x[0-9a-fA-F]{40}$")]
     wallet_address: Option<Value>,
+    /// Ban the user (needs a login within the last 5 minutes).
     ban: Option<Ban>,
+    /// Lift a ban (needs a login within the last 5 minutes).
     #[serde(default)]
     unban: bool,
 }
 
+/// Change a user's name, wallet address or ban state (admin).
+#[utoipa::path(patch, path = "/api/v1/users/{id}", tag = "users",
+    params(("id" = String, Path, description = "User id (UUID)")),
+    request_body = PatchBody,
+    responses(
+        (status = 200, description = "The changed user", body = UserBody),
+        (status = 409, description = "The wallet address is taken", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn update(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
     Json(body): Json<PatchBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UserBody>, ApiError> {
     auth.require_role(&state, PlatformRole::Admin, "identity.user.update")
         .await?;
     let id = parse_id(&id, "user")?;
@@ -173,9 +253,13 @@ async fn update(
         unban: body.unban,
     };
     let user = state.identity.update_user(&auth.ctx, id, patch).await?;
-    Ok(Json(json!({ "user": user })))
+    Ok(Json(UserBody { user }))
 }
 
+/// Delete a user (admin; needs a login within the last 5 minutes).
+#[utoipa::path(delete, path = "/api/v1/users/{id}", tag = "users",
+    params(("id" = String, Path, description = "User id (UUID)")),
+    responses((status = 204, description = "Deleted")))]
 #[tracing::instrument(skip_all)]
 async fn remove(
     State(state): State<AppState>,
@@ -192,19 +276,25 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RoleGrant)]
 struct GrantBody {
     role: PlatformRole,
 }
 
+/// Grant a platform role (admin; needs a login within the last 5 minutes).
+#[utoipa::path(post, path = "/api/v1/users/{id}/roles", tag = "users",
+    params(("id" = String, Path, description = "User id (UUID)")),
+    request_body = GrantBody,
+    responses((status = 200, description = "The user with the role", body = UserBody)))]
 #[tracing::instrument(skip_all)]
 async fn grant(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
     Json(body): Json<GrantBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UserBody>, ApiError> {
     auth.require_role(&state, PlatformRole::Admin, "identity.role.grant")
         .await?;
     auth.principal.require_fresh()?;
@@ -212,15 +302,22 @@ async fn grant(
         .identity
         .grant_role(&auth.ctx, parse_id(&id, "user")?, body.role)
         .await?;
-    Ok(Json(json!({ "user": user })))
+    Ok(Json(UserBody { user }))
 }
 
+/// Revoke a platform role (admin; needs a login within the last 5 minutes).
+#[utoipa::path(delete, path = "/api/v1/users/{id}/roles/{role}", tag = "users",
+    params(
+        ("id" = String, Path, description = "User id (UUID)"),
+        ("role" = String, Path, description = "A platform role, e.g. tokenManager"),
+    ),
+    responses((status = 200, description = "The user without the role", body = UserBody)))]
 #[tracing::instrument(skip_all)]
 async fn revoke(
     State(state): State<AppState>,
     auth: Auth,
     Path((id, role)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UserBody>, ApiError> {
     auth.require_role(&state, PlatformRole::Admin, "identity.role.revoke")
         .await?;
     auth.principal.require_fresh()?;
@@ -230,24 +327,33 @@ async fn revoke(
         .identity
         .revoke_role(&auth.ctx, parse_id(&id, "user")?, role)
         .await?;
-    Ok(Json(json!({ "user": user })))
+    Ok(Json(UserBody { user }))
 }
 
+/// Read a user's KYC profile (identityManager; every read is audited).
+#[utoipa::path(get, path = "/api/v1/users/{id}/kyc", tag = "users",
+    params(("id" = String, Path, description = "User id (UUID)")),
+    responses((status = 200, description = "The profile", body = KycBody)))]
 #[tracing::instrument(skip_all)]
 async fn kyc_read(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KycBody>, ApiError> {
     auth.require_role(&state, PlatformRole::IdentityManager, "identity.kyc.read")
         .await?;
     let profile = state
         .identity
         .get_kyc(&auth.ctx, parse_id(&id, "user")?)
         .await?;
-    Ok(Json(json!({ "kyc": profile })))
+    Ok(Json(KycBody { kyc: profile }))
 }
 
+/// Write a user's KYC profile (identityManager); stored encrypted.
+#[utoipa::path(put, path = "/api/v1/users/{id}/kyc", tag = "users",
+    params(("id" = String, Path, description = "User id (UUID)")),
+    request_body = KycProfile,
+    responses((status = 204, description = "Stored")))]
 #[tracing::instrument(skip_all)]
 async fn kyc_write(
     State(state): State<AppState>,

@@ -9,7 +9,7 @@ use crate::extract::Json;
 use crate::ApiError;
 
 /// `body` with the record's version as its ETag.
-pub(crate) fn with_etag(status: StatusCode, version: i32, body: serde_json::Value) -> Response {
+pub(crate) fn with_etag<T: serde::Serialize>(status: StatusCode, version: i32, body: T) -> Response {
     let mut r = (status, Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
         r.headers_mut().insert("etag", v);
@@ -31,4 +31,15 @@ pub(crate) fn if_match(headers: &HeaderMap) -> Result<i32, ApiError> {
         .ok_or_else(|| {
             ApiError::BadRequest("If-Match must be the ETag of a read, e.g. \"3\"".into())
         })
+}
+
+/// The `If-Match` request header of every change to a versioned record.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // describes a header; read by `if_match`
+pub(crate) struct IfMatch {
+    /// The ETag of the version read (`"0"` before the first save); 428 without it, 409 when
+    /// the record has moved on.
+    #[param(rename = "If-Match", pattern = "^\"?[0-9]+\"?$")]
+    if_match: String,
 }

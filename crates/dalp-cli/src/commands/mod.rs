@@ -80,6 +80,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check { config },
         } => config::check(&config),
         Command::Serve { config } => serve::run(&config).await,
+        Command::Openapi => {
+            println!("{}", serde_json::to_string_pretty(dalp_api::openapi_document())?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Cluster { command } => cluster::run(command).await,
         Command::Pool { command } => pool::run(command).await,
         Command::Admin { command } => admin::run(command).await,
