@@ -45,6 +45,18 @@ where
         }
         match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(Json(v)),
+            // JSON has one number type: `27.0` is the integer 27 (as JSON Schema's `integer`
+            // says). Only a body that failed on such a number pays for the second pass.
+            Err(JsonRejection::JsonDataError(e))
+                if e.body_text().contains("invalid type: floating point") =>
+            {
+                let mut value: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+                integral_floats_to_integers(&mut value);
+                serde_json::from_value(value)
+                    .map(Json)
+                    .map_err(|e| ApiError::Unprocessable(format!("invalid body: {e}")))
+            }
             Err(rejection) => Err(match rejection.status() {
                 StatusCode::UNPROCESSABLE_ENTITY => match &rejection {
                     JsonRejection::JsonDataError(e) => ApiError::Unprocessable(e.body_text()),
@@ -53,6 +65,24 @@ where
                 _ => ApiError::BadRequest(format!("malformed JSON: {}", rejection.body_text())),
             }),
         }
+    }
+}
+
+/// Rewrites every number with no fractional part (`27.0`, `1e3`) that fits an `i64` as that
+/// integer.
+fn integral_floats_to_integers(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64() {
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    *v = Value::from(f as i64);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(integral_floats_to_integers),
+        Value::Object(o) => o.values_mut().for_each(integral_floats_to_integers),
+        _ => {}
     }
 }
 

@@ -34,9 +34,13 @@ pub struct OrgSettings {
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettingsInput {
+    /// ISO 4217.
+    #[schema(pattern = "^[A-Za-z]{3}$")]
     pub base_currency: String,
     #[serde(default)]
+    #[schema(max_items = 32, inline, value_type = Vec<CurrencyCode>)]
     pub target_currencies: Vec<String>,
+    #[schema(pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$")]
     pub system_address: Option<String>,
     /// Feature toggles: `{"name": true|false}`.
     #[serde(default)]
@@ -46,13 +50,22 @@ pub struct SettingsInput {
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FxInput {
+    #[schema(pattern = "^[A-Za-z]{3}$")]
     pub base: String,
+    #[schema(pattern = "^[A-Za-z]{3}$")]
     pub quote: String,
+    #[schema(max_length = 100, extensions(("x-dalp-text" = json!(true))))]
     pub provider: String,
     pub effective_at: DateTime<Utc>,
     /// Decimal text, e.g. "1.0842": never a float.
     pub rate: String,
 }
+
+/// An ISO 4217 currency code, e.g. EUR.
+#[derive(utoipa::ToSchema)]
+#[schema(pattern = "^[A-Za-z]{3}$")]
+#[allow(dead_code)] // describes the strings of `target_currencies`
+pub struct CurrencyCode(String);
 
 #[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct FxRate {

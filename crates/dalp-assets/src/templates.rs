@@ -95,7 +95,9 @@ fn yes() -> bool {
 pub struct TemplateInput {
     /// Absent for a system template.
     pub organisation_id: Option<Uuid>,
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub slug: String,
+    #[schema(max_length = 100, extensions(("x-dalp-text" = json!(true))))]
     pub name: String,
     pub base_type: BaseType,
     pub asset_class: AssetClass,

@@ -36,8 +36,11 @@ impl BaseType {
 #[serde(deny_unknown_fields)]
 pub struct AssetInput {
     pub organisation_id: Uuid,
+    #[schema(max_length = 50, extensions(("x-dalp-text" = json!(true))))]
     pub name: String,
+    #[schema(pattern = "^[A-Z0-9][A-Z0-9.-]{0,11}$")]
     pub symbol: String,
+    #[schema(minimum = 0, maximum = 18)]
     pub decimals: i64,
     pub base_type: BaseType,
     pub isin: Option<String>,

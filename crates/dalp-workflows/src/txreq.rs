@@ -17,8 +17,17 @@ use crate::engine::{WorkflowError, WorkflowStore};
 
 macro_rules! statuses {
     ($($v:ident => $s:literal),+ $(,)?) => {
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
         pub enum TxStatus { $(#[serde(rename = $s)] $v),+ }
+        impl utoipa::PartialSchema for TxStatus {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .enum_values(Some([$($s),+]))
+                    .into()
+            }
+        }
+        impl utoipa::ToSchema for TxStatus {}
         impl TxStatus {
             pub const ALL: &'static [TxStatus] = &[$(TxStatus::$v),+];
             pub fn as_str(self) -> &'static str { match self { $(TxStatus::$v => $s),+ } }
@@ -80,9 +89,12 @@ impl TxStatus {
 #[serde(deny_unknown_fields)]
 pub struct NewTxRequest {
     pub organisation_id: Uuid,
+    #[schema(minimum = 1)]
     pub chain_id: i64,
+    #[schema(pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$")]
     pub sender: String,
     #[serde(default)]
+    #[schema(pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$")]
     pub to: Option<String>,
     /// Wei, decimal.
     #[serde(default)]

@@ -25,7 +25,7 @@ pub(crate) fn router() -> OpenApiRouter<AppState> {
 #[serde(deny_unknown_fields)]
 #[schema(as = NewApiKey)]
 struct CreateBody {
-    #[schema(min_length = 1, max_length = 100)]
+    #[schema(max_length = 100, extensions(("x-dalp-text" = json!(true))))]
     name: String,
     scope: Scope,
     #[schema(minimum = 1, maximum = 3650)]

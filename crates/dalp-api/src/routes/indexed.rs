@@ -163,7 +163,7 @@ fn int_param(q: &HashMap<String, String>, k: &str) -> Result<Option<i64>, ApiErr
 struct RegisterBody {
     #[schema(minimum = 1)]
     chain_id: i64,
-    #[schema(min_length = 1, max_length = 100)]
+    #[schema(max_length = 100, extensions(("x-dalp-text" = json!(true))))]
     name: String,
     /// Blocks below the head that can no longer be reorganised (default 64).
     #[serde(default = "default_finality")]
@@ -214,6 +214,7 @@ async fn chains(
 #[serde(deny_unknown_fields)]
 #[schema(as = BlockBatch)]
 struct IngestBody {
+    #[schema(min_items = 1, max_items = 10000)]
     blocks: Vec<BlockInput>,
     /// Newest block the sender has seen, for lag reporting.
     #[serde(default)]
@@ -277,7 +278,7 @@ async fn status(
 
 /// An account's current token balances.
 #[utoipa::path(get, path = "/api/v1/indexed/{chain}/accounts/{account}/balances", tag = "indexed",
-    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("account" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Account address")),
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("account" = String, Path, pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$", description = "Account address")),
     responses((status = 200, description = "Balances", body = Balances, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
 #[tracing::instrument(skip_all)]
 async fn account_balances(
@@ -294,9 +295,9 @@ async fn account_balances(
 
 /// A token's holders, largest balance first.
 #[utoipa::path(get, path = "/api/v1/indexed/{chain}/tokens/{token}/holders", tag = "indexed",
-    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Token contract address"),
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$", description = "Token contract address"),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
-        ("after" = Option<String>, Query, pattern = "^[0-9]{1,80}:0x[0-9a-fA-F]{40}$", description = "<balance>:<account>: the previous page's `next`"),
+        ("after" = Option<String>, Query, pattern = "^[0-9]{1,80}:0x([0-9a-f]{40}|[0-9A-F]{40})$", description = "<balance>:<account>: the previous page's `next`"),
     ),
     responses((status = 200, description = "A page of holders", body = Holders, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
 #[tracing::instrument(skip_all)]
@@ -394,10 +395,10 @@ async fn transfers(
 
 /// Transfers of a token, newest first.
 #[utoipa::path(get, path = "/api/v1/indexed/{chain}/tokens/{token}/transfers", tag = "indexed",
-    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Token contract address"),
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$", description = "Token contract address"),
         ("since" = Option<DateTime<Utc>>, Query, description = "RFC 3339; older partitions are not scanned"),
         ("until" = Option<DateTime<Utc>>, Query, description = "RFC 3339, exclusive"),
-        ("before" = Option<String>, Query, pattern = "^[0-9]+:[0-9]+$", description = "<block>:<log index>: the previous page's `next`"),
+        ("before" = Option<String>, Query, pattern = "^[0-9]{1,18}:[0-9]{1,9}$", description = "<block>:<log index>: the previous page's `next`"),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
     ),
     responses((status = 200, description = "A page of transfers", body = Transfers, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
@@ -414,10 +415,10 @@ async fn token_transfers(
 
 /// Transfers from or to an account, newest first.
 #[utoipa::path(get, path = "/api/v1/indexed/{chain}/accounts/{account}/transfers", tag = "indexed",
-    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("account" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Account address"),
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("account" = String, Path, pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$", description = "Account address"),
         ("since" = Option<DateTime<Utc>>, Query, description = "RFC 3339; older partitions are not scanned"),
         ("until" = Option<DateTime<Utc>>, Query, description = "RFC 3339, exclusive"),
-        ("before" = Option<String>, Query, pattern = "^[0-9]+:[0-9]+$", description = "<block>:<log index>: the previous page's `next`"),
+        ("before" = Option<String>, Query, pattern = "^[0-9]{1,18}:[0-9]{1,9}$", description = "<block>:<log index>: the previous page's `next`"),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
     ),
     responses((status = 200, description = "A page of transfers", body = Transfers, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
@@ -451,7 +452,7 @@ async fn token_at_block(
 }
 /// An account's balance of a token after a block.
 #[utoipa::path(get, path = "/api/v1/indexed/{chain}/tokens/{token}/balances/{account}", tag = "indexed",
-    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Token contract address"), ("account" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Account address"),
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$", description = "Token contract address"), ("account" = String, Path, pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$", description = "Account address"),
         ("block" = Option<i64>, Query, minimum = 0, description = "Default: the checkpoint"),
     ),
     responses(
@@ -479,7 +480,7 @@ async fn balance_at(
 
 /// A token's total supply after a block.
 #[utoipa::path(get, path = "/api/v1/indexed/{chain}/tokens/{token}/supply", tag = "indexed",
-    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x[0-9a-fA-F]{40}$", description = "Token contract address"),
+    params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$", description = "Token contract address"),
         ("block" = Option<i64>, Query, minimum = 0, description = "Default: the checkpoint"),
     ),
     responses(

@@ -82,6 +82,7 @@ pub fn document() -> &'static Value {
         let (_, api) = super::openapi_router().split_for_parts();
         let mut doc = serde_json::to_value(api).expect("the OpenAPI document serialises");
         add_common_responses(&mut doc);
+        mark_text_fields(&mut doc);
         doc
     })
 }
@@ -97,6 +98,21 @@ fn error_response(description: &str) -> Value {
         "description": description,
         "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } }
     })
+}
+
+/// Fields marked `x-dalp-text` take names and labels as the validators do: they get
+/// [`dalp_types::TEXT_PATTERN`] (one constant for the document and the code).
+fn mark_text_fields(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            if o.remove("x-dalp-text").is_some() {
+                o.insert("pattern".into(), json!(dalp_types::TEXT_PATTERN));
+            }
+            o.values_mut().for_each(mark_text_fields);
+        }
+        Value::Array(a) => a.iter_mut().for_each(mark_text_fields),
+        _ => {}
+    }
 }
 
 /// Adds the answers the layers in front of every handler can give (see the module comment).
@@ -131,6 +147,12 @@ fn add_common_responses(doc: &mut Value) {
                 add.push(("413", "Body larger than the server accepts"));
                 add.push(("415", "Send Content-Type: application/json"));
                 add.push(("422", "The body is JSON of the wrong shape or an invalid value; `field` names it"));
+            }
+            if op["parameters"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["in"] == "query"))
+            {
+                add.push(("422", "A query parameter names something the server does not know (a status, a currency); `field` names it"));
             }
             if path.contains('{') {
                 add.push(("404", "Nothing by that id"));

@@ -69,14 +69,14 @@ async fn me(State(state): State<AppState>, auth: Auth) -> Result<Json<Me>, ApiEr
 #[serde(deny_unknown_fields)]
 #[schema(as = NewUser)]
 struct CreateBody {
-    #[schema(max_length = 254)]
+    #[schema(max_length = 254, pattern = "^[A-Za-z0-9.!#$%&*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)+$")]
     email: String,
-    #[schema(min_length = 1, max_length = 200)]
+    #[schema(max_length = 200, extensions(("x-dalp-text" = json!(true))))]
     name: String,
     /// 12 to 256 characters; absent: the user cannot log in with a password.
     #[schema(min_length = 12, max_length = 256)]
     password: Option<String>,
-    #[schema(pattern = "^0x[0-9a-fA-F]{40}$")]
+    #[schema(pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$")]
     wallet_address: Option<String>,
     /// No role twice. Granting any needs a login within the last 5 minutes.
     #[serde(default)]
@@ -188,7 +188,7 @@ async fn show(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Ban {
-    #[schema(min_length = 1, max_length = 500)]
+    #[schema(max_length = 500, extensions(("x-dalp-text" = json!(true))))]
     reason: String,
     /// Must be in the future; absent: until lifted.
     until: Option<DateTime<Utc>>,
@@ -198,11 +198,11 @@ struct Ban {
 #[serde(deny_unknown_fields)]
 #[schema(as = UserPatch)]
 struct PatchBody {
-    #[schema(min_length = 1, max_length = 200)]
+    #[schema(max_length = 200, extensions(("x-dalp-text" = json!(true))))]
     name: Option<String>,
     /// A string sets it, `null` clears it, absent leaves it.
     #[serde(default)]
-    #[schema(value_type = Option<String>, pattern = "^0x[0-9a-fA-F]{40}$")]
+    #[schema(value_type = Option<String>, pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$")]
     wallet_address: Option<Value>,
     /// Ban the user (needs a login within the last 5 minutes).
     ban: Option<Ban>,
@@ -217,7 +217,7 @@ struct PatchBody {
     request_body = PatchBody,
     responses(
         (status = 200, description = "The changed user", body = UserBody),
-        (status = 409, description = "The wallet address is taken", body = crate::error::Body),
+        (status = 409, description = "The wallet address is taken, or the caller tried to ban themselves", body = crate::error::Body),
     ))]
 #[tracing::instrument(skip_all)]
 async fn update(
@@ -231,6 +231,9 @@ async fn update(
     let id = parse_id(&id, "user")?;
     if body.ban.is_some() || body.unban {
         auth.principal.require_fresh()?;
+    }
+    if body.ban.is_some() {
+        not_yourself(&auth, id, "ban")?;
     }
     let wallet_address = match body.wallet_address {
         None => None,
@@ -259,7 +262,10 @@ async fn update(
 /// Delete a user (admin; needs a login within the last 5 minutes).
 #[utoipa::path(delete, path = "/api/v1/users/{id}", tag = "users",
     params(("id" = String, Path, description = "User id (UUID)")),
-    responses((status = 204, description = "Deleted")))]
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 409, description = "The caller's own account", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn remove(
     State(state): State<AppState>,
@@ -269,10 +275,9 @@ async fn remove(
     auth.require_role(&state, PlatformRole::Admin, "identity.user.delete")
         .await?;
     auth.principal.require_fresh()?;
-    state
-        .identity
-        .delete_user(&auth.ctx, parse_id(&id, "user")?)
-        .await?;
+    let id = parse_id(&id, "user")?;
+    not_yourself(&auth, id, "delete")?;
+    state.identity.delete_user(&auth.ctx, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -311,7 +316,10 @@ async fn grant(
         ("id" = String, Path, description = "User id (UUID)"),
         ("role" = String, Path, description = "A platform role, e.g. tokenManager"),
     ),
-    responses((status = 200, description = "The user without the role", body = UserBody)))]
+    responses(
+        (status = 200, description = "The user without the role", body = UserBody),
+        (status = 409, description = "The admin role of the caller's own account", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn revoke(
     State(state): State<AppState>,
@@ -323,11 +331,22 @@ async fn revoke(
     auth.principal.require_fresh()?;
     let role = PlatformRole::parse(&role)
         .map_err(|_| ApiError::NotFound("role grant not found".into()))?;
-    let user = state
-        .identity
-        .revoke_role(&auth.ctx, parse_id(&id, "user")?, role)
-        .await?;
+    let id = parse_id(&id, "user")?;
+    if role == PlatformRole::Admin {
+        not_yourself(&auth, id, "remove the admin role from")?;
+    }
+    let user = state.identity.revoke_role(&auth.ctx, id, role).await?;
     Ok(Json(UserBody { user }))
+}
+
+/// An administrator cannot lock themselves out: another administrator must do it.
+fn not_yourself(auth: &Auth, id: uuid::Uuid, what: &str) -> Result<(), ApiError> {
+    if id == auth.principal.user_id {
+        return Err(ApiError::Conflict(format!(
+            "you cannot {what} your own account; ask another administrator"
+        )));
+    }
+    Ok(())
 }
 
 /// Read a user's KYC profile (identityManager; every read is audited).

@@ -40,6 +40,6 @@ pub(crate) fn if_match(headers: &HeaderMap) -> Result<i32, ApiError> {
 pub(crate) struct IfMatch {
     /// The ETag of the version read (`"0"` before the first save); 428 without it, 409 when
     /// the record has moved on.
-    #[param(rename = "If-Match", pattern = "^\"?[0-9]+\"?$")]
+    #[param(rename = "If-Match", pattern = "^\"[0-9]{1,9}\"$")]
     if_match: String,
 }

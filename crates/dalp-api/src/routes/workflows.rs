@@ -163,7 +163,7 @@ fn created_or_existing(created: bool) -> StatusCode {
 /// Runs, newest change first (admin, systemManager, auditor).
 #[utoipa::path(get, path = "/api/v1/workflows/runs", tag = "workflows",
     params(
-        ("status" = Option<String>, Query, description = "pending, running, sleeping, waiting, completed, failed, cancelled, dead_letter or stalled"),
+        ("status" = Option<String>, Query, pattern = "^(pending|running|sleeping|waiting|completed|failed|cancelled|dead_letter|stalled)$"),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
     ),
     responses((status = 200, description = "Runs", body = Runs)))]
@@ -246,7 +246,7 @@ async fn cancel_run(
 #[serde(deny_unknown_fields)]
 #[schema(as = Signal)]
 struct SignalBody {
-    #[schema(min_length = 1, max_length = 200)]
+    #[schema(max_length = 200, extensions(("x-dalp-text" = json!(true))))]
     name: String,
     /// Any JSON; the run reads it when it resumes.
     #[serde(default)]
