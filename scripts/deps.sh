@@ -63,6 +63,24 @@ if [ "$("$DALP_VENV/bin/patroni" --version 2>/dev/null)" != "patroni $DALP_PATRO
   $SUDO chmod -R a+rX "$DALP_VENV"
 fi
 
+# Test-only Python tools, pinned (scripts/test-requirements.txt): schemathesis, the API's
+# contract fuzzer, and openapi-spec-validator, in their own virtualenv.
+DALP_TEST_VENV="${DALP_TEST_VENV:-/opt/dalp/testvenv}"
+DALP_TEST_REQ="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/test-requirements.txt"
+if [ "$DALP_DEPS_TEST" = 1 ]; then
+  want=$(grep -E '^[a-z]' "$DALP_TEST_REQ" | tr 'A-Z' 'a-z' | sort)
+  have=$("$DALP_TEST_VENV/bin/pip" freeze 2>/dev/null | tr 'A-Z' 'a-z' | grep -E "^($(grep -Eo '^[a-z-]+' "$DALP_TEST_REQ" | paste -sd'|'))==" | sort || true)
+  if [ "$want" != "$have" ]; then
+    echo "installing test tools from PyPI into $DALP_TEST_VENV: $(echo $want)" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO mkdir -p "$DALP_TEST_VENV"
+    [ -x "$DALP_TEST_VENV/bin/pip" ] || $SUDO /usr/bin/python3 -m venv "$DALP_TEST_VENV"
+    $SUDO "$DALP_TEST_VENV/bin/pip" install --quiet --disable-pip-version-check -r "$DALP_TEST_REQ" >&2
+  fi
+fi
+export DALP_TEST_VENV
+
 # anvil (a real EVM node for the indexer's tests), from the npm registry, into .tools/.
 # Only the test suite needs it (DALP_DEPS_TEST=1, set by test.sh); `dalp up` does not.
 DALP_ANVIL_VERSION=1.7.1

@@ -45,6 +45,8 @@ password=$(sed -n 's/.*admin admin@demo.dalp.example password \([^ ]*\) .*/\1/p'
 DALP_FUZZ_TOKEN=$(python3 scripts/api-session.py "$base" admin@demo.dalp.example "$password")
 export DALP_FUZZ_TOKEN
 
+"$dalp" openapi >"$work/openapi.json"
+"$venv/bin/openapi-spec-validator" "$work/openapi.json"
 echo "schemathesis: $examples examples per operation, seed $seed" >&2
 # Excluded: the two operations that end the fuzzer's own session (logout, and revoking a
 # session listed by GET /auth/sessions, which the stateful phase links to). Their contract

@@ -17,6 +17,16 @@ cargo test --workspace --no-fail-fast -- --test-threads 2 2>&1 | tee "$log" || s
 DALP_TEST_VIA_POOLER=1 cargo test --workspace --no-fail-fast --test api --test engine \
   --test tx_requests --test ingest --test seal --test forward --test change_control \
   --test pooler -- --test-threads 2 2>&1 | tee -a "$log" || status=$?
+# The API's contract: the generated OpenAPI document validated as OpenAPI 3.1, then fuzzed
+# with schemathesis against `dalp up --demo` (every check; bounded examples).
+cargo build --quiet -p dalp-cli
+echo "api contract fuzzing (scripts/fuzz-api.sh)" | tee -a "$log"
+if DALP_FUZZ_EXAMPLES="${DALP_FUZZ_EXAMPLES:-25}" bash scripts/fuzz-api.sh target/debug/dalp 2>&1 | tee -a "$log"; then
+  echo "test result: ok. 1 passed; 0 failed (api contract fuzzing)" | tee -a "$log"
+else
+  echo "test result: FAILED. 0 passed; 1 failed (api contract fuzzing)" | tee -a "$log"
+  status=1
+fi
 # One closing line over all test binaries (cargo prints one per binary, doc-tests last).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -296,6 +296,12 @@ impl Decimal {
     }
 }
 
+/// The JSON Schema `pattern` of a name or label as the validators take it: no control
+/// characters (`char::is_control`, U+0000 included, which PostgreSQL text cannot hold) and no
+/// white space at either end (values are trimmed, so a blank one is empty). The OpenAPI
+/// document states it for every such field, with the column's length bound.
+pub const TEXT_PATTERN: &str = r"^[^\s\u0000-\u001f\u007f-\u009f](?:[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f])?$";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,9 +404,3 @@ mod tests {
         assert!(ChainId::parse(0).is_err());
     }
 }
-
-/// The JSON Schema `pattern` of a name or label as the validators take it: no control
-/// characters (`char::is_control`, U+0000 included, which PostgreSQL text cannot hold) and no
-/// white space at either end (values are trimmed, so a blank one is empty). The OpenAPI
-/// document states it for every such field, with the column's length bound.
-pub const TEXT_PATTERN: &str = r"^[^\s\u0000-\u001f\u007f-\u009f](?:[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f])?$";

@@ -85,10 +85,7 @@ async fn create(
             },
         )
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedKey { key, api_key: info }),
-    ))
+    Ok((StatusCode::CREATED, Json(CreatedKey { key, api_key: info })))
 }
 
 /// The caller's API keys (never the keys themselves).

@@ -111,7 +111,11 @@ async fn publish(
         .assets
         .publish(&auth.ctx, parse_id(&id, "asset")?, if_match(&headers)?)
         .await?;
-    Ok(with_etag(StatusCode::OK, asset.version, AssetBody { asset }))
+    Ok(with_etag(
+        StatusCode::OK,
+        asset.version,
+        AssetBody { asset },
+    ))
 }
 
 /// The asset's compliance modules; the ETag is the configuration's version.
@@ -160,14 +164,27 @@ async fn propose(
     )
     .await?;
     let id = parse_id(&id, "asset")?;
-    match state.assets.propose_compliance(&auth.ctx, id, if_match(&headers)?, body.modules).await? {
-        dalp_assets::compliance::Proposal::Applied { config } => {
-            Ok(with_etag(StatusCode::OK, config.version, Applied { status: "applied", compliance: config }))
-        }
+    match state
+        .assets
+        .propose_compliance(&auth.ctx, id, if_match(&headers)?, body.modules)
+        .await?
+    {
+        dalp_assets::compliance::Proposal::Applied { config } => Ok(with_etag(
+            StatusCode::OK,
+            config.version,
+            Applied {
+                status: "applied",
+                compliance: config,
+            },
+        )),
         dalp_assets::compliance::Proposal::Pending { change_id } => Ok((
             StatusCode::ACCEPTED,
-            Json(Pending { status: "pending", change_id,
-                         message: "the asset is published: a second complianceManager must approve this change" }),
+            Json(Pending {
+                status: "pending",
+                change_id,
+                message:
+                    "the asset is published: a second complianceManager must approve this change",
+            }),
         )
             .into_response()),
     }
@@ -232,7 +249,11 @@ async fn create(
         .await?;
     let spec = body.parse().map_err(dalp_assets::AssetError::from)?;
     let asset = state.assets.create(&auth.ctx, &spec).await?;
-    Ok(with_etag(StatusCode::CREATED, asset.version, AssetBody { asset }))
+    Ok(with_etag(
+        StatusCode::CREATED,
+        asset.version,
+        AssetBody { asset },
+    ))
 }
 
 /// Assets (tokenManager, auditor), newest change first.
@@ -288,7 +309,11 @@ async fn show(
     auth.require_any_role(&state, READERS, "assets.asset.read")
         .await?;
     let asset = state.assets.get(parse_id(&id, "asset")?).await?;
-    Ok(with_etag(StatusCode::OK, asset.version, AssetBody { asset }))
+    Ok(with_etag(
+        StatusCode::OK,
+        asset.version,
+        AssetBody { asset },
+    ))
 }
 
 /// Replace an asset (tokenManager); If-Match with the version read.
@@ -314,7 +339,11 @@ async fn replace(
     let expected = if_match(&headers)?;
     let spec = body.parse().map_err(dalp_assets::AssetError::from)?;
     let asset = state.assets.update(&auth.ctx, id, expected, &spec).await?;
-    Ok(with_etag(StatusCode::OK, asset.version, AssetBody { asset }))
+    Ok(with_etag(
+        StatusCode::OK,
+        asset.version,
+        AssetBody { asset },
+    ))
 }
 
 /// Delete an asset (tokenManager); If-Match with the version read.

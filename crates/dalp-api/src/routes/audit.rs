@@ -204,10 +204,7 @@ async fn events(
 #[utoipa::path(get, path = "/api/v1/audit/verify", tag = "audit",
     responses((status = 200, description = "The report; `ok` false names the first problem", body = VerifyResult)))]
 #[tracing::instrument(skip_all)]
-async fn verify(
-    State(state): State<AppState>,
-    auth: Auth,
-) -> Result<Json<VerifyResult>, ApiError> {
+async fn verify(State(state): State<AppState>, auth: Auth) -> Result<Json<VerifyResult>, ApiError> {
     auth.require_role(&state, PlatformRole::Auditor, "audit.verify")
         .await?;
     let keys = state

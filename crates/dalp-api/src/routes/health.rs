@@ -2,12 +2,12 @@
 //! schema's migrations are current).
 
 use axum::extract::State;
+use dalp_db::migrate::{self, SchemaStatus};
+use dalp_db::Component;
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use dalp_db::migrate::{self, SchemaStatus};
-use dalp_db::Component;
 
 use crate::{ApiError, AppState};
 use dalp_app::catalog::MIGRATIONS;

@@ -472,10 +472,7 @@ async fn balance_at(
         .indexed
         .balance_at(chain, &token, &account, block)
         .await?;
-    Ok((
-        headers,
-        axum::Json(BalanceAt { block, balance }),
-    ))
+    Ok((headers, axum::Json(BalanceAt { block, balance })))
 }
 
 /// A token's total supply after a block.

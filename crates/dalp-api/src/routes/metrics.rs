@@ -6,9 +6,9 @@
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
+use dalp_db::Component;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use dalp_db::Component;
 
 use crate::AppState;
 

@@ -18,8 +18,8 @@ mod workflows;
 use std::collections::HashMap;
 
 use axum::Router;
-use utoipa_axum::router::OpenApiRouter;
 use chrono::{DateTime, Utc};
+use utoipa_axum::router::OpenApiRouter;
 use uuid::Uuid;
 
 use crate::{ApiError, AppState};

@@ -130,23 +130,30 @@ fn add_common_responses(doc: &mut Value) {
             if let (Some(tag), Some(id)) = (op["tags"][0].as_str(), op["operationId"].as_str()) {
                 op["operationId"] = json!(format!("{tag}_{id}"));
             }
-            let public = op["security"]
-                .as_array()
-                .is_some_and(|s| s.iter().any(|r| r.as_object().is_some_and(|o| o.is_empty())));
+            let public = op["security"].as_array().is_some_and(|s| {
+                s.iter()
+                    .any(|r| r.as_object().is_some_and(|o| o.is_empty()))
+            });
             let has_body = op.get("requestBody").is_some();
             let mut add: Vec<(&str, &str)> = vec![
                 ("400", "Bad request: the target holds %00 or is not UTF-8, a parameter is malformed, or the body is not JSON"),
                 ("503", "Not available now: the request deadline passed or the database is unreachable; retry"),
             ];
             if !public {
-                add.push(("401", "No valid session or API key, or the login must be repeated"));
+                add.push((
+                    "401",
+                    "No valid session or API key, or the login must be repeated",
+                ));
                 add.push(("403", "Authenticated, but not allowed: a role is missing, a read-only key tried to write, or the second factor is pending"));
                 add.push(("429", "Rate limited; see Retry-After when present"));
             }
             if has_body {
                 add.push(("413", "Body larger than the server accepts"));
                 add.push(("415", "Send Content-Type: application/json"));
-                add.push(("422", "The body is JSON of the wrong shape or an invalid value; `field` names it"));
+                add.push((
+                    "422",
+                    "The body is JSON of the wrong shape or an invalid value; `field` names it",
+                ));
             }
             if op["parameters"]
                 .as_array()

@@ -79,7 +79,11 @@ async fn show(
         .assets
         .settings(parse_id(&org, "organisation")?)
         .await?;
-    Ok(with_etag(StatusCode::OK, s.version, SettingsBody { settings: s }))
+    Ok(with_etag(
+        StatusCode::OK,
+        s.version,
+        SettingsBody { settings: s },
+    ))
 }
 
 /// Save an organisation's settings (admin); If-Match with the version read, `"0"` for the
@@ -108,7 +112,11 @@ async fn save(
         .assets
         .put_settings(&auth.ctx, org, expected, body)
         .await?;
-    Ok(with_etag(StatusCode::OK, s.version, SettingsBody { settings: s }))
+    Ok(with_etag(
+        StatusCode::OK,
+        s.version,
+        SettingsBody { settings: s },
+    ))
 }
 
 /// The currencies dalp knows.

@@ -129,7 +129,11 @@ async fn show(
     auth.require_any_role(&state, READERS, "assets.template.read")
         .await?;
     let t = state.assets.template(parse_id(&id, "template")?).await?;
-    Ok(with_etag(StatusCode::OK, t.version, TemplateBody { template: t }))
+    Ok(with_etag(
+        StatusCode::OK,
+        t.version,
+        TemplateBody { template: t },
+    ))
 }
 
 /// Replace a template (tokenManager, If-Match); once published only the name may change.
@@ -160,7 +164,11 @@ async fn replace(
             body,
         )
         .await?;
-    Ok(with_etag(StatusCode::OK, t.version, TemplateBody { template: t }))
+    Ok(with_etag(
+        StatusCode::OK,
+        t.version,
+        TemplateBody { template: t },
+    ))
 }
 
 /// Publish a draft template (tokenManager, If-Match).
@@ -188,7 +196,11 @@ async fn publish(
         .assets
         .publish_template(&auth.ctx, parse_id(&id, "template")?, if_match(&headers)?)
         .await?;
-    Ok(with_etag(StatusCode::OK, t.version, TemplateBody { template: t }))
+    Ok(with_etag(
+        StatusCode::OK,
+        t.version,
+        TemplateBody { template: t },
+    ))
 }
 
 #[derive(Deserialize, ToSchema)]

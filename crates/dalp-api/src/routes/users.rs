@@ -69,7 +69,10 @@ async fn me(State(state): State<AppState>, auth: Auth) -> Result<Json<Me>, ApiEr
 #[serde(deny_unknown_fields)]
 #[schema(as = NewUser)]
 struct CreateBody {
-    #[schema(max_length = 254, pattern = "^[A-Za-z0-9.!#$%&*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)+$")]
+    #[schema(
+        max_length = 254,
+        pattern = "^[A-Za-z0-9.!#$%&*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)+$"
+    )]
     email: String,
     #[schema(max_length = 200, extensions(("x-dalp-text" = json!(true))))]
     name: String,

@@ -9,7 +9,11 @@ use crate::extract::Json;
 use crate::ApiError;
 
 /// `body` with the record's version as its ETag.
-pub(crate) fn with_etag<T: serde::Serialize>(status: StatusCode, version: i32, body: T) -> Response {
+pub(crate) fn with_etag<T: serde::Serialize>(
+    status: StatusCode,
+    version: i32,
+    body: T,
+) -> Response {
     let mut r = (status, Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("\"{version}\"")) {
         r.headers_mut().insert("etag", v);

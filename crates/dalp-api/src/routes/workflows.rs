@@ -148,7 +148,10 @@ async fn start_run(
     new.max_attempts = b.max_attempts.unwrap_or(5);
     new.concurrency_key = b.concurrency_key;
     let (run, created) = state.workflows.start(&auth.ctx, &new).await?;
-    Ok((created_or_existing(created), axum::Json(Started { run, created })))
+    Ok((
+        created_or_existing(created),
+        axum::Json(Started { run, created }),
+    ))
 }
 
 /// 201 for something new, 200 for the one an idempotency key already named.

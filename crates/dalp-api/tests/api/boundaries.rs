@@ -159,3 +159,64 @@ async fn duplicate_roles_and_bans_that_already_ended_are_refused_naming_the_fiel
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
 }
+
+#[tokio::test]
+async fn an_admin_cannot_lock_themselves_out_and_integral_numbers_are_integers() {
+    let app = spawn_app().await;
+    let me = app
+        .create_user("self@bank.example", &[PlatformRole::Admin])
+        .await;
+    let t = app.admin_token("self@bank.example").await;
+    for (method, path, body) in [
+        (Method::DELETE, format!("/api/v1/users/{me}"), None),
+        (
+            Method::PATCH,
+            format!("/api/v1/users/{me}"),
+            Some(json!({"ban": {"reason": "oops"}})),
+        ),
+        (
+            Method::DELETE,
+            format!("/api/v1/users/{me}/roles/admin"),
+            None,
+        ),
+    ] {
+        let (s, b) = app.call(method.clone(), &path, Cred::Token(&t), body).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{method} {path}: {b}");
+        assert!(
+            b["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("your own account"),
+            "{b}"
+        );
+    }
+    let (s, b) = app
+        .call(Method::GET, "/api/v1/me", Cred::Token(&t), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["user"]["banned"], false);
+    assert!(b["user"]["roles"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("admin")));
+    // JSON has one number type: 60.0 is the integer 60; 60.5 is still refused.
+    let (s, b) = app
+        .call(
+            Method::POST,
+            "/api/v1/api-keys",
+            Cred::Token(&t),
+            Some(json!({"name": "n", "scope": "read", "rate_limit_per_minute": 60.0})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["api_key"]["rate_limit_per_minute"], 60);
+    let (s, _) = app
+        .call(
+            Method::POST,
+            "/api/v1/api-keys",
+            Cred::Token(&t),
+            Some(json!({"name": "m", "scope": "read", "rate_limit_per_minute": 60.5})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+}

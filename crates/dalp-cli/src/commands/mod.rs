@@ -81,7 +81,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => config::check(&config),
         Command::Serve { config } => serve::run(&config).await,
         Command::Openapi => {
-            println!("{}", serde_json::to_string_pretty(dalp_api::openapi_document())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(dalp_api::openapi_document())?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Cluster { command } => cluster::run(command).await,
