@@ -129,9 +129,7 @@ fn numeric(v: &str) -> Option<f64> {
 impl TemplateInput {
     fn validate(&self) -> Result<(), Invalid> {
         dalp_types::parse_slug("slug", &self.slug)?;
-        if self.name.trim().is_empty() || self.name.chars().count() > 100 {
-            return Err(Invalid::new("name", "must be 1 to 100 characters"));
-        }
+        dalp_types::parse_text("name", &self.name, 100)?;
         if let Some(f) = self
             .features
             .iter()

@@ -197,13 +197,7 @@ pub struct AssetSpec {
 impl AssetInput {
     /// Validates every field; the first failure names its field.
     pub fn parse(self) -> Result<AssetSpec, Invalid> {
-        let name = self.name.trim().to_string();
-        if name.is_empty() || name.chars().count() > 50 || name.chars().any(char::is_control) {
-            return Err(Invalid::new(
-                "name",
-                "must be 1 to 50 characters without control characters",
-            ));
-        }
+        let name = dalp_types::parse_text("name", &self.name, 50)?;
         let symbol = self.symbol.trim().to_string();
         let ok_symbol = !symbol.is_empty()
             && symbol.len() <= 12

@@ -704,6 +704,20 @@ impl IdentityStore {
             .map(|r| r.get(0)))
     }
 
+    /// Whether an organisation has this id. Other domains reference organisations by id
+    /// without reading this schema; the API asks here before it stores such a reference.
+    #[tracing::instrument(target = "dalp_store", name = "identity.organisation_exists", skip_all)]
+    pub async fn organisation_exists(&self, id: Uuid) -> Result<bool> {
+        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
+        Ok(client
+            .typed_query_opt(
+                "SELECT 1 FROM dalp_identity.organisations WHERE id = $1",
+                &[&id],
+            )
+            .await?
+            .is_some())
+    }
+
     // ---- login and sessions -----------------------------------------------------------
 
     /// Password login. Unknown email and wrong password give the same error after the same

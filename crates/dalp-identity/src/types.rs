@@ -86,14 +86,7 @@ pub fn parse_name(field: &'static str, s: &str) -> Result<String, Invalid> {
 /// A name of 1 to `max` characters (as the column's CHECK counts them), no control
 /// characters (U+0000 included, which PostgreSQL text cannot hold).
 pub fn parse_bounded_name(field: &'static str, s: &str, max: usize) -> Result<String, Invalid> {
-    let s = s.trim();
-    if s.is_empty() || s.chars().count() > max {
-        return Err(invalid(field, format!("must be 1 to {max} characters")));
-    }
-    if s.chars().any(char::is_control) {
-        return Err(invalid(field, "must not contain control characters"));
-    }
-    Ok(s.to_string())
+    dalp_types::parse_text(field, s, max)
 }
 
 macro_rules! string_enum {

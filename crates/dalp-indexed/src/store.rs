@@ -269,10 +269,8 @@ impl IndexedStore {
         finality_depth: i32,
     ) -> Result<Chain, IndexError> {
         dalp_types::ChainId::parse(chain_id).map_err(|e| e.for_field("chain_id"))?;
-        let name = name.trim();
-        if name.is_empty() || name.len() > 100 {
-            return Err(Invalid::new("name", "must be 1 to 100 characters").into());
-        }
+        let name = dalp_types::parse_text("name", name, 100)?;
+        let name = name.as_str();
         if !(0..=100_000).contains(&finality_depth) {
             return Err(Invalid::new("finality_depth", "must be between 0 and 100000").into());
         }

@@ -296,6 +296,24 @@ impl Decimal {
     }
 }
 
+/// The one check for names and labels before they reach SQL: trimmed, 1 to `max` characters
+/// (as the column's `CHECK (length(..) BETWEEN 1 AND max)` counts them), no control
+/// characters (U+0000 included, which PostgreSQL text cannot hold). [`TEXT_PATTERN`] says
+/// the same in the OpenAPI document.
+pub fn parse_text(field: &'static str, s: &str, max: usize) -> Result<String, Invalid> {
+    let s = s.trim();
+    if s.is_empty() || s.chars().count() > max {
+        return Err(Invalid::new(
+            field,
+            format!("must be 1 to {max} characters"),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Invalid::new(field, "must not contain control characters"));
+    }
+    Ok(s.to_string())
+}
+
 /// The JSON Schema `pattern` of a name or label as the validators take it: no control
 /// characters (`char::is_control`, U+0000 included, which PostgreSQL text cannot hold) and no
 /// white space at either end (values are trimmed, so a blank one is empty). The OpenAPI

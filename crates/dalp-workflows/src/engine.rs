@@ -584,9 +584,8 @@ impl WorkflowStore {
         name: &str,
         payload: Value,
     ) -> Result<Run, WorkflowError> {
-        if name.is_empty() || name.len() > 200 {
-            return Err(Invalid::new("name", "must be 1 to 200 characters").into());
-        }
+        let name = dalp_types::parse_text("name", name, 200)?;
+        let name = name.as_str();
         let mut client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
         let tx = client.transaction().await?;
         let row = tx

@@ -17,8 +17,8 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::parse_id;
 use super::versioning::{if_match, with_etag, IfMatch};
+use super::{parse_id, require_organisation};
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
@@ -248,6 +248,7 @@ async fn create(
     auth.require_role(&state, PlatformRole::TokenManager, "assets.asset.create")
         .await?;
     let spec = body.parse().map_err(dalp_assets::AssetError::from)?;
+    require_organisation(&state, spec.organisation_id, "organisation_id").await?;
     let asset = state.assets.create(&auth.ctx, &spec).await?;
     Ok(with_etag(
         StatusCode::CREATED,
@@ -338,6 +339,7 @@ async fn replace(
     let id = parse_id(&id, "asset")?;
     let expected = if_match(&headers)?;
     let spec = body.parse().map_err(dalp_assets::AssetError::from)?;
+    require_organisation(&state, spec.organisation_id, "organisation_id").await?;
     let asset = state.assets.update(&auth.ctx, id, expected, &spec).await?;
     Ok(with_etag(
         StatusCode::OK,

@@ -167,7 +167,7 @@ struct RegisterBody {
     name: String,
     /// Blocks below the head that can no longer be reorganised (default 64).
     #[serde(default = "default_finality")]
-    #[schema(minimum = 0, maximum = 10000)]
+    #[schema(minimum = 0, maximum = 100000)]
     finality_depth: i32,
 }
 

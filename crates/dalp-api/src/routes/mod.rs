@@ -134,6 +134,23 @@ pub(crate) fn time_param(
         .transpose()
 }
 
+/// Refuses a reference to an organisation that does not exist (422 naming `field`) before a
+/// domain stores it: organisations live in the identity schema, which no other component
+/// reads, so the API asks the identity store.
+pub(crate) async fn require_organisation(
+    state: &AppState,
+    id: Uuid,
+    field: &'static str,
+) -> Result<(), ApiError> {
+    if state.identity.organisation_exists(id).await? {
+        Ok(())
+    } else {
+        Err(ApiError::Identity(dalp_identity::IdentityError::Invalid(
+            dalp_identity::types::Invalid::new(field, "no organisation has this id"),
+        )))
+    }
+}
+
 /// Path ids: anything that is not a UUID cannot name an existing resource.
 pub(crate) fn parse_id(s: &str, what: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(s).map_err(|_| ApiError::NotFound(format!("{what} not found")))

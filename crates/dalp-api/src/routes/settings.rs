@@ -77,7 +77,7 @@ async fn show(
     .await?;
     let s = state
         .assets
-        .settings(parse_id(&org, "organisation")?)
+        .settings(organisation(&state, &org).await?)
         .await?;
     Ok(with_etag(
         StatusCode::OK,
@@ -106,7 +106,7 @@ async fn save(
 ) -> Result<Response, ApiError> {
     auth.require_role(&state, PlatformRole::Admin, "assets.settings.update")
         .await?;
-    let org = parse_id(&org, "organisation")?;
+    let org = organisation(&state, &org).await?;
     let expected = if_match(&headers)?;
     let s = state
         .assets
@@ -117,6 +117,17 @@ async fn save(
         s.version,
         SettingsBody { settings: s },
     ))
+}
+
+/// The organisation a path names: 404 unless it exists (settings are kept only for
+/// organisations that do).
+async fn organisation(state: &AppState, id: &str) -> Result<uuid::Uuid, ApiError> {
+    let id = parse_id(id, "organisation")?;
+    if state.identity.organisation_exists(id).await? {
+        Ok(id)
+    } else {
+        Err(ApiError::NotFound("organisation not found".into()))
+    }
 }
 
 /// The currencies dalp knows.
@@ -197,7 +208,7 @@ async fn history(
         .assets
         .versions_of(
             dalp_assets::store::VersionedKind::Settings,
-            parse_id(&org, "organisation")?,
+            organisation(&state, &org).await?,
         )
         .await?;
     Ok(Json(Versions::of(v)))

@@ -14,8 +14,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::assets::Versions;
-use super::parse_id;
 use super::versioning::{if_match, with_etag, IfMatch};
+use super::{parse_id, require_organisation};
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
@@ -79,6 +79,9 @@ async fn create(
 ) -> Result<Response, ApiError> {
     auth.require_role(&state, PlatformRole::TokenManager, "assets.template.create")
         .await?;
+    if let Some(org) = body.organisation_id {
+        require_organisation(&state, org, "organisation_id").await?;
+    }
     let t = state.assets.create_template(&auth.ctx, body).await?;
     Ok(with_etag(
         StatusCode::CREATED,
@@ -111,6 +114,7 @@ async fn list(
             uuid::Uuid::parse_str(s)
                 .map_err(|_| ApiError::BadRequest("organisation_id must be a UUID".into()))
         })?;
+    require_organisation(&state, org, "organisation_id").await?;
     Ok(Json(Templates {
         templates: state.assets.templates_for(org).await?,
     }))
@@ -228,6 +232,7 @@ async fn visibility(
         "assets.template.visibility",
     )
     .await?;
+    require_organisation(&state, body.organisation_id, "organisation_id").await?;
     state
         .assets
         .set_template_hidden(

@@ -19,7 +19,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::{page_limit, parse_id};
+use super::{page_limit, parse_id, require_organisation};
 use crate::auth::Auth;
 use crate::extract::Json;
 use crate::{ApiError, AppState};
@@ -137,6 +137,7 @@ async fn start_run(
 ) -> Result<(StatusCode, axum::Json<Started>), ApiError> {
     auth.require_any_role(&state, OPERATORS, "workflows.run.start")
         .await?;
+    require_organisation(&state, b.organisation_id, "organisation_id").await?;
     let mut new = NewRun::new(
         b.organisation_id,
         &b.kind,
@@ -308,6 +309,7 @@ async fn create_tx(
 ) -> Result<(StatusCode, axum::Json<TxCreated>), ApiError> {
     auth.require_any_role(&state, REQUESTERS, "workflows.tx_request.create")
         .await?;
+    require_organisation(&state, b.organisation_id, "organisation_id").await?;
     let (req, created) = state.workflows.create_tx_request(&auth.ctx, &b).await?;
     Ok((
         created_or_existing(created),

@@ -220,3 +220,69 @@ async fn an_admin_cannot_lock_themselves_out_and_integral_numbers_are_integers()
         .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
 }
+
+#[tokio::test]
+async fn references_to_organisations_that_do_not_exist_are_refused_naming_the_field() {
+    let app = spawn_app().await;
+    app.create_user(
+        "ops@bank.example",
+        &[
+            PlatformRole::Admin,
+            PlatformRole::TokenManager,
+            PlatformRole::SystemManager,
+        ],
+    )
+    .await;
+    let t = app.admin_token("ops@bank.example").await;
+    let nowhere = "00000000-0000-4000-8000-00000000dead";
+    for (path, body) in [
+        (
+            "/api/v1/assets",
+            json!({"organisation_id": nowhere, "name": "Tower", "symbol": "TWR", "decimals": 2, "base_type": "real_estate"}),
+        ),
+        (
+            "/api/v1/templates",
+            json!({"organisation_id": nowhere, "slug": "t", "name": "T", "base_type": "bond", "asset_class": "fixed_income"}),
+        ),
+        (
+            "/api/v1/workflows/runs",
+            json!({"organisation_id": nowhere, "kind": "selftest", "idempotency_key": "k"}),
+        ),
+        (
+            "/api/v1/workflows/tx-requests",
+            json!({"organisation_id": nowhere, "chain_id": 1, "idempotency_key": "k",
+                   "sender": "0x5fbdb2315678afecb367f032d93f642f64180aa3"}),
+        ),
+    ] {
+        let (s, b) = app
+            .call(Method::POST, path, Cred::Token(&t), Some(body))
+            .await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{path}: {b}");
+        assert_eq!(b["error"]["field"], "organisation_id", "{path}: {b}");
+    }
+    let (s, b) = app
+        .call(
+            Method::GET,
+            &format!("/api/v1/settings/{nowhere}"),
+            Cred::Token(&t),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert_eq!(b["error"]["message"], "organisation not found");
+    for table in [
+        "dalp_assets.assets",
+        "dalp_assets.templates",
+        "dalp_workflows.runs",
+        "dalp_workflows.tx_requests",
+    ] {
+        assert_eq!(
+            app.scalar_i64(&format!(
+                "SELECT count(*) FROM {table} WHERE organisation_id = '{nowhere}'"
+            ))
+            .await,
+            0,
+            "{table}"
+        );
+    }
+}

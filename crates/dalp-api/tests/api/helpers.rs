@@ -14,6 +14,10 @@ use uuid::Uuid;
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
+/// Organisations every test app has (references to others are refused).
+pub const ORG: &str = "00000000-0000-4000-8000-000000000001";
+pub const OTHER_ORG: &str = "00000000-0000-4000-8000-0000000000aa";
+
 pub struct TestApp {
     pub base: String,
     pub db: TestDb,
@@ -42,6 +46,15 @@ pub async fn spawn_app_on(
     settings: ApiSettings,
 ) -> TestApp {
     let pools = Arc::new(db.pools());
+    db.superuser()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO dalp_identity.organisations (id, slug, name) VALUES
+                 ('{ORG}', 'test-bank', 'Test Bank'), ('{OTHER_ORG}', 'other-bank', 'Other Bank')
+             ON CONFLICT DO NOTHING"
+        ))
+        .await
+        .unwrap();
     let services = Services::start(pools, key_dir.path(), settings).unwrap();
     // The cache serves nothing until its LISTEN connection is up; wait so tests see caching.
     for _ in 0..100 {

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::helpers::{spawn_app, spawn_app_on, Cred, TestApp};
 
-const ORG: &str = "00000000-0000-4000-8000-0000000000aa";
+use crate::helpers::OTHER_ORG as ORG;
 
 async fn put_settings(
     app: &TestApp,

@@ -18,7 +18,7 @@ async fn runs_and_transaction_requests_over_http() {
     let ops = app.token("ops@bank.example").await;
     let tm = app.token("tm@bank.example").await;
     let nobody = app.token("nobody@bank.example").await;
-    let org = uuid::Uuid::new_v4();
+    let org = crate::helpers::ORG;
     let body = json!({"organisation_id": org, "kind": "dalp.selftest", "idempotency_key": "k1", "input": {"steps": 1}});
 
     let (s, _) = app
