@@ -26,6 +26,12 @@ pub enum ApiError {
     Conflict(String),
     #[error("request body is larger than the server accepts")]
     TooLarge,
+    #[error(
+        "request headers are too many or too large (at most {} fields, {} bytes)",
+        crate::MAX_HEADERS,
+        crate::MAX_HEADER_BYTES
+    )]
+    HeadersTooLarge,
     #[error("{0}")]
     Unsupported(String),
     #[error("{0}")]
@@ -78,6 +84,10 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+            ),
             ApiError::Unsupported(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }

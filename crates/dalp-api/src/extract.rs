@@ -62,6 +62,11 @@ where
                     JsonRejection::JsonDataError(e) => ApiError::Unprocessable(e.body_text()),
                     _ => ApiError::Unprocessable(rejection.body_text()),
                 },
+                // serde_json reports some type mismatches (`{}` where an enum's string is
+                // due) as syntax errors: well-formed JSON is the wrong shape, not malformed.
+                _ if serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok() => {
+                    ApiError::Unprocessable(format!("invalid body: {}", rejection.body_text()))
+                }
                 _ => ApiError::BadRequest(format!("malformed JSON: {}", rejection.body_text())),
             }),
         }

@@ -149,6 +149,24 @@ impl Services {
     }
 }
 
+/// The most header fields, and bytes of header names and values, a request may carry (431
+/// in the JSON error shape beyond them).
+pub const MAX_HEADERS: usize = 100;
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+async fn bound_headers(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let h = req.headers();
+    let bytes: usize = h.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    if h.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return ApiError::HeadersTooLarge.into_response();
+    }
+    next.run(req).await
+}
+
 /// The full router.
 pub fn router(state: AppState) -> Router {
     routes::router()
@@ -160,6 +178,7 @@ pub fn router(state: AppState) -> Router {
             state.settings.max_body_bytes,
         ))
         .layer(axum::middleware::from_fn(routes::reject_bad_target))
+        .layer(axum::middleware::from_fn(bound_headers))
         .with_state(state)
 }
 

@@ -80,7 +80,12 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        // Far above the API's own bounds (crate::MAX_HEADERS, crate::MAX_HEADER_BYTES), so
+        // the router refuses oversized heads with 431 in the JSON shape; hyper's own (empty)
+        // 431 is left for heads past these.
+        .max_headers(4 * crate::MAX_HEADERS)
+        .max_buf_size(1024 * 1024);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);

@@ -137,6 +137,7 @@ fn add_common_responses(doc: &mut Value) {
             let has_body = op.get("requestBody").is_some();
             let mut add: Vec<(&str, &str)> = vec![
                 ("400", "Bad request: the target holds %00 or is not UTF-8, a parameter is malformed, or the body is not JSON"),
+                ("431", "More than 100 header fields or 64 KiB of headers"),
                 ("503", "Not available now: the request deadline passed or the database is unreachable; retry"),
             ];
             if !public {

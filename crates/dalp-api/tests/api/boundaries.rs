@@ -286,3 +286,48 @@ async fn references_to_organisations_that_do_not_exist_are_refused_naming_the_fi
         );
     }
 }
+
+#[tokio::test]
+async fn oversized_heads_and_wrongly_shaped_json_get_precise_json_errors() {
+    let app = spawn_app().await;
+    // More header fields than the API takes: 431 in the JSON shape (not hyper's empty one).
+    let mut req = app.http.get(format!("{}/api/v1/me", app.base));
+    for i in 0..150 {
+        req = req.header(format!("x-h{i}"), "v");
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let b: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["code"], "headers_too_large", "{b}");
+    let r = app
+        .http
+        .get(format!("{}/healthz", app.base))
+        .header("x-big", "a".repeat(100 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    // Well-formed JSON of the wrong shape is 422, not "malformed JSON".
+    app.create_user("tm@bank.example", &[PlatformRole::TokenManager])
+        .await;
+    let t = app.token("tm@bank.example").await;
+    let (s, b) = app
+        .call(
+            Method::POST,
+            "/api/v1/assets",
+            Cred::Token(&t),
+            Some(
+                json!({"organisation_id": crate::helpers::ORG, "name": "X", "symbol": "X",
+                        "decimals": 2, "base_type": {}}),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert!(
+        !b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("malformed"),
+        "{b}"
+    );
+}
