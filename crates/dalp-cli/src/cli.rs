@@ -271,10 +271,24 @@ pub enum BackupCommand {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
         repo: u8,
     },
-    /// Backups in both repositories: type, time, duration, size, WAL range.
+    /// Backups in both repositories (type, time, duration, size, WAL range) and the window
+    /// each can restore to: from the oldest backup whose WAL is still archived to the newest
+    /// archived WAL.
     List {
         #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
         data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recovery evidence from the audit trail: every backup (WAL range, sizes, duration),
+    /// restore drill (outcome, recovery time) and restore (target, RTO achieved), newest
+    /// first — when recovery was last proven and how long it took.
+    Evidence {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// At most this many, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
         #[arg(long)]
         json: bool,
     },
@@ -332,6 +346,20 @@ pub struct RestoreArgs {
     pub into: PathBuf,
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub repo: u8,
+    /// The instance is lost (disk or host): rebuild it in --into from the repository and
+    /// this key bundle (`dalp keys export`) instead of from --data-dir. The result is a
+    /// complete data directory; `dalp up --data-dir INTO` starts it, and archiving goes on
+    /// into the same repository on a new timeline.
+    #[arg(long)]
+    pub keys: Option<PathBuf>,
+    /// File holding the key bundle's passphrase [default: DALP_KEYS_PASSPHRASE, else one
+    /// line from stdin].
+    #[arg(long, requires = "keys")]
+    pub passphrase_file: Option<PathBuf>,
+    /// With --keys: repo1 is now at this path (a posix repository moved or mounted
+    /// elsewhere), instead of where the bundle's backup.toml says.
+    #[arg(long, requires = "keys")]
+    pub repo1_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -619,6 +647,23 @@ pub enum KeysCommand {
     Rotate {
         #[command(flatten)]
         instance: InstanceArgs,
+    },
+    /// Seal everything a restore needs besides the backup repository into one file under a
+    /// passphrase (Argon2id + AES-256-GCM): role passwords, PII key-encryption keys, audit
+    /// keys and witness, the repositories' cipher passphrase, the TLS CA and certificate,
+    /// the backup policy. Keep it apart from the repository; `dalp restore --keys` uses it
+    /// when the instance is lost. Export again after `keys rotate`, `audit rotate-key` or
+    /// `tls rotate`.
+    Export {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Where to write the bundle (created 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// File holding the passphrase (at least 12 characters) [default:
+        /// DALP_KEYS_PASSPHRASE, else one line from stdin].
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
 }
 

@@ -217,7 +217,10 @@ async fn point_in_time_recovery_to_a_time_an_lsn_and_the_latest() {
             "in the future",
         ),
         (vec!["--target-time", "yesterday"], "not a time"),
-        (vec!["--target-lsn", "0/0"], "before the oldest backup"),
+        (
+            vec!["--target-lsn", "0/0"],
+            "before the oldest restorable backup",
+        ),
         (vec!["--target-lsn", "nonsense"], "not an LSN"),
     ] {
         let mut a = vec!["restore", "--data-dir", d, "--into", fresh];
@@ -252,7 +255,13 @@ async fn point_in_time_recovery_to_a_time_an_lsn_and_the_latest() {
     // List, what is due, the schedule.
     let o = dalp(&["backup", "list", "--data-dir", d, "--json"]);
     assert!(o.status.success(), "{}", text(&o));
-    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        listed["windows"][0]["earliest"].is_string()
+            && listed["windows"][0]["latest_wal"].is_string(),
+        "{listed}"
+    );
+    let list = &listed["backups"];
     let kinds: Vec<&str> = list
         .as_array()
         .unwrap()
@@ -465,5 +474,265 @@ async fn doctor_reports_a_broken_archive_command_and_missing_backups() {
         .unwrap();
     su.batch_execute("SELECT pg_reload_conf()").await.unwrap();
     drop(su);
+    cluster.shutdown().unwrap();
+}
+
+/// A connection as the superuser over `dir`'s socket.
+async fn superuser(dir: &Path, port: u16) -> tokio_postgres::Client {
+    dalp_db::ConnectOptions {
+        hosts: vec![(dir.join("run").display().to_string(), port)],
+        dbname: DATABASE.into(),
+        user: "postgres".into(),
+        password: None,
+        ca_file: None,
+        application_name: "test".into(),
+        connect_timeout: Duration::from_secs(5),
+        statement_timeout: None,
+        read_write: false,
+    }
+    .connect()
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_instance_is_rebuilt_from_the_repository_and_the_key_bundle_losing_at_most_the_rpo()
+{
+    const RPO_SECS: i64 = 2;
+    let dir = dir();
+    let safe = dalp_testkit::server_dir("dalp-bk-safe-");
+    let lost = dir.path().join("instance");
+    std::fs::create_dir(&lost).unwrap();
+    std::fs::write(
+        lost.join("backup.toml"),
+        format!(
+            "rpo_secs = {RPO_SECS}\nrepo1 = {{ type = \"posix\", path = \"{0}/repo1\" }}\nrepo2 = {{ type = \"posix\", path = \"{0}/repo2\" }}\n",
+            safe.path().display()
+        ),
+    )
+    .unwrap();
+    let l = lost.to_str().unwrap();
+    let cluster = start_archiving(Instance::open(&lost).unwrap(), StartOptions::default())
+        .await
+        .unwrap();
+    let mut migrator = cluster
+        .role_options(MIGRATOR_ROLE, DATABASE)
+        .connect()
+        .await
+        .unwrap();
+    dalp_db::migrate::migrate(&mut migrator, &dalp_app::catalog::MIGRATIONS, false)
+        .await
+        .unwrap();
+    migrator
+        .batch_execute("CREATE SCHEMA pitr; CREATE TABLE pitr.rows (n int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let o = dalp(&["backup", "run", "--data-dir", l]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        lost.join("keys/backup-cipher.pass").exists(),
+        "a new repository is encrypted"
+    );
+    let bundle = safe.path().join("keys.bundle");
+    let pass = safe.path().join("pass");
+    std::fs::write(&pass, "a passphrase long enough\n").unwrap();
+    let o = dalp(&[
+        "keys",
+        "export",
+        "--data-dir",
+        l,
+        "--out",
+        bundle.to_str().unwrap(),
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // Acknowledged writes for a few seconds, then the host is gone: SIGKILL, disk deleted.
+    let mut acked: Vec<(i32, std::time::Instant)> = Vec::new();
+    let writing = std::time::Instant::now();
+    let mut n = 0;
+    while writing.elapsed() < Duration::from_secs(6) {
+        n += 1;
+        migrator
+            .execute("INSERT INTO pitr.rows (n) VALUES ($1)", &[&n])
+            .await
+            .unwrap();
+        acked.push((n, std::time::Instant::now()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid: i32 = std::fs::read_to_string(lost.join("pgdata/postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let crashed = std::time::Instant::now();
+    drop(migrator);
+    drop(cluster);
+    std::fs::remove_dir_all(&lost).unwrap();
+
+    // A wrong passphrase is refused and leaves nothing behind.
+    let rebuilt = dir.path().join("rebuilt");
+    let r = rebuilt.to_str().unwrap();
+    let wrong = safe.path().join("wrong");
+    std::fs::write(&wrong, "not the passphrase at all").unwrap();
+    let o = dalp(&[
+        "restore",
+        "--keys",
+        bundle.to_str().unwrap(),
+        "--passphrase-file",
+        wrong.to_str().unwrap(),
+        "--into",
+        r,
+        "--latest",
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("passphrase is wrong"), "{}", text(&o));
+    assert!(!rebuilt.exists());
+    // A target outside the window is refused up front, naming the window.
+    let o = dalp(&[
+        "restore",
+        "--keys",
+        bundle.to_str().unwrap(),
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+        "--into",
+        r,
+        "--target-time",
+        "2020-01-01T00:00:00Z",
+    ]);
+    assert!(
+        text(&o).contains("recoverable window of repo1"),
+        "{}",
+        text(&o)
+    );
+    assert!(!rebuilt.exists());
+
+    let o = dalp(&[
+        "restore",
+        "--keys",
+        bundle.to_str().unwrap(),
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+        "--into",
+        r,
+        "--latest",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("dalp up --data-dir"), "{}", text(&o));
+
+    // `dalp up`'s start path on the rebuilt directory: archiving resumes, same keys.
+    let cluster = start_archiving(Instance::open(&rebuilt).unwrap(), StartOptions::default())
+        .await
+        .unwrap();
+    let su = superuser(&rebuilt, cluster.port()).await;
+    let present: BTreeSet<i32> = su
+        .query("SELECT n FROM pitr.rows", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let lost_rows: Vec<&(i32, std::time::Instant)> =
+        acked.iter().filter(|(n, _)| !present.contains(n)).collect();
+    let oldest_lost = lost_rows.first().map(|(_, at)| crashed.duration_since(*at));
+    eprintln!(
+        "{} of {} acknowledged rows survived; the oldest lost was acknowledged {:?} before the crash (RPO {RPO_SECS} s)",
+        acked.len() - lost_rows.len(),
+        acked.len(),
+        oldest_lost
+    );
+    // Without a synchronous WAL receiver, the loss is bounded by the policy's RPO
+    // (archive_timeout), plus a second for the archive command itself.
+    assert!(
+        oldest_lost.is_none_or(|d| d <= Duration::from_secs(RPO_SECS as u64 + 1)),
+        "lost rows acknowledged {oldest_lost:?} before the crash"
+    );
+    assert!(
+        present.len() as f64 > acked.len() as f64 * 0.5,
+        "most rows survive"
+    );
+    let o = dalp(&["backup", "run", "--data-dir", r]);
+    assert!(
+        o.status.success(),
+        "archiving and backups go on: {}",
+        text(&o)
+    );
+    let o = dalp(&["backup", "evidence", "--data-dir", r, "--json"]);
+    let ev: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let actions: Vec<&str> = ev
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["backup.completed", "backup.restore", "backup.completed"],
+        "{ev}"
+    );
+    assert_eq!(ev[1]["details"]["kind"], "lost_instance");
+    assert!(ev[1]["details"]["rto_seconds"].as_f64().unwrap() > 0.0);
+    drop(su);
+    cluster.shutdown().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ad_hoc_full_backups_do_not_shorten_the_point_in_time_window() {
+    let dir = dir();
+    let d = dir.path().to_str().unwrap();
+    // One full a day and one day of PITR: before, WAL was kept for ceil(24/24) = 1 full, so
+    // every extra full expired WAL still inside the window.
+    std::fs::write(
+        dir.path().join("backup.toml"),
+        "pitr_days = 1\nfull_every_hours = 24\n",
+    )
+    .unwrap();
+    let cluster = start_archiving(Instance::open(dir.path()).unwrap(), StartOptions::default())
+        .await
+        .unwrap();
+    let db = superuser(dir.path(), cluster.port()).await;
+    db.batch_execute("CREATE SCHEMA pitr; CREATE TABLE pitr.rows (n int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let o = dalp(&["backup", "run", "--data-dir", d]);
+    assert!(o.status.success(), "{}", text(&o));
+    for n in 1..=2 {
+        db.execute("INSERT INTO pitr.rows (n) VALUES ($1)", &[&n])
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let between = Utc::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    db.execute("INSERT INTO pitr.rows (n) VALUES (3)", &[])
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let o = dalp(&["backup", "run", "--data-dir", d]);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let into = dir.path().join("in-window");
+    let o = dalp(&[
+        "restore",
+        "--data-dir",
+        d,
+        "--target-time",
+        &between.to_rfc3339(),
+        "--into",
+        into.to_str().unwrap(),
+    ]);
+    let copy = Copy::from_output(&into, &o);
+    assert_eq!(copy.rows().await, (1..=2).collect());
+    drop(copy);
+    drop(db);
     cluster.shutdown().unwrap();
 }

@@ -5,9 +5,19 @@
 //! weekly full backups kept 7 years in repo2) and drives `pgbackrest` as the `postgres`
 //! user. Retention is enforced by pgBackRest's `expire`, which runs after every backup.
 //!
-//! Layout under `DIR/backup/`: `pgbackrest.conf`, `repo1/` and `repo2/` (for posix
-//! repositories), `log/`, `lock/`, `spool/`. The policy comes from `DIR/backup.toml` when it
-//! exists, else from the defaults.
+//! Layout under `DIR/backup/`: `pgbackrest.conf` (0600, the server user's), `repo1/` and
+//! `repo2/` (for posix repositories), `log/`, `lock/`, `spool/`. The policy comes from
+//! `DIR/backup.toml` when it exists, else from the defaults.
+//!
+//! Repositories are encrypted (`aes-256-cbc`) from their first byte: the cipher passphrase
+//! is made when dalp first writes the configuration of repositories that hold nothing yet,
+//! and kept in `DIR/keys/backup-cipher.pass` (0600) with the other keys — never in the
+//! database, and exported with them by `dalp keys export`. A repository that already held
+//! unencrypted backups stays unencrypted (`dalp doctor` says so).
+//!
+//! WAL is kept for the point-in-time window in time, not in a number of backups: after each
+//! backup dalp expires archived WAL only before the newest full backup that ended before
+//! the window's start, however many ad-hoc fulls were taken.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,6 +35,10 @@ use crate::process::{self, ServerUser};
 
 /// pgBackRest's stanza (the cluster's name in the repositories).
 pub const STANZA: &str = "dalp";
+/// The repositories' cipher passphrase, in the instance's `keys/` directory.
+pub const CIPHER_FILE: &str = "backup-cipher.pass";
+/// pgBackRest's cipher for encrypted repositories.
+pub const CIPHER_TYPE: &str = "aes-256-cbc";
 const PGBACKREST_BIN: &str = "/usr/bin/pgbackrest";
 
 /// Whether pgBackRest is installed.
@@ -105,6 +119,9 @@ pub struct Policy {
     /// segments at least this often (`archive_timeout`), so losing the server loses at most
     /// this much committed work that the archive lacks. 1 to 3600. Default 60.
     pub rpo_secs: u32,
+    /// Encrypt new repositories (pgBackRest `aes-256-cbc`; the key in
+    /// `keys/backup-cipher.pass`). Default true.
+    pub encrypt: bool,
 }
 
 impl Default for Policy {
@@ -121,11 +138,18 @@ impl Default for Policy {
             compress_type: "lz4".into(),
             archive_timeout_secs: 60,
             rpo_secs: 60,
+            encrypt: true,
         }
     }
 }
 
 impl Policy {
+    /// Writes the policy to `path` as TOML.
+    pub fn save(&self, path: &Path) -> Result<(), OpsError> {
+        let text = toml::to_string(self).map_err(|e| err("backup policy", e))?;
+        std::fs::write(path, text).map_err(OpsError::io(format!("write {}", path.display())))
+    }
+
     /// Loads `path` (TOML) if it exists, else the defaults; validates either.
     pub fn load(path: &Path) -> Result<Policy, OpsError> {
         let policy = match std::fs::read_to_string(path) {
@@ -195,9 +219,13 @@ impl Policy {
         Ok(())
     }
 
-    /// Full backups of repo1 whose WAL is kept: enough to cover the PITR window.
+    /// Full backups of repo1 whose WAL pgBackRest's own expiry keeps: every full the policy
+    /// retains, so its automatic expiry never cuts into the window. dalp's expiry after each
+    /// backup ([`Backups::expire_wal`]) then trims WAL to the window in time.
     pub fn repo1_archive_backups(&self) -> u32 {
-        (self.pitr_days * 24).div_ceil(self.full_every_hours).max(1)
+        (self.full_retention_days * 24)
+            .div_ceil(self.full_every_hours)
+            .max(1)
     }
 }
 
@@ -246,13 +274,49 @@ pub enum Target {
     Latest,
 }
 
-/// The span a restore can reach, from one repository.
+/// The span a restore can reach, from one repository: from the end of the oldest backup
+/// whose WAL is still archived to the newest archived WAL segment.
 #[derive(Debug, Clone, Serialize)]
 pub struct Window {
     pub repo: u8,
-    /// The end of the oldest backup (the earliest consistent point).
+    /// The end of the oldest restorable backup (the earliest consistent point).
     pub earliest: DateTime<Utc>,
     pub earliest_lsn: String,
+    /// The newest archived WAL segment, and when it reached the repository (known for
+    /// posix repositories): no target after it can be reached.
+    pub latest_wal: Option<String>,
+    pub latest: Option<DateTime<Utc>>,
+}
+
+impl Window {
+    /// "FROM (LSN X) to TO" for messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "the recoverable window of repo{} is {} (LSN {}) to {}",
+            self.repo,
+            self.earliest.to_rfc3339(),
+            self.earliest_lsn,
+            match (&self.latest, &self.latest_wal) {
+                (Some(t), Some(w)) =>
+                    format!("{} (WAL segment {w}, the newest archived)", t.to_rfc3339()),
+                (None, Some(w)) => format!("the end of WAL segment {w} (the newest archived)"),
+                _ => "the end of the archive".into(),
+            }
+        )
+    }
+}
+
+/// The LSN just past WAL segment `segment` (16 MiB segments, PostgreSQL's default and
+/// dalp's).
+fn segment_end(segment: &str) -> Option<u64> {
+    let log = u64::from_str_radix(segment.get(8..16)?, 16).ok()?;
+    let seg = u64::from_str_radix(segment.get(16..24)?, 16).ok()?;
+    Some((log << 32) + (seg + 1) * (16 << 20))
+}
+
+/// A WAL segment name's position (log and segment, without the timeline).
+fn wal_position(segment: &str) -> &str {
+    segment.get(8..).unwrap_or(segment)
 }
 
 /// pgBackRest for one cluster.
@@ -370,6 +434,20 @@ impl Backups {
         }
     }
 
+    /// The local directory of posix repository `n`, if it is one.
+    fn local_repo_dir(&self, n: u8) -> Option<PathBuf> {
+        let repo = if n == 1 {
+            &self.policy.repo1
+        } else {
+            &self.policy.repo2
+        };
+        match repo {
+            None => Some(self.dir.join(format!("repo{n}"))),
+            Some(Repo::Posix { path }) => Some(path.clone()),
+            Some(_) => None,
+        }
+    }
+
     /// The repositories' local directories (posix repositories only).
     fn local_repo_dirs(&self) -> Vec<PathBuf> {
         [(1u8, &self.policy.repo1), (2, &self.policy.repo2)]
@@ -382,10 +460,56 @@ impl Backups {
             .collect()
     }
 
+    /// `DIR/keys/backup-cipher.pass` beside the backup directory `DIR/backup`.
+    pub fn cipher_file(&self) -> PathBuf {
+        self.dir
+            .parent()
+            .unwrap_or(&self.dir)
+            .join("keys")
+            .join(CIPHER_FILE)
+    }
+
+    /// Whether the repositories are encrypted (their cipher passphrase exists).
+    pub fn is_encrypted(&self) -> bool {
+        self.cipher_file().exists()
+    }
+
+    /// The cipher passphrase: the kept one, or a new one when the policy encrypts and no
+    /// local repository holds anything yet (an existing unencrypted repository cannot
+    /// switch: its backups and WAL would no longer read).
+    fn cipher_pass(&self) -> Result<Option<String>, OpsError> {
+        let file = self.cipher_file();
+        if file.exists() {
+            let pass = std::fs::read_to_string(&file)
+                .map_err(OpsError::io(format!("read {}", file.display())))?;
+            return Ok(Some(pass.trim().to_string()));
+        }
+        if !self.policy.encrypt {
+            return Ok(None);
+        }
+        let holds_something = |d: &Path| {
+            std::fs::read_dir(d)
+                .map(|mut e| e.next().is_some())
+                .unwrap_or(false)
+        };
+        if self.local_repo_dirs().iter().any(|d| holds_something(d)) {
+            return Ok(None);
+        }
+        let pass = hex::encode(rand::random::<[u8; 32]>());
+        let keys = file.parent().expect("keys dir");
+        std::fs::create_dir_all(keys)
+            .map_err(OpsError::io(format!("create {}", keys.display())))?;
+        std::fs::set_permissions(keys, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(OpsError::io("chmod keys dir"))?;
+        crate::pki::write_private(&file, &pass)?;
+        Ok(Some(pass))
+    }
+
     /// Writes `pgbackrest.conf` and creates the local directories (owned by the server
     /// user, who runs every pgBackRest command and the archive command).
     pub fn write_config(&self) -> Result<(), OpsError> {
         let p = &self.policy;
+        let cipher = self.cipher_pass()?;
         let mut dirs = vec![
             self.dir.clone(),
             self.dir.join("log"),
@@ -414,6 +538,12 @@ impl Backups {
         g.push(format!("repo2-retention-full={}", p.archive_retention_days));
         g.push("repo2-retention-archive-type=full".into());
         g.push("repo2-retention-archive=1".into());
+        if let Some(pass) = &cipher {
+            for n in [1, 2] {
+                g.push(format!("repo{n}-cipher-type={CIPHER_TYPE}"));
+                g.push(format!("repo{n}-cipher-pass={pass}"));
+            }
+        }
         g.extend([
             format!("log-path={}", self.dir.join("log").display()),
             format!("lock-path={}", self.dir.join("lock").display()),
@@ -438,9 +568,9 @@ impl Backups {
             g.push(format!("pg{n}-user=postgres"));
         }
         g.push(String::new());
+        // It holds the cipher passphrase: only the server user (and root) read it.
         let path = self.config_path();
-        std::fs::write(&path, g.join("\n"))
-            .map_err(OpsError::io(format!("write {}", path.display())))?;
+        crate::pki::write_private(&path, &g.join("\n"))?;
         self.user.chown(&path)?;
         Ok(())
     }
@@ -567,6 +697,9 @@ impl Backups {
         )
         .map_err(|e| self.explain_failure(e))?;
         self.run(&["expire", &format!("--repo={repo}")], progress)?;
+        if repo == 1 {
+            self.expire_wal(Utc::now(), progress)?;
+        }
         self.list()?
             .into_iter()
             .filter(|b| b.repo == repo)
@@ -633,18 +766,98 @@ impl Backups {
         Ok(list)
     }
 
-    /// The recoverable window of `repo`, or `None` without backups there.
+    /// The archived WAL range of `repo`: `(min, max)` segment names, from pgBackRest.
+    fn archive_range(&self, repo: u8) -> Result<Option<(String, String, String)>, OpsError> {
+        let out = self.run(&["info", "--output=json"], &|_| {})?;
+        let v: Value = serde_json::from_str(&out).map_err(|e| err("pgbackrest info", e))?;
+        let mut best: Option<(String, String, String)> = None;
+        for stanza in v.as_array().into_iter().flatten() {
+            for a in stanza["archive"].as_array().into_iter().flatten() {
+                if a["database"]["repo-key"].as_u64() != Some(repo as u64) {
+                    continue;
+                }
+                let (Some(min), Some(max), Some(id)) =
+                    (a["min"].as_str(), a["max"].as_str(), a["id"].as_str())
+                else {
+                    continue;
+                };
+                // The newest database (after an upgrade) is the one that matters.
+                if best
+                    .as_ref()
+                    .is_none_or(|(_, m, _)| wal_position(max) > wal_position(m))
+                {
+                    best = Some((min.to_string(), max.to_string(), id.to_string()));
+                }
+            }
+        }
+        Ok(best)
+    }
+
+    /// When WAL segment `segment` reached a posix repository (its file's mtime).
+    fn archived_at(&self, repo: u8, archive_id: &str, segment: &str) -> Option<DateTime<Utc>> {
+        let root = self.local_repo_dir(repo)?;
+        let dir = root
+            .join("archive")
+            .join(STANZA)
+            .join(archive_id)
+            .join(segment.get(..16)?);
+        std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(segment))
+            .filter_map(|e| e.metadata().ok()?.modified().ok())
+            .max()
+            .map(DateTime::<Utc>::from)
+    }
+
+    /// The recoverable window of `repo` (see [`Window`]), or `None` without a restorable
+    /// backup there.
     pub fn window(&self, repo: u8) -> Result<Option<Window>, OpsError> {
         let list = self.list()?;
-        Ok(list
+        let range = self.archive_range(repo)?;
+        let oldest = list
             .iter()
             .filter(|b| b.repo == repo)
-            .min_by_key(|b| b.stopped)
-            .map(|b| Window {
-                repo,
-                earliest: b.stopped,
-                earliest_lsn: b.lsn_stop.clone(),
-            }))
+            .filter(|b| {
+                // Restorable only while the WAL from its start is archived.
+                range
+                    .as_ref()
+                    .is_none_or(|(min, _, _)| wal_position(&b.wal_start) >= wal_position(min))
+            })
+            .min_by_key(|b| b.stopped);
+        Ok(oldest.map(|b| Window {
+            repo,
+            earliest: b.stopped,
+            earliest_lsn: b.lsn_stop.clone(),
+            latest_wal: range.as_ref().map(|(_, max, _)| max.clone()),
+            latest: range
+                .as_ref()
+                .and_then(|(_, max, id)| self.archived_at(repo, id, max)),
+        }))
+    }
+
+    /// Expires archived WAL of repo1 to the policy's window in time: keeps the WAL of every
+    /// full backup that ended inside the last `pitr_days`, and of the newest one that ended
+    /// before (the window starts on it), however many fulls were taken.
+    pub fn expire_wal(&self, now: DateTime<Utc>, progress: &dyn Fn(&str)) -> Result<u32, OpsError> {
+        let start = now - chrono::Duration::days(self.policy.pitr_days.into());
+        let fulls: Vec<BackupInfo> = self
+            .list()?
+            .into_iter()
+            .filter(|b| b.repo == 1 && b.kind == "full")
+            .collect();
+        let inside = fulls.iter().filter(|b| b.stopped >= start).count() as u32;
+        let before = u32::from(fulls.iter().any(|b| b.stopped < start));
+        let keep = (inside + before).max(1);
+        self.run(
+            &[
+                "expire",
+                "--repo=1",
+                &format!("--repo1-retention-archive={keep}"),
+            ],
+            progress,
+        )?;
+        Ok(keep)
     }
 
     /// What is due now under the policy: `(repo, "full")` for each repository whose newest
@@ -674,48 +887,52 @@ impl Backups {
         Ok(due)
     }
 
-    /// Checks `target` against the window of `repo` and picks the backup set to restore
-    /// from: the newest backup that ends at or before the target.
+    /// Checks `target` against the window of `repo` (refused up front, naming the window,
+    /// when outside it) and picks the backup set to restore from: the newest restorable
+    /// backup that ends at or before the target.
     pub fn plan(&self, target: &Target, repo: u8) -> Result<Option<String>, OpsError> {
         let list: Vec<BackupInfo> = self
             .list()?
             .into_iter()
             .filter(|b| b.repo == repo)
             .collect();
-        let Some(oldest) = list.first() else {
+        if list.is_empty() {
             return Err(err(
                 "restore",
                 format!(
                     "repo{repo} has no backup yet; take one with `dalp backup run --repo {repo}`"
                 ),
             ));
+        }
+        let Some(w) = self.window(repo)? else {
+            return Err(err(
+                "restore",
+                format!("no backup of repo{repo} can be restored: the WAL from their start was expired; take a full backup"),
+            ));
         };
-        let describe = || {
-            format!(
-                "the recoverable window of repo{repo} is {} (LSN {}) to now",
-                oldest.stopped.to_rfc3339(),
-                oldest.lsn_stop
-            )
-        };
+        let restorable: Vec<&BackupInfo> =
+            list.iter().filter(|b| b.stopped >= w.earliest).collect();
+        let refuse = |what: String| Err(err("restore target", format!("{what}; {}", w.describe())));
         match target {
             Target::Time(t) => {
-                if *t < oldest.stopped {
-                    return Err(err(
-                        "restore target",
-                        format!(
-                            "{} is before the oldest backup ended; {}",
-                            t.to_rfc3339(),
-                            describe()
-                        ),
+                if *t < w.earliest {
+                    return refuse(format!(
+                        "{} is before the oldest restorable backup ended",
+                        t.to_rfc3339()
                     ));
                 }
                 if *t > Utc::now() {
-                    return Err(err(
-                        "restore target",
-                        format!("{} is in the future; {}", t.to_rfc3339(), describe()),
-                    ));
+                    return refuse(format!("{} is in the future", t.to_rfc3339()));
                 }
-                Ok(list
+                if let Some(latest) = w.latest {
+                    if *t > latest {
+                        return refuse(format!(
+                            "{} is after the newest archived WAL (what the archive lacks cannot be recovered)",
+                            t.to_rfc3339()
+                        ));
+                    }
+                }
+                Ok(restorable
                     .iter()
                     .rev()
                     .find(|b| b.stopped <= *t)
@@ -724,19 +941,23 @@ impl Backups {
             Target::Lsn(l) => {
                 let want = lsn_value(l)
                     .ok_or_else(|| err("restore target", format!("`{l}` is not an LSN (X/Y)")))?;
-                if want < lsn_value(&oldest.lsn_stop).unwrap_or(0) {
-                    return Err(err(
-                        "restore target",
-                        format!("LSN {l} is before the oldest backup ended; {}", describe()),
+                if want < lsn_value(&w.earliest_lsn).unwrap_or(0) {
+                    return refuse(format!(
+                        "LSN {l} is before the oldest restorable backup ended"
                     ));
                 }
-                Ok(list
+                if let Some(end) = w.latest_wal.as_deref().and_then(segment_end) {
+                    if want > end {
+                        return refuse(format!("LSN {l} is after the newest archived WAL"));
+                    }
+                }
+                Ok(restorable
                     .iter()
                     .rev()
                     .find(|b| lsn_value(&b.lsn_stop).is_some_and(|s| s <= want))
                     .map(|b| b.label.clone()))
             }
-            Target::Name(_) | Target::Latest => Ok(list.last().map(|b| b.label.clone())),
+            Target::Name(_) | Target::Latest => Ok(restorable.last().map(|b| b.label.clone())),
         }
     }
 
@@ -776,20 +997,45 @@ impl Backups {
                 ),
             ));
         }
-        let set = self.plan(target, repo)?;
         std::fs::create_dir_all(into)
             .map_err(OpsError::io(format!("create {}", into.display())))?;
         self.user.chown(into)?;
         let pgdata = into.join("pgdata");
-        std::fs::create_dir_all(&pgdata).map_err(OpsError::io("create pgdata"))?;
-        std::fs::set_permissions(&pgdata, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        self.restore_pgdata(target, &pgdata, repo, false, progress)?;
+        Ok(pgdata)
+    }
+
+    /// Restores `repo` into `pgdata` (which must not exist yet), set up to recover to
+    /// `target` and promote. `archiving`: the restored server keeps archiving (it replaces a
+    /// lost instance and continues its archive on a new timeline); else it never archives
+    /// (a copy beside a live source must not write into its archive).
+    pub fn restore_pgdata(
+        &self,
+        target: &Target,
+        pgdata: &Path,
+        repo: u8,
+        archiving: bool,
+        progress: &dyn Fn(&str),
+    ) -> Result<(), OpsError> {
+        if pgdata.exists() {
+            return Err(err(
+                "restore",
+                format!("{} exists; restore into a new directory", pgdata.display()),
+            ));
+        }
+        let set = self.plan(target, repo)?;
+        std::fs::create_dir_all(pgdata).map_err(OpsError::io("create pgdata"))?;
+        std::fs::set_permissions(pgdata, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(OpsError::io("chmod pgdata"))?;
-        self.user.chown(&pgdata)?;
+        self.user.chown(pgdata)?;
         let mut args = vec![
             "restore".to_string(),
             format!("--pg1-path={}", pgdata.display()),
             format!("--repo={repo}"),
-            "--archive-mode=off".into(),
+            format!(
+                "--archive-mode={}",
+                if archiving { "preserve" } else { "off" }
+            ),
         ];
         if let Some(set) = &set {
             args.push(format!("--set={set}"));
@@ -814,7 +1060,7 @@ impl Backups {
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         self.run(&refs, progress)?;
-        Ok(pgdata)
+        Ok(())
     }
 }
 
@@ -836,10 +1082,14 @@ pub fn for_dir(dir: &Path) -> Result<Backups, OpsError> {
         });
     }
     let layout = crate::Layout::new(dir);
-    if !layout.pgdata().join("PG_VERSION").exists() {
+    // The server's data may be lost while the backup configuration (and a repository
+    // beside it) survived: restoring from it is then exactly what is needed.
+    if !layout.pgdata().join("PG_VERSION").exists()
+        && !dir.join("backup").join("pgbackrest.conf").exists()
+    {
         return Err(err(
             format!("no instance in {}", dir.display()),
-            "start it once with `dalp up` (or pass the right --data-dir)",
+            "neither a server nor a backup configuration is there; pass the --data-dir of `dalp up`, or restore the lost instance from its repository with `dalp restore --keys BUNDLE --into DIR`",
         ));
     }
     embedded_backups(&layout)
@@ -905,6 +1155,18 @@ impl RestoredServer {
         detach: bool,
         timeout: Duration,
     ) -> Result<RestoredServer, OpsError> {
+        Self::start_with(into, bin, detach, timeout, &[]).await
+    }
+
+    /// [`RestoredServer::start`] with `settings` over the copy's own (e.g. archiving on
+    /// for a restore that replaces a lost instance).
+    pub async fn start_with(
+        into: &Path,
+        bin: &Path,
+        detach: bool,
+        timeout: Duration,
+        settings: &[(&str, String)],
+    ) -> Result<RestoredServer, OpsError> {
         let user = ServerUser::resolve()?;
         let data_dir = into.join("pgdata");
         let socket_dir = into.join("run");
@@ -938,8 +1200,11 @@ impl RestoredServer {
             .args(["-c", &format!("log_directory={}", log_dir.display())])
             .args(["-c", "archive_mode=off"])
             .args(["-c", "synchronous_standby_names="])
-            .args(["-c", "hot_standby=on"])
-            .current_dir(into)
+            .args(["-c", "hot_standby=on"]);
+        for (k, v) in settings {
+            cmd.args(["-c", &format!("{k}={v}")]);
+        }
+        cmd.current_dir(into)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(errf);

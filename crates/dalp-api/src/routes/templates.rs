@@ -93,7 +93,10 @@ async fn create(
 /// Templates an organisation may use: the system's and its own, minus those it hid.
 #[utoipa::path(get, path = "/api/v1/templates", tag = "templates",
     params(("organisation_id" = uuid::Uuid, Query, description = "The organisation whose view to list")),
-    responses((status = 200, description = "Templates", body = Templates)))]
+    responses(
+        (status = 200, description = "Templates", body = Templates),
+        (status = 404, description = "No organisation has this id", body = crate::error::Body),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn list(
     State(state): State<AppState>,
@@ -114,7 +117,9 @@ async fn list(
             uuid::Uuid::parse_str(s)
                 .map_err(|_| ApiError::BadRequest("organisation_id must be a UUID".into()))
         })?;
-    require_organisation(&state, org, "organisation_id").await?;
+    if !state.identity.organisation_exists(org).await? {
+        return Err(ApiError::NotFound("organisation not found".into()));
+    }
     Ok(Json(Templates {
         templates: state.assets.templates_for(org).await?,
     }))

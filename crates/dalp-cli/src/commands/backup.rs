@@ -81,10 +81,12 @@ pub async fn run(command: BackupCommand) -> anyhow::Result<ExitCode> {
             repo,
         } => {
             let b = backup::for_dir(&data_dir)?;
-            let info = with_progress(&format!("{kind} backup to repo{repo}"), move |p| {
-                b.backup(&kind, repo, p)
+            let info = with_progress(&format!("{kind} backup to repo{repo}"), {
+                let b = b.clone();
+                move |p| b.backup(&kind, repo, p)
             })
             .await?;
+            evidence(&data_dir, "backup.completed", backup_details(&b, &info)).await;
             println!(
                 "backup {} ({}) to repo{}: {} of data, {} stored, {:.1} s, WAL {}..{}",
                 info.label,
@@ -98,11 +100,27 @@ pub async fn run(command: BackupCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        BackupCommand::Evidence {
+            data_dir,
+            limit,
+            json,
+        } => evidence_list(&data_dir, limit, json).await,
         BackupCommand::List { data_dir, json } => {
             let b = backup::for_dir(&data_dir)?;
-            let list = blocking(move || b.list()).await?;
+            let (list, windows) = blocking(move || {
+                let list = b.list()?;
+                let windows = [b.window(1)?, b.window(2)?];
+                Ok((list, windows))
+            })
+            .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "backups": list,
+                        "windows": windows.iter().flatten().collect::<Vec<_>>(),
+                    }))?
+                );
             } else if list.is_empty() {
                 println!("no backups yet; take one with `dalp backup run`");
             } else {
@@ -110,6 +128,9 @@ pub async fn run(command: BackupCommand) -> anyhow::Result<ExitCode> {
                     "{:<5} {:<32} {:<5} {:<20} {:>8} {:>10} {:>10}  wal",
                     "repo", "label", "type", "started (UTC)", "secs", "size", "stored"
                 );
+                for w in windows.iter().flatten() {
+                    println!("{}", w.describe());
+                }
                 for i in &list {
                     println!(
                         "{:<5} {:<32} {:<5} {:<20} {:>8.1} {:>10} {:>10}  {}..{}",
@@ -164,11 +185,12 @@ pub async fn run(command: BackupCommand) -> anyhow::Result<ExitCode> {
                     println!("due: {kind} backup to repo{repo}");
                     continue;
                 }
-                let b = b.clone();
-                let info = with_progress(&format!("{kind} backup to repo{repo}"), move |p| {
-                    b.backup(kind, repo, p)
+                let info = with_progress(&format!("{kind} backup to repo{repo}"), {
+                    let b = b.clone();
+                    move |p| b.backup(kind, repo, p)
                 })
                 .await?;
+                evidence(&data_dir, "backup.completed", backup_details(&b, &info)).await;
                 println!(
                     "took {} backup {} to repo{} ({}, {:.1} s)",
                     info.kind,
@@ -187,6 +209,85 @@ pub async fn run(command: BackupCommand) -> anyhow::Result<ExitCode> {
             json,
         } => verify(&data_dir, repo, keep, json).await,
     }
+}
+
+async fn evidence_list(data_dir: &Path, limit: i64, json: bool) -> anyhow::Result<ExitCode> {
+    let opts = evidence_target(data_dir)
+        .await
+        .context("the instance is not running: start it (`dalp up`) to read its audit trail")?;
+    let client = opts.connect().await?;
+    let rows = client
+        .query(
+            "SELECT occurred_at, action, details FROM dalp_audit.events
+              WHERE resource_type = 'backup' AND action LIKE 'backup.%'
+              ORDER BY occurred_at DESC LIMIT $1",
+            &[&limit],
+        )
+        .await?;
+    let events: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "at": r.get::<_, DateTime<Utc>>(0),
+                "action": r.get::<_, String>(1),
+                "details": r.get::<_, serde_json::Value>(2),
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&events)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if events.is_empty() {
+        println!("no recovery evidence yet: take a backup (`dalp backup run`) and a drill (`dalp backup verify`)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for e in &events {
+        let d = &e["details"];
+        let what = match e["action"].as_str().unwrap_or_default() {
+            "backup.completed" => format!(
+                "{} backup {} to repo{}: WAL {}..{}, {} stored, {:.1} s{}",
+                d["kind"].as_str().unwrap_or("?"),
+                d["label"].as_str().unwrap_or("?"),
+                d["repo"],
+                d["wal_start"].as_str().unwrap_or("?"),
+                d["wal_stop"].as_str().unwrap_or("?"),
+                human(d["stored_bytes"].as_u64().unwrap_or(0)),
+                d["duration_seconds"].as_f64().unwrap_or(0.0),
+                if d["encrypted"] == true {
+                    ", encrypted"
+                } else {
+                    ""
+                }
+            ),
+            "backup.drill" => format!(
+                "restore drill from repo{}: {} — recovered in {:.1} s, {} tables, {} mismatched",
+                d["repo"],
+                if d["ok"] == true { "PASSED" } else { "FAILED" },
+                d["recovery_seconds"].as_f64().unwrap_or(0.0),
+                d["tables"],
+                d["tables_mismatched"]
+            ),
+            "backup.restore" => format!(
+                "restore ({}) to {}: LSN {}, timeline {}, RTO {:.1} s",
+                d["kind"].as_str().unwrap_or("?"),
+                d["target"].as_str().unwrap_or("?"),
+                d["recovered_lsn"].as_str().unwrap_or("?"),
+                d["timeline"],
+                d["rto_seconds"].as_f64().unwrap_or(0.0)
+            ),
+            other => other.to_string(),
+        };
+        println!(
+            "{}  {what}",
+            e["at"]
+                .as_str()
+                .unwrap_or_default()
+                .get(..19)
+                .unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Parses RFC 3339, or `YYYY-MM-DD HH:MM:SS[.f][+TZ]` (UTC without a zone).
@@ -218,12 +319,216 @@ fn source_running(data_dir: &Path) -> bool {
     }
 }
 
-pub async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let target = match (&args.target_time, &args.target_lsn, args.latest) {
+fn restore_target(args: &RestoreArgs) -> anyhow::Result<Target> {
+    Ok(match (&args.target_time, &args.target_lsn, args.latest) {
         (Some(t), _, _) => Target::Time(parse_time(t)?),
         (_, Some(l), _) => Target::Lsn(l.clone()),
         _ => Target::Latest,
+    })
+}
+
+fn describe_target(target: &Target) -> String {
+    match target {
+        Target::Time(t) => t.to_rfc3339(),
+        Target::Lsn(l) => format!("LSN {l}"),
+        Target::Name(n) => format!("restore point {n}"),
+        Target::Latest => "the end of the archive".into(),
+    }
+}
+
+/// Removes what a failed restore wrote: the directory, or its contents when it existed
+/// (empty) before.
+fn clean_up(into: &Path, existed: bool) {
+    if existed {
+        for entry in std::fs::read_dir(into).into_iter().flatten().flatten() {
+            let p = entry.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    } else {
+        let _ = std::fs::remove_dir_all(into);
+    }
+}
+
+/// `dalp restore --keys BUNDLE --into DIR`: the instance is lost; rebuild it from the
+/// repository and the key bundle as a complete data directory that `dalp up` starts.
+async fn restore_lost_instance(args: RestoreArgs, bundle: &Path) -> anyhow::Result<ExitCode> {
+    let target = restore_target(&args)?;
+    let into = args.into.clone();
+    let existed = into.exists();
+    if existed
+        && std::fs::read_dir(&into)
+            .with_context(|| format!("read {}", into.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{} is not empty; a lost instance is rebuilt only in a new directory",
+            into.display()
+        );
+    }
+    let sealed = std::fs::read(bundle).with_context(|| format!("read {}", bundle.display()))?;
+    let pass = super::keys::passphrase(args.passphrase_file.as_deref(), false)?;
+    let started = Instant::now();
+    let outcome = async {
+        dalp_ops::keybundle::import(&sealed, &pass, &into)?;
+        let layout = Layout::new(&into);
+        if let Some(path) = &args.repo1_path {
+            let toml_path = into.join("backup.toml");
+            let mut policy = backup::Policy::load(&toml_path)?;
+            policy.repo1 = Some(backup::Repo::Posix { path: path.clone() });
+            policy.save(&toml_path)?;
+        }
+        let b = backup::embedded_backups(&layout)?;
+        b.write_config()?;
+        let pgdata = layout.pgdata();
+        let archive_command = b.archive_command();
+        with_progress("restore", {
+            let (b, target, repo) = (b.clone(), target.clone(), args.repo);
+            move |p| b.restore_pgdata(&target, &pgdata, repo, true, p)
+        })
+        .await?;
+        eprintln!(
+            "restored into {}; recovering to the target …",
+            into.display()
+        );
+        // Recover and promote with the instance's own TLS material and archiving into the
+        // same repository, so the new timeline's first segments are archived too.
+        let tls = layout.tls_dir();
+        let tls_file = |f: &str| tls.join(f).display().to_string();
+        let server = RestoredServer::start_with(
+            &into,
+            &pg_bin(),
+            false,
+            Duration::from_secs(1800),
+            &[
+                ("archive_mode", "on".into()),
+                ("archive_command", archive_command),
+                ("ssl_cert_file", tls_file(dalp_ops::pki::SERVER_CERT)),
+                ("ssl_key_file", tls_file(dalp_ops::pki::SERVER_KEY)),
+                ("ssl_ca_file", tls_file(dalp_ops::pki::CA_CERT)),
+                ("ssl_crl_file", tls_file(dalp_ops::pki::CRL)),
+            ],
+        )
+        .await?;
+        let recovered = server.recovered().await?;
+        let seconds = started.elapsed().as_secs_f64();
+        record_evidence(
+            &server.superuser_options(DATABASE),
+            "backup.restore",
+            serde_json::json!({
+                "kind": "lost_instance",
+                "target": describe_target(&target),
+                "repo": args.repo,
+                "recovered_lsn": recovered.lsn,
+                "timeline": recovered.timeline,
+                "last_transaction": recovered.last_transaction,
+                "rto_seconds": seconds,
+            }),
+        )
+        .await?;
+        server.stop();
+        anyhow::Ok((recovered, seconds))
+    }
+    .await;
+    let (recovered, seconds) = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            clean_up(&into, existed);
+            return Err(e.context(format!(
+                "rebuilding the lost instance in {} failed (removed what was written)",
+                into.display()
+            )));
+        }
     };
+    println!(
+        "recovered to {}: last transaction {}, LSN {}, timeline {} ({seconds:.1} s)",
+        describe_target(&target),
+        recovered
+            .last_transaction
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "none replayed".into()),
+        recovered.lsn,
+        recovered.timeline,
+    );
+    println!(
+        "the instance is rebuilt in {0}; start it with: dalp up --data-dir {0}",
+        into.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The superuser of the running instance (or HA leader) in `data_dir`, to record evidence
+/// in; `None` when it is not running.
+async fn evidence_target(data_dir: &Path) -> Option<dalp_db::ConnectOptions> {
+    if !source_running(data_dir) {
+        return None;
+    }
+    if HaCluster::is_cluster_dir(data_dir) {
+        let c = HaCluster::open(data_dir).ok()?;
+        let leader = c.leader().await.ok()?;
+        Some(c.superuser_options(&leader, DATABASE))
+    } else {
+        Layout::new(data_dir).superuser_options(DATABASE).ok()
+    }
+}
+
+/// Records recovery evidence in the running instance of `data_dir`; says so when it cannot
+/// (the backup itself stands).
+async fn evidence(data_dir: &Path, action: &'static str, details: serde_json::Value) {
+    let outcome = match evidence_target(data_dir).await {
+        Some(opts) => record_evidence(&opts, action, details).await,
+        None => Err(anyhow::anyhow!("the instance is not running")),
+    };
+    if let Err(e) = outcome {
+        eprintln!("warning: {action} evidence not recorded in the audit trail: {e:#}");
+    }
+}
+
+/// What a backup proves, as recorded in the audit trail.
+fn backup_details(b: &backup::Backups, info: &backup::BackupInfo) -> serde_json::Value {
+    serde_json::json!({
+        "label": info.label,
+        "kind": info.kind,
+        "repo": info.repo,
+        "wal_start": info.wal_start,
+        "wal_stop": info.wal_stop,
+        "lsn_start": info.lsn_start,
+        "lsn_stop": info.lsn_stop,
+        "size_bytes": info.size,
+        "stored_bytes": info.repo_size,
+        "duration_seconds": info.duration().as_secs_f64(),
+        "encrypted": b.is_encrypted(),
+    })
+}
+
+/// Writes a recovery-evidence event into the audit trail of the instance at `opts` (sealed
+/// with the rest by the instance's sealer).
+async fn record_evidence(
+    opts: &dalp_db::ConnectOptions,
+    action: &'static str,
+    details: serde_json::Value,
+) -> anyhow::Result<()> {
+    let client = opts
+        .connect()
+        .await
+        .context("connect to record the recovery evidence")?;
+    let event =
+        dalp_audit::AuditEvent::new("service:dalp-backup", action, "backup").details(details);
+    dalp_audit::record(&client, &event)
+        .await
+        .context("record the recovery evidence")?;
+    Ok(())
+}
+
+pub async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    if let Some(bundle) = args.keys.clone() {
+        return restore_lost_instance(args, &bundle).await;
+    }
+    let target = restore_target(&args)?;
     let b = backup::for_dir(&args.data_dir)?;
     if source_running(&args.data_dir) {
         // Push the current WAL segment so the archive reaches "now".
@@ -236,20 +541,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let into_existed = into.exists();
     // A restore or recovery that fails leaves nothing half-done behind (restore only writes
     // into an empty or new directory, so all of it is ours).
-    let clean_up = |into: &Path| {
-        if into_existed {
-            for entry in std::fs::read_dir(into).into_iter().flatten().flatten() {
-                let p = entry.path();
-                let _ = if p.is_dir() {
-                    std::fs::remove_dir_all(&p)
-                } else {
-                    std::fs::remove_file(&p)
-                };
-            }
-        } else {
-            let _ = std::fs::remove_dir_all(into);
-        }
-    };
+    let clean_up = |into: &Path| clean_up(into, into_existed);
     let started = Instant::now();
     {
         let (target, into) = (target.clone(), into.clone());
@@ -285,21 +577,32 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
             }
         };
     let recovered = server.recovered().await?;
+    let seconds = started.elapsed().as_secs_f64();
+    evidence(
+        &args.data_dir,
+        "backup.restore",
+        serde_json::json!({
+            "kind": "copy",
+            "into": into.display().to_string(),
+            "target": describe_target(&target),
+            "repo": args.repo,
+            "recovered_lsn": recovered.lsn,
+            "timeline": recovered.timeline,
+            "last_transaction": recovered.last_transaction,
+            "rto_seconds": seconds,
+        }),
+    )
+    .await;
     println!(
         "recovered to {}: last transaction {}, LSN {}, timeline {} ({:.1} s)",
-        match &target {
-            Target::Time(t) => t.to_rfc3339(),
-            Target::Lsn(l) => format!("LSN {l}"),
-            Target::Name(n) => format!("restore point {n}"),
-            Target::Latest => "the end of the archive".into(),
-        },
+        describe_target(&target),
         recovered
             .last_transaction
             .map(|t| t.to_rfc3339())
             .unwrap_or_else(|| "none replayed".into()),
         recovered.lsn,
         recovered.timeline,
-        started.elapsed().as_secs_f64()
+        seconds
     );
     println!(
         "running on 127.0.0.1:{} (the source's roles and TLS certificate); superuser: psql -h {} -p {} -U postgres {DATABASE}",
@@ -497,6 +800,22 @@ async fn verify(data_dir: &Path, repo: u8, keep: bool, json: bool) -> anyhow::Re
     if !keep {
         std::fs::remove_dir_all(&drill).ok();
     }
+    evidence(
+        data_dir,
+        "backup.drill",
+        serde_json::json!({
+            "repo": repo,
+            "ok": report.ok,
+            "restore_point": report.restore_point,
+            "recovery_seconds": report.recovery_seconds,
+            "amcheck_ok": report.amcheck_ok,
+            "migrations_current": report.migrations_current,
+            "audit_chain_ok": report.audit_chain_ok,
+            "tables": report.tables.len(),
+            "tables_mismatched": report.tables.iter().filter(|t| !t.matches).count(),
+        }),
+    )
+    .await;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -10,6 +10,7 @@ pub mod demo;
 mod doctor;
 mod identity;
 mod index;
+mod keys;
 mod lifecycle;
 mod maintenance;
 mod migrate;
@@ -185,5 +186,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys {
             command: KeysCommand::Rotate { instance },
         } => identity::rotate_keys(&instance).await,
+        Command::Keys {
+            command:
+                KeysCommand::Export {
+                    data_dir,
+                    out,
+                    passphrase_file,
+                },
+        } => keys::export(&data_dir, &out, passphrase_file.as_deref()),
     }
 }

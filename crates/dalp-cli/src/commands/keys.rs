@@ -1,0 +1,60 @@
+//! `dalp keys export`: the key bundle a disaster restore needs (dalp_ops::keybundle), and
+//! the passphrase both ends ask for.
+
+use std::io::{BufRead, IsTerminal};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+
+/// The key bundle's passphrase: the first line of `file`, else `DALP_KEYS_PASSPHRASE`, else
+/// a prompt on a terminal (twice when `confirm`), else one line from stdin.
+pub fn passphrase(file: Option<&Path>, confirm: bool) -> anyhow::Result<String> {
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("read the passphrase file {}", f.display()))?;
+        return Ok(text.lines().next().unwrap_or("").to_string());
+    }
+    if let Ok(p) = std::env::var("DALP_KEYS_PASSPHRASE") {
+        return Ok(p);
+    }
+    if std::io::stdin().is_terminal() {
+        let a = rpassword::prompt_password("key bundle passphrase (12+ characters): ")?;
+        if confirm && a != rpassword::prompt_password("repeat it: ")? {
+            bail!("the passphrases differ");
+        }
+        return Ok(a);
+    }
+    let mut s = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut s)
+        .context("read the passphrase from stdin")?;
+    Ok(s.trim_end_matches(['\n', '\r']).to_string())
+}
+
+pub fn export(
+    data_dir: &Path,
+    out: &Path,
+    passphrase_file: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let pass = passphrase(passphrase_file, true)?;
+    let (bundle, names) = dalp_ops::keybundle::export(data_dir, &pass)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("create {} (it must not exist yet)", out.display()))?;
+    std::io::Write::write_all(&mut f, &bundle)
+        .with_context(|| format!("write {}", out.display()))?;
+    f.sync_all()?;
+    println!(
+        "key bundle written to {} ({} files: {}); keep it apart from the backup repository, with its passphrase",
+        out.display(),
+        names.len(),
+        names.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
