@@ -526,7 +526,7 @@ fn watchdog_check(device: &Path) -> Check {
 async fn archiving_checks(c: &tokio_postgres::Client, owned: bool, checks: &mut Vec<Check>) {
     let row = match c
         .query_one(
-            "SELECT current_setting('archive_mode'), archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time FROM pg_stat_archiver",
+            "SELECT current_setting('archive_mode'), archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time, current_setting('archive_timeout') FROM pg_stat_archiver",
             &[],
         )
         .await
@@ -564,6 +564,21 @@ async fn archiving_checks(c: &tokio_postgres::Client, owned: bool, checks: &mut 
             "check archive_command (SHOW archive_command) and the pgBackRest log in DATA_DIR/backup/log; `dalp backup run` shows the cause",
         ));
     } else {
+        let timeout: String = row.get(7);
+        checks.push(check(
+            "rpo",
+            if timeout == "0" { "warning" } else { "ok" },
+            if timeout == "0" {
+                "archive_timeout is 0: a quiet server may keep committed work out of the archive indefinitely".to_string()
+            } else {
+                format!("achieved RPO bound: losing this server loses at most the last {timeout} of committed work (archive_timeout; WAL not yet archived)")
+            },
+            if timeout == "0" {
+                "set rpo_secs in backup.toml (dalp sets archive_timeout from it)"
+            } else {
+                ""
+            },
+        ));
         checks.push(check(
             "archiving",
             "ok",
@@ -608,6 +623,7 @@ async fn backup_checks(data_dir: &Path, now: DateTime<Utc>, checks: &mut Vec<Che
         return;
     }
     let policy = b.policy().clone();
+    let encrypted = b.is_encrypted();
     let list = match tokio::task::spawn_blocking(move || b.list()).await {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => {
@@ -624,6 +640,21 @@ async fn backup_checks(data_dir: &Path, now: DateTime<Utc>, checks: &mut Vec<Che
             return;
         }
     };
+    checks.push(if encrypted {
+        check(
+            "backups",
+            "ok",
+            format!("repositories encrypted ({}); the passphrase is in keys/, not the database — keep `dalp keys export` current", dalp_ops::backup::CIPHER_TYPE),
+            "",
+        )
+    } else {
+        check(
+            "backups",
+            "warning",
+            "repositories are not encrypted (they held backups before dalp encrypted new ones, or backup.toml says encrypt = false)",
+            "start encrypted repositories: new repo paths in backup.toml, `dalp backup run` to each, retire the old ones after their retention (docs/architecture.md)",
+        )
+    });
     for (repo, every) in [
         (1u8, chrono::Duration::hours(policy.full_every_hours.into())),
         (2, chrono::Duration::days(policy.archive_every_days.into())),
