@@ -360,6 +360,10 @@ pub struct RestoreArgs {
     /// elsewhere), instead of where the bundle's backup.toml says.
     #[arg(long, requires = "keys")]
     pub repo1_path: Option<PathBuf>,
+    /// With --keys: the synchronous WAL receiver's directory is now here, instead of where
+    /// the bundle's backup.toml says (its segments are replayed after the archive's).
+    #[arg(long, requires = "keys")]
+    pub wal_receiver_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

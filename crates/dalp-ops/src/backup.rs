@@ -122,6 +122,11 @@ pub struct Policy {
     /// Encrypt new repositories (pgBackRest `aes-256-cbc`; the key in
     /// `keys/backup-cipher.pass`). Default true.
     pub encrypt: bool,
+    /// A synchronous WAL receiver (`pg_receivewal --synchronous`) into this directory, on
+    /// another disk or the repository host's mount: a crash then loses no acknowledged
+    /// transaction (RPO 0) instead of up to `rpo_secs`. Commits wait for it. Single node
+    /// (`dalp up`) only; default none.
+    pub wal_receiver_dir: Option<PathBuf>,
 }
 
 impl Default for Policy {
@@ -139,6 +144,7 @@ impl Default for Policy {
             archive_timeout_secs: 60,
             rpo_secs: 60,
             encrypt: true,
+            wal_receiver_dir: None,
         }
     }
 }
@@ -793,6 +799,11 @@ impl Backups {
         Ok(best)
     }
 
+    /// The oldest and newest archived WAL segments of `repo`.
+    pub fn archived_wal(&self, repo: u8) -> Result<Option<(String, String)>, OpsError> {
+        Ok(self.archive_range(repo)?.map(|(min, max, _)| (min, max)))
+    }
+
     /// When WAL segment `segment` reached a posix repository (its file's mtime).
     fn archived_at(&self, repo: u8, archive_id: &str, segment: &str) -> Option<DateTime<Utc>> {
         let root = self.local_repo_dir(repo)?;
@@ -1110,6 +1121,9 @@ pub async fn start_archiving(
     let b = embedded_backups(cluster.layout())?;
     b.write_config()?;
     b.stanza_create()?;
+    if let Some(dir) = b.policy().wal_receiver_dir.clone() {
+        crate::walreceiver::WalReceiver::start(&cluster, b, &dir, Duration::from_secs(60)).await?;
+    }
     Ok(cluster)
 }
 

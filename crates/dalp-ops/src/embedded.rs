@@ -192,6 +192,9 @@ pub struct StartOptions {
     pub managed: bool,
 }
 
+/// Settings dalp changes on a running server, included after `dalp.conf`.
+pub const LIVE_CONF: &str = "dalp.live.conf";
+
 /// Server connections unless configured (a pooler lets far more clients share them).
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 200;
 
@@ -227,7 +230,7 @@ pub struct Instance {
     _lock: Flock<File>,
 }
 
-fn pg_bin(opts: &StartOptions) -> PathBuf {
+pub(crate) fn pg_bin(opts: &StartOptions) -> PathBuf {
     opts.bin_dir
         .clone()
         .or_else(|| std::env::var_os("DALP_PG_BIN").map(PathBuf::from))
@@ -582,6 +585,7 @@ impl Instance {
             instance: self,
             port,
             child: Mutex::new(Some(child)),
+            after_stop: Mutex::new(Vec::new()),
         };
         running.wait_ready(Duration::from_secs(60)).await?;
         if !opts.managed {
@@ -730,6 +734,10 @@ impl Instance {
             ("dalp.conf", conf),
             ("pg_hba.conf", hba),
             ("pg_ident.conf", ident),
+            (
+                LIVE_CONF,
+                "# Written by dalp on a running server (a WAL receiver's synchronous_standby_names); emptied at every start.\n".to_string(),
+            ),
         ] {
             let p = pgdata.join(name);
             std::fs::write(&p, text).map_err(OpsError::io(format!("write {}", p.display())))?;
@@ -738,13 +746,14 @@ impl Instance {
         let main_conf = pgdata.join("postgresql.conf");
         let current =
             std::fs::read_to_string(&main_conf).map_err(OpsError::io("read postgresql.conf"))?;
-        if !current.contains("include 'dalp.conf'") {
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .open(&main_conf)
-                .map_err(OpsError::io("append to postgresql.conf"))?;
-            writeln!(f, "\ninclude 'dalp.conf'")
-                .map_err(OpsError::io("append to postgresql.conf"))?;
+        for line in ["include 'dalp.conf'", "include_if_exists 'dalp.live.conf'"] {
+            if !current.contains(line) {
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&main_conf)
+                    .map_err(OpsError::io("append to postgresql.conf"))?;
+                writeln!(f, "\n{line}").map_err(OpsError::io("append to postgresql.conf"))?;
+            }
         }
         Ok(())
     }
@@ -755,6 +764,8 @@ pub struct RunningCluster {
     instance: Instance,
     port: u16,
     child: Mutex<Option<Child>>,
+    /// What runs beside the server (a WAL receiver) and stops after it.
+    after_stop: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
 }
 
 impl RunningCluster {
@@ -846,6 +857,20 @@ impl RunningCluster {
         create_database_as(&|db| self.superuser_options(db), su, dbname).await
     }
 
+    /// Runs `f` when the server has stopped (to stop what runs beside it).
+    pub fn after_stop(&self, f: Box<dyn FnOnce() + Send>) {
+        self.after_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(f);
+    }
+
+    /// The file of settings dalp changes on a running server (today
+    /// `synchronous_standby_names` once a WAL receiver streams); emptied at every start.
+    pub fn live_conf(&self) -> PathBuf {
+        self.layout().pgdata().join(LIVE_CONF)
+    }
+
     /// Stops the server and releases the data directory for another dalp.
     pub fn shutdown(self) -> Result<(), OpsError> {
         self.stop()
@@ -859,6 +884,15 @@ impl RunningCluster {
         if let Some(mut child) = child {
             process::stop_child(&mut child, Signal::SIGINT, Duration::from_secs(60))
                 .map_err(OpsError::io("stop postgres"))?;
+        }
+        let companions: Vec<_> = self
+            .after_stop
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        for stop in companions {
+            stop();
         }
         Ok(())
     }

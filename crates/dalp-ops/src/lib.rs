@@ -11,6 +11,7 @@ pub mod keybundle;
 pub mod pki;
 pub mod pooler;
 pub mod process;
+pub mod walreceiver;
 
 pub use embedded::{Instance, InstanceInfo, Layout, RunningCluster, StartOptions};
 pub use error::OpsError;

@@ -391,6 +391,18 @@ async fn restore_lost_instance(args: RestoreArgs, bundle: &Path) -> anyhow::Resu
             move |p| b.restore_pgdata(&target, &pgdata, repo, true, p)
         })
         .await?;
+        // What the synchronous WAL receiver has beyond the archive: RPO 0.
+        let received = match (&b.policy().wal_receiver_dir, &target) {
+            (Some(dir), Target::Latest) if dir.is_dir() => {
+                dalp_ops::walreceiver::fill_pg_wal(dir, &layout.pgdata())?
+            }
+            _ => 0,
+        };
+        if received > 0 {
+            eprintln!(
+                "{received} WAL files from the synchronous receiver replay after the archive"
+            );
+        }
         eprintln!(
             "restored into {}; recovering to the target …",
             into.display()

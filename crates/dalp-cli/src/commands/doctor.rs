@@ -526,7 +526,10 @@ fn watchdog_check(device: &Path) -> Check {
 async fn archiving_checks(c: &tokio_postgres::Client, owned: bool, checks: &mut Vec<Check>) {
     let row = match c
         .query_one(
-            "SELECT current_setting('archive_mode'), archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time, current_setting('archive_timeout') FROM pg_stat_archiver",
+            "SELECT current_setting('archive_mode'), archived_count, last_archived_wal, last_archived_time, failed_count, last_failed_wal, last_failed_time, current_setting('archive_timeout'),
+                    position('dalp_receivewal' IN current_setting('synchronous_standby_names')) > 0,
+                    (SELECT state || '/' || sync_state FROM pg_stat_replication WHERE application_name = 'dalp_receivewal' LIMIT 1)
+               FROM pg_stat_archiver",
             &[],
         )
         .await
@@ -563,6 +566,26 @@ async fn archiving_checks(c: &tokio_postgres::Client, owned: bool, checks: &mut 
             ),
             "check archive_command (SHOW archive_command) and the pgBackRest log in DATA_DIR/backup/log; `dalp backup run` shows the cause",
         ));
+    } else if row.get::<_, bool>(8) {
+        let state: Option<String> = row.get(9);
+        checks.push(match state.as_deref() {
+            Some("streaming/sync") => check(
+                "rpo",
+                "ok",
+                "achieved RPO bound: 0 — every commit waits for the synchronous WAL receiver (wal_receiver_dir) to flush its WAL",
+                "",
+            ),
+            other => check(
+                "rpo",
+                "error",
+                format!(
+                    "the synchronous WAL receiver is not streaming ({}): commits wait for it",
+                    other.unwrap_or("not connected")
+                ),
+                "see DATA_DIR/log/pg_receivewal.log; `dalp up` restarts it — is its directory (wal_receiver_dir) writable and its disk mounted?",
+            ),
+        });
+        archived_ok(&row, last_ok, checks);
     } else {
         let timeout: String = row.get(7);
         checks.push(check(
@@ -579,21 +602,25 @@ async fn archiving_checks(c: &tokio_postgres::Client, owned: bool, checks: &mut 
                 ""
             },
         ));
-        checks.push(check(
-            "archiving",
-            "ok",
-            format!(
-                "{} segments archived, last {} at {}",
-                row.get::<_, i64>(1),
-                row.get::<_, Option<String>>(2)
-                    .unwrap_or_else(|| "none yet".into()),
-                last_ok
-                    .map(|t| t.to_rfc3339())
-                    .unwrap_or_else(|| "-".into())
-            ),
-            "",
-        ));
+        archived_ok(&row, last_ok, checks);
     }
+}
+
+fn archived_ok(row: &tokio_postgres::Row, last_ok: Option<DateTime<Utc>>, checks: &mut Vec<Check>) {
+    checks.push(check(
+        "archiving",
+        "ok",
+        format!(
+            "{} segments archived, last {} at {}",
+            row.get::<_, i64>(1),
+            row.get::<_, Option<String>>(2)
+                .unwrap_or_else(|| "none yet".into()),
+            last_ok
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_else(|| "-".into())
+        ),
+        "",
+    ));
 }
 
 /// Backups against the policy: each repository's newest full within its interval.
