@@ -498,15 +498,33 @@ async fn superuser(dir: &Path, port: u16) -> tokio_postgres::Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_instance_is_rebuilt_from_the_repository_and_the_key_bundle_losing_at_most_the_rpo()
 {
+    lose_and_rebuild(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_synchronous_wal_receiver_a_lost_instance_loses_no_acknowledged_transaction() {
+    lose_and_rebuild(true).await;
+}
+
+/// Writes for a few seconds, SIGKILLs the server right after an acknowledgement, deletes
+/// its data directory, rebuilds it from the repository (and the receiver's WAL) and the key
+/// bundle, and checks what survived: everything acknowledged with the receiver, all but the
+/// last RPO seconds without.
+async fn lose_and_rebuild(wal_receiver: bool) {
     const RPO_SECS: i64 = 2;
     let dir = dir();
     let safe = dalp_testkit::server_dir("dalp-bk-safe-");
     let lost = dir.path().join("instance");
     std::fs::create_dir(&lost).unwrap();
+    let receiver_line = if wal_receiver {
+        format!("wal_receiver_dir = \"{}/wal\"\n", safe.path().display())
+    } else {
+        String::new()
+    };
     std::fs::write(
         lost.join("backup.toml"),
         format!(
-            "rpo_secs = {RPO_SECS}\nrepo1 = {{ type = \"posix\", path = \"{0}/repo1\" }}\nrepo2 = {{ type = \"posix\", path = \"{0}/repo2\" }}\n",
+            "rpo_secs = {RPO_SECS}\nrepo1 = {{ type = \"posix\", path = \"{0}/repo1\" }}\nrepo2 = {{ type = \"posix\", path = \"{0}/repo2\" }}\n{receiver_line}",
             safe.path().display()
         ),
     )
@@ -650,12 +668,21 @@ async fn a_lost_instance_is_rebuilt_from_the_repository_and_the_key_bundle_losin
         acked.len(),
         oldest_lost
     );
-    // Without a synchronous WAL receiver, the loss is bounded by the policy's RPO
-    // (archive_timeout), plus a second for the archive command itself.
-    assert!(
-        oldest_lost.is_none_or(|d| d <= Duration::from_secs(RPO_SECS as u64 + 1)),
-        "lost rows acknowledged {oldest_lost:?} before the crash"
-    );
+    if wal_receiver {
+        // Every acknowledged commit had its WAL flushed by the receiver: nothing is lost.
+        assert!(
+            lost_rows.is_empty(),
+            "{} acknowledged rows lost",
+            lost_rows.len()
+        );
+    } else {
+        // Without it, the loss is bounded by the policy's RPO (archive_timeout), plus a
+        // second for the archive command itself.
+        assert!(
+            oldest_lost.is_none_or(|d| d <= Duration::from_secs(RPO_SECS as u64 + 1)),
+            "lost rows acknowledged {oldest_lost:?} before the crash"
+        );
+    }
     assert!(
         present.len() as f64 > acked.len() as f64 * 0.5,
         "most rows survive"
@@ -681,6 +708,10 @@ async fn a_lost_instance_is_rebuilt_from_the_repository_and_the_key_bundle_losin
     );
     assert_eq!(ev[1]["details"]["kind"], "lost_instance");
     assert!(ev[1]["details"]["rto_seconds"].as_f64().unwrap() > 0.0);
+    if wal_receiver {
+        let o = dalp(&["doctor", "--data-dir", r]);
+        assert!(text(&o).contains("achieved RPO bound: 0"), "{}", text(&o));
+    }
     drop(su);
     cluster.shutdown().unwrap();
 }
