@@ -49,20 +49,7 @@ impl Copy {
     }
 
     async fn rows(&self) -> BTreeSet<i32> {
-        let c = dalp_db::ConnectOptions {
-            hosts: vec![(self.dir.join("run").display().to_string(), self.port)],
-            dbname: DATABASE.into(),
-            user: "postgres".into(),
-            password: None,
-            ca_file: None,
-            application_name: "test".into(),
-            connect_timeout: Duration::from_secs(5),
-            statement_timeout: None,
-            read_write: false,
-        }
-        .connect()
-        .await
-        .unwrap();
+        let c = superuser(&self.dir, self.port).await;
         c.query("SELECT n FROM pitr.rows", &[])
             .await
             .unwrap()

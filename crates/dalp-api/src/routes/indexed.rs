@@ -91,6 +91,23 @@ struct Transfers {
     next: Option<String>,
 }
 
+/// The query of the transfer lists.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // describes the query `transfers` reads
+struct TransferParams {
+    /// RFC 3339; older partitions are not scanned.
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// RFC 3339, exclusive.
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// `<block>:<log index>`: the previous page's `next`.
+    #[param(pattern = "^[0-9]{1,18}:[0-9]{1,9}$")]
+    before: Option<String>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+}
+
 #[derive(Serialize, ToSchema)]
 struct BalanceAt {
     block: i64,
@@ -256,7 +273,7 @@ async fn ingest(
 /// Sync status: checkpoint, finalized block, head, lag, divergence, reconciliations.
 #[utoipa::path(get, path = "/api/v1/indexed/{chain}/status", tag = "indexed",
     params(("chain" = i64, Path, minimum = 1, description = "EVM chain id")),
-    responses((status = 200, description = "The status", body = StatusBody, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
+    responses((status = 200, description = "The status", body = StatusBody)))]
 #[tracing::instrument(skip_all)]
 async fn status(
     State(state): State<AppState>,
@@ -279,7 +296,7 @@ async fn status(
 /// An account's current token balances.
 #[utoipa::path(get, path = "/api/v1/indexed/{chain}/accounts/{account}/balances", tag = "indexed",
     params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("account" = String, Path, pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$", description = "Account address")),
-    responses((status = 200, description = "Balances", body = Balances, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
+    responses((status = 200, description = "Balances", body = Balances)))]
 #[tracing::instrument(skip_all)]
 async fn account_balances(
     State(state): State<AppState>,
@@ -299,7 +316,7 @@ async fn account_balances(
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
         ("after" = Option<String>, Query, pattern = "^[0-9]{1,80}:0x([0-9a-f]{40}|[0-9A-F]{40})$", description = "<balance>:<account>: the previous page's `next`"),
     ),
-    responses((status = 200, description = "A page of holders", body = Holders, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
+    responses((status = 200, description = "A page of holders", body = Holders)))]
 #[tracing::instrument(skip_all)]
 async fn holders(
     State(state): State<AppState>,
@@ -396,12 +413,9 @@ async fn transfers(
 /// Transfers of a token, newest first.
 #[utoipa::path(get, path = "/api/v1/indexed/{chain}/tokens/{token}/transfers", tag = "indexed",
     params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("token" = String, Path, pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$", description = "Token contract address"),
-        ("since" = Option<DateTime<Utc>>, Query, description = "RFC 3339; older partitions are not scanned"),
-        ("until" = Option<DateTime<Utc>>, Query, description = "RFC 3339, exclusive"),
-        ("before" = Option<String>, Query, pattern = "^[0-9]{1,18}:[0-9]{1,9}$", description = "<block>:<log index>: the previous page's `next`"),
-        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
+        TransferParams,
     ),
-    responses((status = 200, description = "A page of transfers", body = Transfers, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
+    responses((status = 200, description = "A page of transfers", body = Transfers)))]
 #[tracing::instrument(skip_all)]
 async fn token_transfers(
     State(state): State<AppState>,
@@ -416,12 +430,9 @@ async fn token_transfers(
 /// Transfers from or to an account, newest first.
 #[utoipa::path(get, path = "/api/v1/indexed/{chain}/accounts/{account}/transfers", tag = "indexed",
     params(("chain" = i64, Path, minimum = 1, description = "EVM chain id"), ("account" = String, Path, pattern = "^0x([0-9a-f]{40}|[0-9A-F]{40})$", description = "Account address"),
-        ("since" = Option<DateTime<Utc>>, Query, description = "RFC 3339; older partitions are not scanned"),
-        ("until" = Option<DateTime<Utc>>, Query, description = "RFC 3339, exclusive"),
-        ("before" = Option<String>, Query, pattern = "^[0-9]{1,18}:[0-9]{1,9}$", description = "<block>:<log index>: the previous page's `next`"),
-        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "Page size (default 100)"),
+        TransferParams,
     ),
-    responses((status = 200, description = "A page of transfers", body = Transfers, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped")))))]
+    responses((status = 200, description = "A page of transfers", body = Transfers)))]
 #[tracing::instrument(skip_all)]
 async fn account_transfers(
     State(state): State<AppState>,
@@ -456,7 +467,7 @@ async fn token_at_block(
         ("block" = Option<i64>, Query, minimum = 0, description = "Default: the checkpoint"),
     ),
     responses(
-        (status = 200, description = "The balance", body = BalanceAt, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped"))),
+        (status = 200, description = "The balance", body = BalanceAt),
         (status = 409, description = "The block is not indexed yet", body = crate::error::Body),
     ))]
 #[tracing::instrument(skip_all)]
@@ -481,7 +492,7 @@ async fn balance_at(
         ("block" = Option<i64>, Query, minimum = 0, description = "Default: the checkpoint"),
     ),
     responses(
-        (status = 200, description = "The supply", body = SupplyAt, headers(("x-dalp-indexed-block" = String, description = "The checkpoint when the read began (`none` before the first block)"), ("x-dalp-chain-state" = String, description = "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped"))),
+        (status = 200, description = "The supply", body = SupplyAt),
         (status = 409, description = "The block is not indexed yet", body = crate::error::Body),
     ))]
 #[tracing::instrument(skip_all)]

@@ -124,7 +124,7 @@ fn add_common_responses(doc: &mut Value) {
         let Some(item) = item.as_object_mut() else {
             continue;
         };
-        for op in item.values_mut() {
+        for (method, op) in item.iter_mut() {
             // Handler names repeat across modules (`list`, `create`): the tag (one per
             // module) makes the id unique.
             if let (Some(tag), Some(id)) = (op["tags"][0].as_str(), op["operationId"].as_str()) {
@@ -172,6 +172,19 @@ fn add_common_responses(doc: &mut Value) {
                 responses
                     .entry(code)
                     .or_insert_with(|| error_response(description));
+            }
+            // Every indexed read says what it reflects (routes/indexed.rs).
+            if path.starts_with("/api/v1/indexed/{chain}/") && method == "get" {
+                if let Some(ok) = responses.get_mut("200") {
+                    ok["headers"][super::indexed::INDEXED_BLOCK_HEADER] = json!({
+                        "description": "The checkpoint when the read began (`none` before the first block)",
+                        "schema": { "type": "string" }
+                    });
+                    ok["headers"][super::indexed::CHAIN_STATE_HEADER] = json!({
+                        "description": "`following`, or `diverged`: the node no longer has the indexed chain and ingest is stopped",
+                        "schema": { "type": "string", "enum": ["following", "diverged"] }
+                    });
+                }
             }
             if path.starts_with("/api/v1/") && path != "/api/v1/openapi.json" {
                 for r in responses.values_mut() {

@@ -336,6 +336,19 @@ fn describe_target(target: &Target) -> String {
     }
 }
 
+fn print_recovered(target: &Target, recovered: &backup::Recovered, seconds: f64) {
+    println!(
+        "recovered to {}: last transaction {}, LSN {}, timeline {} ({seconds:.1} s)",
+        describe_target(target),
+        recovered
+            .last_transaction
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| "none replayed".into()),
+        recovered.lsn,
+        recovered.timeline,
+    );
+}
+
 /// Removes what a failed restore wrote: the directory, or its contents when it existed
 /// (empty) before.
 fn clean_up(into: &Path, existed: bool) {
@@ -456,16 +469,7 @@ async fn restore_lost_instance(args: RestoreArgs, bundle: &Path) -> anyhow::Resu
             )));
         }
     };
-    println!(
-        "recovered to {}: last transaction {}, LSN {}, timeline {} ({seconds:.1} s)",
-        describe_target(&target),
-        recovered
-            .last_transaction
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_else(|| "none replayed".into()),
-        recovered.lsn,
-        recovered.timeline,
-    );
+    print_recovered(&target, &recovered, seconds);
     println!(
         "the instance is rebuilt in {0}; start it with: dalp up --data-dir {0}",
         into.display()
@@ -605,17 +609,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<ExitCode> {
         }),
     )
     .await;
-    println!(
-        "recovered to {}: last transaction {}, LSN {}, timeline {} ({:.1} s)",
-        describe_target(&target),
-        recovered
-            .last_transaction
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_else(|| "none replayed".into()),
-        recovered.lsn,
-        recovered.timeline,
-        seconds
-    );
+    print_recovered(&target, &recovered, seconds);
     println!(
         "running on 127.0.0.1:{} (the source's roles and TLS certificate); superuser: psql -h {} -p {} -U postgres {DATABASE}",
         server.port,

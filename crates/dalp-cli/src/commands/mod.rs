@@ -82,7 +82,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => config::check(&config),
         Command::Serve { config } => serve::run(&config).await,
         Command::Openapi => {
-            println!(
+            use std::io::Write;
+            // A closed pipe (`dalp openapi | head`) is the reader's choice, not an error.
+            let _ = writeln!(
+                std::io::stdout(),
                 "{}",
                 serde_json::to_string_pretty(dalp_api::openapi_document())?
             );
