@@ -669,14 +669,14 @@ async fn backup_checks(data_dir: &Path, now: DateTime<Utc>, checks: &mut Vec<Che
     };
     checks.push(if encrypted {
         check(
-            "backups",
+            "encryption",
             "ok",
             format!("repositories encrypted ({}); the passphrase is in keys/, not the database — keep `dalp keys export` current", dalp_ops::backup::CIPHER_TYPE),
             "",
         )
     } else {
         check(
-            "backups",
+            "encryption",
             "warning",
             "repositories are not encrypted (they held backups before dalp encrypted new ones, or backup.toml says encrypt = false)",
             "start encrypted repositories: new repo paths in backup.toml, `dalp backup run` to each, retire the old ones after their retention (docs/architecture.md)",
