@@ -9,6 +9,7 @@
 #![recursion_limit = "512"]
 
 pub mod auth;
+pub mod consistency;
 pub mod error;
 pub mod extract;
 pub mod limit;
@@ -63,6 +64,8 @@ pub struct AppState {
     pub backups: Arc<std::sync::RwLock<Option<BackupSnapshot>>>,
     /// Appends the per-request `api.request` events with group commit.
     pub request_audit: Arc<dalp_audit::GroupWriter>,
+    /// Replica reads (see [`consistency`]), when replicas are configured.
+    pub replicas: Option<Arc<dalp_db::ha::ReadReplicas>>,
 }
 
 pub use dalp_app::BackupSnapshot;
@@ -97,6 +100,7 @@ impl AppState {
             settings: Arc::new(settings),
             audit_keys: None,
             audit_witness: None,
+            replicas: None,
         }
     }
 }
@@ -127,6 +131,7 @@ impl AppState {
         state.audit_keys = Some(app.audit_keys.clone());
         state.audit_witness = Some(app.audit_witness.clone());
         state.backups = app.backups.clone();
+        state.replicas = app.replicas.clone();
         state
     }
 }
@@ -139,7 +144,18 @@ impl Services {
         keys_dir: &std::path::Path,
         settings: ApiSettings,
     ) -> Result<Services, dalp_app::StartError> {
-        let app = dalp_app::App::start(pools, keys_dir)?;
+        Self::start_with_replicas(pools, keys_dir, settings, &[])
+    }
+
+    /// [`Services::start`] with reads that tolerate a replica served by `replicas`
+    /// (`host`, `port`; see [`consistency`]).
+    pub fn start_with_replicas(
+        pools: Arc<ComponentPools>,
+        keys_dir: &std::path::Path,
+        settings: ApiSettings,
+        replicas: &[(String, u16)],
+    ) -> Result<Services, dalp_app::StartError> {
+        let app = dalp_app::App::start(pools, keys_dir)?.with_replicas(replicas)?;
         let state = AppState::over(&app, settings);
         Ok(Services { app, state })
     }
@@ -170,6 +186,10 @@ async fn bound_headers(
 /// The full router.
 pub fn router(state: AppState) -> Router {
     routes::router()
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            consistency::layer,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             request_audit::record,

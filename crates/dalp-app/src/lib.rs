@@ -26,6 +26,8 @@ pub enum StartError {
     Keys(#[from] dalp_identity::crypto::CryptoError),
     #[error(transparent)]
     AuditKey(#[from] dalp_audit::chain::KeyError),
+    #[error(transparent)]
+    Replicas(#[from] dalp_db::pool::PoolError),
 }
 
 /// The stores of a serving process and what keeps them right: the identity and asset
@@ -42,6 +44,8 @@ pub struct App {
     pub audit_witness: dalp_audit::Witness,
     /// The newest backups as last read from the repositories (kept fresh by `dalp up`).
     pub backups: Arc<RwLock<Option<BackupSnapshot>>>,
+    /// Replica reads (assets, indexed chain state), when replicas are configured.
+    pub replicas: Option<Arc<dalp_db::ha::ReadReplicas>>,
     _identity_listener: dalp_db::cache::ListenerHandle,
     _assets_listener: dalp_db::cache::ListenerHandle,
     sealer: tokio::task::JoinHandle<()>,
@@ -131,10 +135,31 @@ impl App {
             audit_keys,
             audit_witness: witness,
             backups: Arc::default(),
+            replicas: None,
             pools,
             _identity_listener: identity_listener,
             _assets_listener: assets_listener,
             sealer,
         })
+    }
+
+    /// Reads that tolerate a replica (assets, indexed chain state) go to `replicas`
+    /// (`host`, `port`; a listed node that is the primary now is read as the primary), each
+    /// within the lag bound, or having replayed the client's consistency token.
+    pub fn with_replicas(
+        mut self,
+        replicas: &[(String, u16)],
+    ) -> Result<App, dalp_db::pool::PoolError> {
+        if !replicas.is_empty() {
+            self.replicas = Some(Arc::new(dalp_db::ha::ReadReplicas::new(
+                &self.pools,
+                replicas,
+                dalp_db::ha::RouterOptions {
+                    pool_size: self.pools.get(Component::Assets).status().max_size,
+                    ..Default::default()
+                },
+            )?));
+        }
+        Ok(self)
     }
 }

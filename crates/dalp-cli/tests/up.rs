@@ -741,9 +741,10 @@ fn up_ha_serves_the_api_on_patroni_and_the_cluster_verbs_manage_it() {
     let d = dir.path().to_str().unwrap();
     let _down = ClusterDown(dir.path());
     let api_port = free_port();
-    let up = Up::start_with(dir.path(), api_port, &["--ha"]);
+    let up = Up::start_with(dir.path(), api_port, &["--ha", "--demo"]);
     assert!(up.ready_line.contains("HA 3 nodes"), "{}", up.ready_line);
     assert_eq!(readyz_within(api_port, Duration::from_secs(10)), 200);
+    replica_reads_see_their_own_writes(&up, api_port);
 
     let o = dalp(&["cluster", "status", "--dir", d]);
     assert!(o.status.success(), "{}", text(&o));
@@ -827,6 +828,108 @@ fn up_ha_serves_the_api_on_patroni_and_the_cluster_verbs_manage_it() {
     assert!(o.status.success(), "{}", text(&o));
     let o = dalp(&["cluster", "down", "--dir", d]);
     assert!(text(&o).contains("nothing running"), "{}", text(&o));
+}
+
+/// On `dalp up --ha` every node is a read replica candidate: asset and indexed reads go to a
+/// replica, and a read that sends a change's consistency token always sees that change.
+fn replica_reads_see_their_own_writes(up: &Up, api_port: u16) {
+    let password = up
+        .ready_line
+        .split("password ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{}", up.ready_line))
+        .to_string();
+    let api = format!("http://127.0.0.1:{api_port}/api/v1");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let http = ::reqwest::Client::new();
+        let (token, secret) =
+            login_and_enrol(&http, &api, "admin@demo.dalp.example", &password).await;
+        confirm_totp(&http, &api, &token, &secret).await;
+        let assets: serde_json::Value = http
+            .get(format!("{api}/assets"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let org = assets["assets"][0]["organisation_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        // Reads without a token: served by replicas (the lag probe finds them within a
+        // second of start).
+        let mut from_replica = 0;
+        for _ in 0..40 {
+            let r = http
+                .get(format!("{api}/assets"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let from = r.headers()["x-dalp-read-from"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            if from.starts_with("replica ") {
+                from_replica += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(from_replica > 0, "no read was served by a replica");
+        // Read-your-writes: every change's token makes the next read see it, wherever it is
+        // served.
+        for n in 0..20 {
+            let r = http
+                .post(format!("{api}/assets"))
+                .bearer_auth(&token)
+                .json(
+                    &serde_json::json!({"organisation_id": org, "name": format!("Tower {n}"),
+                    "symbol": format!("TW{n}"), "decimals": 0, "base_type": "real_estate"}),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+            let consistency = r.headers()["x-dalp-consistency"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let created: serde_json::Value = r.json().await.unwrap();
+            let id = created["asset"]["id"].as_str().unwrap();
+            let r = http
+                .get(format!("{api}/assets/{id}"))
+                .bearer_auth(&token)
+                .header("x-dalp-consistency", &consistency)
+                .send()
+                .await
+                .unwrap();
+            let from = r.headers()["x-dalp-read-from"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            assert_eq!(
+                r.status(),
+                200,
+                "asset {n} not seen with its token (read from {from})"
+            );
+        }
+        let r = http
+            .get(format!("{api}/assets"))
+            .bearer_auth(&token)
+            .header("x-dalp-consistency", "nonsense")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+    });
 }
 
 #[test]

@@ -85,6 +85,10 @@ pub struct DatabaseConfig {
     pub statement_timeout_ms: u64,
     /// Connections per component pool. Default: 8.
     pub pool_max_size: usize,
+    /// `host:port` of read replicas: reads that tolerate a replica (assets, indexed chain
+    /// state) go to one within the lag bound, or to one that has replayed a client's
+    /// consistency token (`x-dalp-consistency`). Default: none (every read on the primary).
+    pub replicas: Vec<String>,
     /// How long a request waits for a free pooled connection. Default: 5000.
     pub pool_wait_timeout_ms: u64,
 }
@@ -102,6 +106,7 @@ impl Default for DatabaseConfig {
             statement_timeout_ms: 30_000,
             pool_max_size: 8,
             pool_wait_timeout_ms: 5_000,
+            replicas: Vec::new(),
         }
     }
 }
@@ -254,6 +259,12 @@ impl Config {
                 message,
             })?;
         }
+        for r in &db.replicas {
+            parse_host_port(r).map_err(|message| ConfigError::Invalid {
+                field: "database.replicas",
+                message,
+            })?;
+        }
         if db.name.is_empty() {
             return Err(ConfigError::Invalid {
                 field: "database.name",
@@ -336,6 +347,15 @@ impl Config {
 }
 
 impl Config {
+    /// The read replicas as (host, port).
+    pub fn replica_hosts(&self) -> Vec<(String, u16)> {
+        self.database
+            .replicas
+            .iter()
+            .map(|h| parse_host_port(h).expect("validated"))
+            .collect()
+    }
+
     /// The effective configuration (file, environment and defaults) as TOML, for
     /// `dalp config check`. It names secret files and commands, never secrets.
     pub fn to_toml(&self) -> String {

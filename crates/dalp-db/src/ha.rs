@@ -373,6 +373,62 @@ impl Router {
         }
     }
 
+    /// The pool a replica-safe read of `session` should use: a healthy replica that has
+    /// replayed the session's last commit (waiting up to the read-your-writes bound), else
+    /// the primary. For stores that check out connections themselves.
+    pub async fn read_pool(&self, session: &Session) -> (Pool, Served) {
+        let n = self.inner.replicas.len();
+        let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            let r = &self.inner.replicas[(start + i) % n];
+            if !self.inner.eligible(r) {
+                continue;
+            }
+            if let Some(target) = session.last_commit {
+                let client = match r.pool.get().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        r.mark_down(&e.to_string());
+                        continue;
+                    }
+                };
+                match self.inner.caught_up(&client, target).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        drop(Object::take(client));
+                        r.mark_down(&e.to_string());
+                        continue;
+                    }
+                }
+            }
+            return (r.pool.clone(), Served::Replica(r.name.clone()));
+        }
+        (self.inner.primary.clone(), Served::Primary)
+    }
+
+    /// The primary's current WAL position: every transaction committed before this call is
+    /// at or before it (a consistency token for read-your-writes).
+    pub async fn primary_lsn(&self) -> Result<Lsn, ExecError> {
+        let client = self
+            .inner
+            .primary
+            .get()
+            .await
+            .map_err(|e| ExecError::Unavailable {
+                attempts: 1,
+                waited: Duration::ZERO,
+                last: e.to_string(),
+            })?;
+        lsn_of(&client, "SELECT pg_current_wal_lsn()::text")
+            .await?
+            .ok_or_else(|| ExecError::Unavailable {
+                attempts: 1,
+                waited: Duration::ZERO,
+                last: "no WAL position".into(),
+            })
+    }
+
     /// Runs the replica-safe read `f` on a healthy replica that has replayed the session's
     /// last commit, else on the primary.
     pub async fn read<T, F>(&self, session: &Session, mut f: F) -> Result<(T, Served), ExecError>
@@ -437,6 +493,54 @@ impl Router {
     }
 }
 
+/// Replica reads for the components whose reads may come from a replica (asset
+/// configuration and indexed chain state): one [`Router`] each over the component's own role,
+/// the primary from its pool options and every replica host beside it.
+pub struct ReadReplicas {
+    routers: std::collections::BTreeMap<crate::Component, Router>,
+}
+
+impl ReadReplicas {
+    /// The components read through replicas.
+    pub const COMPONENTS: [crate::Component; 2] =
+        [crate::Component::Assets, crate::Component::Indexer];
+
+    /// Routers over `replicas` (`host`, `port`) for [`ReadReplicas::COMPONENTS`]. Must be
+    /// called inside a Tokio runtime.
+    pub fn new(
+        pools: &crate::ComponentPools,
+        replicas: &[(String, u16)],
+        opts: RouterOptions,
+    ) -> Result<ReadReplicas, PoolError> {
+        let mut routers = std::collections::BTreeMap::new();
+        for c in Self::COMPONENTS {
+            let primary = pools.options(c).clone();
+            let hosts: Vec<ConnectOptions> = replicas
+                .iter()
+                .map(|h| {
+                    let mut o = primary.clone();
+                    o.hosts = vec![h.clone()];
+                    o
+                })
+                .collect();
+            routers.insert(c, Router::new(&primary, &hosts, opts.clone())?);
+        }
+        Ok(ReadReplicas { routers })
+    }
+
+    pub fn router(&self, c: crate::Component) -> Option<&Router> {
+        self.routers.get(&c)
+    }
+
+    /// Any of the routers (they share the primary): for the primary's WAL position.
+    pub fn any(&self) -> &Router {
+        self.routers
+            .values()
+            .next()
+            .expect("at least one component")
+    }
+}
+
 /// How one attempt of a write ended.
 enum Step<T> {
     Done(T),
@@ -471,7 +575,8 @@ impl Replica {
 impl Inner {
     fn eligible(&self, r: &Replica) -> bool {
         let h = r.health.lock().unwrap_or_else(|e| e.into_inner());
-        h.up && h.lag_bytes.is_none_or(|l| l <= self.opts.max_lag_bytes)
+        // A listed node that is the primary now (after a failover) is read as the primary.
+        h.up && h.in_recovery && h.lag_bytes.is_none_or(|l| l <= self.opts.max_lag_bytes)
     }
 
     /// Polls the replica's replay position until it reaches `target` or the RYW bound ends.

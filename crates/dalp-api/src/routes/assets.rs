@@ -20,8 +20,10 @@ use utoipa_axum::routes;
 use super::versioning::{if_match, with_etag, IfMatch};
 use super::{parse_id, require_organisation};
 use crate::auth::Auth;
+use crate::consistency::{read_from, ReadAt};
 use crate::extract::Json;
 use crate::{ApiError, AppState};
+use axum::Extension;
 
 pub(crate) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -269,8 +271,9 @@ async fn create(
 async fn list(
     State(state): State<AppState>,
     auth: Auth,
+    at: Option<Extension<ReadAt>>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<AssetPage>, ApiError> {
+) -> Result<Response, ApiError> {
     auth.require_any_role(&state, READERS, "assets.asset.list")
         .await?;
     let org = q
@@ -290,11 +293,11 @@ async fn list(
             })
             .unwrap_or(Ok(d))
     };
-    let assets = state
-        .assets
+    let (store, served) = state.assets_reader(at.as_deref()).await;
+    let assets = store
         .list(org, num("limit", 50, 500)?, num("offset", 0, i64::MAX)?)
         .await?;
-    Ok(Json(AssetPage { assets }))
+    Ok(([read_from(&served)], Json(AssetPage { assets })).into_response())
 }
 
 /// Read an asset; the ETag is its version.
@@ -305,16 +308,17 @@ async fn list(
 async fn show(
     State(state): State<AppState>,
     auth: Auth,
+    at: Option<Extension<ReadAt>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     auth.require_any_role(&state, READERS, "assets.asset.read")
         .await?;
-    let asset = state.assets.get(parse_id(&id, "asset")?).await?;
-    Ok(with_etag(
-        StatusCode::OK,
-        asset.version,
-        AssetBody { asset },
-    ))
+    let (store, served) = state.assets_reader(at.as_deref()).await;
+    let asset = store.get(parse_id(&id, "asset")?).await?;
+    let mut r = with_etag(StatusCode::OK, asset.version, AssetBody { asset });
+    let (k, v) = read_from(&served);
+    r.headers_mut().insert(k, v);
+    Ok(r)
 }
 
 /// Replace an asset (tokenManager); If-Match with the version read.
@@ -381,12 +385,14 @@ async fn remove(
 async fn history(
     State(state): State<AppState>,
     auth: Auth,
+    at: Option<Extension<ReadAt>>,
     Path(id): Path<String>,
-) -> Result<Json<AssetHistory>, ApiError> {
+) -> Result<Response, ApiError> {
     auth.require_any_role(&state, READERS, "assets.asset.history")
         .await?;
-    let versions = state.assets.history(parse_id(&id, "asset")?).await?;
-    Ok(Json(AssetHistory { versions }))
+    let (store, served) = state.assets_reader(at.as_deref()).await;
+    let versions = store.history(parse_id(&id, "asset")?).await?;
+    Ok(([read_from(&served)], Json(AssetHistory { versions })).into_response())
 }
 
 /// Every version of an asset's compliance modules, with approvers.

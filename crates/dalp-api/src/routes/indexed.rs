@@ -122,19 +122,42 @@ struct SupplyAt {
     total_supply: String,
 }
 
-/// The headers every read carries (see the module docs).
-type Reflecting = [(HeaderName, HeaderValue); 2];
+/// The headers every read carries (see the module docs), and where it was served.
+type Reflecting = [(HeaderName, HeaderValue); 3];
+
+/// The store a replica-safe read uses (a replica when configured, see
+/// [`crate::consistency`]) and where that is.
+pub(crate) struct Reader {
+    indexed: std::sync::Arc<dalp_indexed::IndexedStore>,
+    served: dalp_db::ha::Served,
+}
+
+impl axum::extract::FromRequestParts<AppState> for Reader {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let at = parts
+            .extensions
+            .get::<crate::consistency::ReadAt>()
+            .cloned();
+        let (indexed, served) = state.indexed_reader(at.as_ref()).await;
+        Ok(Reader { indexed, served })
+    }
+}
 
 pub const INDEXED_BLOCK_HEADER: &str = "x-dalp-indexed-block";
 pub const CHAIN_STATE_HEADER: &str = "x-dalp-chain-state";
 
 /// Where the chain's index stands as a read begins (unknown chains are 404 here).
-async fn reflecting(state: &AppState, chain: i64) -> Result<Reflecting, ApiError> {
-    Ok(headers_of(&state.indexed.status(chain).await?))
+async fn reflecting(reader: &Reader, chain: i64) -> Result<Reflecting, ApiError> {
+    Ok(headers_of(reader, &reader.indexed.status(chain).await?))
 }
 
 /// The read headers for `status`.
-fn headers_of(status: &dalp_indexed::store::SyncStatus) -> Reflecting {
+fn headers_of(reader: &Reader, status: &dalp_indexed::store::SyncStatus) -> Reflecting {
     let block = status
         .checkpoint
         .map(|c| c.to_string())
@@ -148,6 +171,7 @@ fn headers_of(status: &dalp_indexed::store::SyncStatus) -> Reflecting {
             HeaderName::from_static(CHAIN_STATE_HEADER),
             HeaderValue::from_static(status.state),
         ),
+        crate::consistency::read_from(&reader.served),
     ]
 }
 
@@ -276,14 +300,14 @@ async fn ingest(
     responses((status = 200, description = "The status", body = StatusBody)))]
 #[tracing::instrument(skip_all)]
 async fn status(
-    State(state): State<AppState>,
     _auth: Auth,
+    reader: Reader,
     Path(chain): Path<String>,
 ) -> Result<(Reflecting, axum::Json<StatusBody>), ApiError> {
     let chain = chain_param(&chain)?;
-    let status = state.indexed.status(chain).await?;
-    let headers = headers_of(&status);
-    let reconciliations = state.indexed.reconciliations(chain).await?;
+    let status = reader.indexed.status(chain).await?;
+    let headers = headers_of(&reader, &status);
+    let reconciliations = reader.indexed.reconciliations(chain).await?;
     Ok((
         headers,
         axum::Json(StatusBody {
@@ -299,14 +323,14 @@ async fn status(
     responses((status = 200, description = "Balances", body = Balances)))]
 #[tracing::instrument(skip_all)]
 async fn account_balances(
-    State(state): State<AppState>,
     _auth: Auth,
+    reader: Reader,
     Path((chain, account)): Path<(String, String)>,
 ) -> Result<(Reflecting, axum::Json<Balances>), ApiError> {
     let chain = chain_param(&chain)?;
     let account = address_param("account", &account)?;
-    let headers = reflecting(&state, chain).await?;
-    let balances = state.indexed.balances_of(chain, &account).await?;
+    let headers = reflecting(&reader, chain).await?;
+    let balances = reader.indexed.balances_of(chain, &account).await?;
     Ok((headers, axum::Json(Balances { balances })))
 }
 
@@ -319,15 +343,15 @@ async fn account_balances(
     responses((status = 200, description = "A page of holders", body = Holders)))]
 #[tracing::instrument(skip_all)]
 async fn holders(
-    State(state): State<AppState>,
     _auth: Auth,
+    reader: Reader,
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<(Reflecting, axum::Json<Holders>), ApiError> {
     let chain = chain_param(&chain)?;
     let token = address_param("token", &token)?;
     let limit = page_limit(&q)?;
-    let headers = reflecting(&state, chain).await?;
+    let headers = reflecting(&reader, chain).await?;
     // Cursor: "<balance>:<account>" of the previous page's last holder.
     let after = match q.get("after") {
         None => None,
@@ -345,7 +369,7 @@ async fn holders(
             Some((b.to_string(), address_param("after", a)?))
         }
     };
-    let page = state
+    let page = reader
         .indexed
         .holders(
             chain,
@@ -367,7 +391,7 @@ async fn holders(
 }
 
 async fn transfers(
-    state: &AppState,
+    reader: &Reader,
     chain: &str,
     filter: TransferFilter<'_>,
     q: &HashMap<String, String>,
@@ -393,8 +417,8 @@ async fn transfers(
         before,
         limit: page_limit(q)?,
     };
-    let headers = reflecting(state, chain).await?;
-    let page = state.indexed.transfers(chain, filter, &query).await?;
+    let headers = reflecting(reader, chain).await?;
+    let page = reader.indexed.transfers(chain, filter, &query).await?;
     let next = (page.len() as i64 == query.limit)
         .then(|| {
             page.last()
@@ -418,13 +442,13 @@ async fn transfers(
     responses((status = 200, description = "A page of transfers", body = Transfers)))]
 #[tracing::instrument(skip_all)]
 async fn token_transfers(
-    State(state): State<AppState>,
     _auth: Auth,
+    reader: Reader,
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<(Reflecting, axum::Json<Transfers>), ApiError> {
     let token = address_param("token", &token)?;
-    transfers(&state, &chain, TransferFilter::Token(&token), &q).await
+    transfers(&reader, &chain, TransferFilter::Token(&token), &q).await
 }
 
 /// Transfers from or to an account, newest first.
@@ -435,31 +459,31 @@ async fn token_transfers(
     responses((status = 200, description = "A page of transfers", body = Transfers)))]
 #[tracing::instrument(skip_all)]
 async fn account_transfers(
-    State(state): State<AppState>,
     _auth: Auth,
+    reader: Reader,
     Path((chain, account)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<(Reflecting, axum::Json<Transfers>), ApiError> {
     let account = address_param("account", &account)?;
-    transfers(&state, &chain, TransferFilter::Account(&account), &q).await
+    transfers(&reader, &chain, TransferFilter::Account(&account), &q).await
 }
 
 /// Chain and token from the path, `?block=N` (default: the checkpoint), and the read's
 /// headers.
 async fn token_at_block(
-    state: &AppState,
+    reader: &Reader,
     chain: &str,
     token: &str,
     q: &HashMap<String, String>,
 ) -> Result<(i64, Address, i64, Reflecting), ApiError> {
     let chain = chain_param(chain)?;
     let token = address_param("token", token)?;
-    let status = state.indexed.status(chain).await?;
+    let status = reader.indexed.status(chain).await?;
     let block = match int_param(q, "block")? {
         Some(b) => b,
         None => status.checkpoint.unwrap_or(0),
     };
-    Ok((chain, token, block, headers_of(&status)))
+    Ok((chain, token, block, headers_of(reader, &status)))
 }
 /// An account's balance of a token after a block.
 #[utoipa::path(get, path = "/api/v1/indexed/{chain}/tokens/{token}/balances/{account}", tag = "indexed",
@@ -472,14 +496,14 @@ async fn token_at_block(
     ))]
 #[tracing::instrument(skip_all)]
 async fn balance_at(
-    State(state): State<AppState>,
     _auth: Auth,
+    reader: Reader,
     Path((chain, token, account)): Path<(String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<(Reflecting, axum::Json<BalanceAt>), ApiError> {
-    let (chain, token, block, headers) = token_at_block(&state, &chain, &token, &q).await?;
+    let (chain, token, block, headers) = token_at_block(&reader, &chain, &token, &q).await?;
     let account = address_param("account", &account)?;
-    let balance = state
+    let balance = reader
         .indexed
         .balance_at(chain, &token, &account, block)
         .await?;
@@ -497,13 +521,13 @@ async fn balance_at(
     ))]
 #[tracing::instrument(skip_all)]
 async fn supply_at(
-    State(state): State<AppState>,
     _auth: Auth,
+    reader: Reader,
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<(Reflecting, axum::Json<SupplyAt>), ApiError> {
-    let (chain, token, block, headers) = token_at_block(&state, &chain, &token, &q).await?;
-    let supply = state.indexed.supply_at(chain, &token, block).await?;
+    let (chain, token, block, headers) = token_at_block(&reader, &chain, &token, &q).await?;
+    let supply = reader.indexed.supply_at(chain, &token, block).await?;
     Ok((
         headers,
         axum::Json(SupplyAt {

@@ -173,6 +173,48 @@ fn add_common_responses(doc: &mut Value) {
                     .entry(code)
                     .or_insert_with(|| error_response(description));
             }
+            // Reads that may come from a replica take a consistency token and say where they
+            // were served; changes hand the token out (crate::consistency).
+            let replica_read = method == "get"
+                && (path.starts_with("/api/v1/indexed/{chain}/")
+                    || [
+                        "/api/v1/assets",
+                        "/api/v1/assets/{id}",
+                        "/api/v1/assets/{id}/history",
+                    ]
+                    .contains(&path.as_str()));
+            if replica_read {
+                let params = op["parameters"].as_array_mut();
+                let param = json!({
+                    "name": crate::consistency::CONSISTENCY_HEADER,
+                    "in": "header",
+                    "required": false,
+                    "description": "With replicas configured: a change's x-dalp-consistency; the read then sees that change (read-your-writes)",
+                    "schema": { "type": "string", "pattern": "^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$" }
+                });
+                match params {
+                    Some(ps) => ps.push(param),
+                    None => op["parameters"] = json!([param]),
+                }
+                let responses = op["responses"].as_object_mut().expect("responses");
+                if let Some(ok) = responses.get_mut("200") {
+                    ok["headers"][crate::consistency::READ_FROM_HEADER] = json!({
+                        "description": "With replicas configured: `replica HOST:PORT` or `primary`",
+                        "schema": { "type": "string" }
+                    });
+                }
+            }
+            let responses = op["responses"]
+                .as_object_mut()
+                .expect("every operation has responses");
+            if method != "get" && path.starts_with("/api/v1/") {
+                for (_, r) in responses.iter_mut().filter(|(c, _)| c.starts_with('2')) {
+                    r["headers"][crate::consistency::CONSISTENCY_HEADER] = json!({
+                        "description": "With replicas configured: the primary's WAL position after this change; send it with a later read to see the change",
+                        "schema": { "type": "string" }
+                    });
+                }
+            }
             // Every indexed read says what it reflects (routes/indexed.rs).
             if path.starts_with("/api/v1/indexed/{chain}/") && method == "get" {
                 if let Some(ok) = responses.get_mut("200") {

@@ -53,13 +53,14 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("bind the API to {}", config.api.listen))?;
     let keys_dir = config_keys_dir(&config)?;
-    let services = Services::start(
+    let services = Services::start_with_replicas(
         Arc::new(pools),
         keys_dir,
         ApiSettings {
             max_body_bytes: config.api.max_body_bytes,
             login_attempts_per_minute: config.api.login_attempts_per_minute,
         },
+        &config.replica_hosts(),
     )?;
     // Background duties: partitions kept ahead (every serving process; one per round).
     let m = &config.maintenance;

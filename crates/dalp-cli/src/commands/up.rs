@@ -77,7 +77,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         dalp_db::config::DatabaseConfig::default().pool_max_size,
         Duration::from_secs(5),
     )?);
-    let services = Services::start(pools.clone(), &backend.keys_dir(), ApiSettings::default())?;
+    // On an HA cluster every node is a read replica candidate (the one that is primary now
+    // is read as the primary; after a failover the routing follows).
+    let services = Services::start_with_replicas(
+        pools.clone(),
+        &backend.keys_dir(),
+        ApiSettings::default(),
+        &backend.replicas(),
+    )?;
     let demo_password = if args.demo {
         super::demo::seed(&services.state)
             .await
@@ -242,6 +249,18 @@ impl Backend {
             cluster,
             started_here: true,
         })
+    }
+
+    /// Read replicas: every node of an HA cluster; none for the embedded instance.
+    fn replicas(&self) -> Vec<(String, u16)> {
+        match self {
+            Backend::Embedded(_) => Vec::new(),
+            Backend::Ha { cluster, .. } => cluster
+                .nodes()
+                .iter()
+                .map(|n| ("127.0.0.1".to_string(), n.pg_port))
+                .collect(),
+        }
     }
 
     /// pgBackRest for this backend when it archives WAL.
