@@ -48,11 +48,13 @@ export DALP_FUZZ_TOKEN
 "$dalp" openapi >"$work/openapi.json"
 "$venv/bin/openapi-spec-validator" "$work/openapi.json"
 echo "schemathesis: $examples examples per operation, seed $seed" >&2
+# One worker: with two, hypothesis's lambda-source introspection raced once (an internal
+# "AST constructor recursion depth mismatch", not a finding).
 # Excluded: the two operations that end the fuzzer's own session (logout, and revoking a
 # session listed by GET /auth/sessions, which the stateful phase links to). Their contract
 # is covered by the API test suite.
 "$venv/bin/st" --config-file tests/fuzz/schemathesis.toml run "$base/api/v1/openapi.json" \
-  --checks all --max-examples "$examples" --seed "$seed" --workers 2 --no-shrink \
+  --checks all --max-examples "$examples" --seed "$seed" --workers 1 --no-shrink \
   --exclude-path /api/v1/auth/logout \
   --exclude-path-regex '^/api/v1/auth/sessions/' \
   2>&1 | tee "${DALP_FUZZ_LOG:-target/fuzz-api.log}" | tail -n 80

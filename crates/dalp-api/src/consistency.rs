@@ -29,21 +29,33 @@ pub struct ReadAt(pub Session);
 
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let Some(replicas) = state.replicas.clone() else {
+        // Without replicas every read is on the primary; a token is still checked, so a
+        // client learns of a malformed one wherever it is deployed.
+        if let Some(v) = req.headers().get(CONSISTENCY_HEADER) {
+            if !v.is_empty()
+                && v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<Lsn>().ok())
+                    .is_none()
+            {
+                return malformed();
+            }
+        }
         return next.run(req).await;
     };
     if matches!(*req.method(), Method::GET | Method::HEAD) {
-        let session = match req.headers().get(CONSISTENCY_HEADER) {
+        // An empty value is no token.
+        let session = match req
+            .headers()
+            .get(CONSISTENCY_HEADER)
+            .filter(|v| !v.is_empty())
+        {
             None => Session::default(),
             Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<Lsn>().ok()) {
                 Some(l) => Session {
                     last_commit: Some(l),
                 },
-                None => {
-                    return ApiError::BadRequest(format!(
-                        "{CONSISTENCY_HEADER} must be the WAL position (X/Y) a change answered with"
-                    ))
-                    .into_response()
-                }
+                None => return malformed(),
             },
         };
         req.extensions_mut().insert(ReadAt(session));
@@ -62,6 +74,13 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
         }
     }
     resp
+}
+
+fn malformed() -> Response {
+    ApiError::BadRequest(format!(
+        "{CONSISTENCY_HEADER} must be the WAL position (X/Y) a change answered with"
+    ))
+    .into_response()
 }
 
 /// `x-dalp-read-from` for where a read was served.

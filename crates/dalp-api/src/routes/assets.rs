@@ -274,6 +274,7 @@ async fn list(
     at: Option<Extension<ReadAt>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
+    super::known_params(&q, &["organisation_id", "limit", "offset"])?;
     auth.require_any_role(&state, READERS, "assets.asset.list")
         .await?;
     let org = q

@@ -110,23 +110,20 @@ async fn events(
 ) -> Result<Json<AuditEvents>, ApiError> {
     auth.require_role(&state, PlatformRole::Auditor, "audit.events.read")
         .await?;
-    const KNOWN: [&str; 9] = [
-        "from",
-        "to",
-        "actor",
-        "action",
-        "resource_type",
-        "resource_id",
-        "outcome",
-        "limit",
-        "before_id",
-    ];
-    if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(ApiError::BadRequest(format!(
-            "unknown parameter `{k}`; known: {}",
-            KNOWN.join(", ")
-        )));
-    }
+    super::known_params(
+        &q,
+        &[
+            "from",
+            "to",
+            "actor",
+            "action",
+            "resource_type",
+            "resource_id",
+            "outcome",
+            "limit",
+            "before_id",
+        ],
+    )?;
     let now = Utc::now();
     let to = time_param(&q, "to")?.unwrap_or(now + Duration::minutes(1));
     let from = time_param(&q, "from")?.unwrap_or(to - Duration::days(30));

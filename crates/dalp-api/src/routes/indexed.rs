@@ -348,6 +348,7 @@ async fn holders(
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<(Reflecting, axum::Json<Holders>), ApiError> {
+    super::known_params(&q, &["limit", "after"])?;
     let chain = chain_param(&chain)?;
     let token = address_param("token", &token)?;
     let limit = page_limit(&q)?;
@@ -447,6 +448,7 @@ async fn token_transfers(
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<(Reflecting, axum::Json<Transfers>), ApiError> {
+    super::known_params(&q, &["since", "until", "before", "limit"])?;
     let token = address_param("token", &token)?;
     transfers(&reader, &chain, TransferFilter::Token(&token), &q).await
 }
@@ -464,6 +466,7 @@ async fn account_transfers(
     Path((chain, account)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<(Reflecting, axum::Json<Transfers>), ApiError> {
+    super::known_params(&q, &["since", "until", "before", "limit"])?;
     let account = address_param("account", &account)?;
     transfers(&reader, &chain, TransferFilter::Account(&account), &q).await
 }
@@ -501,6 +504,7 @@ async fn balance_at(
     Path((chain, token, account)): Path<(String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<(Reflecting, axum::Json<BalanceAt>), ApiError> {
+    super::known_params(&q, &["block"])?;
     let (chain, token, block, headers) = token_at_block(&reader, &chain, &token, &q).await?;
     let account = address_param("account", &account)?;
     let balance = reader
@@ -526,6 +530,7 @@ async fn supply_at(
     Path((chain, token)): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<(Reflecting, axum::Json<SupplyAt>), ApiError> {
+    super::known_params(&q, &["block"])?;
     let (chain, token, block, headers) = token_at_block(&reader, &chain, &token, &q).await?;
     let supply = reader.indexed.supply_at(chain, &token, block).await?;
     Ok((

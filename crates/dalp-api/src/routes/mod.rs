@@ -104,6 +104,18 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Refuses query parameters the endpoint does not take (a misspelt filter would otherwise
+/// be ignored silently): 400 naming them and the known ones.
+pub(crate) fn known_params(q: &HashMap<String, String>, known: &[&str]) -> Result<(), ApiError> {
+    match q.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::BadRequest(format!(
+            "unknown parameter `{k}`; known: {}",
+            known.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// `?limit=`: 1 to 1000 rows a page, 100 when absent.
 pub(crate) fn page_limit(q: &HashMap<String, String>) -> Result<i64, ApiError> {
     match q.get("limit") {

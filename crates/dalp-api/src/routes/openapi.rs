@@ -184,18 +184,12 @@ fn add_common_responses(doc: &mut Value) {
                     ]
                     .contains(&path.as_str()));
             if replica_read {
-                let params = op["parameters"].as_array_mut();
-                let param = json!({
-                    "name": crate::consistency::CONSISTENCY_HEADER,
-                    "in": "header",
-                    "required": false,
-                    "description": "With replicas configured: a change's x-dalp-consistency; the read then sees that change (read-your-writes)",
-                    "schema": { "type": "string", "pattern": "^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$" }
-                });
-                match params {
-                    Some(ps) => ps.push(param),
-                    None => op["parameters"] = json!([param]),
-                }
+                // Described, not declared as a parameter: HTTP trims a header value, so a
+                // blank token cannot be told from none, which a declared pattern would ask.
+                let text = op["description"].as_str().unwrap_or_default().to_string();
+                op["description"] = json!(format!(
+                    "{text}\n\nWith replicas configured this read may be served by a replica (see `x-dalp-read-from`). Send a change's `x-dalp-consistency` value back in the `x-dalp-consistency` request header to read at least that change (read-your-writes); a malformed one is 400."
+                ).trim_start().to_string());
                 let responses = op["responses"].as_object_mut().expect("responses");
                 if let Some(ok) = responses.get_mut("200") {
                     ok["headers"][crate::consistency::READ_FROM_HEADER] = json!({

@@ -181,6 +181,7 @@ async fn latest_fx(
     _auth: Auth,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<FxRates>, ApiError> {
+    super::known_params(&q, &["base"])?;
     let rates = state
         .assets
         .latest_fx(q.get("base").map(String::as_str))

@@ -103,6 +103,7 @@ async fn list(
     auth: Auth,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Templates>, ApiError> {
+    super::known_params(&q, &["organisation_id"])?;
     auth.require_any_role(&state, READERS, "assets.template.list")
         .await?;
     let org = q

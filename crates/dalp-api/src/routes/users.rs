@@ -148,6 +148,7 @@ async fn list(
     auth: Auth,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<UserPage>, ApiError> {
+    super::known_params(&q, &["limit", "offset"])?;
     auth.require_role(&state, PlatformRole::Admin, "identity.user.list")
         .await?;
     let num = |k: &str, default: i64, max: i64| -> Result<i64, ApiError> {

@@ -177,6 +177,7 @@ async fn list_runs(
     auth: Auth,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<Runs>, ApiError> {
+    super::known_params(&q, &["status", "limit"])?;
     auth.require_any_role(&state, READERS, "workflows.run.list")
         .await?;
     let runs = state
@@ -351,6 +352,7 @@ async fn list_tx(
     auth: Auth,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<axum::Json<TxRequests>, ApiError> {
+    super::known_params(&q, &["status", "limit"])?;
     auth.require_any_role(&state, READERS, "workflows.tx_request.list")
         .await?;
     let status = TxStatus::parse(q.get("status").map(String::as_str).unwrap_or("DEAD_LETTER"))
