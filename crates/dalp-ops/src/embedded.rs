@@ -282,10 +282,16 @@ pub fn free_port() -> Result<u16, OpsError> {
     } else {
         (hi.saturating_add(1).max(1024), u16::MAX)
     };
+    // A port is free when checked but bound only later (by a server this process starts):
+    // never hand the same one out twice in a process, so two clusters started side by side
+    // (tests run in threads) cannot both be given it.
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = rand::rng();
     for _ in 0..200 {
         let port = rng.random_range(from..=to);
-        if port_is_free(port) {
+        if !handed.contains(&port) && port_is_free(port) {
+            handed.push(port);
             return Ok(port);
         }
     }
