@@ -27,38 +27,37 @@ pub const READ_FROM_HEADER: &str = "x-dalp-read-from";
 #[derive(Debug, Clone, Default)]
 pub struct ReadAt(pub Session);
 
+/// A token that is not a WAL position.
+struct Malformed;
+
+/// The request's token: none when absent or empty.
+fn token(req: &Request) -> Result<Option<Lsn>, Malformed> {
+    match req
+        .headers()
+        .get(CONSISTENCY_HEADER)
+        .filter(|v| !v.is_empty())
+    {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<Lsn>().ok())
+            .map(Some)
+            .ok_or(Malformed),
+    }
+}
+
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    // Checked with or without replicas, so a client learns of a malformed token wherever
+    // it is deployed (without replicas every read is on the primary anyway).
+    let Ok(last_commit) = token(&req) else {
+        return malformed();
+    };
     let Some(replicas) = state.replicas.clone() else {
-        // Without replicas every read is on the primary; a token is still checked, so a
-        // client learns of a malformed one wherever it is deployed.
-        if let Some(v) = req.headers().get(CONSISTENCY_HEADER) {
-            if !v.is_empty()
-                && v.to_str()
-                    .ok()
-                    .and_then(|s| s.trim().parse::<Lsn>().ok())
-                    .is_none()
-            {
-                return malformed();
-            }
-        }
         return next.run(req).await;
     };
     if matches!(*req.method(), Method::GET | Method::HEAD) {
-        // An empty value is no token.
-        let session = match req
-            .headers()
-            .get(CONSISTENCY_HEADER)
-            .filter(|v| !v.is_empty())
-        {
-            None => Session::default(),
-            Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<Lsn>().ok()) {
-                Some(l) => Session {
-                    last_commit: Some(l),
-                },
-                None => return malformed(),
-            },
-        };
-        req.extensions_mut().insert(ReadAt(session));
+        req.extensions_mut().insert(ReadAt(Session { last_commit }));
         return next.run(req).await;
     }
     let mut resp = next.run(req).await;
@@ -96,20 +95,24 @@ pub fn read_from(served: &Served) -> (HeaderName, HeaderValue) {
 }
 
 impl AppState {
+    /// The pool a replica-safe read of `component` at `at` uses, and where it reads; `None`
+    /// without replicas (the component's own store then reads).
+    async fn replica_pool(
+        &self,
+        component: dalp_db::Component,
+        at: Option<&ReadAt>,
+    ) -> Option<(deadpool_postgres::Pool, Served)> {
+        let router = self.replicas.as_ref()?.router(component)?;
+        Some(router.read_pool(&at.cloned().unwrap_or_default().0).await)
+    }
+
     /// The asset store a replica-safe read at `at` uses, and where it reads.
     pub(crate) async fn assets_reader(
         &self,
         at: Option<&ReadAt>,
     ) -> (dalp_assets::AssetStore, Served) {
-        match self
-            .replicas
-            .as_ref()
-            .and_then(|r| r.router(dalp_db::Component::Assets))
-        {
-            Some(router) => {
-                let (pool, served) = router.read_pool(&at.cloned().unwrap_or_default().0).await;
-                (dalp_assets::AssetStore::new(pool), served)
-            }
+        match self.replica_pool(dalp_db::Component::Assets, at).await {
+            Some((pool, served)) => (dalp_assets::AssetStore::new(pool), served),
             None => (self.assets.clone(), Served::Primary),
         }
     }
@@ -119,18 +122,11 @@ impl AppState {
         &self,
         at: Option<&ReadAt>,
     ) -> (std::sync::Arc<dalp_indexed::IndexedStore>, Served) {
-        match self
-            .replicas
-            .as_ref()
-            .and_then(|r| r.router(dalp_db::Component::Indexer))
-        {
-            Some(router) => {
-                let (pool, served) = router.read_pool(&at.cloned().unwrap_or_default().0).await;
-                (
-                    std::sync::Arc::new(dalp_indexed::IndexedStore::new(pool)),
-                    served,
-                )
-            }
+        match self.replica_pool(dalp_db::Component::Indexer, at).await {
+            Some((pool, served)) => (
+                std::sync::Arc::new(dalp_indexed::IndexedStore::new(pool)),
+                served,
+            ),
             None => (self.indexed.clone(), Served::Primary),
         }
     }

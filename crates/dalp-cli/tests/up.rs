@@ -92,6 +92,16 @@ impl Up {
         }
     }
 
+    /// The demo administrator's password `--demo` printed with the ready line.
+    fn demo_password(&self) -> String {
+        self.ready_line
+            .split("password ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{}", self.ready_line))
+            .to_string()
+    }
+
     fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
     }
@@ -833,13 +843,7 @@ fn up_ha_serves_the_api_on_patroni_and_the_cluster_verbs_manage_it() {
 /// On `dalp up --ha` every node is a read replica candidate: asset and indexed reads go to a
 /// replica, and a read that sends a change's consistency token always sees that change.
 fn replica_reads_see_their_own_writes(up: &Up, api_port: u16) {
-    let password = up
-        .ready_line
-        .split("password ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("{}", up.ready_line))
-        .to_string();
+    let password = up.demo_password();
     let api = format!("http://127.0.0.1:{api_port}/api/v1");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1364,13 +1368,7 @@ fn no_2xx_answer_lacks_its_audit_event_after_a_kill() {
     let dir = data_dir();
     let api_port = free_port();
     let up = Up::start_with(dir.path(), api_port, &["--demo"]);
-    let password = up
-        .ready_line
-        .split("password ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_else(|| panic!("{}", up.ready_line))
-        .to_string();
+    let password = up.demo_password();
     let api = format!("http://127.0.0.1:{api_port}/api/v1");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -377,32 +377,12 @@ impl Router {
     /// replayed the session's last commit (waiting up to the read-your-writes bound), else
     /// the primary. For stores that check out connections themselves.
     pub async fn read_pool(&self, session: &Session) -> (Pool, Served) {
-        let n = self.inner.replicas.len();
-        let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        for i in 0..n {
-            let r = &self.inner.replicas[(start + i) % n];
-            if !self.inner.eligible(r) {
-                continue;
+        for r in self.inner.rotation() {
+            match self.inner.candidate(r, session).await {
+                Candidate::Ready(_) => return (r.pool.clone(), Served::Replica(r.name.clone())),
+                Candidate::Skip => continue,
+                Candidate::Primary => break,
             }
-            if let Some(target) = session.last_commit {
-                let client = match r.pool.get().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        r.mark_down(&e.to_string());
-                        continue;
-                    }
-                };
-                match self.inner.caught_up(&client, target).await {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(e) => {
-                        drop(Object::take(client));
-                        r.mark_down(&e.to_string());
-                        continue;
-                    }
-                }
-            }
-            return (r.pool.clone(), Served::Replica(r.name.clone()));
         }
         (self.inner.primary.clone(), Served::Primary)
     }
@@ -437,32 +417,19 @@ impl Router {
             &'a tokio_postgres::Client,
         ) -> BoxFuture<'a, Result<T, tokio_postgres::Error>>,
     {
-        let n = self.inner.replicas.len();
-        let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        for i in 0..n {
-            let r = &self.inner.replicas[(start + i) % n];
-            if !self.inner.eligible(r) {
-                continue;
-            }
-            let client = match r.pool.get().await {
-                Ok(c) => c,
-                Err(e) => {
-                    r.mark_down(&e.to_string());
-                    continue;
-                }
-            };
-            if let Some(target) = session.last_commit {
-                match self.inner.caught_up(&client, target).await {
-                    Ok(true) => {}
-                    // Not there in time: the primary has it.
-                    Ok(false) => break,
+        for r in self.inner.rotation() {
+            let client = match self.inner.candidate(r, session).await {
+                Candidate::Ready(Some(c)) => *c,
+                Candidate::Ready(None) => match r.pool.get().await {
+                    Ok(c) => c,
                     Err(e) => {
-                        drop(Object::take(client));
                         r.mark_down(&e.to_string());
                         continue;
                     }
-                }
-            }
+                },
+                Candidate::Skip => continue,
+                Candidate::Primary => break,
+            };
             match f(&client).await {
                 Ok(v) => return Ok((v, Served::Replica(r.name.clone()))),
                 Err(e) if is_failover_error(&e) => {
@@ -541,6 +508,16 @@ impl ReadReplicas {
     }
 }
 
+/// What a replica can do for one read.
+enum Candidate {
+    /// Serve it (with the client used to check it, if one was).
+    Ready(Option<Box<Object>>),
+    /// Not now: try the next replica.
+    Skip,
+    /// A replica that has not caught up: the primary reads it.
+    Primary,
+}
+
 /// How one attempt of a write ended.
 enum Step<T> {
     Done(T),
@@ -573,6 +550,41 @@ impl Replica {
 }
 
 impl Inner {
+    /// The replicas, starting at the next one in turn.
+    fn rotation(&self) -> impl Iterator<Item = &Replica> {
+        let n = self.replicas.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n).map(move |i| &self.replicas[(start + i) % n])
+    }
+
+    /// Whether `r` may serve a read of `session` now. With a commit to see, it checks out a
+    /// client to ask the replica (handed back with `Ready`); without, it asks nothing.
+    async fn candidate(&self, r: &Replica, session: &Session) -> Candidate {
+        if !self.eligible(r) {
+            return Candidate::Skip;
+        }
+        let Some(target) = session.last_commit else {
+            return Candidate::Ready(None);
+        };
+        let client = match r.pool.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                r.mark_down(&e.to_string());
+                return Candidate::Skip;
+            }
+        };
+        match self.caught_up(&client, target).await {
+            Ok(true) => Candidate::Ready(Some(Box::new(client))),
+            // Not there in time: the primary has it.
+            Ok(false) => Candidate::Primary,
+            Err(e) => {
+                drop(Object::take(client));
+                r.mark_down(&e.to_string());
+                Candidate::Skip
+            }
+        }
+    }
+
     fn eligible(&self, r: &Replica) -> bool {
         let h = r.health.lock().unwrap_or_else(|e| e.into_inner());
         // A listed node that is the primary now (after a failover) is read as the primary.

@@ -321,7 +321,7 @@ fn segment_end(segment: &str) -> Option<u64> {
 }
 
 /// A WAL segment name's position (log and segment, without the timeline).
-fn wal_position(segment: &str) -> &str {
+pub(crate) fn wal_position(segment: &str) -> &str {
     segment.get(8..).unwrap_or(segment)
 }
 

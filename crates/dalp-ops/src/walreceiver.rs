@@ -309,14 +309,14 @@ fn prune(dir: &Path, backups: &Backups) {
     let Ok(Some((_, max))) = backups.archived_wal(1) else {
         return;
     };
-    let max_pos = max.get(8..).unwrap_or("").to_string();
+    let max_pos = crate::backup::wal_position(&max);
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.ends_with(".partial") {
             continue;
         }
         if let Some(base) = segment_name(&name) {
-            if base.get(8..).unwrap_or("") < max_pos.as_str() {
+            if crate::backup::wal_position(base) < max_pos {
                 let _ = std::fs::remove_file(e.path());
             }
         }

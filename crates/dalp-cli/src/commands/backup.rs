@@ -483,13 +483,24 @@ async fn evidence_target(data_dir: &Path) -> Option<dalp_db::ConnectOptions> {
     if !source_running(data_dir) {
         return None;
     }
-    if HaCluster::is_cluster_dir(data_dir) {
-        let c = HaCluster::open(data_dir).ok()?;
-        let leader = c.leader().await.ok()?;
-        Some(c.superuser_options(&leader, DATABASE))
+    source_superuser(data_dir).await.ok().map(|(su, _)| su)
+}
+
+/// The superuser of the instance (or HA leader) in `data_dir`, and its key directory.
+async fn source_superuser(
+    data_dir: &Path,
+) -> anyhow::Result<(dalp_db::ConnectOptions, std::path::PathBuf)> {
+    Ok(if HaCluster::is_cluster_dir(data_dir) {
+        let c = HaCluster::open(data_dir)?;
+        let leader = c.leader().await?;
+        (
+            c.superuser_options(&leader, DATABASE),
+            c.root().join("keys"),
+        )
     } else {
-        Layout::new(data_dir).superuser_options(DATABASE).ok()
-    }
+        let l = Layout::new(data_dir);
+        (l.superuser_options(DATABASE)?, l.keys_dir())
+    })
 }
 
 /// Records recovery evidence in the running instance of `data_dir`; says so when it cannot
@@ -670,17 +681,7 @@ async fn table_sums(
 
 async fn verify(data_dir: &Path, repo: u8, keep: bool, json: bool) -> anyhow::Result<ExitCode> {
     let b = backup::for_dir(data_dir)?;
-    let (su_options, keys_dir) = if dalp_ops::HaCluster::is_cluster_dir(data_dir) {
-        let c = HaCluster::open(data_dir)?;
-        let leader = c.leader().await?;
-        (
-            c.superuser_options(&leader, DATABASE),
-            c.root().join("keys"),
-        )
-    } else {
-        let l = Layout::new(data_dir);
-        (l.superuser_options(DATABASE)?, l.keys_dir())
-    };
+    let (su_options, keys_dir) = source_superuser(data_dir).await?;
     let mut su = su_options
         .connect()
         .await
