@@ -107,7 +107,7 @@ impl ApiError {
                 AssetError::TemplatePublished(_) => (StatusCode::CONFLICT, "template_published"),
                 AssetError::NotPending(_) => (StatusCode::CONFLICT, "not_pending"),
                 AssetError::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-                AssetError::Db(_) | AssetError::Internal(_) => {
+                AssetError::Db(_) | AssetError::Internal(_) | AssetError::Write(_) => {
                     (StatusCode::INTERNAL_SERVER_ERROR, "internal")
                 }
             },
@@ -123,7 +123,9 @@ impl ApiError {
                 IndexError::NotIndexedYet { .. } => (StatusCode::CONFLICT, "not_indexed_yet"),
                 IndexError::Diverged { .. } => (StatusCode::CONFLICT, "chain_diverged"),
                 IndexError::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-                IndexError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+                IndexError::Db(_) | IndexError::Write(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+                }
             },
             ApiError::Workflow(e) => match e {
                 WorkflowError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
@@ -134,7 +136,9 @@ impl ApiError {
                     (StatusCode::CONFLICT, "illegal_transition")
                 }
                 WorkflowError::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-                WorkflowError::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+                WorkflowError::Db(_) | WorkflowError::Write(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+                }
             },
             ApiError::Identity(e) => match e {
                 I::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
@@ -150,7 +154,9 @@ impl ApiError {
                 I::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 I::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
                 I::Pool(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-                I::Crypto(_) | I::Db(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+                I::Crypto(_) | I::Db(_) | I::Hashing(_) | I::Write(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+                }
             },
         }
     }
@@ -161,7 +167,7 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
             // Logged here, where it is handled; the client learns nothing internal.
-            tracing::error!(error = %self, "request failed");
+            tracing::error!(error = %cause_chain(&self), "request failed");
             "internal error".to_string()
         } else {
             self.to_string()
@@ -211,4 +217,20 @@ impl ApiError {
         }
         r
     }
+}
+
+/// `e` and every source under it, joined by ": " (a source whose text the outer message
+/// already repeats is left out), so an internal error's log line says what really failed.
+pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }

@@ -260,8 +260,8 @@ impl AssetStore {
         modules: Vec<Module>,
     ) -> Result<Proposal, AssetError> {
         let modules = serde_json::to_value(validate(modules)?).expect("modules serialize");
-        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer().checkout().await?;
+        let mut tx = conn.begin("assets.propose_compliance").await?;
         let status: String = tx
             .typed_query_opt(
                 "SELECT status FROM dalp_assets.assets WHERE id = $1 FOR SHARE",
@@ -286,8 +286,7 @@ impl AssetStore {
                 )
                 .await?
                 .get(0);
-            dalp_audit::record(
-                &*tx,
+            tx.record(
                 &ctx.event("assets.compliance.propose", "asset")
                     .resource(asset_id)
                     .details(json!({ "change_id": change_id })),
@@ -296,7 +295,7 @@ impl AssetStore {
             tx.commit().await?;
             return Ok(Proposal::Pending { change_id });
         }
-        let config = apply(&tx, ctx, asset_id, current, &modules, None).await?;
+        let config = apply(&mut tx, ctx, asset_id, current, &modules, None).await?;
         tx.commit().await?;
         Ok(Proposal::Applied { config })
     }
@@ -309,8 +308,8 @@ impl AssetStore {
         ctx: &RequestContext,
         change_id: Uuid,
     ) -> Result<ComplianceConfig, AssetError> {
-        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer().checkout().await?;
+        let mut tx = conn.begin("assets.approve_compliance").await?;
         let row = tx
             .typed_query_opt(
                 "SELECT asset_id, base_version, modules, proposed_by, status FROM dalp_assets.compliance_changes WHERE id = $1 FOR UPDATE",
@@ -341,7 +340,7 @@ impl AssetStore {
             });
         }
         let config = apply(
-            &tx,
+            &mut tx,
             &RequestContext {
                 actor: proposer,
                 ..ctx.clone()
@@ -357,8 +356,7 @@ impl AssetStore {
             &[&change_id, &ctx.actor],
         )
         .await?;
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("assets.compliance.approve", "asset")
                 .resource(asset_id)
                 .details(json!({ "change_id": change_id, "version": config.version })),
@@ -394,7 +392,7 @@ async fn current_version(
 
 /// Writes the configuration, its version row and audit record.
 async fn apply(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &mut dalp_db::write::Write<'_>,
     ctx: &RequestContext,
     asset_id: Uuid,
     current: (i32, Option<Value>),
@@ -414,8 +412,7 @@ async fn apply(
         &[&asset_id, &version, &ctx.actor, &approved_by, &current.1, modules],
     )
     .await?;
-    dalp_audit::record(
-        &**tx,
+    tx.record(
         &ctx.event("assets.compliance.update", "asset")
             .resource(asset_id)
             .details(json!({ "version": version, "approved_by": approved_by })),

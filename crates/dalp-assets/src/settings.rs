@@ -3,7 +3,6 @@
 
 use chrono::{DateTime, Utc};
 use dalp_audit::RequestContext;
-use dalp_db::cache;
 use dalp_db::TypedClient;
 use dalp_types::{Decimal, EvmAddress, Invalid};
 use serde::{Deserialize, Serialize};
@@ -231,8 +230,8 @@ impl AssetStore {
         }
         let features = Value::Object(input.features);
 
-        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer().checkout().await?;
+        let mut tx = conn.begin("assets.put_settings").await?;
         let current = tx
             .typed_query_opt(
                 "SELECT version, to_jsonb(s) FROM dalp_assets.organisation_settings s WHERE organisation_id = $1 FOR UPDATE",
@@ -272,17 +271,14 @@ impl AssetStore {
             &[&org, &saved.version, &ctx.actor, &before],
         )
         .await?;
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("assets.settings.update", "organisation_settings")
                 .resource(org)
                 .details(json!({ "version": saved.version })),
         )
         .await?;
-        let tags = vec![format!("settings:{org}")];
-        cache::notify(&*tx, CACHE_CHANNEL, &tags).await?;
+        tx.invalidate([format!("settings:{org}")]);
         tx.commit().await?;
-        self.cache().invalidate_local(&tags[0]);
         Ok(saved)
     }
 
@@ -320,8 +316,8 @@ impl AssetStore {
             let field = if *u == base { "base" } else { "quote" };
             return Err(Invalid::new(field, format!("unknown currency {u}")).into());
         }
-        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer().checkout().await?;
+        let mut tx = conn.begin("assets.record_fx").await?;
         let row = tx
             .typed_query_one(
                 "INSERT INTO dalp_assets.fx_rates (base, quote, provider, effective_at, rate, recorded_by)
@@ -329,9 +325,7 @@ impl AssetStore {
                 &[&base, &quote, &provider, &input.effective_at, &rate.as_str(), &ctx.actor],
             )
             .await?;
-        dalp_audit::record(
-            &*tx,
-            &ctx.event("assets.fx.record", "fx_rate")
+        tx.record(&ctx.event("assets.fx.record", "fx_rate")
                 .resource(format!("{base}/{quote}"))
                 .details(json!({ "provider": provider, "effective_at": input.effective_at, "rate": rate.as_str() })),
         )

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use dalp_audit::RequestContext;
-use dalp_db::cache::InvalidatingCache;
+use dalp_db::cache::{Invalidate, InvalidatingCache};
+use dalp_db::{WriteError, Writer};
 use dalp_types::Invalid;
 use deadpool_postgres::{Pool, Transaction};
 use serde::Serialize;
@@ -45,7 +46,9 @@ pub enum AssetError {
     #[error("database unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("database: {0}")]
-    Db(tokio_postgres::Error),
+    Db(#[source] tokio_postgres::Error),
+    #[error(transparent)]
+    Write(WriteError),
     #[error("stored data is unreadable: {0}")]
     Internal(String),
 }
@@ -74,6 +77,16 @@ impl From<tokio_postgres::Error> for AssetError {
             )
         } else {
             AssetError::Db(e)
+        }
+    }
+}
+
+impl From<WriteError> for AssetError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            // A deferred constraint fails at commit: the same mapping as any statement.
+            WriteError::Db(e) => e.into(),
+            e => AssetError::Write(e),
         }
     }
 }
@@ -201,6 +214,9 @@ impl<'a> Bind<'a> {
 #[derive(Clone)]
 pub struct AssetStore {
     pool: Pool,
+    /// Every change; it sends one NOTIFY on [`crate::settings::CACHE_CHANNEL`] with the
+    /// entries a change replaces and evicts them here at commit.
+    writer: Writer,
     cache: Arc<InvalidatingCache<Cached>>,
 }
 
@@ -213,7 +229,19 @@ impl AssetStore {
     /// A store reading settings through `cache`, which a listener on
     /// [`crate::settings::CACHE_CHANNEL`] keeps correct.
     pub fn with_cache(pool: Pool, cache: Arc<InvalidatingCache<Cached>>) -> AssetStore {
-        AssetStore { pool, cache }
+        let writer = Writer::new(pool.clone(), "assets").invalidating(
+            crate::settings::CACHE_CHANNEL,
+            cache.clone() as Arc<dyn Invalidate>,
+        );
+        AssetStore {
+            pool,
+            writer,
+            cache,
+        }
+    }
+
+    pub(crate) fn writer(&self) -> &Writer {
+        &self.writer
     }
 
     pub(crate) fn pool(&self) -> &Pool {
@@ -226,7 +254,7 @@ impl AssetStore {
 
     /// The version row and the audit record of one change, in the caller's transaction.
     async fn record_change(
-        tx: &Transaction<'_>,
+        tx: &mut dalp_db::write::Write<'_>,
         ctx: &RequestContext,
         id: Uuid,
         version: i32,
@@ -244,8 +272,7 @@ impl AssetStore {
             "update" => "assets.asset.update",
             _ => "assets.asset.delete",
         };
-        dalp_audit::record(
-            &**tx,
+        tx.record(
             &ctx.event(action, "asset")
                 .resource(id)
                 .details(json!({ "version": version })),
@@ -260,8 +287,8 @@ impl AssetStore {
             self.check_template(t, spec.base_type, &spec.metadata, None)
                 .await?;
         }
-        let mut client = dalp_db::pool::checkout(&self.pool, "assets").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("assets.create").await?;
         let bind = Bind::of(spec);
         let row = tx
             .typed_query_one(
@@ -274,19 +301,9 @@ impl AssetStore {
             )
             .await?;
         let asset = asset_from(&row);
-        Self::record_change(&tx, ctx, asset.id, 1, "insert", None).await?;
+        Self::record_change(&mut tx, ctx, asset.id, 1, "insert", None).await?;
         tx.commit().await?;
         Ok(asset)
-    }
-
-    /// Commits `tx` with one NOTIFY for the asset (delivered on commit to other processes)
-    /// and evicts it here at once.
-    async fn commit_invalidating(&self, tx: Transaction<'_>, id: Uuid) -> Result<()> {
-        let tags = vec![format!("asset:{id}")];
-        dalp_db::cache::notify(&*tx, crate::settings::CACHE_CHANNEL, &tags).await?;
-        tx.commit().await?;
-        self.cache.invalidate_local(&tags[0]);
-        Ok(())
     }
 
     /// One asset, served from the cache when possible.
@@ -348,8 +365,8 @@ impl AssetStore {
         expected_version: i32,
         spec: &AssetSpec,
     ) -> Result<Asset> {
-        let mut client = dalp_db::pool::checkout(&self.pool, "assets").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("assets.update").await?;
         let before = Self::lock_at(&tx, id, expected_version).await?;
         if let Some(t) = spec.template_id {
             let previous =
@@ -370,8 +387,9 @@ impl AssetStore {
             )
             .await?;
         let asset = asset_from(&row);
-        Self::record_change(&tx, ctx, id, asset.version, "update", Some(before)).await?;
-        self.commit_invalidating(tx, id).await?;
+        Self::record_change(&mut tx, ctx, id, asset.version, "update", Some(before)).await?;
+        tx.invalidate([format!("asset:{id}")]);
+        tx.commit().await?;
         Ok(asset)
     }
 
@@ -383,13 +401,22 @@ impl AssetStore {
         id: Uuid,
         expected_version: i32,
     ) -> Result<()> {
-        let mut client = dalp_db::pool::checkout(&self.pool, "assets").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("assets.delete").await?;
         let before = Self::lock_at(&tx, id, expected_version).await?;
         tx.typed_execute("DELETE FROM dalp_assets.assets WHERE id = $1", &[&id])
             .await?;
-        Self::record_change(&tx, ctx, id, expected_version + 1, "delete", Some(before)).await?;
-        self.commit_invalidating(tx, id).await?;
+        Self::record_change(
+            &mut tx,
+            ctx,
+            id,
+            expected_version + 1,
+            "delete",
+            Some(before),
+        )
+        .await?;
+        tx.invalidate([format!("asset:{id}")]);
+        tx.commit().await?;
         Ok(())
     }
 
@@ -422,8 +449,8 @@ impl AssetStore {
         expected_version: i32,
         status: &str,
     ) -> Result<Asset> {
-        let mut client = dalp_db::pool::checkout(&self.pool, "assets").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("assets.list").await?;
         let before = Self::lock_at(&tx, id, expected_version).await?;
         let row = tx
             .typed_query_one(
@@ -435,8 +462,9 @@ impl AssetStore {
             )
             .await?;
         let asset = asset_from(&row);
-        Self::record_change(&tx, ctx, id, asset.version, "update", Some(before)).await?;
-        self.commit_invalidating(tx, id).await?;
+        Self::record_change(&mut tx, ctx, id, asset.version, "update", Some(before)).await?;
+        tx.invalidate([format!("asset:{id}")]);
+        tx.commit().await?;
         Ok(asset)
     }
 

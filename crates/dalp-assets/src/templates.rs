@@ -301,7 +301,7 @@ fn template_from(r: &Row) -> Template {
 
 impl AssetStore {
     async fn template_change(
-        tx: &deadpool_postgres::Transaction<'_>,
+        tx: &mut dalp_db::write::Write<'_>,
         ctx: &RequestContext,
         t: &Template,
         before: Option<Value>,
@@ -313,8 +313,7 @@ impl AssetStore {
             &[&t.id, &t.version, &ctx.actor, &before],
         )
         .await?;
-        dalp_audit::record(
-            &**tx,
+        tx.record(
             &ctx.event(action, "template")
                 .resource(t.id)
                 .details(json!({ "version": t.version, "slug": t.slug })),
@@ -331,8 +330,8 @@ impl AssetStore {
     ) -> Result<Template, AssetError> {
         input.validate()?;
         let schema = serde_json::to_value(&input.metadata_schema).expect("schema serializes");
-        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer().checkout().await?;
+        let mut tx = conn.begin("assets.create_template").await?;
         let row = tx
             .typed_query_one(
                 &format!(
@@ -344,7 +343,7 @@ impl AssetStore {
             )
             .await?;
         let t = template_from(&row);
-        Self::template_change(&tx, ctx, &t, None, "assets.template.create").await?;
+        Self::template_change(&mut tx, ctx, &t, None, "assets.template.create").await?;
         tx.commit().await?;
         Ok(t)
     }
@@ -373,8 +372,8 @@ impl AssetStore {
     ) -> Result<Template, AssetError> {
         input.validate()?;
         let schema = serde_json::to_value(&input.metadata_schema).expect("schema serializes");
-        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer().checkout().await?;
+        let mut tx = conn.begin("assets.update_template").await?;
         let cur = tx
             .typed_query_opt(&format!("SELECT {COLUMNS}, to_jsonb(t) FROM dalp_assets.templates t WHERE id = $1 FOR UPDATE"), &[&id])
             .await?
@@ -409,7 +408,14 @@ impl AssetStore {
             )
             .await?;
         let t = template_from(&row);
-        Self::template_change(&tx, ctx, &t, Some(cur.get(10)), "assets.template.update").await?;
+        Self::template_change(
+            &mut tx,
+            ctx,
+            &t,
+            Some(cur.get(10)),
+            "assets.template.update",
+        )
+        .await?;
         tx.commit().await?;
         Ok(t)
     }
@@ -421,8 +427,8 @@ impl AssetStore {
         id: Uuid,
         expected_version: i32,
     ) -> Result<Template, AssetError> {
-        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer().checkout().await?;
+        let mut tx = conn.begin("assets.publish_template").await?;
         let cur = tx
             .typed_query_opt("SELECT version, status, to_jsonb(t) FROM dalp_assets.templates t WHERE id = $1 FOR UPDATE", &[&id])
             .await?
@@ -445,7 +451,14 @@ impl AssetStore {
             )
             .await?;
         let t = template_from(&row);
-        Self::template_change(&tx, ctx, &t, Some(cur.get(2)), "assets.template.publish").await?;
+        Self::template_change(
+            &mut tx,
+            ctx,
+            &t,
+            Some(cur.get(2)),
+            "assets.template.publish",
+        )
+        .await?;
         tx.commit().await?;
         Ok(t)
     }
@@ -477,8 +490,8 @@ impl AssetStore {
         id: Uuid,
         hidden: bool,
     ) -> Result<(), AssetError> {
-        let mut client = dalp_db::pool::checkout(self.pool(), "assets").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer().checkout().await?;
+        let mut tx = conn.begin("assets.set_template_hidden").await?;
         if tx
             .typed_query_opt("SELECT 1 FROM dalp_assets.templates WHERE id = $1", &[&id])
             .await?
@@ -495,8 +508,7 @@ impl AssetStore {
         } else {
             tx.typed_execute("DELETE FROM dalp_assets.template_hidden WHERE organisation_id = $1 AND template_id = $2", &[&org, &id]).await?;
         }
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("assets.template.visibility", "template")
                 .resource(id)
                 .details(json!({ "organisation_id": org, "hidden": hidden })),

@@ -169,3 +169,14 @@ pub async fn record<C: TypedClient>(
         .await?;
     Ok(())
 }
+
+/// A change's audit record, inserted by `dalp_db::write::Write::record` in the change's
+/// transaction.
+impl dalp_db::Record for AuditEvent {
+    async fn insert(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<(), tokio_postgres::Error> {
+        record(tx, self).await
+    }
+}

@@ -20,6 +20,7 @@ pub mod roles;
 pub mod secrets;
 pub mod sql;
 pub mod typed;
+pub mod write;
 
 pub use access::{Privs, RoleGrant, SchemaAccess};
 pub use component::{Component, MIGRATOR_ROLE, OWNER_ROLE};
@@ -29,3 +30,4 @@ pub use migrate::{Migration, MigrationSet};
 pub use pool::ComponentPools;
 pub use secrets::Secrets;
 pub use typed::TypedClient;
+pub use write::{Record, WriteError, Writer};

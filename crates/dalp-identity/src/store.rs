@@ -1,7 +1,8 @@
 //! The only code that touches `dalp_identity`. Every state change commits together with its
 //! audit record, and sends at most one cache notification from inside its transaction.
 
-use dalp_db::TypedClient;
+use dalp_db::write::Write;
+use dalp_db::{TypedClient, WriteError, Writer};
 use std::sync::{Arc, OnceLock};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -71,7 +72,21 @@ pub enum IdentityError {
     #[error("database unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("database: {0}")]
-    Db(tokio_postgres::Error),
+    Db(#[source] tokio_postgres::Error),
+    #[error("password hashing failed: {0}")]
+    Hashing(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Write(WriteError),
+}
+
+impl From<WriteError> for IdentityError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            // A deferred constraint fails at commit: the same mapping as any statement.
+            WriteError::Db(e) => e.into(),
+            e => IdentityError::Write(e),
+        }
+    }
 }
 
 impl From<tokio_postgres::Error> for IdentityError {
@@ -258,7 +273,7 @@ async fn hash_password(password: &Password) -> Result<String> {
             .expect("argon2 hashing with valid parameters")
     })
     .await
-    .map_err(|_| IdentityError::Forbidden("password hashing was interrupted".into()))
+    .map_err(IdentityError::Hashing)
 }
 
 async fn verify_password(hash: String, password: String) -> bool {
@@ -317,8 +332,12 @@ fn is_banned(banned: bool, until: Option<DateTime<Utc>>) -> bool {
 
 /// The identity store: one pool (as `dalp_identity_svc`), the key provider and the cache.
 #[derive(Clone)]
+/// Every change goes through `writer`, which commits one NOTIFY on [`CACHE_CHANNEL`] with
+/// the tags a change replaces and evicts them here at once, so the writing process never
+/// serves its own stale entry while the notification travels.
 pub struct IdentityStore {
     pool: Pool,
+    writer: Writer,
     keys: Arc<dyn KeyProvider>,
     cache: Arc<InvalidatingCache<Principal>>,
 }
@@ -329,23 +348,18 @@ impl IdentityStore {
         keys: Arc<dyn KeyProvider>,
         cache: Arc<InvalidatingCache<Principal>>,
     ) -> IdentityStore {
-        IdentityStore { pool, keys, cache }
+        let writer = Writer::new(pool.clone(), "identity")
+            .invalidating(CACHE_CHANNEL, cache.clone() as Arc<dyn cache::Invalidate>);
+        IdentityStore {
+            pool,
+            writer,
+            keys,
+            cache,
+        }
     }
 
     pub fn cache(&self) -> &Arc<InvalidatingCache<Principal>> {
         &self.cache
-    }
-
-    /// Commits `tx` with one queued NOTIFY for `tags` (delivered to other processes on
-    /// commit), then evicts the same tags here at once, so the writing process never serves
-    /// its own stale entry while the notification travels.
-    async fn commit_invalidating(&self, tx: Transaction<'_>, tags: Vec<String>) -> Result<()> {
-        cache::notify(&*tx, CACHE_CHANNEL, &tags).await?;
-        tx.commit().await?;
-        for tag in &tags {
-            self.cache.invalidate_local(tag);
-        }
-        Ok(())
     }
 
     // ---- users ------------------------------------------------------------------------
@@ -371,8 +385,8 @@ impl IdentityStore {
             Some(p) => Some(hash_password(p).await?),
             None => None,
         };
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.create_user").await?;
         let id: Uuid = tx
             .typed_query_one(
                 "INSERT INTO dalp_identity.users (email, name, wallet_address) VALUES ($1, $2, $3) RETURNING id",
@@ -395,8 +409,7 @@ impl IdentityStore {
             .await?;
         }
         let roles: Vec<&str> = new.roles.iter().map(|r| r.as_str()).collect();
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("identity.user.create", "user")
                 .resource(id)
                 .details(json!({ "roles": roles, "password_set": new.password.is_some() })),
@@ -467,8 +480,8 @@ impl IdentityStore {
             .as_deref()
             .map(|n| parse_name("name", n))
             .transpose()?;
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.update_user").await?;
         let exists = tx
             .typed_query_opt(
                 "SELECT 1 FROM dalp_identity.users WHERE id = $1 FOR UPDATE",
@@ -525,36 +538,32 @@ impl IdentityStore {
             .await?;
             changed.push("banned");
         }
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("identity.user.update", "user")
                 .resource(id)
                 .details(json!({ "fields": changed })),
         )
         .await?;
         let user = Self::user_in(&tx, id).await?;
-        self.commit_invalidating(tx, vec![format!("user:{id}")])
-            .await?;
+        tx.invalidate(vec![format!("user:{id}")]);
+        tx.commit().await?;
         Ok(user)
     }
 
     #[tracing::instrument(target = "dalp_store", name = "identity.delete_user", skip_all)]
     pub async fn delete_user(&self, ctx: &RequestContext, id: Uuid) -> Result<()> {
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.delete_user").await?;
         let n = tx
             .typed_execute("DELETE FROM dalp_identity.users WHERE id = $1", &[&id])
             .await?;
         if n == 0 {
             return Err(IdentityError::NotFound("user"));
         }
-        dalp_audit::record(
-            &*tx,
-            &ctx.event("identity.user.delete", "user").resource(id),
-        )
-        .await?;
-        self.commit_invalidating(tx, vec![format!("user:{id}")])
+        tx.record(&ctx.event("identity.user.delete", "user").resource(id))
             .await?;
+        tx.invalidate(vec![format!("user:{id}")]);
+        tx.commit().await?;
         Ok(())
     }
 
@@ -566,19 +575,16 @@ impl IdentityStore {
         password: &Password,
     ) -> Result<()> {
         let hash = hash_password(password).await?;
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.set_password").await?;
         tx.typed_execute(
             "INSERT INTO dalp_identity.password_credentials (user_id, hash) VALUES ($1, $2)
              ON CONFLICT (user_id) DO UPDATE SET hash = EXCLUDED.hash, updated_at = now()",
             &[&id, &hash],
         )
         .await?;
-        dalp_audit::record(
-            &*tx,
-            &ctx.event("identity.password.set", "user").resource(id),
-        )
-        .await?;
+        tx.record(&ctx.event("identity.password.set", "user").resource(id))
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -590,8 +596,8 @@ impl IdentityStore {
         id: Uuid,
         role: PlatformRole,
     ) -> Result<User> {
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.grant_role").await?;
         if tx
             .typed_query_opt("SELECT 1 FROM dalp_identity.users WHERE id = $1", &[&id])
             .await?
@@ -606,8 +612,7 @@ impl IdentityStore {
             )
             .await?;
         if n == 1 {
-            dalp_audit::record(
-                &*tx,
+            tx.record(
                 &ctx.event("identity.role.grant", "user")
                     .resource(id)
                     .details(json!({ "role": role.as_str() })),
@@ -615,8 +620,8 @@ impl IdentityStore {
             .await?;
         }
         let user = Self::user_in(&tx, id).await?;
-        self.commit_invalidating(tx, vec![format!("user:{id}")])
-            .await?;
+        tx.invalidate(vec![format!("user:{id}")]);
+        tx.commit().await?;
         Ok(user)
     }
 
@@ -627,8 +632,8 @@ impl IdentityStore {
         id: Uuid,
         role: PlatformRole,
     ) -> Result<User> {
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.revoke_role").await?;
         let n = tx
             .typed_execute(
                 "DELETE FROM dalp_identity.platform_roles WHERE user_id = $1 AND role = $2",
@@ -638,16 +643,15 @@ impl IdentityStore {
         if n == 0 {
             return Err(IdentityError::NotFound("role grant"));
         }
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("identity.role.revoke", "user")
                 .resource(id)
                 .details(json!({ "role": role.as_str() })),
         )
         .await?;
         let user = Self::user_in(&tx, id).await?;
-        self.commit_invalidating(tx, vec![format!("user:{id}")])
-            .await?;
+        tx.invalidate(vec![format!("user:{id}")]);
+        tx.commit().await?;
         Ok(user)
     }
 
@@ -662,8 +666,8 @@ impl IdentityStore {
     ) -> Result<Uuid> {
         let slug = dalp_types::parse_slug("slug", slug)?;
         let name = parse_name("name", name)?;
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.create_organisation").await?;
         let id: Uuid = tx
             .typed_query_one(
                 "INSERT INTO dalp_identity.organisations (slug, name) VALUES ($1, $2) RETURNING id",
@@ -676,8 +680,7 @@ impl IdentityStore {
             &[&id, &owner],
         )
         .await?;
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("identity.organisation.create", "organisation")
                 .resource(id)
                 .details(json!({ "slug": slug })),
@@ -784,8 +787,8 @@ impl IdentityStore {
                 SESSION_TTL
             };
         let token = random_token(SESSION_PREFIX);
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.login").await?;
         let session_id: Uuid = tx
             .typed_query_one(
                 "INSERT INTO dalp_identity.sessions (user_id, token_hash, expires_at, refreshed_at, fresh_until, mfa_pending, ip, user_agent)
@@ -806,7 +809,7 @@ impl IdentityStore {
             .resource(session_id)
             .details(json!({ "mfa_pending": mfa_required }));
         ev.actor = format!("user:{user_id}");
-        dalp_audit::record(&*tx, &ev).await?;
+        tx.record(&ev).await?;
         tx.commit().await?;
         Ok(LoginResult {
             token,
@@ -821,8 +824,10 @@ impl IdentityStore {
         if let Some(u) = user.filter(|_| event.resource_id.is_none()) {
             event.resource_id = Some(u.to_string());
         }
-        let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        dalp_audit::record(&**client, &event).await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.audit").await?;
+        tx.record(&event).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -903,12 +908,18 @@ impl IdentityStore {
         if !mfa_pending && now - refreshed_at >= SESSION_REFRESH_AFTER {
             expires_at = now + SESSION_TTL;
             refreshed_at = now;
-            client
-                .typed_execute(
-                    "UPDATE dalp_identity.sessions SET expires_at = $2, refreshed_at = $3 WHERE id = $1 AND revoked_at IS NULL",
-                    &[&id, &expires_at, &refreshed_at],
-                )
-                .await?;
+            drop(client);
+            let mut conn = self.writer.checkout().await?;
+            let tx = conn.begin("identity.refresh_session").await?;
+            tx.typed_execute(
+                "UPDATE dalp_identity.sessions SET expires_at = $2, refreshed_at = $3 WHERE id = $1 AND revoked_at IS NULL",
+                &[&id, &expires_at, &refreshed_at],
+            )
+            .await?;
+            tx.commit_unaudited(
+                "sliding expiry of a session; its creation and revocation are audited",
+            )
+            .await?;
         }
         let p = Principal {
             user_id: row.get(1),
@@ -1060,14 +1071,14 @@ impl IdentityStore {
                 "api_key",
             ),
         };
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.revoke_session").await?;
         if tx.typed_execute(sql, &[&id, &user_id]).await? == 0 {
             return Err(IdentityError::NotFound(label));
         }
-        dalp_audit::record(&*tx, &ctx.event(action, resource).resource(id)).await?;
-        self.commit_invalidating(tx, vec![format!("{tag}:{id}")])
-            .await?;
+        tx.record(&ctx.event(action, resource).resource(id)).await?;
+        tx.invalidate(vec![format!("{tag}:{id}")]);
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1105,8 +1116,8 @@ impl IdentityStore {
         let dek = crypto::new_dek();
         let wrapped = self.keys.wrap(&dek).await?;
         let enc = crypto::seal(&dek, &secret, totp_aad(p.user_id).as_bytes());
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.enroll_totp").await?;
         let dk: Uuid = tx
             .typed_query_one(
                 "INSERT INTO dalp_identity.data_keys (kek_id, wrapped) VALUES ($1, $2) RETURNING id",
@@ -1120,11 +1131,8 @@ impl IdentityStore {
             &[&p.user_id, &dk, &enc],
         )
         .await?;
-        dalp_audit::record(
-            &*tx,
-            &ctx.event("identity.mfa.enroll", "user").resource(p.user_id),
-        )
-        .await?;
+        tx.record(&ctx.event("identity.mfa.enroll", "user").resource(p.user_id))
+            .await?;
         tx.commit().await?;
         Ok(TotpEnrolment {
             secret: totp::secret_base32(&secret),
@@ -1150,8 +1158,8 @@ impl IdentityStore {
         let step = totp::verify(&secret, code, Utc::now().timestamp() as u64, last as u64)
             .ok_or(IdentityError::InvalidCode)?;
         let codes = totp::generate_backup_codes();
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.confirm_totp").await?;
         tx.typed_execute(
             "UPDATE dalp_identity.mfa_totp SET confirmed_at = now(), last_used_step = $2 WHERE user_id = $1",
             &[&p.user_id, &(step as i64)],
@@ -1170,13 +1178,13 @@ impl IdentityStore {
             .await?;
         }
         Self::complete_pending(&tx, p).await?;
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("identity.mfa.confirm", "user")
                 .resource(p.user_id),
         )
         .await?;
-        self.commit_invalidating(tx, p.tags()).await?;
+        tx.invalidate(p.tags());
+        tx.commit().await?;
         Ok(codes)
     }
 
@@ -1217,8 +1225,8 @@ impl IdentityStore {
             unreachable!("matched above")
         };
         let totp_state = self.load_totp(p.user_id).await?;
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.verify_mfa").await?;
         // Attempts of one user are serialised on their lockout row, so concurrent guesses
         // cannot slip past the limit; the limit holds for every API process.
         tx.typed_execute(
@@ -1285,14 +1293,14 @@ impl IdentityStore {
         )
         .await?;
         Self::complete_pending(&tx, p).await?;
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("identity.mfa.verify", "user")
                 .resource(p.user_id)
                 .details(json!({ "method": method })),
         )
         .await?;
-        self.commit_invalidating(tx, p.tags()).await?;
+        tx.invalidate(p.tags());
+        tx.commit().await?;
         Ok(())
     }
 
@@ -1302,7 +1310,7 @@ impl IdentityStore {
     async fn mfa_failure(
         &self,
         ctx: &RequestContext,
-        tx: Transaction<'_>,
+        mut tx: Write<'_>,
         p: &Principal,
         session: Uuid,
     ) -> Result<()> {
@@ -1335,9 +1343,7 @@ impl IdentityStore {
                 )
                 .await?
                 .get(0);
-            dalp_audit::record(
-                &*tx,
-                &ctx.event("identity.mfa.lockout", "user")
+            tx.record(&ctx.event("identity.mfa.lockout", "user")
                     .resource(p.user_id)
                     .outcome(Outcome::Denied)
                     .details(json!({ "locked_until": until, "minutes": minutes, "lockout": lockouts + 1 })),
@@ -1352,8 +1358,7 @@ impl IdentityStore {
                 &[&session],
             )
             .await?;
-            dalp_audit::record(
-                &*tx,
+            tx.record(
                 &ctx.event("identity.session.revoke", "session")
                     .resource(session)
                     .details(json!({ "reason": "too many wrong second-factor codes" })),
@@ -1361,15 +1366,15 @@ impl IdentityStore {
             .await?;
             tags.push(format!("session:{session}"));
         }
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("identity.mfa.verify", "user")
                 .resource(p.user_id)
                 .outcome(Outcome::Denied)
                 .details(details),
         )
         .await?;
-        self.commit_invalidating(tx, tags).await?;
+        tx.invalidate(tags);
+        tx.commit().await?;
         Err(if revoked {
             IdentityError::MfaSessionRevoked
         } else {
@@ -1408,8 +1413,8 @@ impl IdentityStore {
         }
         let key = random_token(API_KEY_PREFIX);
         let prefix = key[..API_KEY_PREFIX.len() + 8].to_string();
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.create_api_key").await?;
         let row = tx
             .typed_query_one(
                 "INSERT INTO dalp_identity.api_keys (user_id, name, prefix, key_hash, scope, rate_limit_per_minute, expires_at)
@@ -1418,8 +1423,7 @@ impl IdentityStore {
             )
             .await?;
         let id: Uuid = row.get(0);
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("identity.api_key.create", "api_key")
                 .resource(id)
                 .details(json!({ "scope": new.scope.as_str() })),
@@ -1492,8 +1496,8 @@ impl IdentityStore {
         let wrapped = self.keys.wrap(&dek).await?;
         let plaintext = serde_json::to_vec(profile).expect("KYC profile serializes");
         let enc = crypto::seal(&dek, &plaintext, kyc_aad(user_id).as_bytes());
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.put_kyc").await?;
         if tx
             .typed_query_opt(
                 "SELECT 1 FROM dalp_identity.users WHERE id = $1",
@@ -1529,8 +1533,7 @@ impl IdentityStore {
             tx.typed_execute("DELETE FROM dalp_identity.data_keys WHERE id = $1", &[&old])
                 .await?;
         }
-        dalp_audit::record(&*tx,
-            &ctx.event("identity.kyc.write", "kyc_profile")
+        tx.record(&ctx.event("identity.kyc.write", "kyc_profile")
                 .resource(user_id)
                 .details(json!({ "fields": ["first_name", "last_name", "date_of_birth", "country", "residency_status", "national_id"] })),
         )
@@ -1542,8 +1545,8 @@ impl IdentityStore {
     /// Reads and decrypts a KYC profile; the read itself is audited in the same transaction.
     #[tracing::instrument(target = "dalp_store", name = "identity.get_kyc", skip_all)]
     pub async fn get_kyc(&self, ctx: &RequestContext, user_id: Uuid) -> Result<KycProfile> {
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("identity.get_kyc").await?;
         let row = tx
             .typed_query_opt(
                 "SELECT d.kek_id, d.wrapped, k.payload_enc FROM dalp_identity.kyc_profiles k
@@ -1562,8 +1565,7 @@ impl IdentityStore {
         let plaintext = crypto::open(&dek, row.get::<_, &[u8]>(2), kyc_aad(user_id).as_bytes())?;
         let profile: KycProfile = serde_json::from_slice(&plaintext)
             .map_err(|_| IdentityError::Crypto(CryptoError::Decrypt))?;
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("identity.kyc.read", "kyc_profile")
                 .resource(user_id),
         )
@@ -1583,8 +1585,8 @@ impl IdentityStore {
         on_progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<RotationReport> {
         let active = self.keys.rotate().await?;
-        let mut client = dalp_db::pool::checkout(&self.pool, "identity").await?;
-        let total: i64 = client
+        let mut conn = self.writer.checkout().await?;
+        let total: i64 = conn
             .typed_query_one(
                 "SELECT count(*) FROM dalp_identity.data_keys WHERE kek_id <> $1",
                 &[&active],
@@ -1593,7 +1595,7 @@ impl IdentityStore {
             .get(0);
         let mut done = 0u64;
         loop {
-            let tx = client.transaction().await?;
+            let tx = conn.begin("identity.rotate_keys").await?;
             let rows = tx
                 .typed_query(
                     "SELECT id, kek_id, wrapped FROM dalp_identity.data_keys WHERE kek_id <> $1
@@ -1620,12 +1622,14 @@ impl IdentityStore {
                 .await?;
             }
             done += rows.len() as u64;
-            tx.commit().await?;
+            tx.commit_unaudited(
+                "re-wrapping a batch of data keys; the rotation is audited once it is complete",
+            )
+            .await?;
             on_progress(done, total as u64);
         }
-        let tx = client.transaction().await?;
-        dalp_audit::record(
-            &*tx,
+        let mut tx = conn.begin("identity.rotate_keys").await?;
+        tx.record(
             &ctx.event("identity.keys.rotate", "key_encryption_key")
                 .resource(&active)
                 .details(json!({ "rewrapped": done })),

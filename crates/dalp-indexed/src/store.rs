@@ -3,7 +3,7 @@
 //! its audit record); a batch that diverges from the stored chain within the finality depth
 //! rolls the stored chain back to the fork point first, in the same transaction.
 
-use dalp_db::TypedClient;
+use dalp_db::{TypedClient, WriteError, Writer};
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -55,6 +55,8 @@ pub enum IndexError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("database error: {}", dalp_db::connect::describe_error(.0))]
     Db(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Write(WriteError),
     /// The node no longer has this chain's blocks within the finality depth: ingest stays
     /// stopped until an operator re-points the indexer or rewinds.
     #[error("chain {chain} diverged from its node at block {block} ({reason}); ingest is stopped. {}", divergence_next_step(*.chain))]
@@ -70,6 +72,15 @@ pub enum IndexError {
         block: i64,
         checkpoint: Option<i64>,
     },
+}
+
+impl From<WriteError> for IndexError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Db(e) => IndexError::Db(e),
+            e => IndexError::Write(e),
+        }
+    }
 }
 
 /// What an operator does about a diverged chain.
@@ -195,6 +206,7 @@ pub enum WriteMode {
 
 pub struct IndexedStore {
     pool: Pool,
+    writer: Writer,
     mode: WriteMode,
     /// Months (`yyyy * 12 + month0`) whose partitions are known to exist.
     months: Mutex<HashSet<i32>>,
@@ -243,6 +255,7 @@ struct LogRow<'b> {
 impl IndexedStore {
     pub fn new(pool: Pool) -> IndexedStore {
         IndexedStore {
+            writer: Writer::new(pool.clone(), "indexed"),
             pool,
             mode: WriteMode::Copy,
             months: Mutex::new(HashSet::new()),
@@ -274,8 +287,8 @@ impl IndexedStore {
         if !(0..=100_000).contains(&finality_depth) {
             return Err(Invalid::new("finality_depth", "must be between 0 and 100000").into());
         }
-        let mut client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("indexed.register_chain").await?;
         let inserted = tx
             .typed_execute(
                 "INSERT INTO dalp_indexed.chains (chain_id, name, finality_depth) VALUES ($1, $2, $3)
@@ -289,14 +302,13 @@ impl IndexedStore {
             finality_depth,
         };
         if inserted == 0 {
-            let existing = self.chain_in(&*tx, chain_id).await?;
+            let existing = self.chain_in(&**tx, chain_id).await?;
             if existing != chain {
                 return Err(IndexError::ChainConflict(chain_id));
             }
             return Ok(existing);
         }
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("indexed.chain.register", "chain")
                 .resource(chain_id)
                 .details(json!({ "name": name, "finality_depth": finality_depth })),
@@ -525,8 +537,8 @@ impl IndexedStore {
         if fork < -1 {
             return Err(Invalid::new("to", "must be -1 (re-index) or a block number").into());
         }
-        let mut client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("indexed.rewind").await?;
         let (finality_depth, cp) = lock_chain_any(&tx, chain_id).await?;
         if !beyond_finality {
             refuse_if_diverged(&tx, chain_id).await?;
@@ -554,8 +566,7 @@ impl IndexedStore {
                 &[&chain_id],
             )
             .await?;
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("indexed.blocks.rewind", "chain")
                 .resource(chain_id)
                 .details(json!({
@@ -580,8 +591,8 @@ impl IndexedStore {
         reason: &str,
     ) -> Result<(), IndexError> {
         let reason: String = reason.chars().filter(|c| *c != '\0').take(1000).collect();
-        let mut client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("indexed.mark_diverged").await?;
         let n = tx
             .typed_execute(
                 "UPDATE dalp_indexed.chains SET diverged_at = now(), diverged_block = $2, diverged_reason = $3
@@ -589,16 +600,18 @@ impl IndexedStore {
                 &[&chain_id, &block, &reason],
             )
             .await?;
-        if n > 0 {
-            dalp_audit::record(
-                &*tx,
-                &ctx.event("indexed.chain.diverged", "chain")
-                    .resource(chain_id)
-                    .outcome(dalp_audit::Outcome::Error)
-                    .details(json!({ "block": block, "reason": reason })),
-            )
-            .await?;
+        if n == 0 {
+            tx.commit_unaudited("already marked diverged: nothing changed")
+                .await?;
+            return Ok(());
         }
+        tx.record(
+            &ctx.event("indexed.chain.diverged", "chain")
+                .resource(chain_id)
+                .outcome(dalp_audit::Outcome::Error)
+                .details(json!({ "block": block, "reason": reason })),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -614,8 +627,8 @@ impl IndexedStore {
             return Err(Invalid::new("blocks", "a batch needs at least one block").into());
         }
         check_chain(blocks)?;
-        let mut client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("indexed.ingest").await?;
         let (finality_depth, cp) = lock_chain(&tx, chain_id).await?;
         let first = blocks[0].number;
         let last = blocks[blocks.len() - 1].number;
@@ -741,8 +754,7 @@ impl IndexedStore {
             outcome.checkpoint = cp.as_ref().map(|c| c.0).unwrap_or(tip.number);
         }
         if outcome.applied > 0 || outcome.reorg.is_some() {
-            dalp_audit::record(
-                &*tx,
+            tx.record(
                 &ctx.event("indexed.blocks.ingest", "chain")
                     .resource(chain_id)
                     .details(json!({
@@ -752,8 +764,11 @@ impl IndexedStore {
                     })),
             )
             .await?;
+            tx.commit().await?;
+        } else {
+            tx.commit_unaudited("only the node's head height moved; no block was applied")
+                .await?;
         }
-        tx.commit().await?;
         self.remember_months(&months);
         if let Some(r) = &outcome.reorg {
             tracing::warn!(
@@ -1358,8 +1373,8 @@ impl IndexedStore {
         r: &crate::reconcile::TokenReconciliation,
         drifted: &[Address],
     ) -> Result<(), IndexError> {
-        let mut client = dalp_db::pool::checkout(&self.pool, "indexed").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("indexed.record_reconciliation").await?;
         let drifted: Vec<Vec<u8>> = drifted.iter().map(|a| a.to_vec()).collect();
         let balances_checked = r.balances_checked as i32;
         let was_in_agreement: Option<bool> = tx
@@ -1391,8 +1406,7 @@ impl IndexedStore {
             .await?
             .get(0);
         if !r.in_agreement && was_in_agreement != Some(false) {
-            dalp_audit::record(
-                &*tx,
+            tx.record(
                 &RequestContext::service("indexer")
                     .event("indexed.reconcile.drift", "token")
                     .resource(&r.token)
@@ -1406,8 +1420,13 @@ impl IndexedStore {
                     })),
             )
             .await?;
+            tx.commit().await?;
+        } else {
+            tx.commit_unaudited(
+                "a reconciliation in agreement, or drift already reported: its row is the record",
+            )
+            .await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 //! to `max_attempts`, then `dead_letter`). A run whose lease expires (its worker died) is
 //! claimable again. Runs with a concurrency key run one at a time per key.
 
-use dalp_db::TypedClient;
+use dalp_db::{TypedClient, WriteError, Writer};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +39,17 @@ pub enum WorkflowError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("database error: {0}")]
     Db(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Write(WriteError),
+}
+
+impl From<WriteError> for WorkflowError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Db(e) => WorkflowError::Db(e),
+            e => WorkflowError::Write(e),
+        }
+    }
 }
 
 /// What to start.
@@ -202,6 +213,7 @@ pub struct QueueStats {
 #[derive(Clone)]
 pub struct WorkflowStore {
     pool: Pool,
+    writer: Writer,
     /// When this process last sent a wake-up NOTIFY, and last freed expired leases
     /// (milliseconds since the store was made).
     hints: Arc<Hints>,
@@ -243,6 +255,7 @@ const RECLAIM_EVERY_MS: u64 = 250;
 impl WorkflowStore {
     pub fn new(pool: Pool) -> WorkflowStore {
         WorkflowStore {
+            writer: Writer::new(pool.clone(), "workflows"),
             pool,
             hints: Arc::new(Hints::new()),
         }
@@ -250,6 +263,10 @@ impl WorkflowStore {
 
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    pub(crate) fn writer(&self) -> &Writer {
+        &self.writer
     }
 
     /// Starts a run, or returns the run already started under the same (organisation, kind,
@@ -261,8 +278,8 @@ impl WorkflowStore {
         new: &NewRun,
     ) -> Result<(Run, bool), WorkflowError> {
         new.validate()?;
-        let mut client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("workflows.start").await?;
         let row = tx
             .typed_query_opt(
                 &format!(
@@ -303,7 +320,7 @@ impl WorkflowStore {
             .resource(run.id)
             .details(json!({ "kind": run.kind, "idempotency_key": run.idempotency_key }));
         event.organisation_id = Some(run.organisation_id);
-        dalp_audit::record(&*tx, &event).await?;
+        tx.record(&event).await?;
         if self.hints.due(&self.hints.last_notify_ms, NOTIFY_EVERY_MS) {
             tx.typed_execute("SELECT pg_notify($1, $2)", &[&READY_CHANNEL, &run.kind])
                 .await?;
@@ -586,8 +603,8 @@ impl WorkflowStore {
     ) -> Result<Run, WorkflowError> {
         let name = dalp_types::parse_text("name", name, 200)?;
         let name = name.as_str();
-        let mut client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("workflows.signal").await?;
         let row = tx
             .typed_query_opt(
                 &format!(
@@ -610,8 +627,7 @@ impl WorkflowStore {
             )));
         };
         let run = run_row(&row);
-        dalp_audit::record(
-            &*tx,
+        tx.record(
             &ctx.event("workflows.run.signal", "run")
                 .resource(id)
                 .details(json!({ "signal": name })),
@@ -676,8 +692,8 @@ impl WorkflowStore {
         set: &str,
         refusal: &str,
     ) -> Result<Run, WorkflowError> {
-        let mut client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer.checkout().await?;
+        let mut tx = conn.begin("workflows.cancel").await?;
         let row = tx
             .typed_query_opt(
                 &format!(
@@ -697,7 +713,7 @@ impl WorkflowStore {
         )
         .await?;
         let run = run_row(&row);
-        dalp_audit::record(&*tx, &ctx.event(action, "run").resource(id)).await?;
+        tx.record(&ctx.event(action, "run").resource(id)).await?;
         tx.commit().await?;
         Ok(run)
     }

@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use dalp_audit::RequestContext;
+use dalp_db::write::Write;
 use dalp_db::TypedClient;
 use dalp_types::{hex0x, EvmAddress, Invalid};
 use deadpool_postgres::Transaction;
@@ -222,8 +223,8 @@ impl WorkflowStore {
         if new.idempotency_key.is_empty() || new.idempotency_key.len() > 200 {
             return Err(Invalid::new("idempotency_key", "must be 1 to 200 characters").into());
         }
-        let mut client = dalp_db::pool::checkout(self.pool(), "workflows").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer().checkout().await?;
+        let mut tx = conn.begin("workflows.create_tx_request").await?;
         // Serialises creators of the same key, so the 24-hour check cannot race.
         tx.typed_execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2::bigint::text || ':' || $3, 7))",
@@ -268,7 +269,7 @@ impl WorkflowStore {
             )
             .await?;
         let req = tx_row(&row);
-        record_transition(&tx, ctx, &req, None, json!({})).await?;
+        record_transition(&mut tx, ctx, &req, None, json!({})).await?;
         tx.commit().await?;
         Ok((req, true))
     }
@@ -298,8 +299,8 @@ impl WorkflowStore {
         if input.gas_limit.is_some_and(|g| g <= 0) {
             return Err(Invalid::new("gas_limit", "must be positive").into());
         }
-        let mut client = dalp_db::pool::checkout(self.pool(), "workflows").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer().checkout().await?;
+        let mut tx = conn.begin("workflows.transition").await?;
         let row = tx
             .typed_query_opt(
                 &format!(
@@ -395,11 +396,11 @@ impl WorkflowStore {
             .await?;
         let req = tx_row(&row);
         if stranded {
-            let replacement = create_replacement(&tx, ctx, &req).await?;
+            let replacement = create_replacement(&mut tx, ctx, &req).await?;
             detail["stranded_nonce"] = json!(req.nonce);
             detail["replacement"] = json!(replacement);
         }
-        record_transition(&tx, ctx, &req, Some(current.status), detail).await?;
+        record_transition(&mut tx, ctx, &req, Some(current.status), detail).await?;
         tx.commit().await?;
         Ok(req)
     }
@@ -445,8 +446,8 @@ impl WorkflowStore {
         id: Uuid,
         recheck_in: std::time::Duration,
     ) -> Result<TxRequest, WorkflowError> {
-        let mut client = dalp_db::pool::checkout(self.pool(), "workflows").await?;
-        let tx = client.transaction().await?;
+        let mut conn = self.writer().checkout().await?;
+        let mut tx = conn.begin("workflows.confirmation_timed_out").await?;
         let ms = recheck_in.as_millis() as f64;
         let row = tx
             .typed_query_opt(
@@ -468,7 +469,7 @@ impl WorkflowStore {
         };
         let req = tx_row(&row);
         record_transition(
-            &tx,
+            &mut tx,
             ctx,
             &req,
             Some(TxStatus::Confirming),
@@ -626,7 +627,7 @@ pub fn stranded_per_signer(list: &[StrandedNonce]) -> Vec<SignerStrands> {
 /// self-transfer (value 0, no data) with the same nonce, so the signer's later nonces can be
 /// mined. Returns its id.
 async fn create_replacement(
-    tx: &Transaction<'_>,
+    tx: &mut Write<'_>,
     ctx: &RequestContext,
     ended: &TxRequest,
 ) -> Result<Uuid, WorkflowError> {
@@ -663,7 +664,7 @@ async fn create_replacement(
 }
 
 async fn record_transition(
-    tx: &Transaction<'_>,
+    tx: &mut Write<'_>,
     ctx: &RequestContext,
     req: &TxRequest,
     from: Option<TxStatus>,
@@ -689,6 +690,6 @@ async fn record_transition(
             "chain_id": req.chain_id, "nonce": req.nonce,
         }));
     event.organisation_id = Some(req.organisation_id);
-    dalp_audit::record(&**tx, &event).await?;
+    tx.record(&event).await?;
     Ok(())
 }

@@ -63,10 +63,13 @@ impl RunContext {
         if let Some(v) = self.store.journaled(self.run.id, op_id).await? {
             return Ok(v);
         }
-        let mut client = dalp_db::pool::checkout(self.store.pool(), "workflows")
+        let mut conn = self
+            .store
+            .writer()
+            .checkout()
             .await
             .map_err(WorkflowError::from)?;
-        let tx = client.transaction().await?;
+        let tx = conn.begin("workflows.step").await?;
         let held = tx
             .typed_query_opt(
                 "SELECT 1 FROM dalp_workflows.runs
@@ -83,7 +86,9 @@ impl RunContext {
             &[&self.run.id, &op_id, &value, &self.run.attempts, &self.worker],
         )
         .await?;
-        tx.commit().await?;
+        tx.commit_unaudited("a step's journal entry: the run's start, signals and end are audited")
+            .await
+            .map_err(WorkflowError::from)?;
         Ok(value)
     }
 }

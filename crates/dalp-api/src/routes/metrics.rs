@@ -239,6 +239,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     dalp_app::telemetry::store_metrics().render(&mut out);
     dalp_db::pool::render_waits(&mut out);
     dalp_db::typed::render_errors(&mut out);
+    dalp_db::write::render(&mut out);
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
