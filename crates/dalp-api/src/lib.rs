@@ -37,7 +37,7 @@ pub struct ApiSettings {
 
 impl Default for ApiSettings {
     fn default() -> Self {
-        let d = dalp_db::config::ApiConfig::default();
+        let d = dalp_app::config::ApiConfig::default();
         ApiSettings {
             max_body_bytes: d.max_body_bytes,
             login_attempts_per_minute: d.login_attempts_per_minute,

@@ -30,13 +30,13 @@ pub struct ConnectionLimits {
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        let d = dalp_db::config::ApiConfig::default();
+        let d = dalp_app::config::ApiConfig::default();
         ConnectionLimits::from_config(&d)
     }
 }
 
 impl ConnectionLimits {
-    pub fn from_config(c: &dalp_db::config::ApiConfig) -> Self {
+    pub fn from_config(c: &dalp_app::config::ApiConfig) -> Self {
         ConnectionLimits {
             header_read_timeout: Duration::from_millis(c.header_read_timeout_ms),
             request_timeout: Duration::from_millis(c.request_timeout_ms),

@@ -6,6 +6,7 @@
 //! `dalp up` and `dalp serve` and uses the catalog and key files for every other verb.
 
 pub mod catalog;
+pub mod config;
 pub mod keys;
 pub mod telemetry;
 

@@ -24,7 +24,7 @@ pub mod write;
 
 pub use access::{Privs, RoleGrant, SchemaAccess};
 pub use component::{Component, MIGRATOR_ROLE, OWNER_ROLE};
-pub use config::{Config, ConfigError};
+pub use config::DatabaseConfig;
 pub use connect::{ConnectError, ConnectOptions};
 pub use migrate::{Migration, MigrationSet};
 pub use pool::ComponentPools;

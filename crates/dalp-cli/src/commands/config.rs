@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use dalp_db::Config;
+use dalp_app::config::Config;
 
 pub fn check(path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(Some(path), std::env::vars())?;

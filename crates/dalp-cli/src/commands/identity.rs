@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use dalp_db::{Component, ComponentPools, Config, MIGRATOR_ROLE};
+use dalp_app::config::Config;
+use dalp_db::{Component, ComponentPools, MIGRATOR_ROLE};
 use dalp_identity::crypto::FileKeyProvider;
 use dalp_identity::store::NewUser;
 use dalp_identity::types::{Email, Password, PlatformRole};

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dalp_api::{ApiSettings, Services};
-use dalp_db::{ComponentPools, Config, Secrets, MIGRATOR_ROLE};
+use dalp_app::config::Config;
+use dalp_db::{ComponentPools, Secrets, MIGRATOR_ROLE};
 
 use super::lifecycle::shutdown_signal;
 
