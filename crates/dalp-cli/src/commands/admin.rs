@@ -8,7 +8,78 @@ use anyhow::{bail, Context};
 use dalp_db::component::ADMIN_ROLE;
 use dalp_ops::{pki, HaCluster, Layout};
 
-use crate::cli::{AdminCertCommand, AdminCommand};
+// ---- command line ------------------------------------------------------------------
+
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Client certificates for `dalp_admin`.
+    Cert {
+        #[command(subcommand)]
+        command: AdminCertCommand,
+    },
+    /// Open psql as `dalp_admin` with a client certificate; psql asks for the password.
+    /// Every statement of the session is audited.
+    Psql {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// The certificate `dalp admin cert issue` wrote.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Extra arguments for psql (after --), e.g. -- -c "select 1".
+        #[arg(last = true)]
+        psql_args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCertCommand {
+    /// Issue a client certificate (CN dalp_admin, OU NAME) signed by the cluster's CA. The
+    /// private key is written 0600 to --out and not kept by dalp.
+    Issue {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Who it is for (recorded in the certificate and the issue log).
+        #[arg(long)]
+        name: String,
+        /// Lifetime, e.g. 8h, 30m, 1d (at most 7d).
+        #[arg(long, default_value = "8h")]
+        ttl: String,
+        /// Directory for NAME.crt and NAME.key.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Revoke a certificate: it goes on the CRL and the server reloads it at once.
+    Revoke {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Serial number (hex) as `dalp admin cert list` shows it.
+        #[arg(long)]
+        serial: String,
+    },
+    /// Certificates issued so far, with expiry and revocation.
+    List {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Replace the server certificate and key with new ones from the same CA and make every
+    /// running server (and a running pooler) load them; connections stay up and clients
+    /// keep verifying against the unchanged CA.
+    Rotate {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+    },
+}
 
 /// Parses `30m`, `8h`, `1d`; at most seven days.
 fn parse_ttl(s: &str) -> anyhow::Result<chrono::Duration> {

@@ -10,9 +10,160 @@ use dalp_db::partitions;
 use dalp_ops::Layout;
 use tokio_postgres::Client;
 
-use crate::cli::{AuditKeyArgs, SiemArgs, TargetArgs};
+use crate::cli::TargetArgs;
 use crate::target::connect_admin;
 use dalp_audit::export::{self, Format, Framer, SiemTls, SyslogSink, SyslogTarget};
+
+// ---- command line ------------------------------------------------------------------
+
+use crate::cli::InstanceArgs;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+/// How messages reach a SIEM.
+#[derive(Debug, Args, Clone)]
+pub struct SiemArgs {
+    /// CA bundle the receiver's certificate must chain to (required for a SIEM target).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// The SD-ID of the structured data carrying each event's context, NAME@PEN. The
+    /// default uses 32473, the documentation-only enterprise number (RFC 5612); set your
+    /// organisation's Private Enterprise Number.
+    #[arg(long, default_value = dalp_audit::export::DEFAULT_SD_ID)]
+    pub sd_id: String,
+    /// Largest message in octets (at least 480); larger events have their details replaced
+    /// by a size marker. rsyslog's default maxMessageSize is 8192.
+    #[arg(long, default_value_t = dalp_audit::export::DEFAULT_MAX_FRAME)]
+    pub max_frame: usize,
+    /// HOSTNAME in each message [default: this machine's host name].
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Client certificate (PEM) for receivers that require mutual TLS, such as rsyslog's
+    /// imrelp; with --client-key.
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+/// Where the audit signing key is.
+#[derive(Debug, Args, Clone)]
+pub struct AuditKeyArgs {
+    /// Trusted audit key files: public (audit-ed25519.pub.json) or signing keys; repeat for
+    /// keys of earlier periods. A batch signed by any other key fails verification
+    /// [default: DATA_DIR/keys/audit-ed25519.pub.json, else the signing key beside it].
+    #[arg(long)]
+    pub audit_key: Vec<PathBuf>,
+    /// Directory of witnessed chain heads (heads.jsonl) to check the chain against
+    /// [default: DATA_DIR/keys/audit-witness].
+    #[arg(long)]
+    pub witness: Option<PathBuf>,
+    /// Check no witnessed heads (only the chain itself and any --checkpoint).
+    #[arg(long, conflicts_with = "witness")]
+    pub no_witness: bool,
+    /// The retention policy in months: a retention drop of anything younger is forgery.
+    #[arg(long, default_value_t = 84)]
+    pub retention_months: u32,
+    /// Start from the head the last successful verification reached (recorded in the
+    /// witness directory): only what is new is recomputed. Run a full verification
+    /// regularly as well; an incremental one does not re-read older history.
+    #[arg(long, conflicts_with = "no_witness")]
+    pub incremental: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute the whole hash chain: links, hashes, signatures, every sealed event, no event
+    /// inserted below the watermark, deletions only where retention recorded them. Exits 1
+    /// and names the first broken batch and event on any tampering.
+    Verify {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        key: AuditKeyArgs,
+        /// A checkpoint exported earlier (`dalp audit checkpoint`): the chain must still reach it.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Only batches sealed at or after this time (RFC 3339), linked to the one before.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only batches sealed before this time (RFC 3339).
+        #[arg(long)]
+        to: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export sealed events in sequence order to a file (or standard output) or a SIEM,
+    /// with progress. To a SIEM the connection ends with TLS close_notify and the export
+    /// fails (exit 1) unless the receiver confirms it read everything.
+    Export {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// jsonl, csv, cef or rfc5424 (to a SIEM: the body inside the RFC 5424 message;
+        /// csv is for files only).
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// Only events at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// A file, syslog+tls://HOST:PORT or relp+tls://HOST:PORT [default: standard output].
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        siem: SiemArgs,
+    },
+    /// Ship sealed events to a SIEM continuously, resuming from a durable cursor after any
+    /// restart. At-least-once: the cursor moves only past what the receiver is known to hold
+    /// (RELP: acknowledged by the receiver; syslog: acknowledged by its TCP stack with the
+    /// connection still open --settle-ms later); after a reconnect what was in flight is sent
+    /// again, each message carrying its sequence number (seq=) for the SIEM to drop
+    /// duplicates. Runs until Ctrl-C, then closes with TLS close_notify.
+    Forward {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// syslog+tls://HOST:PORT (RFC 5425) or relp+tls://HOST:PORT (acknowledged delivery).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        siem: SiemArgs,
+        /// Cursor name; each destination keeps its own.
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// The message body inside the RFC 5424 header: rfc5424 (the event's details as
+        /// JSON), cef or jsonl.
+        #[arg(long, default_value = "rfc5424")]
+        format: String,
+        /// Events per batch.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+        /// Syslog only: milliseconds the connection must stay open after the receiver's TCP
+        /// stack acknowledged a batch before the batch counts as delivered.
+        #[arg(long, default_value_t = 2000)]
+        settle_ms: u64,
+        /// Also ship pgAudit's AUDIT entries from the JSON server logs in this directory
+        /// (the embedded instance's is DATA_DIR/log).
+        #[arg(long)]
+        pgaudit_logs: Option<PathBuf>,
+    },
+    /// Rotate the audit signing key: seal what is pending, append a batch signed by the
+    /// current key that names the new one (so verifiers trusting the first key follow it),
+    /// install the new key and keep the old one as audit-ed25519.<id>.retired.json. A
+    /// running dalp picks the new key up at its next seal. Safe to run again if interrupted.
+    RotateKey {
+        #[command(flatten)]
+        instance: InstanceArgs,
+    },
+    /// Print (or write) the latest signed batch head, to anchor the chain outside the database.
+    Checkpoint {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Write it to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
 
 /// Options for `role` on an embedded instance, or the URL's user.
 fn audit_options(target: &TargetArgs, role: &str) -> anyhow::Result<ConnectOptions> {

@@ -14,7 +14,117 @@ use dalp_ops::{HaCluster, Layout};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::cli::{BackupCommand, RestoreArgs};
+// ---- command line ------------------------------------------------------------------
+
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Take a backup now (then expire what the policy no longer keeps).
+    Run {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// full, diff (changes since the last full) or incr (since the last backup).
+        #[arg(long = "type", default_value = "full", value_parser = ["full", "diff", "incr"])]
+        kind: String,
+        /// Repository: 1 (daily tier, PITR) or 2 (long-term archive).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        repo: u8,
+    },
+    /// Backups in both repositories (type, time, duration, size, WAL range) and the window
+    /// each can restore to: from the oldest backup whose WAL is still archived to the newest
+    /// archived WAL.
+    List {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recovery evidence from the audit trail: every backup (WAL range, sizes, duration),
+    /// restore drill (outcome, recovery time) and restore (target, RTO achieved), newest
+    /// first — when recovery was last proven and how long it took.
+    Evidence {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// At most this many, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the schedule that implements the policy: cron (default) or systemd units
+    /// calling `dalp backup due`.
+    Schedule {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Print a systemd service + timer instead of a crontab line.
+        #[arg(long)]
+        systemd: bool,
+    },
+    /// Run whatever the policy says is due now (any scheduler can call this often).
+    Due {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Only say what is due.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Restore drill: restore the latest backup to a fresh restore point in a scratch
+    /// directory, start it, run pg_amcheck, the migration status and the audit chain
+    /// verification, compare row counts and checksums of every domain table with the
+    /// source at that point, report the recovery time, clean up. Exit 1 on any mismatch.
+    Verify {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        repo: u8,
+        /// Keep the scratch copy (stopped) for inspection.
+        #[arg(long)]
+        keep: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["target_time", "target_lsn", "latest"])))]
+pub struct RestoreArgs {
+    /// The instance whose backups to restore (`dalp up` or `dalp cluster up` directory).
+    #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+    pub data_dir: PathBuf,
+    /// Recover to this moment: RFC 3339 (2026-11-24T10:15:00Z) or "2026-11-24 10:15:00+00".
+    #[arg(long)]
+    pub target_time: Option<String>,
+    /// Recover to this WAL position (e.g. 0/3000060).
+    #[arg(long)]
+    pub target_lsn: Option<String>,
+    /// Recover everything archived.
+    #[arg(long)]
+    pub latest: bool,
+    /// New directory for the copy (must not exist or be empty).
+    #[arg(long)]
+    pub into: PathBuf,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub repo: u8,
+    /// The instance is lost (disk or host): rebuild it in --into from the repository and
+    /// this key bundle (`dalp keys export`) instead of from --data-dir. The result is a
+    /// complete data directory; `dalp up --data-dir INTO` starts it, and archiving goes on
+    /// into the same repository on a new timeline.
+    #[arg(long)]
+    pub keys: Option<PathBuf>,
+    /// File holding the key bundle's passphrase [default: DALP_KEYS_PASSPHRASE, else one
+    /// line from stdin].
+    #[arg(long, requires = "keys")]
+    pub passphrase_file: Option<PathBuf>,
+    /// With --keys: repo1 is now at this path (a posix repository moved or mounted
+    /// elsewhere), instead of where the bundle's backup.toml says.
+    #[arg(long, requires = "keys")]
+    pub repo1_path: Option<PathBuf>,
+    /// With --keys: the synchronous WAL receiver's directory is now here, instead of where
+    /// the bundle's backup.toml says (its segments are replayed after the archive's).
+    #[arg(long, requires = "keys")]
+    pub wal_receiver_dir: Option<PathBuf>,
+}
 
 fn pg_bin() -> PathBuf {
     std::env::var_os("DALP_PG_BIN")

@@ -7,7 +7,100 @@ use anyhow::Context;
 use dalp_db::MIGRATOR_ROLE;
 use dalp_ops::{HaCluster, HaOptions};
 
-use crate::cli::ClusterCommand;
+// ---- command line ------------------------------------------------------------------
+
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+/// Shape and timings of a local HA cluster.
+#[derive(Debug, Args, Clone)]
+pub struct HaArgs {
+    /// PostgreSQL nodes (one primary, the rest replicas; one of them synchronous).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Seconds a dead leader keeps the leader lock: the bound on failover time (Patroni's
+    /// minimum is 20).
+    #[arg(long, default_value_t = 20)]
+    pub ttl: u32,
+    /// Seconds between Patroni HA loop runs.
+    #[arg(long, default_value_t = 2)]
+    pub loop_wait: u32,
+    /// Seconds Patroni retries etcd and PostgreSQL before giving up
+    /// (loop_wait + 2 × retry_timeout must not exceed ttl).
+    #[arg(long, default_value_t = 5)]
+    pub retry_timeout: u32,
+    /// Refuse writes while no synchronous standby is available, instead of continuing
+    /// unreplicated (synchronous_mode_strict).
+    #[arg(long)]
+    pub sync_strict: bool,
+    /// Do not archive WAL to pgBackRest (on by default when pgBackRest is installed;
+    /// without it there is no point-in-time recovery).
+    #[arg(long)]
+    pub no_archive: bool,
+}
+
+impl HaArgs {
+    pub fn options(&self, pgaudit_log: &str, slow_query_ms: u32) -> dalp_ops::HaOptions {
+        dalp_ops::HaOptions {
+            nodes: self.nodes,
+            ttl: self.ttl,
+            loop_wait: self.loop_wait,
+            retry_timeout: self.retry_timeout,
+            synchronous_mode_strict: self.sync_strict,
+            pgaudit_log: Some(pgaudit_log.to_string()),
+            slow_query_ms: Some(slow_query_ms),
+            bin_dir: None,
+            archive: !self.no_archive && dalp_ops::backup::available(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Create (first time) or restart the cluster, wait until every replica streams with a
+    /// synchronous standby, create roles and apply migrations; then return, leaving it running.
+    Up {
+        /// Cluster directory (data of every node, TLS material, secrets, logs).
+        #[arg(long, default_value = ".dalp-ha")]
+        dir: PathBuf,
+        #[command(flatten)]
+        ha: HaArgs,
+        /// pgAudit session classes (see `dalp up --help`).
+        #[arg(long, default_value = "write, ddl, role")]
+        pgaudit_log: String,
+        /// Log plans of statements slower than this many milliseconds.
+        #[arg(long, default_value_t = 500)]
+        slow_query_ms: u32,
+    },
+    /// Leader, synchronous standby, replicas, their lag and timeline (from Patroni's REST API).
+    Status {
+        #[arg(long, default_value = ".dalp-ha")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Planned switchover: the leader hands over to the candidate (default: the synchronous
+    /// standby) without losing committed writes.
+    Switchover {
+        #[arg(long, default_value = ".dalp-ha")]
+        dir: PathBuf,
+        /// Node to promote, e.g. node2.
+        #[arg(long)]
+        candidate: Option<String>,
+    },
+    /// Start whatever piece of a running cluster has stopped (etcd, a node's Patroni), leaving
+    /// the running ones alone, and wait until the cluster is healthy again.
+    Heal {
+        #[arg(long, default_value = ".dalp-ha")]
+        dir: PathBuf,
+    },
+    /// Stop every process of the cluster (Patroni stops its PostgreSQL first, then etcd).
+    /// The data stays; `dalp cluster up` restarts it.
+    Down {
+        #[arg(long, default_value = ".dalp-ha")]
+        dir: PathBuf,
+    },
+}
 
 pub async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
     match command {

@@ -10,6 +10,73 @@ use dalp_db::component::login_roles;
 use crate::cli::TargetArgs;
 use crate::target::connect_admin;
 
+// ---- command line ------------------------------------------------------------------
+
+use clap::Subcommand;
+use std::path::PathBuf;
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Print a libpq URL (sslmode=verify-full, sslrootcert set) for a role of the embedded
+    /// instance; it contains the role's password, and `psql` accepts it as is.
+    Url {
+        /// Data directory of the embedded instance.
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Login role, e.g. dalp_indexer_svc, dalp_auditor, dalp_readonly, dalp_migrator.
+        #[arg(long)]
+        role: String,
+        /// Connect through a pooler on this 127.0.0.1 port (see `dalp pool up`) instead
+        /// of PostgreSQL itself.
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// The heaviest statements (pg_stat_statements) with the component that ran them:
+    /// calls, total and mean time, and a rough p95 (mean + 2 standard deviations).
+    Top {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// total, mean or calls.
+        #[arg(long, default_value = "total")]
+        by: String,
+        #[arg(long, default_value_t = 15)]
+        limit: i64,
+        /// Only this component's statements (identity, assets, indexer, workflows, auditor,
+        /// readonly, audit-sealer, migrator).
+        #[arg(long)]
+        component: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generic plans of a component's heaviest statements (from pg_stat_statements), to see
+    /// which indexes its hot queries use. Plans of slow statements as they ran are in the
+    /// server log (auto_explain).
+    Explain {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// identity, assets, indexer, workflows, auditor, readonly, audit-sealer or migrator.
+        #[arg(long)]
+        component: String,
+        /// total, mean or calls.
+        #[arg(long, default_value = "total")]
+        by: String,
+        #[arg(long, default_value_t = 5)]
+        limit: i64,
+    },
+    /// Index coverage and health: unindexed foreign keys, duplicate and unused indexes,
+    /// tables read by sequential scans, bloat on the workflow tables, partitions missing
+    /// ahead. Exits 1 when a finding is at or above --fail-on.
+    Lint {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// info, warning or error.
+        #[arg(long, default_value = "warning")]
+        fail_on: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 pub fn url(data_dir: &Path, role: &str, port: Option<u16>) -> anyhow::Result<ExitCode> {
     if !login_roles().any(|r| r == role) && role != dalp_db::component::ADMIN_ROLE {
         bail!(

@@ -17,6 +17,27 @@ use dalp_ops::Layout;
 
 use crate::cli::InstanceArgs;
 
+// ---- command line ------------------------------------------------------------------
+
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Create a platform administrator (role `admin`) so a fresh instance can be used at once.
+    /// The password is read from standard input when it is not a terminal, else prompted twice.
+    /// The admin must enrol TOTP at first login (POST /api/v1/mfa/totp).
+    CreateAdmin {
+        #[command(flatten)]
+        instance: InstanceArgs,
+        /// The administrator's email address.
+        #[arg(long)]
+        email: String,
+        /// Display name [default: the part of the email before @].
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
 /// The component pools and keys directory of the instance: the embedded one in
 /// `--data-dir`, or the external cluster of `--config`.
 pub fn instance_pools(

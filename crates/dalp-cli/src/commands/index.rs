@@ -13,8 +13,137 @@ use dalp_indexed::types::parse_address;
 use dalp_indexed::{IndexError, IndexedStore};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::{IndexCommand, TargetArgs};
+use crate::cli::TargetArgs;
 use crate::target::component_pool;
+
+// ---- command line ------------------------------------------------------------------
+
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Follow an EVM JSON-RPC node: ingest blocks, transactions and token events batch by
+    /// batch (each batch commits with its checkpoint, so a restart or kill resumes exactly),
+    /// detect reorgs from parent hashes and roll back to the fork point. Runs until Ctrl-C,
+    /// or with --once until it has caught up with the node's head. Connects as
+    /// dalp_indexer_svc (or the --database-url user).
+    Follow {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// JSON-RPC endpoint of the node, e.g. http://127.0.0.1:8545.
+        #[arg(long)]
+        rpc: String,
+        /// Chain id; the node must report the same (eth_chainId).
+        #[arg(long)]
+        chain_id: i64,
+        /// First block to index when the chain has no checkpoint yet (later runs resume
+        /// from the checkpoint). Balances are exact when this is at or before the tokens'
+        /// deployment.
+        #[arg(long, default_value_t = 0)]
+        from_block: u64,
+        /// Only these contracts' logs and transactions (comma-separated addresses)
+        /// [default: every log and transaction].
+        #[arg(long, value_delimiter = ',')]
+        contracts: Vec<String>,
+        /// Blocks per batch (one transaction).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        batch: u64,
+        /// Milliseconds between polls once caught up.
+        #[arg(long, default_value_t = 2000)]
+        poll_ms: u64,
+        /// Exit once the checkpoint has reached the node's head.
+        #[arg(long)]
+        once: bool,
+        /// Give up (exit 1 with the last error) after this many consecutive failed attempts
+        /// to reach the node or the database [default: 8 with --once, else retry forever].
+        #[arg(long)]
+        give_up_after: Option<u32>,
+        /// Name to register the chain under if it is not registered yet.
+        #[arg(long)]
+        name: Option<String>,
+        /// Reorgs deeper than this many blocks are refused (set when registering the chain).
+        #[arg(long, default_value_t = 64)]
+        finality_depth: i32,
+        /// Read blocks as full transaction objects plus `eth_getLogs` instead of headers
+        /// plus `eth_getBlockReceipts` (used by default, and given up automatically on a
+        /// node without it).
+        #[arg(long)]
+        no_block_receipts: bool,
+        /// Seconds between reconciliation rounds while following (compare indexed supply
+        /// and sampled balances with the contracts at the finalized block; see `dalp index
+        /// reconcile`); 0 turns it off. Not run with --once.
+        #[arg(long, default_value_t = 600)]
+        reconcile_every_secs: u64,
+        #[command(flatten)]
+        reconcile: ReconcileArgs,
+    },
+    /// Show a chain's sync status: checkpoint, finalized block, head and lag, whether it
+    /// diverged from its node, the last reconciliation per token, row counts. Exit 1 when
+    /// the chain is diverged or a token disagrees with its contract.
+    Status {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long)]
+        chain_id: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Roll a chain's index back to a block (everything above it is removed and re-indexed
+    /// by the next `dalp index follow`). Within the finality depth by default; with
+    /// --beyond-finality any block, or -1 to empty the chain's index and re-index from
+    /// scratch. This also ends a divergence (the operator decides where indexing resumes).
+    Rewind {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long)]
+        chain_id: i64,
+        /// The last block to keep (-1: keep nothing).
+        #[arg(long, allow_hyphen_values = true)]
+        to: i64,
+        /// Allow going below the finalized block (after a divergence, e.g. a node reset).
+        #[arg(long)]
+        beyond_finality: bool,
+    },
+    /// One reconciliation round: at the finalized block, compare each token's indexed supply
+    /// with `totalSupply()` and a random sample of indexed balances with `balanceOf()` on the
+    /// node; the result is kept per token (status, /metrics, doctor). Exit 1 when a token
+    /// disagrees.
+    Reconcile {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// JSON-RPC endpoint of the node.
+        #[arg(long)]
+        rpc: String,
+        #[arg(long)]
+        chain_id: i64,
+        #[command(flatten)]
+        reconcile: ReconcileArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How much one reconciliation round compares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReconcileArgs {
+    /// Balances compared per token (a random sample of its holders).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub reconcile_sample: u32,
+    /// Tokens per round (the least recently checked first).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub reconcile_tokens: u32,
+}
+
+impl ReconcileArgs {
+    pub fn options(&self) -> dalp_indexed::reconcile::ReconcileOptions {
+        dalp_indexed::reconcile::ReconcileOptions {
+            sample: self.reconcile_sample as usize,
+            max_tokens: self.reconcile_tokens as usize,
+        }
+    }
+}
 
 pub async fn run(command: IndexCommand) -> anyhow::Result<ExitCode> {
     match command {

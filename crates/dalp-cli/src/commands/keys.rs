@@ -8,6 +8,39 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 
+// ---- command line ------------------------------------------------------------------
+
+use crate::cli::InstanceArgs;
+use clap::Subcommand;
+use std::path::PathBuf;
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a new key-encryption key, make it active and re-wrap every data key under it.
+    /// Records stay readable throughout; the old key stays in the key file.
+    Rotate {
+        #[command(flatten)]
+        instance: InstanceArgs,
+    },
+    /// Seal everything a restore needs besides the backup repository into one file under a
+    /// passphrase (Argon2id + AES-256-GCM): role passwords, PII key-encryption keys, audit
+    /// keys and witness, the repositories' cipher passphrase, the TLS CA and certificate,
+    /// the backup policy. Keep it apart from the repository; `dalp restore --keys` uses it
+    /// when the instance is lost. Export again after `keys rotate`, `audit rotate-key` or
+    /// `tls rotate`.
+    Export {
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Where to write the bundle (created 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// File holding the passphrase (at least 12 characters) [default:
+        /// DALP_KEYS_PASSPHRASE, else one line from stdin].
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
+}
+
 /// The key bundle's passphrase: the first line of `file`, else `DALP_KEYS_PASSPHRASE`, else
 /// a prompt on a terminal (twice when `confirm`), else one line from stdin.
 pub fn passphrase(file: Option<&Path>, confirm: bool) -> anyhow::Result<String> {

@@ -7,6 +7,32 @@ use std::time::Duration;
 use anyhow::Context;
 use dalp_app::catalog::Retention;
 
+// ---- command line ------------------------------------------------------------------
+
+use clap::Args;
+
+/// How long time-partitioned data is kept (whole monthly partitions are dropped).
+#[derive(Debug, Args, Clone, Copy)]
+pub struct RetentionArgs {
+    /// Months audit partitions are kept before retention drops them (recorded in the audit
+    /// retention log).
+    #[arg(long, default_value_t = 84, value_parser = clap::value_parser!(u32).range(1..=1200))]
+    pub audit_retention_months: u32,
+    /// Months indexed chain data (transactions, logs, transfers, balance history) is kept
+    /// [default: forever; it can always be re-read from the chain].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1200))]
+    pub indexed_retention_months: Option<u32>,
+}
+
+impl RetentionArgs {
+    pub fn retention(self) -> dalp_app::catalog::Retention {
+        dalp_app::catalog::Retention {
+            audit_months: self.audit_retention_months,
+            indexed_months: self.indexed_retention_months,
+        }
+    }
+}
+
 /// Key of the advisory lock a maintenance round holds.
 pub const PARTITION_MAINTENANCE_LOCK: i64 = 0x6461_6c70_7061_7274; // "dalppart"
 

@@ -1,31 +1,35 @@
 //! One module per verb; each returns the process exit code.
 
-mod admin;
-mod audit;
-mod backup;
-mod cluster;
-mod config;
-mod db;
+pub(crate) mod admin;
+pub(crate) mod audit;
+pub(crate) mod backup;
+pub(crate) mod cluster;
+pub(crate) mod config;
+pub(crate) mod db;
 pub mod demo;
 mod doctor;
-mod identity;
-mod index;
-mod keys;
+pub(crate) mod identity;
+pub(crate) mod index;
+pub(crate) mod keys;
 mod lifecycle;
-mod maintenance;
+pub(crate) mod maintenance;
 mod migrate;
-mod pool;
-mod roles;
+pub(crate) mod pool;
+pub(crate) mod roles;
 mod serve;
 mod status;
-mod up;
-mod workflows;
+pub(crate) mod up;
+pub(crate) mod workflows;
 
 use std::process::ExitCode;
 
-use crate::cli::{
-    AuditCommand, Cli, Command, ConfigCommand, DbCommand, KeysCommand, RolesCommand, UsersCommand,
-};
+use crate::cli::{Cli, Command};
+use audit::AuditCommand;
+use config::ConfigCommand;
+use db::DbCommand;
+use identity::UsersCommand;
+use keys::KeysCommand;
+use roles::RolesCommand;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -95,7 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pool { command } => pool::run(command).await,
         Command::Admin { command } => admin::run(command).await,
         Command::Tls {
-            command: crate::cli::TlsCommand::Rotate { data_dir },
+            command: admin::TlsCommand::Rotate { data_dir },
         } => admin::rotate_tls(&data_dir).await,
         Command::Backup { command } => backup::run(command).await,
         Command::Restore(args) => backup::restore(args).await,

@@ -9,7 +9,37 @@ use dalp_ops::pooler::scram_verifiers;
 use dalp_ops::{HaCluster, Layout, Pooler, PoolerSpec};
 
 use super::lifecycle::shutdown_signal;
-use crate::cli::PoolCommand;
+
+// ---- command line ------------------------------------------------------------------
+
+use clap::Subcommand;
+use std::path::PathBuf;
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Run PgBouncer in front of the instance in --data-dir (embedded, or an HA cluster
+    /// whose leader it follows) until Ctrl-C: transaction pooling, one pool per component
+    /// role, SCRAM and TLS on both sides. Point `database.pooler` (dalp serve) at it;
+    /// LISTEN keeps going directly to PostgreSQL.
+    Up {
+        /// Data directory of a running `dalp up`, or a `dalp cluster up` directory.
+        #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+        data_dir: PathBuf,
+        /// Port on 127.0.0.1 [default: any free port].
+        #[arg(long)]
+        port: Option<u16>,
+        /// Server connections per component role.
+        #[arg(long, default_value_t = 20)]
+        pool_size: u32,
+        /// Client connections accepted in all.
+        #[arg(long, default_value_t = 1000)]
+        max_client_conn: u32,
+        /// PgBouncer processes sharing the port (each single-threaded, with its own server
+        /// pool); 0: one per CPU.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=64))]
+        processes: u32,
+    },
+}
 
 pub async fn run(command: PoolCommand) -> anyhow::Result<ExitCode> {
     let PoolCommand::Up {

@@ -11,6 +11,35 @@ use dalp_db::{access, roles, Secrets};
 use crate::cli::TargetArgs;
 use crate::target::connect_admin;
 
+// ---- command line ------------------------------------------------------------------
+
+use clap::Subcommand;
+use std::path::PathBuf;
+
+#[derive(Debug, Subcommand)]
+pub enum RolesCommand {
+    /// Print the actual role × schema × privilege matrix; exit 1 if it differs from the
+    /// declared one.
+    Check {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create dalp's roles on an external cluster (needs CREATEROLE, e.g. the managed
+    /// service's admin user) and prepare the database. Passwords come from --secrets-file,
+    /// which is generated (mode 0600) when it does not exist.
+    Create {
+        /// Admin connection URL (sslmode=verify-full).
+        #[arg(long, env = "DALP_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// JSON file with the role passwords.
+        #[arg(long)]
+        secrets_file: PathBuf,
+    },
+}
+
 pub async fn check(target: &TargetArgs, json: bool) -> anyhow::Result<ExitCode> {
     let client = connect_admin(target).await?;
     let report = access::check(&client, &ACCESS)

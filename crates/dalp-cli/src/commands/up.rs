@@ -15,7 +15,56 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::lifecycle::{apply_migrations, shutdown_signal};
 use super::maintenance::{maintain_partitions, partition_maintenance};
-use crate::cli::UpArgs;
+
+// ---- command line ------------------------------------------------------------------
+
+use super::cluster::HaArgs;
+use super::maintenance::RetentionArgs;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Data directory: PostgreSQL data, TLS material, role passwords, logs.
+    #[arg(long, env = "DALP_DATA_DIR", default_value = ".dalp")]
+    pub data_dir: PathBuf,
+    /// PostgreSQL port on 127.0.0.1 and ::1 [default: the previous port if free, else any free port].
+    #[arg(long)]
+    pub pg_port: Option<u16>,
+    /// HTTP API port on 127.0.0.1.
+    #[arg(long, default_value_t = 8080)]
+    pub api_port: u16,
+    /// Serve the API over TLS with this PEM certificate chain (with --api-tls-key).
+    #[arg(long)]
+    pub api_tls_cert: Option<PathBuf>,
+    /// PEM private key for --api-tls-cert.
+    #[arg(long)]
+    pub api_tls_key: Option<PathBuf>,
+    /// pgAudit session classes logged when pgAudit is installed (comma-separated: read,
+    /// write, function, role, ddl, misc, misc_set, all, none).
+    #[arg(long, default_value = "write, ddl, role")]
+    pub pgaudit_log: String,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+    /// Log the plan of every statement slower than this many milliseconds (auto_explain).
+    #[arg(long, default_value_t = 500)]
+    pub slow_query_ms: u32,
+    /// PostgreSQL's max_connections (embedded instance). Clients beyond it belong behind
+    /// `dalp pool up`.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(20..=5000))]
+    pub max_connections: u32,
+    /// Seed a demo organisation, an administrator (password printed once), a bond and a
+    /// stablecoin, unless they exist.
+    #[arg(long)]
+    pub demo: bool,
+    /// Run on a local HA cluster (Patroni + etcd, synchronous replication) in --data-dir
+    /// instead of a single embedded instance: started if it is not running, stopped on exit
+    /// if this command started it.
+    #[arg(long)]
+    pub ha: bool,
+    #[command(flatten)]
+    pub ha_opts: HaArgs,
+}
 
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     // Claim the API port before anything else, so a busy port fails fast and clearly.

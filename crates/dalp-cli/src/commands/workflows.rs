@@ -11,8 +11,95 @@ use dalp_workflows::{NewRun, WorkflowStore};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::cli::{TargetArgs, WorkflowsCommand};
+use crate::cli::TargetArgs;
 use crate::target::component_pool;
+
+// ---- command line ------------------------------------------------------------------
+
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum WorkflowsCommand {
+    /// Run a worker for the built-in kinds (the engine's self-test, `dalp.selftest`) until
+    /// Ctrl-C: claims ready runs in batches, keeps leases alive, finishes in batches. A worker
+    /// killed with -9 loses nothing: its leases expire and another worker resumes its runs
+    /// from their step journals.
+    Worker {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Runs executed at once.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+        concurrency: u32,
+        /// Lease length; a worker that stops heartbeating loses its runs after this.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        lease_seconds: u64,
+        /// Milliseconds between polls when idle (NOTIFY wakes it earlier on a direct connection).
+        #[arg(long, default_value_t = 500)]
+        poll_ms: u64,
+        /// Base of the exponential retry backoff, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        retry_base_ms: u64,
+    },
+    /// Enqueue self-test runs (`dalp.selftest`): each executes --steps journaled steps that
+    /// record one row each, so `dalp workflows show` can prove every step ran exactly once.
+    Selftest {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        #[arg(long, default_value_t = 5)]
+        steps: u32,
+        /// Milliseconds between steps.
+        #[arg(long, default_value_t = 100)]
+        step_ms: u32,
+    },
+    /// Queue depth, running and stalled runs, dead letters, claim latency.
+    Status {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List runs, newest change first.
+    Runs {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// pending, running, sleeping, waiting, completed, failed, cancelled, dead_letter, or
+        /// stalled (running with an expired lease).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one run (or transaction request) with its journal.
+    Show {
+        #[command(flatten)]
+        target: TargetArgs,
+        id: String,
+    },
+    /// Make a dead-lettered or failed run ready again (attempts reset).
+    Retry {
+        #[command(flatten)]
+        target: TargetArgs,
+        id: String,
+    },
+    /// Cancel a run that has not ended.
+    Cancel {
+        #[command(flatten)]
+        target: TargetArgs,
+        id: String,
+    },
+    /// Delete completed and cancelled runs (with their step journals) that ended more than
+    /// --older-than-days ago; failed and dead-lettered runs stay for operators.
+    Purge {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3650))]
+        older_than_days: u64,
+    },
+}
 
 fn store(target: &TargetArgs) -> anyhow::Result<WorkflowStore> {
     Ok(WorkflowStore::new(component_pool(
