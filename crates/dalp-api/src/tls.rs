@@ -20,7 +20,10 @@ pub struct TlsError {
 }
 
 /// A server configuration from a PEM certificate chain and a PEM private key.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// A loaded server certificate and key, shared by every connection.
+pub type ServerTls = Arc<rustls::ServerConfig>;
+
+pub fn server_config(cert: &Path, key: &Path) -> Result<ServerTls, TlsError> {
     let err = |p: &Path, m: String| TlsError {
         path: p.display().to_string(),
         message: m,

@@ -38,6 +38,10 @@ pub struct MaintenanceConfig {
     /// Months indexed chain data is kept. Default: none (kept forever; re-readable from the
     /// chain).
     pub indexed_retention_months: Option<u32>,
+    /// The data directory of a dalp instance or HA cluster whose pgBackRest repositories
+    /// this process reports in `/metrics` (`dalp_backup_last_success_age_seconds`).
+    /// Default: none (on a managed service, backups are the provider's).
+    pub backup_dir: Option<PathBuf>,
 }
 
 impl Default for MaintenanceConfig {
@@ -46,6 +50,7 @@ impl Default for MaintenanceConfig {
             partition_interval_secs: 3600,
             audit_retention_months: 84,
             indexed_retention_months: None,
+            backup_dir: None,
         }
     }
 }

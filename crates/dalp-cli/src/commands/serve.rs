@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use dalp_api::{ApiSettings, Services};
+use dalp_api::ApiSettings;
 use dalp_app::config::Config;
 use dalp_db::{ComponentPools, Secrets, MIGRATOR_ROLE};
 
-use super::lifecycle::shutdown_signal;
+use super::lifecycle::{Process, ProcessSpec};
 
 /// The role passwords a configuration points at (file, environment, secrets command).
 pub fn config_secrets(config: &Config) -> anyhow::Result<Secrets> {
@@ -54,16 +54,6 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("bind the API to {}", config.api.listen))?;
     let keys_dir = config_keys_dir(&config)?;
-    let services = Services::start_with_replicas(
-        Arc::new(pools),
-        keys_dir,
-        ApiSettings {
-            max_body_bytes: config.api.max_body_bytes,
-            login_attempts_per_minute: config.api.login_attempts_per_minute,
-        },
-        &config.replica_hosts(),
-    )?;
-    // Background duties: partitions kept ahead (every serving process; one per round).
     let m = &config.maintenance;
     let mut owner = config.connect_options(MIGRATOR_ROLE, "dalp-maintenance");
     owner.password = Some(
@@ -71,28 +61,43 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
             .password(MIGRATOR_ROLE)
             .context("partition maintenance connects as dalp_migrator")?,
     );
-    let maintenance = tokio::spawn(super::maintenance::partition_maintenance(
-        owner,
-        dalp_app::catalog::Retention {
-            audit_months: m.audit_retention_months,
-            indexed_months: m.indexed_retention_months,
+    let backups = match &m.backup_dir {
+        Some(dir) => Some(dalp_ops::backup::for_dir(dir).with_context(|| {
+            format!(
+                "maintenance.backup_dir {}: no pgBackRest repository there",
+                dir.display()
+            )
+        })?),
+        None => None,
+    };
+    let tls = match (&config.api.tls_cert, &config.api.tls_key) {
+        (Some(cert), Some(key)) => Some(dalp_api::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let process = Process::start(ProcessSpec {
+        pools: Arc::new(pools),
+        keys_dir,
+        settings: ApiSettings {
+            max_body_bytes: config.api.max_body_bytes,
+            login_attempts_per_minute: config.api.login_attempts_per_minute,
         },
-        Duration::from_secs(m.partition_interval_secs),
-        true,
-    ));
-    let app = services.router();
-    let limits = dalp_api::server::ConnectionLimits::from_config(&config.api);
-    match (&config.api.tls_cert, &config.api.tls_key) {
-        (Some(cert), Some(key)) => {
-            let tls = dalp_api::tls::server_config(cert, key)?;
-            eprintln!("serving the API on https://{}", config.api.listen);
-            dalp_api::serve_tls(listener, tls, app, limits, shutdown_signal()).await?;
-        }
-        _ => {
-            eprintln!("serving the API on http://{}", config.api.listen);
-            dalp_api::serve(listener, app, limits, shutdown_signal()).await?;
-        }
-    }
-    maintenance.abort();
+        replicas: config.replica_hosts(),
+        maintenance: (
+            owner,
+            dalp_app::catalog::Retention {
+                audit_months: m.audit_retention_months,
+                indexed_months: m.indexed_retention_months,
+            },
+            Duration::from_secs(m.partition_interval_secs),
+        ),
+        backups,
+        listener,
+        tls,
+        limits: dalp_api::server::ConnectionLimits::from_config(&config.api),
+    })
+    .await?;
+    eprintln!("serving the API on {scheme}://{}", process.addr);
+    process.run_until_shutdown().await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use dalp_api::{ApiSettings, Services};
+use dalp_api::ApiSettings;
 use dalp_db::{ComponentPools, MIGRATOR_ROLE};
 use dalp_ops::embedded::DATABASE;
 use dalp_ops::{HaCluster, Instance, OpsError, RunningCluster, StartOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::lifecycle::{apply_migrations, shutdown_signal};
-use super::maintenance::{maintain_partitions, partition_maintenance};
+use super::lifecycle::{apply_migrations, Process, ProcessSpec};
+use super::maintenance::maintain_partitions;
 
 // ---- command line ------------------------------------------------------------------
 
@@ -112,14 +112,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     apply_migrations(&mut client).await?;
     maintain_partitions(&mut client, args.retention.retention()).await?;
     drop(client);
-    let maintenance = tokio::spawn(partition_maintenance(
-        migrator.clone(),
-        args.retention.retention(),
-        Duration::from_secs(3600),
-        false,
-    ));
 
-    // The same pool size `dalp serve` uses when its config does not set one.
+    // The same pool size and maintenance interval `dalp serve` uses when its config does not
+    // set them: up is serve plus the embedded PostgreSQL.
     let pools = Arc::new(ComponentPools::build(
         &migrator,
         backend.secrets(),
@@ -128,55 +123,64 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     )?);
     // On an HA cluster every node is a read replica candidate (the one that is primary now
     // is read as the primary; after a failover the routing follows).
-    let services = Services::start_with_replicas(
-        pools.clone(),
-        &backend.keys_dir(),
-        ApiSettings::default(),
-        &backend.replicas(),
-    )?;
+    let keys_dir = backend.keys_dir();
+    let started = Process::start(ProcessSpec {
+        pools: pools.clone(),
+        keys_dir: &keys_dir,
+        settings: ApiSettings::default(),
+        replicas: backend.replicas(),
+        maintenance: (
+            migrator.clone(),
+            args.retention.retention(),
+            Duration::from_secs(
+                dalp_app::config::MaintenanceConfig::default().partition_interval_secs,
+            ),
+        ),
+        backups: backend.backups(),
+        listener,
+        tls: tls.clone(),
+        limits: Default::default(),
+    })
+    .await;
+    let process = match started {
+        Ok(p) => p,
+        Err(e) => {
+            pools.close();
+            tokio::task::spawn_blocking(move || backend.shutdown()).await??;
+            return Err(e);
+        }
+    };
     let demo_password = if args.demo {
-        super::demo::seed(&services.state)
+        super::demo::seed(&process.services.state)
             .await
-            .context("seed the demo data")?
+            .context("seed the demo data")
     } else {
-        None
-    };
-    let backup_watch = backend
-        .backups()
-        .map(|b| tokio::spawn(watch_backups(b, services.state.backups.clone())));
-    let app = services.router();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let stop = async move {
-        let _ = stop_rx.await;
-    };
-    let mut server = match &tls {
-        Some(config) => tokio::spawn(dalp_api::serve_tls(
-            listener,
-            config.clone(),
-            app,
-            Default::default(),
-            stop,
-        )),
-        None => tokio::spawn(dalp_api::serve(listener, app, Default::default(), stop)),
+        Ok(None)
     };
 
     // "ready" only once the API really answers and the database is current.
-    let ready = if tls.is_some() {
-        // Over TLS the self-check stops at the TCP accept; /readyz is for clients with the CA.
-        tokio::net::TcpStream::connect(api_addr)
+    let ready = match demo_password {
+        Err(e) => Err(e),
+        Ok(pw) if tls.is_some() => {
+            // Over TLS the self-check stops at the TCP accept; /readyz is for clients with
+            // the CA.
+            tokio::net::TcpStream::connect(api_addr)
+                .await
+                .map(|_| pw)
+                .context("the API does not accept connections")
+        }
+        Ok(pw) => wait_ready(api_addr, Duration::from_secs(30))
             .await
-            .map(|_| ())
-            .context("the API does not accept connections")
-    } else {
-        wait_ready(api_addr, Duration::from_secs(30)).await
+            .map(|_| pw),
     };
-    if let Err(e) = ready {
-        let _ = stop_tx.send(());
-        let _ = server.await;
-        pools.close();
-        tokio::task::spawn_blocking(move || backend.shutdown()).await??;
-        return Err(e);
-    }
+    let demo_password = match ready {
+        Ok(pw) => pw,
+        Err(e) => {
+            process.stop().await;
+            tokio::task::spawn_blocking(move || backend.shutdown()).await??;
+            return Err(e);
+        }
+    };
     println!(
         "dalp ready: api {scheme}://{api_addr}  postgres {}  data {}  ca {}",
         backend.describe(),
@@ -195,24 +199,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         );
     }
 
-    let crashed = tokio::select! {
-        _ = shutdown_signal() => None,
-        r = &mut server => Some(r),
-    };
-    eprintln!("stopping …");
-    let _ = stop_tx.send(());
-    match crashed {
-        Some(r) => eprintln!("the API server stopped unexpectedly: {r:?}"),
-        None => {
-            let _ = server.await;
-        }
+    let served = process.run_until_shutdown().await;
+    if let Err(e) = &served {
+        eprintln!("{e:#}");
     }
-    maintenance.abort();
-    if let Some(w) = backup_watch {
-        w.abort();
-    }
-    drop(services);
-    pools.close();
     tokio::task::spawn_blocking(move || backend.shutdown())
         .await
         .context("stop PostgreSQL")??;
@@ -381,35 +371,6 @@ impl Backend {
             Backend::Ha { .. } => {}
         }
         Ok(())
-    }
-}
-
-/// Reads the repositories every minute so `/metrics` can show the age of the newest backup.
-async fn watch_backups(
-    backups: dalp_ops::backup::Backups,
-    into: std::sync::Arc<std::sync::RwLock<Option<dalp_app::BackupSnapshot>>>,
-) {
-    loop {
-        let b = backups.clone();
-        match tokio::task::spawn_blocking(move || b.list()).await {
-            Ok(Ok(list)) => {
-                let mut newest: Vec<(u8, chrono::DateTime<chrono::Utc>)> = Vec::new();
-                for i in list {
-                    match newest.iter_mut().find(|(r, _)| *r == i.repo) {
-                        Some((_, t)) if *t < i.stopped => *t = i.stopped,
-                        Some(_) => {}
-                        None => newest.push((i.repo, i.stopped)),
-                    }
-                }
-                newest.sort();
-                *into.write().unwrap_or_else(|e| e.into_inner()) = Some(dalp_app::BackupSnapshot {
-                    newest_by_repo: newest,
-                });
-            }
-            Ok(Err(e)) => tracing::warn!(error = %e, "reading the backup repositories failed"),
-            Err(_) => return,
-        }
-        tokio::time::sleep(Duration::from_secs(60)).await;
     }
 }
 
