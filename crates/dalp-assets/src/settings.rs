@@ -12,23 +12,12 @@ use uuid::Uuid;
 
 use crate::store::{AssetError, AssetStore, Cached};
 
-/// NOTIFY channel of asset-domain cache invalidations.
-pub const CACHE_CHANNEL: &str = "dalp_assets_cache";
+/// NOTIFY channel of asset-domain cache invalidations (the asset store's cache).
+pub use crate::store::CACHE_CHANNEL;
+/// The settings an organisation saved (a value type of the domain, in `types`).
+pub use crate::types::OrgSettings;
 /// Base currency of an organisation that has saved no settings.
 pub const DEFAULT_BASE_CURRENCY: &str = "EUR";
-
-#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
-pub struct OrgSettings {
-    pub organisation_id: Uuid,
-    pub base_currency: String,
-    pub target_currencies: Vec<String>,
-    pub system_address: Option<String>,
-    pub features: Value,
-    /// 0 until the settings are first saved; send it back as `If-Match`.
-    pub version: i32,
-    pub updated_at: Option<DateTime<Utc>>,
-    pub updated_by: Option<String>,
-}
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -19,8 +19,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::settings::OrgSettings;
 use crate::types::AssetSpec;
+use crate::types::OrgSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AssetError {
@@ -160,6 +160,9 @@ pub enum VersionedKind {
     Compliance,
 }
 
+/// NOTIFY channel of asset-domain cache invalidations.
+pub const CACHE_CHANNEL: &str = "dalp_assets_cache";
+
 /// What the asset-domain cache holds.
 #[derive(Debug, Clone)]
 pub enum Cached {
@@ -214,7 +217,7 @@ impl<'a> Bind<'a> {
 #[derive(Clone)]
 pub struct AssetStore {
     pool: Pool,
-    /// Every change; it sends one NOTIFY on [`crate::settings::CACHE_CHANNEL`] with the
+    /// Every change; it sends one NOTIFY on [`CACHE_CHANNEL`] with the
     /// entries a change replaces and evicts them here at commit.
     writer: Writer,
     cache: Arc<InvalidatingCache<Cached>>,
@@ -227,12 +230,10 @@ impl AssetStore {
     }
 
     /// A store reading settings through `cache`, which a listener on
-    /// [`crate::settings::CACHE_CHANNEL`] keeps correct.
+    /// [`CACHE_CHANNEL`] keeps correct.
     pub fn with_cache(pool: Pool, cache: Arc<InvalidatingCache<Cached>>) -> AssetStore {
-        let writer = Writer::new(pool.clone(), "assets").invalidating(
-            crate::settings::CACHE_CHANNEL,
-            cache.clone() as Arc<dyn Invalidate>,
-        );
+        let writer = Writer::new(pool.clone(), "assets")
+            .invalidating(CACHE_CHANNEL, cache.clone() as Arc<dyn Invalidate>);
         AssetStore {
             pool,
             writer,

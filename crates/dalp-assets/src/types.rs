@@ -1,7 +1,9 @@
 //! Asset values, parsed before they reach SQL; every failure names its field.
 
+use chrono::{DateTime, Utc};
 use dalp_types::{ChainId, Country, Decimal, EvmAddress, Invalid, Isin};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use uuid::Uuid;
 
 /// What kind of instrument an asset is.
@@ -349,4 +351,18 @@ mod tests {
             assert_eq!(i.parse().unwrap_err().field, field);
         }
     }
+}
+
+/// An organisation's settings: base and target currencies, system address, feature flags.
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+pub struct OrgSettings {
+    pub organisation_id: Uuid,
+    pub base_currency: String,
+    pub target_currencies: Vec<String>,
+    pub system_address: Option<String>,
+    pub features: Value,
+    /// 0 until the settings are first saved; send it back as `If-Match`.
+    pub version: i32,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub updated_by: Option<String>,
 }

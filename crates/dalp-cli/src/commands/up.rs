@@ -18,8 +18,8 @@ use super::maintenance::maintain_partitions;
 
 // ---- command line ------------------------------------------------------------------
 
-use super::cluster::HaArgs;
 use super::maintenance::RetentionArgs;
+use crate::cli::HaArgs;
 use clap::Args;
 use std::path::PathBuf;
 
