@@ -79,6 +79,26 @@ impl Writer {
         self.store
     }
 
+    /// A change of one or more statements that each commit by themselves (no transaction
+    /// of its own, so no BEGIN/COMMIT round trips) and have no audit record, for the reason
+    /// given: a work queue's claim, heartbeat or finish. `f` runs on a pooled connection;
+    /// its outcome is counted like any other change's (an error is counted as failed).
+    pub async fn autocommit<T, E, F>(
+        &self,
+        op: &'static str,
+        _why: &'static str,
+        f: F,
+    ) -> Result<T, E>
+    where
+        F: AsyncFnOnce(&Object) -> Result<T, E>,
+        E: From<PoolError>,
+    {
+        let client = crate::pool::checkout(&self.pool, self.store).await?;
+        let result = f(&client).await;
+        count(self.store, op, if result.is_ok() { 0 } else { 2 });
+        result
+    }
+
     /// A connection from the pool (the wait is measured per store).
     pub async fn checkout(&self) -> Result<Conn<'_>, PoolError> {
         Ok(Conn {

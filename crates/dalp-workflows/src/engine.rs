@@ -396,62 +396,69 @@ impl WorkflowStore {
         batch: i64,
         lease: Duration,
     ) -> Result<Vec<Run>, WorkflowError> {
-        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
-        // Expired leases: the worker is gone; the run is pending again (its attempt counted).
-        if self
-            .hints
-            .due(&self.hints.last_reclaim_ms, RECLAIM_EVERY_MS)
-        {
-            client.typed_execute(
-            "WITH expired AS (
-                 SELECT id FROM dalp_workflows.runs
-                  WHERE status = 'running' AND lease_expires_at < now()
-                  FOR UPDATE SKIP LOCKED LIMIT 100),
-             freed AS (
-                 DELETE FROM dalp_workflows.concurrency_slots s USING expired e WHERE s.run_id = e.id)
-             UPDATE dalp_workflows.runs r
-                SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
-                    error = 'lease expired (worker ' || r.lease_owner || ' stopped)'
-               FROM expired e WHERE r.id = e.id",
-                &[],
+        self.writer
+            .autocommit(
+                "workflows.claim",
+                "a worker's claim of ready runs (and freeing expired leases): the queue's own bookkeeping; a run's start, signals and end are audited",
+                async |client: &deadpool_postgres::Object| -> Result<Vec<Run>, WorkflowError> {
+                    // Expired leases: the worker is gone; the run is pending again (its attempt counted).
+                    if self
+                        .hints
+                        .due(&self.hints.last_reclaim_ms, RECLAIM_EVERY_MS)
+                    {
+                        client.typed_execute(
+                        "WITH expired AS (
+                             SELECT id FROM dalp_workflows.runs
+                              WHERE status = 'running' AND lease_expires_at < now()
+                              FOR UPDATE SKIP LOCKED LIMIT 100),
+                         freed AS (
+                             DELETE FROM dalp_workflows.concurrency_slots s USING expired e WHERE s.run_id = e.id)
+                         UPDATE dalp_workflows.runs r
+                            SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
+                                error = 'lease expired (worker ' || r.lease_owner || ' stopped)'
+                           FROM expired e WHERE r.id = e.id",
+                            &[],
+                        )
+                        .await?;
+                    }
+                    // One statement: pick ready runs, take a concurrency slot for keyed ones (a run
+                    // whose key is taken stays queued), lease what was granted.
+                    let lease_ms = lease.as_millis() as f64;
+                    let rows = client
+                        .typed_query(
+                            &format!(
+                                "WITH c AS (
+                                     SELECT id, concurrency_key FROM dalp_workflows.runs
+                                      WHERE status IN ('pending', 'sleeping') AND run_at <= now() AND kind = ANY($1)
+                                      ORDER BY priority DESC, run_at, id
+                                      LIMIT $2 FOR UPDATE SKIP LOCKED),
+                                 slots AS (
+                                     INSERT INTO dalp_workflows.concurrency_slots (concurrency_key, run_id)
+                                     SELECT concurrency_key, id FROM c WHERE concurrency_key IS NOT NULL
+                                     ON CONFLICT (concurrency_key) DO NOTHING RETURNING run_id),
+                                 granted AS (
+                                     SELECT id FROM c WHERE concurrency_key IS NULL
+                                     UNION ALL SELECT run_id FROM slots)
+                                 UPDATE dalp_workflows.runs r
+                                    SET status = 'running', lease_owner = $3,
+                                        lease_expires_at = now() + $4 * interval '1 millisecond',
+                                        attempts = attempts + 1, started_at = coalesce(started_at, now()),
+                                        updated_at = now()
+                                   FROM granted g WHERE r.id = g.id
+                              RETURNING {}",
+                                RUN_COLUMNS
+                                    .split(", ")
+                                    .map(|c| format!("r.{c}"))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                            &[&kinds, &batch, &worker, &lease_ms],
+                        )
+                        .await?;
+                    Ok(rows.iter().map(run_row).collect())
+                },
             )
-            .await?;
-        }
-        // One statement: pick ready runs, take a concurrency slot for keyed ones (a run
-        // whose key is taken stays queued), lease what was granted.
-        let lease_ms = lease.as_millis() as f64;
-        let rows = client
-            .typed_query(
-                &format!(
-                    "WITH c AS (
-                         SELECT id, concurrency_key FROM dalp_workflows.runs
-                          WHERE status IN ('pending', 'sleeping') AND run_at <= now() AND kind = ANY($1)
-                          ORDER BY priority DESC, run_at, id
-                          LIMIT $2 FOR UPDATE SKIP LOCKED),
-                     slots AS (
-                         INSERT INTO dalp_workflows.concurrency_slots (concurrency_key, run_id)
-                         SELECT concurrency_key, id FROM c WHERE concurrency_key IS NOT NULL
-                         ON CONFLICT (concurrency_key) DO NOTHING RETURNING run_id),
-                     granted AS (
-                         SELECT id FROM c WHERE concurrency_key IS NULL
-                         UNION ALL SELECT run_id FROM slots)
-                     UPDATE dalp_workflows.runs r
-                        SET status = 'running', lease_owner = $3,
-                            lease_expires_at = now() + $4 * interval '1 millisecond',
-                            attempts = attempts + 1, started_at = coalesce(started_at, now()),
-                            updated_at = now()
-                       FROM granted g WHERE r.id = g.id
-                  RETURNING {}",
-                    RUN_COLUMNS
-                        .split(", ")
-                        .map(|c| format!("r.{c}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                &[&kinds, &batch, &worker, &lease_ms],
-            )
-            .await?;
-        Ok(rows.iter().map(run_row).collect())
+            .await
     }
 
     /// Renews the leases `worker` holds on `ids`; returns the ids it no longer holds.
@@ -465,24 +472,31 @@ impl WorkflowStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
-        let lease_ms = lease.as_millis() as f64;
-        // Only lease_expires_at changes, and no index covers it: a HOT update.
-        let held: Vec<Uuid> = client
-            .query_typed(
-                "UPDATE dalp_workflows.runs SET lease_expires_at = now() + $3 * interval '1 millisecond'
-                  WHERE id = ANY($1) AND status = 'running' AND lease_owner = $2 RETURNING id",
-                &[
-                    (&ids, Type::UUID_ARRAY),
-                    (&worker, Type::TEXT),
-                    (&lease_ms, Type::FLOAT8),
-                ],
+        self.writer
+            .autocommit(
+                "workflows.heartbeat",
+                "renewing a worker's leases: the queue's own bookkeeping",
+                async |client: &deadpool_postgres::Object| -> Result<Vec<Uuid>, WorkflowError> {
+                    let lease_ms = lease.as_millis() as f64;
+                    // Only lease_expires_at changes, and no index covers it: a HOT update.
+                    let held: Vec<Uuid> = client
+                        .query_typed(
+                            "UPDATE dalp_workflows.runs SET lease_expires_at = now() + $3 * interval '1 millisecond'
+                              WHERE id = ANY($1) AND status = 'running' AND lease_owner = $2 RETURNING id",
+                            &[
+                                (&ids, Type::UUID_ARRAY),
+                                (&worker, Type::TEXT),
+                                (&lease_ms, Type::FLOAT8),
+                            ],
+                        )
+                        .await?
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect();
+                    Ok(ids.iter().filter(|i| !held.contains(i)).copied().collect())
+                },
             )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        Ok(ids.iter().filter(|i| !held.contains(i)).copied().collect())
+            .await
     }
 
     /// Hands back runs `worker` claimed but never started (a stopping worker's local queue):
@@ -492,25 +506,32 @@ impl WorkflowStore {
         if ids.is_empty() {
             return Ok(0);
         }
-        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
-        let n: i64 = client
-            .typed_query_one(
-                "WITH upd AS (
-                     UPDATE dalp_workflows.runs
-                        SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,
-                            attempts = attempts - 1,
-                            started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END,
-                            updated_at = now()
-                      WHERE id = ANY($1) AND status = 'running' AND lease_owner = $2
-                  RETURNING id),
-                 freed AS (
-                     DELETE FROM dalp_workflows.concurrency_slots s USING upd WHERE s.run_id = upd.id)
-                 SELECT count(*) FROM upd",
-                &[&ids, &worker],
+        self.writer
+            .autocommit(
+                "workflows.release",
+                "a stopping worker hands its unstarted runs back: the queue's own bookkeeping",
+                async |client: &deadpool_postgres::Object| -> Result<u64, WorkflowError> {
+                    let n: i64 = client
+                        .typed_query_one(
+                            "WITH upd AS (
+                                 UPDATE dalp_workflows.runs
+                                    SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,
+                                        attempts = attempts - 1,
+                                        started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END,
+                                        updated_at = now()
+                                  WHERE id = ANY($1) AND status = 'running' AND lease_owner = $2
+                              RETURNING id),
+                             freed AS (
+                                 DELETE FROM dalp_workflows.concurrency_slots s USING upd WHERE s.run_id = upd.id)
+                             SELECT count(*) FROM upd",
+                            &[&ids, &worker],
+                        )
+                        .await?
+                        .get(0);
+                    Ok(n as u64)
+                },
             )
-            .await?
-            .get(0);
-        Ok(n as u64)
+            .await
     }
 
     /// Ends attempts of runs `worker` holds, in one transaction. Runs whose lease was lost
@@ -547,48 +568,55 @@ impl WorkflowStore {
             run_ats.push(run_at);
             waits.push(wait);
         }
-        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
-        let base_ms = retry_base.as_millis() as f64;
-        let max_ms = retry_max.as_millis() as f64;
-        // One statement: retries become pending after an exponential backoff with jitter,
-        // or dead_letter once attempts are used up; slots are released.
-        let held: Vec<Uuid> = client
-            .typed_query(
-                "WITH o AS (
-                     SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[], $6::text[])
-                         AS o(id, status, output, error, run_at, waiting_for)),
-                 upd AS (
-                     UPDATE dalp_workflows.runs r
-                        SET status = CASE
-                                WHEN o.status = 'retry' AND r.attempts >= r.max_attempts THEN 'dead_letter'
-                                WHEN o.status = 'retry' THEN 'pending'
-                                WHEN o.status = 'waiting' AND r.signal ? o.waiting_for THEN 'pending'
-                                ELSE o.status END,
-                            output = coalesce(o.output, r.output),
-                            error = o.error,
-                            run_at = CASE
-                                WHEN o.status = 'retry' THEN now() + least($8 * 2 ^ (r.attempts - 1), $9)
-                                                             * (0.5 + random() / 2) * interval '1 millisecond'
-                                ELSE coalesce(o.run_at, r.run_at) END,
-                            waiting_for = o.waiting_for,
-                            lease_owner = NULL, lease_expires_at = NULL,
-                            finished_at = CASE WHEN o.status IN ('completed', 'failed')
-                                                 OR (o.status = 'retry' AND r.attempts >= r.max_attempts)
-                                               THEN now() END,
-                            updated_at = now()
-                       FROM o
-                      WHERE r.id = o.id AND r.status = 'running' AND r.lease_owner = $7
-                  RETURNING r.id),
-                 freed AS (
-                     DELETE FROM dalp_workflows.concurrency_slots s USING upd WHERE s.run_id = upd.id)
-                 SELECT id FROM upd",
-                &[&ids, &statuses, &outputs, &errors, &run_ats, &waits, &worker, &base_ms, &max_ms],
+        self.writer
+            .autocommit(
+                "workflows.finish",
+                "a run's end as its worker reports it: the queue's own bookkeeping",
+                async |client: &deadpool_postgres::Object| -> Result<Vec<Uuid>, WorkflowError> {
+                    let base_ms = retry_base.as_millis() as f64;
+                    let max_ms = retry_max.as_millis() as f64;
+                    // One statement: retries become pending after an exponential backoff with jitter,
+                    // or dead_letter once attempts are used up; slots are released.
+                    let held: Vec<Uuid> = client
+                        .typed_query(
+                            "WITH o AS (
+                                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::timestamptz[], $6::text[])
+                                     AS o(id, status, output, error, run_at, waiting_for)),
+                             upd AS (
+                                 UPDATE dalp_workflows.runs r
+                                    SET status = CASE
+                                            WHEN o.status = 'retry' AND r.attempts >= r.max_attempts THEN 'dead_letter'
+                                            WHEN o.status = 'retry' THEN 'pending'
+                                            WHEN o.status = 'waiting' AND r.signal ? o.waiting_for THEN 'pending'
+                                            ELSE o.status END,
+                                        output = coalesce(o.output, r.output),
+                                        error = o.error,
+                                        run_at = CASE
+                                            WHEN o.status = 'retry' THEN now() + least($8 * 2 ^ (r.attempts - 1), $9)
+                                                                         * (0.5 + random() / 2) * interval '1 millisecond'
+                                            ELSE coalesce(o.run_at, r.run_at) END,
+                                        waiting_for = o.waiting_for,
+                                        lease_owner = NULL, lease_expires_at = NULL,
+                                        finished_at = CASE WHEN o.status IN ('completed', 'failed')
+                                                             OR (o.status = 'retry' AND r.attempts >= r.max_attempts)
+                                                           THEN now() END,
+                                        updated_at = now()
+                                   FROM o
+                                  WHERE r.id = o.id AND r.status = 'running' AND r.lease_owner = $7
+                              RETURNING r.id),
+                             freed AS (
+                                 DELETE FROM dalp_workflows.concurrency_slots s USING upd WHERE s.run_id = upd.id)
+                             SELECT id FROM upd",
+                            &[&ids, &statuses, &outputs, &errors, &run_ats, &waits, &worker, &base_ms, &max_ms],
+                        )
+                        .await?
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect();
+                    Ok(ids.into_iter().filter(|i| !held.contains(i)).collect())
+                },
             )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        Ok(ids.into_iter().filter(|i| !held.contains(i)).collect())
+            .await
     }
 
     /// Delivers signal `name` with `payload` to run `id`: a run waiting for it becomes ready;
@@ -741,18 +769,25 @@ impl WorkflowStore {
         older_than: Duration,
         limit: i64,
     ) -> Result<u64, WorkflowError> {
-        let client = dalp_db::pool::checkout(&self.pool, "workflows").await?;
-        let secs = older_than.as_secs_f64();
-        Ok(client
-            .execute_typed(
-                "DELETE FROM dalp_workflows.runs WHERE id IN (
+        self.writer
+            .autocommit(
+                "workflows.purge_finished",
+                "deleting finished runs past their retention: housekeeping",
+                async |client: &deadpool_postgres::Object| -> Result<u64, WorkflowError> {
+                    let secs = older_than.as_secs_f64();
+                    Ok(client
+                        .execute_typed(
+                            "DELETE FROM dalp_workflows.runs WHERE id IN (
                      SELECT id FROM dalp_workflows.runs
                       WHERE status IN ('completed', 'cancelled')
                         AND finished_at < now() - $1 * interval '1 second'
                       LIMIT $2)",
-                &[(&secs, Type::FLOAT8), (&limit, Type::INT8)],
+                            &[(&secs, Type::FLOAT8), (&limit, Type::INT8)],
+                        )
+                        .await?)
+                },
             )
-            .await?)
+            .await
     }
 
     #[tracing::instrument(target = "dalp_store", name = "workflows.stats", skip_all)]
