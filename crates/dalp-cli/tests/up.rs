@@ -754,7 +754,38 @@ fn up_ha_serves_the_api_on_patroni_and_the_cluster_verbs_manage_it() {
     let up = Up::start_with(dir.path(), api_port, &["--ha", "--demo"]);
     assert!(up.ready_line.contains("HA 3 nodes"), "{}", up.ready_line);
     assert_eq!(readyz_within(api_port, Duration::from_secs(10)), 200);
-    replica_reads_see_their_own_writes(&up, api_port);
+    // `dalp serve` on the same cluster, configured as an operator would: every node as a
+    // host (writes go to the primary), the nodes as read replicas, the cluster's CA,
+    // secrets file and keys. It is the same application as `up`, so the same checks hold.
+    let ha = dalp_ops::HaCluster::open(dir.path()).unwrap();
+    let nodes: Vec<String> = ha
+        .nodes()
+        .iter()
+        .map(|n| format!("\"127.0.0.1:{}\"", n.pg_port))
+        .collect();
+    let serve_port = free_port();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nhosts = [{nodes}]\nreplicas = [{nodes}]\nname = \"dalp\"\nca_file = \"{}\"\nsecrets_file = \"{}\"\n\n[api]\nlisten = \"127.0.0.1:{serve_port}\"\n\n[keys]\ndir = \"{}\"\n",
+            ha.ca_cert().display(),
+            dir.path().join("secrets.json").display(),
+            dir.path().join("keys").display(),
+            nodes = nodes.join(", "),
+        ),
+    )
+    .unwrap();
+    let _serve = dalp_testkit::Reaped(
+        Command::new(DALP)
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert_eq!(readyz_within(serve_port, Duration::from_secs(60)), 200);
+    replica_reads_see_their_own_writes(&up, &[api_port, serve_port]);
 
     let o = dalp(&["cluster", "status", "--dir", d]);
     assert!(o.status.success(), "{}", text(&o));
@@ -772,7 +803,6 @@ fn up_ha_serves_the_api_on_patroni_and_the_cluster_verbs_manage_it() {
     assert!(url.contains("target_session_attrs=read-write"), "{url}");
 
     // A stopped replica: doctor names it, with an error.
-    let ha = dalp_ops::HaCluster::open(dir.path()).unwrap();
     let leader = t
         .lines()
         .find(|l| l.contains(" leader "))
@@ -842,97 +872,105 @@ fn up_ha_serves_the_api_on_patroni_and_the_cluster_verbs_manage_it() {
 
 /// On `dalp up --ha` every node is a read replica candidate: asset and indexed reads go to a
 /// replica, and a read that sends a change's consistency token always sees that change.
-fn replica_reads_see_their_own_writes(up: &Up, api_port: u16) {
+/// On each API (`up`'s, then `serve`'s, one session for both): token-less reads are
+/// served by replicas, and every change's consistency token makes the next read see it.
+fn replica_reads_see_their_own_writes(up: &Up, api_ports: &[u16]) {
     let password = up.demo_password();
-    let api = format!("http://127.0.0.1:{api_port}/api/v1");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         let http = ::reqwest::Client::new();
+        let first = format!("http://127.0.0.1:{}/api/v1", api_ports[0]);
         let (token, secret) =
-            login_and_enrol(&http, &api, "admin@demo.dalp.example", &password).await;
-        confirm_totp(&http, &api, &token, &secret).await;
-        let assets: serde_json::Value = http
-            .get(format!("{api}/assets"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let org = assets["assets"][0]["organisation_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        // Reads without a token: served by replicas (the lag probe finds them within a
-        // second of start).
-        let mut from_replica = 0;
-        for _ in 0..40 {
-            let r = http
+            login_and_enrol(&http, &first, "admin@demo.dalp.example", &password).await;
+        confirm_totp(&http, &first, &token, &secret).await;
+        for (i, port) in api_ports.iter().enumerate() {
+            let api = format!("http://127.0.0.1:{port}/api/v1");
+            let assets: serde_json::Value = http
                 .get(format!("{api}/assets"))
                 .bearer_auth(&token)
                 .send()
                 .await
+                .unwrap()
+                .json()
+                .await
                 .unwrap();
-            assert_eq!(r.status(), 200);
-            let from = r.headers()["x-dalp-read-from"]
-                .to_str()
+            let org = assets["assets"][0]["organisation_id"]
+                .as_str()
                 .unwrap()
                 .to_string();
-            if from.starts_with("replica ") {
-                from_replica += 1;
+            // Reads without a token: served by replicas (the lag probe finds them within a
+            // second of start).
+            let mut from_replica = 0;
+            for _ in 0..40 {
+                let r = http
+                    .get(format!("{api}/assets"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                let from = r.headers()["x-dalp-read-from"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                if from.starts_with("replica ") {
+                    from_replica += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(from_replica > 0, "no read was served by a replica");
-        // Read-your-writes: every change's token makes the next read see it, wherever it is
-        // served.
-        for n in 0..20 {
-            let r = http
+            assert!(
+                from_replica > 0,
+                "no read was served by a replica (port {port})"
+            );
+            // Read-your-writes: every change's token makes the next read see it, wherever it is
+            // served.
+            for n in 0..20 {
+                let r = http
                 .post(format!("{api}/assets"))
                 .bearer_auth(&token)
                 .json(
-                    &serde_json::json!({"organisation_id": org, "name": format!("Tower {n}"),
-                    "symbol": format!("TW{n}"), "decimals": 0, "base_type": "real_estate"}),
+                    &serde_json::json!({"organisation_id": org, "name": format!("Tower {i}.{n}"),
+                    "symbol": format!("TW{i}{n}"), "decimals": 0, "base_type": "real_estate"}),
                 )
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(r.status(), 201);
-            let consistency = r.headers()["x-dalp-consistency"]
-                .to_str()
-                .unwrap()
-                .to_string();
-            let created: serde_json::Value = r.json().await.unwrap();
-            let id = created["asset"]["id"].as_str().unwrap();
+                assert_eq!(r.status(), 201);
+                let consistency = r.headers()["x-dalp-consistency"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                let created: serde_json::Value = r.json().await.unwrap();
+                let id = created["asset"]["id"].as_str().unwrap();
+                let r = http
+                    .get(format!("{api}/assets/{id}"))
+                    .bearer_auth(&token)
+                    .header("x-dalp-consistency", &consistency)
+                    .send()
+                    .await
+                    .unwrap();
+                let from = r.headers()["x-dalp-read-from"]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                assert_eq!(
+                    r.status(),
+                    200,
+                    "asset {n} not seen with its token (read from {from})"
+                );
+            }
             let r = http
-                .get(format!("{api}/assets/{id}"))
+                .get(format!("{api}/assets"))
                 .bearer_auth(&token)
-                .header("x-dalp-consistency", &consistency)
+                .header("x-dalp-consistency", "nonsense")
                 .send()
                 .await
                 .unwrap();
-            let from = r.headers()["x-dalp-read-from"]
-                .to_str()
-                .unwrap()
-                .to_string();
-            assert_eq!(
-                r.status(),
-                200,
-                "asset {n} not seen with its token (read from {from})"
-            );
+            assert_eq!(r.status(), 400);
         }
-        let r = http
-            .get(format!("{api}/assets"))
-            .bearer_auth(&token)
-            .header("x-dalp-consistency", "nonsense")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 400);
     });
 }
 

@@ -431,6 +431,22 @@ async fn banned_users_and_missing_roles_are_refused() {
         actor: format!("user:{admin}"),
         ..Default::default()
     };
+    // Granting a role the user already has changes nothing: the same answer, one record.
+    for _ in 0..2 {
+        let u = app
+            .store()
+            .grant_role(&ctx, victim, PlatformRole::TokenManager)
+            .await
+            .unwrap();
+        assert_eq!(u.roles, vec![PlatformRole::TokenManager]);
+    }
+    assert_eq!(
+        app.scalar_i64(
+            "SELECT count(*) FROM dalp_audit.events WHERE action = 'identity.role.grant'"
+        )
+        .await,
+        1
+    );
     app.store()
         .update_user(
             &ctx,

@@ -250,15 +250,18 @@ impl IdentityStore {
                 &[&id, &role.as_str(), &ctx.actor],
             )
             .await?;
-        if n == 1 {
-            tx.record(
-                &ctx.event("identity.role.grant", "user")
-                    .resource(id)
-                    .details(json!({ "role": role.as_str() })),
-            )
-            .await?;
-        }
         let user = Self::user_in(&tx, id).await?;
+        if n == 0 {
+            tx.commit_unaudited("the user already had this role: nothing changed")
+                .await?;
+            return Ok(user);
+        }
+        tx.record(
+            &ctx.event("identity.role.grant", "user")
+                .resource(id)
+                .details(json!({ "role": role.as_str() })),
+        )
+        .await?;
         tx.invalidate(vec![format!("user:{id}")]);
         tx.commit().await?;
         Ok(user)
