@@ -111,7 +111,7 @@ fn main() {
             actor: "service:bench".into(),
             ..Default::default()
         };
-        store
+        let user = store
             .create_user(
                 &ctx,
                 NewUser {
@@ -197,5 +197,60 @@ fn main() {
             p99_group.as_secs_f64() * 1e3
         );
         println!("  ratio group/one         {:.2}x", rps_group / rps_one);
+
+        // The database's ceiling for the same work, one commit per request: pgbench reads
+        // the user row and inserts one audit event (each its own transaction) from as many
+        // clients, over the Unix socket, as the superuser.
+        let tps = pgbench_ceiling(&db.name, user.id, key_dir.path());
+        println!("pgbench, the same SQL per request, {CLIENTS} clients, one commit per request:");
+        println!("  {tps:>9.0} tps");
+        println!(
+            "  ratio /me group commit / pgbench ceiling  {:.2}x   (goal: >= 2x)",
+            rps_group / tps
+        );
     });
+}
+
+/// pgbench's transactions per second for `/me`'s database work: the user row (with its
+/// roles) and one `api.request` audit event, each committed alone.
+fn pgbench_ceiling(dbname: &str, user: uuid::Uuid, scratch: &std::path::Path) -> f64 {
+    let su = dalp_testkit::cluster().superuser_options(dbname);
+    let (socket, port) = su.hosts[0].clone();
+    let script = scratch.join("me.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "SELECT u.*, array(SELECT role FROM dalp_identity.platform_roles r WHERE r.user_id = u.id) FROM dalp_identity.users u WHERE u.id = '{user}';\n\
+             INSERT INTO dalp_audit.events (actor, action, resource_type, outcome, request_id, details) VALUES ('user:{user}', 'api.request', 'request', 'success', 'bench', '{{}}'::jsonb);\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(
+        std::path::Path::new(dalp_ops::embedded::DEFAULT_PG_BIN).join("pgbench"),
+    )
+    .args(["-n", "-h", &socket, "-p", &port.to_string(), "-U", &su.user])
+    .args([
+        "-c",
+        &CLIENTS.to_string(),
+        "-j",
+        "2",
+        "-T",
+        &HTTP_SECONDS.to_string(),
+    ])
+    .arg("-f")
+    .arg(&script)
+    .arg(dbname)
+    .output()
+    .expect("run pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in pgbench's output: {text}"))
 }

@@ -87,3 +87,54 @@ async fn a_dropped_listen_connection_flushes_the_cache() {
         .await;
     assert_eq!(s, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_profile_changed_in_one_process_is_never_served_stale_by_either() {
+    let a = spawn_app().await;
+    let b = spawn_app_on(a.db.clone(), a.key_dir.clone(), ApiSettings::default()).await;
+    let id = a
+        .create_user("profile@bank.example", &[PlatformRole::Auditor])
+        .await;
+    let token = a.token("profile@bank.example").await;
+    // Both serve the profile from their caches after the first read.
+    for app in [&a, &b] {
+        roles(app, &token).await;
+        let hits = app.store().cache().stats().hits;
+        roles(app, &token).await;
+        // Two hits: the session and the profile.
+        assert_eq!(app.store().cache().stats().hits, hits + 2);
+    }
+    let before = b.store().cache().stats().invalidations;
+    let ctx = dalp_identity::RequestContext {
+        actor: "test".into(),
+        ..Default::default()
+    };
+    a.store()
+        .grant_role(&ctx, id, PlatformRole::TokenManager)
+        .await
+        .unwrap();
+    // The writing process evicted at commit; the other once the NOTIFY arrives.
+    assert_eq!(
+        roles(&a, &token).await,
+        serde_json::json!(["auditor", "tokenManager"])
+    );
+    let b_cache = b.store().cache().clone();
+    wait_for(
+        || b_cache.stats().invalidations > before,
+        "B's invalidation",
+    )
+    .await;
+    assert_eq!(
+        roles(&b, &token).await,
+        serde_json::json!(["auditor", "tokenManager"])
+    );
+}
+
+/// The roles `/me` reports to `token` on `app`.
+async fn roles(app: &crate::helpers::TestApp, token: &str) -> serde_json::Value {
+    let (s, body) = app
+        .call(Method::GET, "/api/v1/me", Cred::Token(token), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    body["user"]["roles"].clone()
+}

@@ -179,6 +179,15 @@ impl Principal {
 
 pub use dalp_audit::RequestContext;
 
+/// What the identity cache holds: resolved credentials (keyed by token hash, tagged with
+/// their user and session or key) and user profiles (keyed and tagged `user:<id>`). Every
+/// change to a user invalidates `user:<id>`, which evicts both.
+#[derive(Debug, Clone)]
+pub enum Cached {
+    Principal(Principal),
+    User(User),
+}
+
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct User {
     pub id: Uuid,
@@ -349,14 +358,14 @@ pub struct IdentityStore {
     pool: Pool,
     writer: Writer,
     keys: Arc<dyn KeyProvider>,
-    cache: Arc<InvalidatingCache<Principal>>,
+    cache: Arc<InvalidatingCache<Cached>>,
 }
 
 impl IdentityStore {
     pub fn new(
         pool: Pool,
         keys: Arc<dyn KeyProvider>,
-        cache: Arc<InvalidatingCache<Principal>>,
+        cache: Arc<InvalidatingCache<Cached>>,
     ) -> IdentityStore {
         let writer = Writer::new(pool.clone(), "identity")
             .invalidating(CACHE_CHANNEL, cache.clone() as Arc<dyn cache::Invalidate>);
@@ -368,7 +377,7 @@ impl IdentityStore {
         }
     }
 
-    pub fn cache(&self) -> &Arc<InvalidatingCache<Principal>> {
+    pub fn cache(&self) -> &Arc<InvalidatingCache<Cached>> {
         &self.cache
     }
 }

@@ -83,6 +83,7 @@ impl IdentityStore {
                 &[&user_id],
             )
             .await?;
+            tx.invalidate([format!("user:{user_id}")]);
         }
         let mut ev = ctx
             .event("identity.login", "session")
@@ -141,7 +142,7 @@ impl IdentityStore {
         let hash = token_hash(token);
         let key = format!("s:{}", hex::encode(&hash));
         let now = Utc::now();
-        if let Some(p) = self.cache.get(&key) {
+        if let Some(Cached::Principal(p)) = self.cache.get(&key) {
             if let Credential::Session {
                 expires_at,
                 refreshed_at,
@@ -217,7 +218,8 @@ impl IdentityStore {
                 mfa_pending,
             },
         };
-        self.cache.insert(key, p.clone(), p.tags(), generation);
+        self.cache
+            .insert(key, Cached::Principal(p.clone()), p.tags(), generation);
         Ok(p)
     }
 
@@ -230,7 +232,7 @@ impl IdentityStore {
         let hash = token_hash(key);
         let cache_key = format!("k:{}", hex::encode(&hash));
         let now = Utc::now();
-        if let Some(p) = self.cache.get(&cache_key) {
+        if let Some(Cached::Principal(p)) = self.cache.get(&cache_key) {
             if let Credential::ApiKey { expires_at, .. } = &p.credential {
                 if expires_at.map(|e| e <= now).unwrap_or(false) {
                     return Err(IdentityError::Unauthenticated("API key expired"));
@@ -274,8 +276,12 @@ impl IdentityStore {
                 expires_at,
             },
         };
-        self.cache
-            .insert(cache_key, p.clone(), p.tags(), generation);
+        self.cache.insert(
+            cache_key,
+            Cached::Principal(p.clone()),
+            p.tags(),
+            generation,
+        );
         Ok(p)
     }
 

@@ -71,7 +71,14 @@ impl IdentityStore {
     }
 
     #[tracing::instrument(target = "dalp_store", name = "identity.get_user", skip_all)]
+    /// One user, served from the cache when possible (every change to a user invalidates
+    /// `user:<id>` in every process).
     pub async fn get_user(&self, id: Uuid) -> Result<User> {
+        let key = format!("user:{id}");
+        if let Some(Cached::User(u)) = self.cache.get(&key) {
+            return Ok(u);
+        }
+        let generation = self.cache.generation();
         let client = dalp_db::pool::checkout(&self.pool, "identity").await?;
         let row = client
             .typed_query_opt(
@@ -80,7 +87,14 @@ impl IdentityStore {
             )
             .await?
             .ok_or(IdentityError::NotFound("user"))?;
-        Ok(user_from(&row))
+        let user = user_from(&row);
+        self.cache.insert(
+            key.clone(),
+            Cached::User(user.clone()),
+            vec![key],
+            generation,
+        );
+        Ok(user)
     }
 
     #[tracing::instrument(target = "dalp_store", name = "identity.find_user_by_email", skip_all)]
