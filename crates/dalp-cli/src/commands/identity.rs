@@ -1,12 +1,11 @@
 //! `dalp users create-admin` and `dalp keys rotate`: the identity store, driven from the
 //! command line as the identity service role.
 
-use std::io::{BufRead, IsTerminal};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use dalp_app::config::Config;
 use dalp_db::{Component, ComponentPools, MIGRATOR_ROLE};
 use dalp_identity::crypto::FileKeyProvider;
@@ -82,23 +81,7 @@ fn cli_context() -> RequestContext {
 }
 
 fn read_password() -> anyhow::Result<Password> {
-    let raw = if std::io::stdin().is_terminal() {
-        let a = rpassword::prompt_password("password (12+ characters): ")?;
-        let b = rpassword::prompt_password("repeat password: ")?;
-        if a != b {
-            bail!("the passwords differ");
-        }
-        a
-    } else {
-        // One line: the password ends at the first newline, whatever follows (a script
-        // that pipes it twice, as for the prompt, must not get a password with a newline).
-        let mut s = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut s)
-            .context("read password from stdin")?;
-        s.trim_end_matches(['\n', '\r']).to_string()
-    };
+    let raw = super::prompt::read_secret("password (12+ characters): ", true, "password")?;
     Ok(Password::parse(&raw)?)
 }
 

@@ -1,12 +1,11 @@
 //! `dalp keys export`: the key bundle a disaster restore needs (dalp_ops::keybundle), and
 //! the passphrase both ends ask for.
 
-use std::io::{BufRead, IsTerminal};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 // ---- command line ------------------------------------------------------------------
 
@@ -52,19 +51,11 @@ pub fn passphrase(file: Option<&Path>, confirm: bool) -> anyhow::Result<String> 
     if let Ok(p) = std::env::var("DALP_KEYS_PASSPHRASE") {
         return Ok(p);
     }
-    if std::io::stdin().is_terminal() {
-        let a = rpassword::prompt_password("key bundle passphrase (12+ characters): ")?;
-        if confirm && a != rpassword::prompt_password("repeat it: ")? {
-            bail!("the passphrases differ");
-        }
-        return Ok(a);
-    }
-    let mut s = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut s)
-        .context("read the passphrase from stdin")?;
-    Ok(s.trim_end_matches(['\n', '\r']).to_string())
+    super::prompt::read_secret(
+        "key bundle passphrase (12+ characters): ",
+        confirm,
+        "passphrase",
+    )
 }
 
 pub fn export(

@@ -15,6 +15,7 @@ mod lifecycle;
 pub(crate) mod maintenance;
 mod migrate;
 pub(crate) mod pool;
+mod prompt;
 pub(crate) mod roles;
 mod serve;
 mod status;
