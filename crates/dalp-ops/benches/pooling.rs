@@ -1,8 +1,9 @@
 //! `cargo bench -p dalp-ops --bench pooling`
 //!
 //! Short read/write transactions from 200 concurrent clients, directly against PostgreSQL
-//! (200 server connections) and through PgBouncer in transaction mode (20 server
-//! connections), on the same instance in the same run, then the same with a new
+//! (200 server connections) and through PgBouncer in transaction mode (40 server
+//! connections: `dalp pool up`'s default of 20 per process, one process per CPU on this
+//! 2-core machine), on the same instance in the same run, then the same with a new
 //! connection (TLS + SCRAM) per transaction. Two poolers: the previous setup (one process,
 //! TCP + TLS to the server) and the product's (one process per CPU on the port with
 //! `so_reuseport`, the server's Unix socket). Prints throughput, latency and the ratios.
@@ -120,7 +121,7 @@ fn pool_total() -> u32 {
     std::env::var("DALP_BENCH_POOL")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
+        .unwrap_or(40)
 }
 
 fn print(label: &str, o: &Outcome) {
@@ -179,7 +180,7 @@ async fn main() {
             server_socket_dir: socket.then(|| cluster.layout().socket_dir()),
             processes,
             port: None,
-            // The same server connections in all (20, or DALP_BENCH_POOL), however many
+            // The same server connections in all (40, or DALP_BENCH_POOL), however many
             // processes share them.
             pool_size: (pool_total() / processes.max(1)).max(1),
             max_client_conn: 1000,
