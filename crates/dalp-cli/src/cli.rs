@@ -147,12 +147,18 @@ pub enum Command {
         #[command(subcommand)]
         command: WorkflowsCommand,
     },
-    /// A local high-availability cluster: etcd + PostgreSQL nodes under Patroni with
-    /// synchronous replication, on loopback. The processes outlive the command; `down`
-    /// stops them. Every other verb accepts the cluster directory as --data-dir.
+    /// A high-availability cluster: etcd + PostgreSQL nodes under Patroni with synchronous
+    /// replication, on this host (`up`) or over several (`init` from a spec, then `dalp node
+    /// up` on each host). The processes outlive the command; `down` stops them. Every other
+    /// verb accepts the cluster directory as --data-dir.
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+    /// One host of a cluster made by `dalp cluster init`: start or stop what it runs.
+    Node {
+        #[command(subcommand)]
+        command: crate::commands::node::NodeCommand,
     },
     /// Backups with pgBackRest: the policy's two repositories (repo1 daily fulls kept 90
     /// days with 30 days of point-in-time recovery, repo2 weekly fulls kept 7 years),

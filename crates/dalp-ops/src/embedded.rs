@@ -414,8 +414,20 @@ pub(crate) fn ident_lines() -> Vec<String> {
 /// `pg_hba.conf` lines: the superuser only over the local socket by OS identity (peer);
 /// TCP only with TLS and SCRAM, never as the superuser. `replication` names the role that
 /// may stream WAL (HA clusters).
-pub(crate) fn hba_lines(replication: Option<&str>) -> Vec<String> {
+/// `pg_hba.conf`: the superuser on the socket only; over TCP, TLS with SCRAM (and a client
+/// certificate for the administrator) from loopback and `networks` (CIDR), nothing else.
+pub(crate) fn hba_lines(replication: Option<&str>, networks: &[String]) -> Vec<String> {
     let su = SUPERUSER;
+    let nets: Vec<String> = ["127.0.0.1/32", "::1/128"]
+        .into_iter()
+        .map(String::from)
+        .chain(
+            networks
+                .iter()
+                .filter(|n| !n.starts_with("127.0.0.1/") && n.as_str() != "::1/128")
+                .cloned(),
+        )
+        .collect();
     let mut l = vec![
         format!("local all {su} peer map=dalp_superuser"),
         // pg_basebackup and other physical tools, for the superuser on the socket only.
@@ -428,26 +440,25 @@ pub(crate) fn hba_lines(replication: Option<&str>) -> Vec<String> {
         "local all all scram-sha-256".to_string(),
         "hostnossl all all 0.0.0.0/0 reject".into(),
         "hostnossl all all ::/0 reject".into(),
-        format!("hostssl all {su} 127.0.0.1/32 reject"),
-        format!("hostssl all {su} ::1/128 reject"),
+        format!("hostssl all {su} 0.0.0.0/0 reject"),
+        format!("hostssl all {su} ::/0 reject"),
     ];
     // The administrator: both a client certificate issued to that role by our CA (not
     // revoked, not expired) and the SCRAM password.
     let admin = dalp_db::component::ADMIN_ROLE;
-    l.push(format!(
-        "hostssl all {admin} 127.0.0.1/32 scram-sha-256 clientcert=verify-full"
-    ));
-    l.push(format!(
-        "hostssl all {admin} ::1/128 scram-sha-256 clientcert=verify-full"
-    ));
-    if let Some(r) = replication {
+    for n in &nets {
         l.push(format!(
-            "hostssl replication {r} 127.0.0.1/32 scram-sha-256"
+            "hostssl all {admin} {n} scram-sha-256 clientcert=verify-full"
         ));
-        l.push(format!("hostssl replication {r} ::1/128 scram-sha-256"));
     }
-    l.push("hostssl all all 127.0.0.1/32 scram-sha-256".into());
-    l.push("hostssl all all ::1/128 scram-sha-256".into());
+    if let Some(r) = replication {
+        for n in &nets {
+            l.push(format!("hostssl replication {r} {n} scram-sha-256"));
+        }
+    }
+    for n in &nets {
+        l.push(format!("hostssl all all {n} scram-sha-256"));
+    }
     l
 }
 
@@ -734,7 +745,7 @@ impl Instance {
         );
         let hba = format!(
             "# Written by dalp at every start; local edits are overwritten.\n{}\n",
-            hba_lines(None).join("\n")
+            hba_lines(None, &[]).join("\n")
         );
         for (name, text) in [
             ("dalp.conf", conf),

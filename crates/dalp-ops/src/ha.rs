@@ -1,5 +1,14 @@
-//! A local high-availability cluster: one etcd (v3 API) and N PostgreSQL 15 nodes under
-//! Patroni, all on loopback, all run as the `postgres` system user.
+//! A high-availability cluster: etcd (v3 API) and N PostgreSQL 15 nodes under Patroni, run
+//! as the `postgres` system user. Every piece has a host (an address): `dalp cluster up`
+//! puts one etcd and every node on 127.0.0.1 (one directory runs them all); a cluster made
+//! from a spec (`dalp cluster init`, [`crate::spec`]) spreads them over hosts, and each
+//! host's bundle directory runs only that host's pieces (`dalp node up`). The code is the
+//! same: a directory's `cluster.json` names every piece and which hosts it runs (`runs`).
+//!
+//! etcd speaks TLS to clients and peers and requires a client certificate from both;
+//! Patroni's REST API speaks TLS and accepts its write verbs (switchover, restart, …) only
+//! with a client certificate from the cluster's CA. Each directory's `tls/server.crt` is that
+//! host's certificate, for serving and as its client identity.
 //!
 //! Replication is synchronous (`synchronous_mode`), replicas stream over TLS
 //! (`sslmode=verify-full`) with SCRAM as `dalp_replicator`, a former primary rejoins with
@@ -9,8 +18,9 @@
 //! The processes are daemons: they outlive the `dalp cluster up` that started them, and
 //! `dalp cluster down` (or [`HaCluster::down`]) stops them by the pids recorded under the
 //! cluster directory. Layout:
-//! `cluster.json` (ports, timings), `secrets.json` (0600), `tls/`, `etcd/` + `etcd.pid` +
-//! `etcd.log`, and per node `nodeN/{patroni.yml, patroni.pid, patroni.log, pgdata/, run/, log/}`.
+//! `cluster.json` (hosts, ports, timings), `secrets.json` (0600), `tls/`, per etcd member
+//! `<member>/` + `<member>.pid` + `<member>.log`, and per node
+//! `<node>/{patroni.yml, patroni.pid, patroni.log, pgdata/, run/, log/}`.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -53,6 +63,61 @@ const ETCD_BIN: &str = "/usr/bin/etcd";
 /// The kernel watchdog Patroni would use to fence a stalled primary (`dalp doctor` reports
 /// its absence).
 pub const WATCHDOG_DEVICE: &str = "/dev/watchdog";
+
+/// The address of every piece of the one-host cluster.
+pub const LOOPBACK: &str = "127.0.0.1";
+
+/// PostgreSQL's binaries: `explicit`, else `DALP_PG_BIN`, else the default.
+fn pg_bin(explicit: Option<PathBuf>) -> PathBuf {
+    explicit
+        .or_else(|| std::env::var_os("DALP_PG_BIN").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(embedded::DEFAULT_PG_BIN))
+}
+
+/// etcd, a Patroni without the known data-loss bug, and PostgreSQL are installed.
+fn check_binaries() -> Result<(), OpsError> {
+    if !Path::new(ETCD_BIN).exists() {
+        return Err(err(
+            format!("{ETCD_BIN} not found"),
+            "install Debian's etcd-server package (scripts/deps.sh does)",
+        ));
+    }
+    check_patroni(&patroni_bin())?;
+    let bin = pg_bin(None);
+    if !bin.join("postgres").exists() {
+        return Err(OpsError::MissingBinary(bin.join("postgres")));
+    }
+    Ok(())
+}
+
+/// Creates `dir` if needed, opens it to the server user (0711) and returns its real path.
+fn prepare_dir(dir: &Path, user: &ServerUser) -> Result<PathBuf, OpsError> {
+    std::fs::create_dir_all(dir).map_err(OpsError::io(format!("create {}", dir.display())))?;
+    let root =
+        std::fs::canonicalize(dir).map_err(OpsError::io(format!("resolve {}", dir.display())))?;
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
+        .map_err(OpsError::io(format!("chmod {}", root.display())))?;
+    user.check_traversable(&root)?;
+    Ok(root)
+}
+
+/// Adds a password for every role a cluster needs that `secrets` lacks.
+pub(crate) fn complete_secrets(secrets: &mut Secrets) {
+    for r in [
+        REPLICATION_ROLE,
+        REWIND_ROLE,
+        API_USER,
+        dalp_db::component::ADMIN_ROLE,
+    ]
+    .into_iter()
+    .chain(dalp_db::component::login_roles())
+    {
+        secrets
+            .roles
+            .entry(r.to_string())
+            .or_insert_with(|| roles::generate_password(32));
+    }
+}
 
 /// The Patroni executable: `DALP_PATRONI`, else the project's pinned virtualenv.
 pub fn patroni_bin() -> PathBuf {
@@ -156,25 +221,94 @@ impl HaOptions {
     }
 }
 
-/// One node's ports.
+/// One PostgreSQL node: its host's address and its ports.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NodeSpec {
     pub name: String,
+    /// The host (spec name) it runs on; `None` on the one-host cluster.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The address it listens on and is reached at.
+    pub address: String,
     pub pg_port: u16,
     pub api_port: u16,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct ClusterFile {
-    etcd_client_port: u16,
-    etcd_peer_port: u16,
-    nodes: Vec<NodeSpec>,
-    ttl: u32,
-    loop_wait: u32,
-    retry_timeout: u32,
-    synchronous_mode_strict: bool,
+/// One etcd member.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EtcdMember {
+    pub name: String,
     #[serde(default)]
-    archive: bool,
+    pub host: Option<String>,
+    pub address: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+}
+
+impl EtcdMember {
+    fn client_url(&self) -> String {
+        format!("https://{}:{}", url_host(&self.address), self.client_port)
+    }
+    fn peer_url(&self) -> String {
+        format!("https://{}:{}", url_host(&self.address), self.peer_port)
+    }
+}
+
+/// The one-address network of `address` (CIDR), for `pg_hba.conf`.
+fn host_network(address: &str) -> String {
+    if address.contains(':') {
+        format!("{address}/128")
+    } else {
+        format!("{address}/32")
+    }
+}
+
+/// An address as the host part of a URL (IPv6 in brackets).
+fn url_host(address: &str) -> String {
+    if address.contains(':') {
+        format!("[{address}]")
+    } else {
+        address.to_string()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ClusterFile {
+    pub(crate) etcd: Vec<EtcdMember>,
+    pub(crate) nodes: Vec<NodeSpec>,
+    /// The hosts whose pieces this directory runs; `None`: every piece (the one-host cluster).
+    #[serde(default)]
+    pub(crate) runs: Option<Vec<String>>,
+    /// Networks (CIDR) besides loopback and the cluster's hosts whose clients may connect.
+    #[serde(default)]
+    pub(crate) clients: Vec<String>,
+    pub(crate) ttl: u32,
+    pub(crate) loop_wait: u32,
+    pub(crate) retry_timeout: u32,
+    pub(crate) synchronous_mode_strict: bool,
+    #[serde(default)]
+    pub(crate) archive: bool,
+}
+
+impl ClusterFile {
+    /// Whether this directory runs the pieces of `host`.
+    fn runs(&self, host: &Option<String>) -> bool {
+        match (&self.runs, host) {
+            (None, _) => true,
+            (Some(r), Some(h)) => r.contains(h),
+            (Some(_), None) => false,
+        }
+    }
+    pub(crate) fn path(root: &Path) -> PathBuf {
+        root.join("cluster.json")
+    }
+    pub(crate) fn write(&self, root: &Path) -> Result<(), OpsError> {
+        std::fs::write(
+            Self::path(root),
+            serde_json::to_string_pretty(self).expect("state serializes"),
+        )
+        .map_err(OpsError::io("write cluster.json"))
+    }
 }
 
 /// One member as Patroni reports it.
@@ -263,7 +397,10 @@ pub struct ClusterReport {
     /// Patroni's view (`GET /cluster` of the first node that answers), when one answers.
     pub status: Option<ClusterStatus>,
     pub nodes: Vec<NodeProbe>,
+    /// Whether a majority of the etcd members answers (the DCS works).
     pub etcd_up: bool,
+    /// Each etcd member and whether it answers its health check.
+    pub etcd_members: Vec<(String, bool)>,
     /// Everything that is wrong, each in a sentence; empty when healthy.
     pub problems: Vec<String>,
 }
@@ -277,6 +414,7 @@ pub struct HaCluster {
     bin: PathBuf,
     children: Mutex<HashMap<String, Child>>,
     stop_on_drop: bool,
+    http: std::sync::OnceLock<reqwest::Client>,
 }
 
 fn err(context: impl Into<String>, message: impl std::fmt::Display) -> OpsError {
@@ -286,12 +424,27 @@ fn err(context: impl Into<String>, message: impl std::fmt::Display) -> OpsError 
     }
 }
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
+/// An HTTPS client for etcd and Patroni's REST API: trusts only the cluster's CA and
+/// presents the directory's host certificate (when readable) as its client identity.
+fn tls_client(tls: &Path) -> Result<reqwest::Client, OpsError> {
+    let ca = std::fs::read(tls.join(pki::CA_CERT)).map_err(OpsError::io(format!(
+        "read {}",
+        tls.join(pki::CA_CERT).display()
+    )))?;
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).map_err(|e| err("CA", e))?)
         .timeout(Duration::from_secs(5))
-        .no_proxy()
-        .build()
-        .expect("HTTP client")
+        .no_proxy();
+    if let (Ok(mut cert), Ok(key)) = (
+        std::fs::read(tls.join(pki::SERVER_CERT)),
+        std::fs::read(tls.join(pki::SERVER_KEY)),
+    ) {
+        cert.extend_from_slice(&key);
+        b = b.identity(reqwest::Identity::from_pem(&cert).map_err(|e| err("host certificate", e))?);
+    }
+    b.build().map_err(|e| err("HTTPS client", e))
 }
 
 impl HaCluster {
@@ -299,7 +452,38 @@ impl HaCluster {
         self.root.join(name)
     }
     fn state_path(root: &Path) -> PathBuf {
-        root.join("cluster.json")
+        ClusterFile::path(root)
+    }
+    fn tls_dir(&self) -> PathBuf {
+        self.root.join("tls")
+    }
+    fn http(&self) -> reqwest::Client {
+        self.http
+            .get_or_init(|| {
+                tls_client(&self.tls_dir()).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "no TLS client for the cluster; requests will fail");
+                    reqwest::Client::new()
+                })
+            })
+            .clone()
+    }
+    /// The etcd members this directory runs.
+    fn local_etcd(&self) -> impl Iterator<Item = &EtcdMember> {
+        self.state.etcd.iter().filter(|m| self.state.runs(&m.host))
+    }
+    /// The nodes this directory runs.
+    fn local_nodes(&self) -> impl Iterator<Item = &NodeSpec> {
+        self.state.nodes.iter().filter(|n| self.state.runs(&n.host))
+    }
+    fn node(&self, name: &str) -> Option<&NodeSpec> {
+        self.state.nodes.iter().find(|n| n.name == name)
+    }
+    fn api_url(&self, n: &NodeSpec, path: &str) -> String {
+        format!("https://{}:{}{path}", url_host(&n.address), n.api_port)
+    }
+    /// The etcd members.
+    pub fn etcd_members(&self) -> &[EtcdMember] {
+        &self.state.etcd
     }
     pub fn root(&self) -> &Path {
         &self.root
@@ -345,16 +529,24 @@ impl HaCluster {
                 format!("{e}: not an HA cluster directory (`dalp cluster up` makes one)"),
             )
         })?;
-        let state: ClusterFile = serde_json::from_str(&text).map_err(|e| err("cluster.json", e))?;
+        let state: ClusterFile = serde_json::from_str(&text).map_err(|e| {
+            err(
+                "cluster.json",
+                format!(
+                    "{e} (a directory made by an older dalp: recreate it with `dalp cluster up`)"
+                ),
+            )
+        })?;
         let secrets = Secrets::load(&root.join("secrets.json")).map_err(|e| err("secrets", e))?;
         Ok(HaCluster {
             root,
             user: ServerUser::resolve()?,
             secrets,
             state,
-            bin: PathBuf::from(embedded::DEFAULT_PG_BIN),
+            bin: pg_bin(None),
             children: Mutex::new(HashMap::new()),
             stop_on_drop: false,
+            http: Default::default(),
         })
     }
 
@@ -363,43 +555,38 @@ impl HaCluster {
     /// dalp's roles and database are created once, through the leader.
     pub async fn up(dir: &Path, opts: HaOptions) -> Result<HaCluster, OpsError> {
         opts.validate()?;
-        if !Path::new(ETCD_BIN).exists() {
-            return Err(err(
-                format!("{ETCD_BIN} not found"),
-                "install Debian's etcd-server package (scripts/deps.sh does)",
-            ));
-        }
-        check_patroni(&patroni_bin())?;
-        let bin = opts
-            .bin_dir
-            .clone()
-            .or_else(|| std::env::var_os("DALP_PG_BIN").map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from(embedded::DEFAULT_PG_BIN));
-        if !bin.join("postgres").exists() {
-            return Err(OpsError::MissingBinary(bin.join("postgres")));
-        }
+        check_binaries()?;
+        let bin = pg_bin(opts.bin_dir.clone());
         let user = ServerUser::resolve()?;
-        std::fs::create_dir_all(dir).map_err(OpsError::io(format!("create {}", dir.display())))?;
-        let root = std::fs::canonicalize(dir)
-            .map_err(OpsError::io(format!("resolve {}", dir.display())))?;
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
-            .map_err(OpsError::io(format!("chmod {}", root.display())))?;
-        user.check_traversable(&root)?;
-
+        let root = prepare_dir(dir, &user)?;
         let state = match std::fs::read_to_string(Self::state_path(&root)) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| err("cluster.json", e))?,
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                err(
+                    "cluster.json",
+                    format!("{e} (a directory made by an older dalp: remove it, or choose another --dir)"),
+                )
+            })?,
             Err(_) => ClusterFile {
-                etcd_client_port: free_port()?,
-                etcd_peer_port: free_port()?,
+                etcd: vec![EtcdMember {
+                    name: "etcd".into(),
+                    host: None,
+                    address: LOOPBACK.into(),
+                    client_port: free_port()?,
+                    peer_port: free_port()?,
+                }],
                 nodes: (1..=opts.nodes)
                     .map(|i| -> Result<NodeSpec, OpsError> {
                         Ok(NodeSpec {
                             name: format!("node{i}"),
+                            host: None,
+                            address: LOOPBACK.into(),
                             pg_port: free_port()?,
                             api_port: free_port()?,
                         })
                     })
                     .collect::<Result<_, _>>()?,
+                runs: None,
+                clients: Vec::new(),
                 ttl: opts.ttl,
                 loop_wait: opts.loop_wait,
                 retry_timeout: opts.retry_timeout,
@@ -413,20 +600,7 @@ impl HaCluster {
         } else {
             roles::generate_secrets()
         };
-        for r in [
-            REPLICATION_ROLE,
-            REWIND_ROLE,
-            API_USER,
-            dalp_db::component::ADMIN_ROLE,
-        ]
-        .into_iter()
-        .chain(dalp_db::component::login_roles())
-        {
-            secrets
-                .roles
-                .entry(r.to_string())
-                .or_insert_with(|| roles::generate_password(32));
-        }
+        complete_secrets(&mut secrets);
         pki::write_private(
             &secrets_path,
             &serde_json::to_string_pretty(&secrets).expect("secrets serialize"),
@@ -447,6 +621,7 @@ impl HaCluster {
             bin,
             children: Mutex::new(HashMap::new()),
             stop_on_drop: false,
+            http: Default::default(),
         };
         if let Some(name) = cluster.running_processes().first() {
             return Err(err(
@@ -454,63 +629,167 @@ impl HaCluster {
                 format!("{name} is already running; see `dalp cluster status`, or stop it with `dalp cluster down`"),
             ));
         }
-        std::fs::write(
-            Self::state_path(&cluster.root),
-            serde_json::to_string_pretty(&cluster.state).expect("state serializes"),
-        )
-        .map_err(OpsError::io("write cluster.json"))?;
+        cluster.state.write(&cluster.root)?;
+        cluster.start_local(&opts).await
+    }
+
+    /// Starts what this host runs of a cluster made by `dalp cluster init` (its bundle
+    /// directory): its etcd member(s), waiting for etcd's quorum (the other hosts start
+    /// theirs meanwhile), then its node's Patroni, waiting until that node runs. Pieces that
+    /// already run are left alone, so it also restarts one stopped piece. The host whose node
+    /// leads creates dalp's roles and database.
+    pub async fn node_up(bundle: &Path) -> Result<HaCluster, OpsError> {
+        check_binaries()?;
+        let mut cluster = HaCluster::open(bundle)?;
+        if cluster.state.runs.as_ref().is_none_or(|r| r.is_empty()) {
+            return Err(err(
+                format!("bundle {}", bundle.display()),
+                "this directory runs no host (it is the operator's copy made by `dalp cluster init`); use one of its hosts/<name> bundles",
+            ));
+        }
+        let root = prepare_dir(&cluster.root, &cluster.user)?;
+        cluster.root = root;
+        // A bundle copied to its host: the key must belong to the server user again.
+        let key = cluster.tls_dir().join(pki::SERVER_KEY);
+        cluster.user.chown(&key)?;
+        std::fs::set_permissions(cluster.tls_dir(), std::fs::Permissions::from_mode(0o755))
+            .map_err(OpsError::io("chmod tls dir"))?;
+        cluster.start_local(&HaOptions::default()).await
+    }
+
+    /// Starts every piece this directory runs that is not running, waits until they serve
+    /// (the whole cluster healthy when the directory runs all of it), and has the leader's
+    /// host create dalp's roles and database.
+    async fn start_local(self, opts: &HaOptions) -> Result<HaCluster, OpsError> {
         // From here on, a failure stops whatever was started.
-        let cluster = cluster.stop_on_drop(true);
-        cluster.start_etcd().await?;
+        let cluster = self.stop_on_drop(true);
+        for m in cluster.local_etcd().cloned().collect::<Vec<_>>() {
+            cluster.start_etcd_member(&m)?;
+        }
+        cluster.wait_etcd(Duration::from_secs(90)).await?;
         let backups = cluster.backups()?;
         if let Some(b) = &backups {
             b.write_config()?;
         }
-        for node in cluster.state.nodes.clone() {
+        let local: Vec<NodeSpec> = cluster.local_nodes().cloned().collect();
+        for node in &local {
             let pgdata = cluster.node_dir(&node.name).join("pgdata");
             let archiving = backups.as_ref().map(|b| NodeArchiving {
                 archive_command: b.archive_command_for(&pgdata),
                 restore_command: b.restore_command_for(&pgdata),
                 timeout_secs: b.policy().rpo_secs,
             });
-            cluster.write_node_config(&node, &opts, archiving.as_ref())?;
+            cluster.write_node_config(node, opts, archiving.as_ref())?;
         }
         // A new cluster: the first node bootstraps and the others join once it leads, so
         // they clone from it instead of racing to initdb. A restart: all at once, since in
         // synchronous mode only the former leader or its synchronous standby may lead.
-        let restart = cluster
-            .state
-            .nodes
+        let restart = local
             .iter()
             .any(|n| cluster.node_dir(&n.name).join("pgdata/PG_VERSION").exists());
-        let first = cluster.state.nodes[0].name.clone();
-        cluster.start_node(&first)?;
-        if !restart {
-            cluster
-                .wait_for(Duration::from_secs(120), "a leader", |s| {
-                    s.leader().is_some()
-                })
-                .await?;
+        if let Some((first, rest)) = local.split_first() {
+            cluster.start_node(&first.name)?;
+            if !restart && !rest.is_empty() {
+                cluster
+                    .wait_for(Duration::from_secs(120), "a leader", |s| {
+                        s.leader().is_some()
+                    })
+                    .await?;
+            }
+            for node in rest {
+                cluster.start_node(&node.name)?;
+            }
         }
-        for node in cluster.state.nodes.iter().skip(1) {
-            cluster.start_node(&node.name)?;
+        if cluster.state.runs.is_none() {
+            cluster.wait_healthy(Duration::from_secs(180)).await?;
+        } else {
+            cluster.wait_local_running(Duration::from_secs(180)).await?;
         }
-        cluster.wait_healthy(Duration::from_secs(180)).await?;
         let leader = cluster.leader().await?;
-        bootstrap_roles_and_database(
-            &|db| cluster.superuser_options(&leader, db),
-            &cluster.secrets,
-        )
-        .await?;
-        if let Some(b) = cluster.backups()? {
-            b.stanza_create()?;
+        if local.iter().any(|n| n.name == leader) {
+            bootstrap_roles_and_database(
+                &|db| cluster.superuser_options(&leader, db),
+                &cluster.secrets,
+            )
+            .await?;
+            if let Some(b) = cluster.backups()? {
+                b.stanza_create()?;
+            }
         }
         Ok(cluster.stop_on_drop(false))
     }
 
+    /// Waits until every node this directory runs says (its own REST API) that its
+    /// PostgreSQL runs, as primary or streaming replica, and a leader exists.
+    async fn wait_local_running(&self, timeout: Duration) -> Result<(), OpsError> {
+        let deadline = Instant::now() + timeout;
+        let local: Vec<NodeSpec> = self.local_nodes().cloned().collect();
+        loop {
+            let mut waiting = Vec::new();
+            for n in &local {
+                let state = self.patroni_self(n).await.map(|(_, s)| s);
+                if !matches!(state.as_deref(), Some("running" | "streaming")) {
+                    waiting.push(format!(
+                        "{} ({})",
+                        n.name,
+                        state.unwrap_or("no answer".into())
+                    ));
+                }
+            }
+            let led = self.leader().await.is_ok();
+            if waiting.is_empty() && led {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let logs: String = local
+                    .iter()
+                    .map(|n| {
+                        let log = self.node_dir(&n.name).join("patroni.log");
+                        format!(
+                            "\n--- {} ---\n{}",
+                            log.display(),
+                            process::log_tail(&log, 15)
+                        )
+                    })
+                    .collect();
+                return Err(err(
+                    format!("waiting for this host's nodes to run ({timeout:?})"),
+                    format!(
+                        "not running: {}{}{logs}",
+                        waiting.join(", "),
+                        if led { "" } else { "; no leader" }
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// A node's own view (`GET /patroni`): its role and state, `None` when it does not answer.
+    async fn patroni_self(&self, n: &NodeSpec) -> Option<(String, String)> {
+        let r: Value = self
+            .http()
+            .get(self.api_url(n, "/patroni"))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        Some((
+            r["role"].as_str().unwrap_or("").to_string(),
+            r["state"].as_str().unwrap_or("").to_string(),
+        ))
+    }
+
+    fn is_etcd(&self, process: &str) -> bool {
+        self.state.etcd.iter().any(|m| m.name == process)
+    }
+
     fn pid_file(&self, process: &str) -> PathBuf {
-        if process == "etcd" {
-            self.root.join("etcd.pid")
+        if self.is_etcd(process) {
+            self.root.join(format!("{process}.pid"))
         } else {
             self.node_dir(process).join("patroni.pid")
         }
@@ -536,7 +815,7 @@ impl HaCluster {
             .ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let cmdline = String::from_utf8_lossy(&cmdline);
-        let ours = if process == "etcd" {
+        let ours = if self.is_etcd(process) {
             cmdline.contains("etcd")
         } else {
             cmdline.contains("patroni")
@@ -549,9 +828,15 @@ impl HaCluster {
         self.live_pid(name)
     }
 
-    /// The pid of etcd, when it runs.
+    /// The pid of the first etcd member this directory runs, when it runs.
     pub fn etcd_pid(&self) -> Option<i32> {
-        self.live_pid("etcd")
+        let m = self.local_etcd().next()?;
+        self.live_pid(&m.name)
+    }
+
+    /// The pid of etcd member `name`, when it runs (from this directory).
+    pub fn etcd_member_pid(&self, name: &str) -> Option<i32> {
+        self.live_pid(name)
     }
 
     /// Starts every piece that is not running — etcd, then each node's Patroni (which starts
@@ -559,11 +844,16 @@ impl HaCluster {
     /// The caller waits for health (`wait_for`).
     pub async fn start_missing(&self) -> Result<Vec<String>, OpsError> {
         let mut started = Vec::new();
-        if self.etcd_pid().is_none() {
-            self.start_etcd().await?;
-            started.push("etcd".to_string());
+        for m in self.local_etcd().cloned().collect::<Vec<_>>() {
+            if self.live_pid(&m.name).is_none() {
+                self.start_etcd_member(&m)?;
+                started.push(m.name.clone());
+            }
         }
-        for n in self.state.nodes.clone() {
+        if !started.is_empty() {
+            self.wait_etcd(Duration::from_secs(60)).await?;
+        }
+        for n in self.local_nodes().cloned().collect::<Vec<_>>() {
             if self.live_pid(&n.name).is_none() {
                 self.start_node(&n.name)?;
                 started.push(format!("patroni {}", n.name));
@@ -575,15 +865,18 @@ impl HaCluster {
     /// Starts etcd again (after it stopped or was killed); with `wipe`, its data directory is
     /// emptied first, as when the member's disk is lost. Patroni re-creates its keys.
     pub async fn restart_etcd(&self, wipe: bool) -> Result<(), OpsError> {
-        if self.etcd_pid().is_some() {
-            return Ok(());
+        for m in self.local_etcd().cloned().collect::<Vec<_>>() {
+            if self.live_pid(&m.name).is_some() {
+                continue;
+            }
+            if wipe {
+                let data = self.root.join(&m.name);
+                std::fs::remove_dir_all(&data)
+                    .map_err(OpsError::io(format!("remove {}", data.display())))?;
+            }
+            self.start_etcd_member(&m)?;
         }
-        if wipe {
-            let data = self.root.join("etcd");
-            std::fs::remove_dir_all(&data)
-                .map_err(OpsError::io(format!("remove {}", data.display())))?;
-        }
-        self.start_etcd().await
+        self.wait_etcd(Duration::from_secs(30)).await
     }
 
     /// The postmaster of node `name`, when it runs.
@@ -598,9 +891,7 @@ impl HaCluster {
     /// Names of the processes of this cluster that are running.
     pub fn running_processes(&self) -> Vec<String> {
         let mut names: Vec<String> = self
-            .state
-            .nodes
-            .iter()
+            .local_nodes()
             .flat_map(|n| {
                 let mut v = Vec::new();
                 if self.live_pid(&n.name).is_some() {
@@ -612,8 +903,10 @@ impl HaCluster {
                 v
             })
             .collect();
-        if self.live_pid("etcd").is_some() {
-            names.push("etcd".into());
+        for m in self.local_etcd() {
+            if self.live_pid(&m.name).is_some() {
+                names.push(m.name.clone());
+            }
         }
         names
     }
@@ -637,41 +930,119 @@ impl HaCluster {
         Ok(())
     }
 
-    async fn start_etcd(&self) -> Result<(), OpsError> {
-        let data = self.root.join("etcd");
+    /// Starts etcd member `m` (TLS for clients and peers, a client certificate from the
+    /// cluster's CA required of both). Does not wait: a member of several serves only once a
+    /// majority runs ([`HaCluster::wait_etcd`]).
+    fn start_etcd_member(&self, m: &EtcdMember) -> Result<(), OpsError> {
+        if self.live_pid(&m.name).is_some() {
+            return Ok(());
+        }
+        let data = self.root.join(&m.name);
         std::fs::create_dir_all(&data).map_err(OpsError::io("create etcd dir"))?;
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))
             .map_err(OpsError::io("chmod etcd dir"))?;
         self.user.chown(&data)?;
-        let client = format!("http://127.0.0.1:{}", self.state.etcd_client_port);
-        let peer = format!("http://127.0.0.1:{}", self.state.etcd_peer_port);
+        let tls = self.tls_dir();
+        let (cert, key, ca) = (
+            tls.join(pki::SERVER_CERT),
+            tls.join(pki::SERVER_KEY),
+            tls.join(pki::CA_CERT),
+        );
+        let initial: Vec<String> = self
+            .state
+            .etcd
+            .iter()
+            .map(|p| format!("{}={}", p.name, p.peer_url()))
+            .collect();
         let mut cmd = Command::new(ETCD_BIN);
-        cmd.args(["--name", "dalp-etcd", "--data-dir"])
+        cmd.args(["--name", &m.name, "--data-dir"])
             .arg(&data)
-            .args(["--listen-client-urls", &client])
-            .args(["--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("dalp-etcd={peer}")])
+            .args(["--listen-client-urls", &m.client_url()])
+            .args(["--advertise-client-urls", &m.client_url()])
+            .args(["--listen-peer-urls", &m.peer_url()])
+            .args(["--initial-advertise-peer-urls", &m.peer_url()])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-token", SCOPE])
+            .args(["--initial-cluster-state", "new"])
+            .arg("--cert-file")
+            .arg(&cert)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--trusted-ca-file")
+            .arg(&ca)
+            .arg("--client-cert-auth")
+            .arg("--peer-cert-file")
+            .arg(&cert)
+            .arg("--peer-key-file")
+            .arg(&key)
+            .arg("--peer-trusted-ca-file")
+            .arg(&ca)
+            .arg("--peer-client-cert-auth")
             .args(["--listen-metrics-urls", ""])
             .current_dir(&self.root)
             .env("ETCD_UNSUPPORTED_ARCH", "");
-        self.spawn_daemon("etcd", cmd, &self.root.join("etcd.log"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let url = format!("{client}/health");
+        self.spawn_daemon(&m.name, cmd, &self.root.join(format!("{}.log", m.name)))
+    }
+
+    /// Whether etcd member `m` answers its health check (it has a leader: a majority runs).
+    async fn etcd_healthy(&self, m: &EtcdMember, within: Duration) -> bool {
+        match self
+            .http()
+            .get(format!("{}/health", m.client_url()))
+            .timeout(within)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => {
+                r.json::<Value>().await.is_ok_and(|v| v["health"] == "true")
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits until an etcd member this directory runs (any member, when it runs none) is
+    /// healthy: a majority of the members is up and has a leader.
+    pub async fn wait_etcd(&self, timeout: Duration) -> Result<(), OpsError> {
+        let members: Vec<EtcdMember> = if self.local_etcd().next().is_some() {
+            self.local_etcd().cloned().collect()
+        } else {
+            self.state.etcd.clone()
+        };
+        let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(r) = http().get(&url).send().await {
-                if r.status().is_success() {
+            for m in &members {
+                if self.etcd_healthy(m, Duration::from_secs(2)).await {
                     return Ok(());
                 }
             }
-            if self.live_pid("etcd").is_none() || Instant::now() > deadline {
+            let died = members
+                .iter()
+                .filter(|m| self.state.runs(&m.host) && self.live_pid(&m.name).is_none())
+                .map(|m| m.name.clone())
+                .collect::<Vec<_>>();
+            if !died.is_empty() || Instant::now() > deadline {
+                let logs: String = members
+                    .iter()
+                    .filter(|m| self.state.runs(&m.host))
+                    .map(|m| {
+                        let log = self.root.join(format!("{}.log", m.name));
+                        format!(
+                            "\n--- {} ---\n{}",
+                            log.display(),
+                            process::log_tail(&log, 10)
+                        )
+                    })
+                    .collect();
                 return Err(err(
-                    "etcd did not start",
-                    format!("see {}", self.root.join("etcd.log").display()),
+                    if died.is_empty() {
+                        format!("etcd has no healthy member after {timeout:?} (a majority of its members must run)")
+                    } else {
+                        format!("etcd member {} exited", died.join(", "))
+                    },
+                    format!("see the logs{logs}"),
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -762,6 +1133,23 @@ impl HaCluster {
             cluster_wide.insert(k.into(), json!(v));
         }
         let ca = self.ca_cert().display().to_string();
+        let (cert, key) = (
+            tls.join(pki::SERVER_CERT).display().to_string(),
+            tls.join(pki::SERVER_KEY).display().to_string(),
+        );
+        let api = format!("{}:{}", url_host(&node.address), node.api_port);
+        let pg = format!("{}:{}", url_host(&node.address), node.pg_port);
+        // Replicas, pg_rewind and dalp's components connect from the cluster's hosts and the
+        // spec's client networks (each besides loopback).
+        let mut networks: Vec<String> = self
+            .state
+            .nodes
+            .iter()
+            .map(|n| host_network(&n.address))
+            .chain(self.state.clients.iter().cloned())
+            .collect();
+        networks.sort();
+        networks.dedup();
         let auth = |role: &str| {
             json!({
                 "username": role,
@@ -776,12 +1164,26 @@ impl HaCluster {
             "namespace": "/dalp/",
             "name": node.name,
             "log": {"level": "INFO"},
+            // TLS; the write verbs (switchover, restart, reinitialize, …) need a client
+            // certificate from the cluster's CA as well as the password.
             "restapi": {
-                "listen": format!("127.0.0.1:{}", node.api_port),
-                "connect_address": format!("127.0.0.1:{}", node.api_port),
+                "listen": api,
+                "connect_address": api,
+                "certfile": cert,
+                "keyfile": key,
+                "cafile": ca,
+                "verify_client": "optional",
                 "authentication": {"username": API_USER, "password": self.secrets.roles[API_USER]},
             },
-            "etcd3": {"hosts": [format!("127.0.0.1:{}", s.etcd_client_port)]},
+            // What Patroni presents to the other members' REST APIs (failsafe mode's POSTs).
+            "ctl": {"certfile": cert, "keyfile": key, "cacert": ca},
+            "etcd3": {
+                "hosts": s.etcd.iter().map(|m| format!("{}:{}", url_host(&m.address), m.client_port)).collect::<Vec<_>>(),
+                "protocol": "https",
+                "cacert": ca,
+                "cert": cert,
+                "key": key,
+            },
             "bootstrap": {
                 "dcs": {
                     "ttl": s.ttl,
@@ -808,8 +1210,8 @@ impl HaCluster {
                 ],
             },
             "postgresql": {
-                "listen": format!("127.0.0.1:{}", node.pg_port),
-                "connect_address": format!("127.0.0.1:{}", node.pg_port),
+                "listen": pg,
+                "connect_address": pg,
                 "data_dir": dir.join("pgdata"),
                 "bin_dir": self.bin,
                 "pgpass": dir.join("pgpass"),
@@ -826,7 +1228,7 @@ impl HaCluster {
                 "recovery_conf": archiving
                     .map(|a| json!({ "restore_command": a.restore_command }))
                     .unwrap_or_else(|| json!({})),
-                "pg_hba": hba_lines(Some(REPLICATION_ROLE)),
+                "pg_hba": hba_lines(Some(REPLICATION_ROLE), &networks),
                 "pg_ident": ident_lines(),
             },
             "tags": {"nofailover": false, "noloadbalance": false, "clonefrom": false, "nosync": false},
@@ -898,15 +1300,22 @@ impl HaCluster {
     /// Stops every process of the cluster: the Patronis (and their PostgreSQL), then etcd.
     /// Data stays; `up` again restarts it.
     pub fn down(&self) {
-        for n in &self.state.nodes {
+        for n in self.local_nodes() {
             self.stop_node(&n.name);
         }
-        if let Some(pid) = self.live_pid("etcd") {
+        for m in self.local_etcd() {
+            self.stop_etcd_member(&m.name);
+        }
+    }
+
+    /// Stops etcd member `name` (SIGTERM, then SIGKILL after 20 s), when this directory runs it.
+    pub fn stop_etcd_member(&self, name: &str) {
+        if let Some(pid) = self.live_pid(name) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            self.reap("etcd", Duration::from_secs(20));
-            if let Some(pid) = self.live_pid("etcd") {
+            self.reap(name, Duration::from_secs(20));
+            if let Some(pid) = self.live_pid(name) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                self.reap("etcd", Duration::from_secs(5));
+                self.reap(name, Duration::from_secs(5));
             }
         }
     }
@@ -915,8 +1324,8 @@ impl HaCluster {
     pub async fn status(&self) -> Result<ClusterStatus, OpsError> {
         let mut last = String::from("no node answered");
         for n in &self.state.nodes {
-            let url = format!("http://127.0.0.1:{}/cluster", n.api_port);
-            match http().get(&url).send().await {
+            let url = self.api_url(n, "/cluster");
+            match self.http().get(&url).send().await {
                 Ok(r) if r.status().is_success() => {
                     #[derive(Deserialize)]
                     struct Raw {
@@ -953,19 +1362,26 @@ impl HaCluster {
     pub async fn dcs_leader(&self) -> Result<Option<String>, OpsError> {
         use data_encoding::BASE64;
         let key = format!("/dalp/{SCOPE}/leader");
-        let url = format!(
-            "http://127.0.0.1:{}/v3/kv/range",
-            self.state.etcd_client_port
-        );
-        let r: Value = http()
-            .post(&url)
-            .json(&json!({ "key": BASE64.encode(key.as_bytes()) }))
-            .send()
-            .await
-            .map_err(|e| err("etcd", e))?
-            .json()
-            .await
-            .map_err(|e| err("etcd", e))?;
+        let mut last = String::from("no etcd member");
+        let mut answer = None;
+        for m in &self.state.etcd {
+            let url = format!("{}/v3/kv/range", m.client_url());
+            let r = self
+                .http()
+                .post(&url)
+                .json(&json!({ "key": BASE64.encode(key.as_bytes()) }))
+                .send()
+                .await;
+            match r {
+                Ok(r) if r.status().is_success() => {
+                    answer = Some(r.json::<Value>().await.map_err(|e| err("etcd", e))?);
+                    break;
+                }
+                Ok(r) => last = format!("{url}: HTTP {}", r.status()),
+                Err(e) => last = format!("{url}: {e}"),
+            }
+        }
+        let r = answer.ok_or_else(|| err("etcd", last))?;
         Ok(r["kvs"][0]["value"]
             .as_str()
             .and_then(|v| BASE64.decode(v.as_bytes()).ok())
@@ -980,21 +1396,7 @@ impl HaCluster {
         const PROBE: Duration = Duration::from_secs(3);
         let status = self.status().await.ok();
         let probes = self.state.nodes.iter().map(|n| async move {
-            let patroni = async {
-                let r: Value = http()
-                    .get(format!("http://127.0.0.1:{}/patroni", n.api_port))
-                    .timeout(PROBE)
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
-                Some((
-                    r["role"].as_str().unwrap_or("").to_string(),
-                    r["state"].as_str().unwrap_or("").to_string(),
-                ))
-            };
+            let patroni = self.patroni_self(n);
             let postgres = async {
                 let mut opts = self
                     .node_options(&n.name, dalp_db::Component::Monitor.role())
@@ -1020,17 +1422,17 @@ impl HaCluster {
                 postgres,
             }
         });
-        let (nodes, etcd_up) = tokio::join!(futures_util::future::join_all(probes), async {
-            http()
-                .get(format!(
-                    "http://127.0.0.1:{}/health",
-                    self.state.etcd_client_port
-                ))
-                .timeout(PROBE)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        });
+        let etcd = self
+            .state
+            .etcd
+            .iter()
+            .map(|m| async move { (m.name.clone(), self.etcd_healthy(m, PROBE).await) });
+        let (nodes, etcd_members) = tokio::join!(
+            futures_util::future::join_all(probes),
+            futures_util::future::join_all(etcd)
+        );
+        let answering = etcd_members.iter().filter(|m| m.1).count();
+        let etcd_up = answering * 2 > etcd_members.len();
         let mut problems = Vec::new();
         let leader = status
             .as_ref()
@@ -1077,6 +1479,13 @@ impl HaCluster {
                 Ok(_) => {}
             }
         }
+        for (name, up) in &etcd_members {
+            if !up && etcd_members.len() > 1 {
+                problems.push(format!(
+                    "etcd member {name} does not answer (stopped, cut off, or without quorum)"
+                ));
+            }
+        }
         if !etcd_up {
             problems.push(
                 "etcd does not answer: failsafe mode keeps the primary only while every member reaches it; restart etcd"
@@ -1087,6 +1496,7 @@ impl HaCluster {
             status,
             nodes,
             etcd_up,
+            etcd_members,
             problems,
         }
     }
@@ -1196,15 +1606,10 @@ impl HaCluster {
                 .name
                 .clone(),
         };
-        let api = self
-            .state
-            .nodes
-            .iter()
-            .find(|n| n.name == leader)
-            .expect("leader is a node")
-            .api_port;
-        let r = http()
-            .post(format!("http://127.0.0.1:{api}/switchover"))
+        let leader_node = self.node(&leader).expect("leader is a node");
+        let r = self
+            .http()
+            .post(self.api_url(leader_node, "/switchover"))
             .basic_auth(API_USER, Some(&self.secrets.roles[API_USER]))
             .json(&json!({"leader": leader, "candidate": candidate}))
             .timeout(Duration::from_secs(90))
@@ -1229,22 +1634,13 @@ impl HaCluster {
 
     /// The superuser on node `name`'s local socket (peer authentication).
     pub fn superuser_options(&self, name: &str, dbname: &str) -> ConnectOptions {
-        let node = self
-            .state
-            .nodes
-            .iter()
-            .find(|n| n.name == name)
-            .expect("known node");
+        let node = self.node(name).expect("known node");
         embedded::socket_superuser(&self.node_dir(name).join("run"), node.pg_port, dbname)
     }
 
     /// The PostgreSQL port of node `name`.
     pub fn pg_port(&self, name: &str) -> Option<u16> {
-        self.state
-            .nodes
-            .iter()
-            .find(|n| n.name == name)
-            .map(|n| n.pg_port)
+        self.node(name).map(|n| n.pg_port)
     }
 
     /// TLS options for `role` listing every node, writes going to whichever is primary
@@ -1259,7 +1655,7 @@ impl HaCluster {
                 .state
                 .nodes
                 .iter()
-                .map(|n| ("127.0.0.1".to_string(), n.pg_port))
+                .map(|n| (n.address.clone(), n.pg_port))
                 .collect(),
             dbname: DATABASE.into(),
             user: role.into(),
@@ -1275,14 +1671,10 @@ impl HaCluster {
     /// Options for `role` on node `name` only, whatever its role.
     pub fn node_options(&self, name: &str, role: &str) -> Result<ConnectOptions, OpsError> {
         let mut o = self.connect_options(role)?;
-        let port = self
-            .state
-            .nodes
-            .iter()
-            .find(|n| n.name == name)
-            .ok_or_else(|| err("node", format!("no node `{name}`")))?
-            .pg_port;
-        o.hosts = vec![("127.0.0.1".into(), port)];
+        let n = self
+            .node(name)
+            .ok_or_else(|| err("node", format!("no node `{name}`")))?;
+        o.hosts = vec![(n.address.clone(), n.pg_port)];
         o.read_write = false;
         Ok(o)
     }

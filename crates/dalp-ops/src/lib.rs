@@ -11,9 +11,11 @@ pub mod keybundle;
 pub mod pki;
 pub mod pooler;
 pub mod process;
+pub mod spec;
 pub mod walreceiver;
 
 pub use embedded::{Instance, InstanceInfo, Layout, RunningCluster, StartOptions};
 pub use error::OpsError;
 pub use ha::{HaCluster, HaOptions};
 pub use pooler::{Pooler, PoolerSpec};
+pub use spec::ClusterSpec;

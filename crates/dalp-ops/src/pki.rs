@@ -61,34 +61,84 @@ pub fn ensure(dir: &Path, server_user: &ServerUser) -> Result<bool, OpsError> {
     let issuer = Issuer::new(ca, ca_key);
     std::fs::write(dir.join(CA_CERT), ca_cert.pem())
         .map_err(OpsError::io("write CA certificate"))?;
-    write_server_cert(dir, &issuer, server_user)?;
+    write_server_cert(dir, &issuer, server_user, &names(&SERVER_NAMES))?;
     Ok(true)
+}
+
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// Creates only the CA in `dir` (a multi-host cluster's: `dalp cluster init`) unless it exists.
+pub fn ensure_ca(dir: &Path) -> Result<(), OpsError> {
+    if dir.join(CA_CERT).exists() && dir.join(CA_KEY).exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(OpsError::io(format!("create {}", dir.display())))?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "dalp cluster CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut ca, 10);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    write_private(&dir.join(CA_KEY), &ca_key.serialize_pem())?;
+    std::fs::write(dir.join(CA_CERT), ca_cert.pem())
+        .map_err(OpsError::io("write CA certificate"))?;
+    write_crl(dir)
+}
+
+/// A host's certificate and key in `out` (as `server.crt` / `server.key`, with the CA
+/// certificate and CRL beside them), signed by the CA in `ca_dir` and valid for `names`
+/// (DNS names or IP addresses). It serves TLS (PostgreSQL, etcd, Patroni's REST API) and
+/// authenticates the host as a client (etcd peers and clients, Patroni's write verbs).
+pub fn issue_host(
+    ca_dir: &Path,
+    out: &Path,
+    names: &[String],
+    server_user: &ServerUser,
+) -> Result<(), OpsError> {
+    std::fs::create_dir_all(out).map_err(OpsError::io(format!("create {}", out.display())))?;
+    if out != ca_dir {
+        for f in [CA_CERT, CRL] {
+            std::fs::copy(ca_dir.join(f), out.join(f))
+                .map_err(OpsError::io(format!("copy {f} to {}", out.display())))?;
+        }
+    }
+    write_server_cert(out, &issuer(ca_dir)?, server_user, names)
 }
 
 /// A new server certificate (and key) signed by the CA in `dir`, replacing the current
 /// one; the CA is unchanged, so clients keep verifying. Servers pick it up on reload.
 pub fn rotate_server(dir: &Path, server_user: &ServerUser) -> Result<(), OpsError> {
-    write_server_cert(dir, &issuer(dir)?, server_user)
+    write_server_cert(dir, &issuer(dir)?, server_user, &names(&SERVER_NAMES))
 }
 
 fn write_server_cert(
     dir: &Path,
     issuer: &Issuer<'_, KeyPair>,
     server_user: &ServerUser,
+    names: &[String],
 ) -> Result<(), OpsError> {
     let server_key_path = dir.join(SERVER_KEY);
     let server_key = KeyPair::generate()?;
-    let mut server = CertificateParams::new(
-        SERVER_NAMES
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>(),
-    )?;
-    server
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
+    let mut server = CertificateParams::new(names.to_vec())?;
+    server.distinguished_name.push(
+        DnType::CommonName,
+        names.first().map_or("localhost", |n| n.as_str()),
+    );
     server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    // Also a client certificate: etcd peers and Patroni members authenticate to each other
+    // with the same host certificate.
+    server.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     validity(&mut server, 2);
     let server_cert = server.signed_by(&server_key, issuer)?;
     // Key first (owned by the server user), then the certificate: both replaced by rename.

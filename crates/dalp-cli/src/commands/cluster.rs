@@ -1,4 +1,5 @@
-//! `dalp cluster up|status|switchover|down`: the local HA cluster (Patroni + etcd).
+//! `dalp cluster up|init|status|switchover|heal|down`: an HA cluster (Patroni + etcd), on
+//! this host (`up`) or over several (`init` makes the bundles `dalp node up` starts).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -31,6 +32,20 @@ pub enum ClusterCommand {
         /// Log plans of statements slower than this many milliseconds.
         #[arg(long, default_value_t = 500)]
         slow_query_ms: u32,
+    },
+    /// Make a cluster over several hosts from a spec file (TOML: hosts with name, address
+    /// and roles etcd/postgres; client networks; timings; ports): the cluster's CA, one
+    /// certificate per host, the secrets, and one bundle per host in DIR/hosts/<name>. Copy
+    /// each bundle to its host and run `dalp node up --bundle <bundle>` there (every host at
+    /// about the same time: etcd needs a majority). DIR is the operator's copy: status and
+    /// switchover work from it. See docs/deploy-self-managed.md.
+    Init {
+        /// The cluster spec file.
+        #[arg(long)]
+        spec: PathBuf,
+        /// Where to write the operator's copy and the bundles (must not hold a cluster).
+        #[arg(long)]
+        dir: PathBuf,
     },
     /// Leader, synchronous standby, replicas, their lag and timeline (from Patroni's REST API).
     Status {
@@ -76,6 +91,19 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
                 "  connect: psql \"$(dalp db url --data-dir {} --role dalp_readonly)\"   stop: dalp cluster down --dir {}",
                 cluster.root().display(),
                 cluster.root().display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCommand::Init { spec, dir } => {
+            let parsed = dalp_ops::ClusterSpec::load(&spec)?;
+            let made = dalp_ops::spec::init(&parsed, &dir)?;
+            println!("cluster made in {}", made.dir.display());
+            for (host, bundle) in &made.bundles {
+                println!("  {host:<12} dalp node up --bundle {}", bundle.display());
+            }
+            println!(
+                "copy each bundle to its host (it holds that host's key and every role's password: keep it private), run the line above on every host, then: dalp cluster status --dir {}",
+                made.dir.display()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -164,6 +192,7 @@ async fn print_status(cluster: &HaCluster, json: bool) -> anyhow::Result<ExitCod
         };
         v["nodes"] = serde_json::to_value(&report.nodes)?;
         v["etcd_up"] = report.etcd_up.into();
+        v["etcd_members"] = serde_json::to_value(&report.etcd_members)?;
         v["problems"] = serde_json::to_value(problems)?;
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -210,7 +239,16 @@ async fn print_status(cluster: &HaCluster, json: bool) -> anyhow::Result<ExitCod
                 postgres
             );
         }
-        println!("etcd     {}", if report.etcd_up { "up" } else { "DOWN" });
+        let members: Vec<String> = report
+            .etcd_members
+            .iter()
+            .map(|(n, up)| format!("{n} {}", if *up { "up" } else { "DOWN" }))
+            .collect();
+        println!(
+            "etcd     {} ({})",
+            if report.etcd_up { "up" } else { "DOWN" },
+            members.join(", ")
+        );
         for p in problems {
             eprintln!("problem: {p}");
         }

@@ -14,6 +14,7 @@ pub(crate) mod keys;
 mod lifecycle;
 pub(crate) mod maintenance;
 mod migrate;
+pub(crate) mod node;
 pub(crate) mod pool;
 mod prompt;
 pub(crate) mod roles;
@@ -97,6 +98,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cluster { command } => cluster::run(command).await,
+        Command::Node { command } => node::run(command).await,
         Command::Pool { command } => pool::run(command).await,
         Command::Admin { command } => admin::run(command).await,
         Command::Tls {

@@ -297,7 +297,7 @@ impl Backend {
             Backend::Ha { cluster, .. } => cluster
                 .nodes()
                 .iter()
-                .map(|n| ("127.0.0.1".to_string(), n.pg_port))
+                .map(|n| (n.address.clone(), n.pg_port))
                 .collect(),
         }
     }

@@ -1,0 +1,377 @@
+//! A cluster over several hosts, from a spec file: `dalp cluster init --spec FILE --dir DIR`
+//! makes the cluster's CA, one certificate per host, the secrets, and one bundle directory
+//! per host (`DIR/hosts/<name>/`); `dalp node up --bundle DIR/hosts/<name>` on that host
+//! starts what it runs. `DIR` itself is the operator's copy: it runs nothing, and `dalp
+//! cluster status|switchover --dir DIR` work from it (its certificate is a client one).
+//!
+//! The spec (TOML):
+//!
+//! ```toml
+//! # Networks (besides the hosts) whose clients — dalp's API servers — may connect.
+//! clients = ["10.0.0.0/24"]
+//!
+//! [[host]]
+//! name = "db1"
+//! address = "10.0.0.11"
+//! roles = ["etcd", "postgres"]
+//!
+//! [[host]]
+//! name = "db2"
+//! address = "10.0.0.12"
+//! roles = ["etcd", "postgres"]
+//!
+//! [[host]]
+//! name = "db3"
+//! address = "10.0.0.13"
+//! roles = ["etcd", "postgres"]
+//!
+//! # Optional: Patroni's timings (seconds) and the ports every host uses.
+//! [timings]
+//! ttl = 20
+//! loop_wait = 2
+//! retry_timeout = 5
+//!
+//! [ports]
+//! postgres = 5432
+//! patroni = 8008
+//! etcd_client = 2379
+//! etcd_peer = 2380
+//! ```
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::OpsError;
+use crate::ha::{complete_secrets, ClusterFile, EtcdMember, HaOptions, NodeSpec};
+use crate::pki;
+use crate::process::ServerUser;
+
+/// What a host runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// An etcd member (Patroni's DCS).
+    Etcd,
+    /// PostgreSQL under Patroni.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    pub name: String,
+    pub address: String,
+    pub roles: Vec<Role>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timings {
+    pub ttl: u32,
+    pub loop_wait: u32,
+    pub retry_timeout: u32,
+    /// Refuse writes when no synchronous standby is available.
+    pub synchronous_mode_strict: bool,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        let d = HaOptions::default();
+        Timings {
+            ttl: d.ttl,
+            loop_wait: d.loop_wait,
+            retry_timeout: d.retry_timeout,
+            synchronous_mode_strict: d.synchronous_mode_strict,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ports {
+    pub postgres: u16,
+    pub patroni: u16,
+    pub etcd_client: u16,
+    pub etcd_peer: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            postgres: 5432,
+            patroni: 8008,
+            etcd_client: 2379,
+            etcd_peer: 2380,
+        }
+    }
+}
+
+/// A cluster spec file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    #[serde(rename = "host")]
+    pub hosts: Vec<Host>,
+    #[serde(default)]
+    pub clients: Vec<String>,
+    #[serde(default)]
+    pub timings: Timings,
+    #[serde(default)]
+    pub ports: Ports,
+}
+
+fn bad(path: &Path, message: impl Into<String>) -> OpsError {
+    OpsError::Bootstrap {
+        context: format!("cluster spec {}", path.display()),
+        message: message.into(),
+    }
+}
+
+impl ClusterSpec {
+    /// Reads and checks a spec file.
+    pub fn load(path: &Path) -> Result<ClusterSpec, OpsError> {
+        let text = std::fs::read_to_string(path).map_err(|e| bad(path, e.to_string()))?;
+        let spec: ClusterSpec = toml::from_str(&text).map_err(|e| bad(path, e.to_string()))?;
+        spec.check().map_err(|m| bad(path, m))?;
+        Ok(spec)
+    }
+
+    /// The rules a cluster must follow, each broken one in a sentence.
+    pub fn check(&self) -> Result<(), String> {
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for h in &self.hosts {
+            let ok = !h.name.is_empty()
+                && h.name.len() <= 32
+                && h.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && h.name != "tls"
+                && h.name != "hosts";
+            if !ok {
+                return Err(format!(
+                    "host name `{}`: use 1-32 of a-z, 0-9 and -",
+                    h.name
+                ));
+            }
+            if !names.insert(&h.name) {
+                return Err(format!("host `{}` is named twice", h.name));
+            }
+            let ip: IpAddr = h.address.parse().map_err(|_| {
+                format!(
+                    "host `{}`: address `{}` is not an IP address",
+                    h.name, h.address
+                )
+            })?;
+            if ip.is_unspecified() || ip.is_multicast() {
+                return Err(format!(
+                    "host `{}`: {} cannot be a host's address",
+                    h.name, h.address
+                ));
+            }
+            if !addresses.insert(ip) {
+                return Err(format!("address {} is given to two hosts", h.address));
+            }
+            if h.roles.is_empty() {
+                return Err(format!("host `{}` has no roles (etcd, postgres)", h.name));
+            }
+        }
+        let etcd = self.with(Role::Etcd).count();
+        let pg = self.with(Role::Postgres).count();
+        if pg == 0 {
+            return Err("no host has the postgres role".into());
+        }
+        if pg > 9 {
+            return Err(format!("{pg} postgres hosts: at most 9"));
+        }
+        if etcd == 0 || etcd % 2 == 0 {
+            return Err(format!(
+                "{etcd} etcd hosts: etcd needs an odd number (1, 3 or 5); an even one tolerates no more failures than one fewer"
+            ));
+        }
+        for c in &self.clients {
+            let (ip, len) = c
+                .split_once('/')
+                .ok_or_else(|| format!("client network `{c}` is not in CIDR form (a.b.c.d/n)"))?;
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| format!("client network `{c}`: not an address"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            if !len.parse::<u8>().is_ok_and(|l| l <= max) {
+                return Err(format!("client network `{c}`: bad prefix length"));
+            }
+        }
+        let t = &self.timings;
+        HaOptions {
+            nodes: pg,
+            ttl: t.ttl,
+            loop_wait: t.loop_wait,
+            retry_timeout: t.retry_timeout,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    fn with(&self, role: Role) -> impl Iterator<Item = &Host> {
+        self.hosts.iter().filter(move |h| h.roles.contains(&role))
+    }
+
+    /// The cluster's `cluster.json`, running the pieces of `runs`.
+    fn cluster_file(&self, runs: Vec<String>) -> ClusterFile {
+        let p = &self.ports;
+        ClusterFile {
+            etcd: self
+                .with(Role::Etcd)
+                .map(|h| EtcdMember {
+                    name: format!("etcd-{}", h.name),
+                    host: Some(h.name.clone()),
+                    address: h.address.clone(),
+                    client_port: p.etcd_client,
+                    peer_port: p.etcd_peer,
+                })
+                .collect(),
+            nodes: self
+                .with(Role::Postgres)
+                .map(|h| NodeSpec {
+                    name: h.name.clone(),
+                    host: Some(h.name.clone()),
+                    address: h.address.clone(),
+                    pg_port: p.postgres,
+                    api_port: p.patroni,
+                })
+                .collect(),
+            runs: Some(runs),
+            clients: self.clients.clone(),
+            ttl: self.timings.ttl,
+            loop_wait: self.timings.loop_wait,
+            retry_timeout: self.timings.retry_timeout,
+            synchronous_mode_strict: self.timings.synchronous_mode_strict,
+            // Every node archiving to one repository host is not built yet: a node-local
+            // repository would not survive the node, so a multi-host cluster does not archive.
+            archive: false,
+        }
+    }
+}
+
+/// What `init` made.
+#[derive(Debug)]
+pub struct Initialized {
+    /// The operator's directory (runs nothing; status and switchover from here).
+    pub dir: PathBuf,
+    /// (host, its bundle directory).
+    pub bundles: Vec<(String, PathBuf)>,
+}
+
+/// Makes the cluster's CA, secrets and one bundle per host under `dir` (which must not hold a
+/// cluster yet).
+pub fn init(spec: &ClusterSpec, dir: &Path) -> Result<Initialized, OpsError> {
+    let user = ServerUser::resolve()?;
+    if ClusterFile::path(dir).exists() {
+        return Err(OpsError::Bootstrap {
+            context: format!("{}", dir.display()),
+            message: "already holds a cluster; choose another --dir (its certificates and secrets would be replaced)".into(),
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(OpsError::io(format!("create {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .map_err(OpsError::io(format!("chmod {}", dir.display())))?;
+    let tls = dir.join("tls");
+    pki::ensure_ca(&tls)?;
+    let mut secrets = dalp_db::roles::generate_secrets();
+    complete_secrets(&mut secrets);
+    let secrets_json = serde_json::to_string_pretty(&secrets).expect("secrets serialize");
+    // The operator's client certificate sits where a host's would.
+    pki::issue_host(&tls, &tls, &["dalp-operator".to_string()], &user)?;
+    pki::write_private(&dir.join("secrets.json"), &secrets_json)?;
+    spec.cluster_file(Vec::new()).write(dir)?;
+    let mut bundles = Vec::new();
+    for h in &spec.hosts {
+        let b = dir.join("hosts").join(&h.name);
+        std::fs::create_dir_all(&b).map_err(OpsError::io(format!("create {}", b.display())))?;
+        std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o711))
+            .map_err(OpsError::io(format!("chmod {}", b.display())))?;
+        let names = vec![
+            h.name.clone(),
+            h.address.clone(),
+            "localhost".into(),
+            "127.0.0.1".into(),
+        ];
+        pki::issue_host(&tls, &b.join("tls"), &names, &user)?;
+        std::fs::set_permissions(b.join("tls"), std::fs::Permissions::from_mode(0o755))
+            .map_err(OpsError::io("chmod tls dir"))?;
+        pki::write_private(&b.join("secrets.json"), &secrets_json)?;
+        spec.cluster_file(vec![h.name.clone()]).write(&b)?;
+        bundles.push((h.name.clone(), b));
+    }
+    std::fs::set_permissions(dir.join("hosts"), std::fs::Permissions::from_mode(0o711))
+        .map_err(OpsError::io("chmod hosts dir"))?;
+    Ok(Initialized {
+        dir: dir.to_path_buf(),
+        bundles,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> Result<ClusterSpec, String> {
+        let s: ClusterSpec = toml::from_str(text).map_err(|e| e.to_string())?;
+        s.check().map(|_| s)
+    }
+
+    const THREE: &str = r#"
+        clients = ["10.9.0.0/24"]
+        [[host]]
+        name = "db1"
+        address = "10.9.0.11"
+        roles = ["etcd", "postgres"]
+        [[host]]
+        name = "db2"
+        address = "10.9.0.12"
+        roles = ["etcd", "postgres"]
+        [[host]]
+        name = "db3"
+        address = "10.9.0.13"
+        roles = ["etcd", "postgres"]
+    "#;
+
+    #[test]
+    fn a_three_host_spec_is_accepted_and_shaped() {
+        let s = spec(THREE).unwrap();
+        let f = s.cluster_file(vec!["db2".into()]);
+        assert_eq!(f.etcd.len(), 3);
+        assert_eq!(f.nodes.len(), 3);
+        assert_eq!(f.nodes[1].address, "10.9.0.12");
+        assert_eq!(f.etcd[0].name, "etcd-db1");
+        assert_eq!(f.runs, Some(vec!["db2".to_string()]));
+    }
+
+    #[test]
+    fn broken_specs_say_what_is_wrong() {
+        let two_etcd = THREE.replacen(
+            r#"roles = ["etcd", "postgres"]"#,
+            r#"roles = ["postgres"]"#,
+            1,
+        );
+        assert!(spec(&two_etcd).unwrap_err().contains("odd number"));
+        let dup = THREE.replace("10.9.0.12", "10.9.0.11");
+        assert!(spec(&dup).unwrap_err().contains("two hosts"));
+        let bad_addr = THREE.replace("10.9.0.13", "db3.example");
+        assert!(spec(&bad_addr).unwrap_err().contains("not an IP address"));
+        let bad_name = THREE.replace("\"db1\"", "\"DB 1\"");
+        assert!(spec(&bad_name).unwrap_err().contains("host name"));
+        let bad_net = THREE.replace("10.9.0.0/24", "10.9.0.0");
+        assert!(spec(&bad_net).unwrap_err().contains("CIDR"));
+        let unknown = THREE.replacen(r#""etcd", "postgres""#, r#""etcd", "pgbouncer""#, 1);
+        assert!(spec(&unknown).unwrap_err().contains("unknown variant"));
+        let short_ttl = format!("{THREE}\n[timings]\nttl = 10\n");
+        assert!(spec(&short_ttl).unwrap_err().contains("ttl"));
+    }
+}
