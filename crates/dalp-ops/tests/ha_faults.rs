@@ -5,6 +5,9 @@
 //! `zombie_leader_*` runs once here; `DALP_SOAK_ROUNDS=20 cargo test --release -p dalp-ops
 //! --test ha_faults -- --ignored zombie_soak --nocapture` is the soak (docs/benchmarks.md).
 
+// The history checker, shared with the multi-host tests (dalp-testkit cannot be a
+// dependency of dalp-ops, which it depends on).
+#[path = "../../dalp-testkit/src/history.rs"]
 mod history;
 
 use std::os::unix::fs::PermissionsExt;

@@ -7,7 +7,9 @@
 //! tests `dalp_app::catalog::MIGRATIONS`). The kit depends on no domain and no HTTP code.
 
 pub mod anvil;
+pub mod history;
 pub mod managed;
+pub mod netns;
 pub mod rsyslog;
 
 /// A temporary directory under /tmp that the `postgres` user can enter (0755), removed

@@ -13,7 +13,7 @@ use dalp_db::ConnectOptions;
 
 /// The table the writers append to: no unique key, so a duplicate would be visible.
 pub const SETUP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS ha_history;
-     CREATE TABLE IF NOT EXISTS ha_history.writes (n bigint NOT NULL, port int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())";
+     CREATE TABLE IF NOT EXISTS ha_history.writes (n bigint NOT NULL, server text NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -25,8 +25,8 @@ pub enum Outcome {
 #[derive(Default)]
 pub struct History {
     outcomes: BTreeMap<i64, Outcome>,
-    /// (when, id, server port, writer) of every acknowledgement, in order.
-    pub acks: Vec<(Instant, i64, u16, &'static str)>,
+    /// (when, id, server address:port, writer) of every acknowledgement, in order.
+    pub acks: Vec<(Instant, i64, String, &'static str)>,
     pub failures: Vec<(i64, String)>,
 }
 
@@ -128,9 +128,9 @@ impl Writer {
                 {
                     let mut h = history.lock().unwrap();
                     match outcome {
-                        Ok(port) => {
+                        Ok(server) => {
                             h.outcomes.insert(n, Outcome::Acked);
-                            h.acks.push((Instant::now(), n, port, name));
+                            h.acks.push((Instant::now(), n, server, name));
                         }
                         Err((o, e)) => {
                             h.outcomes.insert(n, o);
@@ -156,7 +156,7 @@ async fn write_one(
     opts: &ConnectOptions,
     n: i64,
     limit: Duration,
-) -> Result<u16, (Outcome, String)> {
+) -> Result<String, (Outcome, String)> {
     let failed = |e: String| (Outcome::Failed, e);
     let client = tokio::time::timeout(limit, opts.connect())
         .await
@@ -166,19 +166,19 @@ async fn write_one(
         client.batch_execute("BEGIN").await?;
         let row = client
             .query_one(
-                "INSERT INTO ha_history.writes (n, port) VALUES ($1, inet_server_port()) RETURNING port",
+                "INSERT INTO ha_history.writes (n, server) VALUES ($1, host(inet_server_addr()) || ':' || inet_server_port()) RETURNING server",
                 &[&n],
             )
             .await?;
-        Ok::<i32, tokio_postgres::Error>(row.get(0))
+        Ok::<String, tokio_postgres::Error>(row.get(0))
     };
-    let port = tokio::time::timeout(limit, before)
+    let server = tokio::time::timeout(limit, before)
         .await
         .map_err(|_| failed("insert timed out".into()))?
         .map_err(|e| failed(e.to_string()))?;
     // Once COMMIT is sent, anything but its answer leaves the outcome unknown.
     match tokio::time::timeout(limit, client.batch_execute("COMMIT")).await {
-        Ok(Ok(())) => Ok(port as u16),
+        Ok(Ok(())) => Ok(server),
         Ok(Err(e)) if e.code().is_some() && !dalp_db::ha::is_failover_error(&e) => {
             Err(failed(e.to_string()))
         }
@@ -235,18 +235,17 @@ pub async fn check(
     // Acknowledging primaries must form runs: once a primary acknowledged, an earlier one
     // acknowledging again means both accepted writes in the same period.
     let mut retired = BTreeSet::new();
-    let mut current: Option<u16> = None;
-    for (_, n, port, _) in &history.acks {
-        if current != Some(*port) {
-            if retired.contains(port) {
-                v.interleaved_primaries.push(format!(
-                    "port {port} acknowledged id {n} after being replaced"
-                ));
+    let mut current: Option<&str> = None;
+    for (_, n, server, _) in &history.acks {
+        if current != Some(server.as_str()) {
+            if retired.contains(server.as_str()) {
+                v.interleaved_primaries
+                    .push(format!("{server} acknowledged id {n} after being replaced"));
             }
             if let Some(c) = current {
                 retired.insert(c);
             }
-            current = Some(*port);
+            current = Some(server.as_str());
         }
     }
     v

@@ -1,0 +1,466 @@
+//! A cluster over three hosts (network namespaces on a test bridge), made the way an operator
+//! makes one: `dalp cluster init --spec`, then `dalp node up --bundle` inside each host. Each
+//! fault runs under write load judged by the history checker (every acknowledged id on every
+//! member, nothing twice, never two primaries acknowledging at once), and the cluster must
+//! heal: by itself, or by `dalp node up` on the host that lost a piece.
+//!
+//! The reduced schedule runs here (CI); `DALP_HOST_FAULT_ROUNDS=N cargo test --release -p
+//! dalp-cli --test ha_hosts -- --ignored host_fault_soak --nocapture` repeats the full one
+//! (docs/benchmarks.md).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{text, DALP};
+use dalp_db::MIGRATOR_ROLE;
+use dalp_ops::HaCluster;
+use dalp_testkit::history::{self, History, Writer};
+use dalp_testkit::netns::TestNet;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const HOSTS: [&str; 3] = ["db1", "db2", "db3"];
+
+/// The hosts, the cluster's operator directory and each host's bundle. Dropping it stops
+/// every process by the pids in the bundles, then removes the namespaces and the bridge.
+struct Hosts {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    net: TestNet,
+}
+
+impl Hosts {
+    fn bundle(&self, host: &str) -> PathBuf {
+        self.dir.join("hosts").join(host)
+    }
+
+    /// The operator's view (runs nothing; reaches every host over the bridge).
+    fn operator(&self) -> HaCluster {
+        HaCluster::open(&self.dir).unwrap()
+    }
+
+    /// This host's own directory (its pids: faults and restarts).
+    fn local(&self, host: &str) -> HaCluster {
+        HaCluster::open(&self.bundle(host)).unwrap()
+    }
+
+    /// `dalp node up` inside `host`, as a child process (several run at once).
+    fn spawn_node_up(&self, host: &str) -> std::process::Child {
+        self.net
+            .command(host, Path::new(DALP))
+            .args(["node", "up", "--bundle"])
+            .arg(self.bundle(host))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn node_up(&self, hosts: &[&str]) {
+        let children: Vec<_> = hosts.iter().map(|h| self.spawn_node_up(h)).collect();
+        for (h, c) in hosts.iter().zip(children) {
+            let out: Output = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "node up on {h}: {}", text(&out));
+        }
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for h in HOSTS {
+            if let Ok(c) = HaCluster::open(&self.bundle(h)) {
+                for m in c.etcd_members().to_vec() {
+                    if let Some(pid) = c.etcd_member_pid(&m.name) {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+                    }
+                }
+                if let Some(pid) = c.patroni_pid(h) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+                }
+                c.down();
+            }
+        }
+    }
+}
+
+fn spec(net: &TestNet) -> String {
+    let mut s = format!(
+        "clients = [\"{}\"]\n[timings]\nttl = 20\nloop_wait = 2\nretry_timeout = 5\n",
+        net.subnet()
+    );
+    for h in &net.hosts {
+        s.push_str(&format!(
+            "[[host]]\nname = \"{}\"\naddress = \"{}\"\nroles = [\"etcd\", \"postgres\"]\n",
+            h.name, h.address
+        ));
+    }
+    s
+}
+
+/// Three hosts with the cluster running on them, healthy.
+async fn three_hosts() -> Hosts {
+    assert!(
+        TestNet::available(),
+        "multi-host tests need root and iproute2 (scripts/deps.sh)"
+    );
+    let net = TestNet::create(&HOSTS).unwrap();
+    let tmp = dalp_testkit::server_dir("dalp-hosts-");
+    let spec_path = tmp.path().join("cluster.toml");
+    std::fs::write(&spec_path, spec(&net)).unwrap();
+    let dir = tmp.path().join("cluster");
+    let out = common::dalp(&[
+        "cluster",
+        "init",
+        "--spec",
+        spec_path.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("dalp node up --bundle"),
+        "{}",
+        text(&out)
+    );
+    let hosts = Hosts {
+        _tmp: tmp,
+        dir,
+        net,
+    };
+    let started = Instant::now();
+    hosts.node_up(&HOSTS);
+    hosts
+        .operator()
+        .wait_healthy(Duration::from_secs(120))
+        .await
+        .unwrap();
+    eprintln!(
+        "three hosts up and healthy in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    hosts
+}
+
+/// What one fault did.
+#[derive(Debug)]
+struct Round {
+    fault: &'static str,
+    /// Longest time without an acknowledged write, from the fault to healthy again.
+    unavailable: Duration,
+    /// From the fault to every member streaming with a synchronous standby again.
+    healed: Duration,
+    verdict: history::Verdict,
+}
+
+/// Runs `fault` under two writers (one connection per write over the three hosts,
+/// `target_session_attrs=read-write`), waits until the cluster is healthy, and judges the
+/// history on every member.
+async fn under_load<F, Fut>(hosts: &Hosts, fault: &'static str, act: F) -> Round
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let op = hosts.operator();
+    op.wait_healthy(Duration::from_secs(120)).await.unwrap();
+    let migrator = op.connect_options(MIGRATOR_ROLE).unwrap();
+    migrator
+        .connect()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "{}; TRUNCATE ha_history.writes",
+            history::SETUP_SQL
+        ))
+        .await
+        .unwrap();
+    let ids = Arc::new(AtomicI64::new(1));
+    let hist = Arc::new(Mutex::new(History::default()));
+    let (pause, limit) = (Duration::from_millis(20), Duration::from_secs(3));
+    let writers: Vec<Writer> = ["w1", "w2"]
+        .into_iter()
+        .map(|name| {
+            Writer::spawn(
+                name,
+                migrator.clone(),
+                ids.clone(),
+                hist.clone(),
+                pause,
+                limit,
+            )
+        })
+        .collect();
+    // Some writes before the fault.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while hist.lock().unwrap().acks.len() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "no writes acknowledged before {fault}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let at = Instant::now();
+    act().await;
+    op.wait_healthy(Duration::from_secs(180)).await.unwrap();
+    let healed = at.elapsed();
+    // Writes after healing, too.
+    let after = hist.lock().unwrap().acks.len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while hist.lock().unwrap().acks.len() < after + 20 {
+        assert!(
+            Instant::now() < deadline,
+            "no writes acknowledged after {fault}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for w in writers {
+        w.stop().await;
+    }
+    let hist = Arc::try_unwrap(hist).ok().unwrap().into_inner().unwrap();
+    let unavailable = hist.longest_gap(at, at + healed, None);
+    let members: Vec<(String, dalp_db::ConnectOptions)> = HOSTS
+        .iter()
+        .map(|h| (h.to_string(), hosts.local(h).superuser_options(h, "dalp")))
+        .collect();
+    let verdict = history::check(&hist, &members, Duration::from_secs(60)).await;
+    let round = Round {
+        fault,
+        unavailable,
+        healed,
+        verdict,
+    };
+    eprintln!(
+        "{fault}: writes unavailable {:.1} s, healthy after {:.1} s; acknowledged {}, unknown {} ({} landed), failed {}, lost {:?}",
+        round.unavailable.as_secs_f64(),
+        round.healed.as_secs_f64(),
+        round.verdict.acked,
+        round.verdict.unknown,
+        round.verdict.unknown_landed,
+        round.verdict.failed,
+        round.verdict.lost,
+    );
+    round.verdict.assert_clean();
+    round
+}
+
+async fn leader(hosts: &Hosts) -> String {
+    hosts.operator().leader().await.unwrap()
+}
+
+/// Waits until a host other than `old` leads.
+async fn new_leader(hosts: &Hosts, old: &str, within: Duration) -> String {
+    let old = old.to_string();
+    hosts
+        .operator()
+        .wait_for(within, "a new leader", move |s| {
+            s.leader().is_some_and(|l| l.name != old)
+        })
+        .await
+        .unwrap()
+        .leader()
+        .unwrap()
+        .name
+        .clone()
+}
+
+async fn kill_leader(hosts: &Hosts) -> Round {
+    under_load(hosts, "SIGKILL leader", || async {
+        let old = leader(hosts).await;
+        hosts.local(&old).kill_node(&old);
+        new_leader(hosts, &old, Duration::from_secs(60)).await;
+        // The host's operator (or its supervisor) starts it again.
+        hosts.node_up(&[old.as_str()]);
+    })
+    .await
+}
+
+async fn partition_leader(hosts: &Hosts) -> Round {
+    under_load(hosts, "leader cut off", || async {
+        let old = leader(hosts).await;
+        hosts.net.isolate(&old, true).unwrap();
+        let promoted = new_leader(hosts, &old, Duration::from_secs(90)).await;
+        assert_ne!(promoted, old);
+        hosts.net.isolate(&old, false).unwrap();
+    })
+    .await
+}
+
+async fn one_way_partition(hosts: &Hosts) -> Round {
+    under_load(
+        hosts,
+        "leader cannot reach its synchronous standby (one way)",
+        || async {
+            let status = hosts.operator().status().await.unwrap();
+            let old = status.leader().unwrap().name.clone();
+            let sync = status.sync_standby().unwrap().name.clone();
+            hosts.net.block(&old, &sync, true).unwrap();
+            tokio::time::sleep(hosts.operator().ttl()).await;
+            hosts.net.block(&old, &sync, false).unwrap();
+        },
+    )
+    .await
+}
+
+async fn etcd_member_lost(hosts: &Hosts) -> Round {
+    under_load(hosts, "etcd member killed, then restarted", || async {
+        let old = leader(hosts).await;
+        let victim = HOSTS.iter().find(|h| **h != old).unwrap().to_string();
+        let local = hosts.local(&victim);
+        let pid = local.etcd_pid().unwrap();
+        kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+        // The member's loss is reported within one probe, while writes go on.
+        let report = hosts.operator().inspect().await;
+        assert!(report.etcd_up, "two of three members keep a quorum");
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains(&format!("etcd member etcd-{victim} does not answer"))),
+            "{:?}",
+            report.problems
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            leader(hosts).await,
+            old,
+            "losing one etcd member moved the leader"
+        );
+        // `dalp node up` starts only the stopped member.
+        hosts.node_up(&[victim.as_str()]);
+    })
+    .await
+}
+
+async fn zombie_leader(hosts: &Hosts) -> Round {
+    under_load(
+        hosts,
+        "leader's Patroni stalled past ttl, then resumed",
+        || async {
+            let old = leader(hosts).await;
+            let local = hosts.local(&old);
+            let pid = local.patroni_pid(&old).unwrap();
+            kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+            let promoted = new_leader(hosts, &old, Duration::from_secs(90)).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
+            // The resumed Patroni must not take the leader key back.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            assert_eq!(leader(hosts).await, promoted);
+        },
+    )
+    .await
+}
+
+async fn switchover(hosts: &Hosts) -> Round {
+    under_load(hosts, "switchover", || async {
+        let op = hosts.operator();
+        let old = leader(hosts).await;
+        let new = op.switchover(None).await.unwrap();
+        assert_ne!(new, old);
+    })
+    .await
+}
+
+/// Patroni's write verbs need a client certificate from the cluster's CA: without one a
+/// switchover is refused, and nothing changes.
+async fn write_verbs_need_a_client_certificate(hosts: &Hosts) {
+    let op = hosts.operator();
+    let status = op.status().await.unwrap();
+    let leader = status.leader().unwrap();
+    let ca = std::fs::read(hosts.dir.join("tls/ca.crt")).unwrap();
+    let anonymous = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .no_proxy()
+        .build()
+        .unwrap();
+    let url = format!("https://{}:{}", leader.host, 8008);
+    // Reading is open to anyone who trusts the CA …
+    let r = anonymous
+        .get(format!("{url}/patroni"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    // … changing needs the certificate, even with the password.
+    let secrets = dalp_db::Secrets::load(&hosts.dir.join("secrets.json")).unwrap();
+    let r = anonymous
+        .post(format!("{url}/switchover"))
+        .basic_auth(
+            dalp_ops::ha::API_USER,
+            Some(&secrets.roles[dalp_ops::ha::API_USER]),
+        )
+        .json(&serde_json::json!({"leader": leader.name}))
+        .send()
+        .await;
+    if let Ok(r) = r {
+        assert!(
+            r.status().is_client_error(),
+            "switchover without a certificate: {}",
+            r.status()
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(op.leader().await.unwrap(), leader.name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_heal_every_fault_without_losing_a_write() {
+    let hosts = three_hosts().await;
+    // The operator's status answers over TLS from outside the hosts.
+    let out = common::dalp(&["cluster", "status", "--dir", hosts.dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("etcd-db1 up"), "{}", text(&out));
+    write_verbs_need_a_client_certificate(&hosts).await;
+    let mut rounds = Vec::new();
+    rounds.push(kill_leader(&hosts).await);
+    rounds.push(partition_leader(&hosts).await);
+    rounds.push(etcd_member_lost(&hosts).await);
+    rounds.push(zombie_leader(&hosts).await);
+    rounds.push(switchover(&hosts).await);
+    for r in &rounds {
+        eprintln!(
+            "| {} | {:.1} s | {:.1} s | {} / {} / 0 |",
+            r.fault,
+            r.unavailable.as_secs_f64(),
+            r.healed.as_secs_f64(),
+            r.verdict.acked,
+            r.verdict.unknown
+        );
+    }
+}
+
+/// The full schedule, `DALP_HOST_FAULT_ROUNDS` times (default 1): docs/benchmarks.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn host_fault_soak() {
+    let rounds: usize = std::env::var("DALP_HOST_FAULT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let hosts = three_hosts().await;
+    let mut all = Vec::new();
+    for _ in 0..rounds {
+        all.push(kill_leader(&hosts).await);
+        all.push(partition_leader(&hosts).await);
+        all.push(one_way_partition(&hosts).await);
+        all.push(etcd_member_lost(&hosts).await);
+        all.push(zombie_leader(&hosts).await);
+        all.push(switchover(&hosts).await);
+    }
+    for r in &all {
+        eprintln!(
+            "| {} | {:.1} s | {:.1} s | {} / {} / 0 |",
+            r.fault,
+            r.unavailable.as_secs_f64(),
+            r.healed.as_secs_f64(),
+            r.verdict.acked,
+            r.verdict.unknown
+        );
+    }
+}
