@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::atomic::AtomicI64;
@@ -24,7 +25,11 @@ use dalp_testkit::netns::TestNet;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+/// The database hosts (etcd and PostgreSQL on each).
 const HOSTS: [&str; 3] = ["db1", "db2", "db3"];
+/// The backup repository host (pgBackRest's TLS server).
+const REPO: &str = "repo";
+const ALL: [&str; 4] = ["db1", "db2", "db3", REPO];
 
 /// The hosts, the cluster's operator directory and each host's bundle. Dropping it stops
 /// every process by the pids in the bundles, then removes the namespaces and the bridge.
@@ -62,17 +67,32 @@ impl Hosts {
     }
 
     fn node_up(&self, hosts: &[&str]) {
+        let started = Instant::now();
         let children: Vec<_> = hosts.iter().map(|h| self.spawn_node_up(h)).collect();
         for (h, c) in hosts.iter().zip(children) {
             let out: Output = c.wait_with_output().unwrap();
             assert!(out.status.success(), "node up on {h}: {}", text(&out));
+            eprint!("{h}: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            // Slow: say what each node did meanwhile.
+            for h in hosts.iter().filter(|h| **h != REPO) {
+                let log = self.bundle(h).join(h).join("patroni.log");
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().filter(|l| !l.contains("no action")).collect();
+                eprintln!(
+                    "--- {} ---\n{}",
+                    log.display(),
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                );
+            }
         }
     }
 }
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        for h in HOSTS {
+        for h in ALL {
             if let Ok(c) = HaCluster::open(&self.bundle(h)) {
                 for m in c.etcd_members().to_vec() {
                     if let Some(pid) = c.etcd_member_pid(&m.name) {
@@ -88,15 +108,24 @@ impl Drop for Hosts {
     }
 }
 
-fn spec(net: &TestNet) -> String {
+/// The spec: etcd and PostgreSQL on each database host, the repository on its own; each
+/// host's bundle stays where `cluster init` wrote it (`dir`).
+fn spec(net: &TestNet, cluster_dir: &Path) -> String {
     let mut s = format!(
         "clients = [\"{}\"]\n[timings]\nttl = 20\nloop_wait = 2\nretry_timeout = 5\n",
         net.subnet()
     );
     for h in &net.hosts {
+        let roles = if h.name == REPO {
+            "[\"repository\"]"
+        } else {
+            "[\"etcd\", \"postgres\"]"
+        };
         s.push_str(&format!(
-            "[[host]]\nname = \"{}\"\naddress = \"{}\"\nroles = [\"etcd\", \"postgres\"]\n",
-            h.name, h.address
+            "[[host]]\nname = \"{}\"\naddress = \"{}\"\nroles = {roles}\ndir = \"{}\"\n",
+            h.name,
+            h.address,
+            cluster_dir.join("hosts").join(&h.name).display()
         ));
     }
     s
@@ -108,11 +137,11 @@ async fn three_hosts() -> Hosts {
         TestNet::available(),
         "multi-host tests need root and iproute2 (scripts/deps.sh)"
     );
-    let net = TestNet::create(&HOSTS).unwrap();
+    let net = TestNet::create(&ALL).unwrap();
     let tmp = dalp_testkit::server_dir("dalp-hosts-");
     let spec_path = tmp.path().join("cluster.toml");
-    std::fs::write(&spec_path, spec(&net)).unwrap();
     let dir = tmp.path().join("cluster");
+    std::fs::write(&spec_path, spec(&net, &dir)).unwrap();
     let out = common::dalp(&[
         "cluster",
         "init",
@@ -133,7 +162,7 @@ async fn three_hosts() -> Hosts {
         net,
     };
     let started = Instant::now();
-    hosts.node_up(&HOSTS);
+    hosts.node_up(&ALL);
     hosts
         .operator()
         .wait_healthy(Duration::from_secs(120))
@@ -155,6 +184,8 @@ struct Round {
     /// From the fault to every member streaming with a synchronous standby again.
     healed: Duration,
     verdict: history::Verdict,
+    /// The ids acknowledged in this round.
+    acked: BTreeSet<i64>,
 }
 
 /// Runs `fault` under two writers (one connection per write over the three hosts,
@@ -232,6 +263,7 @@ where
         unavailable,
         healed,
         verdict,
+        acked: hist.acked(),
     };
     eprintln!(
         "{fault}: writes unavailable {:.1} s, healthy after {:.1} s; acknowledged {}, unknown {} ({} landed), failed {}, lost {:?}",
@@ -365,6 +397,85 @@ async fn switchover(hosts: &Hosts) -> Round {
     .await
 }
 
+/// The repository host takes a full backup of the cluster (from whichever node pgBackRest
+/// picks, over TLS), into both repositories it holds.
+async fn full_backup_on_the_repository_host(hosts: &Hosts) {
+    let b = hosts
+        .local(REPO)
+        .backups()
+        .unwrap()
+        .expect("a cluster with a repository host archives");
+    let started = Instant::now();
+    let info = match tokio::task::spawn_blocking(move || b.backup("full", 1, &|_| {}))
+        .await
+        .unwrap()
+    {
+        Ok(info) => info,
+        Err(e) => {
+            // What each host's pgBackRest said (archive-push runs on the database hosts).
+            let logs: String = ALL
+                .iter()
+                .flat_map(|h| {
+                    let mut f = dalp_testkit::files_under(&hosts.bundle(h).join("backup/log"));
+                    f.extend(dalp_testkit::files_under(
+                        &hosts.bundle(h).join(h).join("log"),
+                    ));
+                    f
+                })
+                .map(|p| format!("\n--- {} ---\n{}", p.display(), tail(&p, 8)))
+                .collect();
+            panic!("full backup: {e}{logs}");
+        }
+    };
+    eprintln!(
+        "full backup {} on the repository host in {:.1} s",
+        info.label,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// After every failover, the shared repository restores — on a database host, fetching
+/// from the repository host — to the end of the archive with every write the last round
+/// acknowledged: archiving continued from each new primary.
+async fn restore_after_the_failovers(hosts: &Hosts, acked: &BTreeSet<i64>) {
+    let repo = hosts.local(REPO).backups().unwrap().unwrap();
+    let db = hosts.local("db1").backups().unwrap().unwrap();
+    let into = hosts._tmp.path().join("restored");
+    let target = into.clone();
+    tokio::task::spawn_blocking(move || {
+        // Switches WAL on the primary and waits until the segment is in the repository.
+        repo.check()?;
+        db.restore(&dalp_ops::backup::Target::Latest, &target, 1, &|_| {})
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let copy = dalp_ops::backup::RestoredServer::start(
+        &into,
+        Path::new(dalp_ops::embedded::DEFAULT_PG_BIN),
+        false,
+        Duration::from_secs(300),
+    )
+    .await
+    .unwrap();
+    let recovered = copy.recovered().await.unwrap();
+    eprintln!("restored from the repository host after the failovers: {recovered:?}");
+    let c = copy.superuser_options("dalp").connect().await.unwrap();
+    let rows: BTreeSet<i64> = c
+        .query("SELECT n FROM ha_history.writes", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<&i64> = acked.difference(&rows).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged writes missing from the restore: {missing:?}"
+    );
+    assert!(!acked.is_empty());
+}
+
 /// Patroni's write verbs need a client certificate from the cluster's CA: without one a
 /// switchover is refused, and nothing changes.
 async fn write_verbs_need_a_client_certificate(hosts: &Hosts) {
@@ -417,12 +528,14 @@ async fn three_hosts_heal_every_fault_without_losing_a_write() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("etcd-db1 up"), "{}", text(&out));
     write_verbs_need_a_client_certificate(&hosts).await;
+    full_backup_on_the_repository_host(&hosts).await;
     let mut rounds = Vec::new();
     rounds.push(kill_leader(&hosts).await);
     rounds.push(partition_leader(&hosts).await);
     rounds.push(etcd_member_lost(&hosts).await);
     rounds.push(zombie_leader(&hosts).await);
     rounds.push(switchover(&hosts).await);
+    restore_after_the_failovers(&hosts, &rounds.last().unwrap().acked).await;
     for r in &rounds {
         eprintln!(
             "| {} | {:.1} s | {:.1} s | {} / {} / 0 |",
@@ -463,4 +576,11 @@ async fn host_fault_soak() {
             r.verdict.unknown
         );
     }
+}
+
+/// The last `n` lines of a file.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

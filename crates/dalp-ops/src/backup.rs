@@ -242,6 +242,30 @@ pub struct PgTarget {
     pub data_dir: PathBuf,
     pub socket_dir: PathBuf,
     pub port: Option<u16>,
+    /// The address of the host it runs on, when that is another host (reached through
+    /// that host's `pgbackrest server`, [`TlsSite`]) and the path of pgBackRest's
+    /// configuration there; `None`: this host.
+    pub host: Option<(String, PathBuf)>,
+}
+
+/// pgBackRest between hosts: the repositories on a repository host of their own, every
+/// database host reaching them — and the repository host reaching every database host —
+/// through `pgbackrest server` over TLS with client certificates from the cluster's CA.
+#[derive(Debug, Clone)]
+pub struct TlsSite {
+    /// This host's certificate and key (its identity as server and client) and the CA.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// This host's address, where its `pgbackrest server` listens.
+    pub listen: String,
+    /// The port every host's `pgbackrest server` uses.
+    pub port: u16,
+    /// Certificate CNs (host names) that may use this host's server.
+    pub clients: Vec<String>,
+    /// The repository host's address and the path of pgBackRest's configuration there,
+    /// when the repositories are not on this host.
+    pub repository: Option<(String, PathBuf)>,
 }
 
 /// A backup as pgBackRest lists it.
@@ -332,6 +356,7 @@ pub struct Backups {
     policy: Policy,
     targets: Vec<PgTarget>,
     user: ServerUser,
+    site: Option<TlsSite>,
 }
 
 /// Parses `X/Y` into a number for comparisons.
@@ -349,7 +374,36 @@ impl Backups {
             policy,
             targets,
             user: ServerUser::resolve()?,
+            site: None,
         })
+    }
+
+    /// The same, on one host of several ([`TlsSite`]).
+    pub fn on_site(mut self, site: TlsSite) -> Backups {
+        self.site = Some(site);
+        self
+    }
+
+    /// The TLS endpoints, when the repositories and servers are on different hosts.
+    pub fn site(&self) -> Option<&TlsSite> {
+        self.site.as_ref()
+    }
+
+    /// Whether the repositories are on this host (always, unless a repository host holds them).
+    pub fn holds_repositories(&self) -> bool {
+        self.site.as_ref().is_none_or(|s| s.repository.is_none())
+    }
+
+    /// The `pgbackrest server` of this host, as a command for a daemon (run as the server
+    /// user): serves the repositories (on the repository host) or this host's data directory
+    /// (on a database host) to the other hosts over TLS.
+    pub fn server_command(&self) -> Command {
+        let mut cmd = Command::new(PGBACKREST_BIN);
+        cmd.arg(format!("--config={}", self.config_path().display()))
+            .arg("server")
+            .current_dir(&self.dir)
+            .stdin(Stdio::null());
+        cmd
     }
 
     pub fn policy(&self) -> &Policy {
@@ -396,6 +450,31 @@ impl Backups {
     }
 
     fn repo_lines(&self, n: u8, repo: &Option<Repo>, out: &mut Vec<String>) {
+        if let Some((s, (host, config))) = self
+            .site
+            .as_ref()
+            .and_then(|s| s.repository.as_ref().map(|h| (s, h)))
+        {
+            out.push(format!("repo{n}-host={host}"));
+            // The server there runs each request with this configuration (its repositories).
+            out.push(format!("repo{n}-host-config={}", config.display()));
+            out.push(format!("repo{n}-host-type=tls"));
+            out.push(format!("repo{n}-host-port={}", s.port));
+            out.push(format!("repo{n}-host-cert-file={}", s.cert.display()));
+            out.push(format!("repo{n}-host-key-file={}", s.key.display()));
+            out.push(format!("repo{n}-host-ca-file={}", s.ca.display()));
+            // Its path there, too: a database host serving the repository host's requests
+            // checks that the repositories it knows of are distinct.
+            let path = match repo {
+                None => config.parent().map(|d| d.join(format!("repo{n}"))),
+                Some(Repo::Posix { path }) => Some(path.clone()),
+                Some(_) => None,
+            };
+            if let Some(p) = path {
+                out.push(format!("repo{n}-path={}", p.display()));
+            }
+            return;
+        }
         let default = Repo::Posix {
             path: self.dir.join(format!("repo{n}")),
         };
@@ -456,6 +535,9 @@ impl Backups {
 
     /// The repositories' local directories (posix repositories only).
     fn local_repo_dirs(&self) -> Vec<PathBuf> {
+        if !self.holds_repositories() {
+            return Vec::new();
+        }
         [(1u8, &self.policy.repo1), (2, &self.policy.repo2)]
             .into_iter()
             .filter_map(|(n, r)| match r {
@@ -561,11 +643,29 @@ impl Backups {
             format!("process-max={}", p.process_max),
             "start-fast=y".into(),
             format!("archive-timeout={}", p.archive_timeout_secs),
-            String::new(),
-            format!("[{STANZA}]"),
         ]);
+        if let Some(s) = &self.site {
+            g.push(format!("tls-server-address={}", s.listen));
+            g.push(format!("tls-server-port={}", s.port));
+            g.push(format!("tls-server-cert-file={}", s.cert.display()));
+            g.push(format!("tls-server-key-file={}", s.key.display()));
+            g.push(format!("tls-server-ca-file={}", s.ca.display()));
+            for cn in &s.clients {
+                g.push(format!("tls-server-auth={cn}={STANZA}"));
+            }
+        }
+        g.extend([String::new(), format!("[{STANZA}]")]);
         for (i, t) in self.targets.iter().enumerate() {
             let n = i + 1;
+            if let (Some((host, config)), Some(s)) = (&t.host, &self.site) {
+                g.push(format!("pg{n}-host={host}"));
+                g.push(format!("pg{n}-host-config={}", config.display()));
+                g.push(format!("pg{n}-host-type=tls"));
+                g.push(format!("pg{n}-host-port={}", s.port));
+                g.push(format!("pg{n}-host-cert-file={}", s.cert.display()));
+                g.push(format!("pg{n}-host-key-file={}", s.key.display()));
+                g.push(format!("pg{n}-host-ca-file={}", s.ca.display()));
+            }
             g.push(format!("pg{n}-path={}", t.data_dir.display()));
             g.push(format!("pg{n}-socket-path={}", t.socket_dir.display()));
             if let Some(port) = t.port {
@@ -622,16 +722,19 @@ impl Backups {
         let stderr = child.stderr.take().expect("piped");
         let err_thread = std::thread::spawn(move || {
             let mut s = String::new();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                s.push_str(&line);
+            for line in BufReader::new(stderr).split(b'\n').map_while(Result::ok) {
+                s.push_str(&String::from_utf8_lossy(&line));
                 s.push('\n');
             }
             s
         });
         let mut out = String::new();
+        // Lines as text even when pgBackRest quotes undecodable bytes (an error message
+        // showing an encrypted file read as plain text): `lines()` would stop there.
         for line in BufReader::new(child.stdout.take().expect("piped"))
-            .lines()
+            .split(b'\n')
             .map_while(Result::ok)
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
         {
             progress(&line);
             out.push_str(&line);
@@ -1137,6 +1240,7 @@ pub fn embedded_backups(layout: &crate::Layout) -> Result<Backups, OpsError> {
             data_dir: layout.pgdata(),
             socket_dir: layout.socket_dir(),
             port: layout.port(),
+            host: None,
         }],
     )
 }

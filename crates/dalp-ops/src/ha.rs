@@ -64,6 +64,9 @@ const ETCD_BIN: &str = "/usr/bin/etcd";
 /// its absence).
 pub const WATCHDOG_DEVICE: &str = "/dev/watchdog";
 
+/// The process name (and pid file) of a host's `pgbackrest server`.
+const BACKUP_SERVER: &str = "pgbackrest-server";
+
 /// The address of every piece of the one-host cluster.
 pub const LOOPBACK: &str = "127.0.0.1";
 
@@ -232,6 +235,21 @@ pub struct NodeSpec {
     pub address: String,
     pub pg_port: u16,
     pub api_port: u16,
+    /// Where its host keeps the bundle (the node's data is `<dir>/<name>/pgdata`), for the
+    /// repository host's pgBackRest; `None`: this directory.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+}
+
+/// The host holding the backup repositories (its `pgbackrest server` on `port`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RepositoryHost {
+    pub host: String,
+    pub address: String,
+    pub port: u16,
+    /// Where the repository host keeps its bundle; `None`: this directory.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
 
 /// One etcd member.
@@ -282,6 +300,9 @@ pub(crate) struct ClusterFile {
     /// Networks (CIDR) besides loopback and the cluster's hosts whose clients may connect.
     #[serde(default)]
     pub(crate) clients: Vec<String>,
+    /// The repository host, when the backups live on a host of their own.
+    #[serde(default)]
+    pub(crate) repository: Option<RepositoryHost>,
     pub(crate) ttl: u32,
     pub(crate) loop_wait: u32,
     pub(crate) retry_timeout: u32,
@@ -582,11 +603,13 @@ impl HaCluster {
                             address: LOOPBACK.into(),
                             pg_port: free_port()?,
                             api_port: free_port()?,
+                            dir: None,
                         })
                     })
                     .collect::<Result<_, _>>()?,
                 runs: None,
                 clients: Vec::new(),
+                repository: None,
                 ttl: opts.ttl,
                 loop_wait: opts.loop_wait,
                 retry_timeout: opts.retry_timeout,
@@ -670,6 +693,7 @@ impl HaCluster {
         let backups = cluster.backups()?;
         if let Some(b) = &backups {
             b.write_config()?;
+            cluster.start_backup_server(b)?;
         }
         let local: Vec<NodeSpec> = cluster.local_nodes().cloned().collect();
         for node in &local {
@@ -712,8 +736,26 @@ impl HaCluster {
                 &cluster.secrets,
             )
             .await?;
-            if let Some(b) = cluster.backups()? {
+            if let Some(b) = cluster.backups()?.filter(|b| b.holds_repositories()) {
                 b.stanza_create()?;
+            }
+        }
+        // The repository host creates the stanza once the leader's host serves its data
+        // directory (retried: that host may still be starting its server).
+        if let Some(b) = backups
+            .as_ref()
+            .filter(|b| b.site().is_some() && b.holds_repositories())
+        {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                match b.stanza_create() {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::info!(error = %e, "stanza-create: the leader's host is not serving yet; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(cluster.stop_on_drop(false))
@@ -788,7 +830,7 @@ impl HaCluster {
     }
 
     fn pid_file(&self, process: &str) -> PathBuf {
-        if self.is_etcd(process) {
+        if self.is_etcd(process) || process == BACKUP_SERVER {
             self.root.join(format!("{process}.pid"))
         } else {
             self.node_dir(process).join("patroni.pid")
@@ -815,7 +857,9 @@ impl HaCluster {
             .ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let cmdline = String::from_utf8_lossy(&cmdline);
-        let ours = if self.is_etcd(process) {
+        let ours = if process == BACKUP_SERVER {
+            cmdline.contains("pgbackrest")
+        } else if self.is_etcd(process) {
             cmdline.contains("etcd")
         } else {
             cmdline.contains("patroni")
@@ -907,6 +951,9 @@ impl HaCluster {
             if self.live_pid(&m.name).is_some() {
                 names.push(m.name.clone());
             }
+        }
+        if self.live_pid(BACKUP_SERVER).is_some() {
+            names.push(BACKUP_SERVER.into());
         }
         names
     }
@@ -1052,18 +1099,101 @@ impl HaCluster {
         if !self.state.archive {
             return Ok(None);
         }
+        use crate::backup::{Backups, PgTarget, TlsSite};
         let policy = crate::backup::Policy::load(&self.root.join("backup.toml"))?;
-        let targets = self
-            .state
-            .nodes
-            .iter()
-            .map(|n| crate::backup::PgTarget {
-                data_dir: self.node_dir(&n.name).join("pgdata"),
-                socket_dir: self.node_dir(&n.name).join("run"),
-                port: Some(n.pg_port),
-            })
-            .collect();
-        crate::backup::Backups::new(&self.root.join("backup"), policy, targets).map(Some)
+        let dir = self.root.join("backup");
+        let Some(repo) = &self.state.repository else {
+            // Every node on this host: one local repository, every data directory a target.
+            let targets = self
+                .state
+                .nodes
+                .iter()
+                .map(|n| PgTarget {
+                    data_dir: self.node_dir(&n.name).join("pgdata"),
+                    socket_dir: self.node_dir(&n.name).join("run"),
+                    port: Some(n.pg_port),
+                    host: None,
+                })
+                .collect();
+            return Backups::new(&dir, policy, targets).map(Some);
+        };
+        let tls = self.tls_dir();
+        let site =
+            |listen: &str, clients: Vec<String>, repository: Option<(String, PathBuf)>| TlsSite {
+                cert: tls.join(pki::SERVER_CERT),
+                key: tls.join(pki::SERVER_KEY),
+                ca: tls.join(pki::CA_CERT),
+                listen: listen.to_string(),
+                port: repo.port,
+                clients,
+                repository,
+            };
+        if self.state.runs(&Some(repo.host.clone())) {
+            // The repository host: it backs up every node through that node's server.
+            let targets = self
+                .state
+                .nodes
+                .iter()
+                .map(|n| {
+                    let bundle = n.dir.clone().unwrap_or_else(|| self.root.clone());
+                    let base = bundle.join(&n.name);
+                    PgTarget {
+                        data_dir: base.join("pgdata"),
+                        socket_dir: base.join("run"),
+                        port: Some(n.pg_port),
+                        host: Some((
+                            n.address.clone(),
+                            bundle.join("backup").join("pgbackrest.conf"),
+                        )),
+                    }
+                })
+                .collect();
+            let clients = self
+                .state
+                .nodes
+                .iter()
+                .map(|n| n.host.clone().unwrap_or_else(|| n.name.clone()))
+                .collect();
+            return Backups::new(&dir, policy, targets)
+                .map(|b| Some(b.on_site(site(&repo.address, clients, None))));
+        }
+        let Some(n) = self.local_nodes().next() else {
+            return Ok(None);
+        };
+        let target = PgTarget {
+            data_dir: self.node_dir(&n.name).join("pgdata"),
+            socket_dir: self.node_dir(&n.name).join("run"),
+            port: Some(n.pg_port),
+            host: None,
+        };
+        let s = site(
+            &n.address,
+            vec![repo.host.clone()],
+            Some((
+                repo.address.clone(),
+                repo.dir
+                    .clone()
+                    .unwrap_or_else(|| self.root.clone())
+                    .join("backup")
+                    .join("pgbackrest.conf"),
+            )),
+        );
+        Backups::new(&dir, policy, vec![target]).map(|b| Some(b.on_site(s)))
+    }
+
+    /// Starts this host's `pgbackrest server` unless it runs (multi-host clusters with a
+    /// repository host only).
+    fn start_backup_server(&self, b: &crate::backup::Backups) -> Result<(), OpsError> {
+        if b.site().is_none() || self.live_pid(BACKUP_SERVER).is_some() {
+            return Ok(());
+        }
+        let mut cmd = b.server_command();
+        cmd.env("HOME", &self.root);
+        self.spawn_daemon(
+            BACKUP_SERVER,
+            cmd,
+            &self.root.join(format!("{BACKUP_SERVER}.log")),
+        )
     }
 
     fn write_node_config(
@@ -1306,9 +1436,11 @@ impl HaCluster {
         for m in self.local_etcd() {
             self.stop_etcd_member(&m.name);
         }
+        self.stop_etcd_member(BACKUP_SERVER);
     }
 
-    /// Stops etcd member `name` (SIGTERM, then SIGKILL after 20 s), when this directory runs it.
+    /// Stops etcd member `name` (or another daemon of this directory that is not a node:
+    /// SIGTERM, then SIGKILL after 20 s), when this directory runs it.
     pub fn stop_etcd_member(&self, name: &str) {
         if let Some(pid) = self.live_pid(name) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);

@@ -128,6 +128,15 @@ fn write_server_cert(
     let server_key_path = dir.join(SERVER_KEY);
     let server_key = KeyPair::generate()?;
     let mut server = CertificateParams::new(names.to_vec())?;
+    // An address is also named as text: pgBackRest (2.45) matches the host it connects to
+    // against DNS names and the CN only, while the others match IP addresses.
+    for n in names {
+        if n.parse::<std::net::IpAddr>().is_ok() && n != "127.0.0.1" && n != "::1" {
+            server
+                .subject_alt_names
+                .push(rcgen::SanType::DnsName(n.as_str().try_into()?));
+        }
+    }
     server.distinguished_name.push(
         DnType::CommonName,
         names.first().map_or("localhost", |n| n.as_str()),

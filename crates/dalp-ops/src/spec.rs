@@ -25,6 +25,12 @@
 //! address = "10.0.0.13"
 //! roles = ["etcd", "postgres"]
 //!
+//! # The backup repositories (pgBackRest's TLS server), on a host of their own.
+//! [[host]]
+//! name = "backup"
+//! address = "10.0.0.20"
+//! roles = ["repository"]
+//!
 //! # Optional: Patroni's timings (seconds) and the ports every host uses.
 //! [timings]
 //! ttl = 20
@@ -36,7 +42,12 @@
 //! patroni = 8008
 //! etcd_client = 2379
 //! etcd_peer = 2380
+//! backup = 8432
 //! ```
+//!
+//! Each host's bundle is expected at `/var/lib/dalp/cluster` on it (a host's `dir` says
+//! otherwise): the repository host reaches each node's data directory and pgBackRest
+//! configuration there.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -46,7 +57,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::OpsError;
-use crate::ha::{complete_secrets, ClusterFile, EtcdMember, HaOptions, NodeSpec};
+use crate::ha::{complete_secrets, ClusterFile, EtcdMember, HaOptions, NodeSpec, RepositoryHost};
 use crate::pki;
 use crate::process::ServerUser;
 
@@ -58,6 +69,9 @@ pub enum Role {
     Etcd,
     /// PostgreSQL under Patroni.
     Postgres,
+    /// The backup repositories (pgBackRest's TLS server; at most one host, not a database
+    /// host: a repository must outlive any database host).
+    Repository,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -66,7 +80,14 @@ pub struct Host {
     pub name: String,
     pub address: String,
     pub roles: Vec<Role>,
+    /// Where the host's bundle is installed (default `/var/lib/dalp/cluster`): the
+    /// repository host reaches a node's data as `<dir>/<name>/pgdata` on its host.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
+
+/// Where a bundle is installed on its host unless the spec says otherwise.
+pub const DEFAULT_BUNDLE_DIR: &str = "/var/lib/dalp/cluster";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -97,6 +118,8 @@ pub struct Ports {
     pub patroni: u16,
     pub etcd_client: u16,
     pub etcd_peer: u16,
+    /// Every host's `pgbackrest server` (with a repository host).
+    pub backup: u16,
 }
 
 impl Default for Ports {
@@ -106,6 +129,7 @@ impl Default for Ports {
             patroni: 8008,
             etcd_client: 2379,
             etcd_peer: 2380,
+            backup: 8432,
         }
     }
 }
@@ -177,7 +201,10 @@ impl ClusterSpec {
                 return Err(format!("address {} is given to two hosts", h.address));
             }
             if h.roles.is_empty() {
-                return Err(format!("host `{}` has no roles (etcd, postgres)", h.name));
+                return Err(format!(
+                    "host `{}` has no roles (etcd, postgres, repository)",
+                    h.name
+                ));
             }
         }
         let etcd = self.with(Role::Etcd).count();
@@ -187,6 +214,19 @@ impl ClusterSpec {
         }
         if pg > 9 {
             return Err(format!("{pg} postgres hosts: at most 9"));
+        }
+        let repos: Vec<&Host> = self.with(Role::Repository).collect();
+        if repos.len() > 1 {
+            return Err(format!(
+                "{} repository hosts: one holds both repositories",
+                repos.len()
+            ));
+        }
+        if let Some(r) = repos.iter().find(|h| h.roles.contains(&Role::Postgres)) {
+            return Err(format!(
+                "host `{}` has both the repository and postgres roles: the backups must outlive any database host",
+                r.name
+            ));
         }
         if etcd == 0 || etcd % 2 == 0 {
             return Err(format!(
@@ -244,17 +284,32 @@ impl ClusterSpec {
                     address: h.address.clone(),
                     pg_port: p.postgres,
                     api_port: p.patroni,
+                    dir: Some(
+                        h.dir
+                            .clone()
+                            .unwrap_or_else(|| PathBuf::from(DEFAULT_BUNDLE_DIR)),
+                    ),
                 })
                 .collect(),
             runs: Some(runs),
             clients: self.clients.clone(),
+            repository: self.with(Role::Repository).next().map(|h| RepositoryHost {
+                host: h.name.clone(),
+                address: h.address.clone(),
+                port: p.backup,
+                dir: Some(
+                    h.dir
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_BUNDLE_DIR)),
+                ),
+            }),
             ttl: self.timings.ttl,
             loop_wait: self.timings.loop_wait,
             retry_timeout: self.timings.retry_timeout,
             synchronous_mode_strict: self.timings.synchronous_mode_strict,
-            // Every node archiving to one repository host is not built yet: a node-local
-            // repository would not survive the node, so a multi-host cluster does not archive.
-            archive: false,
+            // Every node archives to the repository host; without one nothing archives (a
+            // node-local repository would not survive its node).
+            archive: self.with(Role::Repository).next().is_some(),
         }
     }
 }
@@ -290,6 +345,19 @@ pub fn init(spec: &ClusterSpec, dir: &Path) -> Result<Initialized, OpsError> {
     pki::issue_host(&tls, &tls, &["dalp-operator".to_string()], &user)?;
     pki::write_private(&dir.join("secrets.json"), &secrets_json)?;
     spec.cluster_file(Vec::new()).write(dir)?;
+    // The repositories' cipher passphrase, for every host: the repository host encrypts,
+    // and database hosts read what they archived (pgBackRest does not hand every
+    // repository's passphrase over from the repository host).
+    let cipher = hex::encode(rand::random::<[u8; 32]>());
+    let write_cipher = |root: &Path| -> Result<(), OpsError> {
+        let keys = root.join("keys");
+        std::fs::create_dir_all(&keys)
+            .map_err(OpsError::io(format!("create {}", keys.display())))?;
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700))
+            .map_err(OpsError::io("chmod keys dir"))?;
+        pki::write_private(&keys.join(crate::backup::CIPHER_FILE), &cipher)
+    };
+    write_cipher(dir)?;
     let mut bundles = Vec::new();
     for h in &spec.hosts {
         let b = dir.join("hosts").join(&h.name);
@@ -306,6 +374,7 @@ pub fn init(spec: &ClusterSpec, dir: &Path) -> Result<Initialized, OpsError> {
         std::fs::set_permissions(b.join("tls"), std::fs::Permissions::from_mode(0o755))
             .map_err(OpsError::io("chmod tls dir"))?;
         pki::write_private(&b.join("secrets.json"), &secrets_json)?;
+        write_cipher(&b)?;
         spec.cluster_file(vec![h.name.clone()]).write(&b)?;
         bundles.push((h.name.clone(), b));
     }

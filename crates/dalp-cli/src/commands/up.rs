@@ -214,7 +214,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
 enum Backend {
     Embedded(RunningCluster),
     Ha {
-        cluster: HaCluster,
+        cluster: Box<HaCluster>,
         /// Stop it on exit only when this command started it.
         started_here: bool,
     },
@@ -274,7 +274,7 @@ impl Backend {
                     cluster.root().display()
                 );
                 return Ok(Backend::Ha {
-                    cluster,
+                    cluster: Box::new(cluster),
                     started_here: false,
                 });
             }
@@ -285,7 +285,7 @@ impl Backend {
         )
         .await?;
         Ok(Backend::Ha {
-            cluster,
+            cluster: Box::new(cluster),
             started_here: true,
         })
     }
