@@ -730,7 +730,7 @@ impl HaCluster {
             cluster.wait_local_running(Duration::from_secs(180)).await?;
         }
         let leader = cluster.leader().await?;
-        if local.iter().any(|n| n.name == leader) {
+        if local.iter().any(|n| n.name == leader) && cluster.wait_writable(&leader).await {
             bootstrap_roles_and_database(
                 &|db| cluster.superuser_options(&leader, db),
                 &cluster.secrets,
@@ -802,6 +802,27 @@ impl HaCluster {
                         if led { "" } else { "; no leader" }
                     ),
                 ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Waits (up to a minute) until node `name`'s PostgreSQL takes writes: Patroni names a
+    /// node leader while its promotion may still be finishing. False when it does not.
+    async fn wait_writable(&self, name: &str) -> bool {
+        let opts = self.superuser_options(name, "postgres");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(c) = opts.connect().await {
+                if let Ok(r) = c.query_one("SELECT NOT pg_is_in_recovery()", &[]).await {
+                    if r.get::<_, bool>(0) {
+                        return true;
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(node = name, "the leader is still in recovery; roles and database are left to the next start");
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -1359,6 +1380,9 @@ impl HaCluster {
                     .map(|a| json!({ "restore_command": a.restore_command }))
                     .unwrap_or_else(|| json!({})),
                 "pg_hba": hba_lines(Some(REPLICATION_ROLE), &networks),
+                // A new replica's base backup starts at once instead of after the leader's
+                // spread checkpoint (up to minutes after a busy bootstrap).
+                "basebackup": [{"checkpoint": "fast"}],
                 "pg_ident": ident_lines(),
             },
             "tags": {"nofailover": false, "noloadbalance": false, "clonefrom": false, "nosync": false},
