@@ -1280,6 +1280,10 @@ impl HaCluster {
             ("wal_log_hints", "on"),
             // Read-your-writes waits for replay; keep it prompt under reads.
             ("hot_standby_feedback", "on"),
+            // A synchronous standby that stops answering (cut off, frozen) is dropped after
+            // 15 s instead of PostgreSQL's 60, so Patroni can name another and commits go on.
+            ("wal_sender_timeout", "15s"),
+            ("wal_receiver_timeout", "15s"),
         ] {
             cluster_wide.insert(k.into(), json!(v));
         }

@@ -43,24 +43,7 @@ pub fn ensure(dir: &Path, server_user: &ServerUser) -> Result<bool, OpsError> {
         server_user.chown(&server_key_path)?;
         return Ok(false);
     }
-    std::fs::create_dir_all(dir).map_err(OpsError::io(format!("create {}", dir.display())))?;
-
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "dalp embedded cluster CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    validity(&mut ca, 10);
-    let ca_cert = ca.self_signed(&ca_key)?;
-    write_private(&dir.join(CA_KEY), &ca_key.serialize_pem())?;
-    let issuer = Issuer::new(ca, ca_key);
-    std::fs::write(dir.join(CA_CERT), ca_cert.pem())
-        .map_err(OpsError::io("write CA certificate"))?;
+    let issuer = new_ca(dir, "dalp embedded cluster CA")?;
     write_server_cert(dir, &issuer, server_user, &names(&SERVER_NAMES))?;
     Ok(true)
 }
@@ -74,11 +57,16 @@ pub fn ensure_ca(dir: &Path) -> Result<(), OpsError> {
     if dir.join(CA_CERT).exists() && dir.join(CA_KEY).exists() {
         return Ok(());
     }
+    new_ca(dir, "dalp cluster CA")?;
+    write_crl(dir)
+}
+
+/// A new CA named `name` in `dir` (key 0600, certificate), returned as the issuer.
+fn new_ca(dir: &Path, name: &str) -> Result<Issuer<'static, KeyPair>, OpsError> {
     std::fs::create_dir_all(dir).map_err(OpsError::io(format!("create {}", dir.display())))?;
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.distinguished_name
-        .push(DnType::CommonName, "dalp cluster CA");
+    ca.distinguished_name.push(DnType::CommonName, name);
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -90,7 +78,7 @@ pub fn ensure_ca(dir: &Path) -> Result<(), OpsError> {
     write_private(&dir.join(CA_KEY), &ca_key.serialize_pem())?;
     std::fs::write(dir.join(CA_CERT), ca_cert.pem())
         .map_err(OpsError::io("write CA certificate"))?;
-    write_crl(dir)
+    Ok(Issuer::new(ca, ca_key))
 }
 
 /// A host's certificate and key in `out` (as `server.crt` / `server.key`, with the CA

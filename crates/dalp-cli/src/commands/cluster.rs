@@ -135,26 +135,39 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
                 .await?;
             print_status(&cluster, false).await
         }
-        ClusterCommand::Down { dir } => {
-            let cluster = HaCluster::open(&dir)?;
-            let running = cluster.running_processes();
-            if running.is_empty() {
-                println!("nothing running in {}", cluster.root().display());
-                return Ok(ExitCode::SUCCESS);
-            }
-            eprintln!("stopping {} …", running.join(", "));
-            tokio::task::spawn_blocking(move || {
-                cluster.down();
-                cluster.running_processes()
-            })
-            .await?
-            .is_empty()
-            .then_some(())
-            .context("some processes did not stop; see `dalp cluster status`")?;
-            println!("stopped");
-            Ok(ExitCode::SUCCESS)
-        }
+        ClusterCommand::Down { dir } => stop(&dir, false).await,
     }
+}
+
+/// Stops what the directory `dir` runs (every piece; with `etcd_only` only its etcd
+/// members): `dalp cluster down` and `dalp node down`.
+pub(crate) async fn stop(dir: &Path, etcd_only: bool) -> anyhow::Result<ExitCode> {
+    let cluster = HaCluster::open(dir)?;
+    let running = cluster.running_processes();
+    if running.is_empty() {
+        println!("nothing running from {}", cluster.root().display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("stopping {} …", running.join(", "));
+    let left = tokio::task::spawn_blocking(move || {
+        if etcd_only {
+            for m in cluster.etcd_members().to_vec() {
+                cluster.stop_etcd_member(&m.name);
+            }
+        } else {
+            cluster.down();
+        }
+        cluster.running_processes()
+    })
+    .await?;
+    if !etcd_only && !left.is_empty() {
+        anyhow::bail!(
+            "still running: {}; see `dalp cluster status`",
+            left.join(", ")
+        );
+    }
+    println!("stopped");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Starts (or restarts) the cluster in `dir`, then applies migrations through the primary.

@@ -57,30 +57,6 @@ pub async fn run(command: NodeCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        NodeCommand::Down { bundle, etcd_only } => {
-            let cluster = HaCluster::open(&bundle)?;
-            let running = cluster.running_processes();
-            if running.is_empty() {
-                println!("nothing running from {}", cluster.root().display());
-                return Ok(ExitCode::SUCCESS);
-            }
-            eprintln!("stopping {} …", running.join(", "));
-            let left = tokio::task::spawn_blocking(move || {
-                if etcd_only {
-                    for m in cluster.etcd_members().to_vec() {
-                        cluster.stop_etcd_member(&m.name);
-                    }
-                } else {
-                    cluster.down();
-                }
-                cluster.running_processes()
-            })
-            .await?;
-            if !etcd_only && !left.is_empty() {
-                anyhow::bail!("still running: {}", left.join(", "));
-            }
-            println!("stopped");
-            Ok(ExitCode::SUCCESS)
-        }
+        NodeCommand::Down { bundle, etcd_only } => super::cluster::stop(&bundle, etcd_only).await,
     }
 }
