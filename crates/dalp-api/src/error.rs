@@ -219,18 +219,4 @@ impl ApiError {
     }
 }
 
-/// `e` and every source under it, joined by ": " (a source whose text the outer message
-/// already repeats is left out), so an internal error's log line says what really failed.
-pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
+pub use dalp_db::connect::cause_chain;

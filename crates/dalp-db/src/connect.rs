@@ -337,14 +337,23 @@ pub fn describe_error(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} {} ({})", db.severity(), db.message(), db.code().code());
     }
-    let mut s = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
+    cause_chain(e)
+}
+
+/// `e` and every source under it, joined by ": " (a source whose text the outer message
+/// already repeats is left out), so an error's log line says what really failed.
+pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
     }
-    s
+    out
 }
 
 /// A rustls client config trusting only the certificates in `ca_file`, TLS 1.2 or newer,

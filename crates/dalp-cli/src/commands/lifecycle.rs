@@ -53,6 +53,9 @@ pub struct ProcessSpec<'a> {
     /// Partition maintenance: the owner's connection options, what to keep, how often
     /// (advisory-locked, so several API processes may run it).
     pub maintenance: (ConnectOptions, Retention, Duration),
+    /// Run the first maintenance round at once (`serve`); `up` has run one before serving,
+    /// so its loop starts with a wait.
+    pub maintenance_now: bool,
     /// The pgBackRest repositories whose newest backups `/metrics` reports, if any.
     pub backups: Option<Backups>,
     pub listener: TcpListener,
@@ -66,7 +69,8 @@ pub struct ProcessSpec<'a> {
 pub struct Process {
     pub services: Services,
     pub addr: std::net::SocketAddr,
-    server: JoinHandle<std::io::Result<()>>,
+    /// The HTTP server; taken once it has ended.
+    server: Option<JoinHandle<std::io::Result<()>>>,
     stop: tokio::sync::oneshot::Sender<()>,
     tasks: Vec<JoinHandle<()>>,
     pools: Arc<ComponentPools>,
@@ -82,7 +86,10 @@ impl Process {
         )?;
         let (owner, retention, interval) = spec.maintenance;
         let mut tasks = vec![tokio::spawn(partition_maintenance(
-            owner, retention, interval, true,
+            owner,
+            retention,
+            interval,
+            spec.maintenance_now,
         ))];
         if let Some(b) = spec.backups {
             tasks.push(tokio::spawn(watch_backups(
@@ -109,7 +116,7 @@ impl Process {
         Ok(Process {
             services,
             addr,
-            server,
+            server: Some(server),
             stop,
             tasks,
             pools: spec.pools,
@@ -119,32 +126,29 @@ impl Process {
     /// Serves until Ctrl-C or SIGTERM (then stops gracefully) or until the server fails
     /// (an error).
     pub async fn run_until_shutdown(mut self) -> anyhow::Result<()> {
+        let server = self.server.as_mut().expect("serving");
         let crashed = tokio::select! {
             _ = shutdown_signal() => None,
-            r = &mut self.server => Some(r),
+            r = server => Some(r),
         };
+        if crashed.is_some() {
+            self.server = None;
+        }
         eprintln!("stopping …");
+        self.stop().await;
         match crashed {
-            None => {
-                self.stop().await;
-                Ok(())
-            }
-            Some(r) => {
-                self.stop().await;
-                match r {
-                    Ok(Ok(())) => anyhow::bail!("the API server stopped unexpectedly"),
-                    Ok(Err(e)) => Err(e).context("the API server failed"),
-                    Err(e) => Err(e).context("the API server task failed"),
-                }
-            }
+            None => Ok(()),
+            Some(Ok(Ok(()))) => anyhow::bail!("the API server stopped unexpectedly"),
+            Some(Ok(Err(e))) => Err(e).context("the API server failed"),
+            Some(Err(e)) => Err(e).context("the API server task failed"),
         }
     }
 
     /// Stops serving (in-flight requests finish), the background tasks and the pools.
     pub async fn stop(self) {
         let _ = self.stop.send(());
-        if !self.server.is_finished() {
-            let _ = self.server.await;
+        if let Some(server) = self.server {
+            let _ = server.await;
         }
         for t in &self.tasks {
             t.abort();

@@ -91,6 +91,7 @@ pub async fn run(path: &Path) -> anyhow::Result<ExitCode> {
             },
             Duration::from_secs(m.partition_interval_secs),
         ),
+        maintenance_now: true,
         backups,
         listener,
         tls,

@@ -136,6 +136,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 dalp_app::config::MaintenanceConfig::default().partition_interval_secs,
             ),
         ),
+        // The first round ran above, before serving.
+        maintenance_now: false,
         backups: backend.backups(),
         listener,
         tls: tls.clone(),
