@@ -37,6 +37,8 @@ struct Hosts {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
     net: TestNet,
+    /// Also run a reader session through the replicas in each round (the soak).
+    readers: bool,
 }
 
 impl Hosts {
@@ -160,6 +162,7 @@ async fn three_hosts() -> Hosts {
         _tmp: tmp,
         dir,
         net,
+        readers: false,
     };
     let started = Instant::now();
     hosts.node_up(&ALL);
@@ -202,6 +205,8 @@ struct Round {
     verdict: history::Verdict,
     /// The ids acknowledged in this round.
     acked: BTreeSet<i64>,
+    /// The reader session's reads through replicas, when one ran.
+    reads: Option<history::ReadVerdict>,
 }
 
 /// Runs `fault` under two writers (one connection per write over the three hosts,
@@ -241,6 +246,22 @@ where
             )
         })
         .collect();
+    let reader = hosts.readers.then(|| {
+        let replicas = HOSTS
+            .iter()
+            .map(|h| op.node_options(h, MIGRATOR_ROLE).unwrap())
+            .collect();
+        history::Reader::spawn(
+            "r1",
+            migrator.clone(),
+            replicas,
+            ids.clone(),
+            hist.clone(),
+            Duration::from_millis(50),
+            limit,
+            Duration::from_secs(1),
+        )
+    });
     // Some writes before the fault.
     let deadline = Instant::now() + Duration::from_secs(30);
     while hist.lock().unwrap().acks.len() < 20 {
@@ -267,6 +288,10 @@ where
     for w in writers {
         w.stop().await;
     }
+    let reads = match reader {
+        Some(r) => Some(r.stop().await),
+        None => None,
+    };
     let hist = Arc::try_unwrap(hist).ok().unwrap().into_inner().unwrap();
     let unavailable = hist.longest_gap(at, at + healed, None);
     let members: Vec<(String, dalp_db::ConnectOptions)> = HOSTS
@@ -280,7 +305,15 @@ where
         healed,
         verdict,
         acked: hist.acked(),
+        reads,
     };
+    if let Some(r) = &round.reads {
+        eprintln!(
+            "{fault}: reader session: {} reads through replicas at the session's position, {} skipped (no replica there within 1 s), violations {:?}",
+            r.replica_reads, r.skipped, r.violations
+        );
+        assert!(r.violations.is_empty(), "{fault}: {:?}", r.violations);
+    }
     eprintln!(
         "{fault}: writes unavailable {:.1} s, healthy after {:.1} s; acknowledged {}, unknown {} ({} landed), failed {}, lost {:?}",
         round.unavailable.as_secs_f64(),
@@ -680,7 +713,8 @@ async fn host_fault_soak() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let hosts = three_hosts().await;
+    let mut hosts = three_hosts().await;
+    hosts.readers = true;
     full_backup_on_the_repository_host(&hosts).await;
     let mut all = Vec::new();
     for _ in 0..rounds {

@@ -8,6 +8,7 @@
 // The history checker, shared with the multi-host tests (dalp-testkit cannot be a
 // dependency of dalp-ops, which it depends on).
 #[path = "../../dalp-testkit/src/history.rs"]
+#[allow(dead_code)] // the reader sessions are the multi-host soak's
 mod history;
 
 use std::os::unix::fs::PermissionsExt;

@@ -128,7 +128,7 @@ impl Writer {
                 {
                     let mut h = history.lock().unwrap();
                     match outcome {
-                        Ok(server) => {
+                        Ok((server, _)) => {
                             h.outcomes.insert(n, Outcome::Acked);
                             h.acks.push((Instant::now(), n, server, name));
                         }
@@ -152,11 +152,206 @@ impl Writer {
     }
 }
 
+/// What a reader session saw.
+#[derive(Debug, Default)]
+pub struct ReadVerdict {
+    /// Reads served by a replica that had replayed the session's position.
+    pub replica_reads: usize,
+    /// Reads skipped: no replica reached the session's position within the bound.
+    pub skipped: usize,
+    /// Read-your-writes or monotonic-read violations, each in a sentence.
+    pub violations: Vec<String>,
+}
+
+/// A reader session: it writes its own ids (recorded in the shared history like a
+/// [`Writer`]'s) and after each acknowledged write reads through a replica, the way dalp's
+/// replica routing does — only from a replica that has replayed the session's position (its
+/// last commit's WAL position, and every replay position it has read at), waiting up to
+/// `catch_up` for one. Each such read must show every write this session had acknowledged
+/// (read-your-writes) and every acknowledged id an earlier read showed (monotonic reads).
+pub struct Reader {
+    stop: Arc<AtomicBool>,
+    handle: tokio::task::JoinHandle<ReadVerdict>,
+}
+
+impl Reader {
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn(
+        name: &'static str,
+        primary: ConnectOptions,
+        replicas: Vec<ConnectOptions>,
+        ids: Arc<AtomicI64>,
+        history: Arc<Mutex<History>>,
+        pause: Duration,
+        limit: Duration,
+        catch_up: Duration,
+    ) -> Reader {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = tokio::spawn(async move {
+            let mut v = ReadVerdict::default();
+            let mut own: Vec<i64> = Vec::new();
+            let mut seen: Vec<i64> = Vec::new();
+            let mut position: Option<String> = None;
+            let mut turn = 0usize;
+            while !flag.load(Ordering::Relaxed) {
+                let n = ids.fetch_add(1, Ordering::Relaxed);
+                let outcome = write_one(&primary, n, limit).await;
+                let client = {
+                    let mut h = history.lock().unwrap();
+                    match outcome {
+                        Ok((server, client)) => {
+                            h.outcomes.insert(n, Outcome::Acked);
+                            h.acks.push((Instant::now(), n, server, name));
+                            Some(client)
+                        }
+                        Err((o, e)) => {
+                            h.outcomes.insert(n, o);
+                            if o == Outcome::Failed {
+                                h.failures.push((n, e));
+                            }
+                            None
+                        }
+                    }
+                };
+                if let Some(c) = client {
+                    own.push(n);
+                    let lsn = tokio::time::timeout(
+                        limit,
+                        c.query_one("SELECT pg_current_wal_lsn()::text", &[]),
+                    )
+                    .await;
+                    if let Ok(Ok(r)) = lsn {
+                        let lsn: String = r.get(0);
+                        position = Some(match position.take() {
+                            Some(p) if later(&p, &lsn) => p,
+                            _ => lsn,
+                        });
+                    }
+                    if let Some(pos) = position.clone() {
+                        let acked: Vec<i64> = history.lock().unwrap().acked().into_iter().collect();
+                        turn += 1;
+                        // The nodes in turn, from a different one each time: the first that
+                        // is a replica at the session's position serves the read.
+                        let mut served = false;
+                        for k in 0..replicas.len() {
+                            let replica = &replicas[(turn + k) % replicas.len()];
+                            match read_at(replica, &pos, catch_up, &own, &seen, &acked).await {
+                                Some(Ok((replayed, visible))) => {
+                                    v.replica_reads += 1;
+                                    if later(&replayed, &pos) {
+                                        position = Some(replayed);
+                                    }
+                                    seen = visible;
+                                }
+                                Some(Err(violation)) => {
+                                    v.violations.push(format!("{name}: {violation}"))
+                                }
+                                None => continue,
+                            }
+                            served = true;
+                            break;
+                        }
+                        if !served {
+                            v.skipped += 1;
+                        }
+                    }
+                }
+                tokio::time::sleep(pause).await;
+            }
+            v
+        });
+        Reader { stop, handle }
+    }
+
+    pub async fn stop(self) -> ReadVerdict {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.await.unwrap()
+    }
+}
+
+/// Whether WAL position `a` is later than `b` (both `X/Y`).
+fn later(a: &str, b: &str) -> bool {
+    let value = |s: &str| {
+        s.split_once('/')
+            .and_then(|(h, l)| {
+                Some((u64::from_str_radix(h, 16).ok()? << 32) | u64::from_str_radix(l, 16).ok()?)
+            })
+            .unwrap_or(0)
+    };
+    value(a) > value(b)
+}
+
+/// One read on `replica` once it has replayed `position` (polled up to `catch_up`): `None`
+/// when it is unreachable, not a replica, or does not get there in time; else its replay
+/// position and the acknowledged ids it shows, or the violation it shows.
+async fn read_at(
+    replica: &ConnectOptions,
+    position: &str,
+    catch_up: Duration,
+    own: &[i64],
+    seen: &[i64],
+    acked: &[i64],
+) -> Option<Result<(String, Vec<i64>), String>> {
+    let c = tokio::time::timeout(Duration::from_secs(2), replica.connect())
+        .await
+        .ok()?
+        .ok()?;
+    let deadline = Instant::now() + catch_up;
+    let replayed = loop {
+        let r = c
+            .query_one(
+                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn() >= $1::text::pg_lsn, pg_last_wal_replay_lsn()::text",
+                &[&position],
+            )
+            .await
+            .ok()?;
+        if !r.get::<_, bool>(0) {
+            return None;
+        }
+        if r.get::<_, Option<bool>>(1) == Some(true) {
+            break r.get::<_, String>(2);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let visible: Vec<i64> = c
+        .query(
+            "SELECT n FROM ha_history.writes WHERE n = ANY($1)",
+            &[&acked],
+        )
+        .await
+        .ok()?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let shown: BTreeSet<i64> = visible.iter().copied().collect();
+    let missing_own: Vec<i64> = own.iter().copied().filter(|n| !shown.contains(n)).collect();
+    if !missing_own.is_empty() {
+        return Some(Err(format!(
+            "read-your-writes: a replica at {replayed} (≥ {position}) lacks this session's acknowledged {missing_own:?}"
+        )));
+    }
+    let gone: Vec<i64> = seen
+        .iter()
+        .copied()
+        .filter(|n| !shown.contains(n))
+        .collect();
+    if !gone.is_empty() {
+        return Some(Err(format!(
+            "monotonic reads: a replica at {replayed} no longer shows {gone:?}, which an earlier read showed"
+        )));
+    }
+    Some(Ok((replayed, visible)))
+}
+
 async fn write_one(
     opts: &ConnectOptions,
     n: i64,
     limit: Duration,
-) -> Result<String, (Outcome, String)> {
+) -> Result<(String, tokio_postgres::Client), (Outcome, String)> {
     let failed = |e: String| (Outcome::Failed, e);
     let client = tokio::time::timeout(limit, opts.connect())
         .await
@@ -178,7 +373,7 @@ async fn write_one(
         .map_err(|e| failed(e.to_string()))?;
     // Once COMMIT is sent, anything but its answer leaves the outcome unknown.
     match tokio::time::timeout(limit, client.batch_execute("COMMIT")).await {
-        Ok(Ok(())) => Ok(server),
+        Ok(Ok(())) => Ok((server, client)),
         Ok(Err(e)) if e.code().is_some() && !dalp_db::ha::is_failover_error(&e) => {
             Err(failed(e.to_string()))
         }
