@@ -272,6 +272,15 @@ impl EtcdMember {
     }
 }
 
+/// The last `lines` of the log at `path` under a header naming it, for wait errors.
+fn log_section(path: &Path, lines: usize) -> String {
+    format!(
+        "\n--- {} ---\n{}",
+        path.display(),
+        process::log_tail(path, lines)
+    )
+}
+
 /// The one-address network of `address` (CIDR), for `pg_hba.conf`.
 fn host_network(address: &str) -> String {
     if address.contains(':') {
@@ -736,7 +745,7 @@ impl HaCluster {
                 &cluster.secrets,
             )
             .await?;
-            if let Some(b) = cluster.backups()?.filter(|b| b.holds_repositories()) {
+            if let Some(b) = backups.as_ref().filter(|b| b.holds_repositories()) {
                 b.stanza_create()?;
             }
         }
@@ -785,14 +794,7 @@ impl HaCluster {
             if Instant::now() > deadline {
                 let logs: String = local
                     .iter()
-                    .map(|n| {
-                        let log = self.node_dir(&n.name).join("patroni.log");
-                        format!(
-                            "\n--- {} ---\n{}",
-                            log.display(),
-                            process::log_tail(&log, 15)
-                        )
-                    })
+                    .map(|n| log_section(&self.node_dir(&n.name).join("patroni.log"), 15))
                     .collect();
                 return Err(err(
                     format!("waiting for this host's nodes to run ({timeout:?})"),
@@ -1092,14 +1094,7 @@ impl HaCluster {
                 let logs: String = members
                     .iter()
                     .filter(|m| self.state.runs(&m.host))
-                    .map(|m| {
-                        let log = self.root.join(format!("{}.log", m.name));
-                        format!(
-                            "\n--- {} ---\n{}",
-                            log.display(),
-                            process::log_tail(&log, 10)
-                        )
-                    })
+                    .map(|m| log_section(&self.root.join(format!("{}.log", m.name)), 10))
                     .collect();
                 return Err(err(
                     if died.is_empty() {
@@ -1462,14 +1457,14 @@ impl HaCluster {
             self.stop_node(&n.name);
         }
         for m in self.local_etcd() {
-            self.stop_etcd_member(&m.name);
+            self.stop_daemon(&m.name);
         }
-        self.stop_etcd_member(BACKUP_SERVER);
+        self.stop_daemon(BACKUP_SERVER);
     }
 
-    /// Stops etcd member `name` (or another daemon of this directory that is not a node:
-    /// SIGTERM, then SIGKILL after 20 s), when this directory runs it.
-    pub fn stop_etcd_member(&self, name: &str) {
+    /// Stops daemon `name` of this directory that is not a node — an etcd member or the
+    /// `pgbackrest server` (SIGTERM, then SIGKILL after 20 s) — when it runs.
+    pub fn stop_daemon(&self, name: &str) {
         if let Some(pid) = self.live_pid(name) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             self.reap(name, Duration::from_secs(20));
@@ -1712,16 +1707,9 @@ impl HaCluster {
                             .map(|e| e.path())
                             .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
                         format!(
-                            "\n--- {} ---\n{}{}",
-                            log.display(),
-                            process::log_tail(&log, 15),
-                            pg_log
-                                .map(|p| format!(
-                                    "\n--- {} ---\n{}",
-                                    p.display(),
-                                    process::log_tail(&p, 8)
-                                ))
-                                .unwrap_or_default()
+                            "{}{}",
+                            log_section(&log, 15),
+                            pg_log.map(|p| log_section(&p, 8)).unwrap_or_default()
                         )
                     })
                     .collect();

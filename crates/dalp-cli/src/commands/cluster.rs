@@ -152,7 +152,7 @@ pub(crate) async fn stop(dir: &Path, etcd_only: bool) -> anyhow::Result<ExitCode
     let left = tokio::task::spawn_blocking(move || {
         if etcd_only {
             for m in cluster.etcd_members().to_vec() {
-                cluster.stop_etcd_member(&m.name);
+                cluster.stop_daemon(&m.name);
             }
         } else {
             cluster.down();
@@ -183,13 +183,18 @@ pub async fn up(dir: &Path, opts: HaOptions) -> anyhow::Result<HaCluster> {
         "cluster ready in {:.1} s; applying migrations …",
         started.elapsed().as_secs_f64()
     );
+    migrate(&cluster).await?;
+    Ok(cluster)
+}
+
+/// Applies the migrations as the migrator through whichever node is primary.
+pub(crate) async fn migrate(cluster: &HaCluster) -> anyhow::Result<()> {
     let migrator = cluster.connect_options(MIGRATOR_ROLE)?;
     let mut client = migrator
         .connect()
         .await
         .context("connect to the primary as the migrator")?;
-    super::lifecycle::apply_migrations(&mut client).await?;
-    Ok(cluster)
+    super::lifecycle::apply_migrations(&mut client).await
 }
 
 async fn print_status(cluster: &HaCluster, json: bool) -> anyhow::Result<ExitCode> {

@@ -4,9 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Subcommand;
-use dalp_db::MIGRATOR_ROLE;
 use dalp_ops::HaCluster;
 
 /// What runs on this host.
@@ -43,12 +41,7 @@ pub async fn run(command: NodeCommand) -> anyhow::Result<ExitCode> {
             let leader = cluster.leader().await?;
             let local = cluster.running_processes();
             if local.iter().any(|p| p == &format!("patroni {leader}")) {
-                let migrator = cluster.connect_options(MIGRATOR_ROLE)?;
-                let mut client = migrator
-                    .connect()
-                    .await
-                    .context("connect to the primary as the migrator")?;
-                super::lifecycle::apply_migrations(&mut client).await?;
+                super::cluster::migrate(&cluster).await?;
             }
             println!(
                 "node up in {:.1} s: {} (leader: {leader})",
