@@ -43,6 +43,63 @@ fn env_u64(k: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// CPU time, in seconds, from /proc (`USER_HZ` ticks: 100 on Linux): the whole machine's
+/// busy time (every core, all processes), this process's and the node's.
+#[derive(Clone, Copy)]
+struct Cpu {
+    machine: f64,
+    follower: f64,
+    node: f64,
+}
+
+fn proc_ticks(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)
+}
+
+impl Cpu {
+    fn now(node_pid: u32) -> Cpu {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let line = stat.lines().next().unwrap_or("");
+        // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap_or(0.0))
+            .collect();
+        let busy: f64 = v
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+            .map(|(_, x)| x)
+            .sum();
+        Cpu {
+            machine: busy / 100.0,
+            follower: proc_ticks("self") / 100.0,
+            node: proc_ticks(&node_pid.to_string()) / 100.0,
+        }
+    }
+
+    /// "cpu: node N s, follower F s, the rest (PostgreSQL) P s; machine busy B% of 2 cores".
+    fn since(self, before: Cpu, wall: f64) -> String {
+        let machine = self.machine - before.machine;
+        let node = self.node - before.node;
+        let follower = self.follower - before.follower;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        format!(
+            "cpu: node {node:.2} s, follower {follower:.2} s, rest (PostgreSQL) {:.2} s; machine {:.0}% busy of {cores} cores",
+            (machine - node - follower).max(0.0),
+            100.0 * machine / (wall * cores)
+        )
+    }
+}
+
 fn call_data(sig: &str, addr: &str, amount: u64) -> String {
     format!(
         "0x{}{:0>64}{amount:064x}",
@@ -125,8 +182,13 @@ fn options(token: &str, pipeline: bool, receipts: bool) -> FollowOptions {
     o
 }
 
-/// Follows into a fresh database; returns (seconds, blocks, logs, transfers).
-async fn follow(url: &str, token: &str, pipeline: bool, receipts: bool) -> (f64, i64, i64, i64) {
+/// Follows into a fresh database; returns (seconds, blocks, logs, transfers, CPU line).
+async fn follow(
+    anvil: &Anvil,
+    token: &str,
+    pipeline: bool,
+    receipts: bool,
+) -> (f64, i64, i64, i64, String) {
     let db = dalp_testkit::migrated_database(&SCHEMAS).await;
     let store = IndexedStore::new(db.pools_sized(2).get(Component::Indexer).clone());
     store
@@ -138,17 +200,25 @@ async fn follow(url: &str, token: &str, pipeline: bool, receipts: bool) -> (f64,
         )
         .await
         .unwrap();
-    let rpc = RpcClient::new(url).unwrap();
+    let rpc = RpcClient::new(&anvil.url()).unwrap();
     let follower = Follower::new(&store, rpc, options(token, pipeline, receipts));
+    let cpu = Cpu::now(anvil.pid());
     let started = Instant::now();
     follower
         .run(|_| {}, std::future::pending::<()>())
         .await
         .unwrap();
     let secs = started.elapsed().as_secs_f64();
+    let cpu = Cpu::now(anvil.pid()).since(cpu, secs);
     let counts: std::collections::HashMap<String, i64> =
         store.counts(CHAIN).await.unwrap().into_iter().collect();
-    (secs, counts["blocks"], counts["logs"], counts["transfers"])
+    (
+        secs,
+        counts["blocks"],
+        counts["logs"],
+        counts["transfers"],
+        cpu,
+    )
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -218,6 +288,7 @@ async fn main() {
         let db = dalp_testkit::migrated_database(&SCHEMAS).await;
         let store = IndexedStore::new(db.pools_sized(1).get(Component::Indexer).clone());
         let fetcher = Follower::new(&store, rpc.clone(), options(&token, false, receipts));
+        let cpu = Cpu::now(anvil.pid());
         let started = Instant::now();
         let mut fetched_blocks = 0usize;
         let mut logs = 0usize;
@@ -230,17 +301,19 @@ async fn main() {
             from = to + 1;
         }
         let fetch_secs = started.elapsed().as_secs_f64();
+        let cpu = Cpu::now(anvil.pid()).since(cpu, fetch_secs);
         drop(db);
         println!("{path}:");
         println!(
             "  fetch only            {fetched_blocks} blocks, {logs} logs in {fetch_secs:.2} s = {:.0} blocks/s",
             fetched_blocks as f64 / fetch_secs
         );
+        println!("                        {cpu}");
         let mut results = Vec::new();
         for (name, pipeline) in [("one batch at a time", false), ("pipelined", true)] {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let (secs, n, stored_logs, transfers) =
-                follow(&anvil.url(), &token, pipeline, receipts).await;
+            let (secs, n, stored_logs, transfers, cpu) =
+                follow(&anvil, &token, pipeline, receipts).await;
             assert_eq!(n as u64, head + 1, "every block indexed");
             assert_eq!(stored_logs as usize, logs, "every log indexed");
             println!(
@@ -248,6 +321,7 @@ async fn main() {
                 n as f64 / secs,
                 transfers as f64 / secs
             );
+            println!("                        {cpu}");
             results.push(secs);
         }
         summary.push(format!(

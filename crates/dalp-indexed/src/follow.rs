@@ -433,7 +433,12 @@ impl<'a> Follower<'a> {
             Some(i) => i,
             None => self.fetch_blocks_and_logs(from, to).await?,
         };
-        let blocks = parse_batch(&inputs).map_err(IndexError::from)?;
+        // Parsed on the blocking pool: in a pipelined step this runs on another core while
+        // this task encodes the previous batch's rows for the database.
+        let blocks = tokio::task::spawn_blocking(move || parse_batch(&inputs))
+            .await
+            .expect("parse_batch does not panic")
+            .map_err(IndexError::from)?;
         tracing::debug!(
             from,
             to,

@@ -60,6 +60,11 @@ impl Anvil {
         anvil
     }
 
+    /// The anvil process's pid (for the benchmarks' CPU accounting).
+    pub fn pid(&self) -> u32 {
+        self._child.0.id()
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
