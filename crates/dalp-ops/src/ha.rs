@@ -345,7 +345,9 @@ impl ClusterFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Member {
     pub name: String,
-    /// `leader`, `sync_standby` or `replica`.
+    /// `leader`, `quorum_standby` (quorum commit: any one of them acknowledges a commit),
+    /// `sync_standby` (a cluster started in Patroni's one-standby synchronous mode) or
+    /// `replica`.
     pub role: String,
     /// `running`, `streaming`, `starting`, `stopped`, …
     pub state: String,
@@ -383,8 +385,16 @@ impl ClusterStatus {
             .iter()
             .find(|m| m.role == "leader" && m.state == "running")
     }
+    /// A replica whose acknowledgement counts for commits: a quorum standby (the mode
+    /// dalp configures) or, in a cluster started before quorum commit, the sync standby.
     pub fn sync_standby(&self) -> Option<&Member> {
-        self.members.iter().find(|m| m.role == "sync_standby")
+        self.sync_standbys().next()
+    }
+    /// Every replica whose acknowledgement counts for commits.
+    pub fn sync_standbys(&self) -> impl Iterator<Item = &Member> {
+        self.members
+            .iter()
+            .filter(|m| m.role == "quorum_standby" || m.role == "sync_standby")
     }
     /// A leader, every other of `nodes` streaming, and a synchronous standby when there are
     /// replicas at all.
@@ -510,6 +520,40 @@ impl HaCluster {
     }
     fn api_url(&self, n: &NodeSpec, path: &str) -> String {
         format!("https://{}:{}{path}", url_host(&n.address), n.api_port)
+    }
+    /// For a cluster spread over hosts (made by `dalp cluster init`): every host, in the
+    /// order an orderly `node down` takes them — the replicas' hosts, then `leader`'s, then
+    /// the hosts with no PostgreSQL (etcd only, the repository). `None` for the one-host
+    /// cluster, which this directory runs whole.
+    pub fn shutdown_order(&self, leader: Option<&str>) -> Option<Vec<String>> {
+        self.state.runs.as_ref()?;
+        let host_of = |n: &NodeSpec| n.host.clone().unwrap_or_else(|| n.name.clone());
+        let mut order: Vec<String> = self
+            .state
+            .nodes
+            .iter()
+            .filter(|n| Some(n.name.as_str()) != leader)
+            .map(host_of)
+            .collect();
+        order.extend(
+            self.state
+                .nodes
+                .iter()
+                .filter(|n| Some(n.name.as_str()) == leader)
+                .map(host_of),
+        );
+        let others = self
+            .state
+            .etcd
+            .iter()
+            .filter_map(|m| m.host.clone())
+            .chain(self.state.repository.iter().map(|r| r.host.clone()));
+        for h in others {
+            if !order.contains(&h) {
+                order.push(h);
+            }
+        }
+        Some(order)
     }
     /// The etcd members.
     pub fn etcd_members(&self) -> &[EtcdMember] {
@@ -1340,7 +1384,14 @@ impl HaCluster {
                     "loop_wait": s.loop_wait,
                     "retry_timeout": s.retry_timeout,
                     "maximum_lag_on_failover": 1048576,
-                    "synchronous_mode": true,
+                    // Quorum commit: `synchronous_standby_names = ANY 1 (every replica)`,
+                    // so a commit waits for the first replica to have it, and Patroni
+                    // promotes a replica only once it proved, with the others' positions,
+                    // that it holds every acknowledged commit. Unlike the one-standby mode,
+                    // losing the standby and then the leader leaves a replica that may
+                    // lead, and a slow or cut-off replica does not stall commits while
+                    // another one answers.
+                    "synchronous_mode": "quorum",
                     "synchronous_mode_strict": s.synchronous_mode_strict,
                     // An etcd outage does not demote a primary that every member still
                     // reaches over the REST API (Patroni ≥ 3.0): writes go on.

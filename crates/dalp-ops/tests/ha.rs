@@ -97,7 +97,11 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
         .await
         .unwrap()
         .get(0);
-    assert!(!sync.is_empty(), "synchronous_standby_names is empty");
+    // Quorum commit: any one of the replicas acknowledges (`ANY 1 (node2,node3)`).
+    assert!(
+        sync.starts_with("ANY 1 ("),
+        "synchronous_standby_names is `{sync}`"
+    );
     drop(setup);
     let su = cluster
         .superuser_options(&cluster.leader().await.unwrap(), "postgres")
@@ -116,7 +120,15 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
         senders.iter().all(|r| r.get::<_, bool>(2)),
         "replication must use TLS"
     );
-    assert!(senders.iter().any(|r| r.get::<_, String>(1) == "sync"));
+    // Quorum commit: every replica is a candidate acknowledger.
+    assert!(
+        senders.iter().all(|r| r.get::<_, String>(1) == "quorum"),
+        "sync states: {:?}",
+        senders
+            .iter()
+            .map(|r| r.get::<_, String>(1))
+            .collect::<Vec<_>>()
+    );
     drop(su);
 
     // WAL is archived to pgBackRest from the start; a full backup now is the base for the

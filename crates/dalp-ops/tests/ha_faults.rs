@@ -103,14 +103,15 @@ struct ZombieRound {
 }
 
 /// Freezes the leader's Patroni past ttl (its PostgreSQL keeps running and accepting
-/// connections), lets the synchronous standby be promoted and take writes, then resumes the
+/// connections), lets a quorum standby be promoted and take writes, then resumes the
 /// old Patroni. Two writers: one that knows nothing of Patroni (every host, read-write), one
 /// pointed at the promoted node as soon as it leads.
 async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
     healthy(cluster, Duration::from_secs(120)).await;
     let status = cluster.status().await.unwrap();
     let old = status.leader().unwrap().name.clone();
-    let standby = status.sync_standby().unwrap().name.clone();
+    let replicas: Vec<String> = status.sync_standbys().map(|m| m.name.clone()).collect();
+    assert!(!replicas.is_empty(), "no quorum standby: {status:?}");
     let migrator = history_table(cluster).await;
     let ids = Arc::new(AtomicI64::new(1));
     let hist = Arc::new(Mutex::new(History::default()));
@@ -131,27 +132,29 @@ async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
 
     let frozen_at = Instant::now();
     let frozen = Frozen::stop(cluster.patroni_pid(&old).expect("leader's Patroni runs"));
-    // The standby is promoted once the frozen leader's key expires.
-    let promoted = cluster.node_options(&standby, MIGRATOR_ROLE).unwrap();
+    // A quorum standby is promoted once the frozen leader's key expires.
     let deadline = Instant::now() + cluster.ttl() * 4;
-    loop {
-        let primary = match promoted.connect().await {
-            Ok(c) => c
-                .query_one("SELECT NOT pg_is_in_recovery()", &[])
-                .await
-                .map(|r| r.get::<_, bool>(0))
-                .unwrap_or(false),
-            Err(_) => false,
-        };
-        if primary {
-            break;
+    let (standby, promoted) = 'promoted: loop {
+        for name in &replicas {
+            let options = cluster.node_options(name, MIGRATOR_ROLE).unwrap();
+            let primary = match options.connect().await {
+                Ok(c) => c
+                    .query_one("SELECT NOT pg_is_in_recovery()", &[])
+                    .await
+                    .map(|r| r.get::<_, bool>(0))
+                    .unwrap_or(false),
+                Err(_) => false,
+            };
+            if primary {
+                break 'promoted (name.clone(), options);
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "{standby} was not promoted while {old}'s Patroni was frozen"
+            "none of {replicas:?} was promoted while {old}'s Patroni was frozen"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
     let aware = Writer::spawn("aware", promoted, ids.clone(), hist.clone(), pause, limit);
     // (After the aware writer started, so the probes' deadlines do not delay it.)
     // Status tells the truth meanwhile: the frozen leader's PostgreSQL still runs as a

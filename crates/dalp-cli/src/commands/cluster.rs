@@ -70,7 +70,10 @@ pub enum ClusterCommand {
         dir: PathBuf,
     },
     /// Stop every process of the cluster (Patroni stops its PostgreSQL first, then etcd).
-    /// The data stays; `dalp cluster up` restarts it.
+    /// The data stays; `dalp cluster up` restarts it. For a cluster spread over hosts
+    /// (`dalp cluster init`) it stops nothing and exits 1, listing the hosts in the order to
+    /// run `dalp node down` on each: replicas, then the leader, then etcd-only hosts and
+    /// the repository.
     Down {
         #[arg(long, default_value = ".dalp-ha")]
         dir: PathBuf,
@@ -135,8 +138,48 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
                 .await?;
             print_status(&cluster, false).await
         }
-        ClusterCommand::Down { dir } => stop(&dir, false).await,
+        ClusterCommand::Down { dir } => down(&dir).await,
     }
+}
+
+/// `dalp cluster down`: stops the one-host cluster. A cluster spread over hosts is stopped
+/// host by host (dalp has no agent on the other hosts), so this says in which order.
+async fn down(dir: &Path) -> anyhow::Result<ExitCode> {
+    let cluster = HaCluster::open(dir)?;
+    let leader = cluster.leader().await.ok();
+    let Some(order) = cluster.shutdown_order(leader.as_deref()) else {
+        return stop(dir, false).await;
+    };
+    let steps: Vec<String> = order
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let role = if leader.as_deref().is_some_and(|l| {
+                cluster
+                    .nodes()
+                    .iter()
+                    .any(|n| n.name == l && n.host.as_deref() == Some(h.as_str()))
+            }) {
+                " (the leader: last of the database hosts, so no replica is promoted meanwhile)"
+            } else {
+                ""
+            };
+            format!(
+                "  {}. on {h}: dalp node down --bundle <its bundle>{role}",
+                i + 1
+            )
+        })
+        .collect();
+    anyhow::bail!(
+        "{} is a cluster spread over hosts; dalp stops only what runs where it is invoked. Stop it host by host, in this order{}:\n{}\n(`dalp node down --bundle DIR --etcd-only` stops only a host's etcd member.)",
+        cluster.root().display(),
+        if leader.is_none() {
+            " (no Patroni answered, so the leader is unknown: database hosts first, any order)"
+        } else {
+            ""
+        },
+        steps.join("\n")
+    )
 }
 
 /// Stops what the directory `dir` runs (every piece; with `etcd_only` only its etcd

@@ -401,7 +401,10 @@ async fn replication_checks(
             });
         }
     }
-    if !sync_names.is_empty() && !rows.iter().any(|r| r.get::<_, String>(2) == "sync") {
+    // `sync` in one-standby synchronous mode, `quorum` under quorum commit (ANY n (…)).
+    let acknowledging =
+        |r: &tokio_postgres::Row| matches!(r.get::<_, String>(2).as_str(), "sync" | "quorum");
+    if !sync_names.is_empty() && !rows.iter().any(acknowledging) {
         checks.push(check(
             "replication",
             "error",
