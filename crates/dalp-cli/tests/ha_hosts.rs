@@ -387,40 +387,55 @@ async fn one_way_partition(hosts: &Hosts) -> Round {
 }
 
 async fn etcd_member_lost(hosts: &Hosts) -> Round {
-    under_load(hosts, "etcd member killed, then restarted", || async {
-        let old = leader(hosts).await;
-        let victim = HOSTS.iter().find(|h| **h != old).unwrap().to_string();
-        let local = hosts.local(&victim);
-        let pid = local.etcd_pid().unwrap();
-        kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
-        // The member's loss is reported within one probe, while writes go on.
-        // The loss is reported; the two others keep (or, when the victim led etcd, elect
-        // within about a second) a quorum.
-        let named = format!("etcd member etcd-{victim} does not answer");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let report = hosts.operator().inspect().await;
-            let reported = report.problems.iter().any(|p| p.contains(&named));
-            if reported && report.etcd_up {
-                break;
+    under_load(
+        hosts,
+        "etcd member killed with its disk lost, then restarted",
+        || async {
+            let old = leader(hosts).await;
+            let victim = HOSTS.iter().find(|h| **h != old).unwrap().to_string();
+            let local = hosts.local(&victim);
+            let pid = local.etcd_pid().unwrap();
+            kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+            // The member's loss is reported within one probe, while writes go on.
+            // The loss is reported; the two others keep (or, when the victim led etcd, elect
+            // within about a second) a quorum.
+            let named = format!("etcd member etcd-{victim} does not answer");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let report = hosts.operator().inspect().await;
+                let reported = report.problems.iter().any(|p| p.contains(&named));
+                if reported && report.etcd_up {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "quorum {} / problems {:?}",
+                    report.etcd_up,
+                    report.problems
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            assert!(
-                Instant::now() < deadline,
-                "quorum {} / problems {:?}",
-                report.etcd_up,
-                report.problems
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            assert_eq!(
+                leader(hosts).await,
+                old,
+                "losing one etcd member moved the leader"
             );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        assert_eq!(
-            leader(hosts).await,
-            old,
-            "losing one etcd member moved the leader"
-        );
-        // `dalp node up` starts only the stopped member.
-        hosts.node_up(&[victim.as_str()]);
-    })
+            // Its disk is lost too: `dalp node up` starts only the stopped member, which
+            // rejoins the running etcd cluster as a new member (removed and added again).
+            let data = local.root().join(format!("etcd-{victim}"));
+            assert!(data.join("member").exists(), "{}", data.display());
+            std::fs::remove_dir_all(&data).unwrap();
+            hosts.node_up(&[victim.as_str()]);
+            let report = hosts.operator().inspect().await;
+            assert!(
+                report.etcd_up && report.etcd_members.iter().all(|(_, up)| *up),
+                "{:?}",
+                report.etcd_members
+            );
+            assert!(data.join("member").exists(), "the member did not rejoin");
+        },
+    )
     .await
 }
 

@@ -740,7 +740,7 @@ impl HaCluster {
         // From here on, a failure stops whatever was started.
         let cluster = self.stop_on_drop(true);
         for m in cluster.local_etcd().cloned().collect::<Vec<_>>() {
-            cluster.start_etcd_member(&m)?;
+            cluster.start_etcd(&m).await?;
         }
         cluster.wait_etcd(Duration::from_secs(90)).await?;
         let backups = cluster.backups()?;
@@ -957,7 +957,7 @@ impl HaCluster {
         let mut started = Vec::new();
         for m in self.local_etcd().cloned().collect::<Vec<_>>() {
             if self.live_pid(&m.name).is_none() {
-                self.start_etcd_member(&m)?;
+                self.start_etcd(&m).await?;
                 started.push(m.name.clone());
             }
         }
@@ -985,7 +985,7 @@ impl HaCluster {
                 std::fs::remove_dir_all(&data)
                     .map_err(OpsError::io(format!("remove {}", data.display())))?;
             }
-            self.start_etcd_member(&m)?;
+            self.start_etcd(&m).await?;
         }
         self.wait_etcd(Duration::from_secs(30)).await
     }
@@ -1044,10 +1044,121 @@ impl HaCluster {
         Ok(())
     }
 
+    /// Starts etcd member `m`; when its disk was lost, it first rejoins the running etcd
+    /// cluster as a new member ([`HaCluster::rejoin_etcd`]).
+    async fn start_etcd(&self, m: &EtcdMember) -> Result<(), OpsError> {
+        if self.live_pid(&m.name).is_some() {
+            return Ok(());
+        }
+        let existing = self.rejoin_etcd(m).await?;
+        self.start_etcd_member(m, existing)
+    }
+
+    /// A member whose data directory holds no etcd data starts as one of a new cluster
+    /// (the first start, or every member at once) — unless another member answers and
+    /// lists it as having run before: its disk was lost, and starting it as new would make
+    /// it a member with an empty log that the others reject. Then it is removed from the
+    /// cluster and added again (etcd's member API, with this host's client certificate),
+    /// and starts with `--initial-cluster-state existing` and the members the cluster now
+    /// has, which this returns. Needs a majority of the other members.
+    async fn rejoin_etcd(&self, m: &EtcdMember) -> Result<Option<Vec<String>>, OpsError> {
+        if self.state.etcd.len() < 2 || self.root.join(&m.name).join("member").exists() {
+            return Ok(None);
+        }
+        let fail = |e: String| err(format!("etcd member {} rejoining", m.name), e);
+        let peer_url = m.peer_url();
+        let has_ours = |x: &Value| {
+            x["peerURLs"]
+                .as_array()
+                .is_some_and(|u| u.iter().any(|u| u.as_str() == Some(peer_url.as_str())))
+        };
+        for other in self.state.etcd.iter().filter(|o| o.name != m.name) {
+            // A linearizable read: answers only where a majority runs.
+            let Ok(list) = self
+                .etcd_api(other, "/v3/cluster/member/list", json!({}))
+                .await
+            else {
+                continue;
+            };
+            let members = list["members"].as_array().cloned().unwrap_or_default();
+            match members.iter().find(|x| has_ours(x)) {
+                // Listed but never started (the first start, with this member last):
+                // it joins as the initial cluster lists it.
+                Some(x) if x["name"].as_str().unwrap_or("").is_empty() => return Ok(None),
+                Some(x) => {
+                    tracing::warn!(member = %m.name, "etcd member has no data but the cluster knows it: its disk was lost; removing and adding it again");
+                    self.etcd_api(other, "/v3/cluster/member/remove", json!({"ID": x["ID"]}))
+                        .await
+                        .map_err(fail)?;
+                }
+                None => {}
+            }
+            let added = self
+                .etcd_api(
+                    other,
+                    "/v3/cluster/member/add",
+                    json!({"peerURLs": [peer_url]}),
+                )
+                .await
+                .map_err(fail)?;
+            let initial = added["members"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|x| {
+                    let urls: Vec<String> = x["peerURLs"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|u| u.as_str().map(str::to_string))
+                        .collect();
+                    // Names as the spec has them (a member that never ran has none yet).
+                    let name = self
+                        .state
+                        .etcd
+                        .iter()
+                        .find(|s| urls.contains(&s.peer_url()))
+                        .map(|s| s.name.clone())
+                        .unwrap_or_else(|| x["name"].as_str().unwrap_or("").to_string());
+                    urls.into_iter().map(move |u| format!("{name}={u}"))
+                })
+                .collect();
+            return Ok(Some(initial));
+        }
+        Ok(None)
+    }
+
+    /// POSTs `body` to etcd member `at`'s JSON gateway (`path` under `/v3/`).
+    async fn etcd_api(&self, at: &EtcdMember, path: &str, body: Value) -> Result<Value, String> {
+        let r = self
+            .http()
+            .post(format!("{}{path}", at.client_url()))
+            .json(&body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| format!("{} {path}: {e}", at.name))?;
+        let code = r.status();
+        let v: Value = r
+            .json()
+            .await
+            .map_err(|e| format!("{} {path}: {e}", at.name))?;
+        if !code.is_success() {
+            return Err(format!("{} {path}: {code} {v}", at.name));
+        }
+        Ok(v)
+    }
+
     /// Starts etcd member `m` (TLS for clients and peers, a client certificate from the
-    /// cluster's CA required of both). Does not wait: a member of several serves only once a
-    /// majority runs ([`HaCluster::wait_etcd`]).
-    fn start_etcd_member(&self, m: &EtcdMember) -> Result<(), OpsError> {
+    /// cluster's CA required of both): as one of a new cluster, or with `existing` (the
+    /// members of the cluster it rejoins) as a new member of a running one. Does not wait: a
+    /// member of several serves only once a majority runs ([`HaCluster::wait_etcd`]).
+    fn start_etcd_member(
+        &self,
+        m: &EtcdMember,
+        existing: Option<Vec<String>>,
+    ) -> Result<(), OpsError> {
         if self.live_pid(&m.name).is_some() {
             return Ok(());
         }
@@ -1062,12 +1173,18 @@ impl HaCluster {
             tls.join(pki::SERVER_KEY),
             tls.join(pki::CA_CERT),
         );
-        let initial: Vec<String> = self
-            .state
-            .etcd
-            .iter()
-            .map(|p| format!("{}={}", p.name, p.peer_url()))
-            .collect();
+        let state = if existing.is_some() {
+            "existing"
+        } else {
+            "new"
+        };
+        let initial: Vec<String> = existing.unwrap_or_else(|| {
+            self.state
+                .etcd
+                .iter()
+                .map(|p| format!("{}={}", p.name, p.peer_url()))
+                .collect()
+        });
         let mut cmd = Command::new(ETCD_BIN);
         cmd.args(["--name", &m.name, "--data-dir"])
             .arg(&data)
@@ -1077,7 +1194,7 @@ impl HaCluster {
             .args(["--initial-advertise-peer-urls", &m.peer_url()])
             .args(["--initial-cluster", &initial.join(",")])
             .args(["--initial-cluster-token", SCOPE])
-            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-state", state])
             .arg("--cert-file")
             .arg(&cert)
             .arg("--key-file")
