@@ -1056,8 +1056,8 @@ impl HaCluster {
 
     /// A member whose data directory holds no etcd data starts as one of a new cluster
     /// (the first start, or every member at once) — unless another member answers and
-    /// lists it as having run before: its disk was lost, and starting it as new would make
-    /// it a member with an empty log that the others reject. Then it is removed from the
+    /// lists it as having run before (it published its client URLs): its disk was lost, and
+    /// starting it as new would make it a member with an empty log that the others reject. Then it is removed from the
     /// cluster and added again (etcd's member API, with this host's client certificate),
     /// and starts with `--initial-cluster-state existing` and the members the cluster now
     /// has, which this returns. Needs a majority of the other members.
@@ -1081,52 +1081,83 @@ impl HaCluster {
                 continue;
             };
             let members = list["members"].as_array().cloned().unwrap_or_default();
+            let started = |x: &Value| x["clientURLs"].as_array().is_some_and(|u| !u.is_empty());
             match members.iter().find(|x| has_ours(x)) {
-                // Listed but never started (the first start, with this member last):
-                // it joins as the initial cluster lists it.
-                Some(x) if x["name"].as_str().unwrap_or("").is_empty() => return Ok(None),
+                // Listed but never started (the first start, the others' quorum formed
+                // before this member came up): it joins as the initial cluster lists it.
+                Some(x) if !started(x) && x["name"].as_str().is_some_and(|n| !n.is_empty()) => {
+                    return Ok(None)
+                }
+                // Added by an earlier rejoin that did not get to start it (etcd names a
+                // member only once it runs): it starts into the cluster as it is now.
+                Some(x) if !started(x) => return Ok(Some(self.initial_cluster(&list["members"]))),
                 Some(x) => {
                     tracing::warn!(member = %m.name, "etcd member has no data but the cluster knows it: its disk was lost; removing and adding it again");
-                    self.etcd_api(other, "/v3/cluster/member/remove", json!({"ID": x["ID"]}))
-                        .await
-                        .map_err(fail)?;
+                    self.etcd_reconfigure(
+                        other,
+                        "/v3/cluster/member/remove",
+                        json!({"ID": x["ID"]}),
+                    )
+                    .await
+                    .map_err(fail)?;
                 }
                 None => {}
             }
             let added = self
-                .etcd_api(
+                .etcd_reconfigure(
                     other,
                     "/v3/cluster/member/add",
                     json!({"peerURLs": [peer_url]}),
                 )
                 .await
                 .map_err(fail)?;
-            let initial = added["members"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .flat_map(|x| {
-                    let urls: Vec<String> = x["peerURLs"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|u| u.as_str().map(str::to_string))
-                        .collect();
-                    // Names as the spec has them (a member that never ran has none yet).
-                    let name = self
-                        .state
-                        .etcd
-                        .iter()
-                        .find(|s| urls.contains(&s.peer_url()))
-                        .map(|s| s.name.clone())
-                        .unwrap_or_else(|| x["name"].as_str().unwrap_or("").to_string());
-                    urls.into_iter().map(move |u| format!("{name}={u}"))
-                })
-                .collect();
-            return Ok(Some(initial));
+            return Ok(Some(self.initial_cluster(&added["members"])));
         }
         Ok(None)
+    }
+
+    /// `--initial-cluster` for a member joining a running cluster whose members etcd listed
+    /// as `members`, with the names the spec gives them (one added but not yet run has none).
+    fn initial_cluster(&self, members: &Value) -> Vec<String> {
+        let mut initial = Vec::new();
+        for x in members.as_array().into_iter().flatten() {
+            let urls: Vec<&str> = x["peerURLs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|u| u.as_str())
+                .collect();
+            let name = self
+                .state
+                .etcd
+                .iter()
+                .find(|s| urls.contains(&s.peer_url().as_str()))
+                .map(|s| s.name.clone())
+                .unwrap_or_else(|| x["name"].as_str().unwrap_or("").to_string());
+            initial.extend(urls.iter().map(|u| format!("{name}={u}")));
+        }
+        initial
+    }
+
+    /// A membership change through `at`, retried for up to 30 s while etcd refuses it as
+    /// "unhealthy cluster" (its peers must have been connected for a few seconds, e.g. just
+    /// after a removal or a restart).
+    async fn etcd_reconfigure(
+        &self,
+        at: &EtcdMember,
+        path: &str,
+        body: Value,
+    ) -> Result<Value, String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.etcd_api(at, path, body.clone()).await {
+                Err(e) if e.contains("unhealthy cluster") && Instant::now() < deadline => {
+                    tracing::info!(error = %e, "etcd refuses the membership change for now; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                r => return r,
+            }
+        }
     }
 
     /// POSTs `body` to etcd member `at`'s JSON gateway (`path` under `/v3/`).
