@@ -735,6 +735,95 @@ async fn write_verbs_need_a_client_certificate(hosts: &Hosts) {
     assert_eq!(op.leader().await.unwrap(), leader.name);
 }
 
+/// `dalp serve` outside the hosts (no superuser), configured as docs/deploy-self-managed.md
+/// says: every database host listed (writes go to whichever is primary), the same list as
+/// replicas, the cluster's CA and a copy of its secrets. Stopped by pid when dropped.
+struct Serve {
+    _child: dalp_testkit::Reaped,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Serve {
+    fn start(hosts: &Hosts) -> Serve {
+        let op = hosts.operator();
+        let dir = tempfile::tempdir().unwrap();
+        let port = common::free_port();
+        let nodes: Vec<String> = op
+            .nodes()
+            .iter()
+            .map(|n| format!("\"{}:{}\"", n.address, n.pg_port))
+            .collect();
+        let config = dir.path().join("serve.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[database]\nhosts = [{n}]\nreplicas = [{n}]\nname = \"dalp\"\nca_file = \"{}\"\nsecrets_file = \"{}\"\n\n[api]\nlisten = \"127.0.0.1:{port}\"\n\n[keys]\ndir = \"{}\"\n",
+                op.ca_cert().display(),
+                hosts.dir.join("secrets.json").display(),
+                dir.path().join("keys").display(),
+                n = nodes.join(", "),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+        let child = std::process::Command::new(DALP)
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Serve {
+            _child: dalp_testkit::Reaped(child),
+            port,
+            dir,
+        }
+    }
+
+    /// Within `within`: `/readyz` answers 200, and a login with wrong credentials answers
+    /// 401 — its audit record is a write through whichever host is primary now, so a
+    /// server that lost the primary would answer 5xx. Returns how long that took.
+    async fn writes(&self, within: Duration) -> Duration {
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{}", self.port);
+        let started = Instant::now();
+        let mut last = String::new();
+        while started.elapsed() < within {
+            let ready = http
+                .get(format!("{base}/readyz"))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await;
+            if ready.as_ref().is_ok_and(|r| r.status() == 200) {
+                let r = http
+                    .post(format!("{base}/api/v1/auth/login"))
+                    .json(&serde_json::json!({"email": "nobody@bank.example", "password": "not this one"}))
+                    .timeout(Duration::from_secs(70))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == 401 => return started.elapsed(),
+                    Ok(r) => {
+                        last = format!(
+                            "login: {} {}",
+                            r.status(),
+                            r.text().await.unwrap_or_default()
+                        )
+                    }
+                    Err(e) => last = format!("login: {e}"),
+                }
+            } else {
+                last = format!("readyz: {ready:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!(
+            "dalp serve did not write within {within:?}: {last}\n{}",
+            tail(&self.dir.path().join("serve.log"), 30)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_heal_every_fault_without_losing_a_write() {
     let hosts = three_hosts().await;
@@ -762,6 +851,13 @@ async fn three_hosts_heal_every_fault_without_losing_a_write() {
         "nothing stopped"
     );
     write_verbs_need_a_client_certificate(&hosts).await;
+    // dalp's own server, outside the hosts, on the multi-host URL.
+    let serve = Serve::start(&hosts);
+    let took = serve.writes(Duration::from_secs(60)).await;
+    eprintln!(
+        "dalp serve on the three hosts: ready and writing after {:.1} s",
+        took.as_secs_f64()
+    );
     full_backup_on_the_repository_host(&hosts).await;
     let mut rounds = Vec::new();
     rounds.push(kill_leader(&hosts).await);
@@ -770,6 +866,14 @@ async fn three_hosts_heal_every_fault_without_losing_a_write() {
     rounds.push(zombie_leader(&hosts).await);
     rounds.push(standby_then_leader_killed(&hosts).await);
     rounds.push(switchover(&hosts).await);
+    // The same server process, after five changes of primary: it writes again.
+    let took = serve.writes(Duration::from_secs(60)).await;
+    eprintln!(
+        "dalp serve after the failovers: writing after {:.1} s (leader now {})",
+        took.as_secs_f64(),
+        hosts.operator().leader().await.unwrap()
+    );
+    drop(serve);
     restore_after_the_failovers(&hosts, &rounds.last().unwrap().acked).await;
     print_table(&rounds);
 }
