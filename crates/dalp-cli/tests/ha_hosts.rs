@@ -492,16 +492,14 @@ async fn frozen_postmaster(hosts: &Hosts) -> Round {
     .await
 }
 
-/// A quorum standby dies, then 3 s later the leader. Under quorum commit the leader drops
-/// the dead standby from the quorum within a loop, so every later commit waits for the
-/// remaining replica, which may then lead once the leader's key expires. Had the leader
-/// not yet done so, the remaining replica could lack writes the dead standby acknowledged
-/// and Patroni rightly keeps it a replica. Either way the cluster leads again once the two
-/// hosts are back (`node up`), with nothing lost.
+/// The synchronous standby dies, then 3 s later the leader. The remaining replica may lead
+/// only if the leader had made it the synchronous standby in the meantime (else it may lack
+/// writes the dead standby acknowledged, and Patroni rightly keeps it a replica); either
+/// way the cluster leads again once the two hosts are back (`node up`), with nothing lost.
 async fn standby_then_leader_killed(hosts: &Hosts) -> Round {
     under_load(
         hosts,
-        "quorum standby killed, then the leader 3 s later",
+        "sync standby killed, then the leader 3 s later",
         || async {
             let status = hosts.operator().status().await.unwrap();
             let leader = status.leader().unwrap().name.clone();
@@ -529,7 +527,7 @@ async fn standby_then_leader_killed(hosts: &Hosts) -> Round {
                 if took_over {
                     "took over"
                 } else {
-                    "stayed a replica (the quorum still counted the dead standby)"
+                    "stayed a replica (it was not the synchronous standby yet)"
                 }
             );
             hosts.node_up(&[standby.as_str(), leader.as_str()]);

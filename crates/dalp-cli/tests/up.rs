@@ -791,7 +791,7 @@ fn up_ha_serves_the_api_on_patroni_and_the_cluster_verbs_manage_it() {
     let o = dalp(&["cluster", "status", "--dir", d]);
     assert!(o.status.success(), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("leader") && t.contains("quorum_standby"), "{t}");
+    assert!(t.contains("leader") && t.contains("sync_standby"), "{t}");
     let o = dalp(&["cluster", "status", "--dir", d, "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(status["members"].as_array().unwrap().len(), 3);

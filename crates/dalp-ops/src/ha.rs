@@ -345,9 +345,8 @@ impl ClusterFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Member {
     pub name: String,
-    /// `leader`, `quorum_standby` (quorum commit: any one of them acknowledges a commit),
-    /// `sync_standby` (a cluster started in Patroni's one-standby synchronous mode) or
-    /// `replica`.
+    /// `leader`, `sync_standby` (Patroni's synchronous mode, which dalp configures),
+    /// `quorum_standby` (quorum commit, should an operator switch to it) or `replica`.
     pub role: String,
     /// `running`, `streaming`, `starting`, `stopped`, …
     pub state: String,
@@ -385,8 +384,8 @@ impl ClusterStatus {
             .iter()
             .find(|m| m.role == "leader" && m.state == "running")
     }
-    /// A replica whose acknowledgement counts for commits: a quorum standby (the mode
-    /// dalp configures) or, in a cluster started before quorum commit, the sync standby.
+    /// A replica whose acknowledgement counts for commits: the sync standby (the mode dalp
+    /// configures) or, in a cluster someone switched to quorum commit, a quorum standby.
     pub fn sync_standby(&self) -> Option<&Member> {
         self.sync_standbys().next()
     }
@@ -1057,10 +1056,11 @@ impl HaCluster {
     /// A member whose data directory holds no etcd data starts as one of a new cluster
     /// (the first start, or every member at once) — unless another member answers and
     /// lists it as having run before (it published its client URLs): its disk was lost, and
-    /// starting it as new would make it a member with an empty log that the others reject. Then it is removed from the
-    /// cluster and added again (etcd's member API, with this host's client certificate),
-    /// and starts with `--initial-cluster-state existing` and the members the cluster now
-    /// has, which this returns. Needs a majority of the other members.
+    /// starting it as new would make it a member with an empty log that the others reject.
+    /// Then it is removed from the cluster and added again (etcd's member API, with this
+    /// host's client certificate), and starts with `--initial-cluster-state existing` and
+    /// the members the cluster now has, which this returns. Needs a majority of the other
+    /// members.
     async fn rejoin_etcd(&self, m: &EtcdMember) -> Result<Option<Vec<String>>, OpsError> {
         if self.state.etcd.len() < 2 || self.root.join(&m.name).join("member").exists() {
             return Ok(None);
@@ -1532,14 +1532,15 @@ impl HaCluster {
                     "loop_wait": s.loop_wait,
                     "retry_timeout": s.retry_timeout,
                     "maximum_lag_on_failover": 1048576,
-                    // Quorum commit: `synchronous_standby_names = ANY 1 (every replica)`,
-                    // so a commit waits for the first replica to have it, and Patroni
-                    // promotes a replica only once it proved, with the others' positions,
-                    // that it holds every acknowledged commit. Unlike the one-standby mode,
-                    // losing the standby and then the leader leaves a replica that may
-                    // lead, and a slow or cut-off replica does not stall commits while
-                    // another one answers.
-                    "synchronous_mode": "quorum",
+                    // One synchronous standby, the only replica that may be promoted.
+                    // Not quorum commit (`ANY 1 (every replica)`): with no watchdog, a
+                    // leader whose Patroni is frozen keeps running as a primary, and under
+                    // quorum commit the replica that was not promoted went on
+                    // acknowledging its commits until it re-pointed to the new leader —
+                    // acknowledged writes on a timeline the cluster then rewinds away (the
+                    // namespace soak caught it, docs/benchmarks.md). Here the zombie's
+                    // commits wait for the standby that was promoted, which never answers.
+                    "synchronous_mode": true,
                     "synchronous_mode_strict": s.synchronous_mode_strict,
                     // An etcd outage does not demote a primary that every member still
                     // reaches over the REST API (Patroni ≥ 3.0): writes go on.

@@ -103,7 +103,7 @@ struct ZombieRound {
 }
 
 /// Freezes the leader's Patroni past ttl (its PostgreSQL keeps running and accepting
-/// connections), lets a quorum standby be promoted and take writes, then resumes the
+/// connections), lets the synchronous standby be promoted and take writes, then resumes the
 /// old Patroni. Two writers: one that knows nothing of Patroni (every host, read-write), one
 /// pointed at the promoted node as soon as it leads.
 async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
@@ -111,7 +111,7 @@ async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
     let status = cluster.status().await.unwrap();
     let old = status.leader().unwrap().name.clone();
     let replicas: Vec<String> = status.sync_standbys().map(|m| m.name.clone()).collect();
-    assert!(!replicas.is_empty(), "no quorum standby: {status:?}");
+    assert!(!replicas.is_empty(), "no synchronous standby: {status:?}");
     let migrator = history_table(cluster).await;
     let ids = Arc::new(AtomicI64::new(1));
     let hist = Arc::new(Mutex::new(History::default()));
@@ -132,7 +132,7 @@ async fn zombie_round(cluster: &HaCluster) -> ZombieRound {
 
     let frozen_at = Instant::now();
     let frozen = Frozen::stop(cluster.patroni_pid(&old).expect("leader's Patroni runs"));
-    // A quorum standby is promoted once the frozen leader's key expires.
+    // The synchronous standby is promoted once the frozen leader's key expires.
     let deadline = Instant::now() + cluster.ttl() * 4;
     let (standby, promoted) = 'promoted: loop {
         for name in &replicas {

@@ -146,10 +146,13 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
 /// host by host (dalp has no agent on the other hosts), so this says in which order.
 async fn down(dir: &Path) -> anyhow::Result<ExitCode> {
     let cluster = HaCluster::open(dir)?;
-    let leader = cluster.leader().await.ok();
-    let Some(order) = cluster.shutdown_order(leader.as_deref()) else {
+    if cluster.shutdown_order(None).is_none() {
         return stop(dir, false).await;
-    };
+    }
+    let leader = cluster.leader().await.ok();
+    let order = cluster
+        .shutdown_order(leader.as_deref())
+        .expect("a cluster spread over hosts");
     let steps: Vec<String> = order
         .iter()
         .enumerate()
