@@ -876,6 +876,69 @@ async fn three_hosts_heal_every_fault_without_losing_a_write() {
     print_table(&rounds);
 }
 
+/// What the multi-host verbs refuse, with a sentence and a non-zero exit, changing nothing:
+/// `cluster init` into a directory that holds a cluster (its CA and secrets would be
+/// replaced), `node up` on the operator's copy (it runs no host), `cluster down` on a
+/// cluster spread over hosts. Nothing is started; the hosts' addresses are on loopback.
+#[test]
+fn multi_host_verbs_refuse_what_they_cannot_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec_path = tmp.path().join("cluster.toml");
+    let dir = tmp.path().join("cluster");
+    let mut spec = String::new();
+    for (i, h) in HOSTS.iter().enumerate() {
+        spec.push_str(&format!(
+            "[[host]]\nname = \"{h}\"\naddress = \"127.0.0.{}\"\nroles = [\"etcd\", \"postgres\"]\n",
+            21 + i
+        ));
+    }
+    std::fs::write(&spec_path, spec).unwrap();
+    let init = || {
+        common::dalp(&[
+            "cluster",
+            "init",
+            "--spec",
+            spec_path.to_str().unwrap(),
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+    };
+    let out = init();
+    assert!(out.status.success(), "{}", text(&out));
+    let ca = std::fs::read(dir.join("tls/ca.crt")).unwrap();
+    let secrets = std::fs::read(dir.join("secrets.json")).unwrap();
+
+    let out = init();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("already holds a cluster"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("tls/ca.crt")).unwrap(),
+        ca,
+        "CA replaced"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("secrets.json")).unwrap(),
+        secrets,
+        "secrets replaced"
+    );
+
+    let out = common::dalp(&["node", "up", "--bundle", dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("operator's copy"), "{}", text(&out));
+
+    let out = common::dalp(&["cluster", "down", "--dir", dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("leader is unknown"), "{t}");
+    for h in HOSTS {
+        assert!(t.contains(&format!("on {h}: dalp node down")), "{t}");
+    }
+}
+
 /// The full schedule's faults, in order; `DALP_HOST_FAULTS` (a comma-separated subset of
 /// these names) runs only some.
 const SCHEDULE: [&str; 10] = [

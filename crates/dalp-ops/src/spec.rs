@@ -442,5 +442,23 @@ mod tests {
         assert!(spec(&unknown).unwrap_err().contains("unknown variant"));
         let short_ttl = format!("{THREE}\n[timings]\nttl = 10\n");
         assert!(spec(&short_ttl).unwrap_err().contains("ttl"));
+        let repo_on_db = THREE.replacen(
+            r#"roles = ["etcd", "postgres"]"#,
+            r#"roles = ["etcd", "postgres", "repository"]"#,
+            1,
+        );
+        assert!(spec(&repo_on_db)
+            .unwrap_err()
+            .contains("both the repository and postgres roles"));
+        let repo = |n: u8| {
+            format!(
+                "[[host]]\nname = \"b{n}\"\naddress = \"10.9.0.2{n}\"\nroles = [\"repository\"]\n"
+            )
+        };
+        let two_repos = format!("{THREE}\n{}{}", repo(1), repo(2));
+        assert!(spec(&two_repos).unwrap_err().contains("2 repository hosts"));
+        let no_roles =
+            format!("{THREE}\n[[host]]\nname = \"x\"\naddress = \"10.9.0.30\"\nroles = []\n");
+        assert!(spec(&no_roles).unwrap_err().contains("has no roles"));
     }
 }
