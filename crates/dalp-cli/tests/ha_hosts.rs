@@ -133,6 +133,18 @@ fn spec(net: &TestNet, cluster_dir: &Path) -> String {
     s
 }
 
+/// `dalp cluster init --spec SPEC --dir DIR`.
+fn cluster_init(spec: &Path, dir: &Path) -> Output {
+    common::dalp(&[
+        "cluster",
+        "init",
+        "--spec",
+        spec.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+    ])
+}
+
 /// Three hosts with the cluster running on them, healthy.
 async fn three_hosts() -> Hosts {
     assert!(
@@ -144,14 +156,7 @@ async fn three_hosts() -> Hosts {
     let spec_path = tmp.path().join("cluster.toml");
     let dir = tmp.path().join("cluster");
     std::fs::write(&spec_path, spec(&net, &dir)).unwrap();
-    let out = common::dalp(&[
-        "cluster",
-        "init",
-        "--spec",
-        spec_path.to_str().unwrap(),
-        "--dir",
-        dir.to_str().unwrap(),
-    ]);
+    let out = cluster_init(&spec_path, &dir);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("dalp node up --bundle"),
@@ -893,22 +898,12 @@ fn multi_host_verbs_refuse_what_they_cannot_do() {
         ));
     }
     std::fs::write(&spec_path, spec).unwrap();
-    let init = || {
-        common::dalp(&[
-            "cluster",
-            "init",
-            "--spec",
-            spec_path.to_str().unwrap(),
-            "--dir",
-            dir.to_str().unwrap(),
-        ])
-    };
-    let out = init();
+    let out = cluster_init(&spec_path, &dir);
     assert!(out.status.success(), "{}", text(&out));
     let ca = std::fs::read(dir.join("tls/ca.crt")).unwrap();
     let secrets = std::fs::read(dir.join("secrets.json")).unwrap();
 
-    let out = init();
+    let out = cluster_init(&spec_path, &dir);
     assert!(!out.status.success());
     assert!(
         text(&out).contains("already holds a cluster"),
