@@ -451,9 +451,19 @@ async fn zombie_leader(hosts: &Hosts) -> Round {
         || async {
             let old = leader(hosts).await;
             let local = hosts.local(&old);
+            let fences = local.guard_events(&old).len();
             let pid = local.patroni_pid(&old).unwrap();
             kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+            let frozen = Instant::now();
+            let frozen_ms = unix_ms();
             let promoted = new_leader(hosts, &old, Duration::from_secs(90)).await;
+            eprintln!(
+                "zombie: {promoted} leads {:.1} s after {old}'s Patroni froze",
+                frozen.elapsed().as_secs_f64()
+            );
+            // The old primary's guard fenced it (what a watchdog would have done).
+            let fence = wait_fence(&local, &old, fences, (frozen, frozen_ms), pid, "Patroni").await;
+            eprintln!("zombie: {old}'s guard fenced its primary: {fence}");
             tokio::time::sleep(Duration::from_secs(3)).await;
             kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
             // The resumed Patroni must not take the leader key back.
@@ -464,37 +474,89 @@ async fn zombie_leader(hosts: &Hosts) -> Round {
     .await
 }
 
-/// The primary's postmaster freezes (SIGSTOP) for a ttl: its backends and Patroni's own
-/// connection keep working, so Patroni sees nothing, but no new connection succeeds. The
-/// operator's status must say so from outside the host (a probe of each node's PostgreSQL)
-/// within a probe round; on SIGCONT writes go on, nothing lost. Without a watchdog nothing
-/// fences the frozen primary meanwhile (docs/architecture.md).
+/// The primary's postmaster freezes (SIGSTOP) and is never resumed: its backends and
+/// Patroni's own connection keep working, so Patroni sees nothing, but no new connection
+/// succeeds. The operator's status must say so from outside the host (a probe of each
+/// node's PostgreSQL) within a probe round, and the node's guard must fence the frozen
+/// postmaster (SIGKILL) so that Patroni restarts PostgreSQL: the cluster heals by itself,
+/// nothing lost.
 async fn frozen_postmaster(hosts: &Hosts) -> Round {
-    under_load(hosts, "primary's postmaster frozen for a ttl", || async {
-        let old = leader(hosts).await;
-        let pid = hosts.local(&old).postmaster_pid(&old).unwrap();
-        kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
-        let frozen = Instant::now();
-        let named = format!("{old}: the leader's PostgreSQL takes no new connection");
-        let reported = loop {
-            let report = hosts.operator().inspect().await;
-            if report.problems.iter().any(|p| p.starts_with(&named)) {
-                break frozen.elapsed();
-            }
-            if frozen.elapsed() > Duration::from_secs(30) {
-                kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
-                panic!("frozen postmaster not reported: {:?}", report.problems);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        eprintln!(
-            "frozen postmaster on {old} reported by status after {:.1} s",
-            reported.as_secs_f64()
-        );
-        tokio::time::sleep(hosts.operator().ttl().saturating_sub(reported)).await;
-        kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
-    })
+    under_load(
+        hosts,
+        "primary's postmaster frozen (never resumed)",
+        || async {
+            let old = leader(hosts).await;
+            let local = hosts.local(&old);
+            let fences = local.guard_events(&old).len();
+            let pid = local.postmaster_pid(&old).unwrap();
+            kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+            let frozen = Instant::now();
+            let frozen_ms = unix_ms();
+            let named = format!("{old}: the leader's PostgreSQL takes no new connection");
+            let reported = loop {
+                let report = hosts.operator().inspect().await;
+                if report.problems.iter().any(|p| p.starts_with(&named)) {
+                    break frozen.elapsed();
+                }
+                if frozen.elapsed() > Duration::from_secs(30) {
+                    kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
+                    panic!("frozen postmaster not reported: {:?}", report.problems);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            eprintln!(
+                "frozen postmaster on {old} reported by status after {:.1} s",
+                reported.as_secs_f64()
+            );
+            let fence = wait_fence(
+                &local,
+                &old,
+                fences,
+                (frozen, frozen_ms),
+                pid,
+                "no new connection",
+            )
+            .await;
+            eprintln!("frozen postmaster on {old}: {fence}");
+        },
+    )
     .await
+}
+
+/// Waits (up to 40 s after `since`, the fault at wall-clock `since_ms`) until node `name`'s
+/// guard records a fence beyond the first `before` whose reason mentions `why`; on failure
+/// the stopped `pid` is resumed and the guard's log shown. Returns a line saying when
+/// (the guard's own clock) and why.
+async fn wait_fence(
+    local: &HaCluster,
+    name: &str,
+    before: usize,
+    (since, since_ms): (Instant, i64),
+    pid: i32,
+    why: &str,
+) -> String {
+    loop {
+        if let Some(e) = local.guard_events(name).get(before) {
+            let reason = e["reason"].as_str().unwrap_or_default().to_string();
+            assert!(
+                reason.contains(why),
+                "{name}'s guard fenced for another reason: {e}"
+            );
+            let after = e["unix_ms"].as_i64().unwrap_or_default() - since_ms;
+            return format!(
+                "fenced by its guard {:.1} s after the fault ({reason})",
+                after as f64 / 1000.0
+            );
+        }
+        if since.elapsed() > Duration::from_secs(40) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+            panic!(
+                "{name}'s guard fenced nothing within 40 s; guard.log:\n{}",
+                tail(&local.root().join(name).join("guard.log"), 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The synchronous standby dies, then 3 s later the leader. The remaining replica may lead
@@ -867,6 +929,7 @@ async fn three_hosts_heal_every_fault_without_losing_a_write() {
     rounds.push(partition_leader(&hosts).await);
     rounds.push(etcd_member_lost(&hosts).await);
     rounds.push(zombie_leader(&hosts).await);
+    rounds.push(frozen_postmaster(&hosts).await);
     rounds.push(standby_then_leader_killed(&hosts).await);
     rounds.push(switchover(&hosts).await);
     // The same server process, after five changes of primary: it writes again.
@@ -989,6 +1052,14 @@ async fn host_fault_soak() {
     }
     restore_after_the_failovers(&hosts, &all.last().unwrap().acked).await;
     print_table(&all);
+}
+
+/// Milliseconds since the Unix epoch (the guard's events carry the same clock).
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 /// The last `n` lines of a file.

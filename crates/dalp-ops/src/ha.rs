@@ -20,7 +20,8 @@
 //! cluster directory. Layout:
 //! `cluster.json` (hosts, ports, timings), `secrets.json` (0600), `tls/`, per etcd member
 //! `<member>/` + `<member>.pid` + `<member>.log`, and per node
-//! `<node>/{patroni.yml, patroni.pid, patroni.log, pgdata/, run/, log/}`.
+//! `<node>/{patroni.yml, patroni.pid, patroni.log, guard.pid, guard.log, guard.events,
+//! pgdata/, run/, log/}` (the guard: [`crate::guard`]).
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -41,6 +42,7 @@ use crate::embedded::{
     ServerConf, DATABASE, SUPERUSER,
 };
 use crate::error::OpsError;
+use crate::guard::{self, GuardLimits, Judge, PatroniProbe};
 use crate::pki;
 use crate::process::{self, ServerUser};
 
@@ -444,6 +446,46 @@ pub struct ClusterReport {
     pub problems: Vec<String>,
 }
 
+/// The suffix of a node's guard among the process names (`db1.guard`).
+const GUARD: &str = ".guard";
+
+fn guard_name(node: &str) -> String {
+    format!("{node}{GUARD}")
+}
+
+/// The guard's view of the node's role: over `held` (a superuser connection on the local
+/// socket, opened again when it broke; it keeps working while the postmaster is frozen),
+/// `Some(true)` for a primary; `None` when it cannot tell within `timeout`.
+async fn guard_role(
+    held: &mut Option<tokio_postgres::Client>,
+    opts: &ConnectOptions,
+    running: bool,
+    timeout: Duration,
+) -> Option<bool> {
+    if !running || held.as_ref().is_some_and(|c| c.is_closed()) {
+        *held = None;
+    }
+    if !running {
+        return None;
+    }
+    if held.is_none() {
+        *held = Some(
+            tokio::time::timeout(timeout, opts.connect())
+                .await
+                .ok()?
+                .ok()?,
+        );
+    }
+    let c = held.as_ref()?;
+    match tokio::time::timeout(timeout, c.query_one("SELECT pg_is_in_recovery()", &[])).await {
+        Ok(Ok(row)) => Some(!row.get::<_, bool>(0)),
+        _ => {
+            *held = None;
+            None
+        }
+    }
+}
+
 /// A local HA cluster's directory, its processes and its settings.
 pub struct HaCluster {
     root: PathBuf,
@@ -567,6 +609,15 @@ impl HaCluster {
     pub fn secrets(&self) -> &Secrets {
         &self.secrets
     }
+    /// Whether this is a cluster spread over hosts (made by `dalp cluster init`), not the
+    /// one-host cluster of `dalp cluster up`.
+    pub fn spans_hosts(&self) -> bool {
+        self.state.runs.is_some()
+    }
+    /// The names of the nodes this directory runs.
+    pub fn local_node_names(&self) -> Vec<String> {
+        self.local_nodes().map(|n| n.name.clone()).collect()
+    }
     pub fn nodes(&self) -> &[NodeSpec] {
         &self.state.nodes
     }
@@ -587,6 +638,16 @@ impl HaCluster {
 
     /// Opens an existing cluster directory (for status, switchover, down).
     pub fn open(dir: &Path) -> Result<HaCluster, OpsError> {
+        Self::open_dir(dir, true)
+    }
+
+    /// Opens a cluster directory without its secrets (root's alone): what a node's guard,
+    /// running as the server user, needs — the topology, the TLS material and the pids.
+    pub fn open_as_guard(dir: &Path) -> Result<HaCluster, OpsError> {
+        Self::open_dir(dir, false)
+    }
+
+    fn open_dir(dir: &Path, with_secrets: bool) -> Result<HaCluster, OpsError> {
         let root = std::fs::canonicalize(dir).map_err(|e| {
             err(
                 format!("cluster directory {}", dir.display()),
@@ -610,7 +671,11 @@ impl HaCluster {
                 ),
             )
         })?;
-        let secrets = Secrets::load(&root.join("secrets.json")).map_err(|e| err("secrets", e))?;
+        let secrets = if with_secrets {
+            Secrets::load(&root.join("secrets.json")).map_err(|e| err("secrets", e))?
+        } else {
+            Secrets::default()
+        };
         Ok(HaCluster {
             root,
             user: ServerUser::resolve()?,
@@ -896,7 +961,9 @@ impl HaCluster {
     }
 
     fn pid_file(&self, process: &str) -> PathBuf {
-        if self.is_etcd(process) || process == BACKUP_SERVER {
+        if let Some(node) = process.strip_suffix(GUARD) {
+            self.node_dir(node).join("guard.pid")
+        } else if self.is_etcd(process) || process == BACKUP_SERVER {
             self.root.join(format!("{process}.pid"))
         } else {
             self.node_dir(process).join("patroni.pid")
@@ -923,7 +990,9 @@ impl HaCluster {
             .ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let cmdline = String::from_utf8_lossy(&cmdline);
-        let ours = if process == BACKUP_SERVER {
+        let ours = if process.ends_with(GUARD) {
+            cmdline.contains("guard")
+        } else if process == BACKUP_SERVER {
             cmdline.contains("pgbackrest")
         } else if self.is_etcd(process) {
             cmdline.contains("etcd")
@@ -967,6 +1036,8 @@ impl HaCluster {
             if self.live_pid(&n.name).is_none() {
                 self.start_node(&n.name)?;
                 started.push(format!("patroni {}", n.name));
+            } else if self.start_guard(&n.name)? {
+                started.push(format!("guard {}", n.name));
             }
         }
         Ok(started)
@@ -1009,6 +1080,9 @@ impl HaCluster {
                 }
                 if self.postmaster_pid(&n.name).is_some() {
                     v.push(format!("postgres {}", n.name));
+                }
+                if self.live_pid(&guard_name(&n.name)).is_some() {
+                    v.push(format!("guard {}", n.name));
                 }
                 v
             })
@@ -1596,17 +1670,148 @@ impl HaCluster {
         Ok(())
     }
 
-    /// Starts node `name`'s Patroni (which starts, or clones and starts, its PostgreSQL).
+    /// Starts node `name`'s Patroni (which starts, or clones and starts, its PostgreSQL)
+    /// and its guard, each unless it runs.
     pub fn start_node(&self, name: &str) -> Result<(), OpsError> {
-        if self.live_pid(name).is_some() {
-            return Ok(());
+        if self.live_pid(name).is_none() {
+            let dir = self.node_dir(name);
+            let mut cmd = Command::new(patroni_bin());
+            cmd.arg(dir.join("patroni.yml"))
+                .current_dir(&dir)
+                .env("HOME", &dir);
+            self.spawn_daemon(name, cmd, &dir.join("patroni.log"))?;
         }
+        self.start_guard(name)?;
+        Ok(())
+    }
+
+    /// Starts node `name`'s guard (`dalp node guard`, [`crate::guard`]) as the server user
+    /// unless it runs; true when started. Only a `dalp` binary runs guards: a program that
+    /// embeds this library (a test) starts none.
+    fn start_guard(&self, name: &str) -> Result<bool, OpsError> {
+        let process = guard_name(name);
+        if self.live_pid(&process).is_some() {
+            return Ok(false);
+        }
+        let Some(exe) = std::env::current_exe()
+            .ok()
+            .filter(|e| e.file_name().is_some_and(|f| f == "dalp"))
+        else {
+            tracing::info!(
+                node = name,
+                "not the dalp binary: the node runs without its guard"
+            );
+            return Ok(false);
+        };
         let dir = self.node_dir(name);
-        let mut cmd = Command::new(patroni_bin());
-        cmd.arg(dir.join("patroni.yml"))
-            .current_dir(&dir)
-            .env("HOME", &dir);
-        self.spawn_daemon(name, cmd, &dir.join("patroni.log"))
+        let mut cmd = Command::new(exe);
+        cmd.args(["node", "guard", "--bundle"])
+            .arg(&self.root)
+            .args(["--node", name])
+            .current_dir(&dir);
+        self.spawn_daemon(&process, cmd, &dir.join("guard.log"))?;
+        Ok(true)
+    }
+
+    /// Runs node `name`'s guard until it is stopped ([`crate::guard`]): each tick it asks
+    /// the node's Patroni (`/liveness`), reads the node's role over a held connection and,
+    /// now and then, probes the postmaster for new connections; when the judge says so, it
+    /// fences the postmaster and its children (SIGKILL) and records why in
+    /// `<node>/guard.events`.
+    pub async fn guard(&self, name: &str) -> Result<(), OpsError> {
+        let node = self
+            .node(name)
+            .cloned()
+            .ok_or_else(|| err("guard", format!("no node `{name}` in this cluster")))?;
+        let limits =
+            GuardLimits::for_ttl(self.ttl(), Duration::from_secs(self.state.loop_wait.into()));
+        let socket = self
+            .node_dir(name)
+            .join("run")
+            .join(format!(".s.PGSQL.{}", node.pg_port));
+        let liveness = self.api_url(&node, "/liveness");
+        let events = self.node_dir(name).join("guard.events");
+        let mut opts = self.superuser_options(name, "postgres");
+        opts.application_name = "dalp-guard".into();
+        let mut judge = Judge::new(limits, Instant::now());
+        let mut last_probe = None;
+        let mut held: Option<tokio_postgres::Client> = None;
+        eprintln!(
+            "{} guard {name}: fences PostgreSQL when its postmaster answers no new connection for {:?}, or when it is the primary and Patroni answers nothing for {:?}",
+            chrono::Utc::now().to_rfc3339(),
+            limits.no_connection,
+            limits.patroni_silent
+        );
+        loop {
+            tokio::time::sleep(limits.tick).await;
+            let postmaster = self.postmaster_pid(name);
+            let probe_due = postmaster.is_some() && judge.probe_due(last_probe, Instant::now());
+            if probe_due {
+                last_probe = Some(Instant::now());
+            }
+            let (probe, patroni, primary) = tokio::join!(
+                async {
+                    if probe_due {
+                        Some(guard::probe_postmaster(&socket, limits.probe_timeout).await)
+                    } else {
+                        None
+                    }
+                },
+                async {
+                    match self
+                        .http()
+                        .get(&liveness)
+                        .timeout(limits.probe_timeout)
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                            PatroniProbe::LoopStalled
+                        }
+                        Ok(_) => PatroniProbe::Live,
+                        Err(_) => PatroniProbe::Silent,
+                    }
+                },
+                guard_role(&mut held, &opts, postmaster.is_some(), limits.probe_timeout),
+            );
+            let Some(why) = judge.observe(
+                Instant::now(),
+                postmaster.is_some(),
+                probe,
+                patroni,
+                primary,
+            ) else {
+                continue;
+            };
+            let pid = postmaster.expect("the judge fences only a running postmaster");
+            let signalled = guard::fence_postmaster(pid);
+            let now = chrono::Utc::now();
+            let at = now.to_rfc3339();
+            eprintln!("{at} guard {name}: FENCED postmaster {pid} ({signalled} processes SIGKILLed): {why}");
+            let line = json!({"at": at, "unix_ms": now.timestamp_millis(), "node": name, "postmaster": pid, "signalled": signalled, "reason": why});
+            if let Err(e) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&events)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()))
+            {
+                eprintln!(
+                    "{at} guard {name}: cannot record the fence in {}: {e}",
+                    events.display()
+                );
+            }
+            held = None;
+            judge.fenced(Instant::now());
+        }
+    }
+
+    /// The fences node `name`'s guard recorded (`<node>/guard.events`, oldest first).
+    pub fn guard_events(&self, name: &str) -> Vec<Value> {
+        std::fs::read_to_string(self.node_dir(name).join("guard.events"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// SIGKILL to node `name`'s Patroni and postmaster: a crash, as a test inflicts it.
@@ -1628,8 +1833,10 @@ impl HaCluster {
         }
     }
 
-    /// Stops node `name` cleanly (Patroni shuts its PostgreSQL down first).
+    /// Stops node `name` cleanly: its guard first (a stopping Patroni must not look like a
+    /// dead one), then Patroni, which shuts its PostgreSQL down.
     pub fn stop_node(&self, name: &str) {
+        self.stop_daemon(&guard_name(name));
         if let Some(pid) = self.live_pid(name) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             self.reap(name, Duration::from_secs(60));

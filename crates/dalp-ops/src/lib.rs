@@ -6,6 +6,7 @@
 pub mod backup;
 pub mod embedded;
 pub mod error;
+pub mod guard;
 pub mod ha;
 pub mod keybundle;
 pub mod pki;

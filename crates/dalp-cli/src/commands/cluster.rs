@@ -146,7 +146,7 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
 /// host by host (dalp has no agent on the other hosts), so this says in which order.
 async fn down(dir: &Path) -> anyhow::Result<ExitCode> {
     let cluster = HaCluster::open(dir)?;
-    if cluster.shutdown_order(None).is_none() {
+    if !cluster.spans_hosts() {
         return stop(dir, false).await;
     }
     let leader = cluster.leader().await.ok();

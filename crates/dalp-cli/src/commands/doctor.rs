@@ -294,8 +294,9 @@ async fn replication_checks(
     } else {
         None
     };
-    if ha.is_some() {
+    if let Some(cluster) = &ha {
         checks.push(watchdog_check(Path::new(dalp_ops::ha::WATCHDOG_DEVICE)));
+        checks.extend(guard_checks(cluster));
     }
     let rows = match c
         .query(
@@ -518,9 +519,44 @@ fn watchdog_check(device: &Path) -> Check {
             "watchdog",
             "info",
             format!("no {}: Patroni runs without a watchdog", device.display()),
-            "a primary whose Patroni is stalled (frozen VM, SIGSTOP) keeps accepting connections until Patroni resumes and demotes it; synchronous replication keeps those writes unacknowledged once the standby is promoted, but clients still see errors or unknown outcomes. Load the softdog module (modprobe softdog) or give the host a hardware watchdog to fence it",
+            "each node's guard fences a primary whose Patroni is stalled (SIGSTOP, a hung process) before its leader key expires, but a frozen host (VM pause) freezes the guard too: such a primary keeps accepting connections until it resumes and Patroni demotes it (synchronous replication keeps those writes unacknowledged once the standby is promoted; clients see errors or unknown outcomes). Load the softdog module (modprobe softdog) or give the host a hardware watchdog to fence it",
         )
     }
+}
+
+/// Whether each node this directory runs has its guard (`dalp node guard`), and the last
+/// fence it made.
+fn guard_checks(cluster: &dalp_ops::HaCluster) -> Vec<Check> {
+    let running = cluster.running_processes();
+    cluster
+        .local_node_names()
+        .into_iter()
+        .map(|name| {
+            let last = cluster.guard_events(&name).pop().map(|e| {
+                format!(
+                    "; last fence {}: {}",
+                    e["at"].as_str().unwrap_or("?"),
+                    e["reason"].as_str().unwrap_or("?")
+                )
+            });
+            let last = last.unwrap_or_else(|| "; no fence so far".into());
+            let start = if cluster.spans_hosts() {
+                format!("dalp node up --bundle {}", cluster.root().display())
+            } else {
+                format!("dalp cluster heal --dir {}", cluster.root().display())
+            };
+            if running.contains(&format!("guard {name}")) {
+                check("guard", "ok", format!("{name}'s guard runs{last}"), "")
+            } else {
+                check(
+                    "guard",
+                    "warning",
+                    format!("{name} runs without its guard{last}"),
+                    format!("a frozen postmaster, or a primary whose Patroni is frozen or dead, is not fenced; `{start}` starts it"),
+                )
+            }
+        })
+        .collect()
 }
 
 /// Whether WAL archiving works (pg_stat_archiver).
@@ -908,7 +944,7 @@ mod tests {
         let c = watchdog_check(Path::new("/nonexistent/watchdog"));
         assert_eq!((c.check, c.status), ("watchdog", "info"));
         assert!(
-            c.next.contains("softdog") && c.next.contains("stalled"),
+            c.next.contains("softdog") && c.next.contains("stalled") && c.next.contains("guard"),
             "{}",
             c.next
         );

@@ -30,6 +30,20 @@ pub enum NodeCommand {
         #[arg(long)]
         etcd_only: bool,
     },
+    /// Guard one node's PostgreSQL (`node up` and `cluster up` start one per node, as the
+    /// server user; `node down` stops it first). It fences the node — SIGKILL to its
+    /// postmaster and backends — when the postmaster answers no new connection for a
+    /// quarter of the ttl (Patroni then restarts PostgreSQL), or when the node is the
+    /// primary and its Patroni has answered nothing for ttl − loop_wait − 5 s (before the
+    /// leader key can expire and a replica be promoted: what a kernel watchdog would do).
+    /// Each fence is logged and recorded in <node>/guard.events.
+    Guard {
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The node to guard (default: the one node this bundle runs).
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 pub async fn run(command: NodeCommand) -> anyhow::Result<ExitCode> {
@@ -51,5 +65,22 @@ pub async fn run(command: NodeCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Down { bundle, etcd_only } => super::cluster::stop(&bundle, etcd_only).await,
+        NodeCommand::Guard { bundle, node } => {
+            let cluster = HaCluster::open_as_guard(&bundle)?;
+            let node = match node {
+                Some(n) => n,
+                None => match cluster.local_node_names().as_slice() {
+                    [one] => one.clone(),
+                    names => anyhow::bail!(
+                        "{} runs {} nodes ({}); name one with --node",
+                        bundle.display(),
+                        names.len(),
+                        names.join(", ")
+                    ),
+                },
+            };
+            cluster.guard(&node).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
