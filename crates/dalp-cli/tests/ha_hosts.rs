@@ -30,6 +30,8 @@ const HOSTS: [&str; 3] = ["db1", "db2", "db3"];
 /// The backup repository host (pgBackRest's TLS server).
 const REPO: &str = "repo";
 const ALL: [&str; 4] = ["db1", "db2", "db3", REPO];
+/// A namespace with no piece of the cluster until `dalp cluster add-host` adds it.
+const SPARE: &str = "db4";
 
 /// The hosts, the cluster's operator directory and each host's bundle. Dropping it stops
 /// every process by the pids in the bundles, then removes the namespaces and the bridge.
@@ -94,7 +96,7 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
-        for h in ALL {
+        for h in ALL.iter().chain([&SPARE]) {
             if let Ok(c) = HaCluster::open(&self.bundle(h)) {
                 for m in c.etcd_members().to_vec() {
                     if let Some(pid) = c.etcd_member_pid(&m.name) {
@@ -117,7 +119,7 @@ fn spec(net: &TestNet, cluster_dir: &Path) -> String {
         "clients = [\"{}\"]\n[timings]\nttl = 20\nloop_wait = 2\nretry_timeout = 5\n",
         net.subnet()
     );
-    for h in &net.hosts {
+    for h in net.hosts.iter().filter(|h| h.name != SPARE) {
         let roles = if h.name == REPO {
             "[\"repository\"]"
         } else {
@@ -151,7 +153,7 @@ async fn three_hosts() -> Hosts {
         TestNet::available(),
         "multi-host tests need root and iproute2 (scripts/deps.sh)"
     );
-    let net = TestNet::create(&ALL).unwrap();
+    let net = TestNet::create(&[ALL[0], ALL[1], ALL[2], ALL[3], SPARE]).unwrap();
     let tmp = dalp_testkit::server_dir("dalp-hosts-");
     let spec_path = tmp.path().join("cluster.toml");
     let dir = tmp.path().join("cluster");
@@ -667,6 +669,128 @@ async fn repository_host_lost(hosts: &Hosts) -> Round {
     .await
 }
 
+/// A PostgreSQL host joins and leaves a running cluster the way docs/deploy-self-managed.md
+/// says: `dalp cluster add-host` on the operator's copy, `dalp node up` on every host (they
+/// re-read the topology: Patroni reloads, the repository host restarts its server with the
+/// new node), then `node up` on the new host, which clones from the leader. It leads (a
+/// switchover), takes a write, and the repository host backs it up (it must know the new
+/// node to find the primary); then it is removed:
+/// refused while it runs, then `node down` on it and `dalp cluster remove-host`, and the
+/// cluster is healthy on the three first hosts with the write on each.
+async fn add_and_remove_a_host(hosts: &Hosts) {
+    let started = Instant::now();
+    let dir = hosts.dir.to_str().unwrap().to_string();
+    let address = hosts.net.host(SPARE).address.clone();
+    let bundle = hosts.bundle(SPARE);
+    let out = common::dalp(&[
+        "cluster",
+        "add-host",
+        "--dir",
+        &dir,
+        "--name",
+        SPARE,
+        "--address",
+        &address,
+        "--bundle-dir",
+        bundle.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("dalp node up"), "{}", text(&out));
+    // The same address or name again is refused.
+    let again = common::dalp(&[
+        "cluster",
+        "add-host",
+        "--dir",
+        &dir,
+        "--name",
+        "db5",
+        "--address",
+        &address,
+    ]);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("already a host"), "{}", text(&again));
+    hosts.node_up(&ALL);
+    hosts.node_up(&[SPARE]);
+    let op = hosts.operator();
+    assert_eq!(op.nodes().len(), 4);
+    op.wait_healthy(Duration::from_secs(120)).await.unwrap();
+    let joined = started.elapsed();
+    // Patroni hands the lead only to its synchronous standby: stop the other replicas'
+    // nodes (their etcd members stay) until the new host is that standby, switch over to
+    // it, and bring them back.
+    let lead = leader(hosts).await;
+    let others: Vec<&str> = HOSTS.iter().copied().filter(|h| *h != lead).collect();
+    for h in &others {
+        hosts.local(h).stop_node(h);
+    }
+    op.wait_for(Duration::from_secs(60), "db4 as synchronous standby", |s| {
+        s.sync_standbys().any(|m| m.name == SPARE)
+    })
+    .await
+    .unwrap();
+    assert_eq!(op.switchover(Some(SPARE)).await.unwrap(), SPARE);
+    hosts.node_up(&others);
+    op.wait_healthy(Duration::from_secs(120)).await.unwrap();
+    let migrator = op.connect_options(MIGRATOR_ROLE).unwrap();
+    let marker = 987_654_321_i64;
+    let c = migrator.connect().await.unwrap();
+    c.batch_execute(history::SETUP_SQL).await.unwrap();
+    c.execute(
+        "INSERT INTO ha_history.writes (n, server) VALUES ($1, 'db4 leading')",
+        &[&marker],
+    )
+    .await
+    .unwrap();
+    full_backup_on_the_repository_host(hosts).await;
+    // Leaving: refused while it runs; then stopped (after handing the lead back) and removed.
+    let remove = || common::dalp(&["cluster", "remove-host", "--dir", &dir, "--name", SPARE]);
+    let out = remove();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("still runs"), "{}", text(&out));
+    op.wait_healthy(Duration::from_secs(60)).await.unwrap();
+    assert_ne!(op.switchover(None).await.unwrap(), SPARE);
+    let down = hosts
+        .net
+        .command(SPARE, Path::new(DALP))
+        .args(["node", "down", "--bundle"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(down.status.success(), "{}", text(&down));
+    let out = remove();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !bundle.exists(),
+        "the removed host's bundle (its key) stays"
+    );
+    hosts.node_up(&ALL);
+    let op = hosts.operator();
+    assert_eq!(op.nodes().len(), 3);
+    op.wait_healthy(Duration::from_secs(120)).await.unwrap();
+    for h in HOSTS {
+        let c = hosts
+            .local(h)
+            .superuser_options(h, "dalp")
+            .connect()
+            .await
+            .unwrap();
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM ha_history.writes WHERE n = $1",
+                &[&marker],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "{h} lacks the write made while {SPARE} led");
+    }
+    eprintln!(
+        "{SPARE} added and streaming after {:.1} s, led, was backed up and removed; {:.1} s in all",
+        joined.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
 async fn switchover(hosts: &Hosts) -> Round {
     under_load(hosts, "switchover", || async {
         let op = hosts.operator();
@@ -941,6 +1065,7 @@ async fn three_hosts_heal_every_fault_without_losing_a_write() {
     );
     drop(serve);
     restore_after_the_failovers(&hosts, &rounds.last().unwrap().acked).await;
+    add_and_remove_a_host(&hosts).await;
     print_table(&rounds);
 }
 
@@ -1067,4 +1192,13 @@ fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Only the host joining and leaving (the CI test runs it after the faults):
+/// `cargo test -p dalp-cli --test ha_hosts -- --ignored a_host_joins_and_leaves`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn a_host_joins_and_leaves() {
+    let hosts = three_hosts().await;
+    add_and_remove_a_host(&hosts).await;
 }

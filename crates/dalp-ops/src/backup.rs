@@ -534,6 +534,16 @@ impl Backups {
     }
 
     /// The repositories' local directories (posix repositories only).
+    /// Whether the stanza exists in the repositories this side holds on its disk (their
+    /// `backup.info`); false when it holds none there.
+    pub fn stanza_exists(&self) -> bool {
+        let dirs = self.local_repo_dirs();
+        !dirs.is_empty()
+            && dirs
+                .iter()
+                .all(|d| d.join("backup").join(STANZA).join("backup.info").exists())
+    }
+
     fn local_repo_dirs(&self) -> Vec<PathBuf> {
         if !self.holds_repositories() {
             return Vec::new();

@@ -809,7 +809,16 @@ impl HaCluster {
         cluster.wait_etcd(Duration::from_secs(90)).await?;
         let backups = cluster.backups()?;
         if let Some(b) = &backups {
+            let before = std::fs::read(b.config_path()).ok();
             b.write_config()?;
+            // A running server re-reads its configuration only when started: the topology
+            // changed (`dalp cluster add-host` / `remove-host`), so restart it.
+            if before.is_some_and(|b0| std::fs::read(b.config_path()).ok() != Some(b0))
+                && cluster.live_pid(BACKUP_SERVER).is_some()
+            {
+                tracing::warn!("the cluster's hosts changed: restarting the pgbackrest server");
+                cluster.stop_daemon(BACKUP_SERVER);
+            }
             cluster.start_backup_server(b)?;
         }
         let local: Vec<NodeSpec> = cluster.local_nodes().cloned().collect();
@@ -820,7 +829,17 @@ impl HaCluster {
                 restore_command: b.restore_command_for(&pgdata),
                 timeout_secs: b.policy().rpo_secs,
             });
+            let yml = cluster.node_dir(&node.name).join("patroni.yml");
+            let before = std::fs::read(&yml).ok();
             cluster.write_node_config(node, opts, archiving.as_ref())?;
+            // A running Patroni reloads its configuration on SIGHUP (and with it
+            // PostgreSQL's pg_hba.conf): the topology changed.
+            if before.is_some_and(|b0| std::fs::read(&yml).ok() != Some(b0)) {
+                if let Some(pid) = cluster.live_pid(&node.name) {
+                    tracing::warn!(node = %node.name, "the cluster's hosts changed: Patroni reloads its configuration");
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+                }
+            }
         }
         // A new cluster: the first node bootstraps and the others join once it leads, so
         // they clone from it instead of racing to initdb. A restart: all at once, since in
@@ -858,10 +877,11 @@ impl HaCluster {
             }
         }
         // The repository host creates the stanza once the leader's host serves its data
-        // directory (retried: that host may still be starting its server).
+        // directory (retried: that host may still be starting its server). A restart, or a
+        // re-read after `cluster add-host` (the new node not started yet), finds it made.
         if let Some(b) = backups
             .as_ref()
-            .filter(|b| b.site().is_some() && b.holds_repositories())
+            .filter(|b| b.site().is_some() && b.holds_repositories() && !b.stanza_exists())
         {
             let deadline = Instant::now() + Duration::from_secs(90);
             loop {
@@ -935,6 +955,14 @@ impl HaCluster {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Whether node `name`'s Patroni answers its REST API (within 3 s).
+    pub async fn member_answers(&self, name: &str) -> bool {
+        match self.node(name) {
+            Some(n) => self.patroni_self(&n.clone()).await.is_some(),
+            None => false,
         }
     }
 

@@ -169,33 +169,9 @@ impl ClusterSpec {
         let mut names = HashSet::new();
         let mut addresses = HashSet::new();
         for h in &self.hosts {
-            let ok = !h.name.is_empty()
-                && h.name.len() <= 32
-                && h.name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                && h.name != "tls"
-                && h.name != "hosts";
-            if !ok {
-                return Err(format!(
-                    "host name `{}`: use 1-32 of a-z, 0-9 and -",
-                    h.name
-                ));
-            }
+            let ip = check_host(&h.name, &h.address)?;
             if !names.insert(&h.name) {
                 return Err(format!("host `{}` is named twice", h.name));
-            }
-            let ip: IpAddr = h.address.parse().map_err(|_| {
-                format!(
-                    "host `{}`: address `{}` is not an IP address",
-                    h.name, h.address
-                )
-            })?;
-            if ip.is_unspecified() || ip.is_multicast() {
-                return Err(format!(
-                    "host `{}`: {} cannot be a host's address",
-                    h.name, h.address
-                ));
             }
             if !addresses.insert(ip) {
                 return Err(format!("address {} is given to two hosts", h.address));
@@ -314,6 +290,29 @@ impl ClusterSpec {
     }
 }
 
+/// A host's name and address as a cluster accepts them; the address parsed.
+fn check_host(name: &str, address: &str) -> Result<IpAddr, String> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name != "tls"
+        && name != "hosts";
+    if !ok {
+        return Err(format!("host name `{name}`: use 1-32 of a-z, 0-9 and -"));
+    }
+    let ip: IpAddr = address
+        .parse()
+        .map_err(|_| format!("host `{name}`: address `{address}` is not an IP address"))?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(format!(
+            "host `{name}`: {address} cannot be a host's address"
+        ));
+    }
+    Ok(ip)
+}
+
 /// What `init` made.
 #[derive(Debug)]
 pub struct Initialized {
@@ -360,20 +359,7 @@ pub fn init(spec: &ClusterSpec, dir: &Path) -> Result<Initialized, OpsError> {
     write_cipher(dir)?;
     let mut bundles = Vec::new();
     for h in &spec.hosts {
-        let b = dir.join("hosts").join(&h.name);
-        std::fs::create_dir_all(&b).map_err(OpsError::io(format!("create {}", b.display())))?;
-        std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o711))
-            .map_err(OpsError::io(format!("chmod {}", b.display())))?;
-        let names = vec![
-            h.name.clone(),
-            h.address.clone(),
-            "localhost".into(),
-            "127.0.0.1".into(),
-        ];
-        pki::issue_host(&tls, &b.join("tls"), &names, &user)?;
-        std::fs::set_permissions(b.join("tls"), std::fs::Permissions::from_mode(0o755))
-            .map_err(OpsError::io("chmod tls dir"))?;
-        pki::write_private(&b.join("secrets.json"), &secrets_json)?;
+        let b = make_bundle(dir, &h.name, &h.address, &user, &secrets_json)?;
         write_cipher(&b)?;
         spec.cluster_file(vec![h.name.clone()]).write(&b)?;
         bundles.push((h.name.clone(), b));
@@ -383,6 +369,212 @@ pub fn init(spec: &ClusterSpec, dir: &Path) -> Result<Initialized, OpsError> {
     Ok(Initialized {
         dir: dir.to_path_buf(),
         bundles,
+    })
+}
+
+/// Host `name`'s bundle directory under the operator's `dir`: its certificate (valid for
+/// its name and address) from the cluster's CA in `dir/tls`, and the secrets; the caller
+/// adds the cipher passphrase and `cluster.json`.
+fn make_bundle(
+    dir: &Path,
+    name: &str,
+    address: &str,
+    user: &ServerUser,
+    secrets_json: &str,
+) -> Result<PathBuf, OpsError> {
+    let b = dir.join("hosts").join(name);
+    std::fs::create_dir_all(&b).map_err(OpsError::io(format!("create {}", b.display())))?;
+    std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o711))
+        .map_err(OpsError::io(format!("chmod {}", b.display())))?;
+    let names = vec![
+        name.to_string(),
+        address.to_string(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ];
+    pki::issue_host(&dir.join("tls"), &b.join("tls"), &names, user)?;
+    std::fs::set_permissions(b.join("tls"), std::fs::Permissions::from_mode(0o755))
+        .map_err(OpsError::io("chmod tls dir"))?;
+    pki::write_private(&b.join("secrets.json"), secrets_json)?;
+    Ok(b)
+}
+
+/// The operator's copy in `dir` (made by `dalp cluster init`: it holds the CA key and runs
+/// nothing) and its topology.
+fn operator_copy(dir: &Path) -> Result<ClusterFile, OpsError> {
+    let bad = |m: String| OpsError::Bootstrap {
+        context: format!("{}", dir.display()),
+        message: m,
+    };
+    let text = std::fs::read_to_string(ClusterFile::path(dir)).map_err(|e| {
+        bad(format!(
+            "{e}: not a cluster directory (`dalp cluster init` makes one)"
+        ))
+    })?;
+    let state: ClusterFile =
+        serde_json::from_str(&text).map_err(|e| bad(format!("cluster.json: {e}")))?;
+    if state.runs.as_ref().is_none_or(|r| !r.is_empty())
+        || !dir.join("tls").join(pki::CA_KEY).exists()
+    {
+        return Err(bad(
+            "not the operator's copy made by `dalp cluster init` (it holds the CA key and runs no host); hosts are added and removed there".into(),
+        ));
+    }
+    Ok(state)
+}
+
+/// Writes the operator's topology `state` to `dir` and to every bundle under `dir/hosts`
+/// (each keeping the hosts it runs). Returns the hosts whose bundle was rewritten.
+fn write_topology(dir: &Path, state: &ClusterFile) -> Result<Vec<String>, OpsError> {
+    state.write(dir)?;
+    let mut hosts = Vec::new();
+    let entries = std::fs::read_dir(dir.join("hosts")).map_err(OpsError::io(format!(
+        "read {}",
+        dir.join("hosts").display()
+    )))?;
+    for e in entries.flatten() {
+        let b = e.path();
+        let Ok(text) = std::fs::read_to_string(ClusterFile::path(&b)) else {
+            continue;
+        };
+        let Ok(mine) = serde_json::from_str::<ClusterFile>(&text) else {
+            continue;
+        };
+        let mut next = state.clone();
+        next.runs = mine.runs;
+        next.write(&b)?;
+        hosts.push(e.file_name().to_string_lossy().into_owned());
+    }
+    hosts.sort();
+    Ok(hosts)
+}
+
+/// What `add_host` / `remove_host` changed.
+#[derive(Debug)]
+pub struct TopologyChange {
+    /// The added host's new bundle (`add_host`).
+    pub bundle: Option<PathBuf>,
+    /// The hosts whose bundle's `cluster.json` changed: copy it to each and run `dalp node
+    /// up` there, so its Patroni (pg_hba) and the repository (its list of nodes) follow.
+    pub rewritten: Vec<String>,
+}
+
+/// Adds a PostgreSQL host (`name` at `address`, its bundle to be installed at `bundle_dir`
+/// on it) to the cluster whose operator copy is `dir`: a certificate from the cluster's CA,
+/// the secrets and the cipher passphrase in a new bundle `dir/hosts/<name>`, and the new
+/// topology in every bundle. Patroni on the new host clones from the leader when it starts.
+pub fn add_host(
+    dir: &Path,
+    name: &str,
+    address: &str,
+    bundle_dir: Option<PathBuf>,
+) -> Result<TopologyChange, OpsError> {
+    let user = ServerUser::resolve()?;
+    let mut state = operator_copy(dir)?;
+    let bad = |m: String| OpsError::Bootstrap {
+        context: format!("add host `{name}`"),
+        message: m,
+    };
+    let ip = check_host(name, address).map_err(bad)?;
+    let taken_names = state
+        .nodes
+        .iter()
+        .filter_map(|n| n.host.clone())
+        .chain(state.etcd.iter().filter_map(|m| m.host.clone()))
+        .chain(state.repository.iter().map(|r| r.host.clone()));
+    if taken_names.into_iter().any(|h| h == name) || dir.join("hosts").join(name).exists() {
+        return Err(bad(format!(
+            "the cluster already has a host named `{name}`"
+        )));
+    }
+    let addresses = state
+        .nodes
+        .iter()
+        .map(|n| n.address.clone())
+        .chain(state.etcd.iter().map(|m| m.address.clone()))
+        .chain(state.repository.iter().map(|r| r.address.clone()));
+    if addresses
+        .into_iter()
+        .any(|a| a.parse::<IpAddr>().ok() == Some(ip))
+    {
+        return Err(bad(format!("{address} is already a host of the cluster")));
+    }
+    if state.nodes.len() >= 9 {
+        return Err(bad(
+            "the cluster has 9 PostgreSQL hosts, the most dalp runs".into(),
+        ));
+    }
+    let like =
+        state.nodes.first().cloned().ok_or_else(|| {
+            bad("the cluster has no PostgreSQL host to take the ports from".into())
+        })?;
+    state.nodes.push(NodeSpec {
+        name: name.to_string(),
+        host: Some(name.to_string()),
+        address: address.to_string(),
+        pg_port: like.pg_port,
+        api_port: like.api_port,
+        dir: Some(bundle_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_BUNDLE_DIR))),
+    });
+    let secrets_json = std::fs::read_to_string(dir.join("secrets.json"))
+        .map_err(OpsError::io("read secrets.json"))?;
+    let cipher = std::fs::read_to_string(dir.join("keys").join(crate::backup::CIPHER_FILE))
+        .map_err(OpsError::io("read the backup cipher passphrase"))?;
+    let b = make_bundle(dir, name, address, &user, &secrets_json)?;
+    let keys = b.join("keys");
+    std::fs::create_dir_all(&keys).map_err(OpsError::io(format!("create {}", keys.display())))?;
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700))
+        .map_err(OpsError::io("chmod keys dir"))?;
+    pki::write_private(&keys.join(crate::backup::CIPHER_FILE), &cipher)?;
+    let mut mine = state.clone();
+    mine.runs = Some(vec![name.to_string()]);
+    mine.write(&b)?;
+    let rewritten = write_topology(dir, &state)?
+        .into_iter()
+        .filter(|h| h != name)
+        .collect();
+    Ok(TopologyChange {
+        bundle: Some(b),
+        rewritten,
+    })
+}
+
+/// Removes PostgreSQL host `name` from the cluster whose operator copy is `dir` (its node
+/// must be stopped: the caller checks that its Patroni does not answer): the topology of
+/// every other bundle drops it, and its bundle (its key and the secrets) is deleted from
+/// the operator's copy. Hosts that run etcd or the repository are not removed this way.
+pub fn remove_host(dir: &Path, name: &str) -> Result<TopologyChange, OpsError> {
+    let mut state = operator_copy(dir)?;
+    let bad = |m: String| OpsError::Bootstrap {
+        context: format!("remove host `{name}`"),
+        message: m,
+    };
+    if state.etcd.iter().any(|m| m.host.as_deref() == Some(name)) {
+        return Err(bad(format!(
+            "`{name}` runs an etcd member; changing etcd's membership has no verb yet (docs/deploy-self-managed.md)"
+        )));
+    }
+    if state.repository.as_ref().is_some_and(|r| r.host == name) {
+        return Err(bad(format!("`{name}` holds the backup repositories")));
+    }
+    if !state.nodes.iter().any(|n| n.host.as_deref() == Some(name)) {
+        return Err(bad(format!("the cluster has no PostgreSQL host `{name}`")));
+    }
+    if state.nodes.len() <= 2 {
+        return Err(bad(
+            "a cluster keeps at least two PostgreSQL hosts (synchronous replication needs a standby); add one first".into(),
+        ));
+    }
+    state.nodes.retain(|n| n.host.as_deref() != Some(name));
+    let gone = dir.join("hosts").join(name);
+    if gone.exists() {
+        std::fs::remove_dir_all(&gone)
+            .map_err(OpsError::io(format!("remove {}", gone.display())))?;
+    }
+    let rewritten = write_topology(dir, &state)?;
+    Ok(TopologyChange {
+        bundle: None,
+        rewritten,
     })
 }
 
@@ -410,6 +602,60 @@ mod tests {
         address = "10.9.0.13"
         roles = ["etcd", "postgres"]
     "#;
+
+    fn nodes_in(dir: &Path) -> Vec<String> {
+        let f: ClusterFile =
+            serde_json::from_str(&std::fs::read_to_string(ClusterFile::path(dir)).unwrap())
+                .unwrap();
+        f.nodes.into_iter().map(|n| n.name).collect()
+    }
+
+    #[test]
+    fn a_postgres_host_is_added_and_removed_in_every_bundle() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cluster");
+        init(&spec(THREE).unwrap(), &dir).unwrap();
+        let change = add_host(&dir, "db4", "10.9.0.14", None).unwrap();
+        let bundle = change.bundle.unwrap();
+        assert_eq!(change.rewritten, ["db1", "db2", "db3"]);
+        assert!(bundle.join("tls").join(pki::SERVER_KEY).exists());
+        assert!(bundle
+            .join("keys")
+            .join(crate::backup::CIPHER_FILE)
+            .exists());
+        for d in [dir.clone(), dir.join("hosts/db1"), bundle.clone()] {
+            assert_eq!(
+                nodes_in(&d),
+                ["db1", "db2", "db3", "db4"],
+                "{}",
+                d.display()
+            );
+        }
+        let mine: ClusterFile =
+            serde_json::from_str(&std::fs::read_to_string(ClusterFile::path(&bundle)).unwrap())
+                .unwrap();
+        assert_eq!(mine.runs, Some(vec!["db4".to_string()]));
+        assert_eq!(mine.etcd.len(), 3, "etcd membership unchanged");
+
+        let e = |r: Result<TopologyChange, OpsError>| r.unwrap_err().to_string();
+        assert!(e(add_host(&dir, "db4", "10.9.0.15", None)).contains("already has a host"));
+        assert!(e(add_host(&dir, "db5", "10.9.0.12", None)).contains("already a host"));
+        assert!(e(add_host(&dir, "DB 5", "10.9.0.15", None)).contains("host name"));
+        assert!(e(add_host(&dir, "db5", "db5.example", None)).contains("not an IP"));
+        assert!(
+            e(add_host(&dir.join("hosts/db1"), "db5", "10.9.0.15", None))
+                .contains("operator's copy")
+        );
+        assert!(e(remove_host(&dir, "db1")).contains("etcd member"));
+        assert!(e(remove_host(&dir, "db9")).contains("no PostgreSQL host"));
+
+        let change = remove_host(&dir, "db4").unwrap();
+        assert_eq!(change.rewritten, ["db1", "db2", "db3"]);
+        assert!(!bundle.exists(), "the removed host's key and secrets stay");
+        for d in [dir.clone(), dir.join("hosts/db3")] {
+            assert_eq!(nodes_in(&d), ["db1", "db2", "db3"]);
+        }
+    }
 
     #[test]
     fn a_three_host_spec_is_accepted_and_shaped() {

@@ -47,6 +47,39 @@ pub enum ClusterCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Add a PostgreSQL host to a cluster made by `dalp cluster init` (run on the operator's
+    /// copy, which holds the CA key): a certificate from the cluster's CA and a bundle in
+    /// DIR/hosts/<name>, and the new topology in every other bundle's cluster.json. Then:
+    /// copy each changed cluster.json to its host and run `dalp node up` there (Patroni
+    /// reloads pg_hba for the new address; the repository host restarts its server with
+    /// the new node), and install the new bundle and run `dalp node up` on the new host: its
+    /// Patroni clones from the leader. To replace a host, add the new one, then remove the
+    /// old one.
+    AddHost {
+        /// The operator's copy made by `dalp cluster init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The new host's name (1-32 of a-z, 0-9 and -).
+        #[arg(long)]
+        name: String,
+        /// The new host's IP address.
+        #[arg(long)]
+        address: String,
+        /// Where the bundle will be installed on the new host.
+        #[arg(long, default_value = dalp_ops::spec::DEFAULT_BUNDLE_DIR)]
+        bundle_dir: PathBuf,
+    },
+    /// Remove a PostgreSQL host from a cluster made by `dalp cluster init` (run on the
+    /// operator's copy). Stop it first (`dalp node down` on it): its Patroni must not
+    /// answer. Every other bundle's topology drops it and its bundle (its key, the secrets)
+    /// is deleted from DIR/hosts; copy each changed cluster.json to its host and run `dalp
+    /// node up` there. Hosts running etcd or the repository cannot be removed this way.
+    RemoveHost {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
     /// Leader, synchronous standby, replicas, their lag and timeline (from Patroni's REST API).
     Status {
         #[arg(long, default_value = ".dalp-ha")]
@@ -110,6 +143,41 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        ClusterCommand::AddHost {
+            dir,
+            name,
+            address,
+            bundle_dir,
+        } => {
+            let change = dalp_ops::spec::add_host(&dir, &name, &address, Some(bundle_dir))?;
+            let bundle = change.bundle.expect("add_host makes a bundle");
+            println!(
+                "host {name} ({address}) added; its bundle: {}",
+                bundle.display()
+            );
+            print_topology_steps(&dir, &change.rewritten);
+            println!(
+                "  then on {name}: install {} and run dalp node up --bundle <where you installed it>; it clones from the leader",
+                bundle.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCommand::RemoveHost { dir, name } => {
+            let cluster = HaCluster::open(&dir)?;
+            if cluster.member_answers(&name).await {
+                anyhow::bail!(
+                    "{name} still runs (its Patroni answers); on {name} run `dalp node down --bundle <its bundle>` first"
+                );
+            }
+            let change = dalp_ops::spec::remove_host(&dir, &name)?;
+            println!(
+                "host {name} removed; its bundle is deleted from {}",
+                dir.join("hosts").display()
+            );
+            print_topology_steps(&dir, &change.rewritten);
+            println!("  {name}'s certificate stays valid until it expires: destroy its bundle on {name} (its key and the secrets)");
+            Ok(ExitCode::SUCCESS)
+        }
         ClusterCommand::Status { dir, json } => {
             let cluster = HaCluster::open(&dir)?;
             print_status(&cluster, json).await
@@ -139,6 +207,18 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
             print_status(&cluster, false).await
         }
         ClusterCommand::Down { dir } => down(&dir).await,
+    }
+}
+
+/// What the operator does after the topology changed: each changed bundle's cluster.json
+/// to its host, then `dalp node up` there.
+fn print_topology_steps(dir: &Path, rewritten: &[String]) {
+    println!("next, on each of these hosts copy the new cluster.json into its bundle and run dalp node up (running pieces stay up; Patroni reloads its configuration):");
+    for h in rewritten {
+        println!(
+            "  {h}: {} → <bundle>/cluster.json; dalp node up --bundle <bundle>",
+            dir.join("hosts").join(h).join("cluster.json").display()
+        );
     }
 }
 
