@@ -319,7 +319,6 @@ where
             "{fault}: reader session: {} reads through replicas at the session's position, {} skipped (no replica there within 1 s), violations {:?}",
             r.replica_reads, r.skipped, r.violations
         );
-        assert!(r.violations.is_empty(), "{fault}: {:?}", r.violations);
     }
     eprintln!(
         "{fault}: writes unavailable {:.1} s, healthy after {:.1} s; acknowledged {}, unknown {} ({} landed), failed {}, lost {:?}",
@@ -331,6 +330,23 @@ where
         round.verdict.failed,
         round.verdict.lost,
     );
+    // Both verdicts are printed before either fails the round; on a reader violation, what
+    // each node's Patroni did meanwhile.
+    if let Some(r) = &round.reads {
+        if !r.violations.is_empty() {
+            for h in HOSTS {
+                let log = hosts.bundle(h).join(h).join("patroni.log");
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().filter(|l| !l.contains("no action")).collect();
+                eprintln!(
+                    "--- {} ---\n{}",
+                    log.display(),
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                );
+            }
+        }
+        assert!(r.violations.is_empty(), "{fault}: {:?}", r.violations);
+    }
     round.verdict.assert_clean();
     round
 }

@@ -1286,15 +1286,13 @@ impl HaCluster {
     /// Starts etcd member `m` (TLS for clients and peers, a client certificate from the
     /// cluster's CA required of both): as one of a new cluster, or with `existing` (the
     /// members of the cluster it rejoins) as a new member of a running one. Does not wait: a
-    /// member of several serves only once a majority runs ([`HaCluster::wait_etcd`]).
+    /// member of several serves only once a majority runs ([`HaCluster::wait_etcd`]). The
+    /// caller ([`HaCluster::start_etcd`]) has checked that it is not running.
     fn start_etcd_member(
         &self,
         m: &EtcdMember,
         existing: Option<Vec<String>>,
     ) -> Result<(), OpsError> {
-        if self.live_pid(&m.name).is_some() {
-            return Ok(());
-        }
         let data = self.root.join(&m.name);
         std::fs::create_dir_all(&data).map_err(OpsError::io("create etcd dir"))?;
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))

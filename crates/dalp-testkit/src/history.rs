@@ -329,9 +329,33 @@ async fn read_at(
         .collect();
     let shown: BTreeSet<i64> = visible.iter().copied().collect();
     let missing_own: Vec<i64> = own.iter().copied().filter(|n| !shown.contains(n)).collect();
+    // Which replica, and where its WAL comes from: the violation's evidence.
+    let whence = || async {
+        let r = c
+            .query_one(
+                "SELECT (SELECT timeline_id FROM pg_control_checkpoint())::text, \
+                 coalesce((SELECT status || ' tli ' || received_tli || ' from ' || sender_host FROM pg_stat_wal_receiver), 'no WAL receiver')",
+                &[],
+            )
+            .await;
+        let at = replica
+            .hosts
+            .first()
+            .map(|(h, p)| format!("{h}:{p}"))
+            .unwrap_or_default();
+        match r {
+            Ok(r) => format!(
+                "{at}, checkpoint timeline {}, {}",
+                r.get::<_, String>(0),
+                r.get::<_, String>(1)
+            ),
+            Err(e) => format!("{at} ({e})"),
+        }
+    };
     if !missing_own.is_empty() {
         return Some(Err(format!(
-            "read-your-writes: a replica at {replayed} (≥ {position}) lacks this session's acknowledged {missing_own:?}"
+            "read-your-writes: a replica at {replayed} (≥ {position}) lacks this session's acknowledged {missing_own:?} [{}]",
+            whence().await
         )));
     }
     let gone: Vec<i64> = seen
@@ -341,7 +365,8 @@ async fn read_at(
         .collect();
     if !gone.is_empty() {
         return Some(Err(format!(
-            "monotonic reads: a replica at {replayed} no longer shows {gone:?}, which an earlier read showed"
+            "monotonic reads: a replica at {replayed} no longer shows {gone:?}, which an earlier read showed [{}]",
+            whence().await
         )));
     }
     Some(Ok((replayed, visible)))

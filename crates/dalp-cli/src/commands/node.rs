@@ -10,12 +10,15 @@ use dalp_ops::HaCluster;
 /// What runs on this host.
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
-    /// Start what this host runs (its etcd member, its PostgreSQL under Patroni) and wait
-    /// until it serves: etcd's quorum (start the other hosts meanwhile), then this node
-    /// running as leader or streaming replica. Pieces already running are left alone, so it
-    /// also restarts one stopped piece (e.g. an etcd member alone). The host whose node leads
-    /// creates dalp's roles and database and applies the migrations. The processes are
-    /// daemons with pids recorded in the bundle.
+    /// Start what this host runs (its etcd member, its PostgreSQL under Patroni and the
+    /// node's guard, the repository's pgBackRest server) and wait until it serves: etcd's
+    /// quorum (start the other hosts meanwhile), then this node running as leader or
+    /// streaming replica. Pieces already running are left alone, so it also restarts one
+    /// stopped piece (e.g. an etcd member alone); on a running host it re-reads the bundle,
+    /// so after `dalp cluster add-host`/`remove-host` Patroni reloads and the repository's
+    /// server restarts with the new topology. The host whose node leads creates dalp's
+    /// roles and database and applies the migrations. The processes are daemons with pids
+    /// recorded in the bundle.
     Up {
         /// This host's bundle, made by `dalp cluster init` (DIR/hosts/<name>).
         #[arg(long)]
