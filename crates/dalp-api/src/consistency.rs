@@ -1,11 +1,12 @@
 //! Replica reads with read-your-writes over HTTP. With replicas configured
 //! ([`dalp_app::App::with_replicas`]):
-//! - every successful change answers with `x-dalp-consistency: X/Y`, the primary's WAL
-//!   position after it (at or past its commit);
-//! - a read that sends it back is served by a replica that has replayed that position
-//!   (waiting up to the read-your-writes bound), else by the primary — it never sees data
-//!   older than the client's write;
-//! - a read without it goes to a replica within the lag bound;
+//! - every successful change answers with `x-dalp-consistency: X/Y@T`, the primary's WAL
+//!   position after it (at or past its commit) and its timeline;
+//! - a read that sends it back is served by a replica that streams that timeline (or a
+//!   later one) and has replayed that position (waiting up to the read-your-writes bound),
+//!   else by the primary — it never sees data older than the client's write. A bare `X/Y`
+//!   (no timeline) is accepted and needs only a streaming replica at the position;
+//! - a read without it goes to a streaming replica within the lag bound;
 //! - replica-served reads say where they came from: `x-dalp-read-from: replica HOST:PORT` or
 //!   `primary`.
 //!
@@ -16,7 +17,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use dalp_db::ha::{Lsn, Served, Session};
+use dalp_db::ha::{Lsn, Position, Served, Session};
 
 use crate::{ApiError, AppState};
 
@@ -30,41 +31,46 @@ pub struct ReadAt(pub Session);
 /// A token that is not a WAL position.
 struct Malformed;
 
-/// The request's token: none when absent or empty.
-fn token(req: &Request) -> Result<Option<Lsn>, Malformed> {
-    match req
+/// The session the request's token asks for: empty when the token is absent or empty.
+fn token(req: &Request) -> Result<Session, Malformed> {
+    let Some(v) = req
         .headers()
         .get(CONSISTENCY_HEADER)
         .filter(|v| !v.is_empty())
-    {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<Lsn>().ok())
-            .map(Some)
-            .ok_or(Malformed),
+    else {
+        return Ok(Session::default());
+    };
+    let text = v.to_str().map_err(|_| Malformed)?.trim();
+    if text.contains('@') {
+        let p = text.parse::<Position>().map_err(|_| Malformed)?;
+        let mut session = Session::default();
+        session.saw(p);
+        return Ok(session);
     }
+    Ok(Session {
+        last_commit: Some(text.parse::<Lsn>().map_err(|_| Malformed)?),
+        timeline: None,
+    })
 }
 
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     // Checked with or without replicas, so a client learns of a malformed token wherever
     // it is deployed (without replicas every read is on the primary anyway).
-    let Ok(last_commit) = token(&req) else {
+    let Ok(session) = token(&req) else {
         return malformed();
     };
     let Some(replicas) = state.replicas.clone() else {
         return next.run(req).await;
     };
     if matches!(*req.method(), Method::GET | Method::HEAD) {
-        req.extensions_mut().insert(ReadAt(Session { last_commit }));
+        req.extensions_mut().insert(ReadAt(session));
         return next.run(req).await;
     }
     let mut resp = next.run(req).await;
     if resp.status().is_success() {
-        match replicas.any().primary_lsn().await {
-            Ok(lsn) => {
-                if let Ok(v) = HeaderValue::from_str(&lsn.to_string()) {
+        match replicas.any().primary_position().await {
+            Ok(position) => {
+                if let Ok(v) = HeaderValue::from_str(&position.to_string()) {
                     resp.headers_mut()
                         .insert(HeaderName::from_static(CONSISTENCY_HEADER), v);
                 }
@@ -77,7 +83,7 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
 
 fn malformed() -> Response {
     ApiError::BadRequest(format!(
-        "{CONSISTENCY_HEADER} must be the WAL position (X/Y) a change answered with"
+        "{CONSISTENCY_HEADER} must be the value (X/Y@timeline) a change answered with"
     ))
     .into_response()
 }

@@ -948,6 +948,13 @@ fn replica_reads_see_their_own_writes(up: &Up, api_ports: &[u16]) {
                     .to_str()
                     .unwrap()
                     .to_string();
+                // The position and the primary's timeline (X/Y@T).
+                assert!(
+                    consistency
+                        .split_once('@')
+                        .is_some_and(|(lsn, tl)| lsn.contains('/') && tl.parse::<u32>().is_ok()),
+                    "{consistency}"
+                );
                 let created: serde_json::Value = r.json().await.unwrap();
                 let id = created["asset"]["id"].as_str().unwrap();
                 let r = http

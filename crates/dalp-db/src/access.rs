@@ -460,7 +460,7 @@ async fn check_role_attributes(client: &Client) -> Result<Vec<String>, tokio_pos
     for row in memberships {
         let (member, group): (String, String) = (row.get(0), row.get(1));
         let allowed = (group == OWNER_ROLE && (member == MIGRATOR_ROLE || member == "dalp_admin"))
-            || (group == "pg_read_all_stats" && member == MIGRATOR_ROLE)
+            || (group == "pg_read_all_stats" && (member == MIGRATOR_ROLE || member == OWNER_ROLE))
             || (group == crate::component::MONITOR_GROUP
                 && member == crate::Component::Monitor.role());
         if !allowed {

@@ -58,6 +58,82 @@ impl fmt::Display for Lsn {
 #[derive(Debug, Clone, Default)]
 pub struct Session {
     pub last_commit: Option<Lsn>,
+    /// The primary's timeline at `last_commit` (none: any timeline a streaming replica
+    /// follows). WAL positions compare only on one history, so a replica serves the session
+    /// only while it streams this timeline or a later one.
+    pub timeline: Option<u32>,
+}
+
+impl Session {
+    /// Records a commit at `position` (the later of it and what the session had).
+    pub fn saw(&mut self, position: Position) {
+        self.last_commit = Some(
+            self.last_commit
+                .map_or(position.lsn, |l| l.max(position.lsn)),
+        );
+        self.timeline = Some(
+            self.timeline
+                .map_or(position.timeline, |t| t.max(position.timeline)),
+        );
+    }
+
+    /// Whether a node whose data stands at `at` has everything this session wrote.
+    pub fn seen_by(&self, at: &NodePosition) -> bool {
+        // Off a streaming receiver (or a primary's own timeline) a position proves nothing.
+        let Some(timeline) = at.timeline else {
+            return false;
+        };
+        if self.timeline.is_some_and(|t| timeline < t) {
+            return false;
+        }
+        match (self.last_commit, at.lsn) {
+            (None, _) => true,
+            (Some(target), Some(lsn)) => lsn >= target,
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// A primary's WAL position and timeline: a read-your-writes token (`X/Y@T` as text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub lsn: Lsn,
+    pub timeline: u32,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.lsn, self.timeline)
+    }
+}
+
+impl FromStr for Position {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Position, String> {
+        let (lsn, timeline) = s
+            .split_once('@')
+            .ok_or_else(|| format!("`{s}` is not a position (X/Y@timeline)"))?;
+        let timeline = timeline
+            .parse::<u32>()
+            .ok()
+            .filter(|t| *t > 0)
+            .ok_or_else(|| format!("`{s}` has no timeline after `@`"))?;
+        Ok(Position {
+            lsn: lsn.parse()?,
+            timeline,
+        })
+    }
+}
+
+/// Where one node's data stands (`dalp_meta.replica_state()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodePosition {
+    pub in_recovery: bool,
+    /// Replayed (replica) or current (primary) WAL position.
+    pub lsn: Option<Lsn>,
+    /// The timeline a replica streams (none while its WAL receiver does not stream) or a
+    /// primary writes.
+    pub timeline: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +222,8 @@ pub struct ReplicaHealth {
     pub up: bool,
     pub lag_bytes: Option<u64>,
     pub in_recovery: bool,
+    /// Its WAL receiver streams from the primary; reads use only replicas that stream.
+    pub streaming: bool,
     pub checked_ms_ago: u64,
 }
 
@@ -160,6 +238,9 @@ struct Health {
     up: bool,
     lag_bytes: Option<u64>,
     in_recovery: bool,
+    /// Its WAL receiver streams (a replica that does not may replay a timeline the
+    /// cluster has left).
+    streaming: bool,
     checked: Instant,
 }
 
@@ -204,34 +285,47 @@ fn build_pool(opts: &ConnectOptions, size: usize, wait: Duration) -> Result<Pool
         })
 }
 
-/// Unnamed-statement query of one `pg_lsn` (pooler-safe, one round trip).
-async fn lsn_of(
+/// Where the node's data stands (one round trip; the function is dalp_meta's, made by the
+/// migrations, and every login role may run it).
+pub async fn node_position(
     client: &tokio_postgres::Client,
-    sql: &str,
-) -> Result<Option<Lsn>, tokio_postgres::Error> {
-    let row = client.query_typed(sql, &[]).await?;
-    Ok(row
-        .first()
-        .and_then(|r| r.get::<_, Option<String>>(0))
-        .and_then(|s| s.parse().ok()))
-}
-
-/// Whether the server is in recovery, and the WAL position it has replayed (one round trip).
-async fn replay_state(
-    client: &tokio_postgres::Client,
-) -> Result<(bool, Option<Lsn>), tokio_postgres::Error> {
+) -> Result<NodePosition, tokio_postgres::Error> {
     let row = client
         .query_typed(
-            "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text",
+            "SELECT in_recovery, wal_position::text, timeline FROM dalp_meta.replica_state()",
             &[],
         )
         .await?;
-    Ok((
-        row[0].get(0),
-        row[0]
+    Ok(NodePosition {
+        in_recovery: row[0].get(0),
+        lsn: row[0]
             .get::<_, Option<String>>(1)
             .and_then(|s| s.parse().ok()),
-    ))
+        timeline: row[0]
+            .get::<_, Option<i32>>(2)
+            .and_then(|t| u32::try_from(t).ok()),
+    })
+}
+
+/// The primary's current WAL position and timeline (the timeline is the first eight hex
+/// digits of the WAL file name; both functions are open to every role).
+pub async fn primary_position(
+    client: &tokio_postgres::Client,
+) -> Result<Option<Position>, tokio_postgres::Error> {
+    let row = client
+        .query_typed(
+            "SELECT pg_current_wal_lsn()::text, pg_walfile_name(pg_current_wal_lsn())",
+            &[],
+        )
+        .await?;
+    let lsn = row.first().and_then(|r| r.get::<_, String>(0).parse().ok());
+    let timeline = row.first().and_then(|r| {
+        let name: String = r.get(1);
+        name.get(..8).and_then(|h| u32::from_str_radix(h, 16).ok())
+    });
+    Ok(lsn
+        .zip(timeline)
+        .map(|(lsn, timeline)| Position { lsn, timeline }))
 }
 
 impl Router {
@@ -262,6 +356,7 @@ impl Router {
                     up: true,
                     lag_bytes: None,
                     in_recovery: true,
+                    streaming: true,
                     checked: Instant::now(),
                 }),
             });
@@ -305,6 +400,7 @@ impl Router {
                     up: h.up,
                     lag_bytes: h.lag_bytes,
                     in_recovery: h.in_recovery,
+                    streaming: h.streaming,
                     checked_ms_ago: h.checked.elapsed().as_millis() as u64,
                 }
             })
@@ -363,10 +459,8 @@ impl Router {
                 Step::Fatal(e) => return Err(e.into()),
             };
             // The commit is durable; its position is only a hint for later reads.
-            match lsn_of(&client, "SELECT pg_current_wal_lsn()::text").await {
-                Ok(Some(lsn)) => {
-                    session.last_commit = Some(session.last_commit.map_or(lsn, |l| l.max(lsn)))
-                }
+            match primary_position(&client).await {
+                Ok(Some(position)) => session.saw(position),
                 _ => drop(Object::take(client)),
             }
             return Ok(value);
@@ -387,9 +481,9 @@ impl Router {
         (self.inner.primary.clone(), Served::Primary)
     }
 
-    /// The primary's current WAL position: every transaction committed before this call is
-    /// at or before it (a consistency token for read-your-writes).
-    pub async fn primary_lsn(&self) -> Result<Lsn, ExecError> {
+    /// The primary's current WAL position and timeline: every transaction committed before
+    /// this call is at or before it (a consistency token for read-your-writes).
+    pub async fn primary_position(&self) -> Result<Position, ExecError> {
         let client = self
             .inner
             .primary
@@ -400,7 +494,7 @@ impl Router {
                 waited: Duration::ZERO,
                 last: e.to_string(),
             })?;
-        lsn_of(&client, "SELECT pg_current_wal_lsn()::text")
+        primary_position(&client)
             .await?
             .ok_or_else(|| ExecError::Unavailable {
                 attempts: 1,
@@ -518,6 +612,15 @@ enum Candidate {
     Primary,
 }
 
+/// Whether a replica has a session's writes.
+enum CatchUp {
+    Ready,
+    /// On the session's timeline but not at its position within the bound.
+    Behind,
+    /// Not streaming, or streaming an earlier timeline.
+    OffTimeline,
+}
+
 /// How one attempt of a write ended.
 enum Step<T> {
     Done(T),
@@ -563,9 +666,9 @@ impl Inner {
         if !self.eligible(r) {
             return Candidate::Skip;
         }
-        let Some(target) = session.last_commit else {
+        if session.last_commit.is_none() {
             return Candidate::Ready(None);
-        };
+        }
         let client = match r.pool.get().await {
             Ok(c) => c,
             Err(e) => {
@@ -573,10 +676,13 @@ impl Inner {
                 return Candidate::Skip;
             }
         };
-        match self.caught_up(&client, target).await {
-            Ok(true) => Candidate::Ready(Some(Box::new(client))),
+        match self.caught_up(&client, session).await {
+            Ok(CatchUp::Ready) => Candidate::Ready(Some(Box::new(client))),
             // Not there in time: the primary has it.
-            Ok(false) => Candidate::Primary,
+            Ok(CatchUp::Behind) => Candidate::Primary,
+            // Not streaming the session's timeline (restarted, diverged, or following a
+            // deposed primary): its position proves nothing; another replica may serve.
+            Ok(CatchUp::OffTimeline) => Candidate::Skip,
             Err(e) => {
                 drop(Object::take(client));
                 r.mark_down(&e.to_string());
@@ -588,25 +694,33 @@ impl Inner {
     fn eligible(&self, r: &Replica) -> bool {
         let h = r.health.lock().unwrap_or_else(|e| e.into_inner());
         // A listed node that is the primary now (after a failover) is read as the primary.
-        h.up && h.in_recovery && h.lag_bytes.is_none_or(|l| l <= self.opts.max_lag_bytes)
+        h.up && h.in_recovery
+            && h.streaming
+            && h.lag_bytes.is_none_or(|l| l <= self.opts.max_lag_bytes)
     }
 
-    /// Polls the replica's replay position until it reaches `target` or the RYW bound ends.
+    /// Polls the replica's position until it has the session's writes or the RYW bound
+    /// ends.
     async fn caught_up(
         &self,
         client: &tokio_postgres::Client,
-        target: Lsn,
-    ) -> Result<bool, tokio_postgres::Error> {
+        session: &Session,
+    ) -> Result<CatchUp, tokio_postgres::Error> {
         let deadline = Instant::now() + self.opts.ryw_timeout;
         let mut pause = Duration::from_micros(500);
         loop {
-            // Off recovery (promoted), a node has everything it ever acknowledged.
-            let (in_recovery, replayed) = replay_state(client).await?;
-            if !in_recovery || replayed.is_some_and(|l| l >= target) {
-                return Ok(true);
+            let at = node_position(client).await?;
+            if session.seen_by(&at) {
+                return Ok(CatchUp::Ready);
+            }
+            if at
+                .timeline
+                .is_none_or(|t| session.timeline.is_some_and(|s| t < s))
+            {
+                return Ok(CatchUp::OffTimeline);
             }
             if Instant::now() + pause > deadline {
-                return Ok(false);
+                return Ok(CatchUp::Behind);
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(10));
@@ -619,16 +733,13 @@ impl Inner {
         }
         let primary_lsn =
             match tokio::time::timeout(Duration::from_secs(2), self.primary.get()).await {
-                Ok(Ok(c)) => lsn_of(&c, "SELECT pg_current_wal_lsn()::text")
-                    .await
-                    .ok()
-                    .flatten(),
+                Ok(Ok(c)) => primary_position(&c).await.ok().flatten().map(|p| p.lsn),
                 _ => None,
             };
         for r in &self.replicas {
             let seen = async {
                 let c = r.pool.get().await.map_err(|e| e.to_string())?;
-                let state = replay_state(&c).await.map_err(|e| {
+                let state = node_position(&c).await.map_err(|e| {
                     if is_failover_error(&e) {
                         drop(Object::take(c));
                     }
@@ -637,20 +748,24 @@ impl Inner {
                 Ok::<_, String>(state)
             };
             match tokio::time::timeout(Duration::from_secs(2), seen).await {
-                Ok(Ok((in_recovery, replay))) => {
-                    let lag = match (in_recovery, primary_lsn, replay) {
+                Ok(Ok(at)) => {
+                    let lag = match (at.in_recovery, primary_lsn, at.lsn) {
                         (false, _, _) => Some(0),
                         (true, Some(p), Some(r)) => Some(p.0.saturating_sub(r.0)),
                         _ => None,
                     };
+                    let streaming = at.timeline.is_some();
                     let mut h = r.health.lock().unwrap_or_else(|e| e.into_inner());
-                    if !h.up {
+                    if at.in_recovery && !streaming && h.streaming {
+                        tracing::warn!(replica = %r.name, "replica's WAL receiver does not stream; reads skip it until it does");
+                    } else if !h.up || (streaming && !h.streaming) {
                         tracing::info!(replica = %r.name, "replica is back; reads use it again");
                     }
                     *h = Health {
                         up: true,
                         lag_bytes: lag,
-                        in_recovery,
+                        in_recovery: at.in_recovery,
+                        streaming,
                         checked: Instant::now(),
                     };
                 }
@@ -721,5 +836,55 @@ mod tests {
         assert!("16B3748".parse::<Lsn>().is_err());
         assert!("0/XYZ".parse::<Lsn>().is_err());
         assert!("100000000/0".parse::<Lsn>().is_err());
+    }
+
+    #[test]
+    fn positions_parse_and_print_with_their_timeline() {
+        let p: Position = "0/6031D20@2".parse().unwrap();
+        assert_eq!(p.timeline, 2);
+        assert_eq!(p.to_string(), "0/6031D20@2");
+        for bad in [
+            "0/6031D20",
+            "0/6031D20@",
+            "0/6031D20@0",
+            "0/6031D20@x",
+            "@2",
+        ] {
+            assert!(bad.parse::<Position>().is_err(), "{bad}");
+        }
+    }
+
+    fn node(lsn: &str, timeline: Option<u32>) -> NodePosition {
+        NodePosition {
+            in_recovery: true,
+            lsn: Some(lsn.parse().unwrap()),
+            timeline,
+        }
+    }
+
+    #[test]
+    fn a_session_is_seen_only_on_its_timeline_or_a_later_one() {
+        let mut s = Session::default();
+        s.saw("0/6031D20@2".parse().unwrap());
+        // An earlier position on the same timeline can come back later: the latest counts.
+        s.saw("0/5000000@2".parse().unwrap());
+        assert_eq!(s.last_commit, Some("0/6031D20".parse().unwrap()));
+        // The double failure's stale replica: past the position but not streaming.
+        assert!(!s.seen_by(&node("0/7000000", None)));
+        // Streaming the timeline the cluster left (a deposed primary's).
+        assert!(!s.seen_by(&node("0/7000000", Some(1))));
+        assert!(!s.seen_by(&node("0/6000000", Some(2))));
+        assert!(s.seen_by(&node("0/6031D20", Some(2))));
+        assert!(s.seen_by(&node("0/6031D20", Some(3))));
+        // A bare X/Y token: any streaming timeline.
+        let bare = Session {
+            last_commit: Some("0/6031D20".parse().unwrap()),
+            timeline: None,
+        };
+        assert!(bare.seen_by(&node("0/7000000", Some(1))));
+        assert!(!bare.seen_by(&node("0/7000000", None)));
+        // Nothing written: any streaming replica.
+        assert!(Session::default().seen_by(&node("0/1", Some(1))));
+        assert!(!Session::default().seen_by(&node("0/1", None)));
     }
 }

@@ -125,6 +125,26 @@ CREATE TABLE IF NOT EXISTS dalp_meta.schema_migrations (
     execution_ms integer     NOT NULL,
     PRIMARY KEY (schema_name, version)
 );
+-- Where a node's data stands, for replica routing (`dalp_db::ha`): whether it is in
+-- recovery, its replayed (or, on a primary, current) WAL position, and the timeline it
+-- follows: on a replica only while its WAL receiver streams, else NULL. A replica that is
+-- not streaming may replay WAL of a timeline the cluster has left (after a failover) and
+-- report a position past commits it lacks, so routing needs the timeline as well as the
+-- position. SECURITY DEFINER because only pg_read_all_stats sees the receiver's state
+-- (the owner role has it); it returns nothing else.
+CREATE OR REPLACE FUNCTION dalp_meta.replica_state(
+    OUT in_recovery boolean, OUT wal_position pg_lsn, OUT timeline integer)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+SELECT r,
+       CASE WHEN r THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END,
+       CASE WHEN r THEN (SELECT received_tli FROM pg_stat_wal_receiver WHERE status = 'streaming')
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::integer
+       END
+  FROM pg_is_in_recovery() AS r
+$fn$;
+REVOKE ALL ON FUNCTION dalp_meta.replica_state() FROM PUBLIC;
 ";
 
 /// Reads what is recorded as applied; empty when the bookkeeping table does not exist yet.
@@ -296,7 +316,7 @@ async fn apply_locked(
     let grants: String = login_roles()
         .map(|r| {
             format!(
-                "GRANT USAGE ON SCHEMA dalp_meta TO {q}; GRANT SELECT ON dalp_meta.schema_migrations TO {q};",
+                "GRANT USAGE ON SCHEMA dalp_meta TO {q}; GRANT SELECT ON dalp_meta.schema_migrations TO {q}; GRANT EXECUTE ON FUNCTION dalp_meta.replica_state() TO {q};",
                 q = quote_ident(r)
             )
         })

@@ -173,11 +173,13 @@ pub async fn ensure_roles(client: &Client, secrets: &Secrets) -> Result<(), Role
             .await?;
         set_role_pgaudit(client, ADMIN_ROLE, "all").await?;
     }
-    // Query analysis (`dalp db top|lint`) reads statistics of every role's statements.
+    // Query analysis (`dalp db top|lint`) reads statistics of every role's statements; the
+    // owner's `dalp_meta.replica_state()` reads the WAL receiver's state for replica routing.
     client
         .batch_execute(&format!(
-            "GRANT pg_read_all_stats TO {}",
-            quote_ident(MIGRATOR_ROLE)
+            "GRANT pg_read_all_stats TO {}; GRANT pg_read_all_stats TO {}",
+            quote_ident(MIGRATOR_ROLE),
+            quote_ident(OWNER_ROLE)
         ))
         .await?;
     Ok(())

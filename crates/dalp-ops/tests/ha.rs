@@ -82,10 +82,14 @@ async fn ha_cluster_routing_switchover_and_failover_under_load() {
     assert!(status.missing.is_empty());
 
     let migrator = cluster.connect_options(MIGRATOR_ROLE).unwrap();
-    let setup = migrator.connect().await.unwrap();
+    let mut setup = migrator.connect().await.unwrap();
+    // dalp_meta (with the replica-state function the router reads), as `dalp migrate` makes.
+    dalp_db::migrate::migrate(&mut setup, &[], false)
+        .await
+        .unwrap();
     setup
         .batch_execute(
-            "CREATE SCHEMA ha_probe;
+            "RESET ROLE; CREATE SCHEMA ha_probe;
              CREATE TABLE ha_probe.writes (n bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp());
              CREATE TABLE ha_probe.ryw (n bigint PRIMARY KEY)",
         )

@@ -164,10 +164,11 @@ pub struct ReadVerdict {
 }
 
 /// A reader session: it writes its own ids (recorded in the shared history like a
-/// [`Writer`]'s) and after each acknowledged write reads through a replica, the way dalp's
-/// replica routing does — only from a replica that has replayed the session's position (its
-/// last commit's WAL position, and every replay position it has read at), waiting up to
-/// `catch_up` for one. Each such read must show every write this session had acknowledged
+/// [`Writer`]'s) and after each acknowledged write reads through a replica by dalp's replica
+/// routing rule (`dalp_db::ha::Session::seen_by` over `dalp_meta.replica_state()`, so the
+/// database must be migrated) — only from a replica that streams the session's timeline and
+/// has replayed its position (its last commit's, and every position it has read at),
+/// waiting up to `catch_up` for one. Each such read must show every write this session had acknowledged
 /// (read-your-writes) and every acknowledged id an earlier read showed (monotonic reads).
 pub struct Reader {
     stop: Arc<AtomicBool>,
@@ -192,7 +193,7 @@ impl Reader {
             let mut v = ReadVerdict::default();
             let mut own: Vec<i64> = Vec::new();
             let mut seen: Vec<i64> = Vec::new();
-            let mut position: Option<String> = None;
+            let mut session = dalp_db::ha::Session::default();
             let mut turn = 0usize;
             while !flag.load(Ordering::Relaxed) {
                 let n = ids.fetch_add(1, Ordering::Relaxed);
@@ -216,19 +217,11 @@ impl Reader {
                 };
                 if let Some(c) = client {
                     own.push(n);
-                    let lsn = tokio::time::timeout(
-                        limit,
-                        c.query_one("SELECT pg_current_wal_lsn()::text", &[]),
-                    )
-                    .await;
-                    if let Ok(Ok(r)) = lsn {
-                        let lsn: String = r.get(0);
-                        position = Some(match position.take() {
-                            Some(p) if later(&p, &lsn) => p,
-                            _ => lsn,
-                        });
+                    let at = tokio::time::timeout(limit, dalp_db::ha::primary_position(&c)).await;
+                    if let Ok(Ok(Some(p))) = at {
+                        session.saw(p);
                     }
-                    if let Some(pos) = position.clone() {
+                    if session.last_commit.is_some() {
                         let acked: Vec<i64> = history.lock().unwrap().acked().into_iter().collect();
                         turn += 1;
                         // The nodes in turn, from a different one each time: the first that
@@ -236,12 +229,10 @@ impl Reader {
                         let mut served = false;
                         for k in 0..replicas.len() {
                             let replica = &replicas[(turn + k) % replicas.len()];
-                            match read_at(replica, &pos, catch_up, &own, &seen, &acked).await {
+                            match read_at(replica, &session, catch_up, &own, &seen, &acked).await {
                                 Some(Ok((replayed, visible))) => {
                                     v.replica_reads += 1;
-                                    if later(&replayed, &pos) {
-                                        position = Some(replayed);
-                                    }
+                                    session.saw(replayed);
                                     seen = visible;
                                 }
                                 Some(Err(violation)) => {
@@ -270,53 +261,43 @@ impl Reader {
     }
 }
 
-/// Whether WAL position `a` is later than `b` (both `X/Y`).
-fn later(a: &str, b: &str) -> bool {
-    let value = |s: &str| {
-        s.split_once('/')
-            .and_then(|(h, l)| {
-                Some((u64::from_str_radix(h, 16).ok()? << 32) | u64::from_str_radix(l, 16).ok()?)
-            })
-            .unwrap_or(0)
-    };
-    value(a) > value(b)
-}
-
-/// One read on `replica` once it has replayed `position` (polled up to `catch_up`): `None`
-/// when it is unreachable, not a replica, or does not get there in time; else its replay
-/// position and the acknowledged ids it shows, or the violation it shows.
+/// One read on `replica` once it has `session`'s writes by the routing rule (polled up to
+/// `catch_up`): `None` when it is unreachable, not a replica, off the session's timeline or
+/// does not get there in time; else its position and the acknowledged ids it shows, or the
+/// violation it shows.
 async fn read_at(
     replica: &ConnectOptions,
-    position: &str,
+    session: &dalp_db::ha::Session,
     catch_up: Duration,
     own: &[i64],
     seen: &[i64],
     acked: &[i64],
-) -> Option<Result<(String, Vec<i64>), String>> {
+) -> Option<Result<(dalp_db::ha::Position, Vec<i64>), String>> {
     let c = tokio::time::timeout(Duration::from_secs(2), replica.connect())
         .await
         .ok()?
         .ok()?;
     let deadline = Instant::now() + catch_up;
     let replayed = loop {
-        let r = c
-            .query_one(
-                "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn() >= $1::text::pg_lsn, pg_last_wal_replay_lsn()::text",
-                &[&position],
-            )
-            .await
-            .ok()?;
-        if !r.get::<_, bool>(0) {
+        let at = dalp_db::ha::node_position(&c).await.ok()?;
+        if !at.in_recovery {
             return None;
         }
-        if r.get::<_, Option<bool>>(1) == Some(true) {
-            break r.get::<_, String>(2);
+        if session.seen_by(&at) {
+            break dalp_db::ha::Position {
+                lsn: at.lsn?,
+                timeline: at.timeline?,
+            };
         }
-        if Instant::now() > deadline {
+        if at.timeline.is_none() || Instant::now() > deadline {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let position = session
+        .last_commit
+        .map(|l| l.to_string())
+        .unwrap_or_default();
     let visible: Vec<i64> = c
         .query(
             "SELECT n FROM ha_history.writes WHERE n = ANY($1)",

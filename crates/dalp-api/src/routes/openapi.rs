@@ -204,7 +204,7 @@ fn add_common_responses(doc: &mut Value) {
             if method != "get" && path.starts_with("/api/v1/") {
                 for (_, r) in responses.iter_mut().filter(|(c, _)| c.starts_with('2')) {
                     r["headers"][crate::consistency::CONSISTENCY_HEADER] = json!({
-                        "description": "With replicas configured: the primary's WAL position after this change; send it with a later read to see the change",
+                        "description": "With replicas configured: the primary's WAL position and timeline after this change (X/Y@T); send it with a later read to see the change",
                         "schema": { "type": "string" }
                     });
                 }
