@@ -462,25 +462,52 @@ async fn etcd_member_lost(hosts: &Hosts) -> Round {
     .await
 }
 
+/// The leader with one of its processes stopped (SIGSTOP): its name, its host's view, the
+/// guard's fence count before, the stopped pid, and when (monotonic and wall clock).
+struct Stalled {
+    old: String,
+    local: HaCluster,
+    fences: usize,
+    pid: i32,
+    at: (Instant, i64),
+}
+
+/// Stops the leader's process that `pick` names (its pid, by the leader's name).
+async fn stall_leader(hosts: &Hosts, pick: fn(&HaCluster, &str) -> Option<i32>) -> Stalled {
+    let old = leader(hosts).await;
+    let local = hosts.local(&old);
+    let fences = local.guard_events(&old).len();
+    let pid = pick(&local, &old).unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+    Stalled {
+        old,
+        local,
+        fences,
+        pid,
+        at: (Instant::now(), unix_ms()),
+    }
+}
+
 async fn zombie_leader(hosts: &Hosts) -> Round {
     under_load(
         hosts,
         "leader's Patroni stalled past ttl, then resumed",
         || async {
-            let old = leader(hosts).await;
-            let local = hosts.local(&old);
-            let fences = local.guard_events(&old).len();
-            let pid = local.patroni_pid(&old).unwrap();
-            kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
-            let frozen = Instant::now();
-            let frozen_ms = unix_ms();
+            let Stalled {
+                old,
+                local,
+                fences,
+                pid,
+                at,
+            } = stall_leader(hosts, HaCluster::patroni_pid).await;
+            let frozen = at.0;
             let promoted = new_leader(hosts, &old, Duration::from_secs(90)).await;
             eprintln!(
                 "zombie: {promoted} leads {:.1} s after {old}'s Patroni froze",
                 frozen.elapsed().as_secs_f64()
             );
             // The old primary's guard fenced it (what a watchdog would have done).
-            let fence = wait_fence(&local, &old, fences, (frozen, frozen_ms), pid, "Patroni").await;
+            let fence = wait_fence(&local, &old, fences, at, pid, "Patroni").await;
             eprintln!("zombie: {old}'s guard fenced its primary: {fence}");
             tokio::time::sleep(Duration::from_secs(3)).await;
             kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
@@ -503,13 +530,14 @@ async fn frozen_postmaster(hosts: &Hosts) -> Round {
         hosts,
         "primary's postmaster frozen (never resumed)",
         || async {
-            let old = leader(hosts).await;
-            let local = hosts.local(&old);
-            let fences = local.guard_events(&old).len();
-            let pid = local.postmaster_pid(&old).unwrap();
-            kill(Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
-            let frozen = Instant::now();
-            let frozen_ms = unix_ms();
+            let Stalled {
+                old,
+                local,
+                fences,
+                pid,
+                at,
+            } = stall_leader(hosts, HaCluster::postmaster_pid).await;
+            let frozen = at.0;
             let named = format!("{old}: the leader's PostgreSQL takes no new connection");
             let reported = loop {
                 let report = hosts.operator().inspect().await;
@@ -526,15 +554,7 @@ async fn frozen_postmaster(hosts: &Hosts) -> Round {
                 "frozen postmaster on {old} reported by status after {:.1} s",
                 reported.as_secs_f64()
             );
-            let fence = wait_fence(
-                &local,
-                &old,
-                fences,
-                (frozen, frozen_ms),
-                pid,
-                "no new connection",
-            )
-            .await;
+            let fence = wait_fence(&local, &old, fences, at, pid, "no new connection").await;
             eprintln!("frozen postmaster on {old}: {fence}");
         },
     )

@@ -268,6 +268,22 @@ pub struct TlsSite {
     pub repository: Option<(String, PathBuf)>,
 }
 
+impl TlsSite {
+    /// The options that reach `host`'s `pgbackrest server` (running with its configuration
+    /// at `config`) for `prefix` (`repoN` or `pgN`): TLS with this host's certificate.
+    fn remote_lines(&self, prefix: &str, host: &str, config: &Path) -> [String; 7] {
+        [
+            format!("{prefix}-host={host}"),
+            format!("{prefix}-host-config={}", config.display()),
+            format!("{prefix}-host-type=tls"),
+            format!("{prefix}-host-port={}", self.port),
+            format!("{prefix}-host-cert-file={}", self.cert.display()),
+            format!("{prefix}-host-key-file={}", self.key.display()),
+            format!("{prefix}-host-ca-file={}", self.ca.display()),
+        ]
+    }
+}
+
 /// A backup as pgBackRest lists it.
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupInfo {
@@ -455,14 +471,8 @@ impl Backups {
             .as_ref()
             .and_then(|s| s.repository.as_ref().map(|h| (s, h)))
         {
-            out.push(format!("repo{n}-host={host}"));
             // The server there runs each request with this configuration (its repositories).
-            out.push(format!("repo{n}-host-config={}", config.display()));
-            out.push(format!("repo{n}-host-type=tls"));
-            out.push(format!("repo{n}-host-port={}", s.port));
-            out.push(format!("repo{n}-host-cert-file={}", s.cert.display()));
-            out.push(format!("repo{n}-host-key-file={}", s.key.display()));
-            out.push(format!("repo{n}-host-ca-file={}", s.ca.display()));
+            out.extend(s.remote_lines(&format!("repo{n}"), host, config));
             // Its path there, too: a database host serving the repository host's requests
             // checks that the repositories it knows of are distinct.
             let path = match repo {
@@ -668,13 +678,7 @@ impl Backups {
         for (i, t) in self.targets.iter().enumerate() {
             let n = i + 1;
             if let (Some((host, config)), Some(s)) = (&t.host, &self.site) {
-                g.push(format!("pg{n}-host={host}"));
-                g.push(format!("pg{n}-host-config={}", config.display()));
-                g.push(format!("pg{n}-host-type=tls"));
-                g.push(format!("pg{n}-host-port={}", s.port));
-                g.push(format!("pg{n}-host-cert-file={}", s.cert.display()));
-                g.push(format!("pg{n}-host-key-file={}", s.key.display()));
-                g.push(format!("pg{n}-host-ca-file={}", s.ca.display()));
+                g.extend(s.remote_lines(&format!("pg{n}"), host, config));
             }
             g.push(format!("pg{n}-path={}", t.data_dir.display()));
             g.push(format!("pg{n}-socket-path={}", t.socket_dir.display()));

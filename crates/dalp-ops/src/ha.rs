@@ -453,6 +453,14 @@ fn guard_name(node: &str) -> String {
     format!("{node}{GUARD}")
 }
 
+/// Runs `write` (which writes the file at `path`) and says whether it changed a file that
+/// existed before (a new file is not a change to react to).
+fn rewrote<E>(path: &Path, write: impl FnOnce() -> Result<(), E>) -> Result<bool, E> {
+    let before = std::fs::read(path).ok();
+    write()?;
+    Ok(before.is_some_and(|b| std::fs::read(path).ok() != Some(b)))
+}
+
 /// The guard's view of the node's role: over `held` (a superuser connection on the local
 /// socket, opened again when it broke; it keeps working while the postmaster is frozen),
 /// `Some(true)` for a primary; `None` when it cannot tell within `timeout`.
@@ -462,11 +470,12 @@ async fn guard_role(
     running: bool,
     timeout: Duration,
 ) -> Option<bool> {
-    if !running || held.as_ref().is_some_and(|c| c.is_closed()) {
-        *held = None;
-    }
     if !running {
+        *held = None;
         return None;
+    }
+    if held.as_ref().is_some_and(|c| c.is_closed()) {
+        *held = None;
     }
     if held.is_none() {
         *held = Some(
@@ -809,11 +818,9 @@ impl HaCluster {
         cluster.wait_etcd(Duration::from_secs(90)).await?;
         let backups = cluster.backups()?;
         if let Some(b) = &backups {
-            let before = std::fs::read(b.config_path()).ok();
-            b.write_config()?;
             // A running server re-reads its configuration only when started: the topology
             // changed (`dalp cluster add-host` / `remove-host`), so restart it.
-            if before.is_some_and(|b0| std::fs::read(b.config_path()).ok() != Some(b0))
+            if rewrote(&b.config_path(), || b.write_config())?
                 && cluster.live_pid(BACKUP_SERVER).is_some()
             {
                 tracing::warn!("the cluster's hosts changed: restarting the pgbackrest server");
@@ -830,11 +837,11 @@ impl HaCluster {
                 timeout_secs: b.policy().rpo_secs,
             });
             let yml = cluster.node_dir(&node.name).join("patroni.yml");
-            let before = std::fs::read(&yml).ok();
-            cluster.write_node_config(node, opts, archiving.as_ref())?;
             // A running Patroni reloads its configuration on SIGHUP (and with it
             // PostgreSQL's pg_hba.conf): the topology changed.
-            if before.is_some_and(|b0| std::fs::read(&yml).ok() != Some(b0)) {
+            if rewrote(&yml, || {
+                cluster.write_node_config(node, opts, archiving.as_ref())
+            })? {
                 if let Some(pid) = cluster.live_pid(&node.name) {
                     tracing::warn!(node = %node.name, "the cluster's hosts changed: Patroni reloads its configuration");
                     let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
@@ -961,7 +968,7 @@ impl HaCluster {
     /// Whether node `name`'s Patroni answers its REST API (within 3 s).
     pub async fn member_answers(&self, name: &str) -> bool {
         match self.node(name) {
-            Some(n) => self.patroni_self(&n.clone()).await.is_some(),
+            Some(n) => self.patroni_self(n).await.is_some(),
             None => false,
         }
     }
@@ -1264,23 +1271,23 @@ impl HaCluster {
 
     /// POSTs `body` to etcd member `at`'s JSON gateway (`path` under `/v3/`).
     async fn etcd_api(&self, at: &EtcdMember, path: &str, body: Value) -> Result<Value, String> {
-        let r = self
-            .http()
-            .post(format!("{}{path}", at.client_url()))
-            .json(&body)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| format!("{} {path}: {e}", at.name))?;
-        let code = r.status();
-        let v: Value = r
-            .json()
-            .await
-            .map_err(|e| format!("{} {path}: {e}", at.name))?;
-        if !code.is_success() {
-            return Err(format!("{} {path}: {code} {v}", at.name));
-        }
-        Ok(v)
+        let call = async {
+            let r = self
+                .http()
+                .post(format!("{}{path}", at.client_url()))
+                .json(&body)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            let code = r.status();
+            let v: Value = r.json().await.map_err(|e| e.to_string())?;
+            if !code.is_success() {
+                return Err(format!("{code} {v}"));
+            }
+            Ok(v)
+        };
+        call.await.map_err(|e| format!("{} {path}: {e}", at.name))
     }
 
     /// Starts etcd member `m` (TLS for clients and peers, a client certificate from the

@@ -467,7 +467,7 @@ pub fn add_host(
     dir: &Path,
     name: &str,
     address: &str,
-    bundle_dir: Option<PathBuf>,
+    bundle_dir: &Path,
 ) -> Result<TopologyChange, OpsError> {
     let user = ServerUser::resolve()?;
     let mut state = operator_copy(dir)?;
@@ -514,7 +514,7 @@ pub fn add_host(
         address: address.to_string(),
         pg_port: like.pg_port,
         api_port: like.api_port,
-        dir: Some(bundle_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_BUNDLE_DIR))),
+        dir: Some(bundle_dir.to_path_buf()),
     });
     let secrets_json = std::fs::read_to_string(dir.join("secrets.json"))
         .map_err(OpsError::io("read secrets.json"))?;
@@ -615,7 +615,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("cluster");
         init(&spec(THREE).unwrap(), &dir).unwrap();
-        let change = add_host(&dir, "db4", "10.9.0.14", None).unwrap();
+        let change = add_host(&dir, "db4", "10.9.0.14", Path::new(DEFAULT_BUNDLE_DIR)).unwrap();
         let bundle = change.bundle.unwrap();
         assert_eq!(change.rewritten, ["db1", "db2", "db3"]);
         assert!(bundle.join("tls").join(pki::SERVER_KEY).exists());
@@ -638,14 +638,41 @@ mod tests {
         assert_eq!(mine.etcd.len(), 3, "etcd membership unchanged");
 
         let e = |r: Result<TopologyChange, OpsError>| r.unwrap_err().to_string();
-        assert!(e(add_host(&dir, "db4", "10.9.0.15", None)).contains("already has a host"));
-        assert!(e(add_host(&dir, "db5", "10.9.0.12", None)).contains("already a host"));
-        assert!(e(add_host(&dir, "DB 5", "10.9.0.15", None)).contains("host name"));
-        assert!(e(add_host(&dir, "db5", "db5.example", None)).contains("not an IP"));
-        assert!(
-            e(add_host(&dir.join("hosts/db1"), "db5", "10.9.0.15", None))
-                .contains("operator's copy")
-        );
+        assert!(e(add_host(
+            &dir,
+            "db4",
+            "10.9.0.15",
+            Path::new(DEFAULT_BUNDLE_DIR)
+        ))
+        .contains("already has a host"));
+        assert!(e(add_host(
+            &dir,
+            "db5",
+            "10.9.0.12",
+            Path::new(DEFAULT_BUNDLE_DIR)
+        ))
+        .contains("already a host"));
+        assert!(e(add_host(
+            &dir,
+            "DB 5",
+            "10.9.0.15",
+            Path::new(DEFAULT_BUNDLE_DIR)
+        ))
+        .contains("host name"));
+        assert!(e(add_host(
+            &dir,
+            "db5",
+            "db5.example",
+            Path::new(DEFAULT_BUNDLE_DIR)
+        ))
+        .contains("not an IP"));
+        assert!(e(add_host(
+            &dir.join("hosts/db1"),
+            "db5",
+            "10.9.0.15",
+            Path::new(DEFAULT_BUNDLE_DIR)
+        ))
+        .contains("operator's copy"));
         assert!(e(remove_host(&dir, "db1")).contains("etcd member"));
         assert!(e(remove_host(&dir, "db9")).contains("no PostgreSQL host"));
 

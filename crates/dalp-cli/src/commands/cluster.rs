@@ -149,7 +149,7 @@ pub async fn run(command: ClusterCommand) -> anyhow::Result<ExitCode> {
             address,
             bundle_dir,
         } => {
-            let change = dalp_ops::spec::add_host(&dir, &name, &address, Some(bundle_dir))?;
+            let change = dalp_ops::spec::add_host(&dir, &name, &address, &bundle_dir)?;
             let bundle = change.bundle.expect("add_host makes a bundle");
             println!(
                 "host {name} ({address}) added; its bundle: {}",

@@ -528,6 +528,11 @@ fn watchdog_check(device: &Path) -> Check {
 /// fence it made.
 fn guard_checks(cluster: &dalp_ops::HaCluster) -> Vec<Check> {
     let running = cluster.running_processes();
+    let start = if cluster.spans_hosts() {
+        format!("dalp node up --bundle {}", cluster.root().display())
+    } else {
+        format!("dalp cluster heal --dir {}", cluster.root().display())
+    };
     cluster
         .local_node_names()
         .into_iter()
@@ -540,11 +545,6 @@ fn guard_checks(cluster: &dalp_ops::HaCluster) -> Vec<Check> {
                 )
             });
             let last = last.unwrap_or_else(|| "; no fence so far".into());
-            let start = if cluster.spans_hosts() {
-                format!("dalp node up --bundle {}", cluster.root().display())
-            } else {
-                format!("dalp cluster heal --dir {}", cluster.root().display())
-            };
             if running.contains(&format!("guard {name}")) {
                 check("guard", "ok", format!("{name}'s guard runs{last}"), "")
             } else {
