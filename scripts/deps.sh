@@ -6,14 +6,15 @@
 #   Test tools only with DALP_DEPS_TEST=1 (set by test.sh; DALP_DEPS_ANVIL=1 is the old name):
 #   anvil (npm @foundry-rs/anvil-linux-amd64) into .tools/ for the indexer tests, and rsyslog
 #   with its TLS and RELP modules as the real syslog receiver of the SIEM tests (each test
-#   starts its own instance; the package's system service is not needed), and iproute2 for
-#   the multi-host tests' network namespaces (usually present already).
+#   starts its own instance; the package's system service is not needed), iproute2 for
+#   the multi-host tests' network namespaces (usually present already), and iptables (its
+#   iptables-legacy queues a host's packets for the latency fault; the kernel has no netem).
 set -euo pipefail
 
 DALP_DEPS_TEST="${DALP_DEPS_TEST:-${DALP_DEPS_ANVIL:-0}}"
 DALP_DEB_PACKAGES=(postgresql-15 postgresql-client-15 postgresql-15-pgaudit etcd-server pgbouncer pgbackrest openssl python3-venv)
 if [ "$DALP_DEPS_TEST" = 1 ]; then
-  DALP_DEB_PACKAGES+=(rsyslog rsyslog-gnutls rsyslog-relp iproute2)
+  DALP_DEB_PACKAGES+=(rsyslog rsyslog-gnutls rsyslog-relp iproute2 iptables)
 fi
 
 missing=()

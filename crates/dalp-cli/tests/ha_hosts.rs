@@ -393,6 +393,31 @@ async fn partition_leader(hosts: &Hosts) -> Round {
     .await
 }
 
+/// 100 ms more on every packet each host sends (what `tc netem delay 100ms` on each host's
+/// link does; this kernel has no netem, so the test net queues and releases them), for
+/// longer than the ttl: nothing fails over, writes go on (slower), nothing is lost.
+async fn latency(hosts: &Hosts) -> Round {
+    under_load(
+        hosts,
+        "100 ms latency on every host's link, past the ttl",
+        || async {
+            let old = leader(hosts).await;
+            let by = Duration::from_millis(100);
+            let delays: Vec<_> = ALL
+                .iter()
+                .map(|h| hosts.net.delay(h, by).unwrap())
+                .collect();
+            tokio::time::sleep(hosts.operator().ttl() + Duration::from_secs(5)).await;
+            let still = leader(hosts).await;
+            let packets: u64 = delays.into_iter().map(|d| d.finish()).sum();
+            eprintln!("latency: {packets} packets held {by:?} on their way out");
+            assert!(packets > 0, "no packet went through the delay");
+            assert_eq!(still, old, "100 ms of latency moved the leader");
+        },
+    )
+    .await
+}
+
 async fn one_way_partition(hosts: &Hosts) -> Round {
     under_load(
         hosts,
@@ -1160,8 +1185,9 @@ fn multi_host_verbs_refuse_what_they_cannot_do() {
 
 /// The full schedule's faults, in order; `DALP_HOST_FAULTS` (a comma-separated subset of
 /// these names) runs only some.
-const SCHEDULE: [&str; 10] = [
+const SCHEDULE: [&str; 11] = [
     "kill_leader",
+    "latency",
     "partition_leader",
     "one_way_partition",
     "etcd_member_lost",
@@ -1176,6 +1202,7 @@ const SCHEDULE: [&str; 10] = [
 async fn fault(hosts: &Hosts, name: &str) -> Round {
     match name {
         "kill_leader" => kill_leader(hosts).await,
+        "latency" => latency(hosts).await,
         "partition_leader" => partition_leader(hosts).await,
         "one_way_partition" => one_way_partition(hosts).await,
         "etcd_member_lost" => etcd_member_lost(hosts).await,
