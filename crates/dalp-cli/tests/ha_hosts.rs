@@ -1113,6 +1113,7 @@ async fn three_hosts_heal_every_fault_without_losing_a_write() {
     rounds.push(kill_leader(&hosts).await);
     rounds.push(partition_leader(&hosts).await);
     rounds.push(etcd_member_lost(&hosts).await);
+    rounds.push(latency(&hosts).await);
     rounds.push(zombie_leader(&hosts).await);
     rounds.push(frozen_postmaster(&hosts).await);
     rounds.push(standby_then_leader_killed(&hosts).await);
