@@ -518,21 +518,15 @@ async fn zombie_leader(hosts: &Hosts) -> Round {
         hosts,
         "leader's Patroni stalled past ttl, then resumed",
         || async {
-            let Stalled {
-                old,
-                local,
-                fences,
-                pid,
-                at,
-            } = stall_leader(hosts, HaCluster::patroni_pid).await;
-            let frozen = at.0;
-            let promoted = new_leader(hosts, &old, Duration::from_secs(90)).await;
+            let stalled = stall_leader(hosts, HaCluster::patroni_pid).await;
+            let (old, pid, frozen) = (&stalled.old, stalled.pid, stalled.at.0);
+            let promoted = new_leader(hosts, old, Duration::from_secs(90)).await;
             eprintln!(
                 "zombie: {promoted} leads {:.1} s after {old}'s Patroni froze",
                 frozen.elapsed().as_secs_f64()
             );
             // The old primary's guard fenced it (what a watchdog would have done).
-            let fence = wait_fence(&local, &old, fences, at, pid, "Patroni").await;
+            let fence = wait_fence(&stalled, "Patroni").await;
             eprintln!("zombie: {old}'s guard fenced its primary: {fence}");
             tokio::time::sleep(Duration::from_secs(3)).await;
             kill(Pid::from_raw(pid), Signal::SIGCONT).unwrap();
@@ -555,14 +549,8 @@ async fn frozen_postmaster(hosts: &Hosts) -> Round {
         hosts,
         "primary's postmaster frozen (never resumed)",
         || async {
-            let Stalled {
-                old,
-                local,
-                fences,
-                pid,
-                at,
-            } = stall_leader(hosts, HaCluster::postmaster_pid).await;
-            let frozen = at.0;
+            let stalled = stall_leader(hosts, HaCluster::postmaster_pid).await;
+            let (old, pid, frozen) = (&stalled.old, stalled.pid, stalled.at.0);
             let named = format!("{old}: the leader's PostgreSQL takes no new connection");
             let reported = loop {
                 let report = hosts.operator().inspect().await;
@@ -579,25 +567,26 @@ async fn frozen_postmaster(hosts: &Hosts) -> Round {
                 "frozen postmaster on {old} reported by status after {:.1} s",
                 reported.as_secs_f64()
             );
-            let fence = wait_fence(&local, &old, fences, at, pid, "no new connection").await;
+            let fence = wait_fence(&stalled, "no new connection").await;
             eprintln!("frozen postmaster on {old}: {fence}");
         },
     )
     .await
 }
 
-/// Waits (up to 40 s after `since`, the fault at wall-clock `since_ms`) until node `name`'s
-/// guard records a fence beyond the first `before` whose reason mentions `why`; on failure
-/// the stopped `pid` is resumed and the guard's log shown. Returns a line saying when
+/// Waits (up to 40 s after the stall) until the stalled leader's guard records a fence beyond
+/// those it had made before, whose reason mentions `why`; on failure the stopped process is
+/// resumed and the guard's log shown. Returns a line saying when
 /// (the guard's own clock) and why.
-async fn wait_fence(
-    local: &HaCluster,
-    name: &str,
-    before: usize,
-    (since, since_ms): (Instant, i64),
-    pid: i32,
-    why: &str,
-) -> String {
+async fn wait_fence(stalled: &Stalled, why: &str) -> String {
+    let Stalled {
+        old: name,
+        local,
+        fences: before,
+        pid,
+        at: (since, since_ms),
+    } = stalled;
+    let (before, pid, since_ms) = (*before, *pid, *since_ms);
     loop {
         if let Some(e) = local.guard_events(name).get(before) {
             let reason = e["reason"].as_str().unwrap_or_default().to_string();
