@@ -382,6 +382,44 @@ async fn kill_leader(hosts: &Hosts) -> Round {
     .await
 }
 
+/// The leader's Patroni and PostgreSQL die (SIGKILL) on a host that stays up: its guard
+/// starts Patroni again by itself — no `node up` — and the cluster heals (the old leader
+/// back, or a replica promoted meanwhile), nothing lost.
+async fn patroni_crash(hosts: &Hosts) -> Round {
+    under_load(
+        hosts,
+        "leader's Patroni and postmaster SIGKILLed (the guard restarts them)",
+        || async {
+            let old = leader(hosts).await;
+            let local = hosts.local(&old);
+            let before = local.guard_restarts(&old).len();
+            let t = Instant::now();
+            local.kill_patroni(&old);
+            loop {
+                if let Some(e) = local.guard_restarts(&old).get(before) {
+                    assert!(
+                        e["error"].is_null(),
+                        "the guard could not restart Patroni: {e}"
+                    );
+                    break;
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "{old}'s guard did not restart Patroni; guard.log:\n{}",
+                    tail(&local.root().join(&old).join("guard.log"), 20)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            eprintln!(
+                "patroni crash: {old}'s guard restarted Patroni {:.1} s after the kill",
+                t.elapsed().as_secs_f64()
+            );
+            // Healthy again without `node up` (under_load waits for it).
+        },
+    )
+    .await
+}
+
 async fn partition_leader(hosts: &Hosts) -> Round {
     under_load(hosts, "leader cut off", || async {
         let old = leader(hosts).await;
@@ -1103,6 +1141,7 @@ async fn three_hosts_heal_every_fault_without_losing_a_write() {
     rounds.push(partition_leader(&hosts).await);
     rounds.push(etcd_member_lost(&hosts).await);
     rounds.push(latency(&hosts).await);
+    rounds.push(patroni_crash(&hosts).await);
     rounds.push(zombie_leader(&hosts).await);
     rounds.push(frozen_postmaster(&hosts).await);
     rounds.push(standby_then_leader_killed(&hosts).await);
@@ -1175,8 +1214,9 @@ fn multi_host_verbs_refuse_what_they_cannot_do() {
 
 /// The full schedule's faults, in order; `DALP_HOST_FAULTS` (a comma-separated subset of
 /// these names) runs only some.
-const SCHEDULE: [&str; 11] = [
+const SCHEDULE: [&str; 12] = [
     "kill_leader",
+    "patroni_crash",
     "latency",
     "partition_leader",
     "one_way_partition",
@@ -1192,6 +1232,7 @@ const SCHEDULE: [&str; 11] = [
 async fn fault(hosts: &Hosts, name: &str) -> Round {
     match name {
         "kill_leader" => kill_leader(hosts).await,
+        "patroni_crash" => patroni_crash(hosts).await,
         "latency" => latency(hosts).await,
         "partition_leader" => partition_leader(hosts).await,
         "one_way_partition" => one_way_partition(hosts).await,

@@ -16,9 +16,15 @@
 //!   says its loop has not run for a ttl (`/liveness` 503). Paused clusters (`/liveness` 200)
 //!   are left alone.
 //!
+//! It also supervises Patroni: when Patroni's process has exited (crashed, OOM-killed,
+//! killed), the guard starts it again ([`Restarts`]: at once, then with a backoff while it
+//! keeps dying), so a node whose host stays up heals without `dalp node up`. `dalp node down`
+//! stops the guard first, so a deliberate stop is never undone.
+//!
 //! A user-space guard is no substitute for a watchdog against a frozen host (it freezes too);
 //! dalp's synchronous replication keeps that case from acknowledging lost writes
-//! (docs/architecture.md). Each fence is logged and appended to `<node>/guard.events`.
+//! (docs/architecture.md). Each fence and restart is logged and appended to
+//! `<node>/guard.events`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -170,6 +176,53 @@ impl Judge {
     }
 }
 
+/// When the guard starts a Patroni that is not running: at once the first time, then no
+/// sooner than a backoff (doubling from `MIN_BACKOFF` to `MAX_BACKOFF`) while it keeps
+/// dying; a Patroni that has run for `MAX_BACKOFF` resets the backoff. Pure, like [`Judge`].
+#[derive(Debug)]
+pub struct Restarts {
+    backoff: Duration,
+    next: Option<Instant>,
+    up_since: Option<Instant>,
+}
+
+impl Restarts {
+    pub const MIN_BACKOFF: Duration = Duration::from_secs(5);
+    pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+    pub fn new() -> Restarts {
+        Restarts {
+            backoff: Self::MIN_BACKOFF,
+            next: None,
+            up_since: None,
+        }
+    }
+
+    /// One tick: whether to start Patroni now, given whether it runs.
+    pub fn due(&mut self, running: bool, now: Instant) -> bool {
+        if running {
+            let since = *self.up_since.get_or_insert(now);
+            if now.duration_since(since) >= Self::MAX_BACKOFF {
+                self.backoff = Self::MIN_BACKOFF;
+            }
+            return false;
+        }
+        self.up_since = None;
+        if self.next.is_some_and(|n| now < n) {
+            return false;
+        }
+        self.next = Some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(Self::MAX_BACKOFF);
+        true
+    }
+}
+
+impl Default for Restarts {
+    fn default() -> Self {
+        Restarts::new()
+    }
+}
+
 /// Probes the postmaster listening on `socket` (a Unix socket): sends an `SSLRequest`, which
 /// a live postmaster's forked child answers with one byte (`N` on a Unix socket) before any
 /// authentication; the connection then closes without a session. Never blocks past
@@ -245,6 +298,29 @@ mod tests {
 
     fn limits() -> GuardLimits {
         GuardLimits::for_ttl(Duration::from_secs(20), Duration::from_secs(2))
+    }
+
+    #[test]
+    fn a_dead_patroni_is_restarted_at_once_then_with_a_backoff_that_resets() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let mut r = Restarts::new();
+        assert!(!r.due(true, t0));
+        // Dies: started at once, then not again before 5 s, 10 s, 20 s …
+        assert!(r.due(false, s(1)));
+        assert!(!r.due(false, s(2)));
+        assert!(!r.due(false, s(5)));
+        assert!(r.due(false, s(6)));
+        assert!(!r.due(false, s(15)));
+        assert!(r.due(false, s(16)));
+        assert!(!r.due(false, s(35)));
+        assert!(r.due(false, s(36)));
+        // Runs for a minute: the backoff starts over.
+        assert!(!r.due(true, s(40)));
+        assert!(!r.due(true, s(100)));
+        assert!(r.due(false, s(101)));
+        assert!(!r.due(false, s(105)));
+        assert!(r.due(false, s(106)));
     }
 
     #[test]

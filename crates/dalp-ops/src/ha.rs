@@ -1143,7 +1143,11 @@ impl HaCluster {
         cmd.stdin(Stdio::null()).stdout(file).stderr(err_file);
         self.user.configure_daemon(&mut cmd);
         let child = process::spawn(cmd).map_err(OpsError::io(format!("start {name}")))?;
-        std::fs::write(self.pid_file(name), child.id().to_string())
+        // Replaced, not rewritten: the guard restarting Patroni as the server user may not
+        // write a pid file root made (the directory is the server user's).
+        let pid_file = self.pid_file(name);
+        let _ = std::fs::remove_file(&pid_file);
+        std::fs::write(&pid_file, child.id().to_string())
             .map_err(OpsError::io("write pid file"))?;
         self.children
             .lock()
@@ -1706,6 +1710,14 @@ impl HaCluster {
     /// Starts node `name`'s Patroni (which starts, or clones and starts, its PostgreSQL)
     /// and its guard, each unless it runs.
     pub fn start_node(&self, name: &str) -> Result<(), OpsError> {
+        self.start_patroni(name)?;
+        self.start_guard(name)?;
+        Ok(())
+    }
+
+    /// Starts node `name`'s Patroni unless it runs (as the server user; the guard, already
+    /// that user, restarts it the same way).
+    fn start_patroni(&self, name: &str) -> Result<(), OpsError> {
         if self.live_pid(name).is_none() {
             let dir = self.node_dir(name);
             let mut cmd = Command::new(patroni_bin());
@@ -1714,7 +1726,6 @@ impl HaCluster {
                 .env("HOME", &dir);
             self.spawn_daemon(name, cmd, &dir.join("patroni.log"))?;
         }
-        self.start_guard(name)?;
         Ok(())
     }
 
@@ -1767,6 +1778,7 @@ impl HaCluster {
         let mut opts = self.superuser_options(name, "postgres");
         opts.application_name = "dalp-guard".into();
         let mut judge = Judge::new(limits, Instant::now());
+        let mut restarts = guard::Restarts::new();
         let mut last_probe = None;
         let mut held: Option<tokio_postgres::Client> = None;
         eprintln!(
@@ -1775,8 +1787,44 @@ impl HaCluster {
             limits.no_connection,
             limits.patroni_silent
         );
+        let record = |line: Value| {
+            if let Err(e) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&events)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()))
+            {
+                eprintln!(
+                    "{} guard {name}: cannot record in {}: {e}",
+                    line["at"],
+                    events.display()
+                );
+            }
+        };
         loop {
             tokio::time::sleep(limits.tick).await;
+            // Patroni's process is gone: start it again (it takes over a running postmaster,
+            // or starts PostgreSQL).
+            if restarts.due(self.live_pid(name).is_some(), Instant::now()) {
+                let now = chrono::Utc::now();
+                let at = now.to_rfc3339();
+                let outcome = self.start_patroni(name);
+                let pid = self.live_pid(name);
+                match &outcome {
+                    Ok(()) => eprintln!(
+                        "{at} guard {name}: RESTARTED Patroni (pid {pid:?}): it had exited"
+                    ),
+                    Err(e) => eprintln!(
+                        "{at} guard {name}: Patroni had exited and did not start again: {e}"
+                    ),
+                }
+                record(
+                    json!({"at": at, "unix_ms": now.timestamp_millis(), "node": name, "action": "restart", "patroni": pid, "error": outcome.err().map(|e| e.to_string())}),
+                );
+                // The judge's clock runs on: a primary whose Patroni does not come back in
+                // time is still fenced before its key can expire.
+                continue;
+            }
             let postmaster = self.postmaster_pid(name);
             let probe_due = postmaster.is_some() && judge.probe_due(last_probe, Instant::now());
             if probe_due {
@@ -1821,18 +1869,9 @@ impl HaCluster {
             let now = chrono::Utc::now();
             let at = now.to_rfc3339();
             eprintln!("{at} guard {name}: FENCED postmaster {pid} ({signalled} processes SIGKILLed): {why}");
-            let line = json!({"at": at, "unix_ms": now.timestamp_millis(), "node": name, "postmaster": pid, "signalled": signalled, "reason": why});
-            if let Err(e) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&events)
-                .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()))
-            {
-                eprintln!(
-                    "{at} guard {name}: cannot record the fence in {}: {e}",
-                    events.display()
-                );
-            }
+            record(
+                json!({"at": at, "unix_ms": now.timestamp_millis(), "node": name, "action": "fence", "postmaster": pid, "signalled": signalled, "reason": why}),
+            );
             held = None;
             judge.fenced(Instant::now());
         }
@@ -1840,15 +1879,36 @@ impl HaCluster {
 
     /// The fences node `name`'s guard recorded (`<node>/guard.events`, oldest first).
     pub fn guard_events(&self, name: &str) -> Vec<Value> {
+        self.guard_log(name, "fence")
+    }
+
+    /// The times node `name`'s guard started Patroni again (oldest first).
+    pub fn guard_restarts(&self, name: &str) -> Vec<Value> {
+        self.guard_log(name, "restart")
+    }
+
+    /// `<node>/guard.events` lines of one action (a line without one is a fence).
+    fn guard_log(&self, name: &str, action: &str) -> Vec<Value> {
         std::fs::read_to_string(self.node_dir(name).join("guard.events"))
             .unwrap_or_default()
             .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["action"].as_str().unwrap_or("fence") == action)
             .collect()
     }
 
-    /// SIGKILL to node `name`'s Patroni and postmaster: a crash, as a test inflicts it.
+    /// SIGKILL to everything of node `name` — its guard, Patroni and postmaster: the host's
+    /// crash, as a test inflicts it (its supervisor or `dalp node up` starts it again).
     pub fn kill_node(&self, name: &str) {
+        if let Some(pid) = self.live_pid(&guard_name(name)) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        self.kill_patroni(name);
+    }
+
+    /// SIGKILL to node `name`'s Patroni and postmaster, its guard left running: a crash of
+    /// the node's processes on a host that stays up (the guard starts Patroni again).
+    pub fn kill_patroni(&self, name: &str) {
         let postmaster = self.postmaster_pid(name);
         if let Some(pid) = self.live_pid(name) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

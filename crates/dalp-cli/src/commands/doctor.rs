@@ -544,7 +544,15 @@ fn guard_checks(cluster: &dalp_ops::HaCluster) -> Vec<Check> {
                     e["reason"].as_str().unwrap_or("?")
                 )
             });
-            let last = last.unwrap_or_else(|| "; no fence so far".into());
+            let mut last = last.unwrap_or_else(|| "; no fence so far".into());
+            let restarts = cluster.guard_restarts(&name);
+            if let Some(r) = restarts.last() {
+                last.push_str(&format!(
+                    "; Patroni restarted {} time(s), last {}",
+                    restarts.len(),
+                    r["at"].as_str().unwrap_or("?")
+                ));
+            }
             if running.contains(&format!("guard {name}")) {
                 check("guard", "ok", format!("{name}'s guard runs{last}"), "")
             } else {
@@ -552,7 +560,7 @@ fn guard_checks(cluster: &dalp_ops::HaCluster) -> Vec<Check> {
                     "guard",
                     "warning",
                     format!("{name} runs without its guard{last}"),
-                    format!("a frozen postmaster, or a primary whose Patroni is frozen or dead, is not fenced; `{start}` starts it"),
+                    format!("a frozen postmaster, or a primary whose Patroni is frozen or dead, is not fenced, and a Patroni that exits is not started again; `{start}` starts it"),
                 )
             }
         })
