@@ -410,11 +410,26 @@ async fn patroni_crash(hosts: &Hosts) -> Round {
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            let restarted = t.elapsed();
+            // Healthy again without `node up`: status (each Patroni, each PostgreSQL taking
+            // a new connection, etcd) finds nothing wrong.
+            let problems = loop {
+                let report = hosts.operator().inspect().await;
+                if report.problems.is_empty() {
+                    break None;
+                }
+                if t.elapsed() > Duration::from_secs(90) {
+                    break Some(report.problems);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            assert!(problems.is_none(), "not healed after the guard's restart: {problems:?}");
             eprintln!(
-                "patroni crash: {old}'s guard restarted Patroni {:.1} s after the kill",
-                t.elapsed().as_secs_f64()
+                "patroni crash: {old}'s guard restarted Patroni {:.1} s after the kill; nothing wrong {:.1} s after it (leader {})",
+                restarted.as_secs_f64(),
+                t.elapsed().as_secs_f64(),
+                leader(hosts).await
             );
-            // Healthy again without `node up` (under_load waits for it).
         },
     )
     .await

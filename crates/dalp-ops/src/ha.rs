@@ -1139,6 +1139,8 @@ impl HaCluster {
             .append(true)
             .open(log)
             .map_err(OpsError::io(format!("open {}", log.display())))?;
+        // The server user's: its guard reopens it when it restarts Patroni.
+        self.user.chown(log)?;
         let err_file = file.try_clone().map_err(OpsError::io("open log"))?;
         cmd.stdin(Stdio::null()).stdout(file).stderr(err_file);
         self.user.configure_daemon(&mut cmd);
