@@ -51,19 +51,13 @@ pub fn component_pool(
     target: &TargetArgs,
     component: dalp_db::Component,
 ) -> anyhow::Result<deadpool_postgres::Pool> {
-    use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+    use deadpool_postgres::{Pool, RecyclingMethod, Runtime};
     let mut opts = match &target.database_url {
         Some(url) => ConnectOptions::from_url(url)?,
         None => dir_options(&target.data_dir, component.role())?,
     };
     opts.application_name = component.application_name().into();
-    let manager = Manager::from_config(
-        opts.pg_config(),
-        opts.tls()?,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager = opts.manager(RecyclingMethod::Fast)?;
     Ok(Pool::builder(manager)
         .max_size(4)
         .wait_timeout(Some(std::time::Duration::from_secs(10)))

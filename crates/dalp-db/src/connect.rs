@@ -7,10 +7,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio_postgres::config::TargetSessionAttrs;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{Client, NoTls, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// How long one host's connection attempt runs alone before the next listed host's attempt
+/// starts beside it. A host that is cut off (packets dropped: the connect hangs until its
+/// timeout) then costs this, not the connect timeout, on every new connection — after a
+/// failover that cut the old primary off, that is the difference between reconnecting at
+/// once and waiting out a timeout per connection.
+pub const HOST_STAGGER: Duration = Duration::from_millis(500);
 
 /// Everything needed to open one connection as one role.
 #[derive(Clone, PartialEq, Eq)]
@@ -261,6 +270,37 @@ impl ConnectOptions {
             .join(",")
     }
 
+    /// One configuration per host, in order (each as [`ConnectOptions::pg_config`] with that
+    /// host alone), for [`connect_first`].
+    pub fn host_configs(&self) -> Vec<tokio_postgres::Config> {
+        self.hosts
+            .iter()
+            .map(|h| {
+                let mut one = self.clone();
+                one.hosts = vec![h.clone()];
+                one.pg_config()
+            })
+            .collect()
+    }
+
+    /// A deadpool manager whose new connections come from [`connect_first`] over these
+    /// hosts (with `recycling`), over verify-full TLS.
+    pub fn manager(
+        &self,
+        recycling: deadpool_postgres::RecyclingMethod,
+    ) -> Result<deadpool_postgres::Manager, ConnectError> {
+        Ok(deadpool_postgres::Manager::from_connect(
+            self.pg_config(),
+            FirstHost {
+                configs: self.host_configs(),
+                tls: self.tls()?,
+            },
+            deadpool_postgres::ManagerConfig {
+                recycling_method: recycling,
+            },
+        ))
+    }
+
     /// The tokio-postgres configuration these options describe.
     pub fn pg_config(&self) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
@@ -310,24 +350,109 @@ impl ConnectOptions {
             detail: describe_error(&source),
             source,
         };
-        let config = self.pg_config();
+        let configs = self.host_configs();
         if self.uses_tcp() {
-            let (client, conn) = config.connect(self.tls()?).await.map_err(wrap)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection closed");
-                }
-            });
+            let (client, conn) = connect_first(&configs, self.tls()?).await.map_err(wrap)?;
+            drive(conn);
             Ok(client)
         } else {
-            let (client, conn) = config.connect(NoTls).await.map_err(wrap)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection closed");
-                }
-            });
+            let (client, conn) = connect_first(&configs, NoTls).await.map_err(wrap)?;
+            drive(conn);
             Ok(client)
         }
+    }
+}
+
+/// Runs a connection's I/O on the current runtime until it closes.
+fn drive<F>(conn: F) -> tokio::task::JoinHandle<()>
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection closed");
+        }
+    })
+}
+
+/// The connection of the first host in `configs` (one host each) that takes it, trying them
+/// in order but without waiting out a silent host: the next host's attempt starts
+/// [`HOST_STAGGER`] after the previous one's (at once when it failed). The first to succeed
+/// wins; the others are dropped (closed). With one host this is a plain connect. The error,
+/// when every host fails, is the last one.
+pub async fn connect_first<T>(
+    configs: &[tokio_postgres::Config],
+    tls: T,
+) -> Result<
+    (
+        Client,
+        tokio_postgres::Connection<Socket, <T as MakeTlsConnect<Socket>>::Stream>,
+    ),
+    tokio_postgres::Error,
+>
+where
+    T: MakeTlsConnect<Socket> + Clone,
+{
+    let mut attempts = FuturesUnordered::new();
+    let mut next = 0;
+    let mut last_error = None;
+    loop {
+        if attempts.is_empty() {
+            match configs.get(next) {
+                Some(c) => {
+                    attempts.push(c.connect(tls.clone()));
+                    next += 1;
+                }
+                None => {
+                    return match last_error {
+                        Some(e) => Err(e),
+                        // No host at all: tokio-postgres says so.
+                        None => tokio_postgres::Config::new().connect(tls).await,
+                    };
+                }
+            }
+        }
+        tokio::select! {
+            Some(r) = attempts.next() => match r {
+                Ok(won) => return Ok(won),
+                Err(e) => last_error = Some(e),
+            },
+            _ = tokio::time::sleep(HOST_STAGGER), if next < configs.len() => {
+                attempts.push(configs[next].connect(tls.clone()));
+                next += 1;
+            }
+        }
+    }
+}
+
+/// [`connect_first`] for deadpool pools ([`ConnectOptions::manager`]).
+struct FirstHost<T> {
+    configs: Vec<tokio_postgres::Config>,
+    tls: T,
+}
+
+impl<T> deadpool_postgres::Connect for FirstHost<T>
+where
+    T: MakeTlsConnect<Socket> + Clone + Sync + Send + 'static,
+    T::Stream: Sync + Send,
+    T::TlsConnect: Sync + Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    fn connect(
+        &self,
+        _: &tokio_postgres::Config,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+                > + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move {
+            let (client, conn) = connect_first(&self.configs, self.tls.clone()).await?;
+            Ok((client, drive(conn)))
+        })
     }
 }
 

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Object, Pool, RecyclingMethod, Runtime};
 use futures_util::future::BoxFuture;
 use tokio_postgres::error::SqlState;
 
@@ -266,13 +266,7 @@ impl Drop for ProbeTask {
 }
 
 fn build_pool(opts: &ConnectOptions, size: usize, wait: Duration) -> Result<Pool, PoolError> {
-    let manager = Manager::from_config(
-        opts.pg_config(),
-        opts.tls()?,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager = opts.manager(RecyclingMethod::Fast)?;
     Pool::builder(manager)
         .max_size(size)
         .wait_timeout(Some(wait))

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Pool, RecyclingMethod, Runtime};
 
 use crate::component::Component;
 use crate::connect::{ConnectError, ConnectOptions};
@@ -61,13 +61,7 @@ impl ComponentPools {
             };
             let via = for_role(pooled)?;
             let opts = for_role(direct)?;
-            let manager = Manager::from_config(
-                via.pg_config(),
-                via.tls()?,
-                ManagerConfig {
-                    recycling_method: RecyclingMethod::Fast,
-                },
-            );
+            let manager = via.manager(RecyclingMethod::Fast)?;
             let pool = Pool::builder(manager)
                 .max_size(max_size)
                 .wait_timeout(Some(wait_timeout))

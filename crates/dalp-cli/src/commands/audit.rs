@@ -311,16 +311,11 @@ pub async fn forward(
     }
     let framer = framer(format, siem)?;
     let opts = audit_options(target, "dalp_audit_sealer")?;
-    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::from_config(
-        opts.pg_config(),
-        opts.tls()?,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    ))
-    .max_size(2)
-    .runtime(deadpool_postgres::Runtime::Tokio1)
-    .build()?;
+    let pool =
+        deadpool_postgres::Pool::builder(opts.manager(deadpool_postgres::RecyclingMethod::Fast)?)
+            .max_size(2)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()?;
     let f = Forwarder {
         pool,
         name: o.name.clone(),
