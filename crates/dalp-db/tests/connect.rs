@@ -14,6 +14,16 @@ fn silent_host() -> (std::net::TcpListener, u16) {
     (l, port)
 }
 
+/// The port of the server `c` is connected to.
+async fn served_port(c: &tokio_postgres::Client) -> u16 {
+    let port: i32 = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    port as u16
+}
+
 #[tokio::test]
 async fn a_silent_first_host_costs_the_stagger_not_the_timeout() {
     let db = migrated_database(&[]).await;
@@ -26,12 +36,7 @@ async fn a_silent_first_host_costs_the_stagger_not_the_timeout() {
     let t = Instant::now();
     let c = opts.connect().await.unwrap();
     let took = t.elapsed();
-    let served: i32 = c
-        .query_one("SELECT inet_server_port()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(served as u16, real.1);
+    assert_eq!(served_port(&c).await, real.1);
     assert!(took >= HOST_STAGGER, "{took:?}");
     assert!(
         took < opts.connect_timeout,
@@ -50,12 +55,7 @@ async fn a_silent_first_host_costs_the_stagger_not_the_timeout() {
     let t = Instant::now();
     let c = pool.get().await.unwrap();
     assert!(t.elapsed() < opts.connect_timeout, "{:?}", t.elapsed());
-    let served: i32 = c
-        .query_one("SELECT inet_server_port()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(served as u16, real.1);
+    assert_eq!(served_port(&c).await, real.1);
 
     // Every host failing: the error names the target, after the last host's failure.
     let (_closed, closed_port) = {
