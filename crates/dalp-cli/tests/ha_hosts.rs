@@ -80,16 +80,22 @@ impl Hosts {
         }
         if started.elapsed() > Duration::from_secs(30) {
             // Slow: say what each node did meanwhile.
-            for h in hosts.iter().filter(|h| **h != REPO) {
-                let log = self.bundle(h).join(h).join("patroni.log");
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().filter(|l| !l.contains("no action")).collect();
-                eprintln!(
-                    "--- {} ---\n{}",
-                    log.display(),
-                    lines[lines.len().saturating_sub(40)..].join("\n")
-                );
-            }
+            self.show_patroni_logs(hosts.iter().filter(|h| **h != REPO).copied());
+        }
+    }
+
+    /// Prints the last 40 lines of each named node's Patroni log, without the idle loop's
+    /// "no action" lines.
+    fn show_patroni_logs<'a>(&self, nodes: impl Iterator<Item = &'a str>) {
+        for h in nodes {
+            let log = self.bundle(h).join(h).join("patroni.log");
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.contains("no action")).collect();
+            eprintln!(
+                "--- {} ---\n{}",
+                log.display(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
         }
     }
 }
@@ -334,16 +340,7 @@ where
     // each node's Patroni did meanwhile.
     if let Some(r) = &round.reads {
         if !r.violations.is_empty() {
-            for h in HOSTS {
-                let log = hosts.bundle(h).join(h).join("patroni.log");
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().filter(|l| !l.contains("no action")).collect();
-                eprintln!(
-                    "--- {} ---\n{}",
-                    log.display(),
-                    lines[lines.len().saturating_sub(40)..].join("\n")
-                );
-            }
+            hosts.show_patroni_logs(HOSTS.into_iter());
         }
         assert!(r.violations.is_empty(), "{fault}: {:?}", r.violations);
     }

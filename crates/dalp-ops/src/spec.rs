@@ -638,41 +638,14 @@ mod tests {
         assert_eq!(mine.etcd.len(), 3, "etcd membership unchanged");
 
         let e = |r: Result<TopologyChange, OpsError>| r.unwrap_err().to_string();
-        assert!(e(add_host(
-            &dir,
-            "db4",
-            "10.9.0.15",
-            Path::new(DEFAULT_BUNDLE_DIR)
-        ))
-        .contains("already has a host"));
-        assert!(e(add_host(
-            &dir,
-            "db5",
-            "10.9.0.12",
-            Path::new(DEFAULT_BUNDLE_DIR)
-        ))
-        .contains("already a host"));
-        assert!(e(add_host(
-            &dir,
-            "DB 5",
-            "10.9.0.15",
-            Path::new(DEFAULT_BUNDLE_DIR)
-        ))
-        .contains("host name"));
-        assert!(e(add_host(
-            &dir,
-            "db5",
-            "db5.example",
-            Path::new(DEFAULT_BUNDLE_DIR)
-        ))
-        .contains("not an IP"));
-        assert!(e(add_host(
-            &dir.join("hosts/db1"),
-            "db5",
-            "10.9.0.15",
-            Path::new(DEFAULT_BUNDLE_DIR)
-        ))
-        .contains("operator's copy"));
+        let add = |dir: &Path, name: &str, address: &str| {
+            e(add_host(dir, name, address, Path::new(DEFAULT_BUNDLE_DIR)))
+        };
+        assert!(add(&dir, "db4", "10.9.0.15").contains("already has a host"));
+        assert!(add(&dir, "db5", "10.9.0.12").contains("already a host"));
+        assert!(add(&dir, "DB 5", "10.9.0.15").contains("host name"));
+        assert!(add(&dir, "db5", "db5.example").contains("not an IP"));
+        assert!(add(&dir.join("hosts/db1"), "db5", "10.9.0.15").contains("operator's copy"));
         assert!(e(remove_host(&dir, "db1")).contains("etcd member"));
         assert!(e(remove_host(&dir, "db9")).contains("no PostgreSQL host"));
 
