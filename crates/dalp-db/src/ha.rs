@@ -77,13 +77,17 @@ impl Session {
         );
     }
 
+    /// Whether a node at `at` cannot show this session's writes by replaying further: it
+    /// does not stream (a position off a streaming receiver, or off a primary's own
+    /// timeline, proves nothing), or it streams an earlier timeline than the session's.
+    pub fn off_timeline(&self, at: &NodePosition) -> bool {
+        at.timeline
+            .is_none_or(|t| self.timeline.is_some_and(|s| t < s))
+    }
+
     /// Whether a node whose data stands at `at` has everything this session wrote.
     pub fn seen_by(&self, at: &NodePosition) -> bool {
-        // Off a streaming receiver (or a primary's own timeline) a position proves nothing.
-        let Some(timeline) = at.timeline else {
-            return false;
-        };
-        if self.timeline.is_some_and(|t| timeline < t) {
+        if self.off_timeline(at) {
             return false;
         }
         match (self.last_commit, at.lsn) {
@@ -707,10 +711,7 @@ impl Inner {
             if session.seen_by(&at) {
                 return Ok(CatchUp::Ready);
             }
-            if at
-                .timeline
-                .is_none_or(|t| session.timeline.is_some_and(|s| t < s))
-            {
+            if session.off_timeline(&at) {
                 return Ok(CatchUp::OffTimeline);
             }
             if Instant::now() + pause > deadline {

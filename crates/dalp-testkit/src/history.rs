@@ -289,7 +289,7 @@ async fn read_at(
                 timeline: at.timeline?,
             };
         }
-        if at.timeline.is_none() || Instant::now() > deadline {
+        if session.off_timeline(&at) || Instant::now() > deadline {
             return None;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
