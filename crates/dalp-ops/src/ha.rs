@@ -1789,7 +1789,16 @@ impl HaCluster {
             limits.no_connection,
             limits.patroni_silent
         );
-        let record = |line: Value| {
+        // Says what the guard did in its log, and appends it to guard.events with the time,
+        // the node and the action.
+        let record = |action: &str, said: String, mut line: Value| {
+            let now = chrono::Utc::now();
+            let at = now.to_rfc3339();
+            eprintln!("{at} guard {name}: {said}");
+            line["at"] = json!(at);
+            line["unix_ms"] = json!(now.timestamp_millis());
+            line["node"] = json!(name);
+            line["action"] = json!(action);
             if let Err(e) = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -1797,8 +1806,7 @@ impl HaCluster {
                 .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()))
             {
                 eprintln!(
-                    "{} guard {name}: cannot record in {}: {e}",
-                    line["at"],
+                    "{at} guard {name}: cannot record in {}: {e}",
                     events.display()
                 );
             }
@@ -1808,20 +1816,16 @@ impl HaCluster {
             // Patroni's process is gone: start it again (it takes over a running postmaster,
             // or starts PostgreSQL).
             if restarts.due(self.live_pid(name).is_some(), Instant::now()) {
-                let now = chrono::Utc::now();
-                let at = now.to_rfc3339();
                 let outcome = self.start_patroni(name);
                 let pid = self.live_pid(name);
-                match &outcome {
-                    Ok(()) => eprintln!(
-                        "{at} guard {name}: RESTARTED Patroni (pid {pid:?}): it had exited"
-                    ),
-                    Err(e) => eprintln!(
-                        "{at} guard {name}: Patroni had exited and did not start again: {e}"
-                    ),
-                }
+                let said = match &outcome {
+                    Ok(()) => format!("RESTARTED Patroni (pid {pid:?}): it had exited"),
+                    Err(e) => format!("Patroni had exited and did not start again: {e}"),
+                };
                 record(
-                    json!({"at": at, "unix_ms": now.timestamp_millis(), "node": name, "action": "restart", "patroni": pid, "error": outcome.err().map(|e| e.to_string())}),
+                    "restart",
+                    said,
+                    json!({"patroni": pid, "error": outcome.err().map(|e| e.to_string())}),
                 );
                 // The judge's clock runs on: a primary whose Patroni does not come back in
                 // time is still fenced before its key can expire.
@@ -1868,11 +1872,10 @@ impl HaCluster {
             };
             let pid = postmaster.expect("the judge fences only a running postmaster");
             let signalled = guard::fence_postmaster(pid);
-            let now = chrono::Utc::now();
-            let at = now.to_rfc3339();
-            eprintln!("{at} guard {name}: FENCED postmaster {pid} ({signalled} processes SIGKILLed): {why}");
             record(
-                json!({"at": at, "unix_ms": now.timestamp_millis(), "node": name, "action": "fence", "postmaster": pid, "signalled": signalled, "reason": why}),
+                "fence",
+                format!("FENCED postmaster {pid} ({signalled} processes SIGKILLed): {why}"),
+                json!({"postmaster": pid, "signalled": signalled, "reason": why}),
             );
             held = None;
             judge.fenced(Instant::now());
