@@ -16,6 +16,10 @@
 //! named binary on the same chain (e.g. a build of an older commit, for "today's rate").
 //! The chain: `DALP_BENCH_BLOCKS` (default 2,500) blocks of `DALP_BENCH_PER_BLOCK` (6)
 //! ERC-20 transfers among 10 accounts, made before timing starts.
+//!
+//! `DALP_BENCH_SCHEMA_SQL` (statements, run as the superuser on every fresh database after
+//! the migrations) measures a schema change without a migration, e.g.
+//! `DROP INDEX dalp_indexed.logs_address_idx`.
 
 use std::time::{Duration, Instant};
 
@@ -182,6 +186,19 @@ fn options(token: &str, pipeline: bool, receipts: bool) -> FollowOptions {
     o
 }
 
+/// A fresh migrated database with `DALP_BENCH_SCHEMA_SQL` applied.
+async fn bench_database() -> dalp_testkit::TestDb {
+    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
+    if let Ok(sql) = std::env::var("DALP_BENCH_SCHEMA_SQL") {
+        db.superuser()
+            .await
+            .batch_execute(&sql)
+            .await
+            .expect("DALP_BENCH_SCHEMA_SQL");
+    }
+    db
+}
+
 /// Follows into a fresh database; returns (seconds, blocks, logs, transfers, CPU line).
 async fn follow(
     anvil: &Anvil,
@@ -189,7 +206,7 @@ async fn follow(
     pipeline: bool,
     receipts: bool,
 ) -> (f64, i64, i64, i64, String) {
-    let db = dalp_testkit::migrated_database(&SCHEMAS).await;
+    let db = bench_database().await;
     let store = IndexedStore::new(db.pools_sized(2).get(Component::Indexer).clone());
     store
         .register_chain(
@@ -337,7 +354,7 @@ async fn main() {
         .filter(|s| !s.is_empty())
     {
         let (name, bin) = spec.split_once('=').expect("name=/path/to/dalp");
-        let db = dalp_testkit::migrated_database(&SCHEMAS).await;
+        let db = bench_database().await;
         let started = Instant::now();
         let out = std::process::Command::new(bin)
             .args(["index", "follow", "--once", "--rpc", &anvil.url()])
