@@ -629,14 +629,13 @@ async fn frozen_postmaster(hosts: &Hosts) -> Round {
 /// resumed and the guard's log shown. Returns a line saying when
 /// (the guard's own clock) and why.
 async fn wait_fence(stalled: &Stalled, why: &str) -> String {
-    let Stalled {
-        old: name,
-        local,
+    let &Stalled {
+        old: ref name,
+        ref local,
         fences: before,
         pid,
         at: (since, since_ms),
     } = stalled;
-    let (before, pid, since_ms) = (*before, *pid, *since_ms);
     loop {
         if let Some(e) = local.guard_events(name).get(before) {
             let reason = e["reason"].as_str().unwrap_or_default().to_string();

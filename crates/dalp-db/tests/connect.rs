@@ -57,13 +57,10 @@ async fn a_silent_first_host_costs_the_stagger_not_the_timeout() {
     assert!(t.elapsed() < opts.connect_timeout, "{:?}", t.elapsed());
     assert_eq!(served_port(&c).await, real.1);
 
-    // Every host failing: the error names the target, after the last host's failure.
-    let (_closed, closed_port) = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = l.local_addr().unwrap().port();
-        drop(l);
-        ((), p)
-    };
+    // Every host failing: the error names the target, after the last host's failure. (A
+    // port bound and let go again: nothing listens there.)
+    let (closed, closed_port) = silent_host();
+    drop(closed);
     let mut none = opts.clone();
     none.hosts = vec![("127.0.0.1".into(), closed_port)];
     let e = none.connect().await.unwrap_err().to_string();
